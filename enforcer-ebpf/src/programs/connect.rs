@@ -1,0 +1,209 @@
+//! `cgroup/connect4` and `cgroup/connect6`: pass, refuse, allow as egress, or redirect.
+
+use aya_ebpf::{
+    EbpfContext as _, helpers::bpf_get_socket_cookie, maps::lpm_trie::Key,
+    programs::SockAddrContext,
+};
+use enforcer_ebpf::{
+    Counter, EgressKey, Event, EventKind, OrigDst, PolicyEntry, PolicyMeta, SockKey,
+    UNKNOWN_IDENTITY,
+};
+
+use super::{
+    PROCEED, REFUSE,
+    emit::{count, emit},
+    enroll::current_enrolled_cgroup,
+    maps::{EGRESS, ORIG_BY_COOKIE},
+    state::{
+        AF_INET, AF_INET6, IPPROTO_TCP, active_policy, config, current_tgid, identity_of,
+        is_mapped, mapped, policy_entry, read_words, service_at,
+    },
+};
+
+/// What to do with one connect().
+enum Decision {
+    /// Let it through unchanged.
+    Proceed,
+    /// Fail it with `EPERM`.
+    Refuse,
+    /// Rewrite the destination to this address and port.
+    Redirect([u32; 4], u16),
+}
+
+pub(crate) fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
+    let sa = ctx.sock_addr;
+    // SAFETY: the context pointer is valid for the whole program run.
+    let (ip4, port, protocol) = unsafe { ((*sa).user_ip4, (*sa).user_port, (*sa).protocol) };
+    let dst = SockKey {
+        addr: mapped(ip4),
+        port: u16::from_be(port as u16),
+        _pad: 0,
+    };
+    Ok(match decide(ctx, &dst, AF_INET, protocol) {
+        Decision::Proceed => PROCEED,
+        Decision::Refuse => REFUSE,
+        Decision::Redirect(addr, port) => {
+            // SAFETY: as above; connect4 may rewrite user_ip4 and user_port.
+            unsafe {
+                (*sa).user_ip4 = addr[3];
+                (*sa).user_port = u32::from(port.to_be());
+            }
+            PROCEED
+        }
+    })
+}
+
+pub(crate) fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
+    let sa = ctx.sock_addr;
+    // SAFETY: the context pointer is valid for the whole program run.
+    let (ip6, port, protocol) = unsafe {
+        (
+            read_words(&raw const (*sa).user_ip6),
+            (*sa).user_port,
+            (*sa).protocol,
+        )
+    };
+    let dst = SockKey {
+        addr: ip6,
+        port: u16::from_be(port as u16),
+        _pad: 0,
+    };
+    Ok(match decide(ctx, &dst, AF_INET6, protocol) {
+        Decision::Proceed => PROCEED,
+        Decision::Refuse => REFUSE,
+        Decision::Redirect(addr, port) => {
+            // SAFETY: as above; connect6 may rewrite user_ip6 (word by word) and user_port.
+            unsafe {
+                (*sa).user_ip6[0] = addr[0];
+                (*sa).user_ip6[1] = addr[1];
+                (*sa).user_ip6[2] = addr[2];
+                (*sa).user_ip6[3] = addr[3];
+                (*sa).user_port = u32::from(port.to_be());
+            }
+            PROCEED
+        }
+    })
+}
+
+/// The decision for a connect() from the current task to `dst`.
+#[inline(always)]
+fn decide(ctx: &SockAddrContext, dst: &SockKey, family: u32, protocol: u32) -> Decision {
+    count(Counter::Connect);
+    if protocol != IPPROTO_TCP {
+        // The mesh carries TCP; other protocols are outside this hook's remit.
+        return Decision::Proceed;
+    }
+    let cfg = config();
+    let tgid = current_tgid();
+    if cfg.daemon_tgid != 0 && tgid == cfg.daemon_tgid {
+        count(Counter::PassDaemon);
+        return Decision::Proceed;
+    }
+    let Some(cgroup_id) = current_enrolled_cgroup() else {
+        count(Counter::PassUnenrolled);
+        return Decision::Proceed;
+    };
+
+    let src_id = identity_of(tgid);
+    let dst_id = service_at(dst).map_or(UNKNOWN_IDENTITY, |service| service.identity);
+    let (slot, meta) = active_policy();
+    // SAFETY: the context pointer is valid; the helper reads the socket behind it.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let mut event = Event {
+        cookie,
+        cgroup_id,
+        policy_version: meta.version,
+        tgid,
+        src_id,
+        dst_id,
+        dst: *dst,
+        family,
+        protocol,
+        ..Event::default()
+    };
+
+    let mut audit_rule = 0;
+    if src_id != UNKNOWN_IDENTITY && dst_id != UNKNOWN_IDENTITY {
+        // Both ends are known: policy decides here, before any packet leaves. No entry means
+        // default deny.
+        let entry = policy_entry(slot, src_id, dst_id, dst.port);
+        let (action, rule) = entry.map_or((PolicyEntry::ACTION_DENY, 0), |e| (e.action, e.rule));
+        event.rule = rule;
+        if action != PolicyEntry::ACTION_ALLOW {
+            if action == PolicyEntry::ACTION_AUDIT || meta.mode == PolicyMeta::MODE_AUDIT {
+                count(Counter::Audit);
+                emit(EventKind::Audit, event);
+                audit_rule = rule;
+            } else {
+                count(Counter::Deny);
+                emit(EventKind::Deny, event);
+                return Decision::Refuse;
+            }
+        }
+    }
+
+    if let Some(rule) = egress_rule(dst) {
+        event.rule = rule;
+        count(Counter::Egress);
+        emit(EventKind::Egress, event);
+        return Decision::Proceed;
+    }
+
+    let Some(target) = redirect_target(&cfg, family, &dst.addr) else {
+        count(Counter::NoListener);
+        emit(EventKind::NoListener, event);
+        return Decision::Refuse;
+    };
+    let orig = OrigDst {
+        cookie,
+        cgroup_id,
+        dst: *dst,
+        tgid,
+        src_id,
+        dst_id,
+        rule: audit_rule,
+        family: family as u16,
+        _pad: 0,
+    };
+    if ORIG_BY_COOKIE.insert(cookie, orig, 0).is_err() {
+        // Without the record the listener cannot route the connection: fail closed.
+        count(Counter::TableFull);
+        return Decision::Refuse;
+    }
+    count(Counter::Redirect);
+    emit(EventKind::Redirect, event);
+    Decision::Redirect(target, cfg.outbound_port)
+}
+
+/// The egress rule that permits plaintext to `dst`, if any: the port-specific entry first,
+/// then the any-port entry.
+#[inline(always)]
+fn egress_rule(dst: &SockKey) -> Option<u32> {
+    let mut key = Key::new(
+        32 + 128,
+        EgressKey {
+            port_be: u32::from(dst.port).to_be(),
+            addr: dst.addr,
+        },
+    );
+    if let Some(rule) = EGRESS.get(&key) {
+        return Some(rule.rule);
+    }
+    key.data.port_be = 0;
+    EGRESS.get(&key).map(|rule| rule.rule)
+}
+
+/// Where to send a redirected socket of `family` going to `dst`: the IPv4 listener for IPv4
+/// and v4-mapped destinations, the IPv6 listener otherwise. `None` when that listener is not
+/// configured.
+#[inline(always)]
+fn redirect_target(cfg: &enforcer_ebpf::Config, family: u32, dst: &[u32; 4]) -> Option<[u32; 4]> {
+    if cfg.outbound_port == 0 {
+        return None;
+    }
+    if family == AF_INET || is_mapped(dst) {
+        (cfg.outbound_ip4 != 0).then(|| mapped(cfg.outbound_ip4))
+    } else {
+        (cfg.outbound_ip6 != [0; 4]).then_some(cfg.outbound_ip6)
+    }
+}

@@ -1,0 +1,406 @@
+//! Loading, attaching, pinning, re-adopting and uninstalling the datapath.
+//!
+//! Pin layout under the daemon's bpffs directory `DIR`:
+//! - `DIR/maps/<MAP>`: every map (the loader reuses existing pins, so state survives restarts);
+//! - `DIR/links/<program>`: one bpf_link per program. A pinned link keeps its program attached
+//!   after the daemon exits, so enforcement continues (fail-closed) while the daemon is down.
+//!
+//! `install` loads and attaches when nothing is pinned, and re-adopts an existing installation
+//! otherwise; `uninstall` removes the link pins (which detaches the programs) and the map pins.
+#![forbid(unsafe_code)]
+
+use std::{
+    fs::File,
+    io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Btf, BtfError, Ebpf, EbpfError, EbpfLoader,
+    pin::PinError,
+    programs::{
+        BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr,
+        ProgramError, SockOps,
+        links::{FdLink, LinkError, PinnedLink},
+        loaded_programs,
+    },
+};
+use enforcer_ebpf::{DEFAULT_RING_BYTES, map_names, program_names};
+
+use super::{
+    bpffs::{BpffsError, ensure_bpffs},
+    events::{EventError, EventReader},
+    maps::{Maps, MapsError},
+};
+
+/// The eBPF object built by `build.rs`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer-ebpf"));
+
+/// Every program, in attach order; also the link pin names.
+pub const PROGRAMS: [&str; 8] = [
+    program_names::CONNECT4,
+    program_names::CONNECT6,
+    program_names::BIND4,
+    program_names::BIND6,
+    program_names::SOCK_OPS,
+    program_names::INGRESS,
+    program_names::EXEC,
+    program_names::EXIT,
+];
+
+/// Errors of the loader.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// bpffs could not be found or mounted.
+    #[error("bpffs is not available")]
+    Bpffs(#[from] BpffsError),
+    /// A file or directory operation failed.
+    #[error("{operation} {}", path.display())]
+    Io {
+        /// What was attempted.
+        operation: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Kernel BTF could not be read (needed by the exec/exit tracepoints).
+    #[error("failed to read kernel BTF from /sys/kernel/btf/vmlinux")]
+    Btf(#[source] BtfError),
+    /// The object could not be loaded.
+    #[error("failed to load the eBPF object")]
+    Object(#[source] Box<EbpfError>),
+    /// A program is missing from the object.
+    #[error("program {0} is missing from the eBPF object")]
+    MissingProgram(&'static str),
+    /// A program could not be loaded or attached.
+    #[error("program {name}: {operation} failed")]
+    Program {
+        /// The program.
+        name: &'static str,
+        /// What was attempted.
+        operation: &'static str,
+        /// Why.
+        #[source]
+        source: Box<ProgramError>,
+    },
+    /// A link could not be converted, pinned or opened.
+    #[error("link of program {name}")]
+    Link {
+        /// The program.
+        name: &'static str,
+        /// Why.
+        #[source]
+        source: LinkError,
+    },
+    /// A link could not be pinned.
+    #[error("failed to pin link {}", path.display())]
+    Pin {
+        /// The pin path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: PinError,
+    },
+    /// The pins in the directory are not a complete installation.
+    #[error("incomplete installation in {}: link {missing} is not pinned (run `enforcer uninstall`)", dir.display())]
+    Incomplete {
+        /// The pin directory.
+        dir: PathBuf,
+        /// The first missing link.
+        missing: &'static str,
+    },
+    /// The maps could not be opened.
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    /// The event ring buffer could not be opened.
+    #[error(transparent)]
+    Events(#[from] EventError),
+}
+
+/// Where and how to install the datapath.
+#[derive(Clone, Debug)]
+pub struct DatapathOptions {
+    /// The daemon's directory on bpffs (its parent must be, or become, a bpffs mount).
+    pub pin_dir: PathBuf,
+    /// The cgroup v2 directory the hooks attach to: they see every process below it.
+    pub scope_cgroup: PathBuf,
+    /// Byte size of the event ring buffer (a power of two, at least a page).
+    pub ring_bytes: u32,
+}
+
+impl DatapathOptions {
+    /// Options with the default ring buffer size.
+    #[must_use]
+    pub fn new(pin_dir: impl Into<PathBuf>, scope_cgroup: impl Into<PathBuf>) -> Self {
+        Self {
+            pin_dir: pin_dir.into(),
+            scope_cgroup: scope_cgroup.into(),
+            ring_bytes: DEFAULT_RING_BYTES,
+        }
+    }
+}
+
+/// Run-time statistics of one attached program (from `kernel.bpf_stats_enabled`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgramStats {
+    /// The program's name.
+    pub name: &'static str,
+    /// How many times it ran since stats were enabled.
+    pub run_count: u64,
+    /// Total time spent in it, in nanoseconds.
+    pub run_time_ns: u64,
+}
+
+/// An installed datapath: programs attached through pinned links, and handles to its maps.
+pub struct Datapath {
+    pin_dir: PathBuf,
+    maps: Maps,
+    /// Whether this call attached the programs (false: an existing installation was adopted).
+    fresh: bool,
+}
+
+impl Datapath {
+    /// Load and attach the programs and pin everything, or adopt what is already pinned.
+    pub fn install(options: &DatapathOptions) -> Result<Self, LoadError> {
+        if let Some(bpffs_root) = options.pin_dir.parent() {
+            ensure_bpffs(bpffs_root)?;
+        }
+        if links_dir(&options.pin_dir).exists() {
+            return Self::adopt(&options.pin_dir);
+        }
+        if let Err(error) = load_and_attach(options) {
+            // Leave nothing half-installed behind.
+            let _ = Self::uninstall(&options.pin_dir);
+            return Err(error);
+        }
+        let mut datapath = Self::adopt(&options.pin_dir)?;
+        datapath.fresh = true;
+        Ok(datapath)
+    }
+
+    /// Re-adopt an installation pinned in `pin_dir` (after a daemon restart).
+    pub fn adopt(pin_dir: &Path) -> Result<Self, LoadError> {
+        let links = links_dir(pin_dir);
+        if let Some(missing) = PROGRAMS.into_iter().find(|name| !links.join(name).exists()) {
+            return Err(LoadError::Incomplete {
+                dir: pin_dir.to_owned(),
+                missing,
+            });
+        }
+        Ok(Self {
+            pin_dir: pin_dir.to_owned(),
+            maps: Maps::open(&maps_dir(pin_dir))?,
+            fresh: false,
+        })
+    }
+
+    /// Remove every pin under `pin_dir`: the links (detaching the programs) and the maps.
+    /// Removing an installation that is not there is not an error.
+    pub fn uninstall(pin_dir: &Path) -> Result<(), LoadError> {
+        for dir in [links_dir(pin_dir), maps_dir(pin_dir)] {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
+                Err(source) => return Err(io_error("failed to list", &dir)(source)),
+            };
+            for entry in entries {
+                let path = entry.map_err(io_error("failed to list", &dir))?.path();
+                std::fs::remove_file(&path).map_err(io_error("failed to remove", &path))?;
+            }
+            std::fs::remove_dir(&dir).map_err(io_error("failed to remove", &dir))?;
+        }
+        match std::fs::remove_dir(pin_dir) {
+            Ok(()) => Ok(()),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(io_error("failed to remove", pin_dir)(source)),
+        }
+    }
+
+    /// Whether this value attached the programs itself (false when it adopted existing pins).
+    #[must_use]
+    pub fn attached_now(&self) -> bool {
+        self.fresh
+    }
+
+    /// The pin directory.
+    #[must_use]
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// The maps.
+    #[must_use]
+    pub fn maps(&self) -> &Maps {
+        &self.maps
+    }
+
+    /// The maps, for writing.
+    pub fn maps_mut(&mut self) -> &mut Maps {
+        &mut self.maps
+    }
+
+    /// A reader of the event ring buffer.
+    pub fn events(&self) -> Result<EventReader, LoadError> {
+        Ok(EventReader::open(&maps_dir(&self.pin_dir))?)
+    }
+
+    /// Run counts and times of the attached programs (zero unless `kernel.bpf_stats_enabled`).
+    pub fn program_stats(&self) -> Result<Vec<ProgramStats>, LoadError> {
+        let mut ids = Vec::with_capacity(PROGRAMS.len());
+        for name in PROGRAMS {
+            let link = PinnedLink::from_pin(links_dir(&self.pin_dir).join(name))
+                .map_err(|source| LoadError::Link { name, source })?;
+            let info = FdLink::from(link)
+                .info()
+                .map_err(|source| LoadError::Link { name, source })?;
+            ids.push((name, info.program_id()));
+        }
+        let mut stats: Vec<ProgramStats> = ids
+            .iter()
+            .map(|&(name, _)| ProgramStats {
+                name,
+                run_count: 0,
+                run_time_ns: 0,
+            })
+            .collect();
+        for info in loaded_programs().filter_map(Result::ok) {
+            if let Some(index) = ids.iter().position(|&(_, id)| id == info.id()) {
+                stats[index].run_count = info.run_count();
+                stats[index].run_time_ns =
+                    u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX);
+            }
+        }
+        Ok(stats)
+    }
+}
+
+fn links_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join("links")
+}
+
+fn maps_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join("maps")
+}
+
+fn io_error(operation: &'static str, path: &Path) -> impl FnOnce(io::Error) -> LoadError {
+    let path = path.to_owned();
+    move |source| LoadError::Io {
+        operation,
+        path,
+        source,
+    }
+}
+
+fn program_error(
+    name: &'static str,
+    operation: &'static str,
+) -> impl FnOnce(ProgramError) -> LoadError {
+    move |source| LoadError::Program {
+        name,
+        operation,
+        source: Box::new(source),
+    }
+}
+
+/// Load the object (reusing pinned maps), attach every program and pin its link.
+///
+/// Cgroup attachments are bpf_links, which the kernel always attaches in multi mode (other
+/// programs on the same cgroup keep running); `CgroupAttachMode::Single` is the mode links
+/// accept.
+fn load_and_attach(options: &DatapathOptions) -> Result<(), LoadError> {
+    let maps = maps_dir(&options.pin_dir);
+    let links = links_dir(&options.pin_dir);
+    for dir in [&maps, &links] {
+        std::fs::create_dir_all(dir).map_err(io_error("failed to create", dir))?;
+    }
+    let cgroup = File::open(&options.scope_cgroup)
+        .map_err(io_error("failed to open cgroup", &options.scope_cgroup))?;
+    let btf = Btf::from_sys_fs().map_err(LoadError::Btf)?;
+    let mut ebpf = EbpfLoader::new()
+        .btf(Some(&btf))
+        .default_map_pin_directory(&maps)
+        .map_max_entries(map_names::EVENTS, options.ring_bytes)
+        .load(OBJECT)
+        .map_err(|error| LoadError::Object(Box::new(error)))?;
+
+    for name in [
+        program_names::CONNECT4,
+        program_names::CONNECT6,
+        program_names::BIND4,
+        program_names::BIND6,
+    ] {
+        let program: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+        program.load().map_err(program_error(name, "load"))?;
+        let id = program
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(program_error(name, "attach"))?;
+        let link = program
+            .take_link(id)
+            .map_err(program_error(name, "take link"))?;
+        pin(FdLink::try_from(link), name, &links)?;
+    }
+
+    let name = program_names::SOCK_OPS;
+    let sock_ops: &mut SockOps = program(&mut ebpf, name)?;
+    sock_ops.load().map_err(program_error(name, "load"))?;
+    let id = sock_ops
+        .attach(&cgroup, CgroupAttachMode::Single)
+        .map_err(program_error(name, "attach"))?;
+    let link = sock_ops
+        .take_link(id)
+        .map_err(program_error(name, "take link"))?;
+    pin(FdLink::try_from(link), name, &links)?;
+
+    let name = program_names::INGRESS;
+    let ingress: &mut CgroupSkb = program(&mut ebpf, name)?;
+    ingress.load().map_err(program_error(name, "load"))?;
+    let id = ingress
+        .attach(
+            &cgroup,
+            CgroupSkbAttachType::Ingress,
+            CgroupAttachMode::Single,
+        )
+        .map_err(program_error(name, "attach"))?;
+    let link = ingress
+        .take_link(id)
+        .map_err(program_error(name, "take link"))?;
+    pin(FdLink::try_from(link), name, &links)?;
+
+    for (name, tracepoint) in [
+        (program_names::EXEC, "sched_process_exec"),
+        (program_names::EXIT, "sched_process_exit"),
+    ] {
+        let program: &mut BtfTracePoint = program(&mut ebpf, name)?;
+        program
+            .load(tracepoint, &btf)
+            .map_err(program_error(name, "load"))?;
+        let id = program.attach().map_err(program_error(name, "attach"))?;
+        let link = program
+            .take_link(id)
+            .map_err(program_error(name, "take link"))?;
+        pin(Ok(FdLink::from(link)), name, &links)?;
+    }
+    Ok(())
+}
+
+/// The program `name` of `ebpf`, as its concrete type.
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, LoadError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(LoadError::MissingProgram(name))?
+        .try_into()
+        .map_err(program_error(name, "type check"))
+}
+
+/// Pin a link as `links/name`; the pin keeps the program attached after this process exits.
+fn pin(link: Result<FdLink, LinkError>, name: &'static str, links: &Path) -> Result<(), LoadError> {
+    let path = links.join(name);
+    link.map_err(|source| LoadError::Link { name, source })?
+        .pin(&path)
+        .map_err(|source| LoadError::Pin { path, source })?;
+    Ok(())
+}

@@ -1,0 +1,729 @@
+//! Typed, validated access to the pinned maps.
+//!
+//! Every writer checks its keys and values before they reach the kernel and names the offending
+//! entry on error; a rejected write changes nothing. The policy is double-buffered: a new table
+//! is written into the inactive slot and becomes visible to the programs in one word write that
+//! flips the active slot, so each connect() sees the old policy or the new one, never a mix.
+#![forbid(unsafe_code)]
+
+use std::{
+    collections::HashMap as StdHashMap,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use aya::maps::{
+    Array, HashMap, Map, MapData, MapError, PerCpuArray,
+    lpm_trie::{Key, LpmTrie},
+};
+use enforcer_ebpf::{
+    Config, Counter, EgressKey, EgressRule, OrigDst, PolicyEntry, PolicyKey, PolicyMeta, Service,
+    SockKey, UNKNOWN_IDENTITY, map_names,
+};
+
+use super::addr::{sock_key, socket_addr, to_words};
+
+/// cgroup id of the root of a cgroup v2 hierarchy: enrolling it would enroll every process.
+const ROOT_CGROUP_ID: u64 = 1;
+
+/// Errors of map access.
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    /// A pinned map could not be opened.
+    #[error("failed to open pinned map {}", path.display())]
+    Open {
+        /// The pin path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: MapError,
+    },
+    /// A map operation failed in the kernel.
+    #[error("{operation} on map {map} failed")]
+    Kernel {
+        /// The map's name.
+        map: &'static str,
+        /// What was attempted, naming the entry.
+        operation: String,
+        /// Why.
+        #[source]
+        source: MapError,
+    },
+    /// A value was rejected before it reached the kernel.
+    #[error("invalid {what}: {reason}")]
+    Invalid {
+        /// The entry, named as the caller knows it.
+        what: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl MapsError {
+    fn invalid(what: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            what: what.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Global settings the programs read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DaemonConfig {
+    /// The daemon's process id: its sockets pass untouched.
+    pub daemon_tgid: u32,
+    /// `SO_MARK` of the daemon's sockets to local workloads (non-zero).
+    pub tunnel_mark: u32,
+    /// IPv4 address of the outbound listener, if it listens on IPv4.
+    pub outbound_v4: Option<std::net::Ipv4Addr>,
+    /// IPv6 address of the outbound listener, if it listens on IPv6.
+    pub outbound_v6: Option<std::net::Ipv6Addr>,
+    /// The outbound listener's port (the same on both families).
+    pub outbound_port: u16,
+}
+
+impl DaemonConfig {
+    fn validate(&self) -> Result<Config, MapsError> {
+        let what = "daemon config";
+        if self.daemon_tgid == 0 {
+            return Err(MapsError::invalid(what, "daemon_tgid must not be 0"));
+        }
+        if self.tunnel_mark == 0 {
+            return Err(MapsError::invalid(what, "tunnel_mark must not be 0"));
+        }
+        if self.outbound_port == 0 {
+            return Err(MapsError::invalid(what, "outbound_port must not be 0"));
+        }
+        if self.outbound_v4.is_none() && self.outbound_v6.is_none() {
+            return Err(MapsError::invalid(what, "no outbound listener address"));
+        }
+        if let Some(v4) = self.outbound_v4.filter(|v4| v4.is_unspecified()) {
+            return Err(MapsError::invalid(
+                what,
+                format!("outbound address {v4} is unspecified"),
+            ));
+        }
+        if let Some(v6) = self
+            .outbound_v6
+            .filter(|v6| v6.is_unspecified() || v6.to_ipv4_mapped().is_some())
+        {
+            return Err(MapsError::invalid(
+                what,
+                format!("outbound address {v6} must be a native IPv6 address"),
+            ));
+        }
+        Ok(Config {
+            daemon_tgid: self.daemon_tgid,
+            tunnel_mark: self.tunnel_mark,
+            outbound_ip4: self
+                .outbound_v4
+                .map_or(0, |v4| u32::from_ne_bytes(v4.octets())),
+            outbound_ip6: self.outbound_v6.map_or([0; 4], |v6| to_words(v6.into())),
+            outbound_port: self.outbound_port,
+            _pad: 0,
+        })
+    }
+}
+
+/// Global policy mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PolicyMode {
+    /// Denied flows fail.
+    #[default]
+    Enforce,
+    /// Denied flows are let through and reported.
+    Audit,
+}
+
+/// What a rule does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PolicyAction {
+    /// Allow the flow (through the tunnel).
+    Allow,
+    /// Deny the flow at connect().
+    Deny,
+    /// Deny in principle, but this rule is in audit mode: allow and report.
+    Audit,
+}
+
+/// One compiled (source, destination, port) rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PolicyRule {
+    /// Source identity number.
+    pub src_id: u32,
+    /// Destination identity number.
+    pub dst_id: u32,
+    /// Destination port; `None` matches every port.
+    pub port: Option<u16>,
+    /// What the rule does.
+    pub action: PolicyAction,
+    /// Rule number, stamped on events.
+    pub rule: u32,
+}
+
+/// A complete policy, applied atomically.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicyTable {
+    /// Version stamped on events decided under this table (non-zero).
+    pub version: u64,
+    /// Global mode.
+    pub mode: PolicyMode,
+    /// The rules; at most one per (source, destination, port).
+    pub rules: Vec<PolicyRule>,
+}
+
+impl PolicyTable {
+    /// Check every rule and build the kernel entries, naming the first bad rule.
+    fn compile(&self) -> Result<Vec<(PolicyKey, PolicyEntry)>, MapsError> {
+        if self.version == 0 {
+            return Err(MapsError::invalid("policy table", "version must not be 0"));
+        }
+        let mut seen: StdHashMap<PolicyKey, usize> = StdHashMap::new();
+        let mut entries = Vec::with_capacity(self.rules.len());
+        for (index, rule) in self.rules.iter().enumerate() {
+            let what = || format!("policy rule #{index} ({rule:?})");
+            if rule.src_id == UNKNOWN_IDENTITY || rule.dst_id == UNKNOWN_IDENTITY {
+                return Err(MapsError::invalid(what(), "identity number 0 is reserved"));
+            }
+            if rule.port == Some(0) {
+                return Err(MapsError::invalid(what(), "port 0; use None for any port"));
+            }
+            let key = PolicyKey {
+                src_id: rule.src_id,
+                dst_id: rule.dst_id,
+                port: rule.port.unwrap_or(0),
+                _pad: 0,
+            };
+            if let Some(first) = seen.insert(key, index) {
+                return Err(MapsError::invalid(
+                    what(),
+                    format!("same source, destination and port as rule #{first}"),
+                ));
+            }
+            let action = match rule.action {
+                PolicyAction::Allow => PolicyEntry::ACTION_ALLOW,
+                PolicyAction::Deny => PolicyEntry::ACTION_DENY,
+                PolicyAction::Audit => PolicyEntry::ACTION_AUDIT,
+            };
+            entries.push((
+                key,
+                PolicyEntry {
+                    action,
+                    rule: rule.rule,
+                },
+            ));
+        }
+        Ok(entries)
+    }
+}
+
+/// What the kernel recorded about a redirected connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Original {
+    /// The destination the client asked for.
+    pub dst: SocketAddr,
+    /// The client's process id.
+    pub tgid: u32,
+    /// The client's cgroup id.
+    pub cgroup_id: u64,
+    /// The client socket's cookie.
+    pub cookie: u64,
+    /// Source identity number at connect() time.
+    pub src_id: u32,
+    /// Destination identity number at connect() time (0 when unknown).
+    pub dst_id: u32,
+    /// The audit rule that let a denied flow through, 0 otherwise.
+    pub audit_rule: u32,
+}
+
+impl From<OrigDst> for Original {
+    fn from(orig: OrigDst) -> Self {
+        Self {
+            dst: socket_addr(&orig.dst),
+            tgid: orig.tgid,
+            cgroup_id: orig.cgroup_id,
+            cookie: orig.cookie,
+            src_id: orig.src_id,
+            dst_id: orig.dst_id,
+            audit_rule: orig.rule,
+        }
+    }
+}
+
+/// Handles to every pinned map except the ring buffer (see [`super::EventReader`]).
+pub struct Maps {
+    config: Array<MapData, Config>,
+    enrolled: HashMap<MapData, u64, u32>,
+    identities: HashMap<MapData, u32, u32>,
+    services: HashMap<MapData, SockKey, Service>,
+    policy: [HashMap<MapData, PolicyKey, PolicyEntry>; 2],
+    policy_meta: Array<MapData, PolicyMeta>,
+    policy_slot: Array<MapData, u32>,
+    egress: LpmTrie<MapData, EgressKey, EgressRule>,
+    orig_by_tuple: HashMap<MapData, SockKey, OrigDst>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+/// Open the map pinned as `name` under `dir` and convert it to its typed handle.
+pub(crate) fn open_pinned<T>(dir: &Path, name: &str) -> Result<T, MapsError>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    let path = dir.join(name);
+    let open = |source| MapsError::Open {
+        path: path.clone(),
+        source,
+    };
+    let data = MapData::from_pin(&path).map_err(open)?;
+    let map = Map::from_map_data(data).map_err(open)?;
+    T::try_from(map).map_err(open)
+}
+
+impl Maps {
+    /// Open the maps pinned in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, MapsError> {
+        Ok(Self {
+            config: open_pinned(dir, map_names::CONFIG)?,
+            enrolled: open_pinned(dir, map_names::ENROLLED)?,
+            identities: open_pinned(dir, map_names::IDENTITIES)?,
+            services: open_pinned(dir, map_names::SERVICES)?,
+            policy: [
+                open_pinned(dir, map_names::POLICY_0)?,
+                open_pinned(dir, map_names::POLICY_1)?,
+            ],
+            policy_meta: open_pinned(dir, map_names::POLICY_META)?,
+            policy_slot: open_pinned(dir, map_names::POLICY_SLOT)?,
+            egress: open_pinned(dir, map_names::EGRESS)?,
+            orig_by_tuple: open_pinned(dir, map_names::ORIG_BY_TUPLE)?,
+            counters: open_pinned(dir, map_names::COUNTERS)?,
+        })
+    }
+
+    /// Write the global configuration.
+    pub fn set_config(&mut self, config: &DaemonConfig) -> Result<(), MapsError> {
+        let value = config.validate()?;
+        self.config
+            .set(0, value, 0)
+            .map_err(kernel(map_names::CONFIG, || "set config".into()))
+    }
+
+    /// The global configuration as the kernel holds it.
+    pub fn config(&self) -> Result<Config, MapsError> {
+        self.config
+            .get(&0, 0)
+            .map_err(kernel(map_names::CONFIG, || "read config".into()))
+    }
+
+    /// Enroll a cgroup (and so every cgroup below it).
+    pub fn enroll(&mut self, cgroup_id: u64) -> Result<(), MapsError> {
+        let what = || format!("enrolled cgroup {cgroup_id}");
+        if cgroup_id == 0 {
+            return Err(MapsError::invalid(what(), "cgroup id 0 does not exist"));
+        }
+        if cgroup_id == ROOT_CGROUP_ID {
+            return Err(MapsError::invalid(
+                what(),
+                "refusing to enroll the root cgroup (it would enroll every process)",
+            ));
+        }
+        self.enrolled
+            .insert(cgroup_id, 1, 0)
+            .map_err(kernel(map_names::ENROLLED, what))
+    }
+
+    /// Stop enrolling a cgroup.
+    pub fn unenroll(&mut self, cgroup_id: u64) -> Result<(), MapsError> {
+        remove_if_present(&mut self.enrolled, &cgroup_id, map_names::ENROLLED, || {
+            format!("unenroll cgroup {cgroup_id}")
+        })
+    }
+
+    /// Record the identity number of an attested process.
+    pub fn set_identity(&mut self, tgid: u32, identity: u32) -> Result<(), MapsError> {
+        let what = || format!("identity of pid {tgid}");
+        if tgid == 0 {
+            return Err(MapsError::invalid(what(), "pid 0"));
+        }
+        if identity == UNKNOWN_IDENTITY {
+            return Err(MapsError::invalid(what(), "identity number 0 is reserved"));
+        }
+        self.identities
+            .insert(tgid, identity, 0)
+            .map_err(kernel(map_names::IDENTITIES, what))
+    }
+
+    /// Forget the identity of a process.
+    pub fn remove_identity(&mut self, tgid: u32) -> Result<(), MapsError> {
+        remove_if_present(&mut self.identities, &tgid, map_names::IDENTITIES, || {
+            format!("remove identity of pid {tgid}")
+        })
+    }
+
+    /// The identity number of a process, if it has one.
+    pub fn identity(&self, tgid: u32) -> Result<Option<u32>, MapsError> {
+        lookup(&self.identities, &tgid, map_names::IDENTITIES, || {
+            format!("identity of pid {tgid}")
+        })
+    }
+
+    /// Record that `addr` (IP and port; an unspecified IP means every address) belongs to
+    /// `identity`.
+    pub fn set_service(&mut self, addr: SocketAddr, identity: u32) -> Result<(), MapsError> {
+        let what = || format!("service {addr}");
+        if addr.port() == 0 {
+            return Err(MapsError::invalid(what(), "port 0"));
+        }
+        if identity == UNKNOWN_IDENTITY {
+            return Err(MapsError::invalid(what(), "identity number 0 is reserved"));
+        }
+        let service = Service {
+            identity,
+            tgid: 0,
+            cgroup_id: 0,
+        };
+        self.services
+            .insert(service_key(addr), service, 0)
+            .map_err(kernel(map_names::SERVICES, what))
+    }
+
+    /// The owner of `addr`, as the kernel knows it: (identity, tgid, cgroup id).
+    pub fn service(&self, addr: SocketAddr) -> Result<Option<Service>, MapsError> {
+        lookup(
+            &self.services,
+            &service_key(addr),
+            map_names::SERVICES,
+            || format!("service {addr}"),
+        )
+    }
+
+    /// Forget a service.
+    pub fn remove_service(&mut self, addr: SocketAddr) -> Result<(), MapsError> {
+        remove_if_present(
+            &mut self.services,
+            &service_key(addr),
+            map_names::SERVICES,
+            || format!("remove service {addr}"),
+        )
+    }
+
+    /// Permit plaintext egress to `network/prefix_len` on `port` (`None`: every port).
+    pub fn add_egress(
+        &mut self,
+        network: IpAddr,
+        prefix_len: u8,
+        port: Option<u16>,
+        rule: u32,
+    ) -> Result<(), MapsError> {
+        let key = egress_key(network, prefix_len, port)?;
+        self.egress
+            .insert(&key, EgressRule { rule }, 0)
+            .map_err(kernel(map_names::EGRESS, || {
+                format!("egress {network}/{prefix_len}")
+            }))
+    }
+
+    /// Withdraw an egress permission added with the same arguments.
+    pub fn remove_egress(
+        &mut self,
+        network: IpAddr,
+        prefix_len: u8,
+        port: Option<u16>,
+    ) -> Result<(), MapsError> {
+        let key = egress_key(network, prefix_len, port)?;
+        match self.egress.remove(&key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(MapsError::Kernel {
+                map: map_names::EGRESS,
+                operation: format!("remove egress {network}/{prefix_len}"),
+                source,
+            }),
+        }
+    }
+
+    /// Atomically replace the policy: [`Maps::stage_policy`], then [`Maps::activate_slot`].
+    ///
+    /// On error nothing the programs read has changed: the active slot is untouched.
+    pub fn apply_policy(&mut self, table: &PolicyTable) -> Result<u32, MapsError> {
+        let slot = self.stage_policy(table)?;
+        self.activate_slot(slot)?;
+        Ok(slot)
+    }
+
+    /// Write `table` (rules, version and mode) into the inactive slot and return that slot.
+    /// The programs keep reading the active slot until [`Maps::activate_slot`].
+    pub fn stage_policy(&mut self, table: &PolicyTable) -> Result<u32, MapsError> {
+        let entries = table.compile()?;
+        let inactive = 1 - self.active_slot()?;
+        let name = policy_map_name(inactive);
+        let map = &mut self.policy[inactive as usize];
+        let stale: Vec<PolicyKey> = map.keys().filter_map(Result::ok).collect();
+        for key in &stale {
+            remove_if_present(map, key, name, || format!("clear {key:?}"))?;
+        }
+        for (key, entry) in &entries {
+            map.insert(key, entry, 0)
+                .map_err(kernel(name, || format!("insert {key:?}")))?;
+        }
+        let meta = PolicyMeta {
+            version: table.version,
+            mode: match table.mode {
+                PolicyMode::Enforce => PolicyMeta::MODE_ENFORCE,
+                PolicyMode::Audit => PolicyMeta::MODE_AUDIT,
+            },
+            _pad: 0,
+        };
+        self.policy_meta
+            .set(inactive, meta, 0)
+            .map_err(kernel(map_names::POLICY_META, || {
+                format!("set meta of slot {inactive}")
+            }))?;
+        Ok(inactive)
+    }
+
+    /// Make `slot` the one the programs read: a single word write, so every decision sees
+    /// either the old slot or the new one.
+    pub fn activate_slot(&mut self, slot: u32) -> Result<(), MapsError> {
+        if slot > 1 {
+            return Err(MapsError::invalid(
+                format!("policy slot {slot}"),
+                "must be 0 or 1",
+            ));
+        }
+        self.policy_slot
+            .set(0, slot, 0)
+            .map_err(kernel(map_names::POLICY_SLOT, || {
+                format!("activate slot {slot}")
+            }))
+    }
+
+    /// The slot the programs currently read (0 or 1).
+    pub fn active_slot(&self) -> Result<u32, MapsError> {
+        self.policy_slot
+            .get(&0, 0)
+            .map(|slot| slot & 1)
+            .map_err(kernel(map_names::POLICY_SLOT, || "read active slot".into()))
+    }
+
+    /// Version and mode of the active policy.
+    pub fn active_policy(&self) -> Result<PolicyMeta, MapsError> {
+        let slot = self.active_slot()?;
+        self.policy_meta
+            .get(&slot, 0)
+            .map_err(kernel(map_names::POLICY_META, || {
+                format!("read slot {slot}")
+            }))
+    }
+
+    /// The original destination and source of an accepted redirected connection, keyed by the
+    /// peer address the outbound listener sees.
+    pub fn original(&self, peer: SocketAddr) -> Result<Option<Original>, MapsError> {
+        lookup(
+            &self.orig_by_tuple,
+            &sock_key(peer),
+            map_names::ORIG_BY_TUPLE,
+            || format!("original destination of {peer}"),
+        )
+        .map(|found| found.map(Original::from))
+    }
+
+    /// A counter, summed over CPUs.
+    pub fn counter(&self, counter: Counter) -> Result<u64, MapsError> {
+        self.counters
+            .get(&(counter as u32), 0)
+            .map(|values| values.iter().sum())
+            .map_err(kernel(map_names::COUNTERS, || {
+                format!("read counter {}", counter.name())
+            }))
+    }
+}
+
+/// The kernel key of a service address: the unspecified address means "any".
+fn service_key(addr: SocketAddr) -> SockKey {
+    if addr.ip().is_unspecified() {
+        SockKey {
+            addr: [0; 4],
+            port: addr.port(),
+            _pad: 0,
+        }
+    } else {
+        sock_key(addr)
+    }
+}
+
+/// The LPM key of an egress rule, rejecting bad prefixes and networks with host bits set.
+fn egress_key(
+    network: IpAddr,
+    prefix_len: u8,
+    port: Option<u16>,
+) -> Result<Key<EgressKey>, MapsError> {
+    let what = || format!("egress network {network}/{prefix_len}");
+    let (max, offset) = match network {
+        IpAddr::V4(_) => (32, 96),
+        IpAddr::V6(_) => (128, 0),
+    };
+    if prefix_len > max {
+        return Err(MapsError::invalid(
+            what(),
+            format!("prefix longer than {max} bits"),
+        ));
+    }
+    let bits = match network {
+        IpAddr::V4(v4) => u128::from(u32::from(v4)) << 96,
+        IpAddr::V6(v6) => u128::from(v6),
+    };
+    let host_bits = bits.checked_shl(u32::from(prefix_len)).unwrap_or(0);
+    if prefix_len < max && host_bits != 0 {
+        return Err(MapsError::invalid(what(), "host bits are set"));
+    }
+    if port == Some(0) {
+        return Err(MapsError::invalid(what(), "port 0; use None for any port"));
+    }
+    Ok(Key::new(
+        32 + offset + u32::from(prefix_len),
+        EgressKey {
+            port_be: u32::from(port.unwrap_or(0)).to_be(),
+            addr: to_words(network),
+        },
+    ))
+}
+
+fn policy_map_name(slot: u32) -> &'static str {
+    if slot == 0 {
+        map_names::POLICY_0
+    } else {
+        map_names::POLICY_1
+    }
+}
+
+/// A closure turning a kernel map error into [`MapsError::Kernel`].
+fn kernel(
+    map: &'static str,
+    operation: impl FnOnce() -> String,
+) -> impl FnOnce(MapError) -> MapsError {
+    move |source| MapsError::Kernel {
+        map,
+        operation: operation(),
+        source,
+    }
+}
+
+fn lookup<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    key: &K,
+    name: &'static str,
+    what: impl FnOnce() -> String,
+) -> Result<Option<V>, MapsError> {
+    match map.get(key, 0) {
+        Ok(value) => Ok(Some(value)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(source) => Err(kernel(name, what)(source)),
+    }
+}
+
+fn remove_if_present<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    key: &K,
+    name: &'static str,
+    what: impl FnOnce() -> String,
+) -> Result<(), MapsError> {
+    match map.remove(key) {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(source) => Err(kernel(name, what)(source)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::{DaemonConfig, MapsError, PolicyAction, PolicyRule, PolicyTable, egress_key};
+
+    fn rule(src_id: u32, dst_id: u32, port: Option<u16>) -> PolicyRule {
+        PolicyRule {
+            src_id,
+            dst_id,
+            port,
+            action: PolicyAction::Deny,
+            rule: 1,
+        }
+    }
+
+    fn invalid_reason(result: Result<impl std::fmt::Debug, MapsError>) -> String {
+        match result {
+            Err(MapsError::Invalid { what, reason }) => format!("{what}: {reason}"),
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn policy_table_names_the_bad_rule() {
+        let table = PolicyTable {
+            version: 1,
+            rules: vec![rule(1, 2, Some(80)), rule(1, 0, Some(80))],
+            ..PolicyTable::default()
+        };
+        let reason = invalid_reason(table.compile());
+        assert!(reason.starts_with("policy rule #1"), "{reason}");
+        assert!(reason.contains("reserved"), "{reason}");
+    }
+
+    #[test]
+    fn policy_table_rejects_duplicates_and_version_zero() {
+        let table = PolicyTable {
+            version: 1,
+            rules: vec![rule(1, 2, None), rule(3, 4, Some(1)), rule(1, 2, None)],
+            ..PolicyTable::default()
+        };
+        assert!(invalid_reason(table.compile()).contains("as rule #0"));
+        let table = PolicyTable::default();
+        assert!(invalid_reason(table.compile()).contains("version"));
+        let table = PolicyTable {
+            version: 1,
+            rules: vec![rule(1, 2, Some(0))],
+            ..PolicyTable::default()
+        };
+        assert!(invalid_reason(table.compile()).contains("port 0"));
+    }
+
+    #[test]
+    fn egress_keys_are_checked() {
+        let ten = Ipv4Addr::new(10, 0, 0, 0).into();
+        let key = egress_key(ten, 8, Some(443)).unwrap();
+        let prefix_len = key.prefix_len();
+        assert_eq!(prefix_len, 32 + 96 + 8);
+        let prefix = |key: super::Key<super::EgressKey>| key.prefix_len();
+        let host_bits = egress_key(Ipv4Addr::new(10, 0, 0, 1).into(), 8, None).map(prefix);
+        assert!(invalid_reason(host_bits).contains("host bits"));
+        assert!(invalid_reason(egress_key(ten, 33, None).map(prefix)).contains("longer than 32"));
+        assert!(egress_key(Ipv4Addr::new(10, 0, 0, 1).into(), 32, None).is_ok());
+        assert!(egress_key("::".parse().unwrap(), 0, None).is_ok());
+    }
+
+    #[test]
+    fn daemon_config_is_checked() {
+        let good = DaemonConfig {
+            daemon_tgid: 10,
+            tunnel_mark: 0x0e5f,
+            outbound_v4: Some(Ipv4Addr::LOCALHOST),
+            outbound_v6: None,
+            outbound_port: 15001,
+        };
+        assert!(good.validate().is_ok());
+        let bad = DaemonConfig {
+            outbound_port: 0,
+            ..good
+        };
+        assert!(invalid_reason(bad.validate()).contains("outbound_port"));
+        let bad = DaemonConfig {
+            outbound_v4: Some(Ipv4Addr::UNSPECIFIED),
+            ..good
+        };
+        assert!(invalid_reason(bad.validate()).contains("unspecified"));
+        let bad = DaemonConfig {
+            outbound_v6: Some("::ffff:127.0.0.1".parse().unwrap()),
+            ..good
+        };
+        assert!(invalid_reason(bad.validate()).contains("native IPv6"));
+    }
+}

@@ -1,0 +1,14 @@
+//! The kernel side: loading, attaching and pinning the eBPF programs, typed and validated
+//! access to their maps, and decoding of their events.
+
+pub mod addr;
+pub mod bpffs;
+pub mod cgroup;
+pub mod events;
+pub mod loader;
+pub mod maps;
+
+pub use enforcer_ebpf::{Counter, EventKind, PolicyMeta};
+pub use events::{EventReader, KernelEvent};
+pub use loader::{Datapath, DatapathOptions};
+pub use maps::{DaemonConfig, Maps, Original, PolicyAction, PolicyMode, PolicyRule, PolicyTable};

@@ -1,0 +1,7 @@
+//! enforcer: a node-wide, sidecar-less workload identity enforcer for Linux.
+//!
+//! The library holds everything the `enforcer` binary wires together; `main.rs` stays thin.
+
+pub mod cli;
+pub mod kernel;
+pub mod testing;

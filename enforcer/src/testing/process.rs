@@ -1,0 +1,307 @@
+//! Workload processes started inside a scratch cgroup and/or network namespace, killed when
+//! dropped.
+//!
+//! Placement needs no `unsafe` `pre_exec` hook: a `sh` wrapper writes its own pid into the
+//! cgroup's `cgroup.procs`, then `exec`s `ip netns exec NAME`, which switches namespace and
+//! `exec`s a second `sh` that reports back on stdout and `exec`s the workload. Every step is an
+//! `exec`, so the pid [`Spawned::pid`] returns is the workload's, and [`Spawn::spawn`] returns
+//! only once the process is in its cgroup and namespace.
+
+use std::ffi::{OsStr, OsString};
+use std::fmt::Write as _;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::process::{Child, ChildStderr, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use super::{Netns, ScratchCgroup};
+
+/// The line the wrapper prints once the process is placed, just before it becomes the workload.
+const PLACED: &str = "enforcer-testing: placed";
+/// `$0` of the wrapper shells, which `sh` names in its own error messages.
+const WRAPPER_NAME: &str = "enforcer-spawn";
+/// Joins the cgroup whose `cgroup.procs` is `$1`, then becomes the rest of the arguments.
+const JOIN_CGROUP: &str = r#"echo $$ >"$1" && shift && exec "$@""#;
+/// Prints `$1` on stdout, then becomes the rest of the arguments.
+const ANNOUNCE: &str = r#"printf '%s\n' "$1" && shift && exec "$@""#;
+/// How long placement may take before [`Spawn::spawn`] gives up.
+const PLACEMENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a failed process gets to exit and flush stderr before its failure is reported.
+const FAILURE_GRACE: Duration = Duration::from_secs(1);
+/// Pause between polls for a process to exit.
+const POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Builder for a workload process: what to run and where to place it.
+#[derive(Debug)]
+#[must_use = "a Spawn does nothing until .spawn() is called"]
+pub struct Spawn {
+    program: OsString,
+    args: Vec<OsString>,
+    envs: Vec<(OsString, OsString)>,
+    cgroup: Option<ScratchCgroup>,
+    netns: Option<Netns>,
+    stdin_piped: bool,
+}
+
+impl Spawn {
+    /// Runs `program` (looked up in `PATH`) with no arguments, in the caller's cgroup and
+    /// network namespace, with stdin from `/dev/null`.
+    pub fn new(program: impl AsRef<OsStr>) -> Self {
+        Self {
+            program: program.as_ref().to_owned(),
+            args: Vec::new(),
+            envs: Vec::new(),
+            cgroup: None,
+            netns: None,
+            stdin_piped: false,
+        }
+    }
+
+    /// Adds one argument.
+    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
+        self.args.push(arg.as_ref().to_owned());
+        self
+    }
+
+    /// Adds arguments.
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.args
+            .extend(args.into_iter().map(|arg| arg.as_ref().to_owned()));
+        self
+    }
+
+    /// Sets an environment variable for the process.
+    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
+        self.envs
+            .push((key.as_ref().to_owned(), value.as_ref().to_owned()));
+        self
+    }
+
+    /// Places the process in `cgroup`, which stays alive until the process is killed.
+    pub fn cgroup(mut self, cgroup: &ScratchCgroup) -> Self {
+        self.cgroup = Some(cgroup.clone());
+        self
+    }
+
+    /// Places the process in `netns`, which stays alive until the process is killed.
+    pub fn netns(mut self, netns: &Netns) -> Self {
+        self.netns = Some(netns.clone());
+        self
+    }
+
+    /// Connects the process's stdin to a pipe for [`Spawned::write_line`].
+    pub fn stdin_piped(mut self) -> Self {
+        self.stdin_piped = true;
+        self
+    }
+
+    /// Starts the process and waits until it is in its cgroup and namespace.
+    ///
+    /// Panics, with the process's stderr, if it cannot be started or placed.
+    pub fn spawn(self) -> Spawned {
+        let description = self.describe();
+        let mut argv: Vec<OsString> = Vec::new();
+        if let Some(cgroup) = &self.cgroup {
+            argv.extend(["sh", "-c", JOIN_CGROUP, WRAPPER_NAME].map(OsString::from));
+            argv.push(cgroup.path().join("cgroup.procs").into());
+        }
+        if let Some(netns) = &self.netns {
+            argv.extend(netns.exec_args().into_iter().map(OsString::from));
+        }
+        argv.extend(["sh", "-c", ANNOUNCE, WRAPPER_NAME, PLACED].map(OsString::from));
+        argv.push(self.program);
+        argv.extend(self.args);
+        let mut child = Command::new(&argv[0])
+            .args(&argv[1..])
+            .envs(self.envs)
+            .stdin(if self.stdin_piped {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|error| panic!("failed to start {description}: {error}"));
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let (sender, lines) = mpsc::channel();
+        thread::spawn(move || forward_lines(stdout, &sender));
+        let stderr_text = Arc::new(Mutex::new(Vec::new()));
+        let stderr_reader = {
+            let stderr_text = Arc::clone(&stderr_text);
+            thread::spawn(move || collect(stderr, &stderr_text))
+        };
+        let mut spawned = Spawned {
+            child,
+            description,
+            lines,
+            stderr_text,
+            stderr_reader,
+            _cgroup: self.cgroup,
+            _netns: self.netns,
+        };
+        match spawned.lines.recv_timeout(PLACEMENT_TIMEOUT) {
+            Ok(line) if line == PLACED => spawned,
+            Ok(line) => spawned.fail(&format!("printed {line:?} before being placed")),
+            Err(_) => spawned.fail("was not placed in its cgroup and network namespace"),
+        }
+    }
+
+    /// `["program", "arg", …] in cgroup PATH in netns NAME`, for messages.
+    fn describe(&self) -> String {
+        let argv: Vec<_> = [&self.program]
+            .into_iter()
+            .chain(&self.args)
+            .map(|arg| arg.to_string_lossy())
+            .collect();
+        let mut description = format!("{argv:?}");
+        if let Some(cgroup) = &self.cgroup {
+            let _ = write!(description, " in cgroup {}", cgroup.path().display());
+        }
+        if let Some(netns) = &self.netns {
+            let _ = write!(description, " in netns {}", netns.name());
+        }
+        description
+    }
+}
+
+/// A running workload process; dropping it kills it with SIGKILL and reaps it.
+///
+/// Its stdout is read line by line on a background thread ([`read_line`](Self::read_line)),
+/// its stderr collected for panic messages ([`stderr`](Self::stderr)).
+#[derive(Debug)]
+#[must_use = "the process is killed as soon as the guard is dropped"]
+pub struct Spawned {
+    child: Child,
+    description: String,
+    lines: Receiver<String>,
+    stderr_text: Arc<Mutex<Vec<u8>>>,
+    stderr_reader: JoinHandle<()>,
+    /// Keeps the cgroup the process was placed in until the process is gone.
+    _cgroup: Option<ScratchCgroup>,
+    /// Keeps the namespace the process was placed in until the process is gone.
+    _netns: Option<Netns>,
+}
+
+impl Spawned {
+    /// The process id, which is the workload's own: the wrappers `exec` it.
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Writes `line` and a newline to the process's stdin (see [`Spawn::stdin_piped`]).
+    pub fn write_line(&mut self, line: &str) {
+        let Some(stdin) = self.child.stdin.as_mut() else {
+            panic!("{} was spawned without stdin_piped()", self.description)
+        };
+        if let Err(error) = stdin.write_all(format!("{line}\n").as_bytes()) {
+            self.fail(&format!("did not accept {line:?} on stdin: {error}"));
+        }
+    }
+
+    /// The next line the process prints on stdout, without its line ending; `None` if none
+    /// comes within `timeout` or stdout is closed.
+    #[must_use]
+    pub fn read_line(&self, timeout: Duration) -> Option<String> {
+        self.lines.recv_timeout(timeout).ok()
+    }
+
+    /// Waits up to `timeout` for the process to exit and returns how it exited.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return Some(status),
+                Ok(None) if Instant::now() < deadline => thread::sleep(POLL_INTERVAL),
+                Ok(None) => return None,
+                Err(error) => panic!("failed to wait for {}: {error}", self.description),
+            }
+        }
+    }
+
+    /// Kills the process with SIGKILL unless it already exited, reaps it, and returns how it
+    /// exited.
+    pub fn kill(&mut self) -> ExitStatus {
+        self.terminate()
+            .unwrap_or_else(|error| panic!("failed to kill {}: {error}", self.description))
+    }
+
+    /// What the process has printed on stderr so far.
+    #[must_use]
+    pub fn stderr(&self) -> String {
+        let text = self
+            .stderr_text
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        String::from_utf8_lossy(&text).into_owned()
+    }
+
+    /// Signals only this child's pid, which cannot have been reused: it is not reaped until
+    /// the `wait` that follows.
+    fn terminate(&mut self) -> io::Result<ExitStatus> {
+        self.child.kill()?;
+        self.child.wait()
+    }
+
+    /// Panics with `problem`, how the process exited and its stderr.
+    fn fail(&mut self, problem: &str) -> ! {
+        let status = self.wait_timeout(FAILURE_GRACE);
+        let deadline = Instant::now() + FAILURE_GRACE;
+        while !self.stderr_reader.is_finished() && Instant::now() < deadline {
+            thread::sleep(POLL_INTERVAL);
+        }
+        let status = status.map_or_else(|| "still running".to_owned(), |status| status.to_string());
+        panic!(
+            "{} {problem} ({status}); stderr:\n{}",
+            self.description,
+            self.stderr()
+        )
+    }
+}
+
+impl Drop for Spawned {
+    /// Kills and reaps the process, warning instead of panicking, which could abort an
+    /// unwinding test.
+    fn drop(&mut self) {
+        if let Err(error) = self.terminate() {
+            eprintln!("warning: failed to kill {}: {error}", self.description);
+        }
+    }
+}
+
+/// Sends each line of `stdout`, without its line ending, until it closes or nobody listens.
+fn forward_lines(stdout: ChildStdout, lines: &Sender<String>) {
+    let mut stdout = BufReader::new(stdout);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match stdout.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                let text = String::from_utf8_lossy(&line);
+                let text = text.trim_end_matches(['\n', '\r']).to_owned();
+                if lines.send(text).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Appends everything read from `stderr` to `text` as it arrives, until it closes.
+fn collect(mut stderr: ChildStderr, text: &Mutex<Vec<u8>>) {
+    let mut buffer = [0; 4096];
+    while let Ok(read @ 1..) = stderr.read(&mut buffer) {
+        text.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend_from_slice(&buffer[..read]);
+    }
+}

@@ -1,0 +1,568 @@
+//! Privileged tests of the kernel datapath: real programs attached to a scratch cgroup, real
+//! processes (the python test client) inside it, traffic on loopback and in test namespaces.
+#![expect(
+    unused_crate_dependencies,
+    reason = "integration tests use the library, not every dependency"
+)]
+
+use std::{
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use enforcer::{
+    kernel::{
+        Counter, DaemonConfig, EventKind, EventReader, KernelEvent, PolicyAction, PolicyMode,
+        PolicyRule, PolicyTable,
+    },
+    testing::{Client, Netns, ScratchCgroup, ScratchDatapath, require_root, serial},
+};
+
+/// The daemon's socket mark in these tests.
+const MARK: u32 = 0x0e5f_0001;
+/// How long to wait for an event.
+const EVENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Identity numbers used by the tests.
+const CLIENT_ID: u32 = 11;
+const SERVER_ID: u32 = 22;
+
+/// A scope cgroup with the datapath attached, an enrolled child cgroup `app`, an unenrolled
+/// child `other`, and an outbound listener on 127.0.0.1 (and [::1], same port).
+struct Fixture {
+    app: ScratchCgroup,
+    other: ScratchCgroup,
+    datapath: ScratchDatapath,
+    outbound4: TcpListener,
+    outbound6: TcpListener,
+}
+
+fn fixture() -> Fixture {
+    fixture_with(|_| {})
+}
+
+fn fixture_with(adjust: impl FnOnce(&mut enforcer::kernel::DatapathOptions)) -> Fixture {
+    require_root();
+    let scope = ScratchCgroup::new("scope");
+    let app = scope.child("app");
+    let other = scope.child("other");
+    let mut datapath = ScratchDatapath::install_with(&scope, adjust);
+    let (outbound4, outbound6) = dual_listeners();
+    let port = outbound4.local_addr().unwrap().port();
+    let maps = datapath.maps_mut();
+    maps.enroll(app.id()).expect("enroll app");
+    maps.set_config(&DaemonConfig {
+        daemon_tgid: std::process::id(),
+        tunnel_mark: MARK,
+        outbound_v4: Some(Ipv4Addr::LOCALHOST),
+        outbound_v6: Some(Ipv6Addr::LOCALHOST),
+        outbound_port: port,
+    })
+    .expect("set config");
+    Fixture {
+        app,
+        other,
+        datapath,
+        outbound4,
+        outbound6,
+    }
+}
+
+/// Listeners on 127.0.0.1:P and [::1]:P for one free port P.
+fn dual_listeners() -> (TcpListener, TcpListener) {
+    for _ in 0..50 {
+        let v4 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = v4.local_addr().unwrap().port();
+        if let Ok(v6) = TcpListener::bind(("::1", port)) {
+            return (v4, v6);
+        }
+    }
+    panic!("no port free on both 127.0.0.1 and ::1");
+}
+
+fn events(datapath: &ScratchDatapath) -> EventReader {
+    let mut reader = datapath.events().expect("open events");
+    drop(reader.drain());
+    reader
+}
+
+fn wait_event(
+    reader: &mut EventReader,
+    what: &str,
+    want: impl FnMut(&KernelEvent) -> bool,
+) -> KernelEvent {
+    reader
+        .wait_for(EVENT_TIMEOUT, want)
+        .unwrap_or_else(|| panic!("no {what} event within {EVENT_TIMEOUT:?}"))
+}
+
+fn deny_table(version: u64, port: u16) -> PolicyTable {
+    PolicyTable {
+        version,
+        mode: PolicyMode::Enforce,
+        rules: vec![PolicyRule {
+            src_id: CLIENT_ID,
+            dst_id: SERVER_ID,
+            port: Some(port),
+            action: PolicyAction::Deny,
+            rule: 42,
+        }],
+    }
+}
+
+fn allow_table(version: u64) -> PolicyTable {
+    PolicyTable {
+        version,
+        mode: PolicyMode::Enforce,
+        rules: vec![PolicyRule {
+            src_id: CLIENT_ID,
+            dst_id: SERVER_ID,
+            port: None,
+            action: PolicyAction::Allow,
+            rule: 7,
+        }],
+    }
+}
+
+/// Accept one connection on `listener` within a few seconds.
+fn accept(listener: &TcpListener) -> std::net::TcpStream {
+    listener.set_nonblocking(true).unwrap();
+    for _ in 0..500 {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream.set_nonblocking(false).unwrap();
+                return stream;
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(error) => panic!("accept failed: {error}"),
+        }
+    }
+    panic!(
+        "no connection arrived at {}",
+        listener.local_addr().unwrap()
+    );
+}
+
+#[test]
+fn denied_triple_fails_with_eperm_and_a_deny_event() {
+    let _serial = serial();
+    let mut fx = fixture();
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let server_addr = server.local_addr().unwrap();
+    let mut client = Client::start(Some(&fx.app), None);
+    let maps = fx.datapath.maps_mut();
+    maps.set_identity(client.pid(), CLIENT_ID).unwrap();
+    maps.set_service(server_addr, SERVER_ID).unwrap();
+    maps.apply_policy(&deny_table(7, server_addr.port()))
+        .unwrap();
+    let mut reader = events(&fx.datapath);
+
+    let answer = client.ask(&format!("connect 127.0.0.1 {}", server_addr.port()));
+    assert_eq!(answer, "err 1", "connect must fail with EPERM");
+
+    let event = wait_event(&mut reader, "DENY", |e| e.kind == EventKind::Deny);
+    assert_eq!(event.tgid, client.pid());
+    assert_eq!(event.cgroup_id, fx.app.id());
+    assert_eq!((event.src_id, event.dst_id), (CLIENT_ID, SERVER_ID));
+    assert_eq!(event.dst, server_addr);
+    assert_eq!((event.rule, event.policy_version), (42, 7));
+    assert!(fx.datapath.maps().counter(Counter::Deny).unwrap() >= 1);
+}
+
+#[test]
+fn known_pair_without_a_rule_is_denied_by_default() {
+    let _serial = serial();
+    let mut fx = fixture();
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let server_addr = server.local_addr().unwrap();
+    let mut client = Client::start(Some(&fx.app), None);
+    let maps = fx.datapath.maps_mut();
+    maps.set_identity(client.pid(), CLIENT_ID).unwrap();
+    maps.set_service(server_addr, SERVER_ID).unwrap();
+    // A rule for another port only.
+    maps.apply_policy(&deny_table(3, 1)).unwrap();
+    let answer = client.ask(&format!("connect 127.0.0.1 {}", server_addr.port()));
+    assert_eq!(answer, "err 1");
+}
+
+#[test]
+fn audit_mode_lets_a_denied_flow_through_and_flags_it() {
+    let _serial = serial();
+    let mut fx = fixture();
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let server_addr = server.local_addr().unwrap();
+    let mut client = Client::start(Some(&fx.app), None);
+    let maps = fx.datapath.maps_mut();
+    maps.set_identity(client.pid(), CLIENT_ID).unwrap();
+    maps.set_service(server_addr, SERVER_ID).unwrap();
+    let mut table = deny_table(9, server_addr.port());
+    table.mode = PolicyMode::Audit;
+    maps.apply_policy(&table).unwrap();
+    let mut reader = events(&fx.datapath);
+
+    let answer = client.ask(&format!("connect 127.0.0.1 {}", server_addr.port()));
+    assert!(answer.starts_with("ok "), "audit mode must allow: {answer}");
+    let event = wait_event(&mut reader, "AUDIT", |e| e.kind == EventKind::Audit);
+    assert_eq!(
+        (event.tgid, event.rule, event.policy_version),
+        (client.pid(), 42, 9)
+    );
+    // Allowed flows of enrolled workloads still go through the daemon.
+    let _conn = accept(&fx.outbound4);
+    let original = fx
+        .datapath
+        .maps()
+        .original(_conn.peer_addr().unwrap())
+        .unwrap()
+        .expect("audited flow is redirected and recorded");
+    assert_eq!(original.dst, server_addr);
+    assert_eq!(original.audit_rule, 42);
+}
+
+#[test]
+fn redirected_connect_lands_on_the_listener_which_recovers_the_original_destination() {
+    let _serial = serial();
+    let fx = fixture();
+    let mut client = Client::start(Some(&fx.app), None);
+    let mut reader = events(&fx.datapath);
+
+    // 127.0.0.2:4242 has no listener: only the redirect can make this connect succeed.
+    let answer = client.ask("connect 127.0.0.2 4242");
+    assert!(
+        answer.starts_with("ok "),
+        "redirected connect must succeed: {answer}"
+    );
+    let conn = accept(&fx.outbound4);
+    let peer = conn.peer_addr().unwrap();
+    let original = fx
+        .datapath
+        .maps()
+        .original(peer)
+        .unwrap()
+        .unwrap_or_else(|| panic!("no original destination recorded for {peer}"));
+    assert_eq!(
+        original.dst,
+        "127.0.0.2:4242".parse::<SocketAddr>().unwrap()
+    );
+    assert_eq!(original.tgid, client.pid());
+    assert_eq!(original.cgroup_id, fx.app.id());
+
+    let event = wait_event(&mut reader, "REDIRECT", |e| e.kind == EventKind::Redirect);
+    assert_eq!(event.cookie, original.cookie);
+    assert_eq!(event.tgid, client.pid());
+    assert_eq!(event.dst, original.dst);
+    // The record follows the socket: once both ends close it is removed.
+    drop(conn);
+    drop(client);
+}
+
+#[test]
+fn ipv6_and_v4_mapped_connects_are_redirected_to_the_matching_listener() {
+    let _serial = serial();
+    let fx = fixture();
+    let mut client = Client::start(Some(&fx.app), None);
+
+    let answer = client.ask("connect ::1 4243");
+    assert!(
+        answer.starts_with("ok "),
+        "IPv6 connect must be redirected: {answer}"
+    );
+    let conn = accept(&fx.outbound6);
+    let original = fx
+        .datapath
+        .maps()
+        .original(conn.peer_addr().unwrap())
+        .unwrap()
+        .expect("IPv6 original destination");
+    assert_eq!(original.dst, "[::1]:4243".parse::<SocketAddr>().unwrap());
+    assert_eq!(original.tgid, client.pid());
+
+    let answer = client.ask("connect ::ffff:127.0.0.2 4244 --v6");
+    assert!(
+        answer.starts_with("ok "),
+        "v4-mapped connect must be redirected: {answer}"
+    );
+    let conn = accept(&fx.outbound4);
+    let original = fx
+        .datapath
+        .maps()
+        .original(conn.peer_addr().unwrap())
+        .unwrap()
+        .expect("v4-mapped original destination");
+    assert_eq!(
+        original.dst,
+        "127.0.0.2:4244".parse::<SocketAddr>().unwrap()
+    );
+}
+
+#[test]
+fn unenrolled_cgroups_and_the_daemon_pass_untouched() {
+    let _serial = serial();
+    let mut fx = fixture();
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    let before = fx.datapath.maps().counter(Counter::PassUnenrolled).unwrap();
+
+    let mut outsider = Client::start(Some(&fx.other), None);
+    assert!(
+        outsider
+            .ask(&format!("connect 127.0.0.1 {port}"))
+            .starts_with("ok ")
+    );
+    drop(accept(&server));
+    assert!(fx.datapath.maps().counter(Counter::PassUnenrolled).unwrap() > before);
+
+    // An enrolled process that is the daemon also passes.
+    let mut daemon = Client::start(Some(&fx.app), None);
+    let mut config = fx.datapath.maps().config().unwrap();
+    config.daemon_tgid = daemon.pid();
+    fx.datapath
+        .maps_mut()
+        .set_config(&DaemonConfig {
+            daemon_tgid: daemon.pid(),
+            tunnel_mark: config.tunnel_mark,
+            outbound_v4: Some(Ipv4Addr::LOCALHOST),
+            outbound_v6: Some(Ipv6Addr::LOCALHOST),
+            outbound_port: config.outbound_port,
+        })
+        .unwrap();
+    assert!(
+        daemon
+            .ask(&format!("connect 127.0.0.1 {port}"))
+            .starts_with("ok ")
+    );
+    drop(accept(&server));
+    assert!(fx.datapath.maps().counter(Counter::PassDaemon).unwrap() >= 1);
+    // Nothing reached the outbound listener.
+    fx.outbound4.set_nonblocking(true).unwrap();
+    assert!(fx.outbound4.accept().is_err());
+}
+
+#[test]
+fn ingress_bypass_is_dropped_and_daemon_marked_traffic_passes() {
+    let _serial = serial();
+    let fx = fixture();
+    let node = Netns::new("node");
+    let mut reader = events(&fx.datapath);
+
+    let mut workload = Client::start(Some(&fx.app), Some(&node));
+    assert_eq!(workload.ask("listen 0.0.0.0 8080"), "listening 8080");
+    let bind = wait_event(&mut reader, "BIND", |e| e.kind == EventKind::Bind);
+    assert_eq!((bind.tgid, bind.src.port()), (workload.pid(), 8080));
+
+    // An unprivileged local process, even one binding the daemon's source address, is dropped.
+    let mut attacker = Client::start(None, Some(&node));
+    assert_eq!(attacker.ask("user 65534"), "user 65534");
+    assert_eq!(
+        attacker.ask("mark 0x0e5f0001"),
+        "mark err 1",
+        "SO_MARK must need privilege"
+    );
+    assert_eq!(attacker.ask("connect 127.0.0.1 8080"), "err timeout");
+    let drop_event = wait_event(&mut reader, "DROP", |e| e.kind == EventKind::Drop);
+    assert_eq!(drop_event.dst.port(), 8080);
+    assert_eq!(drop_event.tgid, workload.pid());
+    assert_eq!(drop_event.cgroup_id, fx.app.id());
+    assert_eq!(
+        drop_event.src.ip(),
+        std::net::IpAddr::from(Ipv4Addr::LOCALHOST)
+    );
+    assert_eq!(
+        attacker.ask("connect 127.0.0.1 8080 --bind 127.0.0.1"),
+        "err timeout"
+    );
+
+    // The daemon's marked socket gets through.
+    let mut daemon = Client::start(None, Some(&node));
+    let answer = daemon.ask(&format!("connect 127.0.0.1 8080 --mark {MARK:#x}"));
+    assert!(
+        answer.starts_with("ok "),
+        "marked connect must pass: {answer}"
+    );
+    assert!(workload.next_line().starts_with("accepted 127.0.0.1"));
+    assert!(fx.datapath.maps().counter(Counter::Drop).unwrap() >= 1);
+}
+
+#[test]
+fn exec_revokes_the_identity_and_is_reported() {
+    let _serial = serial();
+    let mut fx = fixture();
+    let mut client = Client::start(Some(&fx.app), None);
+    let pid = client.pid();
+    fx.datapath.maps_mut().set_identity(pid, CLIENT_ID).unwrap();
+    let mut reader = events(&fx.datapath);
+
+    client.send("exec sleep 30");
+    let event = wait_event(&mut reader, "EXEC", |e| e.kind == EventKind::Exec);
+    assert_eq!(event.tgid, pid);
+    assert_eq!(event.src_id, CLIENT_ID);
+    assert_eq!(event.cgroup_id, fx.app.id());
+    assert_eq!(fx.datapath.maps().identity(pid).unwrap(), None);
+
+    drop(client);
+    let event = wait_event(&mut reader, "EXIT", |e| e.kind == EventKind::Exit);
+    assert_eq!(event.tgid, pid);
+}
+
+#[test]
+fn pins_survive_a_daemon_restart_and_are_readopted() {
+    let _serial = serial();
+    let mut fx = fixture();
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let server_addr = server.local_addr().unwrap();
+    let mut client = Client::start(Some(&fx.app), None);
+    let maps = fx.datapath.maps_mut();
+    maps.set_identity(client.pid(), CLIENT_ID).unwrap();
+    maps.set_service(server_addr, SERVER_ID).unwrap();
+    maps.apply_policy(&deny_table(5, server_addr.port()))
+        .unwrap();
+
+    // The daemon is gone: every handle closed. Enforcement continues.
+    fx.datapath.stop();
+    let connect = format!("connect 127.0.0.1 {}", server_addr.port());
+    assert_eq!(
+        client.ask(&connect),
+        "err 1",
+        "fail-closed while the daemon is down"
+    );
+
+    fx.datapath.restart();
+    let maps = fx.datapath.maps_mut();
+    assert_eq!(maps.active_policy().unwrap().version, 5);
+    assert_eq!(maps.identity(client.pid()).unwrap(), Some(CLIENT_ID));
+    maps.apply_policy(&allow_table(6)).unwrap();
+    assert!(client.ask(&connect).starts_with("ok "));
+    drop(accept(&fx.outbound4));
+}
+
+#[test]
+fn lost_events_are_counted_when_the_ring_buffer_is_full() {
+    let _serial = serial();
+    let mut fx = fixture_with(|options| options.ring_bytes = 4096);
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let server_addr = server.local_addr().unwrap();
+    let mut client = Client::start(Some(&fx.app), None);
+    let maps = fx.datapath.maps_mut();
+    maps.set_identity(client.pid(), CLIENT_ID).unwrap();
+    maps.set_service(server_addr, SERVER_ID).unwrap();
+    maps.apply_policy(&deny_table(1, server_addr.port()))
+        .unwrap();
+
+    // Nobody reads: 200 DENY events of 104 bytes cannot fit in 4 KiB.
+    let answer = client.ask(&format!(
+        "connect_many 200 127.0.0.1 {}",
+        server_addr.port()
+    ));
+    assert_eq!(answer, "done 0 200 0");
+    let lost = fx.datapath.maps().counter(Counter::LostEvents).unwrap();
+    assert!(lost > 0, "lost-event counter did not rise");
+    assert_eq!(fx.datapath.maps().counter(Counter::Deny).unwrap(), 200);
+}
+
+#[test]
+fn a_staged_policy_takes_effect_only_when_its_slot_is_activated() {
+    let _serial = serial();
+    let mut fx = fixture();
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let server_addr = server.local_addr().unwrap();
+    let mut client = Client::start(Some(&fx.app), None);
+    let maps = fx.datapath.maps_mut();
+    maps.set_identity(client.pid(), CLIENT_ID).unwrap();
+    maps.set_service(server_addr, SERVER_ID).unwrap();
+    maps.apply_policy(&deny_table(1, server_addr.port()))
+        .unwrap();
+    let connect = format!("connect 127.0.0.1 {}", server_addr.port());
+
+    let staged = fx
+        .datapath
+        .maps_mut()
+        .stage_policy(&allow_table(2))
+        .unwrap();
+    assert_eq!(
+        client.ask(&connect),
+        "err 1",
+        "a staged policy must not be visible"
+    );
+    fx.datapath.maps_mut().activate_slot(staged).unwrap();
+    assert!(client.ask(&connect).starts_with("ok "));
+    drop(accept(&fx.outbound4));
+}
+
+#[test]
+fn concurrent_swaps_never_mix_rules_and_version() {
+    let _serial = serial();
+    let mut fx = fixture();
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let server_addr = server.local_addr().unwrap();
+    let mut client = Client::start(Some(&fx.app), None);
+    let pin_dir = fx.datapath.pin_dir().to_owned();
+    let maps = fx.datapath.maps_mut();
+    maps.set_identity(client.pid(), CLIENT_ID).unwrap();
+    maps.set_service(server_addr, SERVER_ID).unwrap();
+    maps.apply_policy(&deny_table(1, server_addr.port()))
+        .unwrap();
+    let mut reader = events(&fx.datapath);
+
+    // Odd versions deny, even versions allow; a writer flips between them while the client
+    // connects. A DENY stamped with an even version would be a torn swap.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = Arc::clone(&stop);
+        let port = server_addr.port();
+        std::thread::spawn(move || {
+            let mut datapath = enforcer::kernel::Datapath::adopt(&pin_dir).unwrap();
+            let mut version = 1;
+            while !stop.load(Ordering::Relaxed) && version < 400 {
+                version += 1;
+                let table = if version % 2 == 0 {
+                    allow_table(version)
+                } else {
+                    deny_table(version, port)
+                };
+                datapath.maps_mut().apply_policy(&table).unwrap();
+            }
+            version
+        })
+    };
+    let answer = client.ask(&format!(
+        "connect_many 200 127.0.0.1 {}",
+        server_addr.port()
+    ));
+    stop.store(true, Ordering::Relaxed);
+    let last_version = writer.join().unwrap();
+    assert!(answer.starts_with("done "), "{answer}");
+
+    let mut denies = 0;
+    let mut redirects = 0;
+    for event in reader.drain().into_iter().map(Result::unwrap) {
+        match event.kind {
+            EventKind::Deny => {
+                denies += 1;
+                assert_eq!(
+                    event.policy_version % 2,
+                    1,
+                    "DENY under allow version {event:?}"
+                );
+            }
+            EventKind::Redirect => {
+                redirects += 1;
+                assert_eq!(
+                    event.policy_version % 2,
+                    0,
+                    "REDIRECT under deny version {event:?}"
+                );
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(
+        denies + redirects,
+        200,
+        "one decision per connect (writer reached {last_version})"
+    );
+}

@@ -1,0 +1,39 @@
+//! `cargo xtask bench [NAME...]`: the enforcer crate's benchmarks, each a `harness = false`
+//! program that prints its own figures. They attach eBPF programs, so they need root.
+
+use anyhow::Result;
+use clap::ValueEnum;
+
+use crate::{cmd, root, setup};
+
+/// A benchmark of the enforcer crate; its name is the `--bench` target it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Bench {
+    /// Cost of the eBPF socket hooks on the connection path.
+    Hooks,
+}
+
+impl Bench {
+    /// The bench target in enforcer/benches/.
+    fn target(self) -> &'static str {
+        match self {
+            Self::Hooks => "hooks",
+        }
+    }
+}
+
+/// Checks for root first (before setup spends time), then runs `benches` in order, or every
+/// benchmark when none is named.
+pub(crate) fn run(benches: &[Bench]) -> Result<()> {
+    root::require("benchmarks attach eBPF programs and need root")?;
+    setup::run()?;
+    let benches = if benches.is_empty() {
+        Bench::value_variants()
+    } else {
+        benches
+    };
+    for bench in benches {
+        cmd::run(cmd::new("cargo").args(["bench", "-p", "enforcer", "--bench", bench.target()]))?;
+    }
+    Ok(())
+}
