@@ -1,6 +1,6 @@
 //! Types shared by the eBPF programs and the userspace daemon.
 //!
-//! Every type here is `#[repr(C)]`, has no implicit padding (explicit `_pad` fields are always
+//! Every type here is `#[repr(C)]`, has no implicit padding (explicit `pad` fields are always
 //! zero) and is read by both sides byte for byte. Addresses are always 16 bytes: IPv4 in its
 //! v4-mapped IPv6 form (`::ffff:a.b.c.d`), each `u32` word in network byte order, exactly as the
 //! kernel hands out `user_ip6`. Ports are in host byte order everywhere.
@@ -22,6 +22,10 @@ pub mod map_names {
     pub const IDENTITIES: &str = "ENF_IDENTITIES";
     /// Who owns a destination: [`crate::SockKey`] -> [`crate::Service`].
     pub const SERVICES: &str = "ENF_SERVICES";
+    /// Ports that may have an entry in [`map_names::SERVICES`] (`u32` per port, non-zero =
+    /// maybe): an array lookup that spares the hash lookups for the common miss. Never cleared
+    /// by the kernel; a stale hint only costs the hash lookup.
+    pub const SERVICE_PORTS: &str = "ENF_SERVICE_PORTS";
     /// Policy slot 0: [`crate::PolicyKey`] -> [`crate::PolicyEntry`].
     pub const POLICY_0: &str = "ENF_POLICY_0";
     /// Policy slot 1: [`crate::PolicyKey`] -> [`crate::PolicyEntry`].
@@ -32,7 +36,7 @@ pub mod map_names {
     pub const POLICY_SLOT: &str = "ENF_POLICY_SLOT";
     /// Plaintext egress LPM trie: [`crate::EgressKey`] -> [`crate::EgressRule`].
     pub const EGRESS: &str = "ENF_EGRESS";
-    /// Redirected sockets by cookie, between connect() and establishment.
+    /// Redirected sockets by cookie, between `connect()` and establishment.
     pub const ORIG_BY_COOKIE: &str = "ENF_ORIG_BY_COOKIE";
     /// Redirected sockets by the client's local address, for the outbound listener.
     pub const ORIG_BY_TUPLE: &str = "ENF_ORIG_BY_TUPLE";
@@ -91,7 +95,7 @@ pub struct Config {
     /// Outbound listener port (host byte order); zero means "no listener": redirect fails closed.
     pub outbound_port: u16,
     /// Always zero.
-    pub _pad: u16,
+    pub pad: u16,
 }
 
 /// An IP address (v4-mapped for IPv4) and a port: a socket's local side or a destination.
@@ -104,7 +108,7 @@ pub struct SockKey {
     /// Port, host byte order.
     pub port: u16,
     /// Always zero.
-    pub _pad: u16,
+    pub pad: u16,
 }
 
 /// The identity that owns a destination address and port.
@@ -130,7 +134,7 @@ pub struct PolicyKey {
     /// Destination port, host byte order; zero matches any port.
     pub port: u16,
     /// Always zero.
-    pub _pad: u16,
+    pub pad: u16,
 }
 
 /// What a policy entry says about a (source, destination, port) triple.
@@ -146,7 +150,7 @@ pub struct PolicyEntry {
 impl PolicyEntry {
     /// The flow is allowed (through the tunnel).
     pub const ACTION_ALLOW: u32 = 1;
-    /// The flow is denied: connect() fails with `EPERM`.
+    /// The flow is denied: `connect()` fails with `EPERM`.
     pub const ACTION_DENY: u32 = 2;
     /// The flow would be denied, but the rule is in audit mode: allow and flag.
     pub const ACTION_AUDIT: u32 = 3;
@@ -161,7 +165,7 @@ pub struct PolicyMeta {
     /// [`PolicyMeta::MODE_ENFORCE`] or [`PolicyMeta::MODE_AUDIT`].
     pub mode: u32,
     /// Always zero.
-    pub _pad: u32,
+    pub pad: u32,
 }
 
 impl PolicyMeta {
@@ -205,25 +209,25 @@ pub struct OrigDst {
     pub dst: SockKey,
     /// tgid of the connecting process.
     pub tgid: u32,
-    /// Source identity number at connect() time.
+    /// Source identity number at `connect()` time.
     pub src_id: u32,
-    /// Destination identity number at connect() time, if the kernel knew it.
+    /// Destination identity number at `connect()` time, if the kernel knew it.
     pub dst_id: u32,
     /// The audit-mode rule that let a denied flow through, zero otherwise.
     pub rule: u32,
     /// Address family of the socket (`AF_INET` or `AF_INET6`).
     pub family: u16,
     /// Always zero.
-    pub _pad: u16,
+    pub pad: u16,
 }
 
 /// Kinds of [`Event`].
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventKind {
-    /// An enrolled connect() was rewritten to the outbound listener.
+    /// An enrolled `connect()` was rewritten to the outbound listener.
     Redirect = 1,
-    /// connect() was refused with `EPERM` by policy.
+    /// `connect()` was refused with `EPERM` by policy.
     Deny = 2,
     /// Policy would deny, but audit mode let the connection through (redirected).
     Audit = 3,
@@ -233,11 +237,11 @@ pub enum EventKind {
     Drop = 5,
     /// An enrolled process bound a socket.
     Bind = 6,
-    /// An enrolled process called exec(); its identity was revoked.
+    /// An enrolled process called `exec()`; its identity was revoked.
     Exec = 7,
     /// An enrolled process exited.
     Exit = 8,
-    /// An enrolled connect() could not be redirected (no outbound listener): refused.
+    /// An enrolled `connect()` could not be redirected (no outbound listener): refused.
     NoListener = 9,
 }
 
@@ -264,7 +268,7 @@ impl EventKind {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Event {
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the event happened.
+    /// `bpf_ktime_get_ns()` (`CLOCK_MONOTONIC`) when the event happened.
     pub timestamp_ns: u64,
     /// Socket cookie, zero for process events.
     pub cookie: u64,
@@ -283,7 +287,7 @@ pub struct Event {
     /// Matching rule number, zero when none.
     pub rule: u32,
     /// Always zero.
-    pub _pad: u32,
+    pub pad: u32,
     /// Source address and port (DROP: the sender; BIND: the bound address).
     pub src: SockKey,
     /// Destination address and port (the original destination for connect events).
@@ -298,7 +302,7 @@ pub struct Event {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
-    /// connect() calls seen by the connect hooks.
+    /// `connect()` calls seen by the connect hooks.
     Connect = 0,
     /// Passed because the caller is the daemon.
     PassDaemon = 1,
@@ -353,7 +357,7 @@ impl Counter {
         Self::TableFull,
     ];
 
-    /// A short snake_case name for logs and metrics.
+    /// A short `snake_case` name for logs and metrics.
     #[must_use]
     pub const fn name(self) -> &'static str {
         match self {

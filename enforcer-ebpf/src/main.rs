@@ -6,6 +6,13 @@
 //! On the host (clippy, `cargo test`) this binary is empty: the programs only exist for
 //! `bpfel-unknown-none`, where `enforcer/build.rs` builds them with aya-build.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
+#![cfg_attr(
+    not(target_arch = "bpf"),
+    expect(
+        unused_crate_dependencies,
+        reason = "the host build of the programs binary is empty"
+    )
+)]
 
 #[cfg(target_arch = "bpf")]
 mod programs;

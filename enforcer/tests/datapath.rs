@@ -31,7 +31,7 @@ const CLIENT_ID: u32 = 11;
 const SERVER_ID: u32 = 22;
 
 /// A scope cgroup with the datapath attached, an enrolled child cgroup `app`, an unenrolled
-/// child `other`, and an outbound listener on 127.0.0.1 (and [::1], same port).
+/// child `other`, and an outbound listener on 127.0.0.1 (and `[::1]`, same port).
 struct Fixture {
     app: ScratchCgroup,
     other: ScratchCgroup,
@@ -71,7 +71,7 @@ fn fixture_with(adjust: impl FnOnce(&mut enforcer::kernel::DatapathOptions)) -> 
     }
 }
 
-/// Listeners on 127.0.0.1:P and [::1]:P for one free port P.
+/// Listeners on `127.0.0.1:P` and `[::1]:P` for one free port P.
 fn dual_listeners() -> (TcpListener, TcpListener) {
     for _ in 0..50 {
         let v4 = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -213,11 +213,11 @@ fn audit_mode_lets_a_denied_flow_through_and_flags_it() {
         (client.pid(), 42, 9)
     );
     // Allowed flows of enrolled workloads still go through the daemon.
-    let _conn = accept(&fx.outbound4);
+    let conn = accept(&fx.outbound4);
     let original = fx
         .datapath
         .maps()
-        .original(_conn.peer_addr().unwrap())
+        .original(conn.peer_addr().unwrap())
         .unwrap()
         .expect("audited flow is redirected and recorded");
     assert_eq!(original.dst, server_addr);

@@ -319,6 +319,25 @@ fn spawned_process_talks_over_stdio() {
 }
 
 #[test]
+fn failed_placement_panics_with_the_wrappers_stderr() {
+    require_root();
+    let _serial = serial();
+    let cgroup = ScratchCgroup::new("harness-gone");
+    fs::remove_dir(cgroup.path()).expect("removing the empty cgroup behind the guard's back");
+
+    let outcome = panic::catch_unwind(|| Spawn::new("sleep").arg("30").cgroup(&cgroup).spawn());
+    let payload = outcome.expect_err("placement into a missing cgroup must fail");
+    let message = payload
+        .downcast_ref::<String>()
+        .expect("the panic carries a formatted message");
+    assert!(message.contains("was not placed"), "{message}");
+    assert!(
+        message.contains("cgroup.procs"),
+        "stderr is missing: {message}"
+    );
+}
+
+#[test]
 fn ensure_bpffs_mounts_once_and_accepts_subdirectories() {
     require_root();
     let _serial = serial();

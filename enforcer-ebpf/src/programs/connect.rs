@@ -20,7 +20,7 @@ use super::{
     },
 };
 
-/// What to do with one connect().
+/// What to do with one `connect()`.
 enum Decision {
     /// Let it through unchanged.
     Proceed,
@@ -37,7 +37,7 @@ pub(crate) fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
     let dst = SockKey {
         addr: mapped(ip4),
         port: u16::from_be(port as u16),
-        _pad: 0,
+        pad: 0,
     };
     Ok(match decide(ctx, &dst, AF_INET, protocol) {
         Decision::Proceed => PROCEED,
@@ -66,7 +66,7 @@ pub(crate) fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
     let dst = SockKey {
         addr: ip6,
         port: u16::from_be(port as u16),
-        _pad: 0,
+        pad: 0,
     };
     Ok(match decide(ctx, &dst, AF_INET6, protocol) {
         Decision::Proceed => PROCEED,
@@ -85,7 +85,7 @@ pub(crate) fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
     })
 }
 
-/// The decision for a connect() from the current task to `dst`.
+/// The decision for a `connect()` from the current task to `dst`.
 #[inline(always)]
 fn decide(ctx: &SockAddrContext, dst: &SockKey, family: u32, protocol: u32) -> Decision {
     count(Counter::Connect);
@@ -163,7 +163,7 @@ fn decide(ctx: &SockAddrContext, dst: &SockKey, family: u32, protocol: u32) -> D
         dst_id,
         rule: audit_rule,
         family: family as u16,
-        _pad: 0,
+        pad: 0,
     };
     if ORIG_BY_COOKIE.insert(cookie, orig, 0).is_err() {
         // Without the record the listener cannot route the connection: fail closed.

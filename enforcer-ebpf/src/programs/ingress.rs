@@ -49,7 +49,7 @@ pub(crate) fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i32> {
     let local = SockKey {
         addr: if family == AF_INET { mapped(ip4) } else { ip6 },
         port: port as u16,
-        _pad: 0,
+        pad: 0,
     };
     let Some(service) = service_at(&local) else {
         return Ok(PROCEED);

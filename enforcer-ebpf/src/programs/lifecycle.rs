@@ -17,8 +17,8 @@ use super::{
     enroll::current_enrolled_cgroup,
     maps::{IDENTITIES, SERVICES},
     state::{
-        AF_INET, AF_INET6, IPPROTO_TCP, active_policy, current_tgid, identity_of, mapped,
-        read_words,
+        AF_INET, AF_INET6, IPPROTO_TCP, active_policy, current_tgid, hint_service_port,
+        identity_of, mapped, read_words,
     },
 };
 
@@ -53,7 +53,7 @@ fn on_bind(ctx: &SockAddrContext, addr: [u32; 4], port_be: u32, protocol: u32, f
         // An IPv4 wildcard bind is stored as the all-zero "any" address, like `::`.
         addr: if addr == mapped(0) { [0; 4] } else { addr },
         port: u16::from_be(port_be as u16),
-        _pad: 0,
+        pad: 0,
     };
     if protocol == IPPROTO_TCP && key.port != 0 {
         let service = Service {
@@ -61,6 +61,7 @@ fn on_bind(ctx: &SockAddrContext, addr: [u32; 4], port_be: u32, protocol: u32, f
             tgid,
             cgroup_id,
         };
+        hint_service_port(key.port);
         if SERVICES.insert(key, service, 0).is_err() {
             count(Counter::TableFull);
         }

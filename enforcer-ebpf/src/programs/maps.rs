@@ -22,6 +22,9 @@ pub(crate) static IDENTITIES: HashMap<u32, u32> = HashMap::pinned(DEFAULT_TABLE_
 #[map(name = "ENF_SERVICES")]
 pub(crate) static SERVICES: HashMap<SockKey, Service> = HashMap::pinned(DEFAULT_TABLE_ENTRIES, 0);
 
+#[map(name = "ENF_SERVICE_PORTS")]
+pub(crate) static SERVICE_PORTS: Array<u32> = Array::pinned(65_536, 0);
+
 #[map(name = "ENF_POLICY_0")]
 pub(crate) static POLICY_0: HashMap<PolicyKey, PolicyEntry> =
     HashMap::pinned(DEFAULT_TABLE_ENTRIES, 0);

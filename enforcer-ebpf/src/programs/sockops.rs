@@ -38,7 +38,7 @@ fn local_key(ctx: &SockOpsContext) -> SockKey {
     SockKey {
         addr,
         port: ctx.local_port() as u16,
-        _pad: 0,
+        pad: 0,
     }
 }
 

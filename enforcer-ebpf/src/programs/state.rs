@@ -5,7 +5,9 @@ use enforcer_ebpf::{
     Config, PolicyEntry, PolicyKey, PolicyMeta, Service, SockKey, UNKNOWN_IDENTITY,
 };
 
-use super::maps::{CONFIG, IDENTITIES, POLICY_0, POLICY_1, POLICY_META, POLICY_SLOT, SERVICES};
+use super::maps::{
+    CONFIG, IDENTITIES, POLICY_0, POLICY_1, POLICY_META, POLICY_SLOT, SERVICE_PORTS, SERVICES,
+};
 
 /// `AF_INET`.
 pub(crate) const AF_INET: u32 = 2;
@@ -68,13 +70,17 @@ pub(crate) fn identity_of(tgid: u32) -> u32 {
     }
 }
 
-/// Who owns `key`: an exact (address, port) entry first, then the any-address entry.
+/// Who owns `key`: an exact (address, port) entry first, then the any-address entry. The port
+/// hint array answers the common "nobody" without touching the hash map.
 #[inline(always)]
 pub(crate) fn service_at(key: &SockKey) -> Option<Service> {
+    if SERVICE_PORTS.get(u32::from(key.port)).copied().unwrap_or(0) == 0 {
+        return None;
+    }
     let any = SockKey {
         addr: [0; 4],
         port: key.port,
-        _pad: 0,
+        pad: 0,
     };
     let found = match SERVICES.get_ptr(key) {
         Some(found) => found,
@@ -82,6 +88,15 @@ pub(crate) fn service_at(key: &SockKey) -> Option<Service> {
     };
     // SAFETY: the pointer comes from a successful lookup and points to a Service value.
     Some(unsafe { *found })
+}
+
+/// Mark `port` as possibly owned by a service.
+#[inline(always)]
+pub(crate) fn hint_service_port(port: u16) {
+    if let Some(hint) = SERVICE_PORTS.get_ptr_mut(u32::from(port)) {
+        // SAFETY: the pointer is to an array slot; concurrent writers all store 1.
+        unsafe { *hint = 1 };
+    }
 }
 
 /// The active policy slot and its metadata.
@@ -100,7 +115,7 @@ pub(crate) fn policy_entry(slot: u32, src_id: u32, dst_id: u32, port: u16) -> Op
         src_id,
         dst_id,
         port,
-        _pad: 0,
+        pad: 0,
     };
     let any_port = PolicyKey { port: 0, ..exact };
     let found = match map.get_ptr(exact) {

@@ -41,7 +41,7 @@ pub fn sock_key(addr: SocketAddr) -> SockKey {
     SockKey {
         addr: to_words(addr.ip()),
         port: addr.port(),
-        _pad: 0,
+        pad: 0,
     }
 }
 
@@ -59,11 +59,11 @@ mod tests {
 
     #[test]
     fn ipv4_is_mapped_in_network_order() {
-        let words = to_words(Ipv4Addr::new(127, 0, 0, 1).into());
+        let words = to_words(Ipv4Addr::LOCALHOST.into());
         assert_eq!(words[0], 0);
         assert_eq!(words[1], 0);
         assert_eq!(words[2], 0xffff_u32.to_be());
-        assert_eq!(words[3], u32::from(Ipv4Addr::new(127, 0, 0, 1)).to_be());
+        assert_eq!(words[3], u32::from(Ipv4Addr::LOCALHOST).to_be());
     }
 
     #[test]

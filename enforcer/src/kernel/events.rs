@@ -40,7 +40,7 @@ pub enum EventError {
 pub struct KernelEvent {
     /// What happened.
     pub kind: EventKind,
-    /// CLOCK_MONOTONIC time of the event, in nanoseconds.
+    /// `CLOCK_MONOTONIC` time of the event, in nanoseconds.
     pub timestamp_ns: u64,
     /// Socket cookie (0 for process events).
     pub cookie: u64,
@@ -81,7 +81,7 @@ impl KernelEvent {
         let key_at = |at: usize| enforcer_ebpf::SockKey {
             addr: std::array::from_fn(|i| u32_at(at + 4 * i)),
             port: u16::from_ne_bytes([bytes[at + 16], bytes[at + 17]]),
-            _pad: 0,
+            pad: 0,
         };
         let raw_kind = u32_at(32);
         let kind = EventKind::from_u32(raw_kind).ok_or(EventError::Kind(raw_kind))?;
@@ -219,7 +219,7 @@ mod tests {
             src: SockKey::default(),
             family: 2,
             protocol: 6,
-            _pad: 0,
+            pad: 0,
         };
         let decoded = KernelEvent::decode(&bytes_of(&event)).unwrap();
         assert_eq!(decoded.kind, EventKind::Deny);

@@ -2,7 +2,7 @@
 //!
 //! Pin layout under the daemon's bpffs directory `DIR`:
 //! - `DIR/maps/<MAP>`: every map (the loader reuses existing pins, so state survives restarts);
-//! - `DIR/links/<program>`: one bpf_link per program. A pinned link keeps its program attached
+//! - `DIR/links/<program>`: one `bpf_link` per program. A pinned link keeps its program attached
 //!   after the daemon exits, so enforcement continues (fail-closed) while the daemon is down.
 //!
 //! `install` loads and attaches when nothing is pinned, and re-adopts an existing installation
@@ -306,7 +306,7 @@ fn program_error(
 
 /// Load the object (reusing pinned maps), attach every program and pin its link.
 ///
-/// Cgroup attachments are bpf_links, which the kernel always attaches in multi mode (other
+/// Cgroup attachments are `bpf_link`s, which the kernel always attaches in multi mode (other
 /// programs on the same cgroup keep running); `CgroupAttachMode::Single` is the mode links
 /// accept.
 fn load_and_attach(options: &DatapathOptions) -> Result<(), LoadError> {

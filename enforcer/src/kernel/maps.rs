@@ -3,7 +3,7 @@
 //! Every writer checks its keys and values before they reach the kernel and names the offending
 //! entry on error; a rejected write changes nothing. The policy is double-buffered: a new table
 //! is written into the inactive slot and becomes visible to the programs in one word write that
-//! flips the active slot, so each connect() sees the old policy or the new one, never a mix.
+//! flips the active slot, so each `connect()` sees the old policy or the new one, never a mix.
 #![forbid(unsafe_code)]
 
 use std::{
@@ -98,7 +98,7 @@ impl DaemonConfig {
         if self.outbound_v4.is_none() && self.outbound_v6.is_none() {
             return Err(MapsError::invalid(what, "no outbound listener address"));
         }
-        if let Some(v4) = self.outbound_v4.filter(|v4| v4.is_unspecified()) {
+        if let Some(v4) = self.outbound_v4.filter(std::net::Ipv4Addr::is_unspecified) {
             return Err(MapsError::invalid(
                 what,
                 format!("outbound address {v4} is unspecified"),
@@ -121,7 +121,7 @@ impl DaemonConfig {
                 .map_or(0, |v4| u32::from_ne_bytes(v4.octets())),
             outbound_ip6: self.outbound_v6.map_or([0; 4], |v6| to_words(v6.into())),
             outbound_port: self.outbound_port,
-            _pad: 0,
+            pad: 0,
         })
     }
 }
@@ -141,7 +141,7 @@ pub enum PolicyMode {
 pub enum PolicyAction {
     /// Allow the flow (through the tunnel).
     Allow,
-    /// Deny the flow at connect().
+    /// Deny the flow at `connect()`.
     Deny,
     /// Deny in principle, but this rule is in audit mode: allow and report.
     Audit,
@@ -193,7 +193,7 @@ impl PolicyTable {
                 src_id: rule.src_id,
                 dst_id: rule.dst_id,
                 port: rule.port.unwrap_or(0),
-                _pad: 0,
+                pad: 0,
             };
             if let Some(first) = seen.insert(key, index) {
                 return Err(MapsError::invalid(
@@ -229,9 +229,9 @@ pub struct Original {
     pub cgroup_id: u64,
     /// The client socket's cookie.
     pub cookie: u64,
-    /// Source identity number at connect() time.
+    /// Source identity number at `connect()` time.
     pub src_id: u32,
-    /// Destination identity number at connect() time (0 when unknown).
+    /// Destination identity number at `connect()` time (0 when unknown).
     pub dst_id: u32,
     /// The audit rule that let a denied flow through, 0 otherwise.
     pub audit_rule: u32,
@@ -257,6 +257,7 @@ pub struct Maps {
     enrolled: HashMap<MapData, u64, u32>,
     identities: HashMap<MapData, u32, u32>,
     services: HashMap<MapData, SockKey, Service>,
+    service_ports: Array<MapData, u32>,
     policy: [HashMap<MapData, PolicyKey, PolicyEntry>; 2],
     policy_meta: Array<MapData, PolicyMeta>,
     policy_slot: Array<MapData, u32>,
@@ -288,6 +289,7 @@ impl Maps {
             enrolled: open_pinned(dir, map_names::ENROLLED)?,
             identities: open_pinned(dir, map_names::IDENTITIES)?,
             services: open_pinned(dir, map_names::SERVICES)?,
+            service_ports: open_pinned(dir, map_names::SERVICE_PORTS)?,
             policy: [
                 open_pinned(dir, map_names::POLICY_0)?,
                 open_pinned(dir, map_names::POLICY_1)?,
@@ -382,6 +384,12 @@ impl Maps {
             tgid: 0,
             cgroup_id: 0,
         };
+        // The hint first: the programs must never see a service whose port is not hinted.
+        self.service_ports
+            .set(u32::from(addr.port()), 1, 0)
+            .map_err(kernel(map_names::SERVICE_PORTS, || {
+                format!("hint port {}", addr.port())
+            }))?;
         self.services
             .insert(service_key(addr), service, 0)
             .map_err(kernel(map_names::SERVICES, what))
@@ -471,7 +479,7 @@ impl Maps {
                 PolicyMode::Enforce => PolicyMeta::MODE_ENFORCE,
                 PolicyMode::Audit => PolicyMeta::MODE_AUDIT,
             },
-            _pad: 0,
+            pad: 0,
         };
         self.policy_meta
             .set(inactive, meta, 0)
@@ -544,7 +552,7 @@ fn service_key(addr: SocketAddr) -> SockKey {
         SockKey {
             addr: [0; 4],
             port: addr.port(),
-            _pad: 0,
+            pad: 0,
         }
     } else {
         sock_key(addr)

@@ -150,7 +150,7 @@ impl Spawn {
         match spawned.lines.recv_timeout(PLACEMENT_TIMEOUT) {
             Ok(line) if line == PLACED => spawned,
             Ok(line) => spawned.fail(&format!("printed {line:?} before being placed")),
-            Err(_) => spawned.fail("was not placed in its cgroup and network namespace"),
+            Err(_) => spawned.fail("was not placed"),
         }
     }
 
