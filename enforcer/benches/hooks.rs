@@ -126,12 +126,12 @@ fn main() {
 /// Run the timed loop in a child placed in `cgroup`; returns connections per second.
 fn run_child(cgroup: &ScratchCgroup, mode: &str, target: &str) -> f64 {
     let exe = std::env::current_exe().expect("current exe");
-    let mut child = Spawn::new(exe)
+    let child = Spawn::new(exe)
         .args(["--child", mode, target])
         .cgroup(cgroup)
         .spawn();
     let line = child
-        .read_line(Duration::from_secs(120))
+        .read_line(Duration::from_mins(2))
         .unwrap_or_else(|| panic!("child gave no result; stderr:\n{}", child.stderr()));
     line.strip_prefix("rate ")
         .and_then(|rate| rate.parse().ok())

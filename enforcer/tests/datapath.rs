@@ -566,3 +566,35 @@ fn concurrent_swaps_never_mix_rules_and_version() {
         "one decision per connect (writer reached {last_version})"
     );
 }
+
+#[test]
+fn a_port_bound_before_attestation_takes_its_owners_identity() {
+    let _serial = serial();
+    let mut fx = fixture();
+    let mut server = Client::start(Some(&fx.app), None);
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    assert_eq!(
+        server.ask(&format!("listen 127.0.0.1 {port}")),
+        format!("listening {port}")
+    );
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let bound = fx
+        .datapath
+        .maps()
+        .service(addr)
+        .unwrap()
+        .expect("bind registered the port");
+    assert_eq!((bound.tgid, bound.identity), (server.pid(), 0));
+
+    let mut client = Client::start(Some(&fx.app), None);
+    let maps = fx.datapath.maps_mut();
+    maps.set_identity(server.pid(), SERVER_ID).unwrap();
+    maps.set_identity(client.pid(), CLIENT_ID).unwrap();
+    assert_eq!(maps.service(addr).unwrap().unwrap().identity, SERVER_ID);
+    maps.apply_policy(&deny_table(4, port)).unwrap();
+    assert_eq!(client.ask(&format!("connect 127.0.0.1 {port}")), "err 1");
+}

@@ -341,7 +341,8 @@ impl Maps {
         })
     }
 
-    /// Record the identity number of an attested process.
+    /// Record the identity number of an attested process, and hand it the services (ports)
+    /// the kernel saw it bind before it was attested.
     pub fn set_identity(&mut self, tgid: u32, identity: u32) -> Result<(), MapsError> {
         let what = || format!("identity of pid {tgid}");
         if tgid == 0 {
@@ -352,7 +353,25 @@ impl Maps {
         }
         self.identities
             .insert(tgid, identity, 0)
-            .map_err(kernel(map_names::IDENTITIES, what))
+            .map_err(kernel(map_names::IDENTITIES, what))?;
+        let owned: Vec<(SockKey, Service)> = self
+            .services
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, service)| service.tgid == tgid && service.identity != identity)
+            .collect();
+        for (key, service) in owned {
+            let updated = Service {
+                identity,
+                ..service
+            };
+            self.services
+                .insert(key, updated, 0)
+                .map_err(kernel(map_names::SERVICES, || {
+                    format!("service {} of pid {tgid}", socket_addr(&key))
+                }))?;
+        }
+        Ok(())
     }
 
     /// Forget the identity of a process.

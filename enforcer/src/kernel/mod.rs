@@ -7,6 +7,7 @@ pub mod cgroup;
 pub mod events;
 pub mod loader;
 pub mod maps;
+pub mod mark;
 
 pub use enforcer_ebpf::{Counter, EventKind, PolicyMeta};
 pub use events::{EventReader, KernelEvent};
