@@ -1,4 +1,5 @@
-//! `cargo xtask test`: every tier in order — formatting, clippy, unit tests, then the
+//! `cargo xtask test`: every tier in order — formatting, clippy (host, and the eBPF programs
+//! for the BPF target), unit tests, then the
 //! privileged integration tests (root). A tier that cannot run fails; it never looks like a pass.
 
 use std::env;
@@ -21,6 +22,22 @@ pub(crate) fn run(unit_only: bool) -> Result<()> {
         "clippy",
         "--workspace",
         "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // The programs only exist for the BPF target, so lint them there too (nightly, build-std).
+    cmd::run(cmd::new("cargo").args([
+        "+nightly",
+        "clippy",
+        "-p",
+        "enforcer-ebpf",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--target-dir",
+        "target/bpf-clippy",
         "--",
         "-D",
         "warnings",

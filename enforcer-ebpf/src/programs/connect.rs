@@ -16,7 +16,7 @@ use super::{
     maps::{EGRESS, ORIG_BY_COOKIE},
     state::{
         AF_INET, AF_INET6, IPPROTO_TCP, active_policy, config, current_tgid, identity_of,
-        is_mapped, mapped, policy_entry, read_words, service_at,
+        is_mapped, mapped, policy_entry, port_from_be, read_words, service_at,
     },
 };
 
@@ -30,16 +30,16 @@ enum Decision {
     Redirect([u32; 4], u16),
 }
 
-pub(crate) fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
+pub(crate) fn try_connect4(ctx: &SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: the context pointer is valid for the whole program run.
     let (ip4, port, protocol) = unsafe { ((*sa).user_ip4, (*sa).user_port, (*sa).protocol) };
     let dst = SockKey {
         addr: mapped(ip4),
-        port: u16::from_be(port as u16),
+        port: port_from_be(port),
         pad: 0,
     };
-    Ok(match decide(ctx, &dst, AF_INET, protocol) {
+    match decide(ctx, &dst, AF_INET, protocol) {
         Decision::Proceed => PROCEED,
         Decision::Refuse => REFUSE,
         Decision::Redirect(addr, port) => {
@@ -50,10 +50,10 @@ pub(crate) fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
             }
             PROCEED
         }
-    })
+    }
 }
 
-pub(crate) fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
+pub(crate) fn try_connect6(ctx: &SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: the context pointer is valid for the whole program run.
     let (ip6, port, protocol) = unsafe {
@@ -65,10 +65,10 @@ pub(crate) fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
     };
     let dst = SockKey {
         addr: ip6,
-        port: u16::from_be(port as u16),
+        port: port_from_be(port),
         pad: 0,
     };
-    Ok(match decide(ctx, &dst, AF_INET6, protocol) {
+    match decide(ctx, &dst, AF_INET6, protocol) {
         Decision::Proceed => PROCEED,
         Decision::Refuse => REFUSE,
         Decision::Redirect(addr, port) => {
@@ -82,7 +82,7 @@ pub(crate) fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
             }
             PROCEED
         }
-    })
+    }
 }
 
 /// The decision for a `connect()` from the current task to `dst`.
@@ -162,7 +162,7 @@ fn decide(ctx: &SockAddrContext, dst: &SockKey, family: u32, protocol: u32) -> D
         src_id,
         dst_id,
         rule: audit_rule,
-        family: family as u16,
+        family: if family == AF_INET { 2 } else { 10 },
         pad: 0,
     };
     if ORIG_BY_COOKIE.insert(cookie, orig, 0).is_err() {

@@ -14,24 +14,26 @@ use enforcer_ebpf::{Counter, Event, EventKind, SockKey};
 use super::{
     PROCEED, REFUSE,
     emit::{count, emit},
-    state::{AF_INET, IPPROTO_TCP, active_policy, config, mapped, read_words, service_at},
+    state::{
+        AF_INET, IPPROTO_TCP, active_policy, config, host_port, mapped, read_words, service_at,
+    },
 };
 
-pub(crate) fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i32> {
+pub(crate) fn try_ingress(ctx: &SkBuffContext) -> i32 {
     let skb = ctx.skb.skb;
     let cfg = config();
     // SAFETY: the context pointer is valid for the whole program run.
     let (mark, sk) = unsafe { ((*skb).mark, (*skb).__bindgen_anon_2.sk) };
     if cfg.tunnel_mark != 0 && mark == cfg.tunnel_mark {
-        return Ok(PROCEED);
+        return PROCEED;
     }
     if sk.is_null() {
-        return Ok(PROCEED);
+        return PROCEED;
     }
     // SAFETY: `sk` is the non-null socket pointer the kernel put in the context.
     let sk = unsafe { bpf_sk_fullsock(sk) };
     if sk.is_null() {
-        return Ok(PROCEED);
+        return PROCEED;
     }
     // SAFETY: `sk` is a full socket returned by bpf_sk_fullsock.
     let (protocol, family, port, ip4, ip6) = unsafe {
@@ -44,15 +46,15 @@ pub(crate) fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i32> {
         )
     };
     if protocol != IPPROTO_TCP {
-        return Ok(PROCEED);
+        return PROCEED;
     }
     let local = SockKey {
         addr: if family == AF_INET { mapped(ip4) } else { ip6 },
-        port: port as u16,
+        port: host_port(port),
         pad: 0,
     };
     let Some(service) = service_at(&local) else {
-        return Ok(PROCEED);
+        return PROCEED;
     };
 
     let (_, meta) = active_policy();
@@ -73,7 +75,7 @@ pub(crate) fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i32> {
             ..Event::default()
         },
     );
-    Ok(REFUSE)
+    REFUSE
 }
 
 /// The sender's address and TCP port, parsed from the packet (best effort: zero when the

@@ -18,7 +18,7 @@ use super::{
     maps::{IDENTITIES, SERVICES},
     state::{
         AF_INET, AF_INET6, IPPROTO_TCP, active_policy, current_tgid, hint_service_port,
-        identity_of, mapped, read_words,
+        identity_of, mapped, port_from_be, read_words,
     },
 };
 
@@ -52,7 +52,7 @@ fn on_bind(ctx: &SockAddrContext, addr: [u32; 4], port_be: u32, protocol: u32, f
     let key = SockKey {
         // An IPv4 wildcard bind is stored as the all-zero "any" address, like `::`.
         addr: if addr == mapped(0) { [0; 4] } else { addr },
-        port: u16::from_be(port_be as u16),
+        port: port_from_be(port_be),
         pad: 0,
     };
     if protocol == IPPROTO_TCP && key.port != 0 {
@@ -115,7 +115,7 @@ pub(crate) fn on_exec() {
 pub(crate) fn on_exit() {
     let pid_tgid = bpf_get_current_pid_tgid();
     // Only the thread-group leader's exit ends the process's identity.
-    if pid_tgid as u32 == (pid_tgid >> 32) as u32 {
+    if pid_tgid & 0xffff_ffff == pid_tgid >> 32 {
         process_event(EventKind::Exit, Counter::Exit);
     }
 }

@@ -1,4 +1,8 @@
 //! Program entry points, one per hook.
+//!
+//! Every helper is `#[inline(always)]`: a BPF-to-BPF call cannot carry the context and map
+//! value pointers the verifier tracks, so each program must be one function after inlining.
+#![expect(clippy::inline_always, reason = "see the module comment")]
 
 mod connect;
 mod emit;
@@ -9,59 +13,67 @@ mod maps;
 mod sockops;
 mod state;
 
-use aya_ebpf::{
-    macros::{btf_tracepoint, cgroup_skb, cgroup_sock_addr, sock_ops},
-    programs::{BtfTracePointContext, SkBuffContext, SockAddrContext, SockOpsContext},
-};
-
 /// Return code of cgroup hooks that lets the operation proceed.
 const PROCEED: i32 = 1;
 /// Return code of cgroup hooks that refuses it (`EPERM` for connect, drop for skb).
 const REFUSE: i32 = 0;
 
-#[cgroup_sock_addr(connect4)]
-pub(crate) fn enf_connect4(ctx: SockAddrContext) -> i32 {
-    connect::try_connect4(&ctx).unwrap_or(REFUSE)
-}
+/// The entry points: each calls its module's logic and returns the hook's verdict.
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the aya macros hand each program its context by value"
+)]
+mod entry {
+    use super::{PROCEED, connect, ingress, lifecycle, sockops};
+    use aya_ebpf::{
+        macros::{btf_tracepoint, cgroup_skb, cgroup_sock_addr, sock_ops},
+        programs::{BtfTracePointContext, SkBuffContext, SockAddrContext, SockOpsContext},
+    };
 
-#[cgroup_sock_addr(connect6)]
-pub(crate) fn enf_connect6(ctx: SockAddrContext) -> i32 {
-    connect::try_connect6(&ctx).unwrap_or(REFUSE)
-}
+    #[cgroup_sock_addr(connect4)]
+    pub(crate) fn enf_connect4(ctx: SockAddrContext) -> i32 {
+        connect::try_connect4(&ctx)
+    }
 
-#[cgroup_sock_addr(bind4)]
-pub(crate) fn enf_bind4(ctx: SockAddrContext) -> i32 {
-    lifecycle::on_bind4(&ctx);
-    PROCEED
-}
+    #[cgroup_sock_addr(connect6)]
+    pub(crate) fn enf_connect6(ctx: SockAddrContext) -> i32 {
+        connect::try_connect6(&ctx)
+    }
 
-#[cgroup_sock_addr(bind6)]
-pub(crate) fn enf_bind6(ctx: SockAddrContext) -> i32 {
-    lifecycle::on_bind6(&ctx);
-    PROCEED
-}
+    #[cgroup_sock_addr(bind4)]
+    pub(crate) fn enf_bind4(ctx: SockAddrContext) -> i32 {
+        lifecycle::on_bind4(&ctx);
+        PROCEED
+    }
 
-#[sock_ops]
-pub(crate) fn enf_sock_ops(ctx: SockOpsContext) -> u32 {
-    sockops::on_sock_ops(&ctx);
-    1
-}
+    #[cgroup_sock_addr(bind6)]
+    pub(crate) fn enf_bind6(ctx: SockAddrContext) -> i32 {
+        lifecycle::on_bind6(&ctx);
+        PROCEED
+    }
 
-#[cgroup_skb]
-pub(crate) fn enf_ingress(ctx: SkBuffContext) -> i32 {
-    ingress::try_ingress(&ctx).unwrap_or(REFUSE)
-}
+    #[sock_ops]
+    pub(crate) fn enf_sock_ops(ctx: SockOpsContext) -> u32 {
+        sockops::on_sock_ops(&ctx);
+        1
+    }
 
-#[btf_tracepoint(function = "sched_process_exec")]
-pub(crate) fn enf_exec(_ctx: BtfTracePointContext) -> i32 {
-    lifecycle::on_exec();
-    0
-}
+    #[cgroup_skb]
+    pub(crate) fn enf_ingress(ctx: SkBuffContext) -> i32 {
+        ingress::try_ingress(&ctx)
+    }
 
-#[btf_tracepoint(function = "sched_process_exit")]
-pub(crate) fn enf_exit(_ctx: BtfTracePointContext) -> i32 {
-    lifecycle::on_exit();
-    0
+    #[btf_tracepoint(function = "sched_process_exec")]
+    pub(crate) fn enf_exec(_ctx: BtfTracePointContext) -> i32 {
+        lifecycle::on_exec();
+        0
+    }
+
+    #[btf_tracepoint(function = "sched_process_exit")]
+    pub(crate) fn enf_exit(_ctx: BtfTracePointContext) -> i32 {
+        lifecycle::on_exit();
+        0
+    }
 }
 
 #[panic_handler]

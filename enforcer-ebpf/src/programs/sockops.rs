@@ -15,7 +15,7 @@ use enforcer_ebpf::{Counter, SockKey};
 use super::{
     emit::count,
     maps::{ORIG_BY_COOKIE, ORIG_BY_TUPLE},
-    state::{AF_INET, mapped, read_words},
+    state::{AF_INET, host_port, mapped, read_words},
 };
 
 pub(crate) fn on_sock_ops(ctx: &SockOpsContext) {
@@ -37,7 +37,7 @@ fn local_key(ctx: &SockOpsContext) -> SockKey {
     };
     SockKey {
         addr,
-        port: ctx.local_port() as u16,
+        port: host_port(ctx.local_port()),
         pad: 0,
     }
 }
@@ -60,7 +60,7 @@ fn link(ctx: &SockOpsContext) {
     if ORIG_BY_TUPLE.insert(local_key(ctx), orig, 0).is_ok() {
         count(Counter::Linked);
         // Ask for state changes so the record is removed when the socket closes.
-        let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+        let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG.cast_signed());
     } else {
         count(Counter::TableFull);
     }

@@ -16,6 +16,26 @@ pub(crate) const AF_INET6: u32 = 10;
 /// `IPPROTO_TCP`.
 pub(crate) const IPPROTO_TCP: u32 = 6;
 
+/// The port in a `user_port` field of `bpf_sock_addr` (network byte order in the low 16 bits).
+#[inline(always)]
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "the port is the low 16 bits"
+)]
+pub(crate) fn port_from_be(raw: u32) -> u16 {
+    u16::from_be(raw as u16)
+}
+
+/// A port kept in host byte order in a 32-bit field (`local_port`, `src_port`).
+#[inline(always)]
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "the port is the low 16 bits"
+)]
+pub(crate) fn host_port(raw: u32) -> u16 {
+    raw as u16
+}
+
 /// The v4-mapped IPv6 form of an IPv4 address (network byte order in, words out).
 #[inline(always)]
 pub(crate) fn mapped(ip4: u32) -> [u32; 4] {
