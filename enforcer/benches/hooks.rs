@@ -17,7 +17,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener, TcpStream},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -27,7 +27,7 @@ use std::{
 };
 
 use enforcer::{
-    kernel::{DaemonConfig, Datapath},
+    kernel::Datapath,
     testing::{ScratchCgroup, ScratchDatapath, Spawn, require_root},
 };
 
@@ -53,16 +53,8 @@ fn main() {
     let detached = ScratchCgroup::new("bench-detached");
     let mut datapath = ScratchDatapath::install(&scope);
     let server = Server::start(&datapath);
-    let maps = datapath.maps_mut();
-    maps.enroll(enrolled.id()).expect("enroll");
-    maps.set_config(&DaemonConfig {
-        daemon_tgid: std::process::id(),
-        tunnel_mark: MARK,
-        outbound_v4: Some(Ipv4Addr::LOCALHOST),
-        outbound_v6: Some(Ipv6Addr::LOCALHOST),
-        outbound_port: server.addr.port(),
-    })
-    .expect("config");
+    datapath.maps_mut().enroll(enrolled.id()).expect("enroll");
+    datapath.serve_on_loopback(server.addr.port(), MARK);
 
     println!("hooks benchmark: {ROUNDS} rounds x {CONNECTS} connections per path, alternating");
     let direct = server.addr.to_string();

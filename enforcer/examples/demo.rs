@@ -13,15 +13,15 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener, TcpStream},
     thread,
     time::Duration,
 };
 
 use enforcer::{
     kernel::{
-        Counter, DaemonConfig, Datapath, EventKind, EventReader, PolicyAction, PolicyMode,
-        PolicyRule, PolicyTable, cgroup::cgroup2_mount, mark::connect_marked,
+        Counter, Datapath, EventKind, EventReader, PolicyAction, PolicyMode, PolicyRule,
+        PolicyTable, cgroup::cgroup2_mount, mark::connect_marked,
     },
     testing::{Client, ScratchCgroup, ScratchDatapath, require_root},
 };
@@ -31,10 +31,6 @@ const WEB: u32 = 1;
 const API: u32 = 2;
 const DB: u32 = 3;
 
-#[expect(
-    clippy::too_many_lines,
-    reason = "the demo reads top to bottom, one step after another"
-)]
 fn main() {
     require_root();
     println!("enforcer datapath demo");
@@ -51,16 +47,8 @@ fn main() {
     );
     let outbound = TcpListener::bind("127.0.0.1:0").expect("bind outbound listener");
     let outbound_port = outbound.local_addr().expect("addr").port();
-    let maps = datapath.maps_mut();
-    maps.enroll(app.id()).expect("enroll");
-    maps.set_config(&DaemonConfig {
-        daemon_tgid: std::process::id(),
-        tunnel_mark: MARK,
-        outbound_v4: Some(Ipv4Addr::LOCALHOST),
-        outbound_v6: Some(Ipv6Addr::LOCALHOST),
-        outbound_port,
-    })
-    .expect("config");
+    datapath.maps_mut().enroll(app.id()).expect("enroll");
+    datapath.serve_on_loopback(outbound_port, MARK);
     println!(
         "  enrolled {}; outbound listener 127.0.0.1:{outbound_port}",
         app.path().display()

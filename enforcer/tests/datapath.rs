@@ -52,16 +52,8 @@ fn fixture_with(adjust: impl FnOnce(&mut enforcer::kernel::DatapathOptions)) -> 
     let mut datapath = ScratchDatapath::install_with(&scope, adjust);
     let (outbound4, outbound6) = dual_listeners();
     let port = outbound4.local_addr().unwrap().port();
-    let maps = datapath.maps_mut();
-    maps.enroll(app.id()).expect("enroll app");
-    maps.set_config(&DaemonConfig {
-        daemon_tgid: std::process::id(),
-        tunnel_mark: MARK,
-        outbound_v4: Some(Ipv4Addr::LOCALHOST),
-        outbound_v6: Some(Ipv6Addr::LOCALHOST),
-        outbound_port: port,
-    })
-    .expect("set config");
+    datapath.maps_mut().enroll(app.id()).expect("enroll app");
+    datapath.serve_on_loopback(port, MARK);
     Fixture {
         app,
         other,
@@ -127,6 +119,37 @@ fn allow_table(version: u64) -> PolicyTable {
     }
 }
 
+/// A server on loopback owned by `SERVER_ID` and a client in `app` attested as `CLIENT_ID`,
+/// under the policy `table(server port)`.
+struct KnownPair {
+    /// Kept open so the port stays the server's.
+    _server: TcpListener,
+    addr: SocketAddr,
+    client: Client,
+}
+
+impl KnownPair {
+    fn connect(&mut self) -> String {
+        self.client
+            .ask(&format!("connect 127.0.0.1 {}", self.addr.port()))
+    }
+}
+
+fn known_pair(fx: &mut Fixture, table: impl FnOnce(u16) -> PolicyTable) -> KnownPair {
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = server.local_addr().unwrap();
+    let client = Client::start(Some(&fx.app), None);
+    let maps = fx.datapath.maps_mut();
+    maps.set_identity(client.pid(), CLIENT_ID).unwrap();
+    maps.set_service(addr, SERVER_ID).unwrap();
+    maps.apply_policy(&table(addr.port())).unwrap();
+    KnownPair {
+        _server: server,
+        addr,
+        client,
+    }
+}
+
 /// Accept one connection on `listener` within a few seconds.
 fn accept(listener: &TcpListener) -> std::net::TcpStream {
     listener.set_nonblocking(true).unwrap();
@@ -152,24 +175,16 @@ fn accept(listener: &TcpListener) -> std::net::TcpStream {
 fn denied_triple_fails_with_eperm_and_a_deny_event() {
     let _serial = serial();
     let mut fx = fixture();
-    let server = TcpListener::bind("127.0.0.1:0").unwrap();
-    let server_addr = server.local_addr().unwrap();
-    let mut client = Client::start(Some(&fx.app), None);
-    let maps = fx.datapath.maps_mut();
-    maps.set_identity(client.pid(), CLIENT_ID).unwrap();
-    maps.set_service(server_addr, SERVER_ID).unwrap();
-    maps.apply_policy(&deny_table(7, server_addr.port()))
-        .unwrap();
+    let mut pair = known_pair(&mut fx, |port| deny_table(7, port));
     let mut reader = events(&fx.datapath);
 
-    let answer = client.ask(&format!("connect 127.0.0.1 {}", server_addr.port()));
-    assert_eq!(answer, "err 1", "connect must fail with EPERM");
+    assert_eq!(pair.connect(), "err 1", "connect must fail with EPERM");
 
     let event = wait_event(&mut reader, "DENY", |e| e.kind == EventKind::Deny);
-    assert_eq!(event.tgid, client.pid());
+    assert_eq!(event.tgid, pair.client.pid());
     assert_eq!(event.cgroup_id, fx.app.id());
     assert_eq!((event.src_id, event.dst_id), (CLIENT_ID, SERVER_ID));
-    assert_eq!(event.dst, server_addr);
+    assert_eq!(event.dst, pair.addr);
     assert_eq!((event.rule, event.policy_version), (42, 7));
     assert!(fx.datapath.maps().counter(Counter::Deny).unwrap() >= 1);
 }
@@ -178,39 +193,27 @@ fn denied_triple_fails_with_eperm_and_a_deny_event() {
 fn known_pair_without_a_rule_is_denied_by_default() {
     let _serial = serial();
     let mut fx = fixture();
-    let server = TcpListener::bind("127.0.0.1:0").unwrap();
-    let server_addr = server.local_addr().unwrap();
-    let mut client = Client::start(Some(&fx.app), None);
-    let maps = fx.datapath.maps_mut();
-    maps.set_identity(client.pid(), CLIENT_ID).unwrap();
-    maps.set_service(server_addr, SERVER_ID).unwrap();
     // A rule for another port only.
-    maps.apply_policy(&deny_table(3, 1)).unwrap();
-    let answer = client.ask(&format!("connect 127.0.0.1 {}", server_addr.port()));
-    assert_eq!(answer, "err 1");
+    let mut pair = known_pair(&mut fx, |_| deny_table(3, 1));
+    assert_eq!(pair.connect(), "err 1");
 }
 
 #[test]
 fn audit_mode_lets_a_denied_flow_through_and_flags_it() {
     let _serial = serial();
     let mut fx = fixture();
-    let server = TcpListener::bind("127.0.0.1:0").unwrap();
-    let server_addr = server.local_addr().unwrap();
-    let mut client = Client::start(Some(&fx.app), None);
-    let maps = fx.datapath.maps_mut();
-    maps.set_identity(client.pid(), CLIENT_ID).unwrap();
-    maps.set_service(server_addr, SERVER_ID).unwrap();
-    let mut table = deny_table(9, server_addr.port());
-    table.mode = PolicyMode::Audit;
-    maps.apply_policy(&table).unwrap();
+    let mut pair = known_pair(&mut fx, |port| PolicyTable {
+        mode: PolicyMode::Audit,
+        ..deny_table(9, port)
+    });
     let mut reader = events(&fx.datapath);
 
-    let answer = client.ask(&format!("connect 127.0.0.1 {}", server_addr.port()));
+    let answer = pair.connect();
     assert!(answer.starts_with("ok "), "audit mode must allow: {answer}");
     let event = wait_event(&mut reader, "AUDIT", |e| e.kind == EventKind::Audit);
     assert_eq!(
         (event.tgid, event.rule, event.policy_version),
-        (client.pid(), 42, 9)
+        (pair.client.pid(), 42, 9)
     );
     // Allowed flows of enrolled workloads still go through the daemon.
     let conn = accept(&fx.outbound4);
@@ -220,7 +223,7 @@ fn audit_mode_lets_a_denied_flow_through_and_flags_it() {
         .original(conn.peer_addr().unwrap())
         .unwrap()
         .expect("audited flow is redirected and recorded");
-    assert_eq!(original.dst, server_addr);
+    assert_eq!(original.dst, pair.addr);
     assert_eq!(original.audit_rule, 42);
 }
 
@@ -413,20 +416,12 @@ fn exec_revokes_the_identity_and_is_reported() {
 fn pins_survive_a_daemon_restart_and_are_readopted() {
     let _serial = serial();
     let mut fx = fixture();
-    let server = TcpListener::bind("127.0.0.1:0").unwrap();
-    let server_addr = server.local_addr().unwrap();
-    let mut client = Client::start(Some(&fx.app), None);
-    let maps = fx.datapath.maps_mut();
-    maps.set_identity(client.pid(), CLIENT_ID).unwrap();
-    maps.set_service(server_addr, SERVER_ID).unwrap();
-    maps.apply_policy(&deny_table(5, server_addr.port()))
-        .unwrap();
+    let mut pair = known_pair(&mut fx, |port| deny_table(5, port));
 
     // The daemon is gone: every handle closed. Enforcement continues.
     fx.datapath.stop();
-    let connect = format!("connect 127.0.0.1 {}", server_addr.port());
     assert_eq!(
-        client.ask(&connect),
+        pair.connect(),
         "err 1",
         "fail-closed while the daemon is down"
     );
@@ -434,9 +429,9 @@ fn pins_survive_a_daemon_restart_and_are_readopted() {
     fx.datapath.restart();
     let maps = fx.datapath.maps_mut();
     assert_eq!(maps.active_policy().unwrap().version, 5);
-    assert_eq!(maps.identity(client.pid()).unwrap(), Some(CLIENT_ID));
+    assert_eq!(maps.identity(pair.client.pid()).unwrap(), Some(CLIENT_ID));
     maps.apply_policy(&allow_table(6)).unwrap();
-    assert!(client.ask(&connect).starts_with("ok "));
+    assert!(pair.connect().starts_with("ok "));
     drop(accept(&fx.outbound4));
 }
 
@@ -444,21 +439,11 @@ fn pins_survive_a_daemon_restart_and_are_readopted() {
 fn lost_events_are_counted_when_the_ring_buffer_is_full() {
     let _serial = serial();
     let mut fx = fixture_with(|options| options.ring_bytes = 4096);
-    let server = TcpListener::bind("127.0.0.1:0").unwrap();
-    let server_addr = server.local_addr().unwrap();
-    let mut client = Client::start(Some(&fx.app), None);
-    let maps = fx.datapath.maps_mut();
-    maps.set_identity(client.pid(), CLIENT_ID).unwrap();
-    maps.set_service(server_addr, SERVER_ID).unwrap();
-    maps.apply_policy(&deny_table(1, server_addr.port()))
-        .unwrap();
+    let mut pair = known_pair(&mut fx, |port| deny_table(1, port));
 
     // Nobody reads: 200 DENY events of 104 bytes cannot fit in 4 KiB.
-    let answer = client.ask(&format!(
-        "connect_many 200 127.0.0.1 {}",
-        server_addr.port()
-    ));
-    assert_eq!(answer, "done 0 200 0");
+    let command = format!("connect_many 200 127.0.0.1 {}", pair.addr.port());
+    assert_eq!(pair.client.ask(&command), "done 0 200 0");
     let lost = fx.datapath.maps().counter(Counter::LostEvents).unwrap();
     assert!(lost > 0, "lost-event counter did not rise");
     assert_eq!(fx.datapath.maps().counter(Counter::Deny).unwrap(), 200);
@@ -468,15 +453,7 @@ fn lost_events_are_counted_when_the_ring_buffer_is_full() {
 fn a_staged_policy_takes_effect_only_when_its_slot_is_activated() {
     let _serial = serial();
     let mut fx = fixture();
-    let server = TcpListener::bind("127.0.0.1:0").unwrap();
-    let server_addr = server.local_addr().unwrap();
-    let mut client = Client::start(Some(&fx.app), None);
-    let maps = fx.datapath.maps_mut();
-    maps.set_identity(client.pid(), CLIENT_ID).unwrap();
-    maps.set_service(server_addr, SERVER_ID).unwrap();
-    maps.apply_policy(&deny_table(1, server_addr.port()))
-        .unwrap();
-    let connect = format!("connect 127.0.0.1 {}", server_addr.port());
+    let mut pair = known_pair(&mut fx, |port| deny_table(1, port));
 
     let staged = fx
         .datapath
@@ -484,12 +461,12 @@ fn a_staged_policy_takes_effect_only_when_its_slot_is_activated() {
         .stage_policy(&allow_table(2))
         .unwrap();
     assert_eq!(
-        client.ask(&connect),
+        pair.connect(),
         "err 1",
         "a staged policy must not be visible"
     );
     fx.datapath.maps_mut().activate_slot(staged).unwrap();
-    assert!(client.ask(&connect).starts_with("ok "));
+    assert!(pair.connect().starts_with("ok "));
     drop(accept(&fx.outbound4));
 }
 
@@ -497,15 +474,8 @@ fn a_staged_policy_takes_effect_only_when_its_slot_is_activated() {
 fn concurrent_swaps_never_mix_rules_and_version() {
     let _serial = serial();
     let mut fx = fixture();
-    let server = TcpListener::bind("127.0.0.1:0").unwrap();
-    let server_addr = server.local_addr().unwrap();
-    let mut client = Client::start(Some(&fx.app), None);
+    let mut pair = known_pair(&mut fx, |port| deny_table(1, port));
     let pin_dir = fx.datapath.pin_dir().to_owned();
-    let maps = fx.datapath.maps_mut();
-    maps.set_identity(client.pid(), CLIENT_ID).unwrap();
-    maps.set_service(server_addr, SERVER_ID).unwrap();
-    maps.apply_policy(&deny_table(1, server_addr.port()))
-        .unwrap();
     let mut reader = events(&fx.datapath);
 
     // Odd versions deny, even versions allow; a writer flips between them while the client
@@ -513,7 +483,7 @@ fn concurrent_swaps_never_mix_rules_and_version() {
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
         let stop = Arc::clone(&stop);
-        let port = server_addr.port();
+        let port = pair.addr.port();
         std::thread::spawn(move || {
             let mut datapath = enforcer::kernel::Datapath::adopt(&pin_dir).unwrap();
             let mut version = 1;
@@ -529,10 +499,8 @@ fn concurrent_swaps_never_mix_rules_and_version() {
             version
         })
     };
-    let answer = client.ask(&format!(
-        "connect_many 200 127.0.0.1 {}",
-        server_addr.port()
-    ));
+    let command = format!("connect_many 200 127.0.0.1 {}", pair.addr.port());
+    let answer = pair.client.ask(&command);
     stop.store(true, Ordering::Relaxed);
     let last_version = writer.join().unwrap();
     assert!(answer.starts_with("done "), "{answer}");

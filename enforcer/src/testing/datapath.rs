@@ -2,11 +2,12 @@
 //! bpffs directory, uninstalled (links detached, pins removed) when dropped.
 
 use std::{
+    net::{Ipv4Addr, Ipv6Addr},
     ops::{Deref, DerefMut},
     path::{Path, PathBuf},
 };
 
-use crate::kernel::{Datapath, DatapathOptions};
+use crate::kernel::{DaemonConfig, Datapath, DatapathOptions};
 
 use super::{ScratchCgroup, report, unique_name};
 
@@ -56,6 +57,20 @@ impl ScratchDatapath {
     /// Close every handle without uninstalling (the daemon is "down").
     pub fn stop(&mut self) {
         self.datapath = None;
+    }
+
+    /// Make this process the daemon: its outbound listener is on `127.0.0.1` and `::1` at
+    /// `port`, and its local hops carry `mark`.
+    pub fn serve_on_loopback(&mut self, port: u16, mark: u32) {
+        self.maps_mut()
+            .set_config(&DaemonConfig {
+                daemon_tgid: std::process::id(),
+                tunnel_mark: mark,
+                outbound_v4: Some(Ipv4Addr::LOCALHOST),
+                outbound_v6: Some(Ipv6Addr::LOCALHOST),
+                outbound_port: port,
+            })
+            .unwrap_or_else(|error| panic!("failed to configure: {}", report(&error)));
     }
 
     /// The pin directory.
