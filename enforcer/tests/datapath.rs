@@ -16,8 +16,8 @@ use std::{
 
 use enforcer::{
     kernel::{
-        Counter, DaemonConfig, EventKind, EventReader, KernelEvent, PolicyAction, PolicyMode,
-        PolicyRule, PolicyTable,
+        Counter, DaemonConfig, EventKind, EventReader, KernelEvent, Original, PolicyAction,
+        PolicyMode, PolicyRule, PolicyTable,
     },
     testing::{Client, Netns, ScratchCgroup, ScratchDatapath, require_root, serial},
 };
@@ -150,6 +150,30 @@ fn known_pair(fx: &mut Fixture, table: impl FnOnce(u16) -> PolicyTable) -> Known
     }
 }
 
+/// Send `command` (a connect the hooks must redirect), accept the connection on `listener`
+/// and return it with the original destination the kernel recorded for it.
+fn redirected(
+    fx: &Fixture,
+    client: &mut Client,
+    command: &str,
+    listener: &TcpListener,
+) -> (std::net::TcpStream, Original) {
+    let answer = client.ask(command);
+    assert!(
+        answer.starts_with("ok "),
+        "{command}: must be redirected: {answer}"
+    );
+    let conn = accept(listener);
+    let peer = conn.peer_addr().unwrap();
+    let original = fx
+        .datapath
+        .maps()
+        .original(peer)
+        .unwrap()
+        .unwrap_or_else(|| panic!("{command}: no original destination recorded for {peer}"));
+    (conn, original)
+}
+
 /// Accept one connection on `listener` within a few seconds.
 fn accept(listener: &TcpListener) -> std::net::TcpStream {
     listener.set_nonblocking(true).unwrap();
@@ -235,19 +259,8 @@ fn redirected_connect_lands_on_the_listener_which_recovers_the_original_destinat
     let mut reader = events(&fx.datapath);
 
     // 127.0.0.2:4242 has no listener: only the redirect can make this connect succeed.
-    let answer = client.ask("connect 127.0.0.2 4242");
-    assert!(
-        answer.starts_with("ok "),
-        "redirected connect must succeed: {answer}"
-    );
-    let conn = accept(&fx.outbound4);
+    let (conn, original) = redirected(&fx, &mut client, "connect 127.0.0.2 4242", &fx.outbound4);
     let peer = conn.peer_addr().unwrap();
-    let original = fx
-        .datapath
-        .maps()
-        .original(peer)
-        .unwrap()
-        .unwrap_or_else(|| panic!("no original destination recorded for {peer}"));
     assert_eq!(
         original.dst,
         "127.0.0.2:4242".parse::<SocketAddr>().unwrap()
@@ -259,9 +272,15 @@ fn redirected_connect_lands_on_the_listener_which_recovers_the_original_destinat
     assert_eq!(event.cookie, original.cookie);
     assert_eq!(event.tgid, client.pid());
     assert_eq!(event.dst, original.dst);
-    // The record follows the socket: once both ends close it is removed.
-    drop(conn);
+
+    // sock_ops removes the record when the client's socket closes.
     drop(client);
+    drop(conn);
+    let gone = (0..200).any(|_| {
+        std::thread::sleep(Duration::from_millis(10));
+        fx.datapath.maps().original(peer).unwrap().is_none()
+    });
+    assert!(gone, "the record of {peer} outlived its socket");
 }
 
 #[test]
@@ -270,37 +289,17 @@ fn ipv6_and_v4_mapped_connects_are_redirected_to_the_matching_listener() {
     let fx = fixture();
     let mut client = Client::start(Some(&fx.app), None);
 
-    let answer = client.ask("connect ::1 4243");
-    assert!(
-        answer.starts_with("ok "),
-        "IPv6 connect must be redirected: {answer}"
-    );
-    let conn = accept(&fx.outbound6);
-    let original = fx
-        .datapath
-        .maps()
-        .original(conn.peer_addr().unwrap())
-        .unwrap()
-        .expect("IPv6 original destination");
+    let (_conn, original) = redirected(&fx, &mut client, "connect ::1 4243", &fx.outbound6);
     assert_eq!(original.dst, "[::1]:4243".parse::<SocketAddr>().unwrap());
     assert_eq!(original.tgid, client.pid());
 
-    let answer = client.ask("connect ::ffff:127.0.0.2 4244 --v6");
-    assert!(
-        answer.starts_with("ok "),
-        "v4-mapped connect must be redirected: {answer}"
-    );
-    let conn = accept(&fx.outbound4);
-    let original = fx
-        .datapath
-        .maps()
-        .original(conn.peer_addr().unwrap())
-        .unwrap()
-        .expect("v4-mapped original destination");
+    let command = "connect ::ffff:127.0.0.2 4244 --v6";
+    let (_conn, original) = redirected(&fx, &mut client, command, &fx.outbound4);
     assert_eq!(
         original.dst,
         "127.0.0.2:4244".parse::<SocketAddr>().unwrap()
     );
+    assert_eq!(original.tgid, client.pid());
 }
 
 #[test]
