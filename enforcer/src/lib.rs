@@ -2,6 +2,7 @@
 //!
 //! The library holds everything the `enforcer` binary wires together; `main.rs` stays thin.
 
+pub mod attest;
 pub mod cli;
 pub mod kernel;
 pub mod testing;

@@ -1,0 +1,409 @@
+//! Workload attestation: the facts of a local process, read race-free from procfs.
+//!
+//! A process is pinned before anything is read: a pidfd (`pidfd_open`) plus a directory handle
+//! on `/proc/<pid>` and its start time from `/proc/<pid>/stat`. Every fact is then read through
+//! that handle, and at the end the start time is read again and the pidfd polled: a process
+//! that exited, or a pid that now names another process, is an error, never a wrong identity.
+//!
+//! The binary is hashed through `/proc/<pid>/exe`, i.e. the inode the process runs: replacing
+//! the file on disk after start does not change a running process's hash; `exec` does.
+#![forbid(unsafe_code)]
+
+pub mod accounts;
+pub mod container;
+pub mod hash;
+pub mod selector;
+
+use std::{
+    fs::File,
+    io::{self, Read as _},
+    os::{fd::OwnedFd, unix::fs::MetadataExt as _},
+    path::{Path, PathBuf},
+};
+
+use procfs::{ProcError, process::Process};
+use rustix::{
+    event::{PollFd, PollFlags, Timespec, poll},
+    process::{Pid, PidfdFlags, pidfd_open},
+};
+
+pub use accounts::Accounts;
+pub use container::ContainerInfo;
+pub use hash::{ExeHasher, HashError, Sha256Digest};
+pub use selector::{Selector, SelectorError};
+
+/// Default cap on the size of a binary the attestor hashes (a guard against hashing huge files).
+pub const DEFAULT_MAX_BINARY_BYTES: u64 = 512 * 1024 * 1024;
+
+/// Default number of binary digests kept.
+pub const DEFAULT_HASH_CACHE_ENTRIES: usize = 4096;
+
+/// Errors of attestation.
+#[derive(Debug, thiserror::Error)]
+pub enum AttestError {
+    /// No process has this pid.
+    #[error("no process with pid {pid}")]
+    NoSuchProcess {
+        /// The pid.
+        pid: u32,
+    },
+    /// The process exited while it was being attested.
+    #[error("process {pid} exited during attestation")]
+    Exited {
+        /// The pid.
+        pid: u32,
+    },
+    /// The pid named another process at the end than at the start.
+    #[error("pid {pid} was reused during attestation (start time {before} then {after})")]
+    PidReused {
+        /// The pid.
+        pid: u32,
+        /// Start time (clock ticks after boot) when pinned.
+        before: u64,
+        /// Start time when re-checked.
+        after: u64,
+    },
+    /// A procfs file could not be read.
+    #[error("failed to read /proc/{pid}/{file}")]
+    Proc {
+        /// The pid.
+        pid: u32,
+        /// The file below `/proc/<pid>`.
+        file: &'static str,
+        /// Why.
+        #[source]
+        source: ProcError,
+    },
+    /// A procfs file had unexpected contents.
+    #[error("unexpected contents in /proc/{pid}/{file}: {what}")]
+    Format {
+        /// The pid.
+        pid: u32,
+        /// The file below `/proc/<pid>`.
+        file: &'static str,
+        /// What was wrong.
+        what: String,
+    },
+    /// A system call on the process failed.
+    #[error("{call} for pid {pid} failed")]
+    Sys {
+        /// The pid.
+        pid: u32,
+        /// The call.
+        call: &'static str,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The running binary could not be hashed.
+    #[error("failed to hash the binary of pid {pid}")]
+    Hash {
+        /// The pid.
+        pid: u32,
+        /// Why.
+        #[source]
+        source: HashError,
+    },
+}
+
+/// Everything attestation knows about a process; selectors match against this.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessFacts {
+    /// Process id (tgid).
+    pub pid: u32,
+    /// Start time in clock ticks after boot (with the pid, a unique name for the process).
+    pub start_time: u64,
+    /// Effective user id.
+    pub uid: u32,
+    /// Effective group id.
+    pub gid: u32,
+    /// Name of `uid` in `/etc/passwd`.
+    pub user: Option<String>,
+    /// Name of `gid` in `/etc/group`.
+    pub group: Option<String>,
+    /// Path of the binary (`/proc/<pid>/exe`; ends in ` (deleted)` if it was removed).
+    pub exe: PathBuf,
+    /// SHA-256 of the running binary.
+    pub sha256: Sha256Digest,
+    /// cgroup v2 path, relative to the cgroup2 mount (`/` for the root).
+    pub cgroup: String,
+    /// cgroup id (the inode of the cgroup directory), when the cgroup2 mount is known.
+    pub cgroup_id: Option<u64>,
+    /// Container id and pod uid parsed from the cgroup path.
+    pub container: ContainerInfo,
+    /// Inode of the process's network namespace.
+    pub netns: u64,
+}
+
+/// Settings of an [`Attestor`].
+#[derive(Clone, Debug)]
+pub struct AttestOptions {
+    /// Where cgroup v2 is mounted (for cgroup ids); `None` leaves ids out.
+    pub cgroup2_mount: Option<PathBuf>,
+    /// Binaries above this size are not hashed (attestation fails with a clear reason).
+    pub max_binary_bytes: u64,
+    /// How many binary digests to keep.
+    pub hash_cache_entries: usize,
+    /// Account tables for user and group names.
+    pub accounts: Accounts,
+}
+
+impl Default for AttestOptions {
+    fn default() -> Self {
+        Self {
+            cgroup2_mount: crate::kernel::cgroup::cgroup2_mount().ok(),
+            max_binary_bytes: DEFAULT_MAX_BINARY_BYTES,
+            hash_cache_entries: DEFAULT_HASH_CACHE_ENTRIES,
+            accounts: Accounts::load(),
+        }
+    }
+}
+
+/// Reads [`ProcessFacts`] for pids.
+#[derive(Debug)]
+pub struct Attestor {
+    hasher: ExeHasher,
+    options: AttestOptions,
+}
+
+impl Attestor {
+    /// An attestor with `options`.
+    #[must_use]
+    pub fn new(options: AttestOptions) -> Self {
+        Self {
+            hasher: ExeHasher::new(options.max_binary_bytes, options.hash_cache_entries),
+            options,
+        }
+    }
+
+    /// Attest `pid`: pin it, read every fact, and confirm it is still the same process.
+    pub fn attest(&self, pid: u32) -> Result<ProcessFacts, AttestError> {
+        let pinned = Pinned::open(pid)?;
+        let facts = self.read_facts(&pinned)?;
+        pinned.confirm()?;
+        Ok(facts)
+    }
+
+    fn read_facts(&self, pinned: &Pinned) -> Result<ProcessFacts, AttestError> {
+        let pid = pinned.pid;
+        let status = pinned
+            .process
+            .status()
+            .map_err(|source| pinned.proc_error("status", source))?;
+        let exe = pinned
+            .process
+            .exe()
+            .map_err(|source| pinned.proc_error("exe", source))?;
+        let mut binary = pinned.open_file("exe")?;
+        let sha256 = self
+            .hasher
+            .digest(&mut binary)
+            .map_err(|source| AttestError::Hash { pid, source })?;
+        let cgroup =
+            parse_cgroup_v2(&pinned.read_text("cgroup")?).ok_or_else(|| AttestError::Format {
+                pid,
+                file: "cgroup",
+                what: "no cgroup v2 (0::) line".to_owned(),
+            })?;
+        let cgroup_id = self.options.cgroup2_mount.as_deref().and_then(|mount| {
+            crate::kernel::cgroup::cgroup_id(&mount.join(cgroup.trim_start_matches('/'))).ok()
+        });
+        let netns = pinned
+            .open_file("ns/net")?
+            .metadata()
+            .map_err(|source| AttestError::Sys {
+                pid,
+                call: "fstat(ns/net)",
+                source,
+            })?
+            .ino();
+        let accounts = &self.options.accounts;
+        Ok(ProcessFacts {
+            pid,
+            start_time: pinned.start_time,
+            uid: status.euid,
+            gid: status.egid,
+            user: accounts.user(status.euid).map(str::to_owned),
+            group: accounts.group(status.egid).map(str::to_owned),
+            exe,
+            sha256,
+            container: container::parse(&cgroup),
+            cgroup,
+            cgroup_id,
+            netns,
+        })
+    }
+}
+
+/// A process held still for attestation: pidfd, `/proc/<pid>` handle and start time.
+struct Pinned {
+    pid: u32,
+    pidfd: OwnedFd,
+    process: Process,
+    start_time: u64,
+}
+
+impl Pinned {
+    fn open(pid: u32) -> Result<Self, AttestError> {
+        let raw = Pid::from_raw(i32::try_from(pid).unwrap_or(0))
+            .ok_or(AttestError::NoSuchProcess { pid })?;
+        let pidfd = pidfd_open(raw, PidfdFlags::empty()).map_err(|error| {
+            if error == rustix::io::Errno::SRCH {
+                AttestError::NoSuchProcess { pid }
+            } else {
+                AttestError::Sys {
+                    pid,
+                    call: "pidfd_open",
+                    source: error.into(),
+                }
+            }
+        })?;
+        let process = Process::new(raw.as_raw_nonzero().get()).map_err(|source| match source {
+            ProcError::NotFound(_) => AttestError::NoSuchProcess { pid },
+            source => AttestError::Proc {
+                pid,
+                file: "",
+                source,
+            },
+        })?;
+        let mut pinned = Self {
+            pid,
+            pidfd,
+            process,
+            start_time: 0,
+        };
+        pinned.start_time = pinned.read_start_time()?;
+        Ok(pinned)
+    }
+
+    /// The process is still alive and still the one pinned.
+    fn confirm(&self) -> Result<(), AttestError> {
+        let after = self.read_start_time()?;
+        if after != self.start_time {
+            return Err(AttestError::PidReused {
+                pid: self.pid,
+                before: self.start_time,
+                after,
+            });
+        }
+        let mut fds = [PollFd::new(&self.pidfd, PollFlags::IN)];
+        let ready =
+            poll(&mut fds, Some(&Timespec::default())).map_err(|error| AttestError::Sys {
+                pid: self.pid,
+                call: "poll(pidfd)",
+                source: error.into(),
+            })?;
+        // A pidfd becomes readable when its process exits.
+        if ready > 0 {
+            return Err(AttestError::Exited { pid: self.pid });
+        }
+        Ok(())
+    }
+
+    fn read_start_time(&self) -> Result<u64, AttestError> {
+        self.process
+            .stat()
+            .map(|stat| stat.starttime)
+            .map_err(|source| self.proc_error("stat", source))
+    }
+
+    fn open_file(&self, file: &'static str) -> Result<File, AttestError> {
+        self.process
+            .open_relative(file)
+            .map_err(|source| self.proc_error(file, source))
+    }
+
+    fn read_text(&self, file: &'static str) -> Result<String, AttestError> {
+        let mut text = String::new();
+        self.open_file(file)?
+            .read_to_string(&mut text)
+            .map_err(|source| AttestError::Sys {
+                pid: self.pid,
+                call: "read",
+                source,
+            })?;
+        Ok(text)
+    }
+
+    /// A procfs error; "not found" on a pinned process means it has exited.
+    fn proc_error(&self, file: &'static str, source: ProcError) -> AttestError {
+        match source {
+            ProcError::NotFound(_) => AttestError::Exited { pid: self.pid },
+            source => AttestError::Proc {
+                pid: self.pid,
+                file,
+                source,
+            },
+        }
+    }
+}
+
+/// The cgroup v2 path from the text of `/proc/<pid>/cgroup` (the `0::<path>` line).
+fn parse_cgroup_v2(text: &str) -> Option<String> {
+    text.lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .map(str::to_owned)
+}
+
+/// The cgroup v2 path of a cgroup directory below `mount`, as `/proc/<pid>/cgroup` writes it.
+#[must_use]
+pub fn cgroup_relative_path(mount: &Path, dir: &Path) -> Option<String> {
+    let relative = dir.strip_prefix(mount).ok()?;
+    Some(format!("/{}", relative.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::{cgroup_relative_path, parse_cgroup_v2};
+
+    #[test]
+    fn finds_the_v2_line_in_hybrid_and_pure_layouts() {
+        let hybrid = "9:name=systemd:/\n4:memory:/x\n0::/enf-1-0-app\n";
+        assert_eq!(parse_cgroup_v2(hybrid).as_deref(), Some("/enf-1-0-app"));
+        assert_eq!(parse_cgroup_v2("0::/\n").as_deref(), Some("/"));
+        assert_eq!(parse_cgroup_v2("4:memory:/x\n"), None);
+    }
+
+    #[test]
+    fn relative_cgroup_paths() {
+        let mount = Path::new("/sys/fs/cgroup/unified");
+        assert_eq!(
+            cgroup_relative_path(mount, &mount.join("a/b")).as_deref(),
+            Some("/a/b")
+        );
+        assert_eq!(cgroup_relative_path(mount, Path::new("/tmp")), None);
+    }
+}
+
+#[cfg(test)]
+mod pin_tests {
+    use std::process::Command;
+
+    use super::{AttestError, Pinned};
+
+    #[test]
+    fn a_process_that_exits_after_pinning_is_an_error_not_an_identity() {
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let pinned = Pinned::open(child.id()).unwrap();
+        assert!(pinned.confirm().is_ok());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        match pinned.confirm() {
+            Err(AttestError::Exited { pid }) => assert_eq!(pid, child.id()),
+            other => panic!("expected Exited, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_missing_pid_is_reported_as_such() {
+        let mut child = Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        assert!(matches!(
+            Pinned::open(pid),
+            Err(AttestError::NoSuchProcess { .. })
+        ));
+    }
+}
