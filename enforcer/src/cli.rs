@@ -5,7 +5,10 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
-use crate::kernel::{Counter, Datapath, loader::LoadError};
+use crate::{
+    kernel::{Counter, Datapath, loader::LoadError},
+    policy,
+};
 
 /// Default pin directory of the daemon on bpffs.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/enforcer";
@@ -31,11 +34,36 @@ pub enum Command {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
+    /// Validate and compare policy files.
+    Policy {
+        /// What to do with policies.
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Detach every program and remove every pin of the datapath.
     Uninstall {
         /// The daemon's bpffs directory.
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
+    },
+}
+
+/// `enforcer policy ...`.
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Print every problem in the files as `file:line:col: severity: message`; exits 1 when
+    /// any file has an error.
+    Check {
+        /// Policy files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// List the workloads, rules, egress entries, peers and enrollments that differ.
+    Diff {
+        /// The policy in force.
+        old: PathBuf,
+        /// The candidate.
+        new: PathBuf,
     },
 }
 
@@ -50,7 +78,7 @@ pub fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match run(cli.command) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
@@ -58,16 +86,80 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn run(command: Command) -> anyhow::Result<()> {
+fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Status { pin_dir } => status(&pin_dir),
+        Command::Status { pin_dir } => status(&pin_dir).map(|()| ExitCode::SUCCESS),
+        Command::Policy {
+            command: PolicyCommand::Check { files },
+        } => Ok(policy_check(&files)),
+        Command::Policy {
+            command: PolicyCommand::Diff { old, new },
+        } => Ok(policy_diff(&old, &new)),
         Command::Uninstall { pin_dir } => {
             Datapath::uninstall(&pin_dir)
                 .with_context(|| format!("failed to uninstall {}", pin_dir.display()))?;
             tracing::info!(pin_dir = %pin_dir.display(), "datapath uninstalled");
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn policy_check(files: &[PathBuf]) -> ExitCode {
+    let mut failed = false;
+    for file in files {
+        match policy::load(file) {
+            Ok((policy, warnings)) => {
+                for warning in &warnings {
+                    println!("{warning}");
+                }
+                println!(
+                    "{}: ok ({} workloads, {} rules, {} egress, {} warnings)",
+                    file.display(),
+                    policy.workloads.len(),
+                    policy.rules.len(),
+                    policy.egress.len(),
+                    warnings.len()
+                );
+            }
+            Err(diagnostics) => {
+                failed = true;
+                for diagnostic in &diagnostics {
+                    println!("{diagnostic}");
+                }
+                let errors = diagnostics
+                    .iter()
+                    .filter(|d| d.severity == policy::Severity::Error)
+                    .count();
+                println!("{}: {errors} errors", file.display());
+            }
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn policy_diff(old: &std::path::Path, new: &std::path::Path) -> ExitCode {
+    let mut loaded = Vec::new();
+    for file in [old, new] {
+        match policy::load(file) {
+            Ok((policy, _)) => loaded.push(policy),
+            Err(diagnostics) => {
+                for diagnostic in &diagnostics {
+                    println!("{diagnostic}");
+                }
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let changes = policy::diff::diff(&loaded[0], &loaded[1]);
+    for change in &changes {
+        println!("{change}");
+    }
+    println!("{} changes", changes.len());
+    ExitCode::SUCCESS
 }
 
 fn status(pin_dir: &std::path::Path) -> anyhow::Result<()> {

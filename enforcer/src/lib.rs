@@ -4,5 +4,7 @@
 
 pub mod attest;
 pub mod cli;
+pub mod identity;
 pub mod kernel;
+pub mod policy;
 pub mod testing;

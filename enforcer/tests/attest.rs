@@ -110,7 +110,9 @@ fn a_binary_replaced_on_disk_keeps_its_running_hash_and_exec_changes_it() {
     // Replace the file at the same path (the way package managers do: write, then rename).
     let replaced = copies.install("worker", &which("true"));
     assert_ne!(sha256sum(&replaced), original);
-    let facts = attestor.attest(process.pid()).unwrap();
+    let cached = attestor.attest(process.pid()).unwrap();
+    assert_eq!(cached.sha256.to_string(), original);
+    let facts = attestor.attest_fresh(process.pid()).unwrap();
     assert_eq!(
         facts.sha256.to_string(),
         original,

@@ -11,6 +11,8 @@ use crate::{cmd, root, setup};
 pub(crate) enum Bench {
     /// Cost of the eBPF socket hooks on the connection path.
     Hooks,
+    /// Attestation, authorization and policy compilation costs.
+    Attest,
 }
 
 impl Bench {
@@ -18,6 +20,7 @@ impl Bench {
     fn target(self) -> &'static str {
         match self {
             Self::Hooks => "hooks",
+            Self::Attest => "attest",
         }
     }
 }

@@ -7,6 +7,13 @@
 //!
 //! The binary is hashed through `/proc/<pid>/exe`, i.e. the inode the process runs: replacing
 //! the file on disk after start does not change a running process's hash; `exec` does.
+//!
+//! Results are cached per pid, each entry holding the process's pidfd. A cached result is used
+//! only while that pidfd says the process is alive (so a reused pid is never served another
+//! process's facts) and `/proc/<pid>/exe` is still the same inode (so an `exec` is never served
+//! stale facts), and for at most `cache_ttl`, after which uid, gid and cgroup (which a process
+//! can change without `exec`) are read again. The daemon also drops entries on the kernel's
+//! EXEC and EXIT events ([`Attestor::forget`]). Each cached entry holds one file descriptor.
 #![forbid(unsafe_code)]
 
 pub mod accounts;
@@ -15,10 +22,13 @@ pub mod hash;
 pub mod selector;
 
 use std::{
+    collections::HashMap,
     fs::File,
     io::{self, Read as _},
     os::{fd::OwnedFd, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
+    sync::{Mutex, PoisonError},
+    time::{Duration, Instant},
 };
 
 use procfs::{ProcError, process::Process};
@@ -37,6 +47,12 @@ pub const DEFAULT_MAX_BINARY_BYTES: u64 = 512 * 1024 * 1024;
 
 /// Default number of binary digests kept.
 pub const DEFAULT_HASH_CACHE_ENTRIES: usize = 4096;
+
+/// Default time a cached attestation is served before uid, gid and cgroup are read again.
+pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(1);
+
+/// Default number of processes whose attestation is cached (one pidfd each).
+pub const DEFAULT_FACTS_CACHE_ENTRIES: usize = 4096;
 
 /// Errors of attestation.
 #[derive(Debug, thiserror::Error)]
@@ -146,6 +162,10 @@ pub struct AttestOptions {
     pub hash_cache_entries: usize,
     /// Account tables for user and group names.
     pub accounts: Accounts,
+    /// How long a cached attestation is served (zero disables the cache).
+    pub cache_ttl: Duration,
+    /// How many processes' attestations are cached.
+    pub facts_cache_entries: usize,
 }
 
 impl Default for AttestOptions {
@@ -155,6 +175,8 @@ impl Default for AttestOptions {
             max_binary_bytes: DEFAULT_MAX_BINARY_BYTES,
             hash_cache_entries: DEFAULT_HASH_CACHE_ENTRIES,
             accounts: Accounts::load(),
+            cache_ttl: DEFAULT_CACHE_TTL,
+            facts_cache_entries: DEFAULT_FACTS_CACHE_ENTRIES,
         }
     }
 }
@@ -164,6 +186,16 @@ impl Default for AttestOptions {
 pub struct Attestor {
     hasher: ExeHasher,
     options: AttestOptions,
+    cache: Mutex<HashMap<u32, Cached>>,
+}
+
+/// A cached attestation and what must still hold for it to be served.
+#[derive(Debug)]
+struct Cached {
+    facts: ProcessFacts,
+    exe: (u64, u64),
+    at: Instant,
+    pidfd: OwnedFd,
 }
 
 impl Attestor {
@@ -173,23 +205,79 @@ impl Attestor {
         Self {
             hasher: ExeHasher::new(options.max_binary_bytes, options.hash_cache_entries),
             options,
+            cache: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Attest `pid`: pin it, read every fact, and confirm it is still the same process.
+    /// Attest `pid`, from the cache when the process is provably the one cached (same start
+    /// time, same binary inode) and the entry is fresh; otherwise [`Attestor::attest_fresh`].
     pub fn attest(&self, pid: u32) -> Result<ProcessFacts, AttestError> {
+        if let Some(facts) = self.cached(pid) {
+            return Ok(facts);
+        }
+        let pinned = Pinned::open(pid)?;
+        let facts = self.read_facts(&pinned)?;
+        let exe = exe_inode(pid)?;
+        pinned.confirm()?;
+        if !self.options.cache_ttl.is_zero() {
+            let mut cache = self.lock();
+            if cache.len() >= self.options.facts_cache_entries.max(1) {
+                cache.clear();
+            }
+            cache.insert(
+                pid,
+                Cached {
+                    facts: facts.clone(),
+                    exe,
+                    at: Instant::now(),
+                    pidfd: pinned.pidfd,
+                },
+            );
+        }
+        Ok(facts)
+    }
+
+    /// Attest `pid` ignoring the cache: pin it, read every fact, and confirm it is still the
+    /// same process.
+    pub fn attest_fresh(&self, pid: u32) -> Result<ProcessFacts, AttestError> {
         let pinned = Pinned::open(pid)?;
         let facts = self.read_facts(&pinned)?;
         pinned.confirm()?;
         Ok(facts)
     }
 
+    /// Drop the cached attestation of `pid` (on exec or exit).
+    pub fn forget(&self, pid: u32) {
+        self.lock().remove(&pid);
+    }
+
+    fn cached(&self, pid: u32) -> Option<ProcessFacts> {
+        let mut cache = self.lock();
+        let entry = cache.get(&pid)?;
+        // The pidfd names the cached process instance: if it exited, the pid may name another.
+        let valid = entry.at.elapsed() < self.options.cache_ttl
+            && !exited(&entry.pidfd)
+            && exe_inode(pid).ok() == Some(entry.exe);
+        if valid {
+            Some(entry.facts.clone())
+        } else {
+            cache.remove(&pid);
+            None
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Cached>> {
+        self.cache.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn read_facts(&self, pinned: &Pinned) -> Result<ProcessFacts, AttestError> {
         let pid = pinned.pid;
-        let status = pinned
-            .process
-            .status()
-            .map_err(|source| pinned.proc_error("status", source))?;
+        let (uid, gid) =
+            parse_status_ids(&pinned.read_text("status")?).ok_or_else(|| AttestError::Format {
+                pid,
+                file: "status",
+                what: "no Uid/Gid lines".to_owned(),
+            })?;
         let exe = pinned
             .process
             .exe()
@@ -205,8 +293,11 @@ impl Attestor {
                 file: "cgroup",
                 what: "no cgroup v2 (0::) line".to_owned(),
             })?;
+        // The mount is known to be cgroup2, so the directory's inode is the cgroup id.
         let cgroup_id = self.options.cgroup2_mount.as_deref().and_then(|mount| {
-            crate::kernel::cgroup::cgroup_id(&mount.join(cgroup.trim_start_matches('/'))).ok()
+            std::fs::metadata(mount.join(cgroup.trim_start_matches('/')))
+                .ok()
+                .map(|meta| meta.ino())
         });
         let netns = pinned
             .open_file("ns/net")?
@@ -221,10 +312,10 @@ impl Attestor {
         Ok(ProcessFacts {
             pid,
             start_time: pinned.start_time,
-            uid: status.euid,
-            gid: status.egid,
-            user: accounts.user(status.euid).map(str::to_owned),
-            group: accounts.group(status.egid).map(str::to_owned),
+            uid,
+            gid,
+            user: accounts.user(uid).map(str::to_owned),
+            group: accounts.group(gid).map(str::to_owned),
             exe,
             sha256,
             container: container::parse(&cgroup),
@@ -338,6 +429,33 @@ impl Pinned {
     }
 }
 
+/// Whether the process behind `pidfd` has exited (a pidfd polls readable then); an error
+/// counts as exited.
+fn exited(pidfd: &OwnedFd) -> bool {
+    let mut fds = [PollFd::new(pidfd, PollFlags::IN)];
+    poll(&mut fds, Some(&Timespec::default())).map_or(true, |ready| ready > 0)
+}
+
+/// (device, inode) of the binary `pid` runs.
+fn exe_inode(pid: u32) -> Result<(u64, u64), AttestError> {
+    let meta =
+        std::fs::metadata(format!("/proc/{pid}/exe")).map_err(|source| AttestError::Sys {
+            pid,
+            call: "stat exe",
+            source,
+        })?;
+    Ok((meta.dev(), meta.ino()))
+}
+
+/// Effective uid and gid from the text of `/proc/<pid>/status`.
+fn parse_status_ids(status: &str) -> Option<(u32, u32)> {
+    let effective = |key: &str| -> Option<u32> {
+        let line = status.lines().find_map(|line| line.strip_prefix(key))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    Some((effective("Uid:")?, effective("Gid:")?))
+}
+
 /// The cgroup v2 path from the text of `/proc/<pid>/cgroup` (the `0::<path>` line).
 fn parse_cgroup_v2(text: &str) -> Option<String> {
     text.lines()
@@ -356,7 +474,14 @@ pub fn cgroup_relative_path(mount: &Path, dir: &Path) -> Option<String> {
 mod tests {
     use std::path::Path;
 
-    use super::{cgroup_relative_path, parse_cgroup_v2};
+    use super::{cgroup_relative_path, parse_cgroup_v2, parse_status_ids};
+
+    #[test]
+    fn parses_effective_ids() {
+        let status = "Name:\tx\nUid:\t1000\t0\t0\t0\nGid:\t100\t65534\t0\t0\n";
+        assert_eq!(parse_status_ids(status), Some((0, 65534)));
+        assert_eq!(parse_status_ids("Name:\tx\n"), None);
+    }
 
     #[test]
     fn finds_the_v2_line_in_hybrid_and_pure_layouts() {

@@ -1,0 +1,114 @@
+//! What changes between two policies: workloads, rules, egress, peers, enrollment, mode.
+#![forbid(unsafe_code)]
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+};
+
+use super::model::{Mode, Policy};
+
+/// One difference.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// Present only in the new policy.
+    Added(String),
+    /// Present only in the old policy.
+    Removed(String),
+    /// Present in both, different.
+    Changed(String),
+}
+
+impl fmt::Display for Change {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Added(what) => write!(f, "+ {what}"),
+            Self::Removed(what) => write!(f, "- {what}"),
+            Self::Changed(what) => write!(f, "~ {what}"),
+        }
+    }
+}
+
+/// Every difference from `old` to `new`, grouped by kind, each group sorted.
+#[must_use]
+pub fn diff(old: &Policy, new: &Policy) -> Vec<Change> {
+    let mut changes = Vec::new();
+    if old.trust_domain != new.trust_domain {
+        changes.push(Change::Changed(format!(
+            "trust domain {} -> {}",
+            old.trust_domain, new.trust_domain
+        )));
+    }
+    if old.mode != new.mode {
+        let name = |mode| match mode {
+            Mode::Enforce => "enforce",
+            Mode::Audit => "audit",
+        };
+        changes.push(Change::Changed(format!(
+            "mode {} -> {}",
+            name(old.mode),
+            name(new.mode)
+        )));
+    }
+    let workloads = |policy: &Policy| -> BTreeMap<String, String> {
+        policy
+            .workloads
+            .iter()
+            .map(|w| {
+                let selectors: Vec<String> = w.selectors.iter().map(ToString::to_string).collect();
+                (w.id.to_string(), selectors.join(" "))
+            })
+            .collect()
+    };
+    let (old_w, new_w) = (workloads(old), workloads(new));
+    for (id, selectors) in &new_w {
+        match old_w.get(id) {
+            None => changes.push(Change::Added(format!("workload {id} [{selectors}]"))),
+            Some(before) if before != selectors => changes.push(Change::Changed(format!(
+                "workload {id} [{before}] -> [{selectors}]"
+            ))),
+            Some(_) => {}
+        }
+    }
+    for (id, selectors) in &old_w {
+        if !new_w.contains_key(id) {
+            changes.push(Change::Removed(format!("workload {id} [{selectors}]")));
+        }
+    }
+    set_changes(
+        &mut changes,
+        old.rules.iter().map(ToString::to_string),
+        new.rules.iter().map(ToString::to_string),
+    );
+    set_changes(
+        &mut changes,
+        old.egress.iter().map(ToString::to_string),
+        new.egress.iter().map(ToString::to_string),
+    );
+    set_changes(
+        &mut changes,
+        old.peers
+            .iter()
+            .map(|p| format!("peer {}:{}", p.address, p.port)),
+        new.peers
+            .iter()
+            .map(|p| format!("peer {}:{}", p.address, p.port)),
+    );
+    set_changes(
+        &mut changes,
+        old.enroll.iter().map(|c| format!("enroll {c}")),
+        new.enroll.iter().map(|c| format!("enroll {c}")),
+    );
+    changes
+}
+
+fn set_changes(
+    changes: &mut Vec<Change>,
+    old: impl Iterator<Item = String>,
+    new: impl Iterator<Item = String>,
+) {
+    let old: BTreeSet<String> = old.collect();
+    let new: BTreeSet<String> = new.collect();
+    changes.extend(new.difference(&old).cloned().map(Change::Added));
+    changes.extend(old.difference(&new).cloned().map(Change::Removed));
+}

@@ -1,0 +1,18 @@
+//! The policy language: one TOML file of workloads, rules, egress and peers; its validation
+//! with located diagnostics, its compilation to identity numbers and kernel tables, the
+//! userspace authorizer, and diffs between versions.
+
+pub mod compile;
+pub mod diagnostic;
+pub mod diff;
+pub mod model;
+pub mod parse;
+
+pub use compile::{Authorizer, Compiled, Decision, IdentityNumbers, compile};
+pub use diagnostic::{Diagnostic, Severity};
+pub use model::{Action, Egress, IdPattern, Mode, Peer, Policy, Ports, Rule, Workload};
+pub use parse::{load, parse};
+
+/// The embedded default policy (`policies/default.toml`): safe on any machine, it enrolls
+/// nothing.
+pub const DEFAULT_POLICY: &str = include_str!("../../../policies/default.toml");
