@@ -8,7 +8,7 @@
 use std::{fs, path::Path, process::Command, time::Duration};
 
 use enforcer::{
-    attest::{AttestError, AttestOptions, Attestor, HashError},
+    attest::{AttestError, AttestOptions, Attestor, HashError, Identification, Registry},
     testing::{Netns, ScratchCgroup, Spawn, require_root, serial, unique_name},
 };
 
@@ -188,4 +188,53 @@ fn user_names_come_from_the_account_database() {
         .expect("attest the unprivileged process");
     assert_eq!(facts.user.as_deref(), Some("nobody"));
     assert_eq!(facts.gid, 65534);
+}
+
+#[test]
+fn a_sha256_entry_follows_the_running_binary_not_the_file_on_disk() {
+    let _serial = serial();
+    let copies = BinaryCopy::new();
+    let worker = copies.install("worker", &which("sleep"));
+    let text = format!(
+        "trust_domain = \"example.org\"\n[[workload]]\nid = \"spiffe://example.org/worker\"\n\
+         selectors = [\"unix:sha256:{}\", \"unix:uid:{}\"]\n",
+        sha256sum(&worker),
+        rustix_uid()
+    );
+    let (policy, _) = enforcer::policy::parse("p.toml", text.as_bytes()).unwrap();
+    let registry = Registry::new(policy.workloads);
+    let attestor = attestor();
+    let expected = Identification::Matched {
+        id: "spiffe://example.org/worker".parse().unwrap(),
+        entry: 0,
+    };
+
+    let original = Spawn::new(&worker).arg("30").spawn();
+    assert_eq!(
+        registry.identify(&attestor.attest(original.pid()).unwrap()),
+        expected
+    );
+
+    // An impostor binary installed at the same path does not inherit the identity ...
+    copies.install("worker", &which("sh"));
+    let impostor = Spawn::new(&worker)
+        .args(["-c", "read line"])
+        .stdin_piped()
+        .spawn();
+    assert_eq!(
+        registry.identify(&attestor.attest(impostor.pid()).unwrap()),
+        Identification::Unmatched
+    );
+    // ... while the process started from the original keeps it.
+    assert_eq!(
+        registry.identify(&attestor.attest(original.pid()).unwrap()),
+        expected
+    );
+}
+
+/// This test process's effective uid (the spawned workers inherit it).
+fn rustix_uid() -> u32 {
+    let status = fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    line.split_whitespace().nth(2).unwrap().parse().unwrap()
 }

@@ -19,6 +19,7 @@
 pub mod accounts;
 pub mod container;
 pub mod hash;
+pub mod registry;
 pub mod selector;
 
 use std::{
@@ -40,6 +41,7 @@ use rustix::{
 pub use accounts::Accounts;
 pub use container::ContainerInfo;
 pub use hash::{ExeHasher, HashError, Sha256Digest};
+pub use registry::{Identification, Registry};
 pub use selector::{Selector, SelectorError};
 
 /// Default cap on the size of a binary the attestor hashes (a guard against hashing huge files).

@@ -1,0 +1,138 @@
+//! Registration: which workload entry, if any, a process's facts select.
+//!
+//! An entry matches when every one of its selectors holds (SPIRE semantics). The outcome is
+//! deterministic: exactly one matching entry gives its SPIFFE ID; none gives no identity; two
+//! or more entries (which always carry different IDs: the policy rejects duplicate IDs) give
+//! no identity either, reported as ambiguous and logged, never whichever entry came first.
+#![forbid(unsafe_code)]
+
+use super::ProcessFacts;
+use crate::{identity::SpiffeId, policy::Workload};
+
+/// The result of matching a process against the registered entries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Identification {
+    /// Exactly one entry matched.
+    Matched {
+        /// Its SPIFFE ID.
+        id: SpiffeId,
+        /// Its index among the entries (file order).
+        entry: usize,
+    },
+    /// No entry matched.
+    Unmatched,
+    /// Several entries matched: no identity is given.
+    Ambiguous(Vec<SpiffeId>),
+}
+
+/// The workload entries of the policy in force.
+#[derive(Clone, Debug, Default)]
+pub struct Registry {
+    workloads: Vec<Workload>,
+}
+
+impl Registry {
+    /// A registry of `workloads`.
+    #[must_use]
+    pub fn new(workloads: Vec<Workload>) -> Self {
+        Self { workloads }
+    }
+
+    /// Match `facts` against every entry.
+    #[must_use]
+    pub fn identify(&self, facts: &ProcessFacts) -> Identification {
+        let mut matched = self.workloads.iter().enumerate().filter(|(_, workload)| {
+            workload
+                .selectors
+                .iter()
+                .all(|selector| selector.matches(facts))
+        });
+        let Some((entry, first)) = matched.next() else {
+            return Identification::Unmatched;
+        };
+        let others: Vec<SpiffeId> = matched.map(|(_, w)| w.id.clone()).collect();
+        if others.is_empty() {
+            return Identification::Matched {
+                id: first.id.clone(),
+                entry,
+            };
+        }
+        let mut ids = vec![first.id.clone()];
+        ids.extend(others);
+        tracing::warn!(
+            pid = facts.pid,
+            ids = ?ids.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "several workload entries match this process; it gets no identity"
+        );
+        Identification::Ambiguous(ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::{Identification, Registry};
+    use crate::{
+        attest::{ContainerInfo, ProcessFacts, Sha256Digest},
+        policy::Workload,
+    };
+
+    fn facts(uid: u32, cgroup: &str) -> ProcessFacts {
+        ProcessFacts {
+            pid: 7,
+            start_time: 1,
+            uid,
+            gid: 0,
+            user: None,
+            group: None,
+            exe: PathBuf::from("/usr/bin/x"),
+            sha256: Sha256Digest([0; 32]),
+            cgroup: cgroup.into(),
+            cgroup_id: None,
+            container: ContainerInfo::default(),
+            netns: 1,
+        }
+    }
+
+    fn workload(id: &str, selectors: &[&str]) -> Workload {
+        Workload {
+            id: id.parse().unwrap(),
+            selectors: selectors.iter().map(|s| s.parse().unwrap()).collect(),
+        }
+    }
+
+    #[test]
+    fn all_selectors_must_hold_and_ambiguity_gives_no_identity() {
+        let registry = Registry::new(vec![
+            workload("spiffe://x/web", &["unix:uid:1000", "cgroup:path:/web"]),
+            workload("spiffe://x/batch", &["cgroup:path:/batch"]),
+            workload(
+                "spiffe://x/any-1000",
+                &["unix:uid:1000", "cgroup:path:/batch"],
+            ),
+        ]);
+        assert_eq!(
+            registry.identify(&facts(1000, "/web/app")),
+            Identification::Matched {
+                id: "spiffe://x/web".parse().unwrap(),
+                entry: 0
+            }
+        );
+        assert_eq!(
+            registry.identify(&facts(0, "/web")),
+            Identification::Unmatched
+        );
+        assert_eq!(
+            registry.identify(&facts(1000, "/batch")),
+            Identification::Ambiguous(vec![
+                "spiffe://x/batch".parse().unwrap(),
+                "spiffe://x/any-1000".parse().unwrap(),
+            ])
+        );
+        assert_eq!(
+            Registry::default().identify(&facts(0, "/")),
+            Identification::Unmatched
+        );
+    }
+}
