@@ -468,6 +468,57 @@ impl Maps {
         }
     }
 
+    /// Make `cgroup_ids` the enrolled set: new ids first, then the ones no longer listed are
+    /// removed (so a cgroup in both sets is never briefly unenrolled).
+    pub fn replace_enrolled(&mut self, cgroup_ids: &[u64]) -> Result<(), MapsError> {
+        for &id in cgroup_ids {
+            self.enroll(id)?;
+        }
+        let stale: Vec<u64> = self
+            .enrolled
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|id| !cgroup_ids.contains(id))
+            .collect();
+        for id in stale {
+            self.unenroll(id)?;
+        }
+        Ok(())
+    }
+
+    /// Make `entries` (network, prefix length, port or any, rule) the egress set: new entries
+    /// first, then stale ones removed.
+    pub fn replace_egress(
+        &mut self,
+        entries: &[(IpAddr, u8, Option<u16>, u32)],
+    ) -> Result<(), MapsError> {
+        let mut keep = Vec::with_capacity(entries.len());
+        for &(network, prefix_len, port, rule) in entries {
+            self.add_egress(network, prefix_len, port, rule)?;
+            let key = egress_key(network, prefix_len, port)?;
+            keep.push((key.prefix_len(), key.data()));
+        }
+        let stale: Vec<Key<EgressKey>> = self
+            .egress
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| !keep.contains(&(key.prefix_len(), key.data())))
+            .collect();
+        for key in stale {
+            match self.egress.remove(&key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(source) => {
+                    return Err(MapsError::Kernel {
+                        map: map_names::EGRESS,
+                        operation: "remove a stale egress entry".into(),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Atomically replace the policy: [`Maps::stage_policy`], then [`Maps::activate_slot`].
     ///
     /// On error nothing the programs read has changed: the active slot is untouched.

@@ -2,6 +2,7 @@
 //! with located diagnostics, its compilation to identity numbers and kernel tables, the
 //! userspace authorizer, and diffs between versions.
 
+pub mod apply;
 pub mod compile;
 pub mod diagnostic;
 pub mod diff;
