@@ -305,24 +305,73 @@ fn to_rustls(err: VerifyError) -> rustls::Error {
     rustls::Error::InvalidCertificate(cert_err)
 }
 
-/// Server-side verifier of client SVIDs: mandatory client auth, SPIFFE rules, per-trust-domain
-/// anchors, then the [`PeerAuthorizer`].
+/// What both verifiers share: the bundles, the authorizer and the signature algorithms.
 #[derive(Debug)]
-pub struct SpiffeClientVerifier {
+struct SpiffeVerifier {
     bundles: Arc<TrustBundleSet>,
     authorizer: PeerAuthorizer,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
-impl SpiffeClientVerifier {
-    /// A verifier trusting `bundles` and accepting the clients `authorizer` allows.
-    #[must_use]
-    pub fn new(bundles: Arc<TrustBundleSet>, authorizer: PeerAuthorizer) -> Self {
+impl SpiffeVerifier {
+    fn new(bundles: Arc<TrustBundleSet>, authorizer: PeerAuthorizer) -> Self {
         Self {
             bundles,
             authorizer,
             algorithms: algorithms(),
         }
+    }
+
+    /// The SPIFFE rules, the chain to the peer's trust domain, then the authorizer.
+    fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        role: PeerRole,
+    ) -> Result<(), rustls::Error> {
+        let id = verify_leaf(
+            &self.bundles,
+            end_entity,
+            intermediates,
+            system_time(now),
+            role,
+        )
+        .map_err(to_rustls)?;
+        if self.authorizer.allows(&id) {
+            Ok(())
+        } else {
+            Err(to_rustls(VerifyError::Unauthorized(id)))
+        }
+    }
+
+    fn tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+}
+
+/// TLS 1.2 is never offered or accepted.
+fn tls12_refused() -> Result<HandshakeSignatureValid, rustls::Error> {
+    Err(rustls::Error::PeerIncompatible(
+        PeerIncompatible::Tls12NotOfferedOrEnabled,
+    ))
+}
+
+/// Server-side verifier of client SVIDs: mandatory client auth, SPIFFE rules, per-trust-domain
+/// anchors, then the [`PeerAuthorizer`].
+#[derive(Debug)]
+pub struct SpiffeClientVerifier(SpiffeVerifier);
+
+impl SpiffeClientVerifier {
+    /// A verifier trusting `bundles` and accepting the clients `authorizer` allows.
+    #[must_use]
+    pub fn new(bundles: Arc<TrustBundleSet>, authorizer: PeerAuthorizer) -> Self {
+        Self(SpiffeVerifier::new(bundles, authorizer))
     }
 }
 
@@ -337,18 +386,9 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let id = verify_leaf(
-            &self.bundles,
-            end_entity,
-            intermediates,
-            system_time(now),
-            PeerRole::Client,
-        )
-        .map_err(to_rustls)?;
-        if !self.authorizer.allows(&id) {
-            return Err(to_rustls(VerifyError::Unauthorized(id)));
-        }
-        Ok(ClientCertVerified::assertion())
+        self.0
+            .verify(end_entity, intermediates, now, PeerRole::Client)
+            .map(|()| ClientCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -357,9 +397,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(
-            PeerIncompatible::Tls12NotOfferedOrEnabled,
-        ))
+        tls12_refused()
     }
 
     fn verify_tls13_signature(
@@ -368,32 +406,24 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+        self.0.tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
+        self.0.algorithms.supported_schemes()
     }
 }
 
 /// Client-side verifier of server SVIDs: SPIFFE rules, per-trust-domain anchors, then the
 /// [`PeerAuthorizer`] in place of the DNS name check.
 #[derive(Debug)]
-pub struct SpiffeServerVerifier {
-    bundles: Arc<TrustBundleSet>,
-    authorizer: PeerAuthorizer,
-    algorithms: WebPkiSupportedAlgorithms,
-}
+pub struct SpiffeServerVerifier(SpiffeVerifier);
 
 impl SpiffeServerVerifier {
     /// A verifier trusting `bundles` and accepting the servers `authorizer` allows.
     #[must_use]
     pub fn new(bundles: Arc<TrustBundleSet>, authorizer: PeerAuthorizer) -> Self {
-        Self {
-            bundles,
-            authorizer,
-            algorithms: algorithms(),
-        }
+        Self(SpiffeVerifier::new(bundles, authorizer))
     }
 }
 
@@ -406,18 +436,9 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let id = verify_leaf(
-            &self.bundles,
-            end_entity,
-            intermediates,
-            system_time(now),
-            PeerRole::Server,
-        )
-        .map_err(to_rustls)?;
-        if !self.authorizer.allows(&id) {
-            return Err(to_rustls(VerifyError::Unauthorized(id)));
-        }
-        Ok(ServerCertVerified::assertion())
+        self.0
+            .verify(end_entity, intermediates, now, PeerRole::Server)
+            .map(|()| ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -426,9 +447,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(
-            PeerIncompatible::Tls12NotOfferedOrEnabled,
-        ))
+        tls12_refused()
     }
 
     fn verify_tls13_signature(
@@ -437,11 +456,11 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+        self.0.tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
+        self.0.algorithms.supported_schemes()
     }
 }
 
