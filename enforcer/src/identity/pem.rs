@@ -59,18 +59,30 @@ pub enum PemError {
     },
 }
 
+/// The PEM sections of `input`, each malformed one reported with its 1-based position.
+fn sections<'a>(
+    input: &'a str,
+    what: &'a str,
+) -> impl Iterator<Item = Result<(SectionKind, Vec<u8>), PemError>> + 'a {
+    <(SectionKind, Vec<u8>)>::pem_slice_iter(input.as_bytes())
+        .enumerate()
+        .map(move |(index, item)| {
+            item.map_err(|source| PemError::Malformed {
+                what: what.to_owned(),
+                section: index + 1,
+                source,
+            })
+        })
+}
+
 /// Reads every `CERTIFICATE` section of `input`, in order; other sections are skipped.
 pub fn parse_certificates(
     input: &str,
     what: &str,
 ) -> Result<Vec<CertificateDer<'static>>, PemError> {
     let mut certs = Vec::new();
-    for (index, item) in <(SectionKind, Vec<u8>)>::pem_slice_iter(input.as_bytes()).enumerate() {
-        let (kind, der) = item.map_err(|source| PemError::Malformed {
-            what: what.to_owned(),
-            section: index + 1,
-            source,
-        })?;
+    for item in sections(input, what) {
+        let (kind, der) = item?;
         if kind == SectionKind::Certificate {
             certs.push(CertificateDer::from(der));
         }
@@ -86,12 +98,8 @@ pub fn parse_certificates(
 /// Reads the single PKCS#8 `PRIVATE KEY` section of `input`.
 pub fn parse_private_key(input: &str, what: &str) -> Result<PrivatePkcs8KeyDer<'static>, PemError> {
     let mut key = None;
-    for (index, item) in <(SectionKind, Vec<u8>)>::pem_slice_iter(input.as_bytes()).enumerate() {
-        let (kind, der) = item.map_err(|source| PemError::Malformed {
-            what: what.to_owned(),
-            section: index + 1,
-            source,
-        })?;
+    for item in sections(input, what) {
+        let (kind, der) = item?;
         if kind == SectionKind::PrivateKey {
             if key.is_some() {
                 return Err(PemError::SeveralPrivateKeys {
