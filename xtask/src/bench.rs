@@ -1,5 +1,6 @@
 //! `cargo xtask bench [NAME...]`: the enforcer crate's benchmarks, each a `harness = false`
-//! program that prints its own figures. They attach eBPF programs, so they need root.
+//! program that prints its own figures. Most attach eBPF programs and need root; `identity`
+//! (in-process certificates and TLS) does not.
 
 use anyhow::Result;
 use clap::ValueEnum;
@@ -13,6 +14,8 @@ pub(crate) enum Bench {
     Hooks,
     /// Attestation, authorization and policy compilation costs.
     Attest,
+    /// SVID issuance and mTLS handshake costs (no root needed).
+    Identity,
 }
 
 impl Bench {
@@ -21,20 +24,28 @@ impl Bench {
         match self {
             Self::Hooks => "hooks",
             Self::Attest => "attest",
+            Self::Identity => "identity",
         }
+    }
+
+    /// Whether the benchmark touches kernel state and so needs root.
+    fn needs_root(self) -> bool {
+        !matches!(self, Self::Identity)
     }
 }
 
-/// Checks for root first (before setup spends time), then runs `benches` in order, or every
-/// benchmark when none is named.
+/// Checks for root first when a chosen benchmark needs it (before setup spends time), then
+/// runs `benches` in order, or every benchmark when none is named.
 pub(crate) fn run(benches: &[Bench]) -> Result<()> {
-    root::require("benchmarks attach eBPF programs and need root")?;
-    setup::run()?;
     let benches = if benches.is_empty() {
         Bench::value_variants()
     } else {
         benches
     };
+    if benches.iter().any(|bench| bench.needs_root()) {
+        root::require("benchmarks attach eBPF programs and need root")?;
+    }
+    setup::run()?;
     for bench in benches {
         cmd::run(cmd::new("cargo").args(["bench", "-p", "enforcer", "--bench", bench.target()]))?;
     }

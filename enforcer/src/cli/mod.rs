@@ -1,6 +1,7 @@
 //! Command-line interface of the `enforcer` binary: one module per area.
 
 mod datapath;
+mod identity;
 mod policy;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -8,6 +9,7 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 
 pub use datapath::DEFAULT_PIN_DIR;
+pub use identity::{BundleCommand, BundleFormat, CaCommand, SvidCommand};
 pub use policy::PolicyCommand;
 
 /// Kernel-level workload identity enforcer.
@@ -36,6 +38,24 @@ pub enum Command {
         /// What to do with policies.
         #[command(subcommand)]
         command: PolicyCommand,
+    },
+    /// Create the trust domain's root CA and node intermediates.
+    Ca {
+        /// What to do with CAs.
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// Issue workload X.509-SVIDs.
+    Svid {
+        /// What to do with SVIDs.
+        #[command(subcommand)]
+        command: SvidCommand,
+    },
+    /// Print trust bundles.
+    Bundle {
+        /// What to do with bundles.
+        #[command(subcommand)]
+        command: BundleCommand,
     },
     /// Detach every program and remove every pin of the datapath.
     Uninstall {
@@ -68,6 +88,9 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Status { pin_dir } => datapath::status(&pin_dir).map(|()| ExitCode::SUCCESS),
         Command::Policy { command } => Ok(command.run()),
+        Command::Ca { command } => command.run().map(|()| ExitCode::SUCCESS),
+        Command::Svid { command } => command.run().map(|()| ExitCode::SUCCESS),
+        Command::Bundle { command } => command.run().map(|()| ExitCode::SUCCESS),
         Command::Uninstall { pin_dir } => datapath::uninstall(&pin_dir).map(|()| ExitCode::SUCCESS),
     }
 }

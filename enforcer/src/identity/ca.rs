@@ -210,11 +210,22 @@ impl CertificateAuthority {
     /// Loads a CA from PEM: `cert_pem` holds the CA certificate first, optionally followed by
     /// its issuers; `key_pem` holds its PKCS#8 P-256 key. `what` names the source in errors.
     pub fn from_pem(cert_pem: &str, key_pem: &str, what: &str) -> Result<Self, CaError> {
+        Self::from_labelled_pem(cert_pem, what, key_pem, what)
+    }
+
+    /// [`CertificateAuthority::from_pem`] with separate names for the certificate and the key
+    /// in error messages (their file paths, when loaded from files).
+    fn from_labelled_pem(
+        cert_pem: &str,
+        what: &str,
+        key_pem: &str,
+        key_what: &str,
+    ) -> Result<Self, CaError> {
         let certs = pem::parse_certificates(cert_pem, what)?;
-        let key_der = pem::parse_private_key(key_pem, what)?;
+        let key_der = pem::parse_private_key(key_pem, key_what)?;
         let key = KeyPair::from_pkcs8_der_and_sign_algo(&key_der, &PKCS_ECDSA_P256_SHA256)
             .map_err(|source| CaError::Key {
-                what: what.to_owned(),
+                what: key_what.to_owned(),
                 source,
             })?;
         let (_, cert) = X509Certificate::from_der(&certs[0]).map_err(|e| CaError::Certificate {
@@ -282,7 +293,12 @@ impl CertificateAuthority {
         let key_path = dir.join(format!("{stem}.key"));
         let cert = pem::read_file(&cert_path)?;
         let key = pem::read_file(&key_path)?;
-        Self::from_pem(&cert, &key, &cert_path.display().to_string())
+        Self::from_labelled_pem(
+            &cert,
+            &cert_path.display().to_string(),
+            &key,
+            &key_path.display().to_string(),
+        )
     }
 
     /// Writes `<stem>.pem` (this CA's chain, 0644) and `<stem>.key` (PKCS#8, 0600) into `dir`.
