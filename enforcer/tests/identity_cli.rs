@@ -476,10 +476,10 @@ fn a_bundle_from_another_root_or_a_corrupt_key_is_refused() {
     );
     assert!(!dir.join("x").exists(), "a failed command created x/");
 
-    // The identity module names the CA's certificate file for errors in its key.
+    // An error in the CA's key names the key file.
     fs::write(dir.join("node/node.key"), "garbage").expect("write");
     let err = fails(dir, &issue_w);
-    assert!(err.contains("node/node.pem"), "{err}");
+    assert!(err.contains("node/node.key"), "{err}");
     assert!(err.contains("PRIVATE KEY"), "{err}");
     assert!(!dir.join("x").exists(), "a failed command created x/");
 }
