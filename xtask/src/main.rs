@@ -1,11 +1,12 @@
 //! Project tasks for enforcer, run as `cargo xtask <task>`: toolchain setup, build, the test
-//! tiers, benchmarks and the demo. Every task starts with the idempotent setup.
+//! tiers, benchmarks, fuzzing and the demo. Every task starts with the idempotent setup.
 
 #![forbid(unsafe_code)]
 
 mod bench;
 mod cmd;
 mod demo;
+mod fuzz;
 mod root;
 mod setup;
 mod test;
@@ -42,6 +43,16 @@ enum Task {
     },
     /// Run the datapath demo as root (the README's main job).
     Demo,
+    /// Run cargo-fuzz targets on the nightly, each for a fixed time; every target when none
+    /// is named (not part of CI).
+    Fuzz {
+        /// Fuzz targets to run.
+        #[arg(value_enum, value_name = "TARGET")]
+        targets: Vec<fuzz::Target>,
+        /// How long to fuzz each target, in seconds.
+        #[arg(long, value_name = "N", default_value_t = 60)]
+        seconds: u64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -54,6 +65,7 @@ fn main() -> Result<()> {
         Task::Test { unit_only } => test::run(unit_only),
         Task::Bench { names } => bench::run(&names),
         Task::Demo => demo::run(),
+        Task::Fuzz { targets, seconds } => fuzz::run(&targets, seconds),
     }
 }
 
@@ -73,5 +85,21 @@ mod tests {
         let cli = Cli::try_parse_from(["cargo xtask", "bench", "hooks"]).unwrap();
         assert!(matches!(cli.task, Task::Bench { names } if names == [bench::Bench::Hooks]));
         assert!(Cli::try_parse_from(["cargo xtask", "bench", "nope"]).is_err());
+    }
+
+    #[test]
+    fn fuzz_targets_and_seconds_parse() {
+        let cli = Cli::try_parse_from(["cargo xtask", "fuzz"]).unwrap();
+        assert!(matches!(
+            cli.task,
+            Task::Fuzz { targets, seconds: 60 } if targets.is_empty()
+        ));
+        let cli =
+            Cli::try_parse_from(["cargo xtask", "fuzz", "spiffe_id", "--seconds", "5"]).unwrap();
+        assert!(matches!(
+            cli.task,
+            Task::Fuzz { targets, seconds: 5 } if targets == [fuzz::Target::SpiffeId]
+        ));
+        assert!(Cli::try_parse_from(["cargo xtask", "fuzz", "nope"]).is_err());
     }
 }
