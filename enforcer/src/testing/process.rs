@@ -148,7 +148,10 @@ impl Spawn {
             _netns: self.netns,
         };
         match spawned.lines.recv_timeout(PLACEMENT_TIMEOUT) {
-            Ok(line) if line == PLACED => spawned,
+            Ok(line) if line == PLACED => {
+                spawned.wait_for_final_exec();
+                spawned
+            }
             Ok(line) => spawned.fail(&format!("printed {line:?} before being placed")),
             Err(_) => spawned.fail("was not placed"),
         }
@@ -191,6 +194,27 @@ pub struct Spawned {
 }
 
 impl Spawned {
+    /// Waits until the announcing wrapper has `exec`ed the workload: the wrapper prints
+    /// [`PLACED`] just before its last `exec`, so until then `/proc/<pid>` still describes the
+    /// wrapper shell (its command line carries [`WRAPPER_NAME`]). Returns early if the process
+    /// exits or after [`PLACEMENT_TIMEOUT`].
+    fn wait_for_final_exec(&self) {
+        let path = format!("/proc/{}/cmdline", self.pid());
+        let deadline = Instant::now() + PLACEMENT_TIMEOUT;
+        while Instant::now() < deadline {
+            match std::fs::read(&path) {
+                Ok(cmdline)
+                    if cmdline
+                        .split(|&byte| byte == 0)
+                        .any(|arg| arg == WRAPPER_NAME.as_bytes()) =>
+                {
+                    thread::sleep(Duration::from_millis(1));
+                }
+                _ => return,
+            }
+        }
+    }
+
     /// The process id, which is the workload's own: the wrappers `exec` it.
     #[must_use]
     pub fn pid(&self) -> u32 {
