@@ -13,7 +13,10 @@ use std::{
     process::{Command, Output},
 };
 
-use enforcer::identity::{TrustBundle, X509Svid, pem};
+use enforcer::{
+    identity::{TrustBundle, X509Svid, pem},
+    testing::{openssl, output_text, x509_text},
+};
 
 /// Runs the `enforcer` binary with `args` in `dir`.
 fn enforcer(dir: &Path, args: &[&str]) -> Output {
@@ -25,23 +28,6 @@ fn enforcer(dir: &Path, args: &[&str]) -> Output {
         .unwrap_or_else(|e| panic!("cannot run `enforcer {}`: {e}", args.join(" ")))
 }
 
-/// Runs `openssl` with `args` in `dir`.
-fn openssl(dir: &Path, args: &[&str]) -> Output {
-    Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run `openssl {}`: {e}", args.join(" ")))
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 /// Runs `enforcer` and panics with its output unless it succeeds.
 fn ok(dir: &Path, args: &[&str]) -> String {
     let out = enforcer(dir, args);
@@ -49,7 +35,7 @@ fn ok(dir: &Path, args: &[&str]) -> String {
         out.status.success(),
         "`enforcer {}` failed:\n{}",
         args.join(" "),
-        text(&out)
+        output_text(&out)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -61,7 +47,7 @@ fn fails(dir: &Path, args: &[&str]) -> String {
         !out.status.success(),
         "`enforcer {}` succeeded:\n{}",
         args.join(" "),
-        text(&out)
+        output_text(&out)
     );
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!stderr.contains("panicked"), "{stderr}");
@@ -169,18 +155,18 @@ fn init_issue_node_and_svid_write_files_openssl_verifies() {
             "web/leaf.pem",
         ],
     );
-    assert!(out.status.success(), "openssl verify:\n{}", text(&out));
-    assert!(text(&out).contains("web/leaf.pem: OK"), "{}", text(&out));
+    assert!(
+        out.status.success(),
+        "openssl verify:\n{}",
+        output_text(&out)
+    );
+    assert!(
+        output_text(&out).contains("web/leaf.pem: OK"),
+        "{}",
+        output_text(&out)
+    );
 
-    let show = |file: &str| {
-        let out = openssl(dir, &["x509", "-in", file, "-noout", "-text"]);
-        assert!(out.status.success(), "openssl x509 {file}:\n{}", text(&out));
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(str::trim)
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
+    let show = |file: &str| x509_text(dir, file);
     let root = show("ca/root.pem");
     for expected in [
         "X509v3 Basic Constraints: critical\nCA:TRUE\n",
@@ -321,7 +307,7 @@ fn an_openssl_made_root_issues_nodes_and_svids() {
             "subjectAltName=URI:spiffe://ext.example",
         ],
     );
-    assert!(out.status.success(), "openssl req:\n{}", text(&out));
+    assert!(out.status.success(), "openssl req:\n{}", output_text(&out));
     ok(
         dir,
         &[

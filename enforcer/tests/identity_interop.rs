@@ -8,33 +8,20 @@
 
 use std::{
     path::Path,
-    process::{Command, Output},
     time::{Duration, SystemTime},
 };
 
-use enforcer::identity::{
-    CertificateAuthority, TrustBundle, TrustBundleSet, X509Svid,
-    ca::{DEFAULT_INTERMEDIATE_VALIDITY, DEFAULT_ROOT_VALIDITY, NODE_FILE_STEM, ROOT_FILE_STEM},
-    pem,
-    svid::DEFAULT_SVID_TTL,
+use enforcer::{
+    identity::{
+        CertificateAuthority, TrustBundle, TrustBundleSet, X509Svid,
+        ca::{
+            DEFAULT_INTERMEDIATE_VALIDITY, DEFAULT_ROOT_VALIDITY, NODE_FILE_STEM, ROOT_FILE_STEM,
+        },
+        pem,
+        svid::DEFAULT_SVID_TTL,
+    },
+    testing::{openssl, output_text, x509_text},
 };
-
-/// Runs `openssl` with `args` in `dir`, panicking with its output if it cannot start.
-fn openssl(dir: &Path, args: &[&str]) -> Output {
-    Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run `openssl {}`: {e}", args.join(" ")))
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 /// Writes root, node and a workload SVID into `dir` as the daemon's state dir would hold them.
 fn write_pki(dir: &Path) -> (CertificateAuthority, CertificateAuthority, X509Svid) {
@@ -87,9 +74,13 @@ fn openssl_verifies_the_chain_for_tls_client_and_server_purposes() {
         assert!(
             out.status.success(),
             "openssl verify ({purpose}) failed:\n{}",
-            text(&out)
+            output_text(&out)
         );
-        assert!(text(&out).contains("leaf-only.pem: OK"), "{}", text(&out));
+        assert!(
+            output_text(&out).contains("leaf-only.pem: OK"),
+            "{}",
+            output_text(&out)
+        );
     }
     // Without the intermediate the chain is incomplete.
     let out = openssl(
@@ -99,7 +90,7 @@ fn openssl_verifies_the_chain_for_tls_client_and_server_purposes() {
     assert!(
         !out.status.success(),
         "verified without the intermediate:\n{}",
-        text(&out)
+        output_text(&out)
     );
 }
 
@@ -107,16 +98,7 @@ fn openssl_verifies_the_chain_for_tls_client_and_server_purposes() {
 fn openssl_shows_the_x509_svid_extensions() {
     let dir = tempfile::tempdir().expect("tempdir");
     write_pki(dir.path());
-    let show = |file: &str| {
-        let out = openssl(dir.path(), &["x509", "-in", file, "-noout", "-text"]);
-        assert!(out.status.success(), "openssl x509 {file}:\n{}", text(&out));
-        // One line per extension value; join header and value so they are checked together.
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(str::trim)
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
+    let show = |file: &str| x509_text(dir.path(), file);
     let leaf = show("leaf-only.pem");
     for expected in [
         "X509v3 Key Usage: critical\nDigital Signature\n",
@@ -160,8 +142,8 @@ fn openssl_reads_the_keys_and_they_match_the_certificates() {
         assert!(
             from_cert.status.success() && from_key.status.success(),
             "{}{}",
-            text(&from_cert),
-            text(&from_key)
+            output_text(&from_cert),
+            output_text(&from_key)
         );
         assert_eq!(
             from_cert.stdout, from_key.stdout,
@@ -201,7 +183,11 @@ fn openssl_written_pki_loads_back() {
             "subjectAltName=URI:spiffe://ext.example",
         ],
     );
-    assert!(out.status.success(), "openssl req failed:\n{}", text(&out));
+    assert!(
+        out.status.success(),
+        "openssl req failed:\n{}",
+        output_text(&out)
+    );
     let ca = CertificateAuthority::load(dir.path(), "ext").expect("load openssl root");
     assert_eq!(ca.trust_domain().as_str(), "ext.example");
     let svid = ca

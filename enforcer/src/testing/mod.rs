@@ -30,6 +30,7 @@ mod cgroup;
 mod client;
 mod datapath;
 mod netns;
+mod openssl;
 mod process;
 
 use std::error::Error;
@@ -43,6 +44,7 @@ pub use cgroup::ScratchCgroup;
 pub use client::Client;
 pub use datapath::ScratchDatapath;
 pub use netns::{Netns, Node, connect_nodes};
+pub use openssl::{openssl, output_text, x509_text};
 pub use process::{Spawn, Spawned};
 
 /// Panics unless the test runs as root: a privileged test that cannot run must fail, not pass.
