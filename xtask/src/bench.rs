@@ -1,6 +1,6 @@
 //! `cargo xtask bench [NAME...]`: the enforcer crate's benchmarks, each a `harness = false`
-//! program that prints its own figures. Most attach eBPF programs and need root; `identity`
-//! (in-process certificates and TLS) does not.
+//! program that prints its own figures. `hooks` attaches eBPF programs and needs root;
+//! `attest` (its own child processes) and `identity` (in-process certificates and TLS) do not.
 
 use anyhow::Result;
 use clap::ValueEnum;
@@ -12,7 +12,7 @@ use crate::{cmd, root, setup};
 pub(crate) enum Bench {
     /// Cost of the eBPF socket hooks on the connection path.
     Hooks,
-    /// Attestation, authorization and policy compilation costs.
+    /// Attestation, authorization and policy compilation costs (no root needed).
     Attest,
     /// SVID issuance and mTLS handshake costs (no root needed).
     Identity,
@@ -30,7 +30,7 @@ impl Bench {
 
     /// Whether the benchmark touches kernel state and so needs root.
     fn needs_root(self) -> bool {
-        !matches!(self, Self::Identity)
+        matches!(self, Self::Hooks)
     }
 }
 
