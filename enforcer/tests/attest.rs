@@ -199,7 +199,7 @@ fn a_sha256_entry_follows_the_running_binary_not_the_file_on_disk() {
         "trust_domain = \"example.org\"\n[[workload]]\nid = \"spiffe://example.org/worker\"\n\
          selectors = [\"unix:sha256:{}\", \"unix:uid:{}\"]\n",
         sha256sum(&worker),
-        rustix_uid()
+        effective_uid()
     );
     let (policy, _) = enforcer::policy::parse("p.toml", text.as_bytes()).unwrap();
     let registry = Registry::new(policy.workloads);
@@ -233,7 +233,7 @@ fn a_sha256_entry_follows_the_running_binary_not_the_file_on_disk() {
 }
 
 /// This test process's effective uid (the spawned workers inherit it).
-fn rustix_uid() -> u32 {
+fn effective_uid() -> u32 {
     let status = fs::read_to_string("/proc/self/status").unwrap();
     let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
     line.split_whitespace().nth(2).unwrap().parse().unwrap()
