@@ -13,6 +13,7 @@ use std::{
     fs::File,
     io,
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use aya::{
@@ -111,6 +112,12 @@ pub enum LoadError {
         /// The first missing link.
         missing: &'static str,
     },
+    /// Unpinned links were still attached after the timeout (something else holds them).
+    #[error("programs still attached {timeout:?} after their links were unpinned")]
+    StillAttached {
+        /// How long was waited.
+        timeout: Duration,
+    },
     /// The maps could not be opened.
     #[error(transparent)]
     Maps(#[from] MapsError),
@@ -198,7 +205,18 @@ impl Datapath {
 
     /// Remove every pin under `pin_dir`: the links (detaching the programs) and the maps.
     /// Removing an installation that is not there is not an error.
+    ///
+    /// The kernel releases an unpinned link asynchronously (it frees the link's id before it
+    /// detaches), so this waits, up to [`DETACH_TIMEOUT`], until every program the links held
+    /// is unloaded: a program is freed only after its last link detached it. When this
+    /// returns, no program of this installation runs any more.
     pub fn uninstall(pin_dir: &Path) -> Result<(), LoadError> {
+        let program_ids: Vec<u32> = PROGRAMS
+            .into_iter()
+            .filter_map(|name| PinnedLink::from_pin(links_dir(pin_dir).join(name)).ok())
+            .filter_map(|link| FdLink::from(link).info().ok())
+            .map(|info| info.program_id())
+            .collect();
         for dir in [links_dir(pin_dir), maps_dir(pin_dir)] {
             let entries = match std::fs::read_dir(&dir) {
                 Ok(entries) => entries,
@@ -211,6 +229,7 @@ impl Datapath {
             }
             std::fs::remove_dir(&dir).map_err(io_error("failed to remove", &dir))?;
         }
+        wait_until_unloaded(&program_ids)?;
         match std::fs::remove_dir(pin_dir) {
             Ok(()) => Ok(()),
             Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -273,6 +292,28 @@ impl Datapath {
             }
         }
         Ok(stats)
+    }
+}
+
+/// How long [`Datapath::uninstall`] waits for the kernel to release unpinned links.
+pub const DETACH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Wait until none of the programs `ids` is loaded any more.
+fn wait_until_unloaded(ids: &[u32]) -> Result<(), LoadError> {
+    let deadline = Instant::now() + DETACH_TIMEOUT;
+    loop {
+        let alive = loaded_programs()
+            .filter_map(Result::ok)
+            .any(|info| ids.contains(&info.id()));
+        if !alive {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(LoadError::StillAttached {
+                timeout: DETACH_TIMEOUT,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
