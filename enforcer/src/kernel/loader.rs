@@ -229,12 +229,12 @@ impl Datapath {
             }
             std::fs::remove_dir(&dir).map_err(io_error("failed to remove", &dir))?;
         }
-        wait_until_unloaded(&program_ids)?;
         match std::fs::remove_dir(pin_dir) {
-            Ok(()) => Ok(()),
-            Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(io_error("failed to remove", pin_dir)(source)),
+            Ok(()) => {}
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(io_error("failed to remove", pin_dir)(source)),
         }
+        wait_until_unloaded(&program_ids)
     }
 
     /// Whether this value attached the programs itself (false when it adopted existing pins).
