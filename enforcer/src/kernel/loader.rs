@@ -31,6 +31,7 @@ use enforcer_ebpf::{DEFAULT_RING_BYTES, map_names, program_names};
 use super::{
     bpffs::{BpffsError, ensure_bpffs},
     events::{EventError, EventReader},
+    features::{self, FeatureError},
     maps::{Maps, MapsError},
 };
 
@@ -55,6 +56,9 @@ pub enum LoadError {
     /// bpffs could not be found or mounted.
     #[error("bpffs is not available")]
     Bpffs(#[from] BpffsError),
+    /// The running kernel lacks something the programs need.
+    #[error(transparent)]
+    Kernel(#[from] FeatureError),
     /// A file or directory operation failed.
     #[error("{operation} {}", path.display())]
     Io {
@@ -351,6 +355,7 @@ fn program_error(
 /// programs on the same cgroup keep running); `CgroupAttachMode::Single` is the mode links
 /// accept.
 fn load_and_attach(options: &DatapathOptions) -> Result<(), LoadError> {
+    features::check_running()?;
     let maps = maps_dir(&options.pin_dir);
     let links = links_dir(&options.pin_dir);
     for dir in [&maps, &links] {

@@ -5,6 +5,7 @@ pub mod addr;
 pub mod bpffs;
 pub mod cgroup;
 pub mod events;
+pub mod features;
 pub mod loader;
 pub mod maps;
 pub mod mark;
