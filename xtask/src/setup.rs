@@ -13,8 +13,11 @@ use crate::{cmd, root};
 /// The bpf-linker release series the eBPF build is known to work with (LLVM 22 support).
 const BPF_LINKER_SERIES: (u64, u64) = (0, 13);
 
-/// Debian packages the privileged tests and the demo use as workloads and tools.
-const PACKAGES: [&str; 9] = [
+/// Debian packages the privileged tests and the demo use as workloads and tools (stunnel4 is
+/// the TLS peer of the tunnel interop tests), and what `vm-test` boots kernels with: qemu
+/// (with its virtiofsd), a static busybox for the initramfs, dpkg-deb and xz to unpack
+/// kernel packages.
+const PACKAGES: [&str; 14] = [
     "iproute2",
     "bpftool",
     "python3",
@@ -24,6 +27,11 @@ const PACKAGES: [&str; 9] = [
     "procps",
     "util-linux",
     "kmod",
+    "stunnel4",
+    "qemu-system-x86",
+    "busybox-static",
+    "dpkg",
+    "xz-utils",
 ];
 
 /// Checks every prerequisite and installs the missing ones.
