@@ -1,5 +1,6 @@
 //! Project tasks for enforcer, run as `cargo xtask <task>`: toolchain setup, build, the test
-//! tiers, benchmarks, fuzzing and the demo. Every task starts with the idempotent setup.
+//! tiers, the kernel matrix under qemu, benchmarks, fuzzing and the demo. Every task starts
+//! with the idempotent setup.
 
 #![forbid(unsafe_code)]
 
@@ -10,6 +11,9 @@ mod fuzz;
 mod root;
 mod setup;
 mod test;
+mod vmtest;
+
+use std::time::Duration;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -29,11 +33,24 @@ enum Task {
     Setup,
     /// Build the workspace; enforcer's build script builds the eBPF object with the nightly.
     Build,
-    /// Run every test tier: fmt, clippy, unit tests, then privileged integration tests (root).
+    /// Run every test tier: fmt, clippy, unit tests, privileged integration tests (root), then
+    /// the privileged suite under qemu on Debian's 6.1 kernel.
     Test {
         /// Stop after the unit tests (local iteration only; refused when CI is set).
         #[arg(long)]
         unit_only: bool,
+        /// Skip the qemu tier (local iteration only; refused when CI is set).
+        #[arg(long)]
+        no_vm: bool,
+    },
+    /// Boot Debian cloud kernels under qemu (TCG) and run the privileged suite in each (root).
+    VmTest {
+        /// Kernel series to boot, e.g. 6.1 or 6.12 (repeatable); default 6.1 and 6.12.
+        #[arg(long = "kernel", value_name = "VERSION", value_parser = vmtest::parse_version)]
+        kernels: Vec<String>,
+        /// Wall-clock limit per kernel, in minutes; qemu is killed when it passes.
+        #[arg(long, value_name = "MINUTES", default_value_t = vmtest::DEFAULT_TIMEOUT_MINUTES)]
+        timeout: u64,
     },
     /// Run benchmarks as root; every benchmark when none is named.
     Bench {
@@ -62,7 +79,18 @@ fn main() -> Result<()> {
             setup::run()?;
             cmd::run(cmd::new("cargo").args(["build", "--workspace"]))
         }
-        Task::Test { unit_only } => test::run(unit_only),
+        Task::Test { unit_only, no_vm } => test::run(unit_only, no_vm),
+        Task::VmTest { kernels, timeout } => {
+            setup::run()?;
+            let kernels = if kernels.is_empty() {
+                vmtest::DEFAULT_KERNELS.map(str::to_owned).to_vec()
+            } else {
+                kernels
+            };
+            let tally = vmtest::run(&kernels, Duration::from_mins(timeout))?;
+            eprintln!("vm-test: ok: {tally}");
+            Ok(())
+        }
         Task::Bench { names } => bench::run(&names),
         Task::Demo => demo::run(),
         Task::Fuzz { targets, seconds } => fuzz::run(&targets, seconds),
@@ -85,6 +113,31 @@ mod tests {
         let cli = Cli::try_parse_from(["cargo xtask", "bench", "hooks"]).unwrap();
         assert!(matches!(cli.task, Task::Bench { names } if names == [bench::Bench::Hooks]));
         assert!(Cli::try_parse_from(["cargo xtask", "bench", "nope"]).is_err());
+    }
+
+    #[test]
+    fn vm_test_kernels_and_timeout_parse() {
+        let cli = Cli::try_parse_from(["cargo xtask", "vm-test"]).unwrap();
+        assert!(matches!(
+            cli.task,
+            Task::VmTest { kernels, timeout: vmtest::DEFAULT_TIMEOUT_MINUTES } if kernels.is_empty()
+        ));
+        let cli = Cli::try_parse_from([
+            "cargo xtask",
+            "vm-test",
+            "--kernel",
+            "6.1",
+            "--kernel",
+            "6.12",
+            "--timeout",
+            "45",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.task,
+            Task::VmTest { kernels, timeout: 45 } if kernels == ["6.1", "6.12"]
+        ));
+        assert!(Cli::try_parse_from(["cargo xtask", "vm-test", "--kernel", "latest"]).is_err());
     }
 
     #[test]

@@ -1,20 +1,22 @@
 //! `cargo xtask test`: every tier in order — formatting, clippy (host, and the eBPF programs
-//! for the BPF target), unit tests, then the
-//! privileged integration tests (root). A tier that cannot run fails; it never looks like a pass.
+//! for the BPF target), unit tests, the privileged integration tests (root) on the host
+//! kernel, then the same suite under qemu on the oldest kernel series we test (`vm-test`).
+//! A tier that cannot run fails; it never looks like a pass.
 
 use std::env;
 use std::fmt;
 use std::io;
+use std::time::Duration;
 
 use anyhow::{Result, bail, ensure};
 
-use crate::{cmd, root, setup};
+use crate::{cmd, root, setup, vmtest};
 
-/// Runs setup, then every tier; with `unit_only` (local iteration, refused under CI) stops
-/// before the privileged tier and says so in the tally.
-pub(crate) fn run(unit_only: bool) -> Result<()> {
-    if unit_only && env::var_os("CI").is_some() {
-        bail!("--unit-only skips the privileged tests; CI must run every tier");
+/// Runs setup, then every tier. For local iteration only (both refused under CI), `unit_only`
+/// stops before the privileged tier and `no_vm` before the vm tier; the tally says so.
+pub(crate) fn run(unit_only: bool, no_vm: bool) -> Result<()> {
+    if (unit_only || no_vm) && env::var_os("CI").is_some() {
+        bail!("--unit-only and --no-vm skip test tiers; CI must run every tier");
     }
     setup::run()?;
     cmd::run(cmd::new("cargo").args(["fmt", "--all", "--", "--check"]))?;
@@ -61,7 +63,18 @@ pub(crate) fn run(unit_only: bool) -> Result<()> {
         privileged.passed > 0,
         "the privileged tier passed no tests ({privileged}); a tier that did not run is not a pass"
     );
-    eprintln!("test: ok: fmt, clippy, unit {unit}, privileged {privileged}");
+    if no_vm {
+        eprintln!(
+            "test: ok: fmt, clippy, unit {unit}, privileged {privileged}; vm NOT RUN (--no-vm)"
+        );
+        return Ok(());
+    }
+    let kernels = vmtest::CI_KERNELS.map(str::to_owned);
+    let vm = vmtest::run(
+        &kernels,
+        Duration::from_mins(vmtest::DEFAULT_TIMEOUT_MINUTES),
+    )?;
+    eprintln!("test: ok: fmt, clippy, unit {unit}, privileged {privileged}, vm {vm}");
     Ok(())
 }
 
@@ -77,16 +90,16 @@ fn cargo_test(args: &[&str]) -> Result<Counts> {
 }
 
 /// Test counts of one or more libtest suites.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct Counts {
-    suites: u64,
-    passed: u64,
-    failed: u64,
-    ignored: u64,
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Counts {
+    pub(crate) suites: u64,
+    pub(crate) passed: u64,
+    pub(crate) failed: u64,
+    pub(crate) ignored: u64,
 }
 
 impl Counts {
-    fn add(&mut self, other: &Counts) {
+    pub(crate) fn add(&mut self, other: &Counts) {
         self.suites += other.suites;
         self.passed += other.passed;
         self.failed += other.failed;
@@ -108,7 +121,7 @@ impl fmt::Display for Counts {
 }
 
 /// Parses libtest's `test result: ok. 3 passed; 0 failed; 1 ignored; ...` into one suite.
-fn parse_result(line: &str) -> Option<Counts> {
+pub(crate) fn parse_result(line: &str) -> Option<Counts> {
     let (_verdict, fields) = line.strip_prefix("test result: ")?.split_once(". ")?;
     let mut counts = Counts {
         suites: 1,

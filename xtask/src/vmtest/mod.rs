@@ -1,0 +1,240 @@
+//! `cargo xtask vm-test`: the privileged integration suite booted under qemu on Debian's cloud
+//! kernels, one verdict per kernel.
+//!
+//! The test executables are built on the host as usual; the guest sees the host's whole root
+//! read-only through virtiofs (with a tmpfs overlay for writes), so the executables, their
+//! shared libraries and the workload tools (python3, curl, iperf3, ip) are the host's own. Only
+//! the kernel and its modules come from the downloaded package. See `vm-tests/README.md`.
+
+mod guest;
+mod initramfs;
+mod kernel;
+mod qemu;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::Value;
+
+use crate::{cmd, root};
+use guest::{Suite, Transcript, Verdict};
+
+/// The kernels `vm-test` boots when none is named: Debian bookworm's default cloud kernel and
+/// the newer series bookworm also carries.
+pub(crate) const DEFAULT_KERNELS: [&str; 2] = ["6.1", "6.12"];
+
+/// The kernels `cargo xtask test` boots: the oldest series we test, so the tier fits CI's time.
+pub(crate) const CI_KERNELS: [&str; 1] = ["6.1"];
+
+/// The default wall-clock limit per kernel, in minutes (the 6.1 run takes about 10 under TCG
+/// on two cores).
+pub(crate) const DEFAULT_TIMEOUT_MINUTES: u64 = 30;
+
+/// Builds the test executables, then boots each kernel in turn; fails unless every kernel
+/// passed. Returns the one-line tally.
+pub(crate) fn run(kernels: &[String], timeout: Duration) -> Result<String> {
+    root::require("vm-test runs virtiofsd, which exports / and needs root")?;
+    ensure!(!kernels.is_empty(), "vm-test needs at least one kernel");
+    let suites = build_suites()?;
+    let cache = cmd::workspace_root().join("target/vm-test");
+    let mut results = Vec::new();
+    for version in kernels {
+        let started = Instant::now();
+        let verdict = boot(version, &suites, &cache, timeout)?;
+        let took = minutes(started.elapsed());
+        let release = verdict.release.clone().unwrap_or_else(|| version.clone());
+        eprintln!("vm-test: {version} ({release}): {verdict} [{took}]");
+        results.push((version, release, verdict, took));
+    }
+    eprintln!("vm-test: summary");
+    for (version, release, verdict, took) in &results {
+        eprintln!("  {version:<6} {release:<32} {verdict} [{took}]");
+    }
+    let failed: Vec<&str> = results
+        .iter()
+        .filter(|(_, _, verdict, _)| verdict.problem.is_some())
+        .map(|(version, ..)| version.as_str())
+        .collect();
+    if !failed.is_empty() {
+        bail!("vm-test failed on {}", failed.join(", "));
+    }
+    Ok(results
+        .iter()
+        .map(|(version, _, verdict, _)| format!("{version}: {}", verdict.counts))
+        .collect::<Vec<_>>()
+        .join("; "))
+}
+
+/// Fetches and boots one kernel, writing its initramfs and second stage into a fresh run
+/// directory under the cache, which is removed afterwards.
+fn boot(version: &str, suites: &[Suite], cache: &Path, timeout: Duration) -> Result<Verdict> {
+    let kernel = kernel::fetch(version, &cache.join("kernels"))?;
+    let run_dir = cache.join("run").join(&kernel.release);
+    if run_dir.exists() {
+        fs::remove_dir_all(&run_dir)
+            .with_context(|| format!("failed to remove {}", run_dir.display()))?;
+    }
+    fs::create_dir_all(&run_dir)
+        .with_context(|| format!("failed to create {}", run_dir.display()))?;
+    let stage2 = run_dir.join("stage2");
+    let package_dir = cmd::workspace_root().join("enforcer");
+    write_executable(
+        &stage2,
+        &guest::stage2_script(&kernel, suites, &package_dir),
+    )?;
+    let initramfs = run_dir.join("initramfs.cpio");
+    initramfs::write(&kernel, &stage2, &initramfs)?;
+
+    let mut transcript = Transcript::default();
+    let exit = qemu::boot(&kernel, &initramfs, &run_dir, timeout, &mut transcript);
+    fs::remove_dir_all(&run_dir)
+        .with_context(|| format!("failed to remove {}", run_dir.display()))?;
+    Ok(transcript.verdict(&exit?))
+}
+
+/// Writes `contents` to `path` with mode 0755.
+fn write_executable(path: &Path, contents: &str) -> Result<()> {
+    fs::write(path, contents).with_context(|| format!("failed to write {}", path.display()))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("failed to make {} executable", path.display()))
+}
+
+/// Builds the integration tests of the enforcer package and returns their executables, from
+/// cargo's JSON messages.
+fn build_suites() -> Result<Vec<Suite>> {
+    let mut suites = Vec::new();
+    cmd::run_tee(
+        cmd::new("cargo").args([
+            "test",
+            "-p",
+            "enforcer",
+            "--test",
+            "*",
+            "--no-run",
+            "--message-format=json-render-diagnostics",
+        ]),
+        &mut std::io::sink(),
+        // Diagnostics go to stderr, rendered; every stdout line is one JSON message.
+        |line| {
+            if let Ok(message) = serde_json::from_str::<Value>(line) {
+                suites.extend(test_executable(&message));
+            }
+        },
+    )?;
+    ensure!(
+        !suites.is_empty(),
+        "cargo built no integration test executables for the enforcer package"
+    );
+    suites.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(suites)
+}
+
+/// The test executable a `compiler-artifact` message announces, if it is an integration test.
+fn test_executable(message: &Value) -> Option<Suite> {
+    if message["reason"] != "compiler-artifact" || message["profile"]["test"] != true {
+        return None;
+    }
+    let kinds = message["target"]["kind"].as_array()?;
+    if !kinds.iter().any(|kind| kind == "test") {
+        return None;
+    }
+    Some(Suite {
+        name: message["target"]["name"].as_str()?.to_owned(),
+        path: PathBuf::from(message["executable"].as_str()?),
+    })
+}
+
+/// Whether `version` has the `major.minor` form kernels are named by (`6.1`, `6.12`).
+pub(crate) fn parse_version(version: &str) -> Result<String, String> {
+    let valid = version.split_once('.').is_some_and(|(major, minor)| {
+        [major, minor]
+            .iter()
+            .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
+    });
+    if valid {
+        Ok(version.to_owned())
+    } else {
+        Err(format!(
+            "{version:?} is not a kernel series like 6.1 or 6.12"
+        ))
+    }
+}
+
+/// A duration as `12m05s`.
+fn minutes(duration: Duration) -> String {
+    let seconds = duration.as_secs();
+    format!("{}m{:02}s", seconds / 60, seconds % 60)
+}
+
+/// Single-quotes a word for `sh` unless it only holds characters no shell treats specially.
+fn shell_quote(word: &str) -> String {
+    let plain = !word.is_empty()
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:+,@%".contains(c));
+    if plain {
+        word.to_owned()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_integration_test_artifacts_are_suites() {
+        let message: Value = serde_json::from_str(
+            r#"{"reason":"compiler-artifact","profile":{"test":true},
+                "target":{"name":"datapath","kind":["test"]},
+                "executable":"/t/debug/deps/datapath-1"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            test_executable(&message),
+            Some(Suite {
+                name: "datapath".to_owned(),
+                path: PathBuf::from("/t/debug/deps/datapath-1"),
+            })
+        );
+        for other in [
+            r#"{"reason":"compiler-artifact","profile":{"test":false},
+                "target":{"name":"enforcer","kind":["bin"]},"executable":"/t/debug/enforcer"}"#,
+            r#"{"reason":"compiler-artifact","profile":{"test":true},
+                "target":{"name":"enforcer","kind":["lib"]},"executable":"/t/debug/deps/e-1"}"#,
+            r#"{"reason":"compiler-artifact","profile":{"test":false},
+                "target":{"name":"aya","kind":["lib"]},"executable":null}"#,
+            r#"{"reason":"build-finished","success":true}"#,
+        ] {
+            let message: Value = serde_json::from_str(other).unwrap();
+            assert_eq!(test_executable(&message), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn versions_are_major_dot_minor() {
+        assert_eq!(parse_version("6.1").as_deref(), Ok("6.1"));
+        assert_eq!(parse_version("6.12").as_deref(), Ok("6.12"));
+        for bad in ["6", "6.", ".1", "6.1.0", "6.x", "latest", ""] {
+            assert!(parse_version(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn minutes_pad_seconds() {
+        assert_eq!(minutes(Duration::from_secs(605)), "10m05s");
+        assert_eq!(minutes(Duration::from_secs(59)), "0m59s");
+    }
+
+    #[test]
+    fn shell_quote_quotes_only_what_needs_it() {
+        assert_eq!(shell_quote("/work/main/target"), "/work/main/target");
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote(""), "''");
+    }
+}
