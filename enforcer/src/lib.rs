@@ -7,7 +7,9 @@ pub mod cli;
 pub mod identity;
 pub mod kernel;
 pub mod policy;
+pub mod report;
 pub mod testing;
+pub mod tunnel;
 
 // The `spiffe` dev-dependency serves tests/identity_spiffe_crate.rs (interop with code nobody
 // here wrote); naming it keeps the library's own test build from calling it unused.

@@ -29,12 +29,11 @@
 mod cgroup;
 mod client;
 mod datapath;
+mod mesh;
 mod netns;
 mod openssl;
 mod process;
 
-use std::error::Error;
-use std::fmt::Write as _;
 use std::fs;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -43,9 +42,14 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 pub use cgroup::ScratchCgroup;
 pub use client::Client;
 pub use datapath::ScratchDatapath;
+pub use mesh::{
+    MeshListeners, MeshNode, TableOrigins, TableWorkloads, TestPki, policy as test_policy,
+};
 pub use netns::{Netns, Node, connect_nodes};
 pub use openssl::{openssl, output_text, x509_text};
 pub use process::{Spawn, Spawned};
+
+use crate::report::report;
 
 /// Panics unless the test runs as root: a privileged test that cannot run must fail, not pass.
 pub fn require_root() {
@@ -116,17 +120,6 @@ fn run_checked(command: &mut Command) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-/// `error` followed by each of its sources, separated by `: `, for panic messages.
-fn report(error: &dyn Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let _ = write!(text, ": {cause}");
-        source = cause.source();
-    }
-    text
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,14 +159,5 @@ mod tests {
         });
         assert!(poisoner.join().is_err());
         drop(serial());
-    }
-
-    #[test]
-    fn reports_the_error_chain() {
-        let error = crate::kernel::cgroup::CgroupError::Stat {
-            path: "/x".into(),
-            source: std::io::Error::other("gone"),
-        };
-        assert_eq!(report(&error), "failed to stat /x: gone");
     }
 }

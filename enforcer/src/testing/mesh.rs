@@ -1,0 +1,294 @@
+//! In-process tunnel nodes for tests without privileges: a test PKI, table-backed workloads
+//! and origins, and a node whose outbound and inbound listeners run on a loopback address
+//! (each node its own `127.0.0.x`).
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, PoisonError, RwLock},
+    time::{Duration, Instant, SystemTime},
+};
+
+use tokio::{
+    net::{TcpListener, TcpSocket, TcpStream},
+    task::JoinHandle,
+};
+
+use crate::{
+    identity::{
+        CacheConfig, CertificateAuthority, SpiffeId, SvidCache, SystemClock, TrustBundle,
+        TrustBundleSet, TrustDomain,
+    },
+    policy::{Policy, parse},
+    tunnel::{
+        FlowRecord, LocalWorkloads, Origin, OriginError, Origins, PolicyView, SvidSource, Tunnel,
+        TunnelConfig, TunnelParts, record::RecentRecords,
+    },
+};
+
+/// A trust domain's root CA and the bundle set that trusts it.
+pub struct TestPki {
+    /// The root CA.
+    pub root: CertificateAuthority,
+    /// Bundles trusting the root.
+    pub bundles: Arc<TrustBundleSet>,
+}
+
+impl TestPki {
+    /// A fresh root for `trust_domain`.
+    #[must_use]
+    pub fn new(trust_domain: &str) -> Self {
+        Self::new_at(trust_domain, SystemTime::now())
+    }
+
+    /// A root for `trust_domain` made at `now`, valid for a day.
+    #[must_use]
+    pub fn new_at(trust_domain: &str, now: SystemTime) -> Self {
+        let td: TrustDomain = trust_domain.parse().expect("valid trust domain");
+        let root =
+            CertificateAuthority::new_root(&td, Duration::from_hours(24), now).expect("root CA");
+        let mut bundles = TrustBundleSet::new();
+        bundles.insert(TrustBundle::new(td, vec![root.certificate().clone()]).expect("bundle"));
+        Self {
+            root,
+            bundles: Arc::new(bundles),
+        }
+    }
+
+    /// A node intermediate named `node`, made at `now`.
+    #[must_use]
+    pub fn node_ca_at(&self, node: &str, now: SystemTime) -> CertificateAuthority {
+        self.root
+            .issue_intermediate(node, Duration::from_hours(24), now)
+            .expect("node CA")
+    }
+
+    /// An SVID cache issuing from a new node intermediate named `node`.
+    #[must_use]
+    pub fn node_svids(&self, node: &str) -> Arc<dyn SvidSource> {
+        Arc::new(SvidCache::new(
+            SystemClock,
+            self.node_ca_at(node, SystemTime::now()),
+            CacheConfig::default(),
+        ))
+    }
+}
+
+/// Local workloads from a table.
+#[derive(Default)]
+pub struct TableWorkloads(RwLock<HashMap<SocketAddr, SpiffeId>>);
+
+impl TableWorkloads {
+    /// `id` listens at `addr`.
+    pub fn insert(&self, addr: SocketAddr, id: &SpiffeId) {
+        self.0
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(addr, id.clone());
+    }
+}
+
+impl LocalWorkloads for TableWorkloads {
+    fn owner(&self, addr: SocketAddr) -> Option<SpiffeId> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&addr)
+            .cloned()
+    }
+}
+
+/// Redirect origins from a table, keyed by the client's address.
+#[derive(Default)]
+pub struct TableOrigins(RwLock<HashMap<SocketAddr, Origin>>);
+
+impl Origins for TableOrigins {
+    fn origin(&self, client: SocketAddr) -> Result<Origin, OriginError> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&client)
+            .cloned()
+            .ok_or(OriginError::NotRedirected(client))
+    }
+}
+
+/// A node's listeners, bound before the policy is written (it names their ports).
+pub struct MeshListeners {
+    ip: IpAddr,
+    outbound: TcpListener,
+    inbound: TcpListener,
+}
+
+impl MeshListeners {
+    /// Bind both listeners on `ip` with ports the kernel picks.
+    pub async fn bind(ip: IpAddr) -> Self {
+        let bind = || async {
+            TcpListener::bind(SocketAddr::new(ip, 0))
+                .await
+                .unwrap_or_else(|e| panic!("failed to bind on {ip}: {e}"))
+        };
+        Self {
+            ip,
+            outbound: bind().await,
+            inbound: bind().await,
+        }
+    }
+
+    /// The inbound listener's address (what peers connect to).
+    #[must_use]
+    pub fn inbound_addr(&self) -> SocketAddr {
+        self.inbound.local_addr().expect("bound")
+    }
+}
+
+/// One in-process node: a tunnel serving both listeners, with table-backed sources and the
+/// records kept in memory. Dropping it stops the listeners.
+pub struct MeshNode {
+    /// The tunnel.
+    pub tunnel: Tunnel,
+    /// The node's loopback address.
+    pub ip: IpAddr,
+    /// Where redirected clients connect.
+    pub outbound: SocketAddr,
+    /// Where peers connect.
+    pub inbound: SocketAddr,
+    /// Local workloads.
+    pub workloads: Arc<TableWorkloads>,
+    /// Client origins.
+    pub origins: Arc<TableOrigins>,
+    records: Arc<RecentRecords>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl MeshNode {
+    /// Start a node named `name` on `listeners` with `policy` (version 1).
+    pub fn start(
+        listeners: MeshListeners,
+        name: &str,
+        pki: &TestPki,
+        svids: Arc<dyn SvidSource>,
+        policy: &Policy,
+        config: TunnelConfig,
+    ) -> Self {
+        let workloads = Arc::new(TableWorkloads::default());
+        let origins = Arc::new(TableOrigins::default());
+        let records = Arc::new(RecentRecords::new(100_000));
+        let node_id: SpiffeId = format!("spiffe://{}/enforcer/node/{name}", policy.trust_domain)
+            .parse()
+            .expect("node id");
+        let tunnel = Tunnel::new(TunnelParts {
+            config,
+            node_id,
+            bundles: Arc::clone(&pki.bundles),
+            svids,
+            workloads: Arc::clone(&workloads) as Arc<dyn LocalWorkloads>,
+            origins: Arc::clone(&origins) as Arc<dyn Origins>,
+            records: Arc::clone(&records) as Arc<dyn crate::tunnel::RecordSink>,
+            policy: PolicyView::new(policy, 1),
+        })
+        .expect("tunnel");
+        let outbound = listeners.outbound.local_addr().expect("bound");
+        let inbound = listeners.inbound_addr();
+        let tasks = vec![
+            tunnel.serve_outbound(listeners.outbound),
+            tunnel.serve_inbound(listeners.inbound),
+        ];
+        Self {
+            tunnel,
+            ip: listeners.ip,
+            outbound,
+            inbound,
+            workloads,
+            origins,
+            records,
+            tasks,
+        }
+    }
+
+    /// Connect to the outbound listener as a redirected client of identity `id` that asked
+    /// for `dst` (what the kernel redirect and attestation would report).
+    pub async fn connect(&self, id: &SpiffeId, dst: SocketAddr) -> TcpStream {
+        // A port bound before connecting can collide on loopback with a connection still in
+        // TIME_WAIT, which the kernel answers with a reset: then take another port.
+        for _ in 0..10 {
+            if let Some(stream) = self.try_connect(id, dst).await {
+                return stream;
+            }
+        }
+        panic!("connecting to the outbound listener was reset 10 times");
+    }
+
+    async fn try_connect(&self, id: &SpiffeId, dst: SocketAddr) -> Option<TcpStream> {
+        let socket = match self.ip {
+            IpAddr::V4(_) => TcpSocket::new_v4(),
+            IpAddr::V6(_) => TcpSocket::new_v6(),
+        }
+        .expect("socket");
+        socket
+            .bind(SocketAddr::new(self.ip, 0))
+            .expect("bind client");
+        let client = socket.local_addr().expect("bound");
+        self.origins
+            .0
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(
+                client,
+                Origin {
+                    dst,
+                    pid: std::process::id(),
+                    cgroup_id: 0,
+                    exe: None,
+                    id: id.clone(),
+                },
+            );
+        match socket.connect(self.outbound).await {
+            Ok(stream) => {
+                stream.set_nodelay(true).expect("nodelay");
+                Some(stream)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => None,
+            Err(e) => panic!("failed to connect to the outbound listener: {e}"),
+        }
+    }
+
+    /// The records written so far.
+    #[must_use]
+    pub fn records(&self) -> Vec<FlowRecord> {
+        self.records.snapshot()
+    }
+
+    /// Wait up to 10 s for a record that `matches`, panicking with every record seen if none
+    /// arrives.
+    pub async fn wait_for_record(&self, matches: impl Fn(&FlowRecord) -> bool) -> FlowRecord {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(record) = self.records().into_iter().find(&matches) {
+                return record;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no matching record; records: {:#?}",
+                self.records()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for MeshNode {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Parse `text` as a policy, panicking with the diagnostics if it is invalid.
+#[must_use]
+pub fn policy(text: &str) -> Policy {
+    parse("test-policy.toml", text.as_bytes())
+        .unwrap_or_else(|diagnostics| panic!("invalid test policy: {diagnostics:?}"))
+        .0
+}

@@ -1,0 +1,62 @@
+//! Settings of a tunnel endpoint, with the defaults the daemon uses.
+#![forbid(unsafe_code)]
+
+use std::time::Duration;
+
+/// Settings of both tunnel sides of one node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TunnelConfig {
+    /// `SO_MARK` on the sockets the tunnel opens to local workloads (0: none, for tests
+    /// without `CAP_NET_ADMIN`).
+    pub mark: u32,
+    /// Timeout of a TCP connect (to a peer node or a workload).
+    pub connect_timeout: Duration,
+    /// Timeout of the TLS plus HTTP/2 handshakes, on either side (slow clients are closed).
+    pub handshake_timeout: Duration,
+    /// TCP keepalive: probes after this much silence on tunnel and workload sockets.
+    pub keepalive: Option<Duration>,
+    /// A flow with no byte moving either way for this long is closed.
+    pub idle_timeout: Option<Duration>,
+    /// A flow open this long is closed.
+    pub max_lifetime: Option<Duration>,
+    /// Streams one pooled connection carries at most.
+    pub pool_max_streams: usize,
+    /// A pooled connection idle this long is closed.
+    pub pool_idle_timeout: Duration,
+    /// A pooled connection this old takes no new streams (SVIDs rotate underneath it).
+    pub pool_max_age: Duration,
+    /// HTTP/2: initial per-stream receive window.
+    pub stream_window: u32,
+    /// HTTP/2: initial per-connection receive window.
+    pub connection_window: u32,
+    /// HTTP/2: largest DATA frame accepted.
+    pub max_frame_size: u32,
+    /// HTTP/2: concurrent streams an inbound connection accepts.
+    pub max_concurrent_streams: u32,
+    /// HTTP/2: largest header list an inbound connection accepts.
+    pub max_header_list_size: u32,
+    /// An inbound connection with no open stream for this long is closed.
+    pub inbound_idle_timeout: Duration,
+}
+
+impl Default for TunnelConfig {
+    fn default() -> Self {
+        Self {
+            mark: 0,
+            connect_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(10),
+            keepalive: Some(Duration::from_mins(1)),
+            idle_timeout: Some(Duration::from_hours(1)),
+            max_lifetime: None,
+            pool_max_streams: 100,
+            pool_idle_timeout: Duration::from_mins(1),
+            pool_max_age: Duration::from_mins(30),
+            stream_window: 4 * 1024 * 1024,
+            connection_window: 16 * 1024 * 1024,
+            max_frame_size: 256 * 1024,
+            max_concurrent_streams: 1000,
+            max_header_list_size: 16 * 1024,
+            inbound_idle_timeout: Duration::from_mins(5),
+        }
+    }
+}

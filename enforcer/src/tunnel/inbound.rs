@@ -1,0 +1,330 @@
+//! The inbound side: peers' TLS 1.3 mTLS connections carrying HTTP/2 CONNECT streams to local
+//! workloads.
+//!
+//! The TLS server name names the destination (see [`super::hbone`]); the certificate shown is
+//! the SVID of the enrolled workload listening there, or the node's own SVID when none is.
+//! Each CONNECT must name that same destination, an enrolled workload must own it, and policy
+//! must allow (client ID, workload ID, port); only then is the workload dialled, with the
+//! tunnel mark, and the stream spliced to it. Refusals map to distinct statuses (see
+//! [`Refusal`]).
+#![forbid(unsafe_code)]
+
+use std::{
+    collections::HashMap,
+    fmt,
+    net::SocketAddr,
+    sync::{Arc, Mutex, PoisonError},
+};
+
+use bytes::Bytes;
+use h2::{RecvStream, server::SendResponse};
+use http::{Request, Response, StatusCode};
+use rustls::{
+    server::{ClientHello, ResolvesServerCert},
+    sign::CertifiedKey,
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, TcpStream},
+};
+use tokio_rustls::TlsAcceptor;
+
+use super::{
+    Node, Party, Reason, Side, Verdict,
+    copy::{H2Sink, H2Source, TcpSink, TcpSource},
+    hbone::{self, ALPN_H2, Refusal},
+    metrics::Metric,
+    net, new_record,
+    state::{LocalWorkloads, SvidSource},
+    verdict,
+};
+use crate::identity::{SpiffeId, X509Svid, peer_spiffe_id};
+
+/// What the inbound side knows of an authenticated client connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Client {
+    /// The client's SPIFFE ID, from its verified SVID.
+    pub id: SpiffeId,
+    /// The client's address.
+    pub addr: SocketAddr,
+    /// The destination the TLS server name named, if it named one.
+    pub destination: Option<SocketAddr>,
+    /// Whose certificate was shown: the workload owning `destination`, `None` when the node's
+    /// own SVID was shown.
+    pub presented: Option<SpiffeId>,
+}
+
+/// Picks the certificate for each handshake from the TLS server name: the SVID of the enrolled
+/// workload listening at the named destination, else the node's own SVID.
+pub(super) struct WorkloadCerts {
+    node_id: SpiffeId,
+    svids: Arc<dyn SvidSource>,
+    workloads: Arc<dyn LocalWorkloads>,
+    /// Signing keys already built, with the SVID they were built from.
+    keys: Mutex<HashMap<SpiffeId, BuiltKey>>,
+}
+
+/// A signing key and the SVID it was built from.
+type BuiltKey = (Arc<X509Svid>, Arc<CertifiedKey>);
+
+impl WorkloadCerts {
+    pub(super) fn new(
+        node_id: SpiffeId,
+        svids: Arc<dyn SvidSource>,
+        workloads: Arc<dyn LocalWorkloads>,
+    ) -> Self {
+        Self {
+            node_id,
+            svids,
+            workloads,
+            keys: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn certified_key(&self, id: &SpiffeId) -> Option<Arc<CertifiedKey>> {
+        let svid = match self.svids.svid(id) {
+            Ok(svid) => svid,
+            Err(error) => {
+                tracing::warn!(%id, error = %crate::report::report(&error), "no SVID to present");
+                return None;
+            }
+        };
+        let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((cached, key)) = keys.get(id)
+            && Arc::ptr_eq(cached, &svid)
+        {
+            return Some(Arc::clone(key));
+        }
+        let key = svid.certified_key().ok()?;
+        keys.insert(id.clone(), (svid, Arc::clone(&key)));
+        Some(key)
+    }
+}
+
+impl fmt::Debug for WorkloadCerts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkloadCerts")
+            .field("node_id", &self.node_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ResolvesServerCert for WorkloadCerts {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let owner = hbone::parse_server_name(hello.server_name())
+            .ok()
+            .and_then(|dst| self.workloads.owner(dst));
+        self.certified_key(owner.as_ref().unwrap_or(&self.node_id))
+    }
+}
+
+/// Accept peers' connections until the task is aborted.
+pub(super) async fn serve(node: Arc<Node>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((tcp, addr)) => {
+                tokio::spawn(handle_connection(Arc::clone(&node), tcp, addr));
+            }
+            Err(error) => {
+                // Out of descriptors or similar: back off rather than spin.
+                tracing::warn!(%error, "inbound accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// TLS handshake (bounded in time), then HTTP/2.
+async fn handle_connection(node: Arc<Node>, tcp: TcpStream, addr: SocketAddr) {
+    node.metrics.inc(Metric::InboundAccepted);
+    if let Err(error) = net::tune(&tcp, node.config.keepalive) {
+        tracing::debug!(%addr, %error, "failed to tune an inbound socket");
+    }
+    let acceptor = TlsAcceptor::from(Arc::clone(&node.tls_server));
+    let tls = match tokio::time::timeout(node.config.handshake_timeout, acceptor.accept(tcp)).await
+    {
+        Err(_) => {
+            node.metrics.inc(Metric::InboundHandshakeTimeouts);
+            tracing::debug!(%addr, "TLS handshake timed out");
+            return;
+        }
+        Ok(Err(error)) => {
+            node.metrics.inc(Metric::InboundHandshakeFailures);
+            tracing::debug!(%addr, %error, "TLS handshake failed");
+            return;
+        }
+        Ok(Ok(tls)) => tls,
+    };
+    let (_, session) = tls.get_ref();
+    if session.alpn_protocol() != Some(ALPN_H2) {
+        node.metrics.inc(Metric::InboundHandshakeFailures);
+        tracing::debug!(%addr, "client did not negotiate h2");
+        return;
+    }
+    let id = match peer_spiffe_id(session) {
+        Ok(id) => id,
+        Err(error) => {
+            node.metrics.inc(Metric::InboundHandshakeFailures);
+            tracing::debug!(%addr, %error, "client SVID has no usable ID");
+            return;
+        }
+    };
+    let destination = hbone::parse_server_name(session.server_name()).ok();
+    let presented = destination.and_then(|dst| node.workloads.owner(dst));
+    let client = Client {
+        id,
+        addr,
+        destination,
+        presented,
+    };
+    serve_connection(node, tls, client).await;
+}
+
+/// Serve CONNECT streams of one authenticated connection: the HTTP/2 handshake bounded in time,
+/// and the connection closed once it has had no stream for the inbound idle timeout.
+pub(super) async fn serve_connection<IO>(node: Arc<Node>, io: IO, client: Client)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let config = &node.config;
+    let handshake = h2::server::Builder::new()
+        .initial_window_size(config.stream_window)
+        .initial_connection_window_size(config.connection_window)
+        .max_frame_size(config.max_frame_size)
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .max_header_list_size(config.max_header_list_size)
+        .handshake::<_, Bytes>(io);
+    let mut conn = match tokio::time::timeout(config.handshake_timeout, handshake).await {
+        Err(_) => {
+            node.metrics.inc(Metric::InboundHandshakeTimeouts);
+            return;
+        }
+        Ok(Err(error)) => {
+            node.metrics.inc(Metric::InboundProtocolErrors);
+            tracing::debug!(addr = %client.addr, %error, "HTTP/2 handshake failed");
+            return;
+        }
+        Ok(Ok(conn)) => conn,
+    };
+    loop {
+        let next = match tokio::time::timeout(config.inbound_idle_timeout, conn.accept()).await {
+            Ok(next) => next,
+            Err(_) if conn.has_streams() => continue,
+            Err(_) => {
+                conn.graceful_shutdown();
+                let closing = std::future::poll_fn(|cx| conn.poll_closed(cx));
+                let _ = tokio::time::timeout(config.handshake_timeout, closing).await;
+                return;
+            }
+        };
+        match next {
+            None => return,
+            Some(Err(error)) => {
+                if !error.is_io() {
+                    node.metrics.inc(Metric::InboundProtocolErrors);
+                }
+                tracing::debug!(addr = %client.addr, %error, "inbound HTTP/2 connection failed");
+                return;
+            }
+            Some(Ok((request, respond))) => {
+                tokio::spawn(handle_stream(
+                    Arc::clone(&node),
+                    client.clone(),
+                    request,
+                    respond,
+                ));
+            }
+        }
+    }
+}
+
+/// Check one CONNECT, dial the workload, answer, and splice.
+async fn handle_stream(
+    node: Arc<Node>,
+    client: Client,
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
+    let view = node.policy();
+    let (parts, body) = request.into_parts();
+    let src = Party {
+        id: Some(client.id.clone()),
+        addr: Some(client.addr),
+        ..Party::default()
+    };
+    let mut dst = Party::default();
+    let refuse =
+        |respond: &mut SendResponse<Bytes>, refusal: Refusal, rule: Option<u32>, dst: &Party| {
+            node.metrics.inc(Metric::InboundRefused);
+            if refusal == Refusal::BadRequest {
+                node.metrics.inc(Metric::InboundBadRequests);
+            }
+            let response = Response::builder()
+                .status(refusal.status())
+                .body(())
+                .expect("a status-only response is valid");
+            // The client may already have gone; there is nothing left to tell it then.
+            let _ = respond.send_response(response, true);
+            node.deny(new_record(
+                Side::Inbound,
+                &view,
+                (Verdict::Deny, Reason::Refused(refusal), rule),
+                &src,
+                dst,
+            ));
+        };
+    let addr = match hbone::parse_connect(&parts) {
+        Ok(addr) => addr,
+        Err(error) => {
+            tracing::debug!(client = %client.addr, %error, "bad CONNECT");
+            return refuse(&mut respond, Refusal::BadRequest, None, &dst);
+        }
+    };
+    dst.addr = Some(addr);
+    if client.destination != Some(addr) {
+        return refuse(&mut respond, Refusal::Misdirected, None, &dst);
+    }
+    let Some(owner) = node.workloads.owner(addr) else {
+        return refuse(&mut respond, Refusal::NoSuchWorkload, None, &dst);
+    };
+    dst.id = Some(owner.clone());
+    if client.presented.as_ref() != Some(&owner) {
+        // The certificate shown was not this workload's (it started listening meanwhile).
+        return refuse(&mut respond, Refusal::Misdirected, None, &dst);
+    }
+    let decision = view.decide(&client.id, &owner, addr.port());
+    if !decision.allowed {
+        return refuse(&mut respond, Refusal::Denied, decision.rule, &dst);
+    }
+    let config = &node.config;
+    let upstream = match net::connect(addr, config.mark, config.connect_timeout, config.keepalive)
+        .await
+    {
+        Ok(upstream) => upstream,
+        Err(error) => {
+            tracing::debug!(%addr, error = %crate::report::report(&error), "workload unreachable");
+            return refuse(&mut respond, error.refusal(), decision.rule, &dst);
+        }
+    };
+    let response = Response::builder()
+        .status(StatusCode::OK)
+        .body(())
+        .expect("a status-only response is valid");
+    let Ok(send) = respond.send_response(response, false) else {
+        return;
+    };
+    let open = new_record(
+        Side::Inbound,
+        &view,
+        (verdict(decision), Reason::Policy, decision.rule),
+        &src,
+        &dst,
+    );
+    let (read, write) = upstream.into_split();
+    node.run_flow(
+        open,
+        (H2Source::new(body), H2Sink(send)),
+        (TcpSource::new(read), TcpSink(write)),
+    )
+    .await;
+}

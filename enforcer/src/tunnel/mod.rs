@@ -1,0 +1,315 @@
+//! The mTLS tunnel: the outbound listener that redirected connections land on, the inbound
+//! listener peers connect to, and the HBONE-style HTTP/2 CONNECT streams between them.
+//!
+//! ```text
+//! client --connect()--> [kernel redirect] --> outbound listener (attest, route)
+//!     same node:   --SO_MARK--> local workload
+//!     mesh peer:   ==TLS 1.3 mTLS, h2 CONNECT <dst>==> peer inbound (authorize) --SO_MARK--> workload
+//!     egress:      --plaintext--> destination outside the mesh
+//!     otherwise:   reset, with a deny record
+//! ```
+//!
+//! Both sides authorize every flow against the policy (source ID, destination ID, port), write
+//! a record when it is refused, opened and closed, and a policy reload closes the open flows
+//! the new policy denies.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod copy;
+pub mod hbone;
+pub mod inbound;
+pub mod metrics;
+pub mod net;
+pub mod outbound;
+pub mod pool;
+pub mod record;
+pub mod sources;
+pub mod state;
+pub mod tracker;
+
+use std::{
+    sync::{Arc, PoisonError, RwLock, Weak},
+    time::SystemTime,
+};
+
+use rustls::ServerConfig;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpListener,
+    task::JoinHandle,
+};
+
+pub use config::TunnelConfig;
+pub use hbone::Refusal;
+pub use metrics::{Metric, Metrics};
+pub use record::{FlowEvent, FlowRecord, Party, Reason, RecordSink, Side, Verdict};
+pub use state::{LocalWorkloads, Origin, OriginError, Origins, PolicyView, SvidSource};
+
+use self::{
+    copy::{Ended, Limits, Outcome, Sink, Source, splice},
+    inbound::WorkloadCerts,
+    pool::Pool,
+    tracker::Tracker,
+};
+use crate::{
+    identity::{PeerAuthorizer, SpiffeId, TrustBundleSet, server_config_with_resolver},
+    policy::Decision,
+};
+
+/// Why a tunnel endpoint could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    /// The TLS server configuration was refused.
+    #[error("failed to build the inbound TLS configuration")]
+    Tls(#[from] rustls::Error),
+}
+
+/// Everything a tunnel endpoint is built from.
+pub struct TunnelParts {
+    /// Settings.
+    pub config: TunnelConfig,
+    /// The node's own identity: its SVID is presented when a client names no local workload,
+    /// so that the client gets a clear "no such workload" instead of a failed handshake.
+    pub node_id: SpiffeId,
+    /// Trust bundles that client and server SVIDs must verify against.
+    pub bundles: Arc<TrustBundleSet>,
+    /// SVIDs of local workloads (and of the node).
+    pub svids: Arc<dyn SvidSource>,
+    /// Enrolled local workloads by listening address.
+    pub workloads: Arc<dyn LocalWorkloads>,
+    /// Who redirected clients are.
+    pub origins: Arc<dyn Origins>,
+    /// Where flow records go.
+    pub records: Arc<dyn RecordSink>,
+    /// The policy in force.
+    pub policy: PolicyView,
+}
+
+/// One node's tunnel: both listeners' shared state. Cheap to clone.
+#[derive(Clone)]
+pub struct Tunnel(Arc<Node>);
+
+struct Node {
+    config: TunnelConfig,
+    svids: Arc<dyn SvidSource>,
+    workloads: Arc<dyn LocalWorkloads>,
+    origins: Arc<dyn Origins>,
+    records: Arc<dyn RecordSink>,
+    policy: RwLock<Arc<PolicyView>>,
+    tracker: Arc<Tracker>,
+    metrics: Arc<Metrics>,
+    pool: Pool,
+    tls_server: Arc<ServerConfig>,
+}
+
+impl Tunnel {
+    /// A tunnel endpoint built from `parts`.
+    pub fn new(parts: TunnelParts) -> Result<Self, TunnelError> {
+        let metrics = Arc::new(Metrics::default());
+        let certs = WorkloadCerts::new(
+            parts.node_id,
+            Arc::clone(&parts.svids),
+            Arc::clone(&parts.workloads),
+        );
+        let mut tls_server = server_config_with_resolver(
+            Arc::new(certs),
+            Arc::clone(&parts.bundles),
+            PeerAuthorizer::Any,
+        )?;
+        tls_server.alpn_protocols = vec![hbone::ALPN_H2.to_vec()];
+        Ok(Self(Arc::new(Node {
+            pool: Pool::new(parts.config.clone(), parts.bundles, Arc::clone(&metrics)),
+            config: parts.config,
+            svids: parts.svids,
+            workloads: parts.workloads,
+            origins: parts.origins,
+            records: parts.records,
+            policy: RwLock::new(Arc::new(parts.policy)),
+            tracker: Arc::new(Tracker::default()),
+            metrics,
+            tls_server: Arc::new(tls_server),
+        })))
+    }
+
+    /// Serve redirected connections accepted on `listener` (the outbound side) until the
+    /// task is aborted; also prunes idle pooled connections.
+    pub fn serve_outbound(&self, listener: TcpListener) -> JoinHandle<()> {
+        let node = Arc::clone(&self.0);
+        let weak = Arc::downgrade(&self.0);
+        tokio::spawn(prune_pool(weak, pool::prune_interval(&node.config)));
+        tokio::spawn(outbound::serve(node, listener))
+    }
+
+    /// Serve peers' tunnel connections accepted on `listener` (the inbound side) until the
+    /// task is aborted.
+    pub fn serve_inbound(&self, listener: TcpListener) -> JoinHandle<()> {
+        tokio::spawn(inbound::serve(Arc::clone(&self.0), listener))
+    }
+
+    /// Serve HTTP/2 CONNECT requests on `io`, a connection whose client already proved
+    /// `client_id`, whose TLS server name named `destination`, and for which the certificate
+    /// of `presented` was shown. The inbound listener calls this after the TLS handshake; it
+    /// is public so request handling can be fuzzed without TLS.
+    pub async fn serve_connection<IO>(&self, io: IO, client: inbound::Client)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        inbound::serve_connection(Arc::clone(&self.0), io, client).await;
+    }
+
+    /// Put `view` in force, then close every open flow it denies (each gets a close record
+    /// with reason `revoked`); returns how many were closed.
+    pub fn reload(&self, view: PolicyView) -> usize {
+        let view = Arc::new(view);
+        *self
+            .0
+            .policy
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::clone(&view);
+        self.0.tracker.revoke_denied(&view)
+    }
+
+    /// The policy in force.
+    #[must_use]
+    pub fn policy(&self) -> Arc<PolicyView> {
+        self.0.policy()
+    }
+
+    /// The endpoint's counters.
+    #[must_use]
+    pub fn metrics(&self) -> &Metrics {
+        &self.0.metrics
+    }
+
+    /// How many flows with known identities on both ends are open.
+    #[must_use]
+    pub fn open_flows(&self) -> usize {
+        self.0.tracker.len()
+    }
+
+    /// How many tunnel connections to peers are pooled.
+    #[must_use]
+    pub fn pooled_connections(&self) -> usize {
+        self.0.pool.connections()
+    }
+}
+
+impl Node {
+    fn policy(&self) -> Arc<PolicyView> {
+        Arc::clone(&self.policy.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            idle: self.config.idle_timeout,
+            lifetime: self.config.max_lifetime,
+        }
+    }
+
+    /// Write a deny record.
+    fn deny(&self, mut record: FlowRecord) {
+        record.event = FlowEvent::Deny;
+        self.records.record(record);
+    }
+
+    /// Record `open`, copy both ways until the flow ends, then record the close. A flow whose
+    /// two identities are known is tracked, so that a reload that denies it closes it.
+    async fn run_flow<CS, CK, SS, SK>(
+        &self,
+        open: FlowRecord,
+        client: (CS, CK),
+        server: (SS, SK),
+    ) -> Outcome
+    where
+        CS: Source,
+        CK: Sink,
+        SS: Source,
+        SK: Sink,
+    {
+        let tracked = match (&open.src.id, &open.dst.id, open.dst.addr) {
+            (Some(src), Some(dst), Some(addr)) if open.reason != Reason::Egress => {
+                Some(self.tracker.track(src, dst, addr.port()))
+            }
+            _ => None,
+        };
+        self.metrics.inc(Metric::FlowsOpened);
+        self.records.record(open.clone());
+        let revoked = async {
+            match &tracked {
+                Some(flow) => flow.revoked().await,
+                None => std::future::pending().await,
+            }
+        };
+        let outcome = splice(client, server, self.limits(), revoked).await;
+        self.metrics.inc(Metric::FlowsClosed);
+        self.metrics.add(Metric::BytesUp, outcome.up);
+        self.metrics.add(Metric::BytesDown, outcome.down);
+        let mut close = FlowRecord {
+            time: SystemTime::now(),
+            event: FlowEvent::Close,
+            bytes_up: outcome.up,
+            bytes_down: outcome.down,
+            duration: outcome.duration,
+            ..open
+        };
+        close.reason = match &outcome.ended {
+            Ended::Finished => Reason::Finished,
+            Ended::IdleTimeout => Reason::IdleTimeout,
+            Ended::Lifetime => Reason::Lifetime,
+            Ended::Error(_) => Reason::Error,
+            Ended::Revoked(revocation) => {
+                self.metrics.inc(Metric::FlowsRevoked);
+                close.verdict = Verdict::Deny;
+                close.rule = revocation.rule;
+                close.policy_version = revocation.policy_version;
+                Reason::Revoked
+            }
+        };
+        self.records.record(close);
+        outcome
+    }
+}
+
+/// The record verdict of a decision.
+fn verdict(decision: Decision) -> Verdict {
+    match (decision.allowed, decision.audited) {
+        (true, false) => Verdict::Allow,
+        (true, true) => Verdict::Audit,
+        (false, _) => Verdict::Deny,
+    }
+}
+
+/// A record of `event` between `src` and `dst`, stamped now with `view`'s version.
+fn new_record(
+    side: Side,
+    view: &PolicyView,
+    (verdict, reason, rule): (Verdict, Reason, Option<u32>),
+    src: &Party,
+    dst: &Party,
+) -> FlowRecord {
+    FlowRecord {
+        time: SystemTime::now(),
+        side,
+        event: FlowEvent::Open,
+        verdict,
+        reason,
+        rule,
+        policy_version: view.version,
+        src: src.clone(),
+        dst: dst.clone(),
+        bytes_up: 0,
+        bytes_down: 0,
+        duration: std::time::Duration::ZERO,
+    }
+}
+
+/// Prunes the pool of the node behind `node` every `interval` until the node is gone.
+async fn prune_pool(node: Weak<Node>, interval: std::time::Duration) {
+    loop {
+        tokio::time::sleep(interval).await;
+        let Some(node) = node.upgrade() else {
+            return;
+        };
+        node.pool.prune();
+    }
+}

@@ -1,0 +1,256 @@
+//! The outbound side: the listener the kernel redirects enrolled workloads' connections to.
+//!
+//! For each accepted connection: find who the client is and where it wanted to go
+//! ([`super::Origins`]), then route it:
+//! 1. the destination is an enrolled workload of this node: authorize (source, destination,
+//!    port) and connect to it with the tunnel mark (same-node flows get the same checks and
+//!    records as tunnelled ones);
+//! 2. the destination's address is a mesh peer: open a CONNECT stream through the pool with
+//!    the source's SVID; the server's proven SPIFFE ID must be one policy lets the source
+//!    reach on that port before a byte of the client's is sent;
+//! 3. an egress entry permits plaintext to the destination: connect to it directly;
+//! 4. otherwise, and on every refusal: reset the client's connection and write a deny record.
+#![forbid(unsafe_code)]
+
+use std::{net::SocketAddr, sync::Arc};
+
+use tokio::net::{TcpListener, TcpStream};
+
+use super::{
+    Node, Party, Reason, Side, Verdict,
+    copy::{H2Sink, H2Source, TcpSink, TcpSource},
+    metrics::Metric,
+    net, new_record,
+    pool::PoolError,
+    state::{Origin, PolicyView},
+    verdict,
+};
+use crate::{identity::SpiffeId, report::report};
+
+/// Accept redirected connections until the task is aborted.
+pub(super) async fn serve(node: Arc<Node>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((tcp, client)) => {
+                tokio::spawn(handle(Arc::clone(&node), tcp, client));
+            }
+            Err(error) => {
+                tracing::warn!(%error, "outbound accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// One redirected connection: who, where, then the route.
+async fn handle(node: Arc<Node>, tcp: TcpStream, client: SocketAddr) {
+    node.metrics.inc(Metric::OutboundAccepted);
+    if let Err(error) = net::tune(&tcp, node.config.keepalive) {
+        tracing::debug!(%client, %error, "failed to tune an outbound socket");
+    }
+    let view = node.policy();
+    let origin = match node.origins.origin(client) {
+        Ok(origin) => origin,
+        Err(error) => {
+            tracing::info!(%client, error = %report(&error), "refusing an unidentified client");
+            let src = Party {
+                addr: Some(client),
+                ..Party::default()
+            };
+            return refuse(
+                &node,
+                &view,
+                tcp,
+                (Reason::NoIdentity, None),
+                &src,
+                &Party::default(),
+            );
+        }
+    };
+    let flow = Flow {
+        src: Party {
+            id: Some(origin.id.clone()),
+            addr: Some(client),
+            pid: Some(origin.pid),
+            cgroup_id: Some(origin.cgroup_id),
+            exe: origin.exe.clone(),
+        },
+        dst: Party {
+            addr: Some(origin.dst),
+            ..Party::default()
+        },
+        origin,
+        view,
+    };
+    if let Some(owner) = node.workloads.owner(flow.origin.dst) {
+        local(&node, flow, tcp, owner).await;
+    } else if let Some(peer) = flow.view.peer(flow.origin.dst.ip()) {
+        tunnel(&node, flow, tcp, peer).await;
+    } else if let Some(egress) = flow.view.egress(flow.origin.dst) {
+        tracing::debug!(dst = %flow.origin.dst, %egress, "plaintext egress");
+        plaintext(&node, flow, tcp).await;
+    } else {
+        refuse(
+            &node,
+            &flow.view,
+            tcp,
+            (Reason::NoRoute, None),
+            &flow.src,
+            &flow.dst,
+        );
+    }
+}
+
+/// A redirected connection being routed.
+struct Flow {
+    origin: Origin,
+    view: Arc<PolicyView>,
+    src: Party,
+    dst: Party,
+}
+
+/// Same node: authorize, then connect to the workload with the tunnel mark.
+async fn local(node: &Node, mut flow: Flow, tcp: TcpStream, owner: SpiffeId) {
+    let dst = flow.origin.dst;
+    flow.dst.id = Some(owner.clone());
+    let decision = flow.view.decide(&flow.origin.id, &owner, dst.port());
+    if !decision.allowed {
+        return refuse(
+            node,
+            &flow.view,
+            tcp,
+            (Reason::Policy, decision.rule),
+            &flow.src,
+            &flow.dst,
+        );
+    }
+    let config = &node.config;
+    let upstream =
+        match net::connect(dst, config.mark, config.connect_timeout, config.keepalive).await {
+            Ok(upstream) => upstream,
+            Err(error) => {
+                tracing::info!(%dst, error = %report(&error), "local workload unreachable");
+                let refusal = error.refusal();
+                let why = (Reason::Refused(refusal), decision.rule);
+                return refuse(node, &flow.view, tcp, why, &flow.src, &flow.dst);
+            }
+        };
+    let open = new_record(
+        Side::Outbound,
+        &flow.view,
+        (verdict(decision), Reason::Policy, decision.rule),
+        &flow.src,
+        &flow.dst,
+    );
+    let (client_read, client_write) = tcp.into_split();
+    let (read, write) = upstream.into_split();
+    node.run_flow(
+        open,
+        (TcpSource::new(client_read), TcpSink(client_write)),
+        (TcpSource::new(read), TcpSink(write)),
+    )
+    .await;
+}
+
+/// Mesh peer: CONNECT through the pool as the source, then check the server's identity.
+async fn tunnel(node: &Node, mut flow: Flow, tcp: TcpStream, peer: SocketAddr) {
+    let dst = flow.origin.dst;
+    let svid = match node.svids.svid(&flow.origin.id) {
+        Ok(svid) => svid,
+        Err(error) => {
+            tracing::warn!(id = %flow.origin.id, error = %report(&error), "no SVID for a client");
+            return refuse(
+                node,
+                &flow.view,
+                tcp,
+                (Reason::NoSvid, None),
+                &flow.src,
+                &flow.dst,
+            );
+        }
+    };
+    let stream = match node.pool.open(&svid, peer, dst).await {
+        Ok(stream) => stream,
+        Err(error) => {
+            tracing::info!(%peer, %dst, error = %report(&error), "tunnel refused");
+            let reason = match error {
+                PoolError::Refused { refusal, .. } => Reason::Refused(refusal),
+                _ => Reason::PeerUnreachable,
+            };
+            return refuse(node, &flow.view, tcp, (reason, None), &flow.src, &flow.dst);
+        }
+    };
+    flow.dst.id = Some(stream.server_id.clone());
+    let decision = flow
+        .view
+        .decide(&flow.origin.id, &stream.server_id, dst.port());
+    if !decision.allowed {
+        // Dropping the stream resets it: the server's workload never sees a byte.
+        drop(stream);
+        let why = (Reason::ServerNotAuthorized, decision.rule);
+        return refuse(node, &flow.view, tcp, why, &flow.src, &flow.dst);
+    }
+    let open = new_record(
+        Side::Outbound,
+        &flow.view,
+        (verdict(decision), Reason::Policy, decision.rule),
+        &flow.src,
+        &flow.dst,
+    );
+    let (client_read, client_write) = tcp.into_split();
+    node.run_flow(
+        open,
+        (TcpSource::new(client_read), TcpSink(client_write)),
+        (H2Source::new(stream.recv), H2Sink(stream.send)),
+    )
+    .await;
+}
+
+/// Permitted plaintext egress: connect directly.
+async fn plaintext(node: &Node, flow: Flow, tcp: TcpStream) {
+    let dst = flow.origin.dst;
+    let config = &node.config;
+    let upstream = match net::connect(dst, 0, config.connect_timeout, config.keepalive).await {
+        Ok(upstream) => upstream,
+        Err(error) => {
+            tracing::info!(%dst, error = %report(&error), "egress destination unreachable");
+            let why = (Reason::Refused(error.refusal()), None);
+            return refuse(node, &flow.view, tcp, why, &flow.src, &flow.dst);
+        }
+    };
+    let open = new_record(
+        Side::Outbound,
+        &flow.view,
+        (Verdict::Allow, Reason::Egress, None),
+        &flow.src,
+        &flow.dst,
+    );
+    let (client_read, client_write) = tcp.into_split();
+    let (read, write) = upstream.into_split();
+    node.run_flow(
+        open,
+        (TcpSource::new(client_read), TcpSink(client_write)),
+        (TcpSource::new(read), TcpSink(write)),
+    )
+    .await;
+}
+
+/// Refuse: reset the client at once and write a deny record.
+fn refuse(
+    node: &Node,
+    view: &PolicyView,
+    tcp: TcpStream,
+    (reason, rule): (Reason, Option<u32>),
+    src: &Party,
+    dst: &Party,
+) {
+    node.metrics.inc(Metric::OutboundDenied);
+    net::reset(tcp);
+    node.deny(new_record(
+        Side::Outbound,
+        view,
+        (Verdict::Deny, reason, rule),
+        src,
+        dst,
+    ));
+}

@@ -1,0 +1,391 @@
+//! The client side of the tunnel: TLS 1.3 mTLS connections to peer nodes carrying HTTP/2
+//! CONNECT streams, pooled.
+//!
+//! A connection is keyed by (source identity, peer node, destination): the server's
+//! certificate is chosen by the destination named in the TLS server name (see [`super::hbone`]),
+//! so one connection proves one destination workload's identity and carries only streams to
+//! that destination. Each carries at most `pool_max_streams` streams; one idle for
+//! `pool_idle_timeout` is closed, and one older than `pool_max_age` takes no new streams.
+#![forbid(unsafe_code)]
+
+use std::{
+    collections::HashMap,
+    io,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use h2::{RecvStream, SendStream, client::SendRequest};
+use http::StatusCode;
+use tokio_rustls::TlsConnector;
+
+use super::{
+    config::TunnelConfig,
+    hbone::{self, ALPN_H2, Refusal},
+    metrics::{Metric, Metrics},
+    net::{self, ConnectError},
+};
+use crate::identity::{
+    PeerAuthorizer, SpiffeId, TrustBundleSet, VerifyError, X509Svid, client_config, peer_spiffe_id,
+};
+
+/// Why no stream to the destination could be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// The peer node could not be reached.
+    #[error("failed to reach peer {peer}")]
+    Connect {
+        /// The peer.
+        peer: SocketAddr,
+        /// Why.
+        #[source]
+        source: ConnectError,
+    },
+    /// The client TLS configuration could not be built from the source's SVID.
+    #[error("failed to build a TLS client for `{id}`")]
+    Config {
+        /// The source identity.
+        id: SpiffeId,
+        /// Why.
+        #[source]
+        source: rustls::Error,
+    },
+    /// The TLS handshake failed (e.g. the server's SVID did not verify).
+    #[error("TLS handshake with peer {peer} failed")]
+    Tls {
+        /// The peer.
+        peer: SocketAddr,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A handshake did not finish in time.
+    #[error("handshake with peer {peer} timed out")]
+    HandshakeTimeout {
+        /// The peer.
+        peer: SocketAddr,
+    },
+    /// The peer did not agree on HTTP/2.
+    #[error("peer {peer} did not negotiate ALPN `h2`")]
+    Alpn {
+        /// The peer.
+        peer: SocketAddr,
+    },
+    /// The server's SPIFFE ID could not be read from its certificate.
+    #[error("peer {peer} presented no usable SPIFFE ID")]
+    ServerId {
+        /// The peer.
+        peer: SocketAddr,
+        /// Why.
+        #[source]
+        source: VerifyError,
+    },
+    /// HTTP/2 failed on the connection or the stream.
+    #[error("HTTP/2 with peer {peer} failed")]
+    Http2 {
+        /// The peer.
+        peer: SocketAddr,
+        /// Why.
+        #[source]
+        source: h2::Error,
+    },
+    /// The peer refused the CONNECT.
+    #[error("peer {peer} refused CONNECT {dst}: {} ({})", refusal.as_str(), refusal.status())]
+    Refused {
+        /// The peer.
+        peer: SocketAddr,
+        /// The destination.
+        dst: SocketAddr,
+        /// Why, from the response status.
+        refusal: Refusal,
+    },
+    /// The peer answered with a status this protocol does not use.
+    #[error("peer {peer} answered CONNECT {dst} with unexpected status {status}")]
+    Status {
+        /// The peer.
+        peer: SocketAddr,
+        /// The destination.
+        dst: SocketAddr,
+        /// The status.
+        status: StatusCode,
+    },
+}
+
+/// An open CONNECT stream to a destination.
+pub struct TunnelStream {
+    /// Sends towards the destination.
+    pub send: SendStream<Bytes>,
+    /// Receives from the destination.
+    pub recv: RecvStream,
+    /// The SPIFFE ID the server proved (the destination workload's).
+    pub server_id: SpiffeId,
+    /// Whether the stream rode an existing connection.
+    pub reused: bool,
+    _lease: Lease,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Key {
+    src: SpiffeId,
+    peer: SocketAddr,
+    dst: SocketAddr,
+}
+
+struct Conn {
+    send: SendRequest<Bytes>,
+    server_id: SpiffeId,
+    born: Instant,
+    streams: AtomicUsize,
+    idle_since: Mutex<Instant>,
+    closed: Arc<AtomicBool>,
+}
+
+impl Conn {
+    fn usable(&self, config: &TunnelConfig, now: Instant) -> bool {
+        !self.closed.load(Ordering::Acquire) && now.duration_since(self.born) < config.pool_max_age
+    }
+
+    /// Takes a stream slot if one is free.
+    fn try_lease(self: &Arc<Self>, max: usize) -> Option<Lease> {
+        self.streams
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Lease(Arc::clone(self)))
+    }
+}
+
+/// A stream slot on a connection; returning it marks the connection idle when it was the last.
+struct Lease(Arc<Conn>);
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if self.0.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self
+                .0
+                .idle_since
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Instant::now();
+        }
+    }
+}
+
+#[derive(Default)]
+struct Slot {
+    conns: Mutex<Vec<Arc<Conn>>>,
+    /// Held while dialling, so concurrent requests for one key dial once.
+    dialing: tokio::sync::Mutex<()>,
+}
+
+impl Slot {
+    fn lease(&self, config: &TunnelConfig) -> Option<(Arc<Conn>, Lease)> {
+        let now = Instant::now();
+        let conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
+        conns
+            .iter()
+            .filter(|conn| conn.usable(config, now))
+            .find_map(|conn| {
+                conn.try_lease(config.pool_max_streams)
+                    .map(|lease| (Arc::clone(conn), lease))
+            })
+    }
+}
+
+/// Pooled tunnel connections of one node.
+pub struct Pool {
+    config: TunnelConfig,
+    bundles: Arc<TrustBundleSet>,
+    metrics: Arc<Metrics>,
+    slots: Mutex<HashMap<Key, Arc<Slot>>>,
+}
+
+impl Pool {
+    /// An empty pool verifying servers against `bundles`.
+    #[must_use]
+    pub fn new(config: TunnelConfig, bundles: Arc<TrustBundleSet>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            config,
+            bundles,
+            metrics,
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Open a CONNECT stream to `dst` through the peer node at `peer`, as the workload whose
+    /// SVID is `svid`, reusing a pooled connection when one has room.
+    pub async fn open(
+        &self,
+        svid: &X509Svid,
+        peer: SocketAddr,
+        dst: SocketAddr,
+    ) -> Result<TunnelStream, PoolError> {
+        let key = Key {
+            src: svid.spiffe_id().clone(),
+            peer,
+            dst,
+        };
+        let slot = Arc::clone(
+            self.slots
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(key.clone())
+                .or_default(),
+        );
+        let (conn, lease, reused) = if let Some((conn, lease)) = slot.lease(&self.config) {
+            (conn, lease, true)
+        } else {
+            let _dialing = slot.dialing.lock().await;
+            if let Some((conn, lease)) = slot.lease(&self.config) {
+                (conn, lease, true)
+            } else {
+                let conn = Arc::new(self.dial(svid, peer, dst).await?);
+                let lease = conn
+                    .try_lease(self.config.pool_max_streams.max(1))
+                    .expect("a new connection has room");
+                let mut conns = slot.conns.lock().unwrap_or_else(PoisonError::into_inner);
+                let now = Instant::now();
+                conns.retain(|c| c.usable(&self.config, now));
+                conns.push(Arc::clone(&conn));
+                (conn, lease, false)
+            }
+        };
+        if reused {
+            self.metrics.inc(Metric::PoolReuses);
+        }
+        let http2 = |source| PoolError::Http2 { peer, source };
+        let mut send = conn.send.clone().ready().await.map_err(http2)?;
+        let (response, stream) = send
+            .send_request(hbone::connect_request(dst), false)
+            .map_err(http2)?;
+        let response = tokio::time::timeout(self.config.handshake_timeout, response)
+            .await
+            .map_err(|_| PoolError::HandshakeTimeout { peer })?
+            .map_err(http2)?;
+        let status = response.status();
+        if status != StatusCode::OK {
+            return Err(match Refusal::from_status(status) {
+                Some(refusal) => PoolError::Refused { peer, dst, refusal },
+                None => PoolError::Status { peer, dst, status },
+            });
+        }
+        Ok(TunnelStream {
+            send: stream,
+            recv: response.into_body(),
+            server_id: conn.server_id.clone(),
+            reused,
+            _lease: lease,
+        })
+    }
+
+    /// Close connections idle for longer than the idle timeout, and forget empty keys.
+    pub fn prune(&self) {
+        let now = Instant::now();
+        let idle_timeout = self.config.pool_idle_timeout;
+        let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        slots.retain(|_, slot| {
+            let mut conns = slot.conns.lock().unwrap_or_else(PoisonError::into_inner);
+            conns.retain(|conn| {
+                let idle_for = now.duration_since(
+                    *conn
+                        .idle_since
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner),
+                );
+                let busy = conn.streams.load(Ordering::Acquire) > 0;
+                busy || (conn.usable(&self.config, now) && idle_for < idle_timeout)
+            });
+            !conns.is_empty()
+        });
+    }
+
+    /// How many connections the pool holds.
+    #[must_use]
+    pub fn connections(&self) -> usize {
+        self.slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .map(|slot| {
+                slot.conns
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .len()
+            })
+            .sum()
+    }
+
+    /// Dial `peer`: TCP, TLS 1.3 with the source's SVID and the destination as server name,
+    /// ALPN `h2`, then the HTTP/2 handshake; the connection is driven by a spawned task.
+    async fn dial(
+        &self,
+        svid: &X509Svid,
+        peer: SocketAddr,
+        dst: SocketAddr,
+    ) -> Result<Conn, PoolError> {
+        self.metrics.inc(Metric::PoolDials);
+        let config = &self.config;
+        let tcp = net::connect(peer, 0, config.connect_timeout, config.keepalive)
+            .await
+            .map_err(|source| PoolError::Connect { peer, source })?;
+        let mut tls_config = client_config(svid, Arc::clone(&self.bundles), PeerAuthorizer::Any)
+            .map_err(|source| PoolError::Config {
+                id: svid.spiffe_id().clone(),
+                source,
+            })?;
+        tls_config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        let connector = TlsConnector::from(Arc::new(tls_config));
+        let handshakes = async {
+            let tls = connector
+                .connect(hbone::server_name(dst), tcp)
+                .await
+                .map_err(|source| PoolError::Tls { peer, source })?;
+            let (_, session) = tls.get_ref();
+            if session.alpn_protocol() != Some(ALPN_H2) {
+                return Err(PoolError::Alpn { peer });
+            }
+            let server_id =
+                peer_spiffe_id(session).map_err(|source| PoolError::ServerId { peer, source })?;
+            let (send, connection) = h2::client::Builder::new()
+                .initial_window_size(config.stream_window)
+                .initial_connection_window_size(config.connection_window)
+                .max_frame_size(config.max_frame_size)
+                .max_header_list_size(config.max_header_list_size)
+                .handshake::<_, Bytes>(tls)
+                .await
+                .map_err(|source| PoolError::Http2 { peer, source })?;
+            Ok((send, connection, server_id))
+        };
+        let (send, connection, server_id) =
+            tokio::time::timeout(config.handshake_timeout, handshakes)
+                .await
+                .map_err(|_| PoolError::HandshakeTimeout { peer })??;
+        let closed = Arc::new(AtomicBool::new(false));
+        let driver_closed = Arc::clone(&closed);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%peer, %error, "tunnel connection ended");
+            }
+            driver_closed.store(true, Ordering::Release);
+        });
+        Ok(Conn {
+            send,
+            server_id,
+            born: Instant::now(),
+            streams: AtomicUsize::new(0),
+            idle_since: Mutex::new(Instant::now()),
+            closed,
+        })
+    }
+}
+
+/// How long a pool's pruning task sleeps between rounds.
+#[must_use]
+pub fn prune_interval(config: &TunnelConfig) -> Duration {
+    (config.pool_idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(15))
+}

@@ -1,0 +1,200 @@
+//! What a tunnel endpoint needs to know about its node, as traits so the daemon backs them with
+//! the kernel maps and attestation while in-process tests back them with tables: who a
+//! redirected client is ([`Origins`]), which local workload owns an address
+//! ([`LocalWorkloads`]), the SVIDs to present ([`SvidSource`]), and the policy in force
+//! ([`PolicyView`]).
+#![forbid(unsafe_code)]
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+};
+
+use crate::{
+    identity::{CacheError, Clock, SpiffeId, SvidCache, SvidIssuer, X509Svid},
+    policy::{Authorizer, Decision, Egress, Peer, Policy},
+};
+
+/// Where the SVIDs presented on a workload's behalf come from.
+pub trait SvidSource: Send + Sync {
+    /// The current SVID of `id`.
+    fn svid(&self, id: &SpiffeId) -> Result<Arc<X509Svid>, CacheError>;
+}
+
+impl<C: Clock, I: SvidIssuer> SvidSource for SvidCache<C, I> {
+    fn svid(&self, id: &SpiffeId) -> Result<Arc<X509Svid>, CacheError> {
+        self.get(id)
+    }
+}
+
+/// The enrolled workloads listening on this node.
+pub trait LocalWorkloads: Send + Sync {
+    /// The identity of the enrolled workload listening on `addr` (an exact bind or a wildcard
+    /// bind of its port), `None` when no enrolled workload does.
+    fn owner(&self, addr: SocketAddr) -> Option<SpiffeId>;
+}
+
+/// Who a redirected client is and where it wanted to go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Origin {
+    /// The destination the client connected to.
+    pub dst: SocketAddr,
+    /// The client's process id.
+    pub pid: u32,
+    /// The client's cgroup id.
+    pub cgroup_id: u64,
+    /// The client's binary, when attestation read it.
+    pub exe: Option<PathBuf>,
+    /// The client's attested identity.
+    pub id: SpiffeId,
+}
+
+/// Why a redirected client has no [`Origin`].
+#[derive(Debug, thiserror::Error)]
+pub enum OriginError {
+    /// The kernel holds no record of a redirect from this address.
+    #[error("no redirect record for client {0}")]
+    NotRedirected(SocketAddr),
+    /// The client process could not be attested.
+    #[error("failed to attest pid {pid}")]
+    Attest {
+        /// The process.
+        pid: u32,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The client process matches no single workload entry.
+    #[error("pid {pid} ({exe}) has no workload identity")]
+    NoIdentity {
+        /// The process.
+        pid: u32,
+        /// Its binary.
+        exe: String,
+    },
+}
+
+/// Looks up the origin of redirected connections.
+pub trait Origins: Send + Sync {
+    /// The origin of the connection the outbound listener accepted from `client`.
+    fn origin(&self, client: SocketAddr) -> Result<Origin, OriginError>;
+}
+
+/// The policy as the tunnel consults it: authorization, mesh peers, plaintext egress, and the
+/// version stamped on every record.
+#[derive(Clone, Debug)]
+pub struct PolicyView {
+    /// The policy version.
+    pub version: u64,
+    authorizer: Authorizer,
+    peers: Vec<Peer>,
+    egress: Vec<Egress>,
+}
+
+impl PolicyView {
+    /// The view of `policy` as version `version`.
+    #[must_use]
+    pub fn new(policy: &Policy, version: u64) -> Self {
+        Self {
+            version,
+            authorizer: Authorizer::new(policy),
+            peers: policy.peers.clone(),
+            egress: policy.egress.clone(),
+        }
+    }
+
+    /// Decide the flow `src` -> `dst` on `port`.
+    #[must_use]
+    pub fn decide(&self, src: &SpiffeId, dst: &SpiffeId, port: u16) -> Decision {
+        self.authorizer.decide(src, dst, port)
+    }
+
+    /// The inbound tunnel address of the mesh peer at `ip`, if `ip` is one.
+    #[must_use]
+    pub fn peer(&self, ip: IpAddr) -> Option<SocketAddr> {
+        let ip = ip.to_canonical();
+        self.peers
+            .iter()
+            .find(|peer| peer.address.to_canonical() == ip)
+            .map(|peer| SocketAddr::new(peer.address, peer.port))
+    }
+
+    /// The first egress entry (in file order) that permits plaintext to `dst`.
+    #[must_use]
+    pub fn egress(&self, dst: SocketAddr) -> Option<&Egress> {
+        self.egress.iter().find(|egress| {
+            egress.ports.covers(dst.port())
+                && in_network(dst.ip(), egress.network, egress.prefix_len)
+        })
+    }
+}
+
+/// Whether `ip` lies in `network/prefix_len` (IPv4-mapped IPv6 counts as IPv4).
+fn in_network(ip: IpAddr, network: IpAddr, prefix_len: u8) -> bool {
+    match (ip.to_canonical(), network) {
+        (IpAddr::V4(ip), IpAddr::V4(net)) => {
+            masked(u128::from(ip.to_bits()), prefix_len, 32) == u128::from(net.to_bits())
+        }
+        (IpAddr::V6(ip), IpAddr::V6(net)) => masked(ip.to_bits(), prefix_len, 128) == net.to_bits(),
+        _ => false,
+    }
+}
+
+fn masked(bits: u128, prefix_len: u8, width: u32) -> u128 {
+    let prefix = u32::from(prefix_len).min(width);
+    if prefix == 0 {
+        return 0;
+    }
+    let host_bits = width - prefix;
+    (bits >> host_bits) << host_bits
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::parse;
+
+    fn view(text: &str) -> PolicyView {
+        let (policy, _) = parse("t.toml", text.as_bytes()).unwrap_or_else(|d| panic!("{d:?}"));
+        PolicyView::new(&policy, 7)
+    }
+
+    #[test]
+    fn peers_and_egress_are_found() {
+        let view = view(
+            r#"
+trust_domain = "example.org"
+[[peer]]
+address = "10.0.0.2"
+[[peer]]
+address = "fd00::2"
+port = 16000
+[[egress]]
+cidr = "192.168.0.0/16"
+ports = [443]
+[[egress]]
+cidr = "0.0.0.0/0"
+ports = [53]
+"#,
+        );
+        assert_eq!(
+            view.peer("10.0.0.2".parse().unwrap()),
+            Some("10.0.0.2:15008".parse().unwrap())
+        );
+        assert_eq!(
+            view.peer("::ffff:10.0.0.2".parse().unwrap()),
+            Some("10.0.0.2:15008".parse().unwrap())
+        );
+        assert_eq!(
+            view.peer("fd00::2".parse().unwrap()),
+            Some("[fd00::2]:16000".parse().unwrap())
+        );
+        assert_eq!(view.peer("10.0.0.3".parse().unwrap()), None);
+        assert!(view.egress("192.168.4.5:443".parse().unwrap()).is_some());
+        assert!(view.egress("192.168.4.5:80".parse().unwrap()).is_none());
+        assert!(view.egress("8.8.8.8:53".parse().unwrap()).is_some());
+        assert!(view.egress("[2001:db8::1]:53".parse().unwrap()).is_none());
+        assert_eq!(view.version, 7);
+    }
+}
