@@ -34,7 +34,7 @@ enum Task {
     /// Build the workspace; enforcer's build script builds the eBPF object with the nightly.
     Build,
     /// Run every test tier: fmt, clippy, unit tests, privileged integration tests (root), then
-    /// the privileged suite under qemu on Debian's 6.1 kernel.
+    /// the privileged suite under qemu on Debian's 6.1 and 6.12 kernels.
     Test {
         /// Stop after the unit tests (local iteration only; refused when CI is set).
         #[arg(long)]
