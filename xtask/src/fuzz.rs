@@ -25,6 +25,8 @@ pub(crate) enum Target {
     BundleJson,
     /// Policy files.
     Policy,
+    /// HTTP/2 CONNECT requests and raw frames on the tunnel's inbound side.
+    Connect,
 }
 
 impl Target {
@@ -34,6 +36,7 @@ impl Target {
             Self::SpiffeId => "spiffe_id",
             Self::BundleJson => "bundle_json",
             Self::Policy => "policy",
+            Self::Connect => "connect",
         }
     }
 }

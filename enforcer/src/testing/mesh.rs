@@ -207,28 +207,15 @@ impl MeshNode {
     }
 
     /// Connect to the outbound listener as a redirected client of identity `id` that asked
-    /// for `dst` (what the kernel redirect and attestation would report).
-    pub async fn connect(&self, id: &SpiffeId, dst: SocketAddr) -> TcpStream {
-        // A port bound before connecting can collide on loopback with a connection still in
-        // TIME_WAIT, which the kernel answers with a reset: then take another port.
-        for _ in 0..10 {
-            if let Some(stream) = self.try_connect(id, dst).await {
-                return stream;
-            }
-        }
-        panic!("connecting to the outbound listener was reset 10 times");
-    }
-
-    async fn try_connect(&self, id: &SpiffeId, dst: SocketAddr) -> Option<TcpStream> {
+    /// for `dst` (what the kernel redirect and attestation would report). A refused flow may
+    /// already fail here: the listener resets it at once, possibly before `connect` returns.
+    pub async fn connect(&self, id: &SpiffeId, dst: SocketAddr) -> std::io::Result<TcpStream> {
         let socket = match self.ip {
             IpAddr::V4(_) => TcpSocket::new_v4(),
             IpAddr::V6(_) => TcpSocket::new_v6(),
-        }
-        .expect("socket");
-        socket
-            .bind(SocketAddr::new(self.ip, 0))
-            .expect("bind client");
-        let client = socket.local_addr().expect("bound");
+        }?;
+        socket.bind(SocketAddr::new(self.ip, 0))?;
+        let client = socket.local_addr()?;
         self.origins
             .0
             .write()
@@ -243,14 +230,9 @@ impl MeshNode {
                     id: id.clone(),
                 },
             );
-        match socket.connect(self.outbound).await {
-            Ok(stream) => {
-                stream.set_nodelay(true).expect("nodelay");
-                Some(stream)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => None,
-            Err(e) => panic!("failed to connect to the outbound listener: {e}"),
-        }
+        let stream = socket.connect(self.outbound).await?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
     }
 
     /// The records written so far.

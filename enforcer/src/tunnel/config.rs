@@ -33,7 +33,8 @@ pub struct TunnelConfig {
     pub max_frame_size: u32,
     /// HTTP/2: concurrent streams an inbound connection accepts.
     pub max_concurrent_streams: u32,
-    /// HTTP/2: largest header list an inbound connection accepts.
+    /// HTTP/2: largest header list a CONNECT may carry (larger ones get 431; the HTTP/2 layer
+    /// resets streams whose list exceeds four times this before decoding them fully).
     pub max_header_list_size: u32,
     /// An inbound connection with no open stream for this long is closed.
     pub inbound_idle_timeout: Duration,

@@ -70,6 +70,8 @@ pub enum Refusal {
     NoSuchWorkload,
     /// The request names a different destination than the TLS handshake did (421).
     Misdirected,
+    /// The request's header list is larger than the node accepts (431).
+    HeadersTooLarge,
     /// The workload refused the connection or reset it (502).
     UpstreamRefused,
     /// The node cannot serve the destination now, e.g. it has no SVID for it (503).
@@ -80,11 +82,12 @@ pub enum Refusal {
 
 impl Refusal {
     /// Every refusal.
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::BadRequest,
         Self::Denied,
         Self::NoSuchWorkload,
         Self::Misdirected,
+        Self::HeadersTooLarge,
         Self::UpstreamRefused,
         Self::Unavailable,
         Self::UpstreamTimeout,
@@ -98,6 +101,7 @@ impl Refusal {
             Self::Denied => StatusCode::FORBIDDEN,
             Self::NoSuchWorkload => StatusCode::NOT_FOUND,
             Self::Misdirected => StatusCode::MISDIRECTED_REQUEST,
+            Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::UpstreamRefused => StatusCode::BAD_GATEWAY,
             Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -118,6 +122,7 @@ impl Refusal {
             Self::Denied => "denied",
             Self::NoSuchWorkload => "no-such-workload",
             Self::Misdirected => "misdirected",
+            Self::HeadersTooLarge => "headers-too-large",
             Self::UpstreamRefused => "upstream-refused",
             Self::Unavailable => "unavailable",
             Self::UpstreamTimeout => "upstream-timeout",
@@ -197,6 +202,26 @@ pub fn parse_connect(parts: &Parts) -> Result<SocketAddr, HboneError> {
     }
     let authority = uri.authority().ok_or(HboneError::NoAuthority)?.as_str();
     parse_authority(authority)
+}
+
+/// The size of a request's header list as HTTP/2 counts it (RFC 9113, 6.5.2): each field's
+/// name and value plus 32 octets, pseudo-header fields included.
+#[must_use]
+pub fn header_list_size(parts: &Parts) -> usize {
+    const FIELD_OVERHEAD: usize = 32;
+    let pseudo = [
+        parts.method.as_str().len(),
+        parts.uri.authority().map_or(0, |a| a.as_str().len()),
+        parts.uri.scheme_str().map_or(0, str::len),
+        parts.uri.path_and_query().map_or(0, |p| p.as_str().len()),
+    ];
+    let pseudo: usize = pseudo.iter().map(|len| len + FIELD_OVERHEAD + 8).sum();
+    parts
+        .headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + FIELD_OVERHEAD)
+        .sum::<usize>()
+        + pseudo
 }
 
 /// An authority that must be `ip:port` or `[ipv6]:port`.

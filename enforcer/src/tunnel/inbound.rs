@@ -40,6 +40,11 @@ use super::{
 };
 use crate::identity::{SpiffeId, X509Svid, peer_spiffe_id};
 
+/// The HTTP/2 layer refuses header lists this many times the configured limit outright (with
+/// 431 and a stream reset, uncounted); smaller oversized lists reach the handler, which refuses
+/// and counts them.
+const HEADER_HARD_LIMIT_FACTOR: u32 = 4;
+
 /// What the inbound side knows of an authenticated client connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Client {
@@ -192,7 +197,11 @@ where
         .initial_connection_window_size(config.connection_window)
         .max_frame_size(config.max_frame_size)
         .max_concurrent_streams(config.max_concurrent_streams)
-        .max_header_list_size(config.max_header_list_size)
+        .max_header_list_size(
+            config
+                .max_header_list_size
+                .saturating_mul(HEADER_HARD_LIMIT_FACTOR),
+        )
         .handshake::<_, Bytes>(io);
     let mut conn = match tokio::time::timeout(config.handshake_timeout, handshake).await {
         Err(_) => {
@@ -256,7 +265,7 @@ async fn handle_stream(
     let refuse =
         |respond: &mut SendResponse<Bytes>, refusal: Refusal, rule: Option<u32>, dst: &Party| {
             node.metrics.inc(Metric::InboundRefused);
-            if refusal == Refusal::BadRequest {
+            if matches!(refusal, Refusal::BadRequest | Refusal::HeadersTooLarge) {
                 node.metrics.inc(Metric::InboundBadRequests);
             }
             let response = Response::builder()
@@ -273,6 +282,11 @@ async fn handle_stream(
                 dst,
             ));
         };
+    let header_bytes = hbone::header_list_size(&parts);
+    if header_bytes > node.config.max_header_list_size as usize {
+        tracing::debug!(client = %client.addr, header_bytes, "oversized CONNECT headers");
+        return refuse(&mut respond, Refusal::HeadersTooLarge, None, &dst);
+    }
     let addr = match hbone::parse_connect(&parts) {
         Ok(addr) => addr,
         Err(error) => {

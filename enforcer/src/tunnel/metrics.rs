@@ -25,7 +25,7 @@ pub enum Metric {
     InboundProtocolErrors,
     /// Inbound CONNECT requests refused (any status).
     InboundRefused,
-    /// Inbound CONNECT requests refused as malformed (400).
+    /// Inbound CONNECT requests refused as malformed (400) or with oversized headers (431).
     InboundBadRequests,
     /// Flows opened (either side).
     FlowsOpened,
