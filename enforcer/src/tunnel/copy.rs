@@ -81,6 +81,13 @@ impl Source for TcpSource {
     }
 }
 
+/// Both ends of a TCP socket.
+#[must_use]
+pub fn tcp_ends(stream: tokio::net::TcpStream) -> (TcpSource, TcpSink) {
+    let (read, write) = stream.into_split();
+    (TcpSource::new(read), TcpSink(write))
+}
+
 /// Writes a TCP socket; finishing shuts down its sending side.
 pub struct TcpSink(pub OwnedWriteHalf);
 
@@ -323,11 +330,6 @@ mod tests {
         (a.unwrap(), b.unwrap().0)
     }
 
-    fn ends(stream: TcpStream) -> (TcpSource, TcpSink) {
-        let (read, write) = stream.into_split();
-        (TcpSource::new(read), TcpSink(write))
-    }
-
     const NO_LIMITS: Limits = Limits {
         idle: None,
         lifetime: None,
@@ -338,8 +340,8 @@ mod tests {
         let (mut client, client_end) = pair().await;
         let (server_end, mut server) = pair().await;
         let flow = tokio::spawn(splice(
-            ends(client_end),
-            ends(server_end),
+            tcp_ends(client_end),
+            tcp_ends(server_end),
             NO_LIMITS,
             std::future::pending(),
         ));
@@ -370,8 +372,8 @@ mod tests {
             lifetime: None,
         };
         let outcome = splice(
-            ends(client_end),
-            ends(server_end),
+            tcp_ends(client_end),
+            tcp_ends(server_end),
             limits,
             std::future::pending(),
         )
@@ -388,8 +390,8 @@ mod tests {
             rule: Some(2),
         };
         let outcome = splice(
-            ends(client_end),
-            ends(server_end),
+            tcp_ends(client_end),
+            tcp_ends(server_end),
             NO_LIMITS,
             std::future::ready(revocation),
         )

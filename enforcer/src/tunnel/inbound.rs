@@ -31,7 +31,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::{
     Node, Party, Reason, Side, Verdict,
-    copy::{H2Sink, H2Source, TcpSink, TcpSource},
+    copy::{H2Sink, H2Source, tcp_ends},
     hbone::{self, ALPN_H2, Refusal},
     metrics::Metric,
     net, new_record,
@@ -334,11 +334,10 @@ async fn handle_stream(
         &src,
         &dst,
     );
-    let (read, write) = upstream.into_split();
     node.run_flow(
         open,
         (H2Source::new(body), H2Sink(send)),
-        (TcpSource::new(read), TcpSink(write)),
+        tcp_ends(upstream),
     )
     .await;
 }

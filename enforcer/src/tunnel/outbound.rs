@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::{
     Node, Party, Reason, Side, Verdict,
-    copy::{H2Sink, H2Source, TcpSink, TcpSource},
+    copy::{H2Sink, H2Source, tcp_ends},
     metrics::Metric,
     net, new_record,
     pool::PoolError,
@@ -109,6 +109,13 @@ struct Flow {
     dst: Party,
 }
 
+impl Flow {
+    /// A record of this flow with `why` (verdict, reason, rule).
+    fn record(&self, why: (Verdict, Reason, Option<u32>)) -> super::FlowRecord {
+        new_record(Side::Outbound, &self.view, why, &self.src, &self.dst)
+    }
+}
+
 /// Same node: authorize, then connect to the workload with the tunnel mark.
 async fn local(node: &Node, mut flow: Flow, tcp: TcpStream, owner: SpiffeId) {
     let dst = flow.origin.dst;
@@ -135,21 +142,8 @@ async fn local(node: &Node, mut flow: Flow, tcp: TcpStream, owner: SpiffeId) {
                 return refuse(node, &flow.view, tcp, why, &flow.src, &flow.dst);
             }
         };
-    let open = new_record(
-        Side::Outbound,
-        &flow.view,
-        (verdict(decision), Reason::Policy, decision.rule),
-        &flow.src,
-        &flow.dst,
-    );
-    let (client_read, client_write) = tcp.into_split();
-    let (read, write) = upstream.into_split();
-    node.run_flow(
-        open,
-        (TcpSource::new(client_read), TcpSink(client_write)),
-        (TcpSource::new(read), TcpSink(write)),
-    )
-    .await;
+    let open = flow.record((verdict(decision), Reason::Policy, decision.rule));
+    node.run_flow(open, tcp_ends(tcp), tcp_ends(upstream)).await;
 }
 
 /// Mesh peer: CONNECT through the pool as the source, then check the server's identity.
@@ -190,17 +184,10 @@ async fn tunnel(node: &Node, mut flow: Flow, tcp: TcpStream, peer: SocketAddr) {
         let why = (Reason::ServerNotAuthorized, decision.rule);
         return refuse(node, &flow.view, tcp, why, &flow.src, &flow.dst);
     }
-    let open = new_record(
-        Side::Outbound,
-        &flow.view,
-        (verdict(decision), Reason::Policy, decision.rule),
-        &flow.src,
-        &flow.dst,
-    );
-    let (client_read, client_write) = tcp.into_split();
+    let open = flow.record((verdict(decision), Reason::Policy, decision.rule));
     node.run_flow(
         open,
-        (TcpSource::new(client_read), TcpSink(client_write)),
+        tcp_ends(tcp),
         (H2Source::new(stream.recv), H2Sink(stream.send)),
     )
     .await;
@@ -218,21 +205,8 @@ async fn plaintext(node: &Node, flow: Flow, tcp: TcpStream) {
             return refuse(node, &flow.view, tcp, why, &flow.src, &flow.dst);
         }
     };
-    let open = new_record(
-        Side::Outbound,
-        &flow.view,
-        (Verdict::Allow, Reason::Egress, None),
-        &flow.src,
-        &flow.dst,
-    );
-    let (client_read, client_write) = tcp.into_split();
-    let (read, write) = upstream.into_split();
-    node.run_flow(
-        open,
-        (TcpSource::new(client_read), TcpSink(client_write)),
-        (TcpSource::new(read), TcpSink(write)),
-    )
-    .await;
+    let open = flow.record((Verdict::Allow, Reason::Egress, None));
+    node.run_flow(open, tcp_ends(tcp), tcp_ends(upstream)).await;
 }
 
 /// Refuse: reset the client at once and write a deny record.
