@@ -22,8 +22,13 @@ use tokio::{
 
 use super::tracker::Revocation;
 
-/// How much one read from a socket takes at most.
-const CHUNK: usize = 64 * 1024;
+/// The smallest read buffer. A read that fills its buffer doubles the next one, up to
+/// [`MAX_CHUNK`], and one that fills less than a quarter halves it, so bulk transfers read big
+/// chunks and chatty flows small ones.
+const MIN_CHUNK: usize = 16 * 1024;
+
+/// The largest buffer one read takes.
+const MAX_CHUNK: usize = 256 * 1024;
 
 /// Below this much spare room the next read gets a fresh buffer.
 const MIN_SPARE: usize = 4 * 1024;
@@ -46,13 +51,18 @@ pub trait Sink {
 pub struct TcpSource {
     read: OwnedReadHalf,
     spare: Option<BytesMut>,
+    chunk: usize,
 }
 
 impl TcpSource {
     /// Reads from `read`.
     #[must_use]
     pub fn new(read: OwnedReadHalf) -> Self {
-        Self { read, spare: None }
+        Self {
+            read,
+            spare: None,
+            chunk: MIN_CHUNK,
+        }
     }
 }
 
@@ -61,11 +71,17 @@ impl Source for TcpSource {
         loop {
             let mut buf = match self.spare.take() {
                 Some(buf) if buf.capacity() - buf.len() >= MIN_SPARE => buf,
-                _ => BytesMut::with_capacity(CHUNK),
+                _ => BytesMut::with_capacity(self.chunk),
             };
+            let room = buf.capacity() - buf.len();
             match self.read.try_read_buf(&mut buf) {
                 Ok(0) => return Ok(None),
-                Ok(_) => {
+                Ok(n) => {
+                    if n == room {
+                        self.chunk = (self.chunk * 2).min(MAX_CHUNK);
+                    } else if n < room / 4 {
+                        self.chunk = (self.chunk / 2).max(MIN_CHUNK);
+                    }
                     let chunk = buf.split().freeze();
                     self.spare = Some(buf);
                     return Ok(Some(chunk));
