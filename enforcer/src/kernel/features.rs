@@ -1,10 +1,12 @@
 //! What the datapath needs from the kernel, the release that introduced each piece, and a
 //! probe of the running kernel that names the first missing piece before anything is loaded.
 //!
-//! Every feature is probed directly where the kernel can be asked (aya's program, map and
-//! helper probes, the BTF file), so a distribution kernel with backports is judged by what it
-//! has, not by its number. The one exception is [`Feature::CgroupLink`]: aya itself chooses
-//! between `bpf_link` and the legacy attach by the release number, so the release is the probe.
+//! Features are probed directly where the kernel can be asked (aya's program, map and helper
+//! probes, the BTF file), so a distribution kernel with backports is judged by what it has, not
+//! by its number. Two are judged by the release instead: [`Feature::CgroupLink`], because aya
+//! itself chooses between `bpf_link` and the legacy attach by the release number, and
+//! [`Feature::BtfTracepoint`], because aya's probe for tracing programs loads an `fentry`
+//! program, which kernels without ftrace direct calls refuse although `tp_btf` works there.
 #![forbid(unsafe_code)]
 
 use std::{fmt, fs, io, path::Path};
@@ -238,8 +240,7 @@ fn probe(feature: Feature, version: KernelVersion) -> Result<bool, FeatureError>
         Feature::SkFullsockInCgroupSkb => {
             helper(ProgramType::CgroupSkb, BpfHelper::BPF_FUNC_sk_fullsock)
         }
-        Feature::BtfTracepoint => program(ProgramType::Tracing),
-        Feature::CgroupLink => Ok(version >= feature.since()),
+        Feature::BtfTracepoint | Feature::CgroupLink => Ok(version >= feature.since()),
         Feature::RingBuffer => is_map_supported(MapType::RingBuf)
             .map_err(|source| FeatureError::MapProbe { feature, source }),
     }
