@@ -31,6 +31,7 @@ mod client;
 mod datapath;
 mod mesh;
 mod netns;
+mod netns_tunnel;
 mod openssl;
 mod process;
 
@@ -46,6 +47,7 @@ pub use mesh::{
     MeshListeners, MeshNode, TableOrigins, TableWorkloads, TestPki, policy as test_policy,
 };
 pub use netns::{Netns, Node, connect_nodes};
+pub use netns_tunnel::{INBOUND_PORT, OUTBOUND_PORT, TUNNEL_MARK, TunnelNode, wait_for_listener};
 pub use openssl::{openssl, output_text, x509_text};
 pub use process::{Spawn, Spawned};
 

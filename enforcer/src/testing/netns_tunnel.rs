@@ -1,0 +1,493 @@
+//! Tunnel nodes in network namespaces, for privileged tests of the whole data path: each node
+//! is one [`Netns`] joined to the others by veth, a scope cgroup with the datapath attached to
+//! it, and a [`Tunnel`] backed by the kernel maps and attestation as the daemon's is, served by
+//! a tokio runtime whose threads all live inside the namespace.
+//!
+//! Every node uses the same fixed ports inside its own namespace: the outbound listener on
+//! `127.0.0.1:`[`OUTBOUND_PORT`] (the kernel redirect target) and the inbound listener on
+//! `0.0.0.0:`[`INBOUND_PORT`], so a policy can name its peers before any node starts. There is
+//! no IPv6 outbound listener, so the kernel refuses enrolled workloads' IPv6 connects.
+//!
+//! Workload processes are registered the way the daemon registers them: attested from procfs,
+//! matched against the policy's workload entries, and given their identity number (and, for
+//! servers, their listening address) in the node's kernel maps.
+
+use std::{
+    fs::{self, File},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    os::{fd::AsFd, unix::fs::MetadataExt},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    thread,
+    time::{Duration, Instant},
+};
+
+use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
+use tokio::{net::TcpListener, runtime::Runtime};
+
+use super::{Node, ScratchCgroup, ScratchDatapath, Spawn, Spawned, TestPki, report};
+use crate::{
+    attest::{AttestOptions, Attestor, Identification, Registry, cgroup_relative_path},
+    identity::SpiffeId,
+    kernel::{Counter, DaemonConfig, Maps, cgroup::cgroup2_mount},
+    policy::{Compiled, Policy, apply::apply, compile, parse},
+    tunnel::{
+        FlowRecord, LocalWorkloads, Origins, PolicyView, RecordSink, Tunnel, TunnelConfig,
+        TunnelParts, record::RecentRecords, sources::KernelSources,
+    },
+};
+
+/// The outbound listener's port (on `127.0.0.1`) inside every node's namespace.
+pub const OUTBOUND_PORT: u16 = 15001;
+/// The inbound listener's port (on every address) inside every node's namespace.
+pub const INBOUND_PORT: u16 = crate::policy::model::DEFAULT_PEER_PORT;
+/// `SO_MARK` of the tunnel's sockets to local workloads, which the ingress hook lets through.
+pub const TUNNEL_MARK: u32 = 0x0e5f_0001;
+
+/// Worker threads of each node's runtime (the VMs the suite runs on have two cores).
+const WORKER_THREADS: usize = 2;
+/// How long a node's runtime gets to finish its tasks when the node is dropped.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long to wait for a record, or for a server to listen.
+const WAIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause between polls.
+const POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// The `st` column of a listening socket in `/proc/net/tcp`.
+const TCP_LISTEN: &str = "0A";
+
+/// One node: namespace, scope cgroup, datapath and tunnel. Dropping it stops the tunnel, then
+/// uninstalls the datapath and removes the scope cgroup (when no clone of it is left).
+pub struct TunnelNode {
+    // Declared first, so it is dropped first: its tasks hold the tunnel's sockets.
+    runtime: Option<Runtime>,
+    name: String,
+    tunnel: Tunnel,
+    records: Arc<RecentRecords>,
+    sources: Arc<KernelSources>,
+    maps: Arc<Mutex<Maps>>,
+    attestor: Attestor,
+    policy: Policy,
+    compiled: Compiled,
+    mount: PathBuf,
+    scope_path: String,
+    datapath: ScratchDatapath,
+    scope: ScratchCgroup,
+    link: Node,
+}
+
+impl TunnelNode {
+    /// Start a node named `name` on the veth end `link`: create its scope cgroup, install and
+    /// configure the datapath, apply the policy `policy(scope)` returns for the scope's cgroup
+    /// path (as policies write it: relative to the cgroup2 mount), and serve both listeners
+    /// inside the namespace with SVIDs from a new node intermediate of `pki`.
+    pub fn start(
+        link: &Node,
+        name: &str,
+        pki: &TestPki,
+        policy: impl FnOnce(&str) -> String,
+    ) -> Self {
+        let mount = cgroup2_mount().unwrap_or_else(|error| panic!("{}", report(&error)));
+        let scope = ScratchCgroup::new(name);
+        let scope_path = cgroup_relative_path(&mount, scope.path()).unwrap_or_else(|| {
+            panic!(
+                "{} is not below {}",
+                scope.path().display(),
+                mount.display()
+            )
+        });
+        let datapath = ScratchDatapath::install(&scope);
+        let maps_dir = datapath.pin_dir().join("maps");
+        let mut maps = Maps::open(&maps_dir).unwrap_or_else(|error| {
+            panic!(
+                "failed to open the maps in {}: {}",
+                maps_dir.display(),
+                report(&error)
+            )
+        });
+        maps.set_config(&DaemonConfig {
+            daemon_tgid: std::process::id(),
+            tunnel_mark: TUNNEL_MARK,
+            outbound_v4: Some(Ipv4Addr::LOCALHOST),
+            outbound_v6: None,
+            outbound_port: OUTBOUND_PORT,
+        })
+        .unwrap_or_else(|error| panic!("failed to configure node {name}: {}", report(&error)));
+        let maps = Arc::new(Mutex::new(maps));
+        let sources = Arc::new(KernelSources::new(
+            Arc::clone(&maps),
+            Attestor::new(AttestOptions::default()),
+        ));
+        let policy = parse_policy(&policy(&scope_path));
+        let compiled = compile(&policy, None, 1);
+        let records = Arc::new(RecentRecords::new(10_000));
+        let node_id = format!("spiffe://{}/enforcer/node/{name}", policy.trust_domain)
+            .parse()
+            .unwrap_or_else(|error| panic!("node {name:?} makes no SPIFFE ID: {error}"));
+        let tunnel = Tunnel::new(TunnelParts {
+            config: TunnelConfig {
+                mark: TUNNEL_MARK,
+                ..TunnelConfig::default()
+            },
+            node_id,
+            bundles: Arc::clone(&pki.bundles),
+            svids: pki.node_svids(name),
+            workloads: Arc::clone(&sources) as Arc<dyn LocalWorkloads>,
+            origins: Arc::clone(&sources) as Arc<dyn Origins>,
+            records: Arc::clone(&records) as Arc<dyn RecordSink>,
+            policy: PolicyView::new(&policy, 1),
+        })
+        .unwrap_or_else(|error| panic!("failed to build node {name}'s tunnel: {error}"));
+        let mut node = Self {
+            runtime: Some(runtime_in(link)),
+            name: name.to_owned(),
+            tunnel,
+            records,
+            sources,
+            maps,
+            attestor: Attestor::new(AttestOptions::default()),
+            policy,
+            compiled,
+            mount,
+            scope_path,
+            datapath,
+            scope,
+            link: link.clone(),
+        };
+        node.program();
+        node.serve();
+        node
+    }
+
+    /// Bind both listeners on a runtime thread (so inside the namespace) and serve them.
+    fn serve(&self) {
+        let tunnel = self.tunnel.clone();
+        let name = self.name.clone();
+        let netns = netns_path(&self.link);
+        let runtime = self.runtime();
+        let serving = runtime.spawn(async move {
+            assert_in_netns(&netns);
+            let outbound = bind(&name, Ipv4Addr::LOCALHOST, OUTBOUND_PORT).await;
+            let inbound = bind(&name, Ipv4Addr::UNSPECIFIED, INBOUND_PORT).await;
+            tunnel.serve_outbound(outbound);
+            tunnel.serve_inbound(inbound);
+        });
+        if let Err(error) = runtime.block_on(serving) {
+            std::panic::resume_unwind(error.into_panic());
+        }
+    }
+
+    /// Program the kernel maps and the sources with the policy and compilation in force.
+    fn program(&mut self) {
+        let report = apply(&mut self.maps(), &self.policy, &self.compiled, &self.mount)
+            .unwrap_or_else(|error| {
+                panic!(
+                    "failed to apply node {}'s policy: {}",
+                    self.name,
+                    report(&error)
+                )
+            });
+        assert!(
+            report.missing_cgroups.is_empty(),
+            "node {}'s policy enrolls cgroups that do not exist: {:?}",
+            self.name,
+            report.missing_cgroups
+        );
+        self.sources.update(
+            &self.compiled.numbers,
+            Registry::new(self.policy.workloads.clone()),
+        );
+    }
+
+    /// Reload the policy as the daemon does: compile `text` as the next version (keeping the
+    /// identity numbers), program the kernel, then put it in force in the tunnel, which closes
+    /// the open flows it denies. Returns how many flows were closed.
+    pub fn reload(&mut self, text: &str) -> usize {
+        let version = self.compiled.table.version + 1;
+        self.policy = parse_policy(text);
+        self.compiled = compile(&self.policy, Some(&self.compiled.numbers), version);
+        self.program();
+        self.tunnel.reload(PolicyView::new(&self.policy, version))
+    }
+
+    /// A builder that places `program` in `cgroup` (a child of [`scope`](Self::scope)) inside
+    /// this node's namespace.
+    pub fn spawn(&self, cgroup: &ScratchCgroup, program: &str) -> Spawn {
+        Spawn::new(program).cgroup(cgroup).netns(self.link.netns())
+    }
+
+    /// Register the workload process `pid` as the daemon would: attest it, match it against
+    /// the policy's workload entries, and record its identity number in the kernel. Returns
+    /// its SPIFFE ID.
+    pub fn register(&self, pid: u32) -> SpiffeId {
+        let facts = self
+            .attestor
+            .attest_fresh(pid)
+            .unwrap_or_else(|error| panic!("failed to attest pid {pid}: {}", report(&error)));
+        let Identification::Matched { id, .. } =
+            Registry::new(self.policy.workloads.clone()).identify(&facts)
+        else {
+            panic!(
+                "pid {pid} ({}, cgroup {}) matches no single workload entry of node {}",
+                facts.exe.display(),
+                facts.cgroup,
+                self.name
+            );
+        };
+        let number = self.number(&id);
+        self.maps()
+            .set_identity(pid, number)
+            .unwrap_or_else(|error| {
+                panic!("failed to set pid {pid}'s identity: {}", report(&error))
+            });
+        id
+    }
+
+    /// Wait until `server` listens on `addr`'s port, then register it ([`register`]), which
+    /// gives the service the bind hook recorded its identity; a bind the hook did not see is
+    /// recorded here, as the daemon records what it finds in procfs. Then the tunnel serves
+    /// `addr` and the ingress hook guards it. Returns the server's SPIFFE ID.
+    ///
+    /// [`register`]: Self::register
+    pub fn register_server(&self, server: &Spawned, addr: SocketAddr) -> SpiffeId {
+        wait_for_listener(server, addr.port());
+        let id = self.register(server.pid());
+        let number = self.number(&id);
+        let mut maps = self.maps();
+        let known = maps
+            .service(addr)
+            .unwrap_or_else(|error| panic!("failed to look up service {addr}: {}", report(&error)));
+        if known.is_none_or(|service| service.identity != number) {
+            maps.set_service(addr, number).unwrap_or_else(|error| {
+                panic!("failed to record service {addr}: {}", report(&error))
+            });
+        }
+        id
+    }
+
+    fn number(&self, id: &SpiffeId) -> u32 {
+        self.compiled
+            .numbers
+            .get(id)
+            .unwrap_or_else(|| panic!("{id} has no identity number on node {}", self.name))
+    }
+
+    /// The tunnel.
+    #[must_use]
+    pub fn tunnel(&self) -> &Tunnel {
+        &self.tunnel
+    }
+
+    /// The datapath (for its events).
+    #[must_use]
+    pub fn datapath(&self) -> &ScratchDatapath {
+        &self.datapath
+    }
+
+    /// The scope cgroup the datapath is attached to; workload cgroups are its children.
+    pub fn scope(&self) -> &ScratchCgroup {
+        &self.scope
+    }
+
+    /// The scope cgroup's path as policies write it (relative to the cgroup2 mount).
+    #[must_use]
+    pub fn scope_path(&self) -> &str {
+        &self.scope_path
+    }
+
+    /// The node's address on the veth link.
+    #[must_use]
+    pub fn addr(&self) -> IpAddr {
+        self.link.addr4().into()
+    }
+
+    /// The node's namespace and veth end.
+    #[must_use]
+    pub fn link(&self) -> &Node {
+        &self.link
+    }
+
+    /// A kernel counter of this node's datapath.
+    #[must_use]
+    pub fn counter(&self, counter: Counter) -> u64 {
+        self.maps()
+            .counter(counter)
+            .unwrap_or_else(|error| panic!("failed to read a counter: {}", report(&error)))
+    }
+
+    /// The records the tunnel has written so far, oldest first.
+    #[must_use]
+    pub fn records(&self) -> Vec<FlowRecord> {
+        self.records.snapshot()
+    }
+
+    /// Wait up to 10 s for a record that `matches`, panicking with every record seen if none
+    /// arrives.
+    pub fn wait_for_record(&self, matches: impl Fn(&FlowRecord) -> bool) -> FlowRecord {
+        self.wait_for_records(1, matches).swap_remove(0)
+    }
+
+    /// Wait up to 10 s until `count` records match `matches` and return every matching one,
+    /// panicking with every record seen if too few arrive.
+    pub fn wait_for_records(
+        &self,
+        count: usize,
+        matches: impl Fn(&FlowRecord) -> bool,
+    ) -> Vec<FlowRecord> {
+        let deadline = Instant::now() + WAIT_TIMEOUT;
+        loop {
+            let found: Vec<FlowRecord> = self.records().into_iter().filter(&matches).collect();
+            if found.len() >= count {
+                return found;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {}: {} of {count} matching records within {WAIT_TIMEOUT:?}; records:\n{}",
+                self.name,
+                found.len(),
+                self.records()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    fn runtime(&self) -> &Runtime {
+        self.runtime
+            .as_ref()
+            .expect("the runtime lives as long as the node")
+    }
+
+    fn maps(&self) -> MutexGuard<'_, Maps> {
+        self.maps.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Drop for TunnelNode {
+    /// Stops the tunnel (every task and socket of the runtime) before the datapath, the scope
+    /// cgroup and the namespace go.
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_timeout(SHUTDOWN_TIMEOUT);
+        }
+    }
+}
+
+/// A multi-threaded runtime every thread of which (workers and blocking pool) enters `link`'s
+/// namespace as it starts, so every socket its tasks open lives there.
+fn runtime_in(link: &Node) -> Runtime {
+    let path = netns_path(link);
+    let netns = Arc::new(
+        File::open(&path)
+            .unwrap_or_else(|error| panic!("failed to open {}: {error}", path.display())),
+    );
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(WORKER_THREADS)
+        .thread_name(format!("tunnel-{}", link.netns().name()))
+        .enable_all()
+        .on_thread_start(move || {
+            if let Err(error) =
+                move_into_link_name_space(netns.as_fd(), Some(LinkNameSpaceType::Network))
+            {
+                // A thread left outside would send test traffic on the host's own network, and
+                // a panic here would leave the runtime short of a thread: stop everything.
+                eprintln!(
+                    "fatal: a tunnel thread failed to enter {}: {error}",
+                    path.display()
+                );
+                std::process::abort();
+            }
+        })
+        .build()
+        .unwrap_or_else(|error| panic!("failed to build a tokio runtime: {error}"))
+}
+
+/// A listener of node `name` on `ip:port`.
+async fn bind(name: &str, ip: Ipv4Addr, port: u16) -> TcpListener {
+    let addr = SocketAddr::new(ip.into(), port);
+    TcpListener::bind(addr)
+        .await
+        .unwrap_or_else(|error| panic!("node {name} failed to bind {addr}: {error}"))
+}
+
+/// Where `ip netns` keeps the namespace of `link`.
+fn netns_path(link: &Node) -> PathBuf {
+    Path::new("/run/netns").join(link.netns().name())
+}
+
+/// Panics unless the calling thread is in the namespace at `netns`.
+fn assert_in_netns(netns: &Path) {
+    let inode = |path: &Path| {
+        fs::metadata(path)
+            .unwrap_or_else(|error| panic!("failed to stat {}: {error}", path.display()))
+            .ino()
+    };
+    assert_eq!(
+        inode(Path::new("/proc/thread-self/ns/net")),
+        inode(netns),
+        "a tunnel thread is not in {}",
+        netns.display()
+    );
+}
+
+fn parse_policy(text: &str) -> Policy {
+    parse("netns-tunnel.toml", text.as_bytes())
+        .unwrap_or_else(|diagnostics| panic!("invalid policy: {diagnostics:?}\n{text}"))
+        .0
+}
+
+/// Wait until a TCP socket in `process`'s namespace listens on `port`, panicking (with the
+/// process's stderr) if none does within 10 s or the process exits.
+pub fn wait_for_listener(process: &Spawned, port: u16) {
+    let deadline = Instant::now() + WAIT_TIMEOUT;
+    let tables = ["tcp", "tcp6"].map(|table| format!("/proc/{}/net/{table}", process.pid()));
+    loop {
+        let listening = tables
+            .iter()
+            .any(|table| fs::read_to_string(table).is_ok_and(|text| listens_on(&text, port)));
+        if listening {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline && fs::metadata(&tables[0]).is_ok(),
+            "pid {} does not listen on port {port}; stderr:\n{}",
+            process.pid(),
+            process.stderr()
+        );
+        thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// Whether the text of a `/proc/net/tcp` table has a listening socket on `port`.
+fn listens_on(table: &str, port: u16) -> bool {
+    table.lines().skip(1).any(|line| {
+        let mut fields = line.split_whitespace().skip(1);
+        let local = fields.next().unwrap_or_default();
+        let state = fields.nth(1).unwrap_or_default();
+        state == TCP_LISTEN
+            && local
+                .rsplit_once(':')
+                .and_then(|(_, hex)| u16::from_str_radix(hex, 16).ok())
+                == Some(port)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::listens_on;
+
+    #[test]
+    fn finds_listening_ports_in_proc_net_tcp() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   \
+             0: 0100007F:3A99 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0\n   \
+             1: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0 20 4 30 10 -1\n";
+        assert!(listens_on(table, 15001));
+        assert!(
+            !listens_on(table, 8080),
+            "an established socket is not listening"
+        );
+        assert!(!listens_on(table, 80));
+    }
+}
