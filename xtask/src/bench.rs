@@ -1,6 +1,7 @@
 //! `cargo xtask bench [NAME...]`: the enforcer crate's benchmarks, each a `harness = false`
-//! program that prints its own figures. `hooks` attaches eBPF programs and needs root;
-//! `attest` (its own child processes) and `identity` (in-process certificates and TLS) do not.
+//! program that prints its own figures. `hooks` attaches eBPF programs and `tunnel` also
+//! creates network namespaces, so both need root; `attest` (its own child processes) and
+//! `identity` (in-process certificates and TLS) do not.
 
 use anyhow::Result;
 use clap::ValueEnum;
@@ -16,6 +17,9 @@ pub(crate) enum Bench {
     Attest,
     /// SVID issuance and mTLS handshake costs (no root needed).
     Identity,
+    /// Throughput, latency, connection rate and memory of the mTLS tunnel between two network
+    /// namespaces, against direct TCP and stunnel4 (needs root).
+    Tunnel,
 }
 
 impl Bench {
@@ -25,12 +29,13 @@ impl Bench {
             Self::Hooks => "hooks",
             Self::Attest => "attest",
             Self::Identity => "identity",
+            Self::Tunnel => "tunnel",
         }
     }
 
     /// Whether the benchmark touches kernel state and so needs root.
     fn needs_root(self) -> bool {
-        matches!(self, Self::Hooks)
+        matches!(self, Self::Hooks | Self::Tunnel)
     }
 }
 
@@ -43,7 +48,9 @@ pub(crate) fn run(benches: &[Bench]) -> Result<()> {
         benches
     };
     if benches.iter().any(|bench| bench.needs_root()) {
-        root::require("benchmarks attach eBPF programs and need root")?;
+        root::require(
+            "benchmarks that attach eBPF programs or create network namespaces need root",
+        )?;
     }
     setup::run()?;
     for bench in benches {
