@@ -414,6 +414,17 @@ impl Maps {
             .map_err(kernel(map_names::SERVICES, what))
     }
 
+    /// Whether some service was ever recorded on `port` (the hint the programs consult before
+    /// the services table; a `false` spares the table lookups).
+    pub fn port_hinted(&self, port: u16) -> Result<bool, MapsError> {
+        self.service_ports
+            .get(&u32::from(port), 0)
+            .map(|hint| hint != 0)
+            .map_err(kernel(map_names::SERVICE_PORTS, || {
+                format!("read the hint of port {port}")
+            }))
+    }
+
     /// The owner of `addr`, as the kernel knows it: (identity, tgid, cgroup id).
     pub fn service(&self, addr: SocketAddr) -> Result<Option<Service>, MapsError> {
         lookup(

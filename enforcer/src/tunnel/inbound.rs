@@ -125,6 +125,9 @@ impl ResolvesServerCert for WorkloadCerts {
 
 /// Accept peers' connections until the task is aborted.
 pub(super) async fn serve(node: Arc<Node>, listener: TcpListener) {
+    if let Err(error) = net::tune(&listener, node.config.keepalive) {
+        tracing::warn!(%error, "failed to tune the inbound listener");
+    }
     loop {
         match listener.accept().await {
             Ok((tcp, addr)) => {
@@ -142,9 +145,6 @@ pub(super) async fn serve(node: Arc<Node>, listener: TcpListener) {
 /// TLS handshake (bounded in time), then HTTP/2.
 async fn handle_connection(node: Arc<Node>, tcp: TcpStream, addr: SocketAddr) {
     node.metrics.inc(Metric::InboundAccepted);
-    if let Err(error) = net::tune(&tcp, node.config.keepalive) {
-        tracing::debug!(%addr, %error, "failed to tune an inbound socket");
-    }
     let acceptor = TlsAcceptor::from(Arc::clone(&node.tls_server));
     let tls = match tokio::time::timeout(node.config.handshake_timeout, acceptor.accept(tcp)).await
     {
@@ -311,9 +311,13 @@ async fn handle_stream(
         return refuse(&mut respond, Refusal::Denied, decision.rule, &dst);
     }
     let config = &node.config;
-    let upstream = match net::connect(addr, config.mark, config.connect_timeout, config.keepalive)
-        .await
-    {
+    let connecting = Box::pin(net::connect(
+        addr,
+        config.mark,
+        config.connect_timeout,
+        None,
+    ));
+    let upstream = match connecting.await {
         Ok(upstream) => upstream,
         Err(error) => {
             tracing::debug!(%addr, error = %crate::report::report(&error), "workload unreachable");

@@ -2,7 +2,7 @@
 //! for hops to local workloads), `TCP_NODELAY` and keepalive, and aborting with a reset.
 #![forbid(unsafe_code)]
 
-use std::{io, net::SocketAddr, time::Duration};
+use std::{io, net::SocketAddr, os::fd::AsFd, time::Duration};
 
 use socket2::{SockRef, TcpKeepalive};
 use tokio::net::{TcpSocket, TcpStream};
@@ -53,7 +53,8 @@ impl ConnectError {
 }
 
 /// Connect to `addr` within `timeout`; a non-zero `mark` is set as `SO_MARK` first (the proof
-/// the kernel's ingress rule asks of tunnel traffic to local workloads).
+/// the kernel's ingress rule asks of tunnel traffic to local workloads). Hops to local
+/// workloads pass no `keepalive`: the kernel reports a local peer's death at once.
 pub async fn connect(
     addr: SocketAddr,
     mark: u32,
@@ -78,11 +79,13 @@ pub async fn connect(
 }
 
 /// Turn off Nagle (the tunnel forwards what it reads at once) and enable keepalive probes
-/// after `keepalive` of silence.
-pub fn tune(stream: &TcpStream, keepalive: Option<Duration>) -> io::Result<()> {
-    stream.set_nodelay(true)?;
+/// after `keepalive` of silence, on a connected socket or on a listener (whose accepted
+/// sockets inherit both, sparing a system call or five per connection).
+pub fn tune(socket: &impl AsFd, keepalive: Option<Duration>) -> io::Result<()> {
+    let socket = SockRef::from(socket);
+    socket.set_tcp_nodelay(true)?;
     if let Some(idle) = keepalive {
-        SockRef::from(stream).set_tcp_keepalive(
+        socket.set_tcp_keepalive(
             &TcpKeepalive::new()
                 .with_time(idle)
                 .with_interval(idle / 3)

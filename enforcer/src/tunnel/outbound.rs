@@ -29,6 +29,10 @@ use crate::{identity::SpiffeId, report::report};
 
 /// Accept redirected connections until the task is aborted.
 pub(super) async fn serve(node: Arc<Node>, listener: TcpListener) {
+    // Accepted sockets inherit TCP_NODELAY; clients are local, so no keepalive.
+    if let Err(error) = net::tune(&listener, None) {
+        tracing::warn!(%error, "failed to tune the outbound listener");
+    }
     loop {
         match listener.accept().await {
             Ok((tcp, client)) => {
@@ -45,9 +49,6 @@ pub(super) async fn serve(node: Arc<Node>, listener: TcpListener) {
 /// One redirected connection: who, where, then the route.
 async fn handle(node: Arc<Node>, tcp: TcpStream, client: SocketAddr) {
     node.metrics.inc(Metric::OutboundAccepted);
-    if let Err(error) = net::tune(&tcp, node.config.keepalive) {
-        tracing::debug!(%client, %error, "failed to tune an outbound socket");
-    }
     let view = node.policy();
     let origin = match node.origins.origin(client) {
         Ok(origin) => origin,
@@ -132,16 +133,17 @@ async fn local(node: &Node, mut flow: Flow, tcp: TcpStream, owner: SpiffeId) {
         );
     }
     let config = &node.config;
-    let upstream =
-        match net::connect(dst, config.mark, config.connect_timeout, config.keepalive).await {
-            Ok(upstream) => upstream,
-            Err(error) => {
-                tracing::info!(%dst, error = %report(&error), "local workload unreachable");
-                let refusal = error.refusal();
-                let why = (Reason::Refused(refusal), decision.rule);
-                return refuse(node, &flow.view, tcp, why, &flow.src, &flow.dst);
-            }
-        };
+    // Boxed, here and below: the connect state would otherwise stay inline in the flow's task
+    // for the flow's whole life.
+    let connecting = Box::pin(net::connect(dst, config.mark, config.connect_timeout, None));
+    let upstream = match connecting.await {
+        Ok(upstream) => upstream,
+        Err(error) => {
+            tracing::info!(%dst, error = %report(&error), "local workload unreachable");
+            let why = (Reason::Refused(error.refusal()), decision.rule);
+            return refuse(node, &flow.view, tcp, why, &flow.src, &flow.dst);
+        }
+    };
     let open = flow.record((verdict(decision), Reason::Policy, decision.rule));
     node.run_flow(open, tcp_ends(tcp), tcp_ends(upstream)).await;
 }
@@ -163,7 +165,7 @@ async fn tunnel(node: &Node, mut flow: Flow, tcp: TcpStream, peer: SocketAddr) {
             );
         }
     };
-    let stream = match node.pool.open(&svid, peer, dst).await {
+    let stream = match Box::pin(node.pool.open(&svid, peer, dst)).await {
         Ok(stream) => stream,
         Err(error) => {
             tracing::info!(%peer, %dst, error = %report(&error), "tunnel refused");
@@ -197,7 +199,13 @@ async fn tunnel(node: &Node, mut flow: Flow, tcp: TcpStream, peer: SocketAddr) {
 async fn plaintext(node: &Node, flow: Flow, tcp: TcpStream) {
     let dst = flow.origin.dst;
     let config = &node.config;
-    let upstream = match net::connect(dst, 0, config.connect_timeout, config.keepalive).await {
+    let connecting = Box::pin(net::connect(
+        dst,
+        0,
+        config.connect_timeout,
+        config.keepalive,
+    ));
+    let upstream = match connecting.await {
         Ok(upstream) => upstream,
         Err(error) => {
             tracing::info!(%dst, error = %report(&error), "egress destination unreachable");

@@ -71,6 +71,9 @@ impl LocalWorkloads for KernelSources {
         ];
         let service = {
             let maps = self.maps();
+            if !maps.port_hinted(port).unwrap_or(true) {
+                return None;
+            }
             candidates.iter().find_map(|&key| match maps.service(key) {
                 Ok(found) => found,
                 Err(error) => {
