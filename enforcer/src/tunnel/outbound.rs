@@ -91,14 +91,7 @@ async fn handle(node: Arc<Node>, tcp: TcpStream, client: SocketAddr) {
         tracing::debug!(dst = %flow.origin.dst, %egress, "plaintext egress");
         plaintext(&node, flow, tcp).await;
     } else {
-        refuse(
-            &node,
-            &flow.view,
-            tcp,
-            (Reason::NoRoute, None),
-            &flow.src,
-            &flow.dst,
-        );
+        flow.refuse(&node, tcp, (Reason::NoRoute, None));
     }
 }
 
@@ -115,6 +108,11 @@ impl Flow {
     fn record(&self, why: (Verdict, Reason, Option<u32>)) -> super::FlowRecord {
         new_record(Side::Outbound, &self.view, why, &self.src, &self.dst)
     }
+
+    /// Refuse this flow for `why` (reason, rule).
+    fn refuse(&self, node: &Node, tcp: TcpStream, why: (Reason, Option<u32>)) {
+        refuse(node, &self.view, tcp, why, &self.src, &self.dst);
+    }
 }
 
 /// Same node: authorize, then connect to the workload with the tunnel mark.
@@ -123,14 +121,7 @@ async fn local(node: &Node, mut flow: Flow, tcp: TcpStream, owner: SpiffeId) {
     flow.dst.id = Some(owner.clone());
     let decision = flow.view.decide(&flow.origin.id, &owner, dst.port());
     if !decision.allowed {
-        return refuse(
-            node,
-            &flow.view,
-            tcp,
-            (Reason::Policy, decision.rule),
-            &flow.src,
-            &flow.dst,
-        );
+        return flow.refuse(node, tcp, (Reason::Policy, decision.rule));
     }
     let config = &node.config;
     // Boxed, here and below: the connect state would otherwise stay inline in the flow's task
@@ -141,7 +132,7 @@ async fn local(node: &Node, mut flow: Flow, tcp: TcpStream, owner: SpiffeId) {
         Err(error) => {
             tracing::info!(%dst, error = %report(&error), "local workload unreachable");
             let why = (Reason::Refused(error.refusal()), decision.rule);
-            return refuse(node, &flow.view, tcp, why, &flow.src, &flow.dst);
+            return flow.refuse(node, tcp, why);
         }
     };
     let open = flow.record((verdict(decision), Reason::Policy, decision.rule));
@@ -155,14 +146,7 @@ async fn tunnel(node: &Node, mut flow: Flow, tcp: TcpStream, peer: SocketAddr) {
         Ok(svid) => svid,
         Err(error) => {
             tracing::warn!(id = %flow.origin.id, error = %report(&error), "no SVID for a client");
-            return refuse(
-                node,
-                &flow.view,
-                tcp,
-                (Reason::NoSvid, None),
-                &flow.src,
-                &flow.dst,
-            );
+            return flow.refuse(node, tcp, (Reason::NoSvid, None));
         }
     };
     let stream = match Box::pin(node.pool.open(&svid, peer, dst)).await {
@@ -173,7 +157,7 @@ async fn tunnel(node: &Node, mut flow: Flow, tcp: TcpStream, peer: SocketAddr) {
                 PoolError::Refused { refusal, .. } => Reason::Refused(refusal),
                 _ => Reason::PeerUnreachable,
             };
-            return refuse(node, &flow.view, tcp, (reason, None), &flow.src, &flow.dst);
+            return flow.refuse(node, tcp, (reason, None));
         }
     };
     flow.dst.id = Some(stream.server_id.clone());
@@ -184,7 +168,7 @@ async fn tunnel(node: &Node, mut flow: Flow, tcp: TcpStream, peer: SocketAddr) {
         // Dropping the stream resets it: the server's workload never sees a byte.
         drop(stream);
         let why = (Reason::ServerNotAuthorized, decision.rule);
-        return refuse(node, &flow.view, tcp, why, &flow.src, &flow.dst);
+        return flow.refuse(node, tcp, why);
     }
     let open = flow.record((verdict(decision), Reason::Policy, decision.rule));
     node.run_flow(
@@ -210,7 +194,7 @@ async fn plaintext(node: &Node, flow: Flow, tcp: TcpStream) {
         Err(error) => {
             tracing::info!(%dst, error = %report(&error), "egress destination unreachable");
             let why = (Reason::Refused(error.refusal()), None);
-            return refuse(node, &flow.view, tcp, why, &flow.src, &flow.dst);
+            return flow.refuse(node, tcp, why);
         }
     };
     let open = flow.record((Verdict::Allow, Reason::Egress, None));
