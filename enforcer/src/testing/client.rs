@@ -8,8 +8,22 @@ use super::{Netns, ScratchCgroup, Spawn, Spawned};
 /// The client program (see the comment at its top for the commands).
 const SCRIPT: &str = include_str!("client.py");
 
-/// How long one command may take to answer.
+/// How long one command may take to answer, beyond the time its connects may take.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long the script lets one connect take before giving up (`settimeout` in [`SCRIPT`]).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The longest `command` may take to answer: `connect_many N` makes N connects in a row, each
+/// bounded by the script's own timeout (slow kernels under emulation need all of it).
+fn answer_timeout(command: &str) -> Duration {
+    let connects = command
+        .strip_prefix("connect_many ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse::<u32>().ok())
+        .unwrap_or(1);
+    ANSWER_TIMEOUT + CONNECT_TIMEOUT * connects
+}
 
 /// A running [`SCRIPT`] process.
 pub struct Client {
@@ -49,12 +63,16 @@ impl Client {
     /// none comes.
     pub fn ask(&mut self, command: &str) -> String {
         self.process.write_line(command);
-        self.next_line()
+        self.next_line_within(answer_timeout(command))
     }
 
     /// The next line the client prints (answers and `accepted` notices).
     pub fn next_line(&mut self) -> String {
-        match self.process.read_line(ANSWER_TIMEOUT) {
+        self.next_line_within(answer_timeout(""))
+    }
+
+    fn next_line_within(&mut self, timeout: Duration) -> String {
+        match self.process.read_line(timeout) {
             Some(line) => line,
             None => panic!(
                 "client {} did not answer; stderr:\n{}",
@@ -67,5 +85,22 @@ impl Client {
     /// Send a command without waiting for an answer (for `exec`).
     pub fn send(&mut self, command: &str) {
         self.process.write_line(command);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answer_time_covers_every_connect_of_connect_many() {
+        assert_eq!(
+            answer_timeout("connect 127.0.0.1 80"),
+            Duration::from_secs(22)
+        );
+        assert_eq!(
+            answer_timeout("connect_many 200 127.0.0.1 80"),
+            Duration::from_mins(7)
+        );
     }
 }
