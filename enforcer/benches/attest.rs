@@ -9,6 +9,8 @@
     reason = "a benchmark program uses the library, not every dependency"
 )]
 
+mod common;
+
 use std::{
     fmt::Write as _,
     fs,
@@ -24,6 +26,8 @@ use enforcer::{
     policy::{self, Authorizer, compile},
     testing::{Spawn, unique_name},
 };
+
+use common::median;
 
 fn main() {
     println!("attest benchmark");
@@ -124,16 +128,11 @@ fn decisions_per_second(rules: usize, queried: usize) -> f64 {
 /// The ratio isolates policy size: both runs ask about the same 10 pairs. A third figure asks
 /// about 10,000 distinct pairs, which adds the cost of a working set that leaves the CPU caches.
 fn authorization() {
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     let rounds = |rules, queried| {
-        median(
-            (0..5)
-                .map(|_| decisions_per_second(rules, queried))
-                .collect(),
-        )
+        let samples: Vec<f64> = (0..5)
+            .map(|_| decisions_per_second(rules, queried))
+            .collect();
+        median(&samples)
     };
     let small = rounds(10, 10);
     let large = rounds(10_000, 10);

@@ -15,6 +15,8 @@
     reason = "a benchmark program uses the library, not every dependency"
 )]
 
+mod common;
+
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
@@ -30,6 +32,8 @@ use enforcer::{
     kernel::Datapath,
     testing::{ScratchCgroup, ScratchDatapath, Spawn, require_root},
 };
+
+use common::median;
 
 /// Connections per timed round.
 const CONNECTS: u32 = 5_000;
@@ -206,12 +210,6 @@ impl Drop for StatsGuard {
     fn drop(&mut self) {
         let _ = std::fs::write(BPF_STATS, self.previous.trim());
     }
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted[sorted.len() / 2]
 }
 
 #[expect(clippy::cast_precision_loss, reason = "figures for display")]

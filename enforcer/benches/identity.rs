@@ -13,6 +13,8 @@
     reason = "a benchmark program uses the library, not every dependency"
 )]
 
+mod common;
+
 use std::{
     hint::black_box,
     sync::Arc,
@@ -33,6 +35,8 @@ use rustls::{
     client::Resumption, server::NoServerSessionStorage, server::WebPkiClientVerifier,
 };
 use rustls_pki_types::ServerName;
+
+use common::median;
 
 /// Rounds per measurement; the median is printed.
 const ROUNDS: usize = 7;
@@ -61,11 +65,6 @@ fn rate(mut op: impl FnMut()) -> f64 {
     f64::from(count) / start.elapsed().as_secs_f64()
 }
 
-fn median(mut samples: Vec<f64>) -> f64 {
-    samples.sort_by(f64::total_cmp);
-    samples[samples.len() / 2]
-}
-
 fn node_ca() -> (CertificateAuthority, CertificateAuthority) {
     let now = SystemTime::now();
     let td = "example.org".parse().expect("td");
@@ -79,7 +78,7 @@ fn node_ca() -> (CertificateAuthority, CertificateAuthority) {
 fn issuance() {
     let (_, node) = node_ca();
     let id: SpiffeId = "spiffe://example.org/ns/prod/web".parse().expect("id");
-    let samples = (0..ROUNDS)
+    let samples: Vec<f64> = (0..ROUNDS)
         .map(|_| {
             rate(|| {
                 black_box(
@@ -91,7 +90,7 @@ fn issuance() {
         .collect();
     println!(
         "SVID issuance, key generation included, one core: {:.0}/s (target >= 5,000/s)",
-        median(samples)
+        median(&samples)
     );
 }
 
@@ -230,7 +229,7 @@ fn handshakes() {
         ours.push(rate(|| spiffe.handshake()));
         theirs.push(rate(|| stock.handshake()));
     }
-    let (ours, theirs) = (median(ours), median(theirs));
+    let (ours, theirs) = (median(&ours), median(&theirs));
     println!("mTLS handshakes, SPIFFE verifiers: {ours:.0}/s");
     println!("mTLS handshakes, stock webpki verifiers: {theirs:.0}/s");
     println!(

@@ -26,6 +26,8 @@
     reason = "a benchmark program uses the library, not every dependency"
 )]
 
+mod common;
+
 use std::{
     fmt::Write as _,
     fs,
@@ -53,6 +55,8 @@ use enforcer::{
         sources::KernelSources,
     },
 };
+
+use common::median;
 
 /// Rounds of the warm comparison (each path once per round per figure).
 const ROUNDS: usize = 7;
@@ -1014,12 +1018,6 @@ fn enter_netns(name: &str) {
         Some(rustix::thread::LinkNameSpaceType::Network),
     )
     .unwrap_or_else(|error| panic!("failed to enter {}: {error}", path.display()));
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted[sorted.len() / 2]
 }
 
 #[expect(clippy::cast_precision_loss, reason = "figures for display")]
