@@ -1,0 +1,982 @@
+//! The writer: producers submit entries without ever waiting; one thread appends them to the
+//! log in submission order, chains them, rotates files by size, and keeps the newest records
+//! in memory and on a broadcast channel for `enforcer flows`.
+//!
+//! Nothing is lost silently: an entry that finds the queue full is counted, and as soon as the
+//! queue has room again the writer records a `daemon`/`loss` record (`audit-queue-full`) with
+//! the count; entries an I/O error kept off the disk get a `write-error` loss record once
+//! writing works again; damage found at the end of the log on restart gets a `torn-record`
+//! loss record naming the file and line.
+#![forbid(unsafe_code)]
+
+use std::{
+    collections::VecDeque,
+    fmt,
+    fs::{DirBuilder, File},
+    io::{self, BufWriter, Write as _},
+    os::unix::fs::DirBuilderExt as _,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock,
+        atomic::{AtomicU64, Ordering},
+        mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use tokio::sync::broadcast;
+
+use super::{
+    chain::{self, Head},
+    files::{self, Tail},
+    record::{AuditRecord, Entry},
+};
+use crate::tunnel::{FlowRecord, RecordSink};
+
+/// Entries the writer takes from the queue before it flushes and publishes them.
+const MAX_BATCH: usize = 1024;
+
+/// Records a `flows --follow` subscriber may fall behind by before it misses some.
+const FOLLOW_BUFFER: usize = 4096;
+
+/// How long dropping the last handle waits for the writer to drain the queue.
+const DROP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where the audit log goes and how much of it is kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditConfig {
+    /// The current file; rotated files are `<path>.1` (newest) to `<path>.<keep>`.
+    pub path: PathBuf,
+    /// The size at which the current file is rotated.
+    pub max_bytes: u64,
+    /// How many rotated files are kept.
+    pub keep: usize,
+    /// How many of the newest records are kept in memory for `enforcer flows`.
+    pub recent: usize,
+    /// How many submitted entries may wait for the writer before new ones are dropped (and
+    /// counted in a loss record).
+    pub queue: usize,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("/var/lib/enforcer/audit/audit.jsonl"),
+            max_bytes: 64 * 1024 * 1024,
+            keep: 10,
+            recent: 10_000,
+            queue: 65_536,
+        }
+    }
+}
+
+/// Errors of opening the audit log.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// A size or count in the configuration is zero.
+    #[error("audit setting {0} must be at least 1")]
+    Invalid(&'static str),
+    /// The log's directory could not be created.
+    #[error("failed to create audit directory {}", path.display())]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// An existing log file could not be read to find where the chain continues.
+    #[error("failed to read audit log {}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// A log file damaged at its end could not be rotated out.
+    #[error("failed to rotate damaged audit log {}", path.display())]
+    Rotate {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The log file could not be opened for appending.
+    #[error("failed to open audit log {}", path.display())]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The writer thread could not be started.
+    #[error("failed to start the audit writer thread")]
+    Spawn(#[source] io::Error),
+}
+
+/// Counters of the audit log since it was opened.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct AuditStats {
+    /// Records written (loss records included).
+    pub written: u64,
+    /// Entries dropped because the queue was full or the log was closed.
+    pub dropped: u64,
+    /// Files rotated.
+    pub rotations: u64,
+    /// I/O errors met while writing.
+    pub write_errors: u64,
+    /// The current file.
+    pub path: PathBuf,
+    /// The seq of the newest record written (0 if there is none).
+    pub last_seq: u64,
+}
+
+/// The node's audit trail: a cheap handle to one writer thread.
+#[derive(Clone)]
+pub struct AuditLog(Arc<Inner>);
+
+struct Inner {
+    /// `None` once closed.
+    sender: RwLock<Option<SyncSender<Message>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    shared: Arc<Shared>,
+}
+
+/// What the queue carries.
+enum Message {
+    /// An entry to write.
+    Entry(Box<Entry>),
+    /// Nothing to write: wakes the writer to record a loss.
+    Wake,
+}
+
+/// State the handles and the writer thread both see.
+struct Shared {
+    path: PathBuf,
+    recent_capacity: usize,
+    /// Calls of `submit` while open (each ends up written or counted as dropped).
+    submitted: AtomicU64,
+    /// Entries dropped since opening.
+    dropped: AtomicU64,
+    /// Entries dropped that no loss record reports yet.
+    unreported_drops: AtomicU64,
+    progress: Mutex<Progress>,
+    changed: Condvar,
+    recent: Mutex<VecDeque<Arc<AuditRecord>>>,
+    follow: broadcast::Sender<Arc<AuditRecord>>,
+}
+
+/// What the writer has done, published after each batch.
+#[derive(Debug)]
+struct Progress {
+    /// Submitted entries dealt with: written, lost to an I/O error, or counted in a loss record.
+    accounted: u64,
+    written: u64,
+    rotations: u64,
+    write_errors: u64,
+    last_seq: u64,
+    /// Whether everything written so far reached the OS without error.
+    clean: bool,
+    /// Whether the writer thread has ended.
+    stopped: bool,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl AuditLog {
+    /// Opens the log at `config.path` for `node`, creating its directory (mode 0700) and file
+    /// (0600), continues the chain where the files on disk end, and starts the writer thread.
+    pub fn open(config: AuditConfig, node: &str) -> Result<Self, AuditError> {
+        for (setting, zero) in [
+            ("max_bytes", config.max_bytes == 0),
+            ("keep", config.keep == 0),
+            ("queue", config.queue == 0),
+        ] {
+            if zero {
+                return Err(AuditError::Invalid(setting));
+            }
+        }
+        let path = config.path;
+        if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+            DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|source| AuditError::CreateDir {
+                    path: dir.to_owned(),
+                    source,
+                })?;
+        }
+        let (head, losses) = recover(&path, config.keep)?;
+        let open_error = |source| AuditError::Open {
+            path: path.clone(),
+            source,
+        };
+        let file = files::open_append(&path).map_err(open_error)?;
+        let size = file.metadata().map_err(open_error)?.len();
+
+        let (sender, receiver) = sync_channel(config.queue);
+        let shared = Arc::new(Shared {
+            path: path.clone(),
+            recent_capacity: config.recent,
+            submitted: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            unreported_drops: AtomicU64::new(0),
+            progress: Mutex::new(Progress {
+                accounted: 0,
+                written: 0,
+                rotations: 0,
+                write_errors: 0,
+                last_seq: head.seq,
+                clean: true,
+                stopped: false,
+            }),
+            changed: Condvar::new(),
+            recent: Mutex::new(VecDeque::new()),
+            follow: broadcast::channel(FOLLOW_BUFFER).0,
+        });
+        let writer = Writer {
+            path,
+            node: node.to_owned(),
+            max_bytes: config.max_bytes,
+            keep: config.keep,
+            file: BufWriter::new(file),
+            size,
+            head,
+            written: 0,
+            rotations: 0,
+            write_errors: 0,
+            lost: 0,
+            error: None,
+        };
+        let thread_shared = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("enforcer-audit".to_owned())
+            .spawn(move || writer.run(&receiver, &thread_shared))
+            .map_err(AuditError::Spawn)?;
+        let log = Self(Arc::new(Inner {
+            sender: RwLock::new(Some(sender)),
+            thread: Mutex::new(Some(thread)),
+            shared,
+        }));
+        for loss in losses {
+            log.submit(loss);
+        }
+        Ok(log)
+    }
+
+    /// Queues `entry` for writing; never waits (it runs on the data path). If the queue is
+    /// full, the entry is counted and a loss record reports the count.
+    pub fn submit(&self, entry: Entry) {
+        let shared = &self.0.shared;
+        let sender = self.0.sender.read().unwrap_or_else(PoisonError::into_inner);
+        let Some(sender) = sender.as_ref() else {
+            shared.dropped.fetch_add(1, Ordering::SeqCst);
+            tracing::warn!(
+                path = %shared.path.display(),
+                "audit entry submitted after the log was closed; dropped"
+            );
+            return;
+        };
+        shared.submitted.fetch_add(1, Ordering::SeqCst);
+        match sender.try_send(Message::Entry(Box::new(entry))) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                shared.dropped.fetch_add(1, Ordering::SeqCst);
+                shared.unreported_drops.fetch_add(1, Ordering::SeqCst);
+                // The writer may have emptied the queue since: make sure it looks at the count.
+                // If the queue is still full, the writer reads the count after its next batch.
+                let _ = sender.try_send(Message::Wake);
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                shared.dropped.fetch_add(1, Ordering::SeqCst);
+                tracing::error!(
+                    path = %shared.path.display(),
+                    "the audit writer is gone; entry dropped"
+                );
+            }
+        }
+    }
+
+    /// The newest written records (at most `recent` of them), oldest first.
+    #[must_use]
+    pub fn recent(&self) -> Vec<Arc<AuditRecord>> {
+        lock(&self.0.shared.recent).iter().cloned().collect()
+    }
+
+    /// Every record from now on, as it is written (for `enforcer flows --follow`).
+    #[must_use]
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<AuditRecord>> {
+        self.0.shared.follow.subscribe()
+    }
+
+    /// Waits up to `timeout` until everything submitted before the call is written and
+    /// handed to the OS; false if that did not happen in time or an I/O error got in the way.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let shared = &self.0.shared;
+        let target = shared.submitted.load(Ordering::SeqCst);
+        let (progress, _) = shared
+            .changed
+            .wait_timeout_while(lock(&shared.progress), timeout, |p| {
+                p.accounted < target && !p.stopped
+            })
+            .unwrap_or_else(PoisonError::into_inner);
+        progress.accounted >= target && progress.clean
+    }
+
+    /// Counters since the log was opened.
+    #[must_use]
+    pub fn stats(&self) -> AuditStats {
+        let shared = &self.0.shared;
+        let progress = lock(&shared.progress);
+        AuditStats {
+            written: progress.written,
+            dropped: shared.dropped.load(Ordering::SeqCst),
+            rotations: progress.rotations,
+            write_errors: progress.write_errors,
+            path: shared.path.clone(),
+            last_seq: progress.last_seq,
+        }
+    }
+
+    /// Stops taking entries, lets the writer drain the queue, sync the file and end, waiting
+    /// up to `timeout` for it. Later submissions are counted as dropped.
+    pub fn close(&self, timeout: Duration) {
+        self.0.close(timeout);
+    }
+}
+
+impl Inner {
+    fn close(&self, timeout: Duration) {
+        // The writer ends once it has drained what the dropped sender left in the queue.
+        drop(
+            self.sender
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(),
+        );
+        let shared = &self.shared;
+        let (progress, _) = shared
+            .changed
+            .wait_timeout_while(lock(&shared.progress), timeout, |p| !p.stopped)
+            .unwrap_or_else(PoisonError::into_inner);
+        if !progress.stopped {
+            tracing::warn!(
+                path = %shared.path.display(),
+                ?timeout,
+                "the audit writer is still draining its queue"
+            );
+            return;
+        }
+        drop(progress);
+        if let Some(thread) = lock(&self.thread).take()
+            && thread.join().is_err()
+        {
+            tracing::error!(path = %shared.path.display(), "the audit writer panicked");
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.close(DROP_TIMEOUT);
+    }
+}
+
+impl fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("path", &self.0.shared.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RecordSink for AuditLog {
+    fn record(&self, record: FlowRecord) {
+        self.submit(Entry::from_flow(&record));
+    }
+}
+
+/// Where the chain continues after a restart, and the loss entries for damage found at the end
+/// of the current file or of the newest rotated one. A damaged current file is rotated out as
+/// it is, so that nothing is appended after its damage and `verify` points at it.
+fn recover(path: &Path, keep: usize) -> Result<(Head, Vec<Entry>), AuditError> {
+    let scan = |file: &Path| {
+        files::scan(file).map_err(|source| AuditError::Read {
+            path: file.to_owned(),
+            source,
+        })
+    };
+    let current = scan(path)?;
+    let current_head = current.as_ref().and_then(|tail| tail.head);
+    let previous = match current_head {
+        Some(_) => None,
+        None => scan(&files::rotated(path, 1))?,
+    };
+    let head = current_head
+        .or_else(|| previous.as_ref().and_then(|tail| tail.head))
+        .unwrap_or(Head::GENESIS);
+
+    let mut losses = Vec::new();
+    let mut previous_name = files::rotated(path, 1);
+    if let Some(tail) = current.filter(|tail| tail.damaged > 0) {
+        files::rotate(path, keep).map_err(|source| AuditError::Rotate {
+            path: path.to_owned(),
+            source,
+        })?;
+        let fate = format!("rotated out unchanged as {}", previous_name.display());
+        losses.push(torn(path, &tail, &fate, head));
+        previous_name = files::rotated(path, 2);
+    }
+    if let Some(tail) = previous.filter(|tail| tail.damaged > 0) {
+        losses.push(torn(&previous_name, &tail, "left as found", head));
+    }
+    Ok((head, losses))
+}
+
+/// The loss entry for the damaged end of `file`.
+fn torn(file: &Path, tail: &Tail, fate: &str, head: Head) -> Entry {
+    let detail = format!(
+        "{} line {}: {} damaged line(s) at the end (torn or not verifying), {fate}; \
+         the chain continues from seq {}",
+        file.display(),
+        tail.first_damaged_line(),
+        tail.damaged,
+        head.seq,
+    );
+    Entry::loss("torn-record", tail.damaged, Some(detail))
+}
+
+/// The writer thread's state: the open file and the chain's head.
+struct Writer {
+    path: PathBuf,
+    node: String,
+    max_bytes: u64,
+    keep: usize,
+    file: BufWriter<File>,
+    /// Bytes in the current file, buffered ones included.
+    size: u64,
+    head: Head,
+    written: u64,
+    rotations: u64,
+    write_errors: u64,
+    /// Entries an I/O error kept out of the log that no loss record reports yet.
+    lost: u64,
+    /// The latest I/O error no loss record reports yet.
+    error: Option<io::Error>,
+}
+
+impl Writer {
+    /// Writes batches from the queue until every handle has let go of it, then syncs.
+    fn run(mut self, receiver: &Receiver<Message>, shared: &Shared) {
+        let _stopped = Stopped(shared);
+        while let Ok(first) = receiver.recv() {
+            let mut entries = Vec::new();
+            let mut next = Some(first);
+            while let Some(message) = next {
+                if let Message::Entry(entry) = message {
+                    entries.push(*entry);
+                }
+                next = if entries.len() < MAX_BATCH {
+                    receiver.try_recv().ok()
+                } else {
+                    None
+                };
+            }
+            self.write_batch(entries, shared);
+        }
+        self.write_batch(Vec::new(), shared);
+        if let Err(error) = self.file.get_ref().sync_all() {
+            self.failed(error);
+            let mut progress = lock(&shared.progress);
+            progress.write_errors = self.write_errors;
+            progress.clean = false;
+        }
+    }
+
+    /// Writes a report of earlier I/O errors, `entries`, and a loss record for entries dropped
+    /// meanwhile; flushes; and publishes the records.
+    fn write_batch(&mut self, entries: Vec<Entry>, shared: &Shared) {
+        let mut accounted = entries.len() as u64;
+        let mut records = Vec::with_capacity(entries.len() + 2);
+        if let Some(error) = self.error.take() {
+            let lost = std::mem::take(&mut self.lost);
+            let detail = format!("{}: {error}", self.path.display());
+            match self.append(Entry::loss("write-error", lost, Some(detail))) {
+                Some(record) => records.push(record),
+                None => self.lost += lost,
+            }
+        }
+        for entry in entries {
+            match self.append(entry) {
+                Some(record) => records.push(record),
+                None => self.lost += 1,
+            }
+        }
+        let dropped = shared.unreported_drops.swap(0, Ordering::SeqCst);
+        if dropped > 0 {
+            accounted += dropped;
+            match self.append(Entry::loss("audit-queue-full", dropped, None)) {
+                Some(record) => records.push(record),
+                None => self.lost += dropped,
+            }
+        }
+        let clean = match self.file.flush() {
+            Ok(()) => self.error.is_none(),
+            Err(error) => {
+                self.failed(error);
+                false
+            }
+        };
+        shared.publish(records, accounted, clean, self);
+    }
+
+    /// Appends the record for `entry`, rotating afterwards if the file is full; `None` if it
+    /// could not be written.
+    fn append(&mut self, entry: Entry) -> Option<Arc<AuditRecord>> {
+        let seq = self.head.seq + 1;
+        let record = AuditRecord::new(entry, seq, &self.node, self.head.hash.to_string());
+        let (mut line, hash) = chain::seal(&record);
+        line.push('\n');
+        if let Err(error) = self.file.write_all(line.as_bytes()) {
+            self.failed(error);
+            return None;
+        }
+        self.head = Head { seq, hash };
+        self.size += line.len() as u64;
+        self.written += 1;
+        if self.size >= self.max_bytes
+            && let Err(error) = self.rotate()
+        {
+            self.failed(error);
+        }
+        Some(Arc::new(record))
+    }
+
+    /// Syncs the current file, shifts the rotated ones and starts a new current file.
+    fn rotate(&mut self) -> io::Result<()> {
+        self.file.flush()?;
+        self.file.get_ref().sync_all()?;
+        files::rotate(&self.path, self.keep)?;
+        self.file = BufWriter::new(files::open_append(&self.path)?);
+        self.size = 0;
+        self.rotations += 1;
+        Ok(())
+    }
+
+    fn failed(&mut self, error: io::Error) {
+        tracing::error!(path = %self.path.display(), %error, "audit log write failed");
+        self.write_errors += 1;
+        self.error = Some(error);
+    }
+}
+
+impl Shared {
+    /// Makes `records` visible to `recent` and subscribers, and wakes `flush` and `close`.
+    fn publish(
+        &self,
+        records: Vec<Arc<AuditRecord>>,
+        accounted: u64,
+        clean: bool,
+        writer: &Writer,
+    ) {
+        {
+            let mut recent = lock(&self.recent);
+            recent.extend(records.iter().cloned());
+            let excess = recent.len().saturating_sub(self.recent_capacity);
+            recent.drain(..excess);
+        }
+        for record in records {
+            // No subscriber is not an error.
+            let _ = self.follow.send(record);
+        }
+        let mut progress = lock(&self.progress);
+        progress.accounted += accounted;
+        progress.written = writer.written;
+        progress.rotations = writer.rotations;
+        progress.write_errors = writer.write_errors;
+        progress.last_seq = writer.head.seq;
+        progress.clean = clean;
+        drop(progress);
+        self.changed.notify_all();
+    }
+}
+
+/// Marks the writer stopped when its thread ends, also by a panic.
+struct Stopped<'a>(&'a Shared);
+
+impl Drop for Stopped<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.progress).stopped = true;
+        self.0.changed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{fs, os::unix::fs::PermissionsExt as _, time::Duration};
+
+    use super::*;
+    use crate::{
+        audit::{
+            ChainError, Event, Source, Verdict, VerifyError,
+            record::samples::{self, kernel_deny},
+            verify::verify,
+        },
+        tunnel::{self, FlowEvent, Party, Reason, Side},
+    };
+
+    /// Long enough for any machine; the tests assert that it is met, not how fast.
+    const WAIT: Duration = Duration::from_secs(30);
+
+    fn config(dir: &Path, max_bytes: u64, keep: usize) -> AuditConfig {
+        AuditConfig {
+            path: dir.join("audit.jsonl"),
+            max_bytes,
+            keep,
+            recent: 10,
+            queue: 1024,
+        }
+    }
+
+    fn write(log: &AuditLog, count: u32) {
+        for n in 1..=count {
+            log.submit(kernel_deny(n));
+        }
+        assert!(log.flush(WAIT), "the writer did not catch up");
+    }
+
+    fn read_records(path: &Path) -> Vec<AuditRecord> {
+        fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|line| chain::open(line.as_bytes()).unwrap().0)
+            .collect()
+    }
+
+    /// The log's files, newest first, as a shell glob would name them (current one first).
+    fn log_files(dir: &Path) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = fs::read_dir(dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .collect();
+        files.sort();
+        files
+    }
+
+    #[test]
+    fn records_are_written_in_order_kept_in_memory_and_broadcast() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(config(dir.path(), u64::MAX, 3), "node-a").unwrap();
+        let mut follow = log.subscribe();
+        write(&log, 30);
+        log.record(FlowRecord {
+            time: samples::time(),
+            side: Side::Inbound,
+            event: FlowEvent::Open,
+            verdict: tunnel::Verdict::Allow,
+            reason: Reason::Policy,
+            rule: Some(1),
+            policy_version: 2,
+            src: Party::default(),
+            dst: Party::default(),
+            bytes_up: 0,
+            bytes_down: 0,
+            duration: Duration::ZERO,
+        });
+        assert!(log.flush(WAIT));
+
+        let records = read_records(&dir.path().join("audit.jsonl"));
+        let seqs: Vec<u64> = records.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, (1..=31).collect::<Vec<_>>());
+        let rules: Vec<Option<u32>> = records[..30].iter().map(|r| r.rule).collect();
+        assert_eq!(
+            rules,
+            (1..=30).map(Some).collect::<Vec<_>>(),
+            "submission order"
+        );
+        assert_eq!(
+            (records[30].source, records[30].event),
+            (Source::Inbound, Event::Open)
+        );
+        assert!(records.iter().all(|r| r.node == "node-a"));
+
+        let recent: Vec<u64> = log.recent().iter().map(|r| r.seq).collect();
+        assert_eq!(recent, (22..=31).collect::<Vec<_>>());
+        let followed: Vec<u64> = std::iter::from_fn(|| follow.try_recv().ok())
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(followed, seqs);
+
+        let stats = log.stats();
+        assert_eq!(
+            (
+                stats.written,
+                stats.dropped,
+                stats.rotations,
+                stats.last_seq
+            ),
+            (31, 0, 0, 31)
+        );
+        log.close(WAIT);
+        let report = verify(&log_files(dir.path())).unwrap();
+        assert_eq!((report.records, report.anchored), (31, true));
+    }
+
+    #[test]
+    fn directory_and_file_are_private_and_bad_settings_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let nested = dir.path().join("lib/enforcer/audit");
+        let log = AuditLog::open(config(&nested, 1024, 2), "node-a").unwrap();
+        log.close(WAIT);
+        let mode = |path: &Path| fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&nested), 0o700);
+        assert_eq!(mode(&nested.join("audit.jsonl")), 0o600);
+
+        for (setting, bad) in [
+            (
+                "max_bytes",
+                AuditConfig {
+                    max_bytes: 0,
+                    ..config(&nested, 1, 1)
+                },
+            ),
+            (
+                "keep",
+                AuditConfig {
+                    keep: 0,
+                    ..config(&nested, 1, 1)
+                },
+            ),
+            (
+                "queue",
+                AuditConfig {
+                    queue: 0,
+                    ..config(&nested, 1, 1)
+                },
+            ),
+        ] {
+            let error = AuditLog::open(bad, "node-a").unwrap_err();
+            assert!(
+                matches!(error, AuditError::Invalid(s) if s == setting),
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
+    fn rotated_files_verify_together_in_any_order_and_a_missing_one_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(config(dir.path(), 2000, 20), "node-a").unwrap();
+        write(&log, 40);
+        log.close(WAIT);
+        let rotations = log.stats().rotations;
+        assert!(rotations >= 3, "{rotations} rotations");
+
+        let mut files = log_files(dir.path());
+        assert_eq!(files.len() as u64, rotations + 1);
+        let with_records = files
+            .iter()
+            .filter(|file| fs::metadata(file).unwrap().len() > 0)
+            .count();
+        for _ in 0..2 {
+            let report = verify(&files).unwrap();
+            assert_eq!((report.records, report.anchored), (40, true));
+            assert_eq!(report.files, with_records);
+            files.reverse();
+        }
+
+        let middle = files::rotated(&dir.path().join("audit.jsonl"), 2);
+        fs::remove_file(&middle).unwrap();
+        let newer = files::rotated(&dir.path().join("audit.jsonl"), 1);
+        match verify(&log_files(dir.path())) {
+            Err(VerifyError::Record {
+                path,
+                line: 1,
+                problem: ChainError::BrokenLink { .. },
+            }) => assert_eq!(path, newer),
+            other => panic!(
+                "expected a broken link at the start of {}, got {other:?}",
+                newer.display()
+            ),
+        }
+    }
+
+    #[test]
+    fn rotation_deletes_files_beyond_keep() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(config(dir.path(), 1000, 2), "node-a").unwrap();
+        write(&log, 40);
+        log.close(WAIT);
+        assert!(files::rotated(&path, 2).exists());
+        assert!(!files::rotated(&path, 3).exists());
+        let report = verify(&log_files(dir.path())).unwrap();
+        assert!(!report.anchored);
+        assert_eq!(report.last_seq, 40);
+    }
+
+    #[test]
+    fn a_restarted_log_continues_the_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        for _ in 0..2 {
+            let log = AuditLog::open(config(dir.path(), u64::MAX, 2), "node-a").unwrap();
+            write(&log, 5);
+        }
+        // Every record fills a file: the current file is empty when the log opens again, and
+        // the chain continues from the newest rotated one.
+        for _ in 0..2 {
+            let log = AuditLog::open(config(dir.path(), 1, 20), "node-a").unwrap();
+            write(&log, 2);
+            assert_eq!(
+                fs::metadata(dir.path().join("audit.jsonl")).unwrap().len(),
+                0
+            );
+        }
+        let report = verify(&log_files(dir.path())).unwrap();
+        assert_eq!(
+            (report.records, report.last_seq, report.anchored),
+            (14, 14, true)
+        );
+    }
+
+    #[test]
+    fn a_torn_last_line_is_kept_rotated_out_and_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(config(dir.path(), u64::MAX, 5), "node-a").unwrap();
+        write(&log, 5);
+        log.close(WAIT);
+        let mut damaged = fs::read(&path).unwrap();
+        damaged.extend_from_slice(b"{\"seq\":6,\"time\":\"2026-");
+        fs::write(&path, &damaged).unwrap();
+
+        let log = AuditLog::open(config(dir.path(), u64::MAX, 5), "node-a").unwrap();
+        write(&log, 2);
+        log.close(WAIT);
+
+        let rotated = files::rotated(&path, 1);
+        assert_eq!(
+            fs::read(&rotated).unwrap(),
+            damaged,
+            "the damaged file is kept as it was"
+        );
+        let records = read_records(&path);
+        let loss = &records[0];
+        assert_eq!(
+            (loss.seq, loss.source, loss.event, loss.verdict, loss.lost),
+            (6, Source::Daemon, Event::Loss, Verdict::Loss, Some(1))
+        );
+        assert_eq!(loss.reason, "torn-record");
+        let detail = loss.detail.as_deref().unwrap();
+        assert!(
+            detail.contains(&format!("{} line 6", path.display())),
+            "{detail}"
+        );
+        assert!(
+            detail.contains(&format!("as {}", rotated.display())),
+            "{detail}"
+        );
+
+        match verify(&log_files(dir.path())) {
+            Err(VerifyError::Record {
+                path,
+                line: 6,
+                problem: ChainError::Torn,
+            }) => assert_eq!(path, rotated),
+            other => panic!("expected the torn line, got {other:?}"),
+        }
+        let newest = verify(&[path]).unwrap();
+        assert_eq!(
+            (newest.first_seq, newest.last_seq, newest.anchored),
+            (6, 8, false)
+        );
+    }
+
+    #[test]
+    fn a_last_line_that_does_not_verify_is_treated_as_torn() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(config(dir.path(), u64::MAX, 5), "node-a").unwrap();
+        write(&log, 4);
+        log.close(WAIT);
+        let text = fs::read_to_string(&path).unwrap();
+        fs::write(&path, text.replace("\"rule\":4", "\"rule\":1")).unwrap();
+
+        let log = AuditLog::open(config(dir.path(), u64::MAX, 5), "node-a").unwrap();
+        log.close(WAIT);
+        let records = read_records(&path);
+        assert_eq!(records.len(), 1);
+        assert_eq!((records[0].seq, records[0].lost), (4, Some(1)));
+        assert_eq!(records[0].reason, "torn-record");
+    }
+
+    #[test]
+    fn a_full_queue_is_counted_and_reported_in_a_loss_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(
+            AuditConfig {
+                queue: 1,
+                ..config(dir.path(), u64::MAX, 5)
+            },
+            "node-a",
+        )
+        .unwrap();
+        let submitted = 100;
+        {
+            // The writer publishes every batch to `recent`: holding that lock stops it after
+            // at most one batch, so that the queue of one entry overflows.
+            let _writer_stopped = lock(&log.0.shared.recent);
+            for n in 1..=submitted {
+                log.submit(kernel_deny(n));
+            }
+        }
+        assert!(log.flush(WAIT));
+        log.close(WAIT);
+
+        let records = read_records(&path);
+        let written = records
+            .iter()
+            .filter(|r| r.source == Source::Kernel)
+            .count() as u64;
+        let losses: Vec<&AuditRecord> = records
+            .iter()
+            .filter(|r| r.reason == "audit-queue-full")
+            .collect();
+        assert!(
+            losses
+                .iter()
+                .all(|r| (r.source, r.verdict) == (Source::Daemon, Verdict::Loss))
+        );
+        let lost: u64 = losses.iter().filter_map(|r| r.lost).sum();
+        assert_eq!(written + lost, u64::from(submitted));
+        assert!(lost >= u64::from(submitted) - 3, "only {lost} lost");
+        assert_eq!(log.stats().dropped, lost);
+        assert_eq!(verify(&[path]).unwrap().records, records.len() as u64);
+    }
+
+    #[test]
+    fn entries_after_close_are_counted_as_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(config(dir.path(), u64::MAX, 5), "node-a").unwrap();
+        let other = log.clone();
+        write(&log, 1);
+        log.close(WAIT);
+        other.submit(Entry::new(
+            Source::Daemon,
+            Event::Stop,
+            Verdict::Info,
+            "late",
+        ));
+        assert!(other.flush(WAIT), "nothing is left to write");
+        let stats = other.stats();
+        assert_eq!((stats.written, stats.dropped, stats.last_seq), (1, 1, 1));
+    }
+}
