@@ -980,7 +980,7 @@ fn node(args: &NodeArgs) {
         .expect("set the daemon config");
         let sources = Arc::new(KernelSources::new(
             Arc::new(Mutex::new(maps)),
-            Attestor::new(AttestOptions::default()),
+            Arc::new(Attestor::new(AttestOptions::default())),
         ));
         sources.update(&compiled.numbers, Registry::new(policy.workloads.clone()));
         let tunnel = Tunnel::new(TunnelParts {

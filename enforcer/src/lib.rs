@@ -3,9 +3,14 @@
 //! The library holds everything the `enforcer` binary wires together; `main.rs` stays thin.
 
 pub mod attest;
+pub mod audit;
 pub mod cli;
+pub mod config;
+pub mod control;
+pub mod daemon;
 pub mod identity;
 pub mod kernel;
+pub mod metrics;
 pub mod policy;
 pub mod report;
 pub mod testing;

@@ -21,6 +21,9 @@ fn enforcer(args: &[&str]) -> (bool, String) {
     (output.status.success(), text)
 }
 
+/// A control socket path nothing listens on.
+const NO_DAEMON: &str = "/nonexistent/enforcer/control.sock";
+
 #[test]
 fn status_reports_and_uninstall_detaches_everything() {
     let _serial = serial();
@@ -37,8 +40,10 @@ fn status_reports_and_uninstall_detaches_everything() {
     let mut client = Client::start(Some(&app), None);
     assert_eq!(client.ask(&connect), "err 1");
 
-    let (ok, text) = enforcer(&["status", "--pin-dir", &pin_dir]);
-    assert!(ok, "{text}");
+    // No daemon answers: status says so, shows the pinned datapath, and exits 1.
+    let (ok, text) = enforcer(&["status", "--socket", NO_DAEMON, "--pin-dir", &pin_dir]);
+    assert!(!ok, "{text}");
+    assert!(text.contains("daemon: not running"), "{text}");
     assert!(text.contains("datapath: installed"), "{text}");
     assert!(text.contains("no_listener"), "{text}");
 
@@ -48,8 +53,8 @@ fn status_reports_and_uninstall_detaches_everything() {
     // Detached: the same connect now reaches the server untouched.
     assert!(client.ask(&connect).starts_with("ok "));
 
-    let (ok, text) = enforcer(&["status", "--pin-dir", &pin_dir]);
-    assert!(ok, "{text}");
+    let (ok, text) = enforcer(&["status", "--socket", NO_DAEMON, "--pin-dir", &pin_dir]);
+    assert!(!ok, "{text}");
     assert!(text.contains("not installed"), "{text}");
     let (ok, text) = enforcer(&["uninstall", "--pin-dir", &pin_dir]);
     assert!(ok, "uninstalling nothing is not an error: {text}");

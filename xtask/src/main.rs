@@ -58,7 +58,7 @@ enum Task {
         #[arg(value_enum, value_name = "NAME")]
         names: Vec<bench::Bench>,
     },
-    /// Run the datapath demo as root (the README's main job).
+    /// Run the two-node daemon demo as root (the README's main job).
     Demo,
     /// Run cargo-fuzz targets on the nightly, each for a fixed time; every target when none
     /// is named (not part of CI).

@@ -11,6 +11,7 @@ use std::{
     num::{IntErrorKind, ParseIntError},
     os::unix::fs::DirBuilderExt as _,
     path::{Path, PathBuf},
+    process::ExitCode,
     time::{Duration, SystemTime},
 };
 
@@ -86,6 +87,11 @@ pub enum SvidCommand {
         #[arg(long, value_parser = parse_duration)]
         ttl: Option<Duration>,
     },
+    /// Show the current SVID the running daemon holds for a local workload identity.
+    Show {
+        /// The workload's SPIFFE ID.
+        id: SpiffeId,
+    },
 }
 
 /// `enforcer bundle ...`.
@@ -128,12 +134,13 @@ impl CaCommand {
 }
 
 impl SvidCommand {
-    /// Run the command.
-    pub fn run(&self) -> anyhow::Result<()> {
+    /// Run the command; `show` asks the daemon on `socket`.
+    pub fn run(&self, socket: &Path) -> anyhow::Result<ExitCode> {
         match self {
             Self::Issue { ca, id, out, ttl } => {
-                issue_svid(ca, id, out, ttl.unwrap_or(DEFAULT_SVID_TTL))
+                issue_svid(ca, id, out, ttl.unwrap_or(DEFAULT_SVID_TTL)).map(|()| ExitCode::SUCCESS)
             }
+            Self::Show { id } => super::control::svid_show(socket, id),
         }
     }
 }

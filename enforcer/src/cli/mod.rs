@@ -1,5 +1,7 @@
 //! Command-line interface of the `enforcer` binary: one module per area.
 
+mod audit;
+mod control;
 mod datapath;
 mod identity;
 mod policy;
@@ -8,6 +10,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 
+pub use audit::AuditCommand;
 pub use datapath::DEFAULT_PIN_DIR;
 pub use identity::{BundleCommand, BundleFormat, CaCommand, SvidCommand};
 pub use policy::PolicyCommand;
@@ -19,21 +22,76 @@ pub struct Cli {
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `enforcer=debug`.
     #[arg(long, global = true, default_value = "info", env = "ENFORCER_LOG")]
     pub log: String,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "ENFORCER_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// The daemon's control socket.
+    #[arg(long, global = true, default_value = crate::config::DEFAULT_CONTROL_SOCKET, env = "ENFORCER_SOCKET")]
+    pub socket: PathBuf,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// How logs are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One readable line per event.
+    Human,
+    /// One JSON object per event.
+    Json,
+}
+
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Show the state of the pinned datapath: attachment, policy slot and version, counters.
+    /// Run the daemon: attach the datapath, serve the tunnel, the control API and metrics.
+    Run {
+        /// Configuration file (TOML); without it the embedded default applies.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Show the running daemon's state: attachments, policy version and hash, mode, workloads,
+    /// SVIDs and their expiry, counters, lost events. Without a daemon, the pinned datapath's.
     Status {
-        /// The daemon's bpffs directory.
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// The bpffs directory read when no daemon answers.
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
-    /// Validate and compare policy files.
+    /// The processes of enrolled cgroups: pid, binary, sha256, cgroup, SPIFFE ID, entry.
+    Workloads {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The identity-tagged audit trail of flows, newest last.
+    Flows {
+        /// Keep printing new records as they are written.
+        #[arg(long)]
+        follow: bool,
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+        /// Only records with this verdict (allow, deny, audit, drop, loss, info).
+        #[arg(long)]
+        verdict: Option<crate::audit::Verdict>,
+        /// Only records whose source or destination is this SPIFFE ID.
+        #[arg(long)]
+        id: Option<crate::identity::SpiffeId>,
+        /// At most this many past records.
+        #[arg(long, default_value_t = 200)]
+        limit: usize,
+    },
+    /// Verify audit log files.
+    Audit {
+        /// What to do with audit logs.
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Validate, compare, reload and show policies.
     Policy {
         /// What to do with policies.
         #[command(subcommand)]
@@ -45,7 +103,7 @@ pub enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
-    /// Issue workload X.509-SVIDs.
+    /// Issue workload X.509-SVIDs, or show the daemon's.
     Svid {
         /// What to do with SVIDs.
         #[command(subcommand)]
@@ -71,11 +129,15 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .init();
-    match run(cli.command) {
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match cli.log_format {
+        LogFormat::Human => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
+    match run(cli.command, &cli.socket) {
         Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");
@@ -84,12 +146,52 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn run(command: Command) -> anyhow::Result<ExitCode> {
+fn run(command: Command, socket: &std::path::Path) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Status { pin_dir } => datapath::status(&pin_dir).map(|()| ExitCode::SUCCESS),
-        Command::Policy { command } => Ok(command.run()),
+        Command::Run { config } => {
+            let config = crate::config::Config::load(config.as_deref())?;
+            crate::daemon::run(config)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { json, pin_dir } => match control::status(socket, json) {
+            Err(error)
+                if error
+                    .downcast_ref::<crate::control::ClientError>()
+                    .is_some_and(|e| {
+                        matches!(
+                            e,
+                            crate::control::ClientError::NotRunning { .. }
+                                | crate::control::ClientError::Refused { .. }
+                        )
+                    }) =>
+            {
+                println!("daemon: not running ({error})");
+                datapath::status(&pin_dir)?;
+                Ok(ExitCode::FAILURE)
+            }
+            other => other,
+        },
+        Command::Workloads { json } => control::workloads(socket, json),
+        Command::Flows {
+            follow,
+            json,
+            verdict,
+            id,
+            limit,
+        } => control::flows(
+            socket,
+            &control::FlowsQuery {
+                follow,
+                json,
+                verdict,
+                id,
+                limit,
+            },
+        ),
+        Command::Audit { command } => Ok(command.run()),
+        Command::Policy { command } => command.run(socket),
         Command::Ca { command } => command.run().map(|()| ExitCode::SUCCESS),
-        Command::Svid { command } => command.run().map(|()| ExitCode::SUCCESS),
+        Command::Svid { command } => command.run(socket),
         Command::Bundle { command } => command.run().map(|()| ExitCode::SUCCESS),
         Command::Uninstall { pin_dir } => datapath::uninstall(&pin_dir).map(|()| ExitCode::SUCCESS),
     }

@@ -1,4 +1,4 @@
-//! `enforcer policy ...`: check and diff policy files.
+//! `enforcer policy ...`: check and diff policy files, reload and show the daemon's.
 
 use std::{
     path::{Path, PathBuf},
@@ -26,15 +26,28 @@ pub enum PolicyCommand {
         /// The candidate.
         new: PathBuf,
     },
+    /// Send FILE to the running daemon: validate, diff, then swap it in atomically and close
+    /// the open flows it denies. Prints the new version and the diff; on any error the policy
+    /// in force stays.
+    Reload {
+        /// The new policy.
+        file: PathBuf,
+        /// Validate and diff only; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Print the policy the running daemon enforces, with its version and hash.
+    Show,
 }
 
 impl PolicyCommand {
-    /// Run the command.
-    #[must_use]
-    pub fn run(&self) -> ExitCode {
+    /// Run the command; `reload` and `show` talk to the daemon on `socket`.
+    pub fn run(&self, socket: &Path) -> anyhow::Result<ExitCode> {
         match self {
-            Self::Check { files } => check(files),
-            Self::Diff { old, new } => diff(old, new),
+            Self::Check { files } => Ok(check(files)),
+            Self::Diff { old, new } => Ok(diff(old, new)),
+            Self::Reload { file, dry_run } => super::control::reload(socket, file, *dry_run),
+            Self::Show => super::control::show(socket),
         }
     }
 }

@@ -173,6 +173,12 @@ impl<C: Clock, I: SvidIssuer> SvidCache<C, I> {
             .min()
     }
 
+    /// The SVIDs held now, without issuing or rotating anything (for status reports).
+    pub fn current(&self) -> Vec<Arc<X509Svid>> {
+        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        entries.values().filter_map(|e| e.svid.clone()).collect()
+    }
+
     /// Forgets `id` (its workload exited or re-executed); returns whether it was cached.
     pub fn remove(&self, id: &SpiffeId) -> bool {
         let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);

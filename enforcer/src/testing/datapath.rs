@@ -12,7 +12,7 @@ use crate::kernel::{DaemonConfig, Datapath, DatapathOptions};
 use super::{ScratchCgroup, report, unique_name};
 
 /// The bpffs mount the scratch pin directories live under (mounted if needed).
-const BPFFS: &str = "/sys/fs/bpf";
+pub(super) const BPFFS: &str = "/sys/fs/bpf";
 
 /// An installed datapath that uninstalls itself.
 pub struct ScratchDatapath {

@@ -28,6 +28,7 @@
 
 mod cgroup;
 mod client;
+mod daemon;
 mod datapath;
 mod mesh;
 mod netns;
@@ -42,6 +43,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 pub use cgroup::ScratchCgroup;
 pub use client::Client;
+pub use daemon::DaemonNode;
 pub use datapath::ScratchDatapath;
 pub use mesh::{
     MeshListeners, MeshNode, TableOrigins, TableWorkloads, TestPki, policy as test_policy,

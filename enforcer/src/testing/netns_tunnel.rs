@@ -50,6 +50,9 @@ const WORKER_THREADS: usize = 2;
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long to wait for a record, or for a server to listen.
 const WAIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a server gets to start listening: a python server under emulation (the vm tier)
+/// with two daemons busy beside it can take well over 10 s.
+const LISTEN_TIMEOUT: Duration = Duration::from_mins(1);
 /// Pause between polls.
 const POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// The `st` column of a listening socket in `/proc/net/tcp`.
@@ -115,7 +118,7 @@ impl TunnelNode {
         let maps = Arc::new(Mutex::new(maps));
         let sources = Arc::new(KernelSources::new(
             Arc::clone(&maps),
-            Attestor::new(AttestOptions::default()),
+            Arc::new(Attestor::new(AttestOptions::default())),
         ));
         let policy = parse_policy(&policy(&scope_path));
         let compiled = compile(&policy, None, 1);
@@ -439,9 +442,9 @@ fn parse_policy(text: &str) -> Policy {
 }
 
 /// Wait until a TCP socket in `process`'s namespace listens on `port`, panicking (with the
-/// process's stderr) if none does within 10 s or the process exits.
+/// process's stderr) if none does within [`LISTEN_TIMEOUT`] or the process exits.
 pub fn wait_for_listener(process: &Spawned, port: u16) {
-    let deadline = Instant::now() + WAIT_TIMEOUT;
+    let deadline = Instant::now() + LISTEN_TIMEOUT;
     let tables = ["tcp", "tcp6"].map(|table| format!("/proc/{}/net/{table}", process.pid()));
     loop {
         let listening = tables

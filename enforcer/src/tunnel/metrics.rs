@@ -4,6 +4,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::metrics::Histogram;
+
 /// One counter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Metric {
@@ -82,9 +84,16 @@ impl Metric {
     }
 }
 
-/// The counters of one endpoint.
+/// The counters and latency histograms of one endpoint.
 #[derive(Debug, Default)]
-pub struct Metrics([AtomicU64; Metric::ALL.len()]);
+pub struct Metrics {
+    counters: [AtomicU64; Metric::ALL.len()],
+    /// Time to dial a peer: TCP connect, TLS 1.3 and HTTP/2 handshakes.
+    pub handshake: Histogram,
+    /// Time from accepting a redirected connection to its route: the kernel's redirect
+    /// record, attestation of the client, and the destination's owner.
+    pub outbound_decision: Histogram,
+}
 
 impl Metrics {
     /// Add one to `metric`.
@@ -94,13 +103,13 @@ impl Metrics {
 
     /// Add `n` to `metric`.
     pub fn add(&self, metric: Metric, n: u64) {
-        self.0[metric as usize].fetch_add(n, Ordering::Relaxed);
+        self.counters[metric as usize].fetch_add(n, Ordering::Relaxed);
     }
 
     /// The value of `metric`.
     #[must_use]
     pub fn get(&self, metric: Metric) -> u64 {
-        self.0[metric as usize].load(Ordering::Relaxed)
+        self.counters[metric as usize].load(Ordering::Relaxed)
     }
 
     /// Every counter with its value.

@@ -12,7 +12,7 @@
 //! 4. otherwise, and on every refusal: reset the client's connection and write a deny record.
 #![forbid(unsafe_code)]
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use tokio::net::{TcpListener, TcpStream};
 
@@ -49,23 +49,24 @@ pub(super) async fn serve(node: Arc<Node>, listener: TcpListener) {
 /// One redirected connection: who, where, then the route.
 async fn handle(node: Arc<Node>, tcp: TcpStream, client: SocketAddr) {
     node.metrics.inc(Metric::OutboundAccepted);
+    let accepted = Instant::now();
     let view = node.policy();
     let origin = match node.origins.origin(client) {
         Ok(origin) => origin,
         Err(error) => {
             tracing::info!(%client, error = %report(&error), "refusing an unidentified client");
+            let known = error.known();
             let src = Party {
                 addr: Some(client),
+                pid: known.map(|(pid, _, _)| pid),
+                exe: known.and_then(|(_, exe, _)| exe).map(Into::into),
                 ..Party::default()
             };
-            return refuse(
-                &node,
-                &view,
-                tcp,
-                (Reason::NoIdentity, None),
-                &src,
-                &Party::default(),
-            );
+            let dst = Party {
+                addr: known.map(|(_, _, dst)| dst),
+                ..Party::default()
+            };
+            return refuse(&node, &view, tcp, (Reason::NoIdentity, None), &src, &dst);
         }
     };
     let flow = Flow {
@@ -83,7 +84,9 @@ async fn handle(node: Arc<Node>, tcp: TcpStream, client: SocketAddr) {
         origin,
         view,
     };
-    if let Some(owner) = node.workloads.owner(flow.origin.dst) {
+    let owner = node.workloads.owner(flow.origin.dst);
+    node.metrics.outbound_decision.observe(accepted.elapsed());
+    if let Some(owner) = owner {
         local(&node, flow, tcp, owner).await;
     } else if let Some(peer) = flow.view.peer(flow.origin.dst.ip()) {
         tunnel(&node, flow, tcp, peer).await;

@@ -361,10 +361,12 @@ impl Pool {
                 .map_err(|source| PoolError::Http2 { peer, source })?;
             Ok((send, connection, server_id))
         };
+        let started = Instant::now();
         let (send, connection, server_id) =
             tokio::time::timeout(config.handshake_timeout, handshakes)
                 .await
                 .map_err(|_| PoolError::HandshakeTimeout { peer })??;
+        self.metrics.handshake.observe(started.elapsed());
         let closed = Arc::new(AtomicBool::new(false));
         let driver_closed = Arc::clone(&closed);
         tokio::spawn(async move {

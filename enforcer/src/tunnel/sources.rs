@@ -28,15 +28,16 @@ struct Identities {
 /// Kernel- and attestation-backed [`LocalWorkloads`] and [`Origins`].
 pub struct KernelSources {
     maps: Arc<Mutex<Maps>>,
-    attestor: Attestor,
+    attestor: Arc<Attestor>,
     identities: RwLock<Identities>,
 }
 
 impl KernelSources {
-    /// Sources reading `maps` and attesting with `attestor`; they know no identity until
+    /// Sources reading `maps` and attesting with `attestor` (shared with the daemon's registrar,
+    /// so both use one cache); they know no identity until
     /// [`KernelSources::update`].
     #[must_use]
-    pub fn new(maps: Arc<Mutex<Maps>>, attestor: Attestor) -> Self {
+    pub fn new(maps: Arc<Mutex<Maps>>, attestor: Arc<Attestor>) -> Self {
         Self {
             maps,
             attestor,
@@ -104,6 +105,7 @@ impl Origins for KernelSources {
             .attest(original.tgid)
             .map_err(|source| OriginError::Attest {
                 pid: original.tgid,
+                dst: original.dst,
                 source: Box::new(source),
             })?;
         let identification = self
@@ -123,6 +125,7 @@ impl Origins for KernelSources {
             Identification::Unmatched | Identification::Ambiguous(_) => {
                 Err(OriginError::NoIdentity {
                     pid: original.tgid,
+                    dst: original.dst,
                     exe: facts.exe.display().to_string(),
                 })
             }

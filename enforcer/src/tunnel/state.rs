@@ -61,6 +61,8 @@ pub enum OriginError {
     Attest {
         /// The process.
         pid: u32,
+        /// Where it connected.
+        dst: SocketAddr,
         /// Why.
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
@@ -72,7 +74,21 @@ pub enum OriginError {
         pid: u32,
         /// Its binary.
         exe: String,
+        /// Where it connected.
+        dst: SocketAddr,
     },
+}
+
+impl OriginError {
+    /// The client process and original destination, when the kernel's record was found.
+    #[must_use]
+    pub fn known(&self) -> Option<(u32, Option<&str>, SocketAddr)> {
+        match self {
+            Self::NotRedirected(_) => None,
+            Self::Attest { pid, dst, .. } => Some((*pid, None, *dst)),
+            Self::NoIdentity { pid, exe, dst } => Some((*pid, Some(exe), *dst)),
+        }
+    }
 }
 
 /// Looks up the origin of redirected connections.

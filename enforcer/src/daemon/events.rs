@@ -1,0 +1,238 @@
+//! The kernel's side of the audit trail: a thread reads the event ring buffer, turns each
+//! decision (redirect, deny, audit, egress, drop, no listener) into an audit record joined with
+//! the identities and process facts the daemon knows, hands process events (bind, exec, exit)
+//! to the registrar, and records every event the kernel lost as a loss record.
+#![forbid(unsafe_code)]
+
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, SystemTime},
+};
+
+use rustix::event::{PollFd, PollFlags, Timespec, poll};
+
+use super::{Recorder, telemetry::Telemetry, workloads::Registrar};
+use crate::{
+    audit::{self, Entry},
+    kernel::{Counter, EventKind, EventReader, KernelEvent, Maps},
+    report::report,
+};
+
+/// Longest wait for the ring buffer before the loss counter is checked again.
+const POLL_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// Everything the reader needs.
+pub(crate) struct EventPump {
+    /// The ring buffer.
+    pub(crate) reader: EventReader,
+    /// For the loss counter.
+    pub(crate) maps: Arc<Mutex<Maps>>,
+    /// Identities and process facts.
+    pub(crate) registrar: Arc<Registrar>,
+    /// Where records go.
+    pub(crate) recorder: Recorder,
+    /// Counters.
+    pub(crate) telemetry: Arc<Telemetry>,
+    /// Where the loss counter already reported is kept across restarts.
+    pub(crate) lost_file: PathBuf,
+}
+
+/// The running reader thread; [`stop`](Self::stop) ends it.
+pub(crate) struct EventThread {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl EventThread {
+    /// Start reading.
+    pub(crate) fn start(pump: EventPump) -> std::io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let handle = std::thread::Builder::new()
+            .name("kernel-events".to_owned())
+            .spawn(move || pump.run(&flag))?;
+        Ok(Self {
+            stop,
+            handle: Some(handle),
+        })
+    }
+
+    /// Read what is left, then stop.
+    pub(crate) fn stop(mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl EventPump {
+    fn run(mut self, stop: &AtomicBool) {
+        let mut reported = self.load_reported();
+        loop {
+            let stopping = stop.load(Ordering::Acquire);
+            self.wait();
+            for item in self.reader.drain() {
+                match item {
+                    Ok(event) => self.handle(&event),
+                    Err(error) => {
+                        tracing::warn!(error = %report(&error), "undecodable kernel event");
+                    }
+                }
+            }
+            reported = self.check_losses(reported);
+            if stopping {
+                return;
+            }
+        }
+    }
+
+    /// Block until the ring buffer has data, or [`POLL_TIMEOUT`].
+    fn wait(&self) {
+        let mut fds = [PollFd::new(&self.reader, PollFlags::IN)];
+        let timeout = Timespec::try_from(POLL_TIMEOUT).ok();
+        if let Err(error) = poll(&mut fds, timeout.as_ref()) {
+            tracing::debug!(%error, "poll on the event ring buffer failed");
+            std::thread::sleep(POLL_TIMEOUT);
+        }
+    }
+
+    fn handle(&self, event: &KernelEvent) {
+        self.telemetry.kernel_event();
+        match event.kind {
+            EventKind::Bind => self.registrar.register(event.tgid),
+            EventKind::Exec => self.registrar.reattest(event.tgid),
+            EventKind::Exit => self.registrar.forget(event.tgid),
+            EventKind::Redirect
+            | EventKind::Deny
+            | EventKind::Audit
+            | EventKind::Egress
+            | EventKind::Drop
+            | EventKind::NoListener => self.recorder.submit(self.entry(event)),
+        }
+    }
+
+    /// The audit entry of a decision event.
+    fn entry(&self, event: &KernelEvent) -> Entry {
+        let identities = self.registrar.identities();
+        let name = |number: u32| identities.id(number).map(ToString::to_string);
+        let (event_kind, verdict, reason) = match event.kind {
+            EventKind::Deny => (audit::Event::Deny, audit::Verdict::Deny, "policy"),
+            EventKind::Audit => (audit::Event::Audit, audit::Verdict::Audit, "policy"),
+            EventKind::Egress => (audit::Event::Egress, audit::Verdict::Allow, "egress"),
+            EventKind::Drop => (audit::Event::Drop, audit::Verdict::Drop, "bypass"),
+            EventKind::NoListener => (audit::Event::Deny, audit::Verdict::Deny, "no-listener"),
+            _ => (audit::Event::Redirect, audit::Verdict::Allow, "redirected"),
+        };
+        let addr = |addr: std::net::SocketAddr| (addr.port() != 0).then(|| addr.to_string());
+        let src = if event.kind == EventKind::Drop {
+            // The sender of a dropped packet is remote or unenrolled: only its address.
+            audit::Src {
+                addr: addr(event.src),
+                ..audit::Src::default()
+            }
+        } else {
+            let facts = self.registrar.facts(event.tgid);
+            audit::Src {
+                spiffe_id: name(event.src_id),
+                pid: Some(event.tgid),
+                exe: facts.as_ref().map(|f| f.exe.clone()),
+                sha256: facts.as_ref().map(|f| f.sha256.clone()),
+                cgroup: facts.as_ref().map(|f| f.cgroup.clone()),
+                cgroup_id: Some(event.cgroup_id),
+                addr: addr(event.src),
+            }
+        };
+        Entry {
+            time: event_time(event.timestamp_ns),
+            rule: (event.rule != 0).then_some(event.rule),
+            policy_version: event.policy_version,
+            src,
+            dst: audit::Dst {
+                spiffe_id: name(event.dst_id),
+                addr: addr(event.dst),
+            },
+            ..Entry::new(audit::Source::Kernel, event_kind, verdict, reason)
+        }
+    }
+
+    /// Write a loss record when the kernel's lost-event counter moved past `reported`;
+    /// returns the counter's value now.
+    fn check_losses(&self, reported: u64) -> u64 {
+        let lost = match self
+            .maps
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .counter(Counter::LostEvents)
+        {
+            Ok(lost) => lost,
+            Err(error) => {
+                tracing::warn!(error = %report(&error), "failed to read the lost-event counter");
+                return reported;
+            }
+        };
+        if lost <= reported {
+            return reported;
+        }
+        tracing::warn!(
+            lost = lost - reported,
+            "the kernel lost events: ring buffer full"
+        );
+        self.recorder.submit(loss_entry(lost - reported));
+        if let Err(error) = std::fs::write(&self.lost_file, lost.to_string()) {
+            tracing::warn!(path = %self.lost_file.display(), %error, "failed to save the lost-event count");
+        }
+        lost
+    }
+
+    /// The loss counter value an earlier run already recorded (0 for a first start).
+    fn load_reported(&self) -> u64 {
+        std::fs::read_to_string(&self.lost_file)
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// A loss record for `lost` kernel events.
+fn loss_entry(lost: u64) -> Entry {
+    Entry {
+        source: audit::Source::Kernel,
+        ..Entry::loss(
+            "ring-buffer-full",
+            lost,
+            Some("kernel events lost: the event ring buffer was full".to_owned()),
+        )
+    }
+}
+
+/// Wall-clock time of a `CLOCK_MONOTONIC` timestamp.
+fn event_time(monotonic_ns: u64) -> SystemTime {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    let now_ns = u64::try_from(now.tv_sec).unwrap_or(0) * 1_000_000_000
+        + u64::try_from(now.tv_nsec).unwrap_or(0);
+    SystemTime::now() - Duration::from_nanos(now_ns.saturating_sub(monotonic_ns))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn monotonic_timestamps_map_to_wall_clock() {
+        let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+        let ns = u64::try_from(now.tv_sec).expect("secs") * 1_000_000_000
+            + u64::try_from(now.tv_nsec).expect("nsecs");
+        let then = event_time(ns - 2_000_000_000);
+        let ago = SystemTime::now().duration_since(then).expect("in the past");
+        assert!(
+            ago >= Duration::from_secs(2) && ago < Duration::from_secs(3),
+            "{ago:?}"
+        );
+    }
+}

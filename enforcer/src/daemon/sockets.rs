@@ -1,0 +1,135 @@
+//! Which TCP addresses a process listens on, from procfs: the socket inodes among its open
+//! files, looked up in its network namespace's `/proc/<pid>/net/tcp` and `tcp6` tables.
+#![forbid(unsafe_code)]
+
+use std::{
+    collections::HashSet,
+    fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
+
+/// The `st` column of a listening socket.
+const TCP_LISTEN: &str = "0A";
+
+/// The addresses `pid` listens on; empty when the process is gone or its files are unreadable.
+#[must_use]
+pub(super) fn listening(pid: u32) -> Vec<SocketAddr> {
+    let inodes = socket_inodes(pid);
+    if inodes.is_empty() {
+        return Vec::new();
+    }
+    let mut found = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        if let Ok(text) = fs::read_to_string(format!("/proc/{pid}/net/{table}")) {
+            found.extend(
+                listeners(&text)
+                    .into_iter()
+                    .filter(|(_, inode)| inodes.contains(inode))
+                    .map(|(addr, _)| addr),
+            );
+        }
+    }
+    found.sort_unstable();
+    found.dedup();
+    found
+}
+
+/// Inodes of the sockets among `pid`'s open files.
+fn socket_inodes(pid: u32) -> HashSet<u64> {
+    let Ok(entries) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return HashSet::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| fs::read_link(entry.path()).ok())
+        .filter_map(|target| {
+            let target = target.to_str()?;
+            target
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// The listening sockets of a `/proc/net/tcp` or `tcp6` table: (local address, inode).
+fn listeners(table: &str) -> Vec<(SocketAddr, u64)> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.get(3) != Some(&TCP_LISTEN) {
+                return None;
+            }
+            let addr = parse_addr(fields.get(1)?)?;
+            let inode = fields.get(9)?.parse().ok()?;
+            Some((addr, inode))
+        })
+        .collect()
+}
+
+/// An address as the tables write it: the IP as 32-bit words in host (little-endian) order,
+/// then `:` and the port, all in hex.
+fn parse_addr(text: &str) -> Option<SocketAddr> {
+    let (ip, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let mut words = Vec::with_capacity(4);
+    for chunk in ip.as_bytes().chunks(8) {
+        let word = u32::from_str_radix(std::str::from_utf8(chunk).ok()?, 16).ok()?;
+        words.push(word.to_le_bytes());
+    }
+    let ip = match words.as_slice() {
+        [a] => IpAddr::V4(Ipv4Addr::from(*a)),
+        [a, b, c, d] => {
+            let mut bytes = [0; 16];
+            for (i, word) in [a, b, c, d].into_iter().enumerate() {
+                bytes[i * 4..i * 4 + 4].copy_from_slice(word);
+            }
+            let v6 = Ipv6Addr::from(bytes);
+            v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_listening_sockets_with_their_inodes() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   \
+             0: 0100007F:3A99 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 111 1 0 100 0 0 10 0\n   \
+             1: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 222 1 0 20 4 30 10 -1\n   \
+             2: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 333 1 0 100 0 0 10 0\n";
+        assert_eq!(
+            listeners(table),
+            [
+                ("127.0.0.1:15001".parse().expect("addr"), 111),
+                ("0.0.0.0:8080".parse().expect("addr"), 333),
+            ]
+        );
+    }
+
+    #[test]
+    fn parses_ipv6_and_v4_mapped_addresses() {
+        assert_eq!(
+            parse_addr("00000000000000000000000001000000:1F90"),
+            Some("[::1]:8080".parse().expect("addr"))
+        );
+        assert_eq!(
+            parse_addr("0000000000000000FFFF00000100007F:0050"),
+            Some("127.0.0.1:80".parse().expect("addr"))
+        );
+        assert_eq!(parse_addr("zz:1"), None);
+        assert_eq!(parse_addr("0100007F"), None);
+    }
+
+    #[test]
+    fn a_missing_process_listens_nowhere() {
+        assert!(listening(u32::MAX).is_empty());
+    }
+}

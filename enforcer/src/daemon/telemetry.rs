@@ -1,0 +1,187 @@
+//! The daemon's own counters and latency histograms (attestation, SVID issuance, verdicts,
+//! reloads), and the SVID issuer that feeds them. The tunnel and the kernel keep their own;
+//! the `/metrics` endpoint exports all three.
+#![forbid(unsafe_code)]
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use crate::{
+    identity::{CertificateAuthority, SpiffeId, SvidError, SvidIssuer, X509Svid},
+    metrics::{Exposition, Histogram, Kind},
+};
+
+/// Counters and histograms of the daemon itself.
+#[derive(Debug, Default)]
+pub(crate) struct Telemetry {
+    attest_seconds: Histogram,
+    attest_failures: AtomicU64,
+    issue_seconds: Histogram,
+    issue_failures: AtomicU64,
+    reloads: AtomicU64,
+    reload_failures: AtomicU64,
+    kernel_events: AtomicU64,
+    /// Audit records by (source, verdict).
+    verdicts: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+}
+
+impl Telemetry {
+    /// One attestation took `elapsed`.
+    pub(crate) fn attested(&self, elapsed: Duration, ok: bool) {
+        self.attest_seconds.observe(elapsed);
+        if !ok {
+            self.attest_failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// One policy reload was applied (`ok`) or refused.
+    pub(crate) fn reloaded(&self, ok: bool) {
+        let counter = if ok {
+            &self.reloads
+        } else {
+            &self.reload_failures
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One kernel event was read.
+    pub(crate) fn kernel_event(&self) {
+        self.kernel_events.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One audit record with `verdict` was written by `source`.
+    pub(crate) fn verdict(&self, source: &'static str, verdict: &'static str) {
+        *self
+            .verdicts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry((source, verdict))
+            .or_default() += 1;
+    }
+
+    /// Append the daemon's families to `out`.
+    pub(crate) fn export(&self, out: &mut Exposition) {
+        out.family(
+            "enforcer_verdicts_total",
+            Kind::Counter,
+            "Audit records by the component that decided and the verdict.",
+        );
+        for ((source, verdict), count) in self
+            .verdicts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+        {
+            out.sample(
+                "enforcer_verdicts_total",
+                &[("source", source), ("verdict", verdict)],
+                *count,
+            );
+        }
+        out.counter(
+            "enforcer_attestations_total",
+            "Process attestations by the registrar.",
+            self.attest_seconds.count(),
+        )
+        .counter(
+            "enforcer_attestation_failures_total",
+            "Attestations that failed (process gone, binary unreadable).",
+            self.attest_failures.load(Ordering::Relaxed),
+        )
+        .histogram(
+            "enforcer_attestation_seconds",
+            "Time to attest one process.",
+            &self.attest_seconds,
+        )
+        .counter(
+            "enforcer_svids_issued_total",
+            "X.509-SVIDs issued by the node CA (first issuance and rotations).",
+            self.issue_seconds.count() - self.issue_failures.load(Ordering::Relaxed),
+        )
+        .counter(
+            "enforcer_svid_issue_failures_total",
+            "SVID issuances that failed.",
+            self.issue_failures.load(Ordering::Relaxed),
+        )
+        .histogram(
+            "enforcer_svid_issue_seconds",
+            "Time to issue one SVID (key generation and signing).",
+            &self.issue_seconds,
+        )
+        .counter(
+            "enforcer_policy_reloads_total",
+            "Policy reloads applied.",
+            self.reloads.load(Ordering::Relaxed),
+        )
+        .counter(
+            "enforcer_policy_reload_failures_total",
+            "Policy reloads refused (invalid policy or failed apply).",
+            self.reload_failures.load(Ordering::Relaxed),
+        )
+        .counter(
+            "enforcer_kernel_events_read_total",
+            "Events read from the kernel's ring buffer.",
+            self.kernel_events.load(Ordering::Relaxed),
+        );
+    }
+}
+
+/// The node CA as an [`SvidIssuer`] that counts and times every issuance.
+pub(crate) struct MeteredIssuer {
+    /// The node's intermediate CA.
+    pub(crate) ca: CertificateAuthority,
+    /// Where the figures go.
+    pub(crate) telemetry: Arc<Telemetry>,
+}
+
+impl SvidIssuer for MeteredIssuer {
+    fn issue(&self, id: &SpiffeId, now: SystemTime) -> Result<X509Svid, SvidError> {
+        let started = Instant::now();
+        let result = self.ca.issue(id, now);
+        self.telemetry.issue_seconds.observe(started.elapsed());
+        match &result {
+            Ok(_) => tracing::info!(%id, "issued an SVID"),
+            Err(_) => {
+                self.telemetry
+                    .issue_failures
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exports_verdicts_and_histograms() {
+        let telemetry = Telemetry::default();
+        telemetry.verdict("kernel", "deny");
+        telemetry.verdict("kernel", "deny");
+        telemetry.verdict("inbound", "allow");
+        telemetry.attested(Duration::from_micros(300), true);
+        telemetry.attested(Duration::from_micros(300), false);
+        telemetry.reloaded(true);
+        let mut out = Exposition::default();
+        telemetry.export(&mut out);
+        let text = out.finish();
+        for line in [
+            "enforcer_verdicts_total{source=\"kernel\",verdict=\"deny\"} 2\n",
+            "enforcer_verdicts_total{source=\"inbound\",verdict=\"allow\"} 1\n",
+            "enforcer_attestations_total 2\n",
+            "enforcer_attestation_failures_total 1\n",
+            "enforcer_attestation_seconds_count 2\n",
+            "enforcer_policy_reloads_total 1\n",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,327 @@
+//! The registrar: finds the processes of enrolled cgroups, attests them, gives each the identity
+//! number of the workload entry it matches in the kernel (so `connect()` can be refused before a
+//! packet leaves), and records the addresses they listen on as services (so the tunnel can
+//! deliver to them and the ingress hook guards them). It runs at start-up, on every rescan
+//! tick, on each policy change, and for single processes on the kernel's bind and exec events.
+#![forbid(unsafe_code)]
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fs,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock},
+    time::Instant,
+};
+
+use serde::Serialize;
+
+use super::{sockets, telemetry::Telemetry};
+use crate::{
+    attest::{Attestor, Identification, ProcessFacts, Registry},
+    identity::SpiffeId,
+    kernel::Maps,
+    policy::{Compiled, IdentityNumbers, Policy},
+    report::report,
+};
+
+/// Deepest cgroup nesting below an enrolled cgroup that is scanned (the kernel looks 16
+/// levels up, so nothing deeper is enrolled anyway).
+const MAX_DEPTH: usize = 16;
+
+/// The identities of the policy in force, as the registrar and the event reader need them.
+#[derive(Debug, Default)]
+pub(crate) struct Identities {
+    /// Workload entries.
+    pub(crate) registry: Registry,
+    /// Identity numbers by SPIFFE ID.
+    pub(crate) numbers: IdentityNumbers,
+    /// SPIFFE IDs by identity number.
+    pub(crate) by_number: HashMap<u32, SpiffeId>,
+    /// Enrolled cgroup paths (relative to the cgroup2 mount).
+    pub(crate) enroll: Vec<String>,
+}
+
+impl Identities {
+    fn new(policy: &Policy, compiled: &Compiled) -> Self {
+        Self {
+            registry: Registry::new(policy.workloads.clone()),
+            numbers: compiled.numbers.clone(),
+            by_number: compiled
+                .numbers
+                .iter()
+                .map(|(id, number)| (number, id.clone()))
+                .collect(),
+            enroll: policy.enroll.clone(),
+        }
+    }
+
+    /// The SPIFFE ID of identity number `number` (0 is unknown).
+    pub(crate) fn id(&self, number: u32) -> Option<&SpiffeId> {
+        self.by_number.get(&number)
+    }
+}
+
+/// One process of an enrolled cgroup, as `enforcer workloads` shows it.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub(crate) struct WorkloadInfo {
+    /// Process id.
+    pub(crate) pid: u32,
+    /// Its binary.
+    pub(crate) exe: String,
+    /// SHA-256 of the running binary.
+    pub(crate) sha256: String,
+    /// cgroup v2 path.
+    pub(crate) cgroup: String,
+    /// cgroup id.
+    pub(crate) cgroup_id: Option<u64>,
+    /// Effective uid.
+    pub(crate) uid: u32,
+    /// The identity it was given.
+    pub(crate) spiffe_id: Option<String>,
+    /// The workload entry that matched (1-based, file order).
+    pub(crate) entry: Option<usize>,
+    /// `matched`, `unmatched` or `ambiguous`.
+    pub(crate) state: &'static str,
+    /// TCP addresses it listens on.
+    pub(crate) listening: Vec<SocketAddr>,
+}
+
+/// Attests and registers the processes of enrolled cgroups.
+pub(crate) struct Registrar {
+    attestor: Arc<Attestor>,
+    maps: Arc<Mutex<Maps>>,
+    mount: PathBuf,
+    identities: RwLock<Arc<Identities>>,
+    table: Mutex<BTreeMap<u32, WorkloadInfo>>,
+    telemetry: Arc<Telemetry>,
+}
+
+impl Registrar {
+    /// A registrar writing to `maps`, resolving enrolled paths below `mount`.
+    pub(crate) fn new(
+        attestor: Arc<Attestor>,
+        maps: Arc<Mutex<Maps>>,
+        mount: PathBuf,
+        telemetry: Arc<Telemetry>,
+    ) -> Self {
+        Self {
+            attestor,
+            maps,
+            mount,
+            identities: RwLock::new(Arc::default()),
+            table: Mutex::new(BTreeMap::new()),
+            telemetry,
+        }
+    }
+
+    /// Take the workload entries and numbers of the policy now in force (then [`rescan`]).
+    ///
+    /// [`rescan`]: Self::rescan
+    pub(crate) fn update(&self, policy: &Policy, compiled: &Compiled) {
+        *self
+            .identities
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(Identities::new(policy, compiled));
+    }
+
+    /// The identities of the policy in force.
+    pub(crate) fn identities(&self) -> Arc<Identities> {
+        Arc::clone(
+            &self
+                .identities
+                .read()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
+    }
+
+    /// Register every process of every enrolled cgroup, and forget processes that left.
+    /// Returns how many processes were seen.
+    pub(crate) fn rescan(&self) -> usize {
+        let identities = self.identities();
+        let mut pids = Vec::new();
+        for path in &identities.enroll {
+            collect_pids(&self.mount.join(path.trim_start_matches('/')), 0, &mut pids);
+        }
+        pids.sort_unstable();
+        pids.dedup();
+        for &pid in &pids {
+            self.register_with(&identities, pid);
+        }
+        self.table()
+            .retain(|pid, _| pids.binary_search(pid).is_ok());
+        pids.len()
+    }
+
+    /// Register one process (after the kernel reported it bound a socket or exec'd).
+    pub(crate) fn register(&self, pid: u32) {
+        self.register_with(&self.identities(), pid);
+    }
+
+    /// Forget a process that exited.
+    pub(crate) fn forget(&self, pid: u32) {
+        self.attestor.forget(pid);
+        self.table().remove(&pid);
+    }
+
+    /// A process that exec'd: its cached attestation names the old binary.
+    pub(crate) fn reattest(&self, pid: u32) {
+        self.attestor.forget(pid);
+        self.register(pid);
+    }
+
+    /// Every registered process, by pid.
+    pub(crate) fn workloads(&self) -> Vec<WorkloadInfo> {
+        self.table().values().cloned().collect()
+    }
+
+    /// What is known of `pid` for an audit record: the registered entry, else a fresh
+    /// attestation (the process may be gone: then nothing).
+    pub(crate) fn facts(&self, pid: u32) -> Option<WorkloadInfo> {
+        if let Some(info) = self.table().get(&pid) {
+            return Some(info.clone());
+        }
+        let facts = self.attestor.attest(pid).ok()?;
+        Some(describe(&facts, &Identification::Unmatched, Vec::new()))
+    }
+
+    fn register_with(&self, identities: &Identities, pid: u32) {
+        let started = Instant::now();
+        let facts = match self.attestor.attest(pid) {
+            Ok(facts) => {
+                self.telemetry.attested(started.elapsed(), true);
+                facts
+            }
+            Err(error) => {
+                self.telemetry.attested(started.elapsed(), false);
+                tracing::debug!(pid, error = %report(&error), "attestation failed");
+                self.table().remove(&pid);
+                return;
+            }
+        };
+        let identification = identities.registry.identify(&facts);
+        let number = match &identification {
+            Identification::Matched { id, .. } => identities.numbers.get(id),
+            Identification::Unmatched => None,
+            Identification::Ambiguous(ids) => {
+                tracing::warn!(pid, exe = %facts.exe.display(), ?ids, "several workload entries match; no identity given");
+                None
+            }
+        };
+        let listening = sockets::listening(pid);
+        self.program(pid, number, &listening);
+        let info = describe(&facts, &identification, listening);
+        let mut table = self.table();
+        if table.get(&pid) != Some(&info) {
+            tracing::info!(
+                pid,
+                exe = %info.exe,
+                cgroup = %info.cgroup,
+                id = info.spiffe_id.as_deref().unwrap_or("-"),
+                listening = ?info.listening,
+                "workload registered"
+            );
+        }
+        table.insert(pid, info);
+    }
+
+    /// Give `pid` its identity number in the kernel (or take it away) and record its services.
+    fn program(&self, pid: u32, number: Option<u32>, listening: &[SocketAddr]) {
+        let mut maps = self.maps();
+        let result = match number {
+            Some(number) if maps.identity(pid).ok().flatten() != Some(number) => {
+                maps.set_identity(pid, number)
+            }
+            None if maps.identity(pid).ok().flatten().is_some() => maps.remove_identity(pid),
+            _ => Ok(()),
+        };
+        if let Err(error) = result {
+            tracing::warn!(pid, error = %report(&error), "failed to set a process's identity");
+        }
+        let Some(number) = number else {
+            return;
+        };
+        for &addr in listening {
+            let known = maps.service(addr).ok().flatten();
+            if known.is_none_or(|service| service.identity != number)
+                && let Err(error) = maps.set_service(addr, number)
+            {
+                tracing::warn!(%addr, error = %report(&error), "failed to record a service");
+            }
+        }
+    }
+
+    fn table(&self) -> MutexGuard<'_, BTreeMap<u32, WorkloadInfo>> {
+        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn maps(&self) -> MutexGuard<'_, Maps> {
+        self.maps.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+fn describe(
+    facts: &ProcessFacts,
+    identification: &Identification,
+    listening: Vec<SocketAddr>,
+) -> WorkloadInfo {
+    let (spiffe_id, entry, state) = match identification {
+        Identification::Matched { id, entry } => (Some(id.to_string()), Some(entry + 1), "matched"),
+        Identification::Unmatched => (None, None, "unmatched"),
+        Identification::Ambiguous(_) => (None, None, "ambiguous"),
+    };
+    WorkloadInfo {
+        pid: facts.pid,
+        exe: facts.exe.display().to_string(),
+        sha256: facts.sha256.to_string(),
+        cgroup: facts.cgroup.clone(),
+        cgroup_id: facts.cgroup_id,
+        uid: facts.uid,
+        spiffe_id,
+        entry,
+        state,
+        listening,
+    }
+}
+
+/// The pids of `dir` and the cgroups below it, down to [`MAX_DEPTH`] levels.
+fn collect_pids(dir: &Path, depth: usize, pids: &mut Vec<u32>) {
+    if let Ok(text) = fs::read_to_string(dir.join("cgroup.procs")) {
+        pids.extend(
+            text.lines()
+                .filter_map(|line| line.trim().parse::<u32>().ok()),
+        );
+    }
+    if depth >= MAX_DEPTH {
+        return;
+    }
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+            collect_pids(&entry.path(), depth + 1, pids);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::collect_pids;
+
+    #[test]
+    fn collects_pids_of_nested_cgroups() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let nested = dir.path().join("a").join("b");
+        std::fs::create_dir_all(&nested).expect("mkdir");
+        std::fs::write(dir.path().join("cgroup.procs"), "1\n2\n").expect("write");
+        std::fs::write(nested.join("cgroup.procs"), "30\n").expect("write");
+        let mut pids = Vec::new();
+        collect_pids(dir.path(), 0, &mut pids);
+        pids.sort_unstable();
+        assert_eq!(pids, [1, 2, 30]);
+        let mut none = Vec::new();
+        collect_pids(&dir.path().join("missing"), 0, &mut none);
+        assert!(none.is_empty());
+    }
+}

@@ -1,0 +1,288 @@
+//! Daemon nodes for tests and the demo: one network namespace (joined to the others by veth),
+//! a scope cgroup, and a real `enforcer run` process inside the namespace with its own state
+//! directory, configuration, policy file, pin directory and control socket. Everything is
+//! driven the way an operator drives it: through the CLI.
+//!
+//! Dropping a node kills its daemon (by pid), uninstalls its datapath (unpinning every link,
+//! which detaches the programs) and removes its scope cgroup and files.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, ExitStatus, Output},
+    thread,
+    time::{Duration, Instant},
+};
+
+use rustix::process::{Pid, Signal, kill_process};
+use tempfile::TempDir;
+
+use super::{Node, ScratchCgroup, Spawn, Spawned, datapath::BPFFS, report, unique_name};
+use crate::{
+    attest::cgroup_relative_path,
+    identity::{CertificateAuthority, ca::ROOT_FILE_STEM},
+    kernel::{Datapath, cgroup::cgroup2_mount},
+};
+
+/// How long a daemon gets to answer on its control socket after it starts.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pause between polls.
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// One node running the real daemon.
+pub struct DaemonNode {
+    name: String,
+    binary: PathBuf,
+    // Declared before the scope: the daemon goes before its cgroup and files.
+    daemon: Option<Spawned>,
+    dir: TempDir,
+    pin_dir: PathBuf,
+    scope: ScratchCgroup,
+    scope_path: String,
+    link: Node,
+}
+
+impl DaemonNode {
+    /// Start node `name` on the veth end `link`: a scope cgroup, a state directory holding the
+    /// trust domain's `root` CA (so every node issues its own intermediate below the same
+    /// root), the policy `policy(scope)` returns for the scope's cgroup path, and
+    /// `binary run --config ...` inside the namespace. Returns once the daemon answers.
+    pub fn start(
+        binary: &Path,
+        link: &Node,
+        name: &str,
+        root: &CertificateAuthority,
+        policy: impl FnOnce(&str) -> String,
+    ) -> Self {
+        let mount = cgroup2_mount().unwrap_or_else(|error| panic!("{}", report(&error)));
+        let scope = ScratchCgroup::new(name);
+        let scope_path = cgroup_relative_path(&mount, scope.path()).unwrap_or_else(|| {
+            panic!(
+                "{} is not below {}",
+                scope.path().display(),
+                mount.display()
+            )
+        });
+        let dir = TempDir::new().expect("state directory");
+        let ca_dir = dir.path().join("state").join("ca");
+        fs::create_dir_all(&ca_dir).expect("CA directory");
+        root.write(&ca_dir, ROOT_FILE_STEM)
+            .unwrap_or_else(|error| panic!("failed to write the root CA: {}", report(&error)));
+        let node = Self {
+            name: name.to_owned(),
+            binary: binary.to_owned(),
+            daemon: None,
+            pin_dir: Path::new(BPFFS).join(unique_name(&format!("daemon-{name}"))),
+            dir,
+            scope,
+            scope_path,
+            link: link.clone(),
+        };
+        node.write_policy(&policy(&node.scope_path));
+        node.write_config();
+        let mut node = node;
+        node.launch();
+        node
+    }
+
+    fn write_config(&self) {
+        let config = format!(
+            "node_name = \"{name}\"\nstate_dir = \"{state}\"\npolicy = \"{policy}\"\n\
+             control_socket = \"{socket}\"\ndrain_timeout = \"20s\"\nrescan_interval = \"500ms\"\n\
+             [kernel]\npin_dir = \"{pins}\"\nscope_cgroup = \"{scope}\"\n",
+            name = self.name,
+            state = self.dir.path().join("state").display(),
+            policy = self.policy_path().display(),
+            socket = self.socket().display(),
+            pins = self.pin_dir.display(),
+            scope = self.scope_path,
+        );
+        fs::write(self.config_path(), config).expect("write the configuration");
+    }
+
+    /// Write the node's policy file (what SIGHUP reloads).
+    pub fn write_policy(&self, text: &str) {
+        fs::write(self.policy_path(), text).expect("write the policy");
+    }
+
+    /// Start the daemon process and wait until its control socket answers.
+    fn launch(&mut self) {
+        // `nsenter` joins only the network namespace: `ip netns exec` would also remount /sys,
+        // hiding the cgroup2 and bpffs mounts the daemon works with.
+        let daemon = Spawn::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.link.netns().name()))
+            .arg(&self.binary)
+            .args(["--log", "info,enforcer=debug", "run", "--config"])
+            .arg(self.config_path())
+            .spawn();
+        self.daemon = Some(daemon);
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if self.cli(&["status", "--json"]).status.success() {
+                return;
+            }
+            let exited = self
+                .daemon
+                .as_mut()
+                .and_then(|d| d.wait_timeout(Duration::ZERO));
+            assert!(
+                exited.is_none() && Instant::now() < deadline,
+                "node {}: the daemon did not come up ({exited:?}); its log:\n{}",
+                self.name,
+                self.log()
+            );
+            thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// Start the daemon again after it stopped or was killed.
+    pub fn restart(&mut self) {
+        assert!(
+            self.daemon
+                .as_mut()
+                .is_none_or(|d| d.wait_timeout(Duration::ZERO).is_some()),
+            "node {}: the daemon is still running",
+            self.name
+        );
+        self.launch();
+    }
+
+    /// Send `signal` to the daemon.
+    pub fn signal(&self, signal: Signal) {
+        let pid = self.pid();
+        let pid = Pid::from_raw(i32::try_from(pid).expect("pid fits")).expect("pid is not 0");
+        kill_process(pid, signal)
+            .unwrap_or_else(|error| panic!("failed to signal the daemon: {error}"));
+    }
+
+    /// Wait up to `timeout` for the daemon to exit.
+    pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        self.daemon.as_mut().and_then(|d| d.wait_timeout(timeout))
+    }
+
+    /// The daemon's pid.
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.daemon.as_ref().expect("a daemon was started").pid()
+    }
+
+    /// What the daemon logged so far.
+    #[must_use]
+    pub fn log(&self) -> String {
+        self.daemon
+            .as_ref()
+            .map(Spawned::stderr)
+            .unwrap_or_default()
+    }
+
+    /// Run `enforcer --socket <this node's socket> args...` (from the host: the control socket
+    /// is a file, not bound to the namespace).
+    #[must_use]
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_command(args)
+            .output()
+            .unwrap_or_else(|error| panic!("failed to run {}: {error}", self.binary.display()))
+    }
+
+    /// The command [`cli`](Self::cli) runs, to adjust (e.g. its uid).
+    #[must_use]
+    pub fn cli_command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(&self.binary);
+        command.arg("--socket").arg(self.socket()).args(args);
+        command
+    }
+
+    /// [`cli`](Self::cli), panicking with both streams unless it succeeds; returns stdout.
+    #[must_use]
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let output = self.cli(args);
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "node {}: `enforcer {}` failed ({}):\nstdout:\n{stdout}\nstderr:\n{}",
+            self.name,
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        stdout
+    }
+
+    /// A builder that places `program` in `cgroup` (a child of [`scope`](Self::scope)) inside
+    /// this node's namespace.
+    pub fn spawn(&self, cgroup: &ScratchCgroup, program: &str) -> Spawn {
+        Spawn::new(program).cgroup(cgroup).netns(self.link.netns())
+    }
+
+    /// The scope cgroup the datapath is attached to; workload cgroups are its children.
+    pub fn scope(&self) -> &ScratchCgroup {
+        &self.scope
+    }
+
+    /// The scope's path as policies write it.
+    #[must_use]
+    pub fn scope_path(&self) -> &str {
+        &self.scope_path
+    }
+
+    /// The node's namespace and veth end.
+    #[must_use]
+    pub fn link(&self) -> &Node {
+        &self.link
+    }
+
+    /// The daemon's bpffs directory.
+    #[must_use]
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// The control socket.
+    #[must_use]
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("control.sock")
+    }
+
+    /// The policy file.
+    #[must_use]
+    pub fn policy_path(&self) -> PathBuf {
+        self.dir.path().join("policy.toml")
+    }
+
+    /// The configuration file.
+    #[must_use]
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("enforcer.toml")
+    }
+
+    /// The current audit log file.
+    #[must_use]
+    pub fn audit_path(&self) -> PathBuf {
+        self.dir
+            .path()
+            .join("state")
+            .join("audit")
+            .join("audit.jsonl")
+    }
+
+    /// A scratch directory of this node (for policy files to reload).
+    #[must_use]
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for DaemonNode {
+    fn drop(&mut self) {
+        // Spawned's drop kills the daemon by pid and reaps it.
+        self.daemon = None;
+        if let Err(error) = Datapath::uninstall(&self.pin_dir) {
+            eprintln!(
+                "node {}: failed to uninstall {}: {}",
+                self.name,
+                self.pin_dir.display(),
+                report(&error)
+            );
+        }
+    }
+}
