@@ -191,7 +191,7 @@ impl Demo {
             .spawn();
         wait_for_listener(&server, API_PORT);
         let api = format!("\"{}\"", id("api"));
-        wait_until(&b, "node b to give the api server its identity", |b| {
+        b.wait_until("node b to give the api server its identity", |b| {
             b.cli_ok(&["workloads", "--json"]).contains(&api)
         });
         Self {
@@ -570,19 +570,6 @@ fn install(source: &str, target: &Path) -> Sha256Digest {
     let bytes = fs::read(target)
         .unwrap_or_else(|error| panic!("failed to read {}: {error}", target.display()));
     Sha256Digest(Sha256::digest(&bytes).into())
-}
-
-/// Wait until `ready(node)` holds, panicking with the node's log if it never does.
-fn wait_until(node: &DaemonNode, what: &str, ready: impl Fn(&DaemonNode) -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !ready(node) {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; daemon log:\n{}",
-            node.log()
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn id(name: &str) -> String {

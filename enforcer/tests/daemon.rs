@@ -14,13 +14,13 @@ use std::{
     os::unix::process::CommandExt as _,
     path::Path,
     process::ExitStatus,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use enforcer::{
     audit::AuditRecord,
     testing::{
-        DaemonNode, INBOUND_PORT, Netns, ScratchCgroup, Spawned, TestPki, connect_nodes,
+        DaemonNode, Netns, ScratchCgroup, Spawned, TestPki, connect_nodes, mesh_policy,
         require_root, serial, wait_for_listener,
     },
 };
@@ -36,8 +36,6 @@ const HELLO: &str = "hello through the daemon";
 const BIG_BYTES: usize = 4 << 20;
 /// Hang guard for whole commands (not a performance assertion).
 const COMMAND_LIMIT: Duration = Duration::from_secs(30);
-/// How long to wait for a record or a state to show up.
-const WAIT: Duration = Duration::from_secs(15);
 
 /// `web` may reach `api` on the HTTP port; `db` may not reach `api`.
 const ALLOW_WEB: &str = r#"
@@ -65,18 +63,7 @@ fn binary() -> &'static Path {
 /// A node's policy: its scope enrolled, `web`, `db` and `api` as cgroups below it, both nodes
 /// as mesh peers, then `rules`.
 fn policy(scope: &str, peers: [IpAddr; 2], rules: &str) -> String {
-    let workloads: String = ["web", "db", "api"]
-        .map(|name| {
-            format!(
-                "[[workload]]\nid = \"spiffe://{TD}/{name}\"\n\
-                 selectors = [\"cgroup:path:{scope}/{name}\"]\n"
-            )
-        })
-        .concat();
-    let peers: String = peers
-        .map(|peer| format!("[[peer]]\naddress = \"{peer}\"\nport = {INBOUND_PORT}\n"))
-        .concat();
-    format!("trust_domain = \"{TD}\"\nenroll = [\"{scope}\"]\n{workloads}{peers}{rules}")
+    mesh_policy(TD, scope, &["web", "db", "api"], &peers, rules)
 }
 
 /// Two daemon nodes, their workload cgroups and the HTTP server on B.
@@ -128,7 +115,7 @@ impl Mesh {
             _site: site,
         };
         // The daemon on B registers the server as `api` (bind event or rescan).
-        wait_until(&mesh.b, "B to register the api server", |b| {
+        mesh.b.wait_until("B to register the api server", |b| {
             b.cli_ok(&["workloads", "--json"])
                 .contains(&format!("\"spiffe://{TD}/api\""))
         });
@@ -183,19 +170,6 @@ impl Mesh {
     }
 }
 
-/// Wait until `ready(node)` holds, panicking with the node's log if it never does.
-fn wait_until(node: &DaemonNode, what: &str, mut ready: impl FnMut(&DaemonNode) -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !ready(node) {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; daemon log:\n{}",
-            node.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// The audit records `flows --json` prints on `node`.
 fn flows(node: &DaemonNode, filters: &[&str]) -> Vec<AuditRecord> {
     let mut args = vec!["flows", "--json", "--limit", "10000"];
@@ -212,7 +186,7 @@ fn wait_for_record(
     matches: impl Fn(&AuditRecord) -> bool,
 ) -> AuditRecord {
     let mut found = None;
-    wait_until(node, what, |node| {
+    node.wait_until(what, |node| {
         found = flows(node, &[]).into_iter().find(&matches);
         found.is_some()
     });

@@ -20,8 +20,8 @@ use enforcer::{
     identity::SpiffeId,
     kernel::{Counter, EventKind},
     testing::{
-        Client, INBOUND_PORT, Netns, ScratchCgroup, Spawn, Spawned, TestPki, TunnelNode,
-        connect_nodes, require_root, serial,
+        Client, Netns, ScratchCgroup, Spawn, Spawned, TestPki, TunnelNode, connect_nodes,
+        mesh_policy, require_root, serial,
     },
     tunnel::{FlowEvent, FlowRecord, Reason, Refusal, Side, Verdict},
 };
@@ -72,18 +72,7 @@ fn id(name: &str) -> SpiffeId {
 /// A node's policy: its scope enrolled, `web`, `db` and `api` as cgroups below it, both nodes
 /// as mesh peers, then `rules`.
 fn policy(scope: &str, peers: [IpAddr; 2], rules: &str) -> String {
-    let workloads: String = ["web", "db", "api"]
-        .map(|name| {
-            format!(
-                "[[workload]]\nid = \"spiffe://{TD}/{name}\"\n\
-                 selectors = [\"cgroup:path:{scope}/{name}\"]\n"
-            )
-        })
-        .concat();
-    let peers: String = peers
-        .map(|peer| format!("[[peer]]\naddress = \"{peer}\"\nport = {INBOUND_PORT}\n"))
-        .concat();
-    format!("trust_domain = \"{TD}\"\nenroll = [\"{scope}\"]\n{workloads}{peers}{rules}")
+    mesh_policy(TD, scope, &["web", "db", "api"], &peers, rules)
 }
 
 /// Two nodes and their workload cgroups, plus the files the HTTP workload serves.

@@ -145,10 +145,13 @@ pub(super) fn reload(socket: &Path, file: &Path, dry_run: bool) -> anyhow::Resul
         );
     } else {
         println!(
-            "policy version {} in force (was {}), sha256 {}: {} changes, {} open flows closed",
+            "policy version {} in force (was {}), sha256 {}…: {} changes, {} open flows closed",
             outcome["version"],
             outcome["previous_version"],
-            outcome["hash"].as_str().unwrap_or_default(),
+            outcome["hash"]
+                .as_str()
+                .and_then(|hash| hash.get(..16))
+                .unwrap_or_default(),
             changes.len(),
             outcome["closed"]
         );

@@ -9,12 +9,13 @@
 mod api;
 mod events;
 mod reload;
-mod sockets;
+pub mod sockets;
 mod telemetry;
 mod workloads;
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::unix::fs::DirBuilderExt as _,
     path::PathBuf,
     sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant, SystemTime},
@@ -215,6 +216,14 @@ impl Daemon {
     async fn start(config: Config) -> Result<(Arc<Self>, Serving), DaemonError> {
         let started = SystemTime::now();
         let (name, text, policy) = load_policy(&config)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&config.state_dir)
+            .map_err(io_error(format!(
+                "failed to create the state directory {}",
+                config.state_dir.display()
+            )))?;
         // First of all: a second daemon must fail here, before it touches the kernel's config.
         let control = control::bind_control_socket(&config.control_socket)?;
         let trust_domain = policy.trust_domain.clone();

@@ -13,7 +13,7 @@ const TCP_LISTEN: &str = "0A";
 
 /// The addresses `pid` listens on; empty when the process is gone or its files are unreadable.
 #[must_use]
-pub(super) fn listening(pid: u32) -> Vec<SocketAddr> {
+pub fn listening(pid: u32) -> Vec<SocketAddr> {
     let inodes = socket_inodes(pid);
     if inodes.is_empty() {
         return Vec::new();
@@ -54,7 +54,8 @@ fn socket_inodes(pid: u32) -> HashSet<u64> {
 }
 
 /// The listening sockets of a `/proc/net/tcp` or `tcp6` table: (local address, inode).
-fn listeners(table: &str) -> Vec<(SocketAddr, u64)> {
+#[must_use]
+pub fn listeners(table: &str) -> Vec<(SocketAddr, u64)> {
     table
         .lines()
         .skip(1)

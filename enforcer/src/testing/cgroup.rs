@@ -60,6 +60,14 @@ impl ScratchCgroup {
         &self.dir.path
     }
 
+    /// The cgroup's path as policies write it: relative to the cgroup2 mount, with a leading `/`.
+    #[must_use]
+    pub fn policy_path(&self) -> String {
+        let mount = cgroup2_mount().unwrap_or_else(|error| panic!("{}", report(&error)));
+        crate::attest::cgroup_relative_path(&mount, self.path())
+            .unwrap_or_else(|| panic!("{} is not below {}", self.path().display(), mount.display()))
+    }
+
     /// The id `bpf_get_current_cgroup_id()` returns for processes in this cgroup.
     #[must_use]
     pub fn id(&self) -> u64 {

@@ -19,13 +19,14 @@ use tempfile::TempDir;
 
 use super::{Node, ScratchCgroup, Spawn, Spawned, datapath::BPFFS, report, unique_name};
 use crate::{
-    attest::cgroup_relative_path,
     identity::{CertificateAuthority, ca::ROOT_FILE_STEM},
-    kernel::{Datapath, cgroup::cgroup2_mount},
+    kernel::Datapath,
 };
 
 /// How long a daemon gets to answer on its control socket after it starts.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long [`DaemonNode::wait_until`] waits.
+const READY_TIMEOUT: Duration = Duration::from_secs(15);
 /// Pause between polls.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
 
@@ -54,15 +55,8 @@ impl DaemonNode {
         root: &CertificateAuthority,
         policy: impl FnOnce(&str) -> String,
     ) -> Self {
-        let mount = cgroup2_mount().unwrap_or_else(|error| panic!("{}", report(&error)));
         let scope = ScratchCgroup::new(name);
-        let scope_path = cgroup_relative_path(&mount, scope.path()).unwrap_or_else(|| {
-            panic!(
-                "{} is not below {}",
-                scope.path().display(),
-                mount.display()
-            )
-        });
+        let scope_path = scope.policy_path();
         let dir = TempDir::new().expect("state directory");
         let ca_dir = dir.path().join("state").join("ca");
         fs::create_dir_all(&ca_dir).expect("CA directory");
@@ -229,6 +223,21 @@ impl DaemonNode {
     #[must_use]
     pub fn link(&self) -> &Node {
         &self.link
+    }
+
+    /// Wait up to 15 s until `ready(self)` holds, panicking with the daemon's log if it never
+    /// does.
+    pub fn wait_until(&self, what: &str, mut ready: impl FnMut(&Self) -> bool) {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while !ready(self) {
+            assert!(
+                Instant::now() < deadline,
+                "node {}: timed out waiting for {what}; daemon log:\n{}",
+                self.name,
+                self.log()
+            );
+            thread::sleep(POLL_INTERVAL);
+        }
     }
 
     /// The daemon's bpffs directory.

@@ -49,7 +49,9 @@ pub use mesh::{
     MeshListeners, MeshNode, TableOrigins, TableWorkloads, TestPki, policy as test_policy,
 };
 pub use netns::{Netns, Node, connect_nodes};
-pub use netns_tunnel::{INBOUND_PORT, OUTBOUND_PORT, TUNNEL_MARK, TunnelNode, wait_for_listener};
+pub use netns_tunnel::{
+    INBOUND_PORT, OUTBOUND_PORT, TUNNEL_MARK, TunnelNode, mesh_policy, wait_for_listener,
+};
 pub use openssl::{openssl, output_text, x509_text};
 pub use process::{Spawn, Spawned};
 

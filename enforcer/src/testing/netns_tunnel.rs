@@ -13,6 +13,7 @@
 //! servers, their listening address) in the node's kernel maps.
 
 use std::{
+    fmt::Write as _,
     fs::{self, File},
     net::{IpAddr, Ipv4Addr, SocketAddr},
     os::{fd::AsFd, unix::fs::MetadataExt},
@@ -27,7 +28,7 @@ use tokio::{net::TcpListener, runtime::Runtime};
 
 use super::{Node, ScratchCgroup, ScratchDatapath, Spawn, Spawned, TestPki, report};
 use crate::{
-    attest::{AttestOptions, Attestor, Identification, Registry, cgroup_relative_path},
+    attest::{AttestOptions, Attestor, Identification, Registry},
     identity::SpiffeId,
     kernel::{Counter, DaemonConfig, Maps, cgroup::cgroup2_mount},
     policy::{Compiled, Policy, apply::apply, compile, parse},
@@ -55,8 +56,6 @@ const WAIT_TIMEOUT: Duration = Duration::from_secs(10);
 const LISTEN_TIMEOUT: Duration = Duration::from_mins(1);
 /// Pause between polls.
 const POLL_INTERVAL: Duration = Duration::from_millis(10);
-/// The `st` column of a listening socket in `/proc/net/tcp`.
-const TCP_LISTEN: &str = "0A";
 
 /// One node: namespace, scope cgroup, datapath and tunnel. Dropping it stops the tunnel, then
 /// uninstalls the datapath and removes the scope cgroup (when no clone of it is left).
@@ -91,13 +90,7 @@ impl TunnelNode {
     ) -> Self {
         let mount = cgroup2_mount().unwrap_or_else(|error| panic!("{}", report(&error)));
         let scope = ScratchCgroup::new(name);
-        let scope_path = cgroup_relative_path(&mount, scope.path()).unwrap_or_else(|| {
-            panic!(
-                "{} is not below {}",
-                scope.path().display(),
-                mount.display()
-            )
-        });
+        let scope_path = scope.policy_path();
         let datapath = ScratchDatapath::install(&scope);
         let maps_dir = datapath.pin_dir().join("maps");
         let mut maps = Maps::open(&maps_dir).unwrap_or_else(|error| {
@@ -441,6 +434,35 @@ fn parse_policy(text: &str) -> Policy {
         .0
 }
 
+/// A node's policy for the netns tests: `scope` enrolled, each of `workloads` a cgroup below
+/// it with the ID `spiffe://<trust_domain>/<name>`, `peers` as mesh peers on the default
+/// inbound port, then `rules`.
+#[must_use]
+pub fn mesh_policy(
+    trust_domain: &str,
+    scope: &str,
+    workloads: &[&str],
+    peers: &[IpAddr],
+    rules: &str,
+) -> String {
+    let mut text = format!("trust_domain = \"{trust_domain}\"\nenroll = [\"{scope}\"]\n");
+    for name in workloads {
+        let _ = write!(
+            text,
+            "[[workload]]\nid = \"spiffe://{trust_domain}/{name}\"\n\
+             selectors = [\"cgroup:path:{scope}/{name}\"]\n"
+        );
+    }
+    for peer in peers {
+        let _ = write!(
+            text,
+            "[[peer]]\naddress = \"{peer}\"\nport = {INBOUND_PORT}\n"
+        );
+    }
+    text.push_str(rules);
+    text
+}
+
 /// Wait until a TCP socket in `process`'s namespace listens on `port`, panicking (with the
 /// process's stderr) if none does within [`LISTEN_TIMEOUT`] or the process exits.
 pub fn wait_for_listener(process: &Spawned, port: u16) {
@@ -465,32 +487,7 @@ pub fn wait_for_listener(process: &Spawned, port: u16) {
 
 /// Whether the text of a `/proc/net/tcp` table has a listening socket on `port`.
 fn listens_on(table: &str, port: u16) -> bool {
-    table.lines().skip(1).any(|line| {
-        let mut fields = line.split_whitespace().skip(1);
-        let local = fields.next().unwrap_or_default();
-        let state = fields.nth(1).unwrap_or_default();
-        state == TCP_LISTEN
-            && local
-                .rsplit_once(':')
-                .and_then(|(_, hex)| u16::from_str_radix(hex, 16).ok())
-                == Some(port)
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::listens_on;
-
-    #[test]
-    fn finds_listening_ports_in_proc_net_tcp() {
-        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   \
-             0: 0100007F:3A99 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0\n   \
-             1: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0 20 4 30 10 -1\n";
-        assert!(listens_on(table, 15001));
-        assert!(
-            !listens_on(table, 8080),
-            "an established socket is not listening"
-        );
-        assert!(!listens_on(table, 80));
-    }
+    crate::daemon::sockets::listeners(table)
+        .iter()
+        .any(|(addr, _)| addr.port() == port)
 }
