@@ -20,7 +20,7 @@ use std::{
 use enforcer::{
     audit::AuditRecord,
     testing::{
-        DaemonNode, Netns, ScratchCgroup, Spawned, TestPki, connect_nodes, mesh_policy,
+        DaemonNode, Netns, ScratchCgroup, Spawn, Spawned, TestPki, connect_nodes, mesh_policy,
         require_root, serial, wait_for_listener,
     },
 };
@@ -202,8 +202,21 @@ fn flows_show_identity_tagged_allow_deny_and_drop_and_the_audit_log_verifies() {
     require_root();
     let _serial = serial();
     let mesh = Mesh::new();
+    // A follower started before any flow sees the allow record as it is written.
+    let socket = mesh.a.socket();
+    let follower = Spawn::new(binary())
+        .arg("--socket")
+        .arg(&socket)
+        .args(["flows", "--follow", "--json", "--verdict", "allow"])
+        .spawn();
 
     mesh.assert_allowed(&mesh.a_web);
+    let line = follower
+        .read_line(COMMAND_LIMIT)
+        .unwrap_or_else(|| panic!("flows --follow printed nothing: {}", follower.stderr()));
+    let streamed: AuditRecord = serde_json::from_str(&line).unwrap();
+    assert_eq!(streamed.verdict.as_str(), "allow", "{streamed:?}");
+    drop(follower);
     mesh.assert_refused(&mesh.a_db);
     // Bypass: an unenrolled process on A talks plaintext straight to the api port on B.
     let (status, _) = mesh.fetch(&mesh.a_outside, "hello.txt");

@@ -194,21 +194,27 @@ pub(super) fn workloads(socket: &Path, json: bool) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&workloads)?);
         return Ok(ExitCode::SUCCESS);
     }
+    let text = |w: &Value, key: &str| w[key].as_str().unwrap_or_default().to_owned();
+    let width = |key: &str, header: &str| {
+        workloads
+            .iter()
+            .map(|w| text(w, key).chars().count())
+            .chain([header.len()])
+            .max()
+            .unwrap_or_default()
+    };
+    let (exe_width, cgroup_width) = (width("exe", "EXE"), width("cgroup", "CGROUP"));
     println!(
-        "{:>7}  {:<24} {:<12} {:<28} {:<5} SPIFFE ID",
+        "{:>7}  {:<exe_width$}  {:<12}  {:<cgroup_width$}  {:<5}  SPIFFE ID",
         "PID", "EXE", "SHA256", "CGROUP", "ENTRY"
     );
     for w in &workloads {
         println!(
-            "{:>7}  {:<24} {:<12} {:<28} {:<5} {}",
+            "{:>7}  {:<exe_width$}  {:<12}  {:<cgroup_width$}  {:<5}  {}",
             w["pid"],
-            w["exe"].as_str().unwrap_or_default(),
-            w["sha256"]
-                .as_str()
-                .unwrap_or_default()
-                .get(..12)
-                .unwrap_or_default(),
-            w["cgroup"].as_str().unwrap_or_default(),
+            text(w, "exe"),
+            text(w, "sha256").get(..12).unwrap_or_default(),
+            text(w, "cgroup"),
             w["entry"]
                 .as_u64()
                 .map_or_else(|| "-".to_owned(), |e| e.to_string()),

@@ -49,7 +49,7 @@ use self::{
     copy::{Ended, Limits, Outcome, Sink, Source, splice},
     inbound::WorkloadCerts,
     pool::Pool,
-    tracker::Tracker,
+    tracker::{TrackedFlow, Tracker},
 };
 use crate::{
     identity::{PeerAuthorizer, SpiffeId, TrustBundleSet, server_config_with_resolver},
@@ -252,18 +252,23 @@ impl Node {
             duration: outcome.duration,
             ..open
         };
-        close.reason = match &outcome.ended {
-            Ended::Finished => Reason::Finished,
-            Ended::IdleTimeout => Reason::IdleTimeout,
-            Ended::Lifetime => Reason::Lifetime,
-            Ended::Error(_) => Reason::Error,
-            Ended::Revoked(revocation) => {
+        // A reload that counted this flow as revoked wins over however the copy ended.
+        let revocation = match (&outcome.ended, tracked.and_then(TrackedFlow::finish)) {
+            (Ended::Revoked(revocation), _) => Some(*revocation),
+            (_, revoked) => revoked,
+        };
+        close.reason = match (&outcome.ended, revocation) {
+            (_, Some(revocation)) => {
                 self.metrics.inc(Metric::FlowsRevoked);
                 close.verdict = Verdict::Deny;
                 close.rule = revocation.rule;
                 close.policy_version = revocation.policy_version;
                 Reason::Revoked
             }
+            (Ended::Finished, None) => Reason::Finished,
+            (Ended::IdleTimeout, None) => Reason::IdleTimeout,
+            (Ended::Lifetime, None) => Reason::Lifetime,
+            (Ended::Error(_) | Ended::Revoked(_), None) => Reason::Error,
         };
         self.records.record(close);
         outcome

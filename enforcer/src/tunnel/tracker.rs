@@ -128,6 +128,21 @@ impl TrackedFlow {
         }
     }
 
+    /// Stop tracking the flow (it ended) and return its revocation, if a reload revoked it.
+    /// Both happen under the tracker's lock, so a reload that counted this flow as closed is
+    /// always seen here, even when the flow ended for another reason at the same moment (the
+    /// peer's side of a revoked flow resets the stream, which can arrive first).
+    #[must_use]
+    pub fn finish(self) -> Option<Revocation> {
+        let mut flows = self
+            .tracker
+            .flows
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        flows.remove(&self.id);
+        self.revocation()
+    }
+
     /// The revocation, if the flow was revoked.
     #[must_use]
     pub fn revocation(&self) -> Option<Revocation> {
