@@ -167,11 +167,15 @@ fn flows(
         line.push(b'\n');
         Bytes::from(line)
     };
+    let follow = follow.is_some_and(|v| v == "true" || v == "1");
+    // A follower subscribes before taking the backlog, so no record falls between the two
+    // (records in both are sent once: the stream skips what the backlog had).
+    let subscription = follow.then(|| daemon.audit.subscribe());
     let recent: Vec<Arc<AuditRecord>> = daemon.audit.recent();
     let matching: Vec<&Arc<AuditRecord>> = recent.iter().filter(|r| keep(r)).collect();
     let start = matching.len().saturating_sub(limit);
     let backlog: Vec<Bytes> = matching[start..].iter().map(|r| line(r)).collect();
-    if !follow.is_some_and(|v| v == "true" || v == "1") {
+    let Some(mut subscription) = subscription else {
         let mut body = Vec::new();
         for chunk in backlog {
             body.extend_from_slice(&chunk);
@@ -181,9 +185,7 @@ fn flows(
             content_type: "application/x-ndjson",
             body: String::from_utf8(body).unwrap_or_default(),
         };
-    }
-    // Subscribe before sending the backlog, so nothing falls between the two.
-    let mut subscription = daemon.audit.subscribe();
+    };
     let last_seq = recent.last().map_or(0, |r| r.seq);
     let (sender, lines) = tokio::sync::mpsc::channel(1024);
     tokio::spawn(async move {
