@@ -32,8 +32,12 @@ const TD: &str = "daemon.test";
 const HTTP_PORT: u16 = 8080;
 /// What `hello.txt` holds.
 const HELLO: &str = "hello through the daemon";
-/// Size of `big.bin`, served slowly so a connection stays open.
+/// Size of `big.bin`, downloaded whole while the daemon drains.
 const BIG_BYTES: usize = 4 << 20;
+/// Size of `huge.bin` (sparse), served slowly so a connection stays open: far more than the
+/// socket buffers and HTTP/2 windows between server and client can hold, so neither end of
+/// the flow finishes before the client has read it.
+const HUGE_BYTES: u64 = 256 << 20;
 /// Hang guard for whole commands (not a performance assertion).
 const COMMAND_LIMIT: Duration = Duration::from_secs(30);
 
@@ -93,6 +97,9 @@ impl Mesh {
         let site = TempDir::new().unwrap();
         fs::write(site.path().join("hello.txt"), format!("{HELLO}\n")).unwrap();
         fs::write(site.path().join("big.bin"), vec![b'x'; BIG_BYTES]).unwrap();
+        fs::File::create(site.path().join("huge.bin"))
+            .and_then(|file| file.set_len(HUGE_BYTES))
+            .unwrap();
         let b_api = b.scope().child("api");
         let server = b
             .spawn(&b_api, "python3")
@@ -300,7 +307,7 @@ fn a_reload_flips_the_decision_and_closes_the_now_denied_open_connection() {
     // A slow download stays open across the reload.
     let mut download = mesh.curl(
         &mesh.a_web,
-        "big.bin",
+        "huge.bin",
         &["--limit-rate", "100k", "-o", "/dev/null"],
     );
     wait_for_record(&mesh.b, "B's open record of the download", |r| {
