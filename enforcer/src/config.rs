@@ -19,6 +19,8 @@ use crate::policy::diagnostic::line_col;
 /// The name diagnostics and `enforcer policy show` give the embedded default policy
 /// ([`crate::policy::DEFAULT_POLICY`]).
 pub const EMBEDDED_POLICY_NAME: &str = "<embedded policies/default.toml>";
+/// The daemon's bpffs directory by default.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/enforcer";
 /// Where the CLI and the daemon find the control socket by default.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/enforcer/control.sock";
 
@@ -158,7 +160,7 @@ impl Default for Config {
 impl Default for KernelConfig {
     fn default() -> Self {
         Self {
-            pin_dir: PathBuf::from(crate::cli::DEFAULT_PIN_DIR),
+            pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
             scope_cgroup: "/".to_owned(),
             tunnel_mark: 0x0e5f_0001,
         }

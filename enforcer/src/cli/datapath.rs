@@ -6,8 +6,7 @@ use anyhow::Context as _;
 
 use crate::kernel::{Counter, Datapath, PolicyMeta, loader::LoadError};
 
-/// Default pin directory of the daemon on bpffs.
-pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/enforcer";
+pub use crate::config::DEFAULT_PIN_DIR;
 
 /// Print the state of the datapath pinned in `pin_dir`.
 pub(super) fn status(pin_dir: &Path) -> anyhow::Result<()> {

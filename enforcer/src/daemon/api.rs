@@ -170,8 +170,8 @@ fn flows(
     let follow = follow.is_some_and(|v| v == "true" || v == "1");
     // A follower subscribes before taking the backlog, so no record falls between the two
     // (records in both are sent once: the stream skips what the backlog had).
-    let subscription = follow.then(|| daemon.audit.subscribe());
-    let recent: Vec<Arc<AuditRecord>> = daemon.audit.recent();
+    let subscription = follow.then(|| daemon.recorder.audit.subscribe());
+    let recent: Vec<Arc<AuditRecord>> = daemon.recorder.audit.recent();
     let matching: Vec<&Arc<AuditRecord>> = recent.iter().filter(|r| keep(r)).collect();
     let start = matching.len().saturating_sub(limit);
     let backlog: Vec<Bytes> = matching[start..].iter().map(|r| line(r)).collect();
@@ -308,7 +308,7 @@ fn status(daemon: &Daemon) -> Value {
         .iter()
         .map(|&m| (m.name().to_owned(), tunnel_metrics.get(m).into()))
         .collect();
-    let audit = daemon.audit.stats();
+    let audit = daemon.recorder.audit.stats();
     json!({
         "node": daemon.config.node_name,
         "node_id": daemon.node_id.to_string(),
@@ -396,7 +396,7 @@ fn metrics(daemon: &Daemon) -> String {
         "Version of the policy in force.",
         daemon.enforced().version(),
     );
-    let audit = daemon.audit.stats();
+    let audit = daemon.recorder.audit.stats();
     out.counter(
         "enforcer_audit_records_total",
         "Records written to the audit log.",
@@ -407,6 +407,6 @@ fn metrics(daemon: &Daemon) -> String {
         "Audit records dropped because the writer queue was full (each drop is itself recorded as a loss).",
         audit.dropped,
     );
-    daemon.telemetry.export(&mut out);
+    daemon.recorder.telemetry.export(&mut out);
     out.finish()
 }

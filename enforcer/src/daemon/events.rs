@@ -16,7 +16,7 @@ use std::{
 
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
 
-use super::{Recorder, telemetry::Telemetry, workloads::Registrar};
+use super::{Recorder, workloads::Registrar};
 use crate::{
     audit::{self, Entry},
     kernel::{Counter, EventKind, EventReader, KernelEvent, Maps},
@@ -36,8 +36,6 @@ pub(crate) struct EventPump {
     pub(crate) registrar: Arc<Registrar>,
     /// Where records go.
     pub(crate) recorder: Recorder,
-    /// Counters.
-    pub(crate) telemetry: Arc<Telemetry>,
     /// Where the loss counter already reported is kept across restarts.
     pub(crate) lost_file: PathBuf,
 }
@@ -103,7 +101,7 @@ impl EventPump {
     }
 
     fn handle(&self, event: &KernelEvent) {
-        self.telemetry.kernel_event();
+        self.recorder.telemetry.kernel_event();
         match event.kind {
             EventKind::Bind => self.registrar.register(event.tgid),
             EventKind::Exec => self.registrar.reattest(event.tgid),

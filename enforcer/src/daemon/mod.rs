@@ -146,7 +146,8 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     })
 }
 
-/// Where the records of every component go: the audit log, counted by verdict.
+/// Where the records of every component go: the audit log, counted by verdict. It also holds
+/// the daemon's audit log and telemetry for everything else that reads them.
 #[derive(Clone)]
 pub(crate) struct Recorder {
     audit: AuditLog,
@@ -192,8 +193,6 @@ pub(crate) struct Daemon {
     registrar: Arc<Registrar>,
     svids: Arc<SvidCache<SystemClock, MeteredIssuer>>,
     recorder: Recorder,
-    audit: AuditLog,
-    telemetry: Arc<Telemetry>,
     outbound: Vec<SocketAddr>,
     inbound: SocketAddr,
 }
@@ -336,7 +335,6 @@ impl Daemon {
             maps: Arc::clone(&maps),
             registrar: Arc::clone(&registrar),
             recorder: recorder.clone(),
-            telemetry: Arc::clone(&telemetry),
             lost_file: config.state_dir.join("kernel-lost-events"),
         };
         let metrics = match config.metrics_addr {
@@ -372,8 +370,6 @@ impl Daemon {
             registrar,
             svids,
             recorder,
-            audit,
-            telemetry,
             outbound,
             inbound,
             config,
@@ -487,7 +483,7 @@ impl Daemon {
             audit::Event::Stop,
             format!("drained; {left} flows cut at the deadline"),
         );
-        self.audit.close(Duration::from_secs(5));
+        self.recorder.audit.close(Duration::from_secs(5));
         tracing::info!(
             open_flows_cut = left,
             "stopped; the datapath stays pinned and fails closed until the next start"

@@ -117,7 +117,7 @@ impl Daemon {
     ) -> Result<Outcome, ReloadError> {
         let result = self.try_reload(file, text, dry_run);
         if !dry_run {
-            self.telemetry.reloaded(result.is_ok());
+            self.recorder.telemetry.reloaded(result.is_ok());
         }
         if let Err(error) = &result {
             tracing::warn!(

@@ -62,7 +62,7 @@ impl DaemonNode {
         fs::create_dir_all(&ca_dir).expect("CA directory");
         root.write(&ca_dir, ROOT_FILE_STEM)
             .unwrap_or_else(|error| panic!("failed to write the root CA: {}", report(&error)));
-        let node = Self {
+        let mut node = Self {
             name: name.to_owned(),
             binary: binary.to_owned(),
             daemon: None,
@@ -74,7 +74,6 @@ impl DaemonNode {
         };
         node.write_policy(&policy(&node.scope_path));
         node.write_config();
-        let mut node = node;
         node.launch();
         node
     }
