@@ -41,7 +41,7 @@ use std::{
 };
 
 use enforcer::{
-    attest::{AttestOptions, Attestor, Registry, cgroup_relative_path},
+    attest::{AttestOptions, Attestor, Identities, cgroup_relative_path},
     identity::{
         CacheConfig, CertificateAuthority, SpiffeId, SvidCache, SystemClock, TrustBundleSet,
     },
@@ -982,7 +982,7 @@ fn node(args: &NodeArgs) {
             Arc::new(Mutex::new(maps)),
             Arc::new(Attestor::new(AttestOptions::default())),
         ));
-        sources.update(&compiled.numbers, Registry::new(policy.workloads.clone()));
+        sources.update(Arc::new(Identities::new(&policy, &compiled.numbers)));
         let tunnel = Tunnel::new(TunnelParts {
             config: TunnelConfig {
                 mark: MARK,

@@ -30,16 +30,14 @@ use enforcer::{
     attest::Sha256Digest,
     audit::{AuditRecord, Event, Verdict},
     testing::{
-        DaemonNode, Netns, ScratchCgroup, Spawn, Spawned, TestPki, connect_nodes, require_root,
-        wait_for_listener,
+        DaemonNode, Netns, ScratchCgroup, Spawn, Spawned, TestPki, connect_nodes, demo_policy,
+        require_root, wait_for_listener,
     },
 };
 use sha2::{Digest as _, Sha256};
 use tempfile::TempDir;
 
-/// The policy template; [`fill`] replaces the placeholders its header describes.
-const POLICY: &str = include_str!("../../policies/demo.toml");
-/// The rule of the template that the reload step turns into a deny.
+/// The rule of `policies/demo.toml` that the reload step turns into a deny.
 const WEB_RULE: &str = "[[allow]]\nfrom = \"spiffe://demo.enforcer.local/web\"";
 const TD: &str = "demo.enforcer.local";
 const API_PORT: u16 = 8080;
@@ -178,7 +176,7 @@ impl Demo {
         let (link_a, link_b) = connect_nodes(&Netns::new("demo-a"), &Netns::new("demo-b"));
         let peers = [link_a.addr4(), link_b.addr4()];
         let pki = TestPki::new(TD);
-        let policy = |scope: &str| fill(scope, peers, web_sha256);
+        let policy = |scope: &str| demo_policy(scope, peers, web_sha256);
         let a = DaemonNode::start(&binary, &link_a, "a", &pki.root, policy);
         let b = DaemonNode::start(&binary, &link_b, "b", &pki.root, policy);
         let server = b
@@ -233,13 +231,8 @@ impl Demo {
         ];
         let mut pids = Vec::new();
         for node in [&self.a, &self.b] {
-            let status: serde_json::Value =
-                serde_json::from_str(&node.cli_ok(&["status", "--json"])).expect("status JSON");
-            let pin_dir = status["datapath"]["pin_dir"]
-                .as_str()
-                .expect("status names the pin directory");
             paths.extend([
-                PathBuf::from(pin_dir),
+                node.pin_dir().to_owned(),
                 node.scope().path().to_owned(),
                 node.dir().to_owned(),
             ]);
@@ -259,7 +252,8 @@ impl Demo {
 
     /// `program` (a curl) fetching api's page from `cgroup` of node A.
     fn curl(&self, cgroup: &ScratchCgroup, program: impl AsRef<OsStr>) -> Spawn {
-        on_node(&self.a, cgroup, program)
+        self.a
+            .spawn(cgroup, program)
             .args(CURL_ARGS)
             .arg(self.url())
     }
@@ -267,7 +261,8 @@ impl Demo {
     /// `program` (a copied python3) fetching api's page from `cgroup` of node A. `PYTHONHOME`
     /// tells the copy where its standard library is, since it no longer sits next to it.
     fn python(&self, cgroup: &ScratchCgroup, program: impl AsRef<OsStr>) -> Spawn {
-        on_node(&self.a, cgroup, program)
+        self.a
+            .spawn(cgroup, program)
             .env("PYTHONHOME", "/usr")
             .args(["-c", FETCH_PY])
             .arg(self.url())
@@ -329,7 +324,7 @@ impl Demo {
         outcome(problems, "   v1: web -> api:8080", &seen, true, "");
         let [a, b] = [&self.a, &self.b].map(|node| {
             let file = node.dir().join("demo-v2.toml");
-            let policy = deny_web(&fill(node.scope_path(), self.peers, self.web_sha256));
+            let policy = deny_web(&demo_policy(node.scope_path(), self.peers, self.web_sha256));
             fs::write(&file, policy).expect("write the changed policy");
             node.cli_ok(&["policy", "reload", &file.to_string_lossy()])
         });
@@ -427,7 +422,7 @@ type RecordTest<'a> = dyn Fn(&AuditRecord) -> bool + 'a;
 fn show_records(problems: &mut Vec<String>, node: &DaemonNode, wanted: &[(&str, &RecordTest)]) {
     let deadline = Instant::now() + WAIT;
     loop {
-        let records = flows(node);
+        let records = node.flows(&[]);
         let found: Vec<Option<&AuditRecord>> = wanted
             .iter()
             .map(|(_, matches)| records.iter().find(|r| matches(r)))
@@ -445,17 +440,6 @@ fn show_records(problems: &mut Vec<String>, node: &DaemonNode, wanted: &[(&str, 
         }
         thread::sleep(Duration::from_millis(100));
     }
-}
-
-/// Every record `enforcer flows --json` prints on `node`.
-fn flows(node: &DaemonNode) -> Vec<AuditRecord> {
-    node.cli_ok(&["flows", "--json", "--limit", "10000"])
-        .lines()
-        .map(|line| {
-            serde_json::from_str(line)
-                .unwrap_or_else(|error| panic!("`enforcer flows --json` printed {line:?}: {error}"))
-        })
-        .collect()
 }
 
 /// What the demo made, checked after its guards removed it.
@@ -509,42 +493,6 @@ fn enforcer_binary() -> PathBuf {
     binary
 }
 
-/// The policy template filled in for a node with scope cgroup `scope`. Comment lines stay as
-/// they are (they name the placeholders); every other placeholder must be known.
-fn fill(scope: &str, peers: [Ipv4Addr; 2], web_sha256: Sha256Digest) -> String {
-    let values = [
-        ("@SCOPE@", scope.to_owned()),
-        ("@NODE_A@", peers[0].to_string()),
-        ("@NODE_B@", peers[1].to_string()),
-        ("@WEB_SHA256@", web_sha256.to_string()),
-    ];
-    let is_comment = |line: &str| line.trim_start().starts_with('#');
-    for (placeholder, _) in &values {
-        assert!(
-            POLICY
-                .lines()
-                .any(|line| !is_comment(line) && line.contains(placeholder)),
-            "policies/demo.toml no longer uses {placeholder}"
-        );
-    }
-    let mut filled = String::new();
-    for line in POLICY.lines() {
-        let mut line = line.to_owned();
-        if !is_comment(&line) {
-            for (placeholder, value) in &values {
-                line = line.replace(placeholder, value);
-            }
-            assert!(
-                !line.contains('@'),
-                "policies/demo.toml: unknown placeholder in `{line}`"
-            );
-        }
-        filled.push_str(&line);
-        filled.push('\n');
-    }
-    filled
-}
-
 /// `policy` with its web -> api rule turned from an allow into a deny.
 fn deny_web(policy: &str) -> String {
     let deny = WEB_RULE.replacen("[[allow]]", "[[deny]]", 1);
@@ -554,13 +502,6 @@ fn deny_web(policy: &str) -> String {
         "policies/demo.toml has no rule starting `{WEB_RULE}`"
     );
     changed
-}
-
-/// A builder placing `program` in `cgroup` inside node `node`'s namespace.
-fn on_node(node: &DaemonNode, cgroup: &ScratchCgroup, program: impl AsRef<OsStr>) -> Spawn {
-    Spawn::new(program)
-        .cgroup(cgroup)
-        .netns(node.link().netns())
 }
 
 /// Copy the binary `source` to `target` (keeping its permissions) and return its SHA-256.

@@ -52,6 +52,8 @@ pub enum Kind {
     Counter,
     /// A value that goes up and down.
     Gauge,
+    /// Cumulative buckets with a sum and a count.
+    Histogram,
 }
 
 /// Builds one exposition, family by family.
@@ -66,6 +68,7 @@ impl Exposition {
         let kind = match kind {
             Kind::Counter => "counter",
             Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
         };
         let _ = writeln!(self.text, "# HELP {name} {help}");
         let _ = writeln!(self.text, "# TYPE {name} {kind}");
@@ -92,8 +95,7 @@ impl Exposition {
 
     /// A histogram family (in seconds) from `histogram`.
     pub fn histogram(&mut self, name: &str, help: &str, histogram: &Histogram) -> &mut Self {
-        let _ = writeln!(self.text, "# HELP {name} {help}");
-        let _ = writeln!(self.text, "# TYPE {name} histogram");
+        self.family(name, Kind::Histogram, help);
         let mut cumulative = 0;
         for (slot, count) in histogram.buckets.iter().enumerate() {
             cumulative += count.load(Ordering::Relaxed);

@@ -11,7 +11,7 @@
 use std::{
     fs,
     net::{IpAddr, SocketAddr},
-    os::unix::process::CommandExt as _,
+    os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
     path::Path,
     process::ExitStatus,
     time::Duration,
@@ -40,6 +40,10 @@ const BIG_BYTES: usize = 4 << 20;
 const HUGE_BYTES: u64 = 256 << 20;
 /// Hang guard for whole commands (not a performance assertion).
 const COMMAND_LIMIT: Duration = Duration::from_secs(30);
+/// curl's exit code when its own `--max-time` ran out.
+const CURL_TIMED_OUT: i32 = 28;
+/// The user the control socket must refuse (`nobody`).
+const NOBODY: u32 = 65534;
 
 /// `web` may reach `api` on the HTTP port; `db` may not reach `api`.
 const ALLOW_WEB: &str = r#"
@@ -177,16 +181,6 @@ impl Mesh {
     }
 }
 
-/// The audit records `flows --json` prints on `node`.
-fn flows(node: &DaemonNode, filters: &[&str]) -> Vec<AuditRecord> {
-    let mut args = vec!["flows", "--json", "--limit", "10000"];
-    args.extend_from_slice(filters);
-    node.cli_ok(&args)
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
-        .collect()
-}
-
 fn wait_for_record(
     node: &DaemonNode,
     what: &str,
@@ -194,7 +188,7 @@ fn wait_for_record(
 ) -> AuditRecord {
     let mut found = None;
     node.wait_until(what, |node| {
-        found = flows(node, &[]).into_iter().find(&matches);
+        found = node.flows(&[]).into_iter().find(&matches);
         found.is_some()
     });
     found.unwrap()
@@ -202,6 +196,11 @@ fn wait_for_record(
 
 fn id(name: &str) -> String {
     format!("spiffe://{TD}/{name}")
+}
+
+fn chmod(path: &Path, mode: u32) {
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|error| panic!("failed to chmod {}: {error}", path.display()));
 }
 
 #[test]
@@ -267,13 +266,17 @@ fn flows_show_identity_tagged_allow_deny_and_drop_and_the_audit_log_verifies() {
     assert_eq!(drop.source.as_str(), "kernel");
 
     // Filters narrow the list to what they name.
-    let denied = flows(&mesh.a, &["--verdict", "deny"]);
+    let denied = mesh.a.flows(&["--verdict", "deny"]);
     assert!(!denied.is_empty() && denied.iter().all(|r| r.verdict.as_str() == "deny"));
-    let web = flows(&mesh.a, &["--id", &id("web")]);
-    assert!(web.iter().all(|r| {
-        r.src.spiffe_id.as_deref() == Some(&id("web"))
-            || r.dst.spiffe_id.as_deref() == Some(&id("web"))
-    }));
+    let web = mesh.a.flows(&["--id", &id("web")]);
+    assert!(
+        !web.is_empty()
+            && web.iter().all(|r| {
+                r.src.spiffe_id.as_deref() == Some(&id("web"))
+                    || r.dst.spiffe_id.as_deref() == Some(&id("web"))
+            }),
+        "{web:?}"
+    );
     let human = mesh.a.cli_ok(&["flows"]);
     assert!(
         human.contains(&id("web")) && human.contains(&id("db")),
@@ -328,7 +331,13 @@ fn a_reload_flips_the_decision_and_closes_the_now_denied_open_connection() {
     let status = download
         .wait_timeout(COMMAND_LIMIT)
         .expect("the revoked download ended");
-    assert!(!status.success(), "the revoked download completed");
+    // curl gives up by itself after its `--max-time` (exit 28): only another failure shows
+    // that the reload cut the download.
+    assert!(
+        !status.success() && status.code() != Some(CURL_TIMED_OUT),
+        "the reload did not cut the download ({status}); stderr: {}",
+        download.stderr()
+    );
     mesh.assert_refused(&mesh.a_web);
     let show = mesh.a.cli_ok(&["policy", "show"]);
     assert!(show.starts_with("# version 2"), "{show}");
@@ -492,22 +501,41 @@ fn the_control_socket_refuses_non_root_users() {
     require_root();
     let _serial = serial();
     let mesh = Mesh::new();
-    let output = mesh
-        .a
-        .cli_command(&["status"])
-        .uid(65534)
-        .gid(65534)
-        .output()
-        .unwrap();
+    let as_nobody = || {
+        mesh.a
+            .cli_command(&["status"])
+            .uid(NOBODY)
+            .gid(NOBODY)
+            .output()
+            .unwrap()
+    };
+    // The node's directory (root's, 0700) keeps other users from the socket file...
+    let output = as_nobody();
     assert!(!output.status.success(), "a non-root user read the status");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("permission denied"), "{stderr}");
+    // ...and once they may open it, the daemon refuses them by their peer credentials.
+    let socket = mesh.a.socket();
+    assert_eq!(
+        socket.parent(),
+        Some(mesh.a.dir()),
+        "the socket sits in the node's directory"
+    );
+    chmod(mesh.a.dir(), 0o755);
+    chmod(&socket, 0o777);
+    let output = as_nobody();
+    assert!(!output.status.success(), "a non-root user read the status");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("403") && stderr.contains(&format!("root-only (peer uid {NOBODY})")),
+        "{stderr}"
+    );
     // curl as root speaks the same API.
     let curl = std::process::Command::new("curl")
         .args([
             "-sS",
             "--unix-socket",
-            mesh.a.socket().to_str().unwrap(),
+            socket.to_str().unwrap(),
             "http://localhost/v1/status",
         ])
         .output()
@@ -518,7 +546,7 @@ fn the_control_socket_refuses_non_root_users() {
         .args([
             "-sS",
             "--unix-socket",
-            mesh.a.socket().to_str().unwrap(),
+            socket.to_str().unwrap(),
             "http://localhost/metrics",
         ])
         .output()

@@ -5,12 +5,14 @@
     reason = "integration tests use the library, not every dependency"
 )]
 
-use std::{collections::BTreeSet, path::Path, process::Command};
+use std::{collections::BTreeSet, net::Ipv4Addr, path::Path, process::Command};
 
 use enforcer::{
+    attest::Sha256Digest,
     identity::SpiffeId,
     kernel::PolicyAction,
     policy::{self, Authorizer, Diagnostic, IdentityNumbers, Policy, Severity, compile},
+    testing::demo_policy,
 };
 
 fn parse(text: &str) -> Result<Policy, Vec<Diagnostic>> {
@@ -30,17 +32,13 @@ fn id(text: &str) -> SpiffeId {
 
 const HEAD: &str = "trust_domain = \"example.org\"\n";
 
-/// `policies/demo.toml` with its placeholders filled in, as the demo fills them.
+/// `policies/demo.toml` with its placeholders filled in, by the function the demo fills it with.
 fn filled_demo() -> String {
-    let template = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/demo.toml"),
-    )
-    .unwrap();
-    let filled = template
-        .replace("@SCOPE@", "/enforcer-demo")
-        .replace("@NODE_A@", "192.0.2.1")
-        .replace("@NODE_B@", "192.0.2.2")
-        .replace("@WEB_SHA256@", &"0".repeat(64));
+    let filled = demo_policy(
+        "/enforcer-demo",
+        [Ipv4Addr::new(192, 0, 2, 1), Ipv4Addr::new(192, 0, 2, 2)],
+        Sha256Digest([0; 32]),
+    );
     assert!(
         !filled
             .lines()

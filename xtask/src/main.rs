@@ -34,7 +34,8 @@ enum Task {
     /// Build the workspace; enforcer's build script builds the eBPF object with the nightly.
     Build,
     /// Run every test tier: fmt, clippy, unit tests, privileged integration tests (root), then
-    /// the privileged suite under qemu on Debian's 6.1 and 6.12 kernels.
+    /// those suites under qemu on Debian's 6.1 and 6.12 kernels, except the host-only ones
+    /// (see vm-tests/README.md).
     Test {
         /// Stop after the unit tests (local iteration only; refused when CI is set).
         #[arg(long)]
@@ -43,7 +44,8 @@ enum Task {
         #[arg(long)]
         no_vm: bool,
     },
-    /// Boot Debian cloud kernels under qemu (TCG) and run the privileged suite in each (root).
+    /// Boot Debian cloud kernels under qemu (TCG) and run the privileged suites in each, except
+    /// the host-only ones (root; see vm-tests/README.md).
     VmTest {
         /// Kernel series to boot, e.g. 6.1 or 6.12 (repeatable); default 6.1 and 6.12.
         #[arg(long = "kernel", value_name = "VERSION", value_parser = vmtest::parse_version)]

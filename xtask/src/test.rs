@@ -1,6 +1,7 @@
 //! `cargo xtask test`: every tier in order — formatting, clippy (host, and the eBPF programs
 //! for the BPF target), unit tests, the privileged integration tests (root) on the host
-//! kernel, then the same suite under qemu on Debian's 6.1 and 6.12 kernels (`vm-test`).
+//! kernel, then the same suites except the host-only ones under qemu on Debian's 6.1 and 6.12
+//! kernels (`vm-test`; `HOST_ONLY_SUITES` in `vmtest` says which stay on the host).
 //! A tier that cannot run fails; it never looks like a pass.
 
 use std::env;

@@ -41,7 +41,7 @@ use rustix::{
 pub use accounts::Accounts;
 pub use container::ContainerInfo;
 pub use hash::{ExeHasher, HashError, Sha256Digest};
-pub use registry::{Identification, Registry};
+pub use registry::{Identification, Identities, Registry};
 pub use selector::{Selector, SelectorError};
 
 /// Default cap on the size of a binary the attestor hashes (a guard against hashing huge files).

@@ -6,8 +6,13 @@
 //! no identity either, reported as ambiguous and logged, never whichever entry came first.
 #![forbid(unsafe_code)]
 
+use std::collections::HashMap;
+
 use super::ProcessFacts;
-use crate::{identity::SpiffeId, policy::Workload};
+use crate::{
+    identity::SpiffeId,
+    policy::{IdentityNumbers, Policy, Workload},
+};
 
 /// The result of matching a process against the registered entries.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -65,6 +70,42 @@ impl Registry {
             "several workload entries match this process; it gets no identity"
         );
         Identification::Ambiguous(ids)
+    }
+}
+
+/// The identities of the policy in force, as attestation and the kernel's identity numbers
+/// need them; built once per policy and shared by everything that names workloads.
+#[derive(Debug, Default)]
+pub struct Identities {
+    /// Workload entries.
+    pub registry: Registry,
+    /// Identity numbers by SPIFFE ID.
+    pub numbers: IdentityNumbers,
+    /// SPIFFE IDs by identity number.
+    by_number: HashMap<u32, SpiffeId>,
+    /// Enrolled cgroup paths (relative to the cgroup2 mount).
+    pub enroll: Vec<String>,
+}
+
+impl Identities {
+    /// The identities of `policy`, whose IDs carry `numbers` in the kernel.
+    #[must_use]
+    pub fn new(policy: &Policy, numbers: &IdentityNumbers) -> Self {
+        Self {
+            registry: Registry::new(policy.workloads.clone()),
+            numbers: numbers.clone(),
+            by_number: numbers
+                .iter()
+                .map(|(id, number)| (number, id.clone()))
+                .collect(),
+            enroll: policy.enroll.clone(),
+        }
+    }
+
+    /// The SPIFFE ID of identity number `number` (0 is unknown).
+    #[must_use]
+    pub fn id(&self, number: u32) -> Option<&SpiffeId> {
+        self.by_number.get(&number)
     }
 }
 

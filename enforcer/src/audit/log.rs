@@ -32,7 +32,6 @@ use super::{
     files::{self, Tail},
     record::{AuditRecord, Entry},
 };
-use crate::tunnel::{FlowRecord, RecordSink};
 
 /// Entries the writer takes from the queue before it flushes and publishes them.
 const MAX_BATCH: usize = 1024;
@@ -59,12 +58,15 @@ pub struct AuditConfig {
     pub queue: usize,
 }
 
-impl Default for AuditConfig {
-    fn default() -> Self {
+impl AuditConfig {
+    /// A log at `path` rotated at `max_bytes` and keeping `keep` rotated files, with room for
+    /// 10,000 records in memory and 65,536 waiting for the writer.
+    #[must_use]
+    pub fn new(path: PathBuf, max_bytes: u64, keep: usize) -> Self {
         Self {
-            path: PathBuf::from("/var/lib/enforcer/audit/audit.jsonl"),
-            max_bytes: 64 * 1024 * 1024,
-            keep: 10,
+            path,
+            max_bytes,
+            keep,
             recent: 10_000,
             queue: 65_536,
         }
@@ -397,12 +399,6 @@ impl fmt::Debug for AuditLog {
     }
 }
 
-impl RecordSink for AuditLog {
-    fn record(&self, record: FlowRecord) {
-        self.submit(Entry::from_flow(&record));
-    }
-}
-
 /// Where the chain continues after a restart, and the loss entries for damage found at the end
 /// of the current file or of the newest rotated one. A damaged current file is rotated out as
 /// it is, so that nothing is appended after its damage and `verify` points at it.
@@ -634,7 +630,7 @@ mod tests {
             record::samples::{self, kernel_deny},
             verify::verify,
         },
-        tunnel::{self, FlowEvent, Party, Reason, Side},
+        tunnel::{self, FlowEvent, FlowRecord, Party, Reason, Side},
     };
 
     /// Long enough for any machine; the tests assert that it is met, not how fast.
@@ -681,7 +677,7 @@ mod tests {
         let log = AuditLog::open(config(dir.path(), u64::MAX, 3), "node-a").unwrap();
         let mut follow = log.subscribe();
         write(&log, 30);
-        log.record(FlowRecord {
+        log.submit(Entry::from_flow(&FlowRecord {
             time: samples::time(),
             side: Side::Inbound,
             event: FlowEvent::Open,
@@ -694,7 +690,7 @@ mod tests {
             bytes_up: 0,
             bytes_down: 0,
             duration: Duration::ZERO,
-        });
+        }));
         assert!(log.flush(WAIT));
 
         let records = read_records(&dir.path().join("audit.jsonl"));

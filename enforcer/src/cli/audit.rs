@@ -103,14 +103,9 @@ mod tests {
     fn a_failure_names_file_line_and_problem() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
-        let log = audit::AuditLog::open(
-            audit::AuditConfig {
-                path: path.clone(),
-                ..audit::AuditConfig::default()
-            },
-            "node-a",
-        )
-        .unwrap();
+        let log =
+            audit::AuditLog::open(audit::AuditConfig::new(path.clone(), 1 << 20, 1), "node-a")
+                .unwrap();
         for _ in 0..2 {
             log.submit(audit::Entry::new(
                 audit::Source::Daemon,

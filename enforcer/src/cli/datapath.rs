@@ -6,8 +6,6 @@ use anyhow::Context as _;
 
 use crate::kernel::{Counter, Datapath, PolicyMeta, loader::LoadError};
 
-pub use crate::config::DEFAULT_PIN_DIR;
-
 /// Print the state of the datapath pinned in `pin_dir`.
 pub(super) fn status(pin_dir: &Path) -> anyhow::Result<()> {
     let datapath = match Datapath::adopt(pin_dir) {

@@ -10,8 +10,9 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 
+use crate::config::DEFAULT_PIN_DIR;
+
 pub use audit::AuditCommand;
-pub use datapath::DEFAULT_PIN_DIR;
 pub use identity::{BundleCommand, BundleFormat, CaCommand, SvidCommand};
 pub use policy::PolicyCommand;
 

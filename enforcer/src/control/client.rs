@@ -137,7 +137,7 @@ impl Response {
     /// The `error` text of a `{"error": ...}` body, or else the body itself (or, if that is
     /// empty, the status's reason).
     #[must_use]
-    pub fn error_message(&self) -> String {
+    fn error_message(&self) -> String {
         #[derive(serde::Deserialize)]
         struct ErrorBody {
             error: String,

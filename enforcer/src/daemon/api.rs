@@ -27,13 +27,14 @@ use crate::{
     audit::{AuditRecord, Verdict},
     control::{Handler, Peer, Reply, Request},
     identity::SpiffeId,
-    kernel::{Counter, PolicyMeta, loader::PROGRAMS},
+    kernel::{
+        Counter, PolicyMeta,
+        loader::{PROGRAMS, TRACEPOINTS},
+    },
     metrics::Exposition,
     tunnel::Metric,
 };
 
-/// Programs that attach to BTF tracepoints rather than to the scope cgroup.
-const TRACEPOINT_PROGRAMS: usize = 2;
 /// Records `flows` returns without `limit`.
 const DEFAULT_FLOWS: usize = 200;
 
@@ -275,9 +276,8 @@ fn status(daemon: &Daemon) -> Value {
     let scope = daemon.scope.display().to_string();
     let attachments: Vec<Value> = PROGRAMS
         .iter()
-        .enumerate()
-        .map(|(i, program)| {
-            let target = if i + TRACEPOINT_PROGRAMS >= PROGRAMS.len() {
+        .map(|program| {
+            let target = if TRACEPOINTS.iter().any(|(name, _)| name == program) {
                 "btf tracepoint".to_owned()
             } else {
                 format!("cgroup {scope}")
@@ -299,7 +299,12 @@ fn status(daemon: &Daemon) -> Value {
         })
         .collect();
     svids.sort_by(|a, b| a["spiffe_id"].as_str().cmp(&b["spiffe_id"].as_str()));
-    let kernel: serde_json::Map<String, Value> = kernel_counters(daemon)
+    let kernel_counters = kernel_counters(daemon);
+    let lost_events = kernel_counters
+        .iter()
+        .find(|(name, _)| *name == Counter::LostEvents.name())
+        .map_or(0, |&(_, value)| value);
+    let kernel: serde_json::Map<String, Value> = kernel_counters
         .into_iter()
         .map(|(name, value)| (name.to_owned(), value.into()))
         .collect();
@@ -346,7 +351,7 @@ fn status(daemon: &Daemon) -> Value {
         "open_flows": daemon.tunnel.open_flows(),
         "counters": { "kernel": kernel, "tunnel": tunnel },
         "lost": {
-            "kernel_events": daemon.maps.lock().unwrap_or_else(PoisonError::into_inner).counter(Counter::LostEvents).unwrap_or(0),
+            "kernel_events": lost_events,
             "audit_records": audit.dropped,
         },
         "audit": audit,

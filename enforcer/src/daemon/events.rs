@@ -135,13 +135,16 @@ impl EventPump {
                 ..audit::Src::default()
             }
         } else {
-            let facts = self.registrar.facts(event.tgid);
+            let (exe, sha256, cgroup) = match self.registrar.provenance(event.tgid) {
+                Some(known) => (Some(known.exe), Some(known.sha256), Some(known.cgroup)),
+                None => (None, None, None),
+            };
             audit::Src {
                 spiffe_id: name(event.src_id),
                 pid: Some(event.tgid),
-                exe: facts.as_ref().map(|f| f.exe.clone()),
-                sha256: facts.as_ref().map(|f| f.sha256.clone()),
-                cgroup: facts.as_ref().map(|f| f.cgroup.clone()),
+                exe,
+                sha256,
+                cgroup,
                 cgroup_id: Some(event.cgroup_id),
                 addr: addr(event.src),
             }

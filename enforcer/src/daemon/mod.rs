@@ -49,7 +49,7 @@ use crate::{
         loader::{LoadError, PROGRAMS},
         maps::MapsError,
     },
-    policy::{Diagnostic, compile},
+    policy::{Diagnostic, diagnostic::render},
     report::report,
     tunnel::{
         FlowRecord, LocalWorkloads, Origins, PolicyView, RecordSink, Tunnel, TunnelConfig,
@@ -119,14 +119,6 @@ impl From<LoadError> for DaemonError {
     }
 }
 
-fn render(diagnostics: &[Diagnostic]) -> String {
-    diagnostics
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
     let what = what.into();
     move |source| DaemonError::Io { what, source }
@@ -158,8 +150,7 @@ pub(crate) struct Recorder {
 impl Recorder {
     /// Write `entry` to the audit log.
     pub(crate) fn submit(&self, entry: Entry) {
-        self.telemetry
-            .verdict(entry.source.as_str(), entry.verdict.as_str());
+        self.telemetry.verdict(entry.source, entry.verdict);
         self.audit.submit(entry);
     }
 }
@@ -169,9 +160,13 @@ impl RecordSink for Recorder {
     /// client runs on this node.
     fn record(&self, record: FlowRecord) {
         let mut entry = Entry::from_flow(&record);
-        if let Some(info) = record.src.pid.and_then(|pid| self.registrar.facts(pid)) {
-            entry.src.sha256 = Some(info.sha256);
-            entry.src.cgroup = Some(info.cgroup);
+        if let Some(known) = record
+            .src
+            .pid
+            .and_then(|pid| self.registrar.provenance(pid))
+        {
+            entry.src.sha256 = Some(known.sha256);
+            entry.src.cgroup = Some(known.cgroup);
         }
         self.submit(entry);
     }
@@ -264,47 +259,36 @@ impl Daemon {
         })?;
         let maps = Arc::new(Mutex::new(maps));
 
-        // Versions keep rising across restarts: every record names a distinct policy.
-        let version = previous_version + 1;
-        let compiled = compile(&policy, None, version);
-        let applied = crate::policy::apply::apply(
-            &mut maps.lock().unwrap_or_else(PoisonError::into_inner),
-            &policy,
-            &compiled,
-            &mount,
-        )?;
-        for missing in &applied.missing_cgroups {
-            tracing::warn!(cgroup = %missing, "enrolled cgroup does not exist (yet)");
-        }
-
         let telemetry = Arc::new(Telemetry::default());
-        let (bundles, svids) = identity(&config, &trust_domain, started, &telemetry)?;
-
         let attestor = Arc::new(Attestor::new(AttestOptions {
             cgroup2_mount: Some(mount.clone()),
             ..AttestOptions::default()
         }));
         let sources = Arc::new(KernelSources::new(Arc::clone(&maps), Arc::clone(&attestor)));
-        sources.update(
-            &compiled.numbers,
-            crate::attest::Registry::new(policy.workloads.clone()),
-        );
         let registrar = Arc::new(Registrar::new(
             attestor,
             Arc::clone(&maps),
             mount.clone(),
             Arc::clone(&telemetry),
         ));
-        registrar.update(&policy, &compiled);
+
+        // Versions keep rising across restarts: every record names a distinct policy.
+        let version = previous_version + 1;
+        let (compiled, missing_cgroups) =
+            reload::put_in_force(&maps, &mount, &sources, &registrar, &policy, None, version)?;
+        for missing in &missing_cgroups {
+            tracing::warn!(cgroup = %missing, "enrolled cgroup does not exist (yet)");
+        }
+
+        let (bundles, svids) = identity(&config, &trust_domain, started, &telemetry)?;
 
         let audit_path = config.audit_path();
         let audit = AuditLog::open(
-            AuditConfig {
-                path: audit_path.clone(),
-                max_bytes: config.audit.max_bytes,
-                keep: config.audit.keep,
-                ..AuditConfig::default()
-            },
+            AuditConfig::new(
+                audit_path.clone(),
+                config.audit.max_bytes,
+                config.audit.keep,
+            ),
             &config.node_name,
         )?;
         let recorder = Recorder {

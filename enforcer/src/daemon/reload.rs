@@ -5,21 +5,29 @@
 #![forbid(unsafe_code)]
 
 use std::{
-    sync::{Arc, PoisonError},
+    path::Path,
+    sync::{Arc, Mutex, PoisonError},
     time::SystemTime,
 };
 
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 
-use super::Daemon;
+use super::{Daemon, workloads::Registrar};
 use crate::{
+    attest::Identities,
     audit::{self, Entry},
     identity::TrustDomain,
+    kernel::Maps,
     policy::{
-        Compiled, Diagnostic, Policy, Severity, apply::ApplyError, compile, diff::diff, parse,
+        Compiled, Diagnostic, IdentityNumbers, Policy, Severity,
+        apply::{ApplyError, apply},
+        compile,
+        diagnostic::render,
+        diff::diff,
+        parse,
     },
-    tunnel::PolicyView,
+    tunnel::{PolicyView, sources::KernelSources},
 };
 
 /// The policy in force and where it came from.
@@ -57,6 +65,31 @@ impl Enforced {
     }
 }
 
+/// Compile `policy` as `version` (its IDs keep their `previous` numbers), program the kernel,
+/// and hand the policy's identities to the tunnel's sources and the registrar. Returns the
+/// compilation and the enrolled cgroups that do not exist yet.
+pub(super) fn put_in_force(
+    maps: &Mutex<Maps>,
+    mount: &Path,
+    sources: &KernelSources,
+    registrar: &Registrar,
+    policy: &Policy,
+    previous: Option<&IdentityNumbers>,
+    version: u64,
+) -> Result<(Compiled, Vec<String>), ApplyError> {
+    let compiled = compile(policy, previous, version);
+    let applied = apply(
+        &mut maps.lock().unwrap_or_else(PoisonError::into_inner),
+        policy,
+        &compiled,
+        mount,
+    )?;
+    let identities = Arc::new(Identities::new(policy, &compiled.numbers));
+    sources.update(Arc::clone(&identities));
+    registrar.update(identities);
+    Ok((compiled, applied.missing_cgroups))
+}
+
 /// SHA-256 of a policy's text, in hex.
 fn hash(text: &str) -> String {
     crate::attest::Sha256Digest(Sha256::digest(text.as_bytes()).into()).to_string()
@@ -66,7 +99,7 @@ fn hash(text: &str) -> String {
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ReloadError {
     /// The new policy does not validate.
-    #[error("invalid policy:\n{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    #[error("invalid policy:\n{}", render(.0))]
     Invalid(Vec<Diagnostic>),
     /// The new policy names another trust domain (that needs a restart with a new CA).
     #[error(
@@ -164,21 +197,18 @@ impl Daemon {
         if dry_run {
             return Ok(outcome);
         }
-        let compiled = compile(&policy, Some(&current.compiled.numbers), version);
-        let applied = crate::policy::apply::apply(
-            &mut self.maps.lock().unwrap_or_else(PoisonError::into_inner),
-            &policy,
-            &compiled,
+        let (compiled, missing_cgroups) = put_in_force(
+            &self.maps,
             &self.mount,
+            &self.sources,
+            &self.registrar,
+            &policy,
+            Some(&current.compiled.numbers),
+            version,
         )?;
-        self.sources.update(
-            &compiled.numbers,
-            crate::attest::Registry::new(policy.workloads.clone()),
-        );
-        self.registrar.update(&policy, &compiled);
         outcome.closed = self.tunnel.reload(PolicyView::new(&policy, version));
         outcome.applied = true;
-        outcome.missing_cgroups = applied.missing_cgroups;
+        outcome.missing_cgroups = missing_cgroups;
         *current = Arc::new(Enforced::new(policy, compiled, file.to_owned(), text));
         drop(current);
         self.registrar.rescan();

@@ -5,8 +5,10 @@
 use std::{
     collections::HashSet,
     fs,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
 };
+
+use crate::kernel::addr::from_words;
 
 /// The `st` column of a listening socket.
 const TCP_LISTEN: &str = "0A";
@@ -71,26 +73,18 @@ pub fn listeners(table: &str) -> Vec<(SocketAddr, u64)> {
         .collect()
 }
 
-/// An address as the tables write it: the IP as 32-bit words in host (little-endian) order,
-/// then `:` and the port, all in hex.
+/// An address as the tables write it: the IP as 32-bit words in host order, then `:` and the
+/// port, all in hex.
 fn parse_addr(text: &str) -> Option<SocketAddr> {
     let (ip, port) = text.split_once(':')?;
     let port = u16::from_str_radix(port, 16).ok()?;
     let mut words = Vec::with_capacity(4);
     for chunk in ip.as_bytes().chunks(8) {
-        let word = u32::from_str_radix(std::str::from_utf8(chunk).ok()?, 16).ok()?;
-        words.push(word.to_le_bytes());
+        words.push(u32::from_str_radix(std::str::from_utf8(chunk).ok()?, 16).ok()?);
     }
-    let ip = match words.as_slice() {
-        [a] => IpAddr::V4(Ipv4Addr::from(*a)),
-        [a, b, c, d] => {
-            let mut bytes = [0; 16];
-            for (i, word) in [a, b, c, d].into_iter().enumerate() {
-                bytes[i * 4..i * 4 + 4].copy_from_slice(word);
-            }
-            let v6 = Ipv6Addr::from(bytes);
-            v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
-        }
+    let ip = match words[..] {
+        [word] => IpAddr::V4(Ipv4Addr::from(word.to_ne_bytes())),
+        [a, b, c, d] => from_words([a, b, c, d]),
         _ => return None,
     };
     Some(SocketAddr::new(ip, port))

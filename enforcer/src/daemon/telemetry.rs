@@ -4,15 +4,15 @@
 #![forbid(unsafe_code)]
 
 use std::{
-    collections::BTreeMap,
     sync::{
-        Arc, Mutex, PoisonError,
+        Arc,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant, SystemTime},
 };
 
 use crate::{
+    audit::{Source, Verdict},
     identity::{CertificateAuthority, SpiffeId, SvidError, SvidIssuer, X509Svid},
     metrics::{Exposition, Histogram, Kind},
 };
@@ -27,8 +27,8 @@ pub(crate) struct Telemetry {
     reloads: AtomicU64,
     reload_failures: AtomicU64,
     kernel_events: AtomicU64,
-    /// Audit records by (source, verdict).
-    verdicts: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    /// Audit records by source and verdict (indexed in declaration order).
+    verdicts: [[AtomicU64; Verdict::ALL.len()]; Source::ALL.len()],
 }
 
 impl Telemetry {
@@ -56,13 +56,8 @@ impl Telemetry {
     }
 
     /// One audit record with `verdict` was written by `source`.
-    pub(crate) fn verdict(&self, source: &'static str, verdict: &'static str) {
-        *self
-            .verdicts
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry((source, verdict))
-            .or_default() += 1;
+    pub(crate) fn verdict(&self, source: Source, verdict: Verdict) {
+        self.verdicts[source as usize][verdict as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Append the daemon's families to `out`.
@@ -72,17 +67,18 @@ impl Telemetry {
             Kind::Counter,
             "Audit records by the component that decided and the verdict.",
         );
-        for ((source, verdict), count) in self
-            .verdicts
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-        {
-            out.sample(
-                "enforcer_verdicts_total",
-                &[("source", source), ("verdict", verdict)],
-                *count,
-            );
+        for source in Source::ALL {
+            for verdict in Verdict::ALL {
+                let count =
+                    self.verdicts[source as usize][verdict as usize].load(Ordering::Relaxed);
+                if count > 0 {
+                    out.sample(
+                        "enforcer_verdicts_total",
+                        &[("source", source.as_str()), ("verdict", verdict.as_str())],
+                        count,
+                    );
+                }
+            }
         }
         out.counter(
             "enforcer_attestations_total",
@@ -164,9 +160,9 @@ mod tests {
     #[test]
     fn exports_verdicts_and_histograms() {
         let telemetry = Telemetry::default();
-        telemetry.verdict("kernel", "deny");
-        telemetry.verdict("kernel", "deny");
-        telemetry.verdict("inbound", "allow");
+        telemetry.verdict(Source::Kernel, Verdict::Deny);
+        telemetry.verdict(Source::Kernel, Verdict::Deny);
+        telemetry.verdict(Source::Inbound, Verdict::Allow);
         telemetry.attested(Duration::from_micros(300), true);
         telemetry.attested(Duration::from_micros(300), false);
         telemetry.reloaded(true);

@@ -6,7 +6,7 @@
 #![forbid(unsafe_code)]
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     fs,
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -18,49 +18,14 @@ use serde::Serialize;
 
 use super::{sockets, telemetry::Telemetry};
 use crate::{
-    attest::{Attestor, Identification, ProcessFacts, Registry},
-    identity::SpiffeId,
+    attest::{Attestor, Identification, Identities, ProcessFacts},
     kernel::Maps,
-    policy::{Compiled, IdentityNumbers, Policy},
     report::report,
 };
 
 /// Deepest cgroup nesting below an enrolled cgroup that is scanned (the kernel looks 16
 /// levels up, so nothing deeper is enrolled anyway).
 const MAX_DEPTH: usize = 16;
-
-/// The identities of the policy in force, as the registrar and the event reader need them.
-#[derive(Debug, Default)]
-pub(crate) struct Identities {
-    /// Workload entries.
-    pub(crate) registry: Registry,
-    /// Identity numbers by SPIFFE ID.
-    pub(crate) numbers: IdentityNumbers,
-    /// SPIFFE IDs by identity number.
-    pub(crate) by_number: HashMap<u32, SpiffeId>,
-    /// Enrolled cgroup paths (relative to the cgroup2 mount).
-    pub(crate) enroll: Vec<String>,
-}
-
-impl Identities {
-    fn new(policy: &Policy, compiled: &Compiled) -> Self {
-        Self {
-            registry: Registry::new(policy.workloads.clone()),
-            numbers: compiled.numbers.clone(),
-            by_number: compiled
-                .numbers
-                .iter()
-                .map(|(id, number)| (number, id.clone()))
-                .collect(),
-            enroll: policy.enroll.clone(),
-        }
-    }
-
-    /// The SPIFFE ID of identity number `number` (0 is unknown).
-    pub(crate) fn id(&self, number: u32) -> Option<&SpiffeId> {
-        self.by_number.get(&number)
-    }
-}
 
 /// One process of an enrolled cgroup, as `enforcer workloads` shows it.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -85,6 +50,16 @@ pub(crate) struct WorkloadInfo {
     pub(crate) state: &'static str,
     /// TCP addresses it listens on.
     pub(crate) listening: Vec<SocketAddr>,
+}
+
+/// Where a process comes from, as audit records name it.
+pub(crate) struct Provenance {
+    /// Its binary.
+    pub(crate) exe: String,
+    /// SHA-256 of the running binary.
+    pub(crate) sha256: String,
+    /// cgroup v2 path.
+    pub(crate) cgroup: String,
 }
 
 /// Attests and registers the processes of enrolled cgroups.
@@ -115,14 +90,14 @@ impl Registrar {
         }
     }
 
-    /// Take the workload entries and numbers of the policy now in force (then [`rescan`]).
+    /// Take the identities of the policy now in force (then [`rescan`]).
     ///
     /// [`rescan`]: Self::rescan
-    pub(crate) fn update(&self, policy: &Policy, compiled: &Compiled) {
+    pub(crate) fn update(&self, identities: Arc<Identities>) {
         *self
             .identities
             .write()
-            .unwrap_or_else(PoisonError::into_inner) = Arc::new(Identities::new(policy, compiled));
+            .unwrap_or_else(PoisonError::into_inner) = identities;
     }
 
     /// The identities of the policy in force.
@@ -175,14 +150,22 @@ impl Registrar {
         self.table().values().cloned().collect()
     }
 
-    /// What is known of `pid` for an audit record: the registered entry, else a fresh
-    /// attestation (the process may be gone: then nothing).
-    pub(crate) fn facts(&self, pid: u32) -> Option<WorkloadInfo> {
+    /// What an audit record says of process `pid`: from its registered entry, else from a
+    /// fresh attestation (the process may be gone: then nothing).
+    pub(crate) fn provenance(&self, pid: u32) -> Option<Provenance> {
         if let Some(info) = self.table().get(&pid) {
-            return Some(info.clone());
+            return Some(Provenance {
+                exe: info.exe.clone(),
+                sha256: info.sha256.clone(),
+                cgroup: info.cgroup.clone(),
+            });
         }
         let facts = self.attestor.attest(pid).ok()?;
-        Some(describe(&facts, &Identification::Unmatched, Vec::new()))
+        Some(Provenance {
+            exe: facts.exe.display().to_string(),
+            sha256: facts.sha256.to_string(),
+            cgroup: facts.cgroup,
+        })
     }
 
     fn register_with(&self, identities: &Identities, pid: u32) {

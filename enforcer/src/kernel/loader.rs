@@ -50,6 +50,13 @@ pub const PROGRAMS: [&str; 8] = [
     program_names::EXIT,
 ];
 
+/// The programs that attach to BTF tracepoints (the others attach to the scope cgroup), with
+/// their tracepoints.
+pub const TRACEPOINTS: [(&str, &str); 2] = [
+    (program_names::EXEC, "sched_process_exec"),
+    (program_names::EXIT, "sched_process_exit"),
+];
+
 /// Errors of the loader.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -414,10 +421,7 @@ fn load_and_attach(options: &DatapathOptions) -> Result<(), LoadError> {
         .map_err(program_error(name, "take link"))?;
     pin(FdLink::try_from(link), name, &links)?;
 
-    for (name, tracepoint) in [
-        (program_names::EXEC, "sched_process_exec"),
-        (program_names::EXIT, "sched_process_exit"),
-    ] {
+    for (name, tracepoint) in TRACEPOINTS {
         let program: &mut BtfTracePoint = program(&mut ebpf, name)?;
         program
             .load(tracepoint, &btf)

@@ -101,6 +101,16 @@ impl<'s> Diagnostics<'s> {
     }
 }
 
+/// `diagnostics`, one per line.
+#[must_use]
+pub fn render(diagnostics: &[Diagnostic]) -> String {
+    diagnostics
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// 1-based line and column (in characters) of byte `offset` in `source`.
 #[must_use]
 pub fn line_col(source: &str, offset: usize) -> (usize, usize) {

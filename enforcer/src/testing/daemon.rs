@@ -7,6 +7,7 @@
 //! which detaches the programs) and removes its scope cgroup and files.
 
 use std::{
+    ffi::OsStr,
     fs,
     path::{Path, PathBuf},
     process::{Command, ExitStatus, Output},
@@ -19,6 +20,7 @@ use tempfile::TempDir;
 
 use super::{Node, ScratchCgroup, Spawn, Spawned, datapath::BPFFS, report, unique_name};
 use crate::{
+    audit::AuditRecord,
     identity::{CertificateAuthority, ca::ROOT_FILE_STEM},
     kernel::Datapath,
 };
@@ -94,7 +96,7 @@ impl DaemonNode {
     }
 
     /// Write the node's policy file (what SIGHUP reloads).
-    pub fn write_policy(&self, text: &str) {
+    fn write_policy(&self, text: &str) {
         fs::write(self.policy_path(), text).expect("write the policy");
     }
 
@@ -201,9 +203,25 @@ impl DaemonNode {
         stdout
     }
 
+    /// Every audit record `enforcer flows --json` prints, narrowed by `filters` (more `flows`
+    /// arguments, e.g. `--verdict deny`); panics on a line that is not a record.
+    #[must_use]
+    pub fn flows(&self, filters: &[&str]) -> Vec<AuditRecord> {
+        let mut args = vec!["flows", "--json", "--limit", "10000"];
+        args.extend_from_slice(filters);
+        self.cli_ok(&args)
+            .lines()
+            .map(|line| {
+                serde_json::from_str(line).unwrap_or_else(|error| {
+                    panic!("`enforcer flows --json` printed {line:?}: {error}")
+                })
+            })
+            .collect()
+    }
+
     /// A builder that places `program` in `cgroup` (a child of [`scope`](Self::scope)) inside
     /// this node's namespace.
-    pub fn spawn(&self, cgroup: &ScratchCgroup, program: &str) -> Spawn {
+    pub fn spawn(&self, cgroup: &ScratchCgroup, program: impl AsRef<OsStr>) -> Spawn {
         Spawn::new(program).cgroup(cgroup).netns(self.link.netns())
     }
 
@@ -252,14 +270,12 @@ impl DaemonNode {
     }
 
     /// The policy file.
-    #[must_use]
-    pub fn policy_path(&self) -> PathBuf {
+    fn policy_path(&self) -> PathBuf {
         self.dir.path().join("policy.toml")
     }
 
     /// The configuration file.
-    #[must_use]
-    pub fn config_path(&self) -> PathBuf {
+    fn config_path(&self) -> PathBuf {
         self.dir.path().join("enforcer.toml")
     }
 

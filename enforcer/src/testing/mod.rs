@@ -30,6 +30,7 @@ mod cgroup;
 mod client;
 mod daemon;
 mod datapath;
+mod demo_policy;
 mod mesh;
 mod netns;
 mod netns_tunnel;
@@ -45,6 +46,7 @@ pub use cgroup::ScratchCgroup;
 pub use client::Client;
 pub use daemon::DaemonNode;
 pub use datapath::ScratchDatapath;
+pub use demo_policy::demo_policy;
 pub use mesh::{
     MeshListeners, MeshNode, TableOrigins, TableWorkloads, TestPki, policy as test_policy,
 };

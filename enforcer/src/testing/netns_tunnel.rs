@@ -28,7 +28,7 @@ use tokio::{net::TcpListener, runtime::Runtime};
 
 use super::{Node, ScratchCgroup, ScratchDatapath, Spawn, Spawned, TestPki, report};
 use crate::{
-    attest::{AttestOptions, Attestor, Identification, Registry},
+    attest::{AttestOptions, Attestor, Identification, Identities, Registry},
     identity::SpiffeId,
     kernel::{Counter, DaemonConfig, Maps, cgroup::cgroup2_mount},
     policy::{Compiled, Policy, apply::apply, compile, parse},
@@ -188,10 +188,10 @@ impl TunnelNode {
             self.name,
             report.missing_cgroups
         );
-        self.sources.update(
+        self.sources.update(Arc::new(Identities::new(
+            &self.policy,
             &self.compiled.numbers,
-            Registry::new(self.policy.workloads.clone()),
-        );
+        )));
     }
 
     /// Reload the policy as the daemon does: compile `text` as the next version (keeping the

@@ -69,13 +69,13 @@ impl TcpSource {
 
 impl Source for TcpSource {
     async fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
-        // Between small messages, wait for data without holding a buffer.
-        if self.spare.is_none() {
-            self.read.readable().await?;
-        }
         let mut buf = match self.spare.take() {
             Some(buf) if buf.capacity() - buf.len() >= MIN_SPARE => buf,
-            _ => BytesMut::with_capacity(self.chunk),
+            // Without a partly used buffer, wait for data before taking one.
+            _ => {
+                self.read.readable().await?;
+                BytesMut::with_capacity(self.chunk)
+            }
         };
         let room = buf.capacity() - buf.len();
         // `read_buf` (unlike `try_read_buf`) marks the socket not ready after a short read, so

@@ -55,17 +55,7 @@ async fn handle(node: Arc<Node>, tcp: TcpStream, client: SocketAddr) {
         Ok(origin) => origin,
         Err(error) => {
             tracing::info!(%client, error = %report(&error), "refusing an unidentified client");
-            let known = error.known();
-            let src = Party {
-                addr: Some(client),
-                pid: known.map(|(pid, _, _)| pid),
-                exe: known.and_then(|(_, exe, _)| exe).map(Into::into),
-                ..Party::default()
-            };
-            let dst = Party {
-                addr: known.map(|(_, _, dst)| dst),
-                ..Party::default()
-            };
+            let (src, dst) = error.parties(client);
             return refuse(&node, &view, tcp, (Reason::NoIdentity, None), &src, &dst);
         }
     };

@@ -330,6 +330,7 @@ impl Pool {
     ) -> Result<Conn, PoolError> {
         self.metrics.inc(Metric::PoolDials);
         let config = &self.config;
+        let started = Instant::now();
         let tcp = net::connect(peer, 0, config.connect_timeout, config.keepalive)
             .await
             .map_err(|source| PoolError::Connect { peer, source })?;
@@ -361,7 +362,6 @@ impl Pool {
                 .map_err(|source| PoolError::Http2 { peer, source })?;
             Ok((send, connection, server_id))
         };
-        let started = Instant::now();
         let (send, connection, server_id) =
             tokio::time::timeout(config.handshake_timeout, handshakes)
                 .await

@@ -5,31 +5,22 @@
 #![forbid(unsafe_code)]
 
 use std::{
-    collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{Arc, Mutex, PoisonError, RwLock},
 };
 
 use super::state::{LocalWorkloads, Origin, OriginError, Origins};
 use crate::{
-    attest::{Attestor, Identification, Registry},
+    attest::{Attestor, Identification, Identities},
     identity::SpiffeId,
     kernel::Maps,
-    policy::IdentityNumbers,
 };
-
-/// Identity numbers and workload entries of the policy in force.
-#[derive(Default)]
-struct Identities {
-    by_number: HashMap<u32, SpiffeId>,
-    registry: Registry,
-}
 
 /// Kernel- and attestation-backed [`LocalWorkloads`] and [`Origins`].
 pub struct KernelSources {
     maps: Arc<Mutex<Maps>>,
     attestor: Arc<Attestor>,
-    identities: RwLock<Identities>,
+    identities: RwLock<Arc<Identities>>,
 }
 
 impl KernelSources {
@@ -41,20 +32,25 @@ impl KernelSources {
         Self {
             maps,
             attestor,
-            identities: RwLock::new(Identities::default()),
+            identities: RwLock::new(Arc::default()),
         }
     }
 
-    /// Take the identity numbers and workload entries of a newly applied policy.
-    pub fn update(&self, numbers: &IdentityNumbers, registry: Registry) {
-        let by_number = numbers.iter().map(|(id, n)| (n, id.clone())).collect();
+    /// Take the identities of a newly applied policy.
+    pub fn update(&self, identities: Arc<Identities>) {
         *self
             .identities
             .write()
-            .unwrap_or_else(PoisonError::into_inner) = Identities {
-            by_number,
-            registry,
-        };
+            .unwrap_or_else(PoisonError::into_inner) = identities;
+    }
+
+    fn identities(&self) -> Arc<Identities> {
+        Arc::clone(
+            &self
+                .identities
+                .read()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
     }
 
     fn maps(&self) -> std::sync::MutexGuard<'_, Maps> {
@@ -83,12 +79,7 @@ impl LocalWorkloads for KernelSources {
                 }
             })
         }?;
-        self.identities
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .by_number
-            .get(&service.identity)
-            .cloned()
+        self.identities().id(service.identity).cloned()
     }
 }
 
@@ -108,12 +99,7 @@ impl Origins for KernelSources {
                 dst: original.dst,
                 source: Box::new(source),
             })?;
-        let identification = self
-            .identities
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .registry
-            .identify(&facts);
+        let identification = self.identities().registry.identify(&facts);
         match identification {
             Identification::Matched { id, .. } => Ok(Origin {
                 dst: original.dst,
@@ -126,7 +112,7 @@ impl Origins for KernelSources {
                 Err(OriginError::NoIdentity {
                     pid: original.tgid,
                     dst: original.dst,
-                    exe: facts.exe.display().to_string(),
+                    exe: facts.exe,
                 })
             }
         }

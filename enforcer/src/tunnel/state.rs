@@ -11,6 +11,7 @@ use std::{
     sync::Arc,
 };
 
+use super::record::Party;
 use crate::{
     identity::{CacheError, Clock, SpiffeId, SvidCache, SvidIssuer, X509Svid},
     policy::{Authorizer, Decision, Egress, Peer, Policy},
@@ -68,26 +69,38 @@ pub enum OriginError {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The client process matches no single workload entry.
-    #[error("pid {pid} ({exe}) has no workload identity")]
+    #[error("pid {pid} ({}) has no workload identity", exe.display())]
     NoIdentity {
         /// The process.
         pid: u32,
         /// Its binary.
-        exe: String,
+        exe: PathBuf,
         /// Where it connected.
         dst: SocketAddr,
     },
 }
 
 impl OriginError {
-    /// The client process and original destination, when the kernel's record was found.
+    /// The two parties of the refused flow: `client` (with its process, when the kernel's
+    /// record named it) and the original destination (when known).
     #[must_use]
-    pub fn known(&self) -> Option<(u32, Option<&str>, SocketAddr)> {
-        match self {
-            Self::NotRedirected(_) => None,
-            Self::Attest { pid, dst, .. } => Some((*pid, None, *dst)),
-            Self::NoIdentity { pid, exe, dst } => Some((*pid, Some(exe), *dst)),
-        }
+    pub fn parties(&self, client: SocketAddr) -> (Party, Party) {
+        let (pid, exe, dst) = match self {
+            Self::NotRedirected(_) => (None, None, None),
+            Self::Attest { pid, dst, .. } => (Some(*pid), None, Some(*dst)),
+            Self::NoIdentity { pid, exe, dst } => (Some(*pid), Some(exe.clone()), Some(*dst)),
+        };
+        let src = Party {
+            addr: Some(client),
+            pid,
+            exe,
+            ..Party::default()
+        };
+        let dst = Party {
+            addr: dst,
+            ..Party::default()
+        };
+        (src, dst)
     }
 }
 

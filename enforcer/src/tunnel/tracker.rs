@@ -128,19 +128,20 @@ impl TrackedFlow {
         }
     }
 
-    /// Stop tracking the flow (it ended) and return its revocation, if a reload revoked it.
-    /// Both happen under the tracker's lock, so a reload that counted this flow as closed is
-    /// always seen here, even when the flow ended for another reason at the same moment (the
-    /// peer's side of a revoked flow resets the stream, which can arrive first).
+    /// Stop tracking the flow (it ended) and return its revocation, if a reload revoked it. A
+    /// reload that counted this flow as closed is always seen here, even when the flow ended
+    /// for another reason at the same moment (the peer's side of a revoked flow resets the
+    /// stream, which can arrive first).
     #[must_use]
     pub fn finish(self) -> Option<Revocation> {
-        let mut flows = self
-            .tracker
-            .flows
+        let shared = Arc::clone(&self.shared);
+        // Dropping stops tracking under the tracker's lock, which a reload holds while it
+        // revokes: once that lock is released, any revocation of this flow is visible.
+        drop(self);
+        *shared
+            .revocation
             .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        flows.remove(&self.id);
-        self.revocation()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The revocation, if the flow was revoked.

@@ -1,5 +1,5 @@
-//! `cargo xtask vm-test`: the privileged integration suite booted under qemu on Debian's cloud
-//! kernels, one verdict per kernel.
+//! `cargo xtask vm-test`: the privileged integration suites, except [`HOST_ONLY_SUITES`],
+//! booted under qemu on Debian's cloud kernels, one verdict per kernel.
 //!
 //! The test executables are built on the host as usual; the guest sees the host's whole root
 //! read-only through virtiofs (with a tmpfs overlay for writes), so the executables, their
@@ -28,13 +28,13 @@ use guest::{Suite, Transcript, Verdict};
 pub(crate) const DEFAULT_KERNELS: [&str; 2] = ["6.1", "6.12"];
 
 /// Suites left to the host tier: the identity suites and the in-process tunnel suites run in
-/// one process on loopback and load nothing into the kernel (tiers 1 and 2 of DESIGN.md), and
-/// TCG makes their cryptography far too slow for the guest (`tunnel` moves a gibibyte through
-/// TLS); `control_socket` is a Unix-socket HTTP server that loads nothing either; `daemon`
-/// drives the same kernel paths as `tunnel_netns` through two real (debug-built) daemons and
-/// their CLI, and under TCG its six tests alone took five minutes per kernel, doubling the
-/// tier. Every other suite runs in the guest, including `tunnel_netns` (the tunnel over the
-/// real datapath) and any suite added later.
+/// one process on loopback and load nothing into the kernel (see "Which suites" in
+/// `vm-tests/README.md`), and TCG makes their cryptography far too slow for the guest
+/// (`tunnel` moves a gibibyte through TLS); `control_socket` is a Unix-socket HTTP server
+/// that loads nothing either; `daemon` drives the same kernel paths as `tunnel_netns` through
+/// two real (debug-built) daemons and their CLI, and under TCG its six tests alone took five
+/// minutes per kernel, doubling the tier. Every other suite runs in the guest, including
+/// `tunnel_netns` (the tunnel over the real datapath) and any suite added later.
 const HOST_ONLY_SUITES: [&str; 9] = [
     "control_socket",
     "daemon",
