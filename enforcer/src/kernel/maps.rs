@@ -126,6 +126,44 @@ impl DaemonConfig {
     }
 }
 
+/// The IP protocol of a plaintext egress permission.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum IpProtocol {
+    /// TCP (IP protocol 6).
+    Tcp,
+    /// UDP (IP protocol 17).
+    Udp,
+    /// ICMP (IP protocol 1); for IPv6 destinations, ICMPv6.
+    Icmp,
+}
+
+impl IpProtocol {
+    /// The IANA protocol number the kernel tables use (ICMPv6 is stored as ICMP).
+    #[must_use]
+    pub const fn number(self) -> u8 {
+        match self {
+            Self::Tcp => 6,
+            Self::Udp => 17,
+            Self::Icmp => 1,
+        }
+    }
+}
+
+/// One plaintext egress permission, as the kernel stores it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EgressEntry {
+    /// The network address (host bits zero).
+    pub network: IpAddr,
+    /// Its prefix length.
+    pub prefix_len: u8,
+    /// The protocol permitted.
+    pub protocol: IpProtocol,
+    /// The destination port; `None` for every port (always `None` for ICMP).
+    pub port: Option<u16>,
+    /// The egress entry's number (1-based, file order), stamped on events.
+    pub rule: u32,
+}
+
 /// Global policy mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum PolicyMode {
@@ -497,14 +535,17 @@ impl Maps {
         Ok(())
     }
 
-    /// Make `entries` (network, prefix length, port or any, rule) the egress set: new entries
-    /// first, then stale ones removed.
-    pub fn replace_egress(
-        &mut self,
-        entries: &[(IpAddr, u8, Option<u16>, u32)],
-    ) -> Result<(), MapsError> {
+    /// Make `entries` the egress set: new entries first, then stale ones removed.
+    pub fn replace_egress(&mut self, entries: &[EgressEntry]) -> Result<(), MapsError> {
         let mut keep = Vec::with_capacity(entries.len());
-        for &(network, prefix_len, port, rule) in entries {
+        for &EgressEntry {
+            network,
+            prefix_len,
+            port,
+            rule,
+            ..
+        } in entries
+        {
             self.add_egress(network, prefix_len, port, rule)?;
             let key = egress_key(network, prefix_len, port)?;
             keep.push((key.prefix_len(), key.data()));

@@ -13,4 +13,7 @@ pub mod mark;
 pub use enforcer_ebpf::{Counter, EventKind, PolicyMeta};
 pub use events::{EventReader, KernelEvent};
 pub use loader::{Datapath, DatapathOptions};
-pub use maps::{DaemonConfig, Maps, Original, PolicyAction, PolicyMode, PolicyRule, PolicyTable};
+pub use maps::{
+    DaemonConfig, EgressEntry, IpProtocol, Maps, Original, PolicyAction, PolicyMode, PolicyRule,
+    PolicyTable,
+};

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use super::model::{Action, IdPattern, Mode, Policy, Ports, Rule};
 use crate::{
     identity::SpiffeId,
-    kernel::{PolicyAction, PolicyMode, PolicyRule, PolicyTable},
+    kernel::{EgressEntry, IpProtocol, PolicyAction, PolicyMode, PolicyRule, PolicyTable},
 };
 
 /// Identity numbers: the kernel's names for SPIFFE IDs, stable across reloads.
@@ -154,8 +154,10 @@ pub struct Compiled {
     pub numbers: IdentityNumbers,
     /// The (source, destination, port) table for the kernel.
     pub table: PolicyTable,
-    /// Egress entries: (network, prefix length, port or any, rule number).
-    pub egress: Vec<(std::net::IpAddr, u8, Option<u16>, u32)>,
+    /// Plaintext egress permissions, one per (entry, port).
+    pub egress: Vec<EgressEntry>,
+    /// Addresses of the mesh peers: flows to them always go through the tunnel.
+    pub peers: Vec<std::net::IpAddr>,
 }
 
 /// Compile `policy` as version `version`, keeping the identity numbers of `previous`.
@@ -224,9 +226,13 @@ pub fn compile(policy: &Policy, previous: Option<&IdentityNumbers>, version: u64
                 Ports::Any => vec![None],
                 Ports::List(ports) => ports.iter().copied().map(Some).collect(),
             };
-            ports
-                .into_iter()
-                .map(move |port| (entry.network, entry.prefix_len, port, rule))
+            ports.into_iter().map(move |port| EgressEntry {
+                network: entry.network,
+                prefix_len: entry.prefix_len,
+                protocol: IpProtocol::Tcp,
+                port,
+                rule,
+            })
         })
         .collect();
 
@@ -241,6 +247,7 @@ pub fn compile(policy: &Policy, previous: Option<&IdentityNumbers>, version: u64
             rules,
         },
         egress,
+        peers: policy.peers.iter().map(|peer| peer.address).collect(),
     }
 }
 
