@@ -137,6 +137,14 @@ fn each_validation_error_is_located() {
             "p.toml:3:8: error: invalid CIDR `10.0.0.0/33`: prefix length `33` is not 0 to 32",
         ),
         (
+            "trust_domain = \"x\"\n[[egress]]\ncidr = \"10.0.0.0/8\"\nprotocol = \"sctp\"\n",
+            "p.toml:4:12: error: invalid protocol `sctp`: expected \"tcp\", \"udp\" or \"icmp\"",
+        ),
+        (
+            "trust_domain = \"x\"\n[[egress]]\ncidr = \"10.0.0.0/8\"\nprotocol = \"icmp\"\nports = [8]\n",
+            "p.toml:5:9: error: icmp has no ports",
+        ),
+        (
             "trust_domain = \"x\"\n[[peer]]\naddress = \"10.0.0.1\"\nport = 70000\n",
             "p.toml:4:8: error: port: expected an integer from 1 to 65535",
         ),
@@ -391,7 +399,7 @@ fn diff_lists_added_removed_and_changed() {
             "~ workload spiffe://example.org/admin [pid:4] -> [pid:5]",
             "+ deny spiffe://example.org/web -> spiffe://example.org/api on ports 22,23",
             "- deny spiffe://example.org/web -> spiffe://example.org/api on ports 22",
-            "+ egress 10.0.0.0/8 on any port",
+            "+ egress tcp 10.0.0.0/8 on any port",
         ]
     );
 }

@@ -8,11 +8,14 @@
 //!
 //! A rule matches when its `from` names the source, its `to` names the destination and its
 //! ports cover the port. When several rules match, the first in file order is reported.
+//!
+//! Egress entries become one kernel entry per (entry, port), each with its protocol; an ICMP
+//! entry has no port.
 #![forbid(unsafe_code)]
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::model::{Action, IdPattern, Mode, Policy, Ports, Rule};
+use super::model::{Action, IdPattern, Mode, Policy, Ports, Protocol, Rule};
 use crate::{
     identity::SpiffeId,
     kernel::{EgressEntry, IpProtocol, PolicyAction, PolicyMode, PolicyRule, PolicyTable},
@@ -222,14 +225,19 @@ pub fn compile(policy: &Policy, previous: Option<&IdentityNumbers>, version: u64
         .enumerate()
         .flat_map(|(index, entry)| {
             let rule = u32::try_from(index + 1).unwrap_or(u32::MAX);
-            let ports: Vec<Option<u16>> = match &entry.ports {
-                Ports::Any => vec![None],
-                Ports::List(ports) => ports.iter().copied().map(Some).collect(),
+            let protocol = match entry.protocol {
+                Protocol::Tcp => IpProtocol::Tcp,
+                Protocol::Udp => IpProtocol::Udp,
+                Protocol::Icmp => IpProtocol::Icmp,
+            };
+            let ports: Vec<Option<u16>> = match (entry.protocol, &entry.ports) {
+                (Protocol::Icmp, _) | (_, Ports::Any) => vec![None],
+                (_, Ports::List(ports)) => ports.iter().copied().map(Some).collect(),
             };
             ports.into_iter().map(move |port| EgressEntry {
                 network: entry.network,
                 prefix_len: entry.prefix_len,
-                protocol: IpProtocol::Tcp,
+                protocol,
                 port,
                 rule,
             })
@@ -306,5 +314,59 @@ impl Cell {
             (None, Some(rule)) => Some((PolicyAction::Allow, rule)),
             (None, None) => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::compile;
+    use crate::{
+        kernel::{EgressEntry, IpProtocol},
+        policy::parse,
+    };
+
+    #[test]
+    fn egress_entries_carry_their_protocol_and_icmp_has_no_port() {
+        let text = r#"
+trust_domain = "example.org"
+[[egress]]
+cidr = "198.51.100.0/24"
+ports = [443, 80]
+[[egress]]
+cidr = "192.0.2.53"
+protocol = "udp"
+ports = [53]
+[[egress]]
+cidr = "2001:db8::/32"
+protocol = "icmp"
+[[egress]]
+cidr = "203.0.113.0/24"
+protocol = "udp"
+[[peer]]
+address = "192.0.2.10"
+"#;
+        let (policy, _) = parse("p.toml", text.as_bytes()).unwrap();
+        let compiled = compile(&policy, None, 1);
+        let entry = |network: &str, prefix_len, protocol, port, rule| EgressEntry {
+            network: network.parse().unwrap(),
+            prefix_len,
+            protocol,
+            port,
+            rule,
+        };
+        assert_eq!(
+            compiled.egress,
+            [
+                entry("198.51.100.0", 24, IpProtocol::Tcp, Some(80), 1),
+                entry("198.51.100.0", 24, IpProtocol::Tcp, Some(443), 1),
+                entry("192.0.2.53", 32, IpProtocol::Udp, Some(53), 2),
+                entry("2001:db8::", 32, IpProtocol::Icmp, None, 3),
+                entry("203.0.113.0", 24, IpProtocol::Udp, None, 4),
+            ]
+        );
+        assert_eq!(
+            compiled.peers,
+            ["192.0.2.10".parse::<std::net::IpAddr>().unwrap()]
+        );
     }
 }

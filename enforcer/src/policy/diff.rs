@@ -112,3 +112,47 @@ fn set_changes(
     changes.extend(new.difference(&old).cloned().map(Change::Added));
     changes.extend(old.difference(&new).cloned().map(Change::Removed));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::diff;
+    use crate::policy::{Policy, parse};
+
+    fn policy(egress: &str) -> Policy {
+        let text = format!("trust_domain = \"example.org\"\n{egress}");
+        parse("p.toml", text.as_bytes()).unwrap().0
+    }
+
+    fn lines(old: &Policy, new: &Policy) -> Vec<String> {
+        diff(old, new).iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn an_egress_protocol_change_is_shown() {
+        let tcp = policy("[[egress]]\ncidr = \"192.0.2.53\"\nports = [53]\n");
+        let udp = policy("[[egress]]\ncidr = \"192.0.2.53\"\nprotocol = \"udp\"\nports = [53]\n");
+        let icmp = policy("[[egress]]\ncidr = \"192.0.2.53\"\nprotocol = \"icmp\"\n");
+        assert_eq!(
+            lines(&tcp, &udp),
+            [
+                "+ egress udp 192.0.2.53/32 on ports 53",
+                "- egress tcp 192.0.2.53/32 on ports 53",
+            ]
+        );
+        assert_eq!(
+            lines(&udp, &icmp),
+            [
+                "+ egress icmp 192.0.2.53/32",
+                "- egress udp 192.0.2.53/32 on ports 53",
+            ]
+        );
+    }
+
+    #[test]
+    fn an_explicit_default_protocol_is_no_change() {
+        let implicit = policy("[[egress]]\ncidr = \"192.0.2.53\"\nports = [53]\n");
+        let explicit =
+            policy("[[egress]]\ncidr = \"192.0.2.53\"\nprotocol = \"tcp\"\nports = [53]\n");
+        assert!(lines(&implicit, &explicit).is_empty());
+    }
+}

@@ -11,7 +11,7 @@ pub mod parse;
 
 pub use compile::{Authorizer, Compiled, Decision, IdentityNumbers, compile};
 pub use diagnostic::{Diagnostic, Severity};
-pub use model::{Action, Egress, IdPattern, Mode, Peer, Policy, Ports, Rule, Workload};
+pub use model::{Action, Egress, IdPattern, Mode, Peer, Policy, Ports, Protocol, Rule, Workload};
 pub use parse::{load, parse};
 
 /// The embedded default policy (`policies/default.toml`): safe on any machine, it enrolls

@@ -167,24 +167,89 @@ impl fmt::Display for Rule {
     }
 }
 
-/// Plaintext egress to a network outside the mesh.
+/// The IP protocol an egress entry permits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    /// TCP, the default (and the only protocol the tunnel carries).
+    #[default]
+    Tcp,
+    /// UDP (DNS to a resolver, for instance).
+    Udp,
+    /// ICMP, or ICMPv6 for IPv6 networks; it has no ports.
+    Icmp,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+            Self::Icmp => "icmp",
+        })
+    }
+}
+
+/// Plaintext egress to a network outside the mesh. It never applies to a mesh peer's address
+/// (flows to peers always go through the tunnel) nor to a local enrolled workload's.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Egress {
     /// The network address (host bits zero).
     pub network: IpAddr,
     /// Prefix length.
     pub prefix_len: u8,
-    /// Destination ports.
+    /// The protocol permitted.
+    pub protocol: Protocol,
+    /// Destination ports (always [`Ports::Any`] for ICMP, which has none).
     pub ports: Ports,
+}
+
+impl Egress {
+    /// Whether `ip` lies in this entry's network. Only the same address family matches, and
+    /// an IPv4-mapped IPv6 address (or network) counts as the IPv4 one, as in the tunnel.
+    #[must_use]
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let (network, prefix_len) = match self.network {
+            IpAddr::V6(v6) if self.prefix_len >= 96 => v6
+                .to_ipv4_mapped()
+                .map_or((self.network, self.prefix_len), |v4| {
+                    (IpAddr::V4(v4), self.prefix_len - 96)
+                }),
+            _ => (self.network, self.prefix_len),
+        };
+        match (ip.to_canonical(), network) {
+            (IpAddr::V4(ip), IpAddr::V4(net)) => {
+                masked(u128::from(ip.to_bits()), prefix_len, 32) == u128::from(net.to_bits())
+            }
+            (IpAddr::V6(ip), IpAddr::V6(net)) => {
+                masked(ip.to_bits(), prefix_len, 128) == net.to_bits()
+            }
+            _ => false,
+        }
+    }
+}
+
+/// `bits` (an address `width` bits wide) with everything after the first `prefix_len` bits
+/// cleared.
+fn masked(bits: u128, prefix_len: u8, width: u32) -> u128 {
+    let prefix = u32::from(prefix_len).min(width);
+    if prefix == 0 {
+        return 0;
+    }
+    let host_bits = width - prefix;
+    (bits >> host_bits) << host_bits
 }
 
 impl fmt::Display for Egress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "egress {}/{} on {}",
-            self.network, self.prefix_len, self.ports
-        )
+        let (network, prefix_len) = (self.network, self.prefix_len);
+        match self.protocol {
+            Protocol::Icmp => write!(f, "egress icmp {network}/{prefix_len}"),
+            protocol => write!(
+                f,
+                "egress {protocol} {network}/{prefix_len} on {}",
+                self.ports
+            ),
+        }
     }
 }
 

@@ -19,8 +19,9 @@
 //! to = "spiffe://example.org/admin"
 //! audit = true                          # report instead of refusing
 //!
-//! [[egress]]
+//! [[egress]]                            # plaintext outside the mesh; never to a peer
 //! cidr = "10.0.0.0/8"
+//! protocol = "udp"                      # "tcp" (the default), "udp" or "icmp" (no ports)
 //! ports = [53]
 //!
 //! [[peer]]
@@ -39,7 +40,8 @@ use toml::{
 use super::{
     diagnostic::{Diagnostic, Diagnostics},
     model::{
-        Action, DEFAULT_PEER_PORT, Egress, IdPattern, Mode, Peer, Policy, Ports, Rule, Workload,
+        Action, DEFAULT_PEER_PORT, Egress, IdPattern, Mode, Peer, Policy, Ports, Protocol, Rule,
+        Workload,
     },
 };
 use crate::{
@@ -167,13 +169,14 @@ impl Parser<'_, '_> {
         if let Some(domain) = &trust_domain {
             self.cross_checks(domain, &workloads, &rules);
         }
+        self.egress_covering_peers(&egress, &peers);
         Some(Policy {
             trust_domain: trust_domain?,
             mode: mode?,
             enroll,
             workloads,
             rules: rules.into_iter().map(|(rule, _)| rule).collect(),
-            egress,
+            egress: egress.into_iter().map(|(egress, _)| egress).collect(),
             peers,
         })
     }
@@ -466,20 +469,56 @@ impl Parser<'_, '_> {
         ok.then_some(Ports::List(ports))
     }
 
-    fn egress(&mut self, table: &DeTable<'_>, span: &Range<usize>) -> Option<Egress> {
-        self.keys(table, "[[egress]]", &["cidr", "ports"]);
+    /// An `[[egress]]` entry, with the span of its `cidr` (where warnings about it point).
+    fn egress(
+        &mut self,
+        table: &DeTable<'_>,
+        span: &Range<usize>,
+    ) -> Option<(Egress, Range<usize>)> {
+        self.keys(table, "[[egress]]", &["cidr", "protocol", "ports"]);
+        let protocol = table
+            .get("protocol")
+            .map_or(Some(Protocol::Tcp), |value| self.protocol(value));
+        let ports = match (protocol, table.get("ports")) {
+            (Some(Protocol::Icmp), Some(value)) => {
+                self.diagnostics.error(
+                    &value.span(),
+                    "icmp has no ports; omit `ports` from an icmp egress entry",
+                );
+                None
+            }
+            (_, value) => self.ports(value),
+        };
         let value = self.required(table, "cidr", "[[egress]]", span)?;
         let text = self.string(value, "cidr")?;
-        let ports = self.ports(table.get("ports"));
         match parse_cidr(text) {
-            Ok((network, prefix_len)) => Some(Egress {
-                network,
-                prefix_len,
-                ports: ports?,
-            }),
+            Ok((network, prefix_len)) => Some((
+                Egress {
+                    network,
+                    prefix_len,
+                    protocol: protocol?,
+                    ports: ports?,
+                },
+                value.span(),
+            )),
             Err(reason) => {
                 self.diagnostics
                     .error(&value.span(), format!("invalid CIDR `{text}`: {reason}"));
+                None
+            }
+        }
+    }
+
+    fn protocol(&mut self, value: &Value<'_>) -> Option<Protocol> {
+        match self.string(value, "protocol")? {
+            "tcp" => Some(Protocol::Tcp),
+            "udp" => Some(Protocol::Udp),
+            "icmp" => Some(Protocol::Icmp),
+            other => {
+                self.diagnostics.error(
+                    &value.span(),
+                    format!("invalid protocol `{other}`: expected \"tcp\", \"udp\" or \"icmp\""),
+                );
                 None
             }
         }
@@ -539,9 +578,41 @@ impl Parser<'_, '_> {
             }
         }
     }
+
+    /// Warn about each TCP egress entry that covers a mesh peer's address: peers win, so
+    /// flows to a peer always go through the tunnel and the entry never applies to it. (UDP and
+    /// ICMP do not go through the tunnel, so those entries conflict with nothing.)
+    fn egress_covering_peers(&mut self, egress: &[(Egress, Range<usize>)], peers: &[Peer]) {
+        for (entry, span) in egress {
+            if entry.protocol != Protocol::Tcp {
+                continue;
+            }
+            let mut covered: Vec<IpAddr> = Vec::new();
+            for peer in peers {
+                if entry.contains(peer.address) && !covered.contains(&peer.address) {
+                    covered.push(peer.address);
+                }
+            }
+            let (noun, whom) = match covered.len() {
+                0 => continue,
+                1 => ("peer", "the peer"),
+                _ => ("peers", "the peers"),
+            };
+            let covered: Vec<String> = covered.iter().map(ToString::to_string).collect();
+            self.diagnostics.warning(
+                span,
+                format!(
+                    "egress {}/{} covers {noun} {}: flows to {whom} go through the tunnel, never as plaintext",
+                    entry.network,
+                    entry.prefix_len,
+                    covered.join(", ")
+                ),
+            );
+        }
+    }
 }
 
-/// A TCP port (1 to 65535) written as a TOML integer.
+/// A port (1 to 65535) written as a TOML integer.
 fn port_value(value: &Value<'_>) -> Option<u16> {
     let DeValue::Integer(integer) = value.get_ref() else {
         return None;
@@ -606,4 +677,194 @@ pub fn parse_cidr(text: &str) -> Result<(IpAddr, u8), String> {
         ));
     }
     Ok((address, prefix_len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse;
+    use crate::policy::{Egress, Ports, Protocol, Severity, diagnostic::render};
+
+    const HEAD: &str = "trust_domain = \"example.org\"\n";
+
+    /// The egress entries and warnings of `HEAD` + `text`, which must check.
+    fn checked(text: &str) -> (Vec<Egress>, Vec<String>) {
+        let text = format!("{HEAD}{text}");
+        let (policy, warnings) = parse("p.toml", text.as_bytes())
+            .unwrap_or_else(|diagnostics| panic!("{text}\n{}", render(&diagnostics)));
+        assert!(warnings.iter().all(|w| w.severity == Severity::Warning));
+        (
+            policy.egress,
+            warnings.iter().map(ToString::to_string).collect(),
+        )
+    }
+
+    /// Every diagnostic of `HEAD` + `text`, which must not check.
+    fn errors(text: &str) -> Vec<String> {
+        let text = format!("{HEAD}{text}");
+        match parse("p.toml", text.as_bytes()) {
+            Ok(_) => panic!("expected errors in:\n{text}"),
+            Err(diagnostics) => diagnostics.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn egress_protocol_defaults_to_tcp() {
+        let (egress, warnings) = checked("[[egress]]\ncidr = \"10.0.0.0/8\"\nports = [443]\n");
+        assert_eq!(
+            egress,
+            [Egress {
+                network: "10.0.0.0".parse().unwrap(),
+                prefix_len: 8,
+                protocol: Protocol::Tcp,
+                ports: Ports::List(vec![443]),
+            }]
+        );
+        assert!(warnings.is_empty(), "{warnings:?}");
+    }
+
+    #[test]
+    fn egress_protocol_takes_each_value() {
+        let (egress, _) = checked(
+            "[[egress]]\ncidr = \"10.0.0.0/8\"\nprotocol = \"tcp\"\nports = [443]\n\
+             [[egress]]\ncidr = \"10.0.0.53\"\nprotocol = \"udp\"\nports = [53]\n\
+             [[egress]]\ncidr = \"fd00::/8\"\nprotocol = \"icmp\"\n",
+        );
+        let got: Vec<(Protocol, String)> =
+            egress.iter().map(|e| (e.protocol, e.to_string())).collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    Protocol::Tcp,
+                    "egress tcp 10.0.0.0/8 on ports 443".to_owned()
+                ),
+                (
+                    Protocol::Udp,
+                    "egress udp 10.0.0.53/32 on ports 53".to_owned()
+                ),
+                (Protocol::Icmp, "egress icmp fd00::/8".to_owned()),
+            ]
+        );
+        assert_eq!(egress[2].ports, Ports::Any);
+    }
+
+    #[test]
+    fn a_bad_protocol_is_located() {
+        assert_eq!(
+            errors("[[egress]]\ncidr = \"10.0.0.0/8\"\nprotocol = \"sctp\"\n"),
+            ["p.toml:4:12: error: invalid protocol `sctp`: expected \"tcp\", \"udp\" or \"icmp\""]
+        );
+        assert_eq!(
+            errors("[[egress]]\ncidr = \"10.0.0.0/8\"\nprotocol = \"TCP\"\n"),
+            ["p.toml:4:12: error: invalid protocol `TCP`: expected \"tcp\", \"udp\" or \"icmp\""]
+        );
+        assert_eq!(
+            errors("[[egress]]\ncidr = \"10.0.0.0/8\"\nprotocol = 6\n"),
+            ["p.toml:4:12: error: protocol: expected a string"]
+        );
+    }
+
+    #[test]
+    fn icmp_with_ports_is_located() {
+        assert_eq!(
+            errors("[[egress]]\ncidr = \"10.0.0.0/8\"\nprotocol = \"icmp\"\nports = [7]\n"),
+            ["p.toml:5:9: error: icmp has no ports; omit `ports` from an icmp egress entry"]
+        );
+    }
+
+    #[test]
+    fn every_egress_problem_is_reported_with_a_protocol() {
+        assert_eq!(
+            errors(
+                "[[egress]]\nprotocol = \"udp\"\nports = []\nttl = 1\n\
+                 [[egress]]\ncidr = \"10.0.0.1/8\"\nprotocol = \"udp\"\nports = [0]\n"
+            ),
+            [
+                "p.toml:2:1: error: [[egress]] is missing `cidr`",
+                "p.toml:4:9: error: ports: an empty list covers nothing; omit `ports` to cover every port",
+                "p.toml:5:1: error: unknown key `ttl` in [[egress]]; expected one of: cidr, protocol, ports",
+                "p.toml:7:8: error: invalid CIDR `10.0.0.1/8`: host bits are set; the network is 10.0.0.0/8",
+                "p.toml:9:10: error: port: expected an integer from 1 to 65535",
+            ]
+        );
+    }
+
+    const PEERS: &str = "[[peer]]\naddress = \"10.0.0.2\"\n[[peer]]\naddress = \"fd00::2\"\n";
+
+    #[test]
+    fn tcp_egress_covering_a_peer_warns_at_the_entry() {
+        let (egress, warnings) = checked(&format!(
+            "{PEERS}[[egress]]\ncidr = \"10.0.0.0/8\"\n[[egress]]\ncidr = \"fd00::/8\"\nports = [443]\n"
+        ));
+        assert_eq!(egress.len(), 2, "a warning keeps the entry");
+        assert_eq!(
+            warnings,
+            [
+                "p.toml:7:8: warning: egress 10.0.0.0/8 covers peer 10.0.0.2: flows to the peer go through the tunnel, never as plaintext",
+                "p.toml:9:8: warning: egress fd00::/8 covers peer fd00::2: flows to the peer go through the tunnel, never as plaintext",
+            ]
+        );
+    }
+
+    #[test]
+    fn egress_covering_several_peers_names_them_once() {
+        let (_, warnings) = checked(&format!(
+            "{PEERS}[[peer]]\naddress = \"10.9.0.1\"\n[[peer]]\naddress = \"10.9.0.1\"\nport = 16000\n\
+             [[egress]]\ncidr = \"0.0.0.0/0\"\nprotocol = \"tcp\"\n"
+        ));
+        assert_eq!(
+            warnings,
+            [
+                "p.toml:12:8: warning: egress 0.0.0.0/0 covers peers 10.0.0.2, 10.9.0.1: flows to the peers go through the tunnel, never as plaintext"
+            ]
+        );
+    }
+
+    #[test]
+    fn egress_not_covering_a_peer_does_not_warn() {
+        let (_, warnings) = checked(&format!(
+            "{PEERS}[[egress]]\ncidr = \"10.0.0.3\"\n[[egress]]\ncidr = \"192.168.0.0/16\"\n\
+             [[egress]]\ncidr = \"fd01::/16\"\nports = [53]\n"
+        ));
+        assert!(warnings.is_empty(), "{warnings:?}");
+        // A network of the other family, even the whole of it, covers no peer.
+        let (_, warnings) =
+            checked("[[peer]]\naddress = \"fd00::2\"\n[[egress]]\ncidr = \"0.0.0.0/0\"\n");
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let (_, warnings) =
+            checked("[[peer]]\naddress = \"10.0.0.2\"\n[[egress]]\ncidr = \"::/0\"\n");
+        assert!(warnings.is_empty(), "{warnings:?}");
+    }
+
+    #[test]
+    fn ipv4_mapped_addresses_count_as_ipv4_for_peer_coverage() {
+        let (_, warnings) = checked(
+            "[[peer]]\naddress = \"::ffff:10.0.0.2\"\n[[egress]]\ncidr = \"10.0.0.0/24\"\n",
+        );
+        assert_eq!(
+            warnings,
+            [
+                "p.toml:5:8: warning: egress 10.0.0.0/24 covers peer ::ffff:10.0.0.2: flows to the peer go through the tunnel, never as plaintext"
+            ]
+        );
+        let (_, warnings) = checked(
+            "[[peer]]\naddress = \"10.0.0.2\"\n[[egress]]\ncidr = \"::ffff:10.0.0.0/120\"\n",
+        );
+        assert_eq!(
+            warnings,
+            [
+                "p.toml:5:8: warning: egress ::ffff:10.0.0.0/120 covers peer 10.0.0.2: flows to the peer go through the tunnel, never as plaintext"
+            ]
+        );
+    }
+
+    #[test]
+    fn udp_and_icmp_egress_may_cover_a_peer() {
+        let (egress, warnings) = checked(&format!(
+            "{PEERS}[[egress]]\ncidr = \"10.0.0.0/8\"\nprotocol = \"udp\"\nports = [53]\n\
+             [[egress]]\ncidr = \"fd00::/8\"\nprotocol = \"icmp\"\n"
+        ));
+        assert_eq!(egress.len(), 2);
+        assert!(warnings.is_empty(), "{warnings:?}");
+    }
 }

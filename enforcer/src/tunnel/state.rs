@@ -14,7 +14,7 @@ use std::{
 use super::record::Party;
 use crate::{
     identity::{CacheError, Clock, SpiffeId, SvidCache, SvidIssuer, X509Svid},
-    policy::{Authorizer, Decision, Egress, Peer, Policy},
+    policy::{Authorizer, Decision, Egress, Peer, Policy, Protocol},
 };
 
 /// Where the SVIDs presented on a workload's behalf come from.
@@ -110,14 +110,16 @@ pub trait Origins: Send + Sync {
     fn origin(&self, client: SocketAddr) -> Result<Origin, OriginError>;
 }
 
-/// The policy as the tunnel consults it: authorization, mesh peers, plaintext egress, and the
-/// version stamped on every record.
+/// The policy as the tunnel consults it: authorization, mesh peers, plaintext TCP egress, and
+/// the version stamped on every record.
 #[derive(Clone, Debug)]
 pub struct PolicyView {
     /// The policy version.
     pub version: u64,
     authorizer: Authorizer,
     peers: Vec<Peer>,
+    /// The TCP egress entries only: the tunnel routes TCP connections, and UDP and ICMP egress
+    /// is the kernel's alone.
     egress: Vec<Egress>,
 }
 
@@ -129,7 +131,12 @@ impl PolicyView {
             version,
             authorizer: Authorizer::new(policy),
             peers: policy.peers.clone(),
-            egress: policy.egress.clone(),
+            egress: policy
+                .egress
+                .iter()
+                .filter(|egress| egress.protocol == Protocol::Tcp)
+                .cloned()
+                .collect(),
         }
     }
 
@@ -149,34 +156,13 @@ impl PolicyView {
             .map(|peer| SocketAddr::new(peer.address, peer.port))
     }
 
-    /// The first egress entry (in file order) that permits plaintext to `dst`.
+    /// The first TCP egress entry (in file order) that permits plaintext to `dst`.
     #[must_use]
     pub fn egress(&self, dst: SocketAddr) -> Option<&Egress> {
-        self.egress.iter().find(|egress| {
-            egress.ports.covers(dst.port())
-                && in_network(dst.ip(), egress.network, egress.prefix_len)
-        })
+        self.egress
+            .iter()
+            .find(|egress| egress.ports.covers(dst.port()) && egress.contains(dst.ip()))
     }
-}
-
-/// Whether `ip` lies in `network/prefix_len` (IPv4-mapped IPv6 counts as IPv4).
-fn in_network(ip: IpAddr, network: IpAddr, prefix_len: u8) -> bool {
-    match (ip.to_canonical(), network) {
-        (IpAddr::V4(ip), IpAddr::V4(net)) => {
-            masked(u128::from(ip.to_bits()), prefix_len, 32) == u128::from(net.to_bits())
-        }
-        (IpAddr::V6(ip), IpAddr::V6(net)) => masked(ip.to_bits(), prefix_len, 128) == net.to_bits(),
-        _ => false,
-    }
-}
-
-fn masked(bits: u128, prefix_len: u8, width: u32) -> u128 {
-    let prefix = u32::from(prefix_len).min(width);
-    if prefix == 0 {
-        return 0;
-    }
-    let host_bits = width - prefix;
-    (bits >> host_bits) << host_bits
 }
 
 #[cfg(test)]
@@ -205,6 +191,13 @@ ports = [443]
 [[egress]]
 cidr = "0.0.0.0/0"
 ports = [53]
+[[egress]]
+cidr = "2001:db8::/32"
+protocol = "udp"
+ports = [53]
+[[egress]]
+cidr = "198.51.100.0/24"
+protocol = "icmp"
 "#,
         );
         assert_eq!(
@@ -223,7 +216,9 @@ ports = [53]
         assert!(view.egress("192.168.4.5:443".parse().unwrap()).is_some());
         assert!(view.egress("192.168.4.5:80".parse().unwrap()).is_none());
         assert!(view.egress("8.8.8.8:53".parse().unwrap()).is_some());
+        // Covered by the udp and icmp entries, but they permit no TCP.
         assert!(view.egress("[2001:db8::1]:53".parse().unwrap()).is_none());
+        assert!(view.egress("198.51.100.7:80".parse().unwrap()).is_none());
         assert_eq!(view.version, 7);
     }
 }
