@@ -1,7 +1,8 @@
 //! enforcer's eBPF programs. Each program entry point is thin: it calls a `try_*` function in
 //! its module and maps the result to the hook's return code. The logic lives in small modules:
-//! `maps` (definitions), `emit` (events and counters), `enroll` (is this cgroup enrolled?),
-//! `connect`, `sockops`, `ingress`, `lifecycle` (bind, exec, exit).
+//! `maps` (definitions), `state` (reads of them), `emit` (events and counters), `enroll` (is
+//! this cgroup enrolled?), `connect`, `sockets` (creation), `sockops` (listeners, redirected
+//! sockets), `steer` (`sk_lookup`), `ingress`, `egress`, `lifecycle` (exec, exit, cgroups).
 //!
 //! On the host (clippy, `cargo test`) this binary is empty: the programs only exist for
 //! `bpfel-unknown-none`, where `enforcer/build.rs` builds them with aya-build.

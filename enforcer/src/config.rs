@@ -93,18 +93,17 @@ pub struct KernelConfig {
     /// The cgroup the hooks attach to, relative to the cgroup v2 mount: they see every process
     /// below it, and act only on enrolled ones. Default `/` (the whole node).
     pub scope_cgroup: String,
-    /// `SO_MARK` of the tunnel's sockets to local workloads. Default `0x0e5f0001`.
-    pub tunnel_mark: u32,
 }
 
 /// `[tunnel]`: the listeners and their timeouts.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct TunnelSettings {
-    /// Port of the outbound listener on `127.0.0.1` and `::1` (the kernel's redirect target).
-    /// Default 15001.
+    /// The redirect port on `127.0.0.1` and `::1`: the kernel hands connections to it to the
+    /// daemon's outbound listener, whatever else is bound there. Default 15001.
     pub outbound_port: u16,
-    /// Address of the inbound listener peers dial. Default `0.0.0.0:15008`.
+    /// Address of the inbound listener peers dial. Its port is the daemon's on every local
+    /// address: the kernel hands connections to it to the daemon. Default `0.0.0.0:15008`.
     pub inbound_addr: SocketAddr,
     /// Timeout of a TCP connect. Default `5s`.
     #[serde(deserialize_with = "duration")]
@@ -162,7 +161,6 @@ impl Default for KernelConfig {
         Self {
             pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
             scope_cgroup: "/".to_owned(),
-            tunnel_mark: 0x0e5f_0001,
         }
     }
 }
@@ -304,7 +302,6 @@ rescan_interval = "250ms"
 [kernel]
 pin_dir = "/sys/fs/bpf/x"
 scope_cgroup = "/x"
-tunnel_mark = 0x10
 [tunnel]
 outbound_port = 1
 inbound_addr = "10.0.0.1:2"
@@ -322,7 +319,7 @@ keep = 2
         assert_eq!(config.node_name, "a");
         assert_eq!(config.metrics_addr, None);
         assert_eq!(config.rescan_interval, Duration::from_millis(250));
-        assert_eq!(config.kernel.tunnel_mark, 0x10);
+        assert_eq!(config.kernel.scope_cgroup, "/x");
         assert_eq!(
             config.tunnel.inbound_addr,
             "10.0.0.1:2".parse().expect("addr")

@@ -1,12 +1,14 @@
-//! Privileged tests of the kernel datapath: real programs attached to a scratch cgroup, real
-//! processes (the python test client) inside it, traffic on loopback and in test namespaces.
+//! Privileged tests of the kernel datapath: real programs attached to a scratch cgroup and
+//! steering in a scratch network namespace, real processes (the python test client) inside
+//! both, and this test process playing the daemon (its listeners, its tagged sockets).
 #![expect(
     unused_crate_dependencies,
     reason = "integration tests use the library, not every dependency"
 )]
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    os::fd::{AsFd as _, OwnedFd},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -16,28 +18,37 @@ use std::{
 
 use enforcer::{
     kernel::{
-        Counter, DaemonConfig, EventKind, EventReader, KernelEvent, Original, PolicyAction,
-        PolicyMode, PolicyRule, PolicyTable,
+        Counter, EgressEntry, EventKind, EventReader, IpProtocol, KernelEvent, ListenerSlot,
+        Original, PolicyAction, PolicyMode, PolicyRule, PolicyTable,
     },
-    testing::{Client, Netns, ScratchCgroup, ScratchDatapath, require_root, serial},
+    testing::{Client, Persona, ScratchCgroup, ScratchDatapath, require_root, serial},
 };
+use enforcer_ebpf::reasons;
+use rustix::process::{Pid, PidfdFlags, PidfdGetfdFlags, pidfd_getfd, pidfd_open};
+use socket2::{Domain, Socket, Type};
 
-/// The daemon's socket mark in these tests.
-const MARK: u32 = 0x0e5f_0001;
 /// How long to wait for an event.
 const EVENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Identity numbers used by the tests.
 const CLIENT_ID: u32 = 11;
 const SERVER_ID: u32 = 22;
+/// The daemon's inbound port in these tests (nobody listens on it).
+const INBOUND_PORT: u16 = 15_008;
+/// `EPERM`, `ECONNREFUSED`, `EACCES` as the client prints them.
+const EPERM: &str = "err 1";
+const ECONNREFUSED: &str = "err 111";
 
 /// A scope cgroup with the datapath attached, an enrolled child cgroup `app`, an unenrolled
-/// child `other`, and an outbound listener on 127.0.0.1 (and `[::1]`, same port).
+/// child `other`, and the daemon's outbound listeners on 127.0.0.1 and `[::1]` (same port)
+/// inside the datapath's namespace.
 struct Fixture {
+    scope: ScratchCgroup,
     app: ScratchCgroup,
     other: ScratchCgroup,
     datapath: ScratchDatapath,
     outbound4: TcpListener,
     outbound6: TcpListener,
+    port: u16,
 }
 
 fn fixture() -> Fixture {
@@ -50,20 +61,61 @@ fn fixture_with(adjust: impl FnOnce(&mut enforcer::kernel::DatapathOptions)) -> 
     let app = scope.child("app");
     let other = scope.child("other");
     let mut datapath = ScratchDatapath::install_with(&scope, adjust);
-    let (outbound4, outbound6) = dual_listeners();
+    let (outbound4, outbound6) = datapath.netns().within(dual_listeners);
     let port = outbound4.local_addr().unwrap().port();
-    datapath.maps_mut().enroll(app.id()).expect("enroll app");
-    datapath.serve_on_loopback(port, MARK);
+    // Ping sockets are off by default (`ping_group_range` "1 0"); allow them for everyone in
+    // this namespace, so that only the datapath decides.
+    datapath.netns().run(&[
+        "sysctl",
+        "-q",
+        "-w",
+        "net.ipv4.ping_group_range=0 2147483647",
+    ]);
+    let maps = datapath.maps_mut();
+    maps.enroll(app.id()).expect("enroll app");
+    maps.replace_enroll_paths(&[app.policy_path()])
+        .expect("enroll app's path");
+    datapath.serve_on_loopback(port, INBOUND_PORT, (&outbound4, &outbound6));
     Fixture {
+        scope,
         app,
         other,
         datapath,
         outbound4,
         outbound6,
+        port,
     }
 }
 
-/// Listeners on `127.0.0.1:P` and `[::1]:P` for one free port P.
+impl Fixture {
+    /// A client as root in `cgroup`, inside the datapath's namespace.
+    fn client(&self, cgroup: &ScratchCgroup) -> Client {
+        self.client_as(Persona::Root, cgroup)
+    }
+
+    /// A client as `persona` in `cgroup`, inside the datapath's namespace.
+    fn client_as(&self, persona: Persona, cgroup: &ScratchCgroup) -> Client {
+        Client::start_as(persona, Some(cgroup), Some(self.datapath.netns()))
+    }
+
+    /// Give `pid` identity `number` for its current image generation, as the daemon does.
+    fn attest(&mut self, pid: u32, number: u32) {
+        let maps = self.datapath.maps_mut();
+        let generation = maps.generation(pid).unwrap();
+        maps.set_identity(pid, number, generation).unwrap();
+    }
+
+    /// A TCP socket of this process inside the datapath's namespace, bound to `ip` (port 0).
+    fn socket(&self, ip: Ipv4Addr) -> Socket {
+        self.datapath.netns().within(|| {
+            let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+            socket.bind(&SocketAddr::new(ip.into(), 0).into()).unwrap();
+            socket
+        })
+    }
+}
+
+/// Listeners on `127.0.0.1:P` and `[::1]:P` for one free port P (in the calling namespace).
 fn dual_listeners() -> (TcpListener, TcpListener) {
     for _ in 0..50 {
         let v4 = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -119,11 +171,25 @@ fn allow_table(version: u64) -> PolicyTable {
     }
 }
 
-/// A server on loopback owned by `SERVER_ID` and a client in `app` attested as `CLIENT_ID`,
-/// under the policy `table(server port)`.
+fn egress(
+    network: Ipv4Addr,
+    prefix_len: u8,
+    protocol: IpProtocol,
+    port: Option<u16>,
+) -> EgressEntry {
+    EgressEntry {
+        network: network.into(),
+        prefix_len,
+        protocol,
+        port,
+        rule: 3,
+    }
+}
+
+/// An enrolled server listening on loopback, owned by `SERVER_ID`, and an enrolled client
+/// attested as `CLIENT_ID`, under the policy `table(server port)`.
 struct KnownPair {
-    /// Kept open so the port stays the server's.
-    _server: TcpListener,
+    server: Client,
     addr: SocketAddr,
     client: Client,
 }
@@ -136,18 +202,24 @@ impl KnownPair {
 }
 
 fn known_pair(fx: &mut Fixture, table: impl FnOnce(u16) -> PolicyTable) -> KnownPair {
-    let server = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = server.local_addr().unwrap();
-    let client = Client::start(Some(&fx.app), None);
-    let maps = fx.datapath.maps_mut();
-    maps.set_identity(client.pid(), CLIENT_ID).unwrap();
-    maps.set_service(addr, SERVER_ID).unwrap();
-    maps.apply_policy(&table(addr.port())).unwrap();
+    let mut server = fx.client(&fx.app);
+    let port = listening_port(&server.ask("listen 127.0.0.1 0"));
+    let client = fx.client(&fx.app);
+    fx.attest(server.pid(), SERVER_ID);
+    fx.attest(client.pid(), CLIENT_ID);
+    fx.datapath.maps_mut().apply_policy(&table(port)).unwrap();
     KnownPair {
-        _server: server,
-        addr,
+        server,
+        addr: SocketAddr::from(([127, 0, 0, 1], port)),
         client,
     }
+}
+
+fn listening_port(answer: &str) -> u16 {
+    answer
+        .strip_prefix("listening ")
+        .and_then(|port| port.parse().ok())
+        .unwrap_or_else(|| panic!("not listening: {answer}"))
 }
 
 /// Send `command` (a connect the hooks must redirect), accept the connection on `listener`
@@ -157,7 +229,7 @@ fn redirected(
     client: &mut Client,
     command: &str,
     listener: &TcpListener,
-) -> (std::net::TcpStream, Original) {
+) -> (TcpStream, Original) {
     let answer = client.ask(command);
     assert!(
         answer.starts_with("ok "),
@@ -175,13 +247,23 @@ fn redirected(
 }
 
 /// Accept one connection on `listener` within a few seconds.
-fn accept(listener: &TcpListener) -> std::net::TcpStream {
+fn accept(listener: &TcpListener) -> TcpStream {
+    try_accept(listener, 500).unwrap_or_else(|| {
+        panic!(
+            "no connection arrived at {}",
+            listener.local_addr().unwrap()
+        )
+    })
+}
+
+/// A connection `listener` accepts within `polls` × 10 ms, if any.
+fn try_accept(listener: &TcpListener, polls: u32) -> Option<TcpStream> {
     listener.set_nonblocking(true).unwrap();
-    for _ in 0..500 {
+    for _ in 0..polls {
         match listener.accept() {
             Ok((stream, _)) => {
                 stream.set_nonblocking(false).unwrap();
-                return stream;
+                return Some(stream);
             }
             Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(10));
@@ -189,10 +271,19 @@ fn accept(listener: &TcpListener) -> std::net::TcpStream {
             Err(error) => panic!("accept failed: {error}"),
         }
     }
-    panic!(
-        "no connection arrived at {}",
-        listener.local_addr().unwrap()
-    );
+    None
+}
+
+/// Connect `socket` to `addr` within 2 s: `Ok` or the error.
+fn connect(socket: &Socket, addr: SocketAddr) -> std::io::Result<()> {
+    socket.connect_timeout(&addr.into(), Duration::from_secs(2))
+}
+
+/// Descriptor `fd` of process `pid`, duplicated into this process.
+fn steal_fd(pid: u32, fd: i32) -> OwnedFd {
+    let pid = Pid::from_raw(i32::try_from(pid).unwrap()).unwrap();
+    let pidfd = pidfd_open(pid, PidfdFlags::empty()).unwrap();
+    pidfd_getfd(&pidfd, fd, PidfdGetfdFlags::empty()).unwrap()
 }
 
 #[test]
@@ -202,7 +293,7 @@ fn denied_triple_fails_with_eperm_and_a_deny_event() {
     let mut pair = known_pair(&mut fx, |port| deny_table(7, port));
     let mut reader = events(&fx.datapath);
 
-    assert_eq!(pair.connect(), "err 1", "connect must fail with EPERM");
+    assert_eq!(pair.connect(), EPERM, "connect must fail with EPERM");
 
     let event = wait_event(&mut reader, "DENY", |e| e.kind == EventKind::Deny);
     assert_eq!(event.tgid, pair.client.pid());
@@ -210,6 +301,7 @@ fn denied_triple_fails_with_eperm_and_a_deny_event() {
     assert_eq!((event.src_id, event.dst_id), (CLIENT_ID, SERVER_ID));
     assert_eq!(event.dst, pair.addr);
     assert_eq!((event.rule, event.policy_version), (42, 7));
+    assert_eq!(event.reason, reasons::POLICY);
     assert!(fx.datapath.maps().counter(Counter::Deny).unwrap() >= 1);
 }
 
@@ -219,7 +311,7 @@ fn known_pair_without_a_rule_is_denied_by_default() {
     let mut fx = fixture();
     // A rule for another port only.
     let mut pair = known_pair(&mut fx, |_| deny_table(3, 1));
-    assert_eq!(pair.connect(), "err 1");
+    assert_eq!(pair.connect(), EPERM);
 }
 
 #[test]
@@ -249,24 +341,32 @@ fn audit_mode_lets_a_denied_flow_through_and_flags_it() {
         .expect("audited flow is redirected and recorded");
     assert_eq!(original.dst, pair.addr);
     assert_eq!(original.audit_rule, 42);
+    assert_eq!(original.src_id, CLIENT_ID);
 }
 
 #[test]
 fn redirected_connect_lands_on_the_listener_which_recovers_the_original_destination() {
     let _serial = serial();
     let fx = fixture();
-    let mut client = Client::start(Some(&fx.app), None);
+    let mut client = fx.client(&fx.app);
     let mut reader = events(&fx.datapath);
 
     // 127.0.0.2:4242 has no listener: only the redirect can make this connect succeed.
     let (conn, original) = redirected(&fx, &mut client, "connect 127.0.0.2 4242", &fx.outbound4);
     let peer = conn.peer_addr().unwrap();
+    assert_eq!(conn.local_addr().unwrap().port(), fx.port);
     assert_eq!(
         original.dst,
         "127.0.0.2:4242".parse::<SocketAddr>().unwrap()
     );
     assert_eq!(original.tgid, client.pid());
     assert_eq!(original.cgroup_id, fx.app.id());
+    // Not attested: no identity is stamped, and the generation is the one it connected as.
+    assert_eq!(original.src_id, 0);
+    assert_eq!(
+        original.generation,
+        fx.datapath.maps().generation(client.pid()).unwrap()
+    );
 
     let event = wait_event(&mut reader, "REDIRECT", |e| e.kind == EventKind::Redirect);
     assert_eq!(event.cookie, original.cookie);
@@ -287,7 +387,7 @@ fn redirected_connect_lands_on_the_listener_which_recovers_the_original_destinat
 fn ipv6_and_v4_mapped_connects_are_redirected_to_the_matching_listener() {
     let _serial = serial();
     let fx = fixture();
-    let mut client = Client::start(Some(&fx.app), None);
+    let mut client = fx.client(&fx.app);
 
     let (_conn, original) = redirected(&fx, &mut client, "connect ::1 4243", &fx.outbound6);
     assert_eq!(original.dst, "[::1]:4243".parse::<SocketAddr>().unwrap());
@@ -303,108 +403,485 @@ fn ipv6_and_v4_mapped_connects_are_redirected_to_the_matching_listener() {
 }
 
 #[test]
-fn unenrolled_cgroups_and_the_daemon_pass_untouched() {
+fn unenrolled_processes_pass_and_only_a_socket_the_daemon_tagged_passes_when_enrolled() {
     let _serial = serial();
-    let mut fx = fixture();
-    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let fx = fixture();
+    let server = fx
+        .datapath
+        .netns()
+        .within(|| TcpListener::bind("127.0.0.1:0").unwrap());
     let port = server.local_addr().unwrap().port();
     let before = fx.datapath.maps().counter(Counter::PassUnenrolled).unwrap();
 
-    let mut outsider = Client::start(Some(&fx.other), None);
+    let mut outsider = fx.client(&fx.other);
+    let answer = outsider.ask(&format!("connect 127.0.0.1 {port}"));
+    assert!(answer.starts_with("ok "), "{answer}");
+    drop(accept(&server));
+    assert!(fx.datapath.maps().counter(Counter::PassUnenrolled).unwrap() > before);
+
+    // An enrolled process's socket that the daemon tagged (the daemon's sockets when the
+    // daemon itself runs in an enrolled cgroup) passes; its untagged sockets do not. What
+    // counts is the socket: no pid, no mark, no address.
+    let mut enrolled = fx.client(&fx.app);
+    let answer = enrolled.ask("socket");
+    let fd: i32 = answer
+        .strip_prefix("socket ")
+        .and_then(|fd| fd.parse().ok())
+        .unwrap_or_else(|| panic!("no socket: {answer}"));
+    let stolen = steal_fd(enrolled.pid(), fd);
+    fx.datapath
+        .socket_tags()
+        .unwrap()
+        .tag_daemon(stolen.as_fd())
+        .unwrap();
+    let answer = enrolled.ask(&format!("connect_fd {fd} 127.0.0.1 {port}"));
+    assert!(answer.starts_with("ok "), "tagged socket: {answer}");
+    drop(accept(&server));
+    assert!(fx.datapath.maps().counter(Counter::PassDaemon).unwrap() >= 1);
+    assert!(
+        try_accept(&fx.outbound4, 10).is_none(),
+        "the tagged socket went to the daemon"
+    );
+
+    let (_conn, original) = redirected(
+        &fx,
+        &mut enrolled,
+        &format!("connect 127.0.0.1 {port}"),
+        &fx.outbound4,
+    );
+    assert_eq!(original.tgid, enrolled.pid());
+}
+
+#[test]
+fn the_redirect_port_reaches_the_daemons_listener_or_nothing() {
+    let _serial = serial();
+    let fx = fixture();
+    let mut reader = events(&fx.datapath);
+    let mut client = fx.client(&fx.app);
+
+    // The daemon's listeners are bound elsewhere; a squatter holds the redirect port itself.
+    let redirect_port = fx.port;
+    let (daemon4, daemon6) = fx.datapath.netns().within(dual_listeners);
+    let mut datapath = fx.datapath;
+    drop((fx.outbound4, fx.outbound6));
+    let mut squatter = Client::start_as(Persona::Nobody, Some(&fx.other), Some(datapath.netns()));
+    assert_eq!(
+        squatter.ask(&format!("listen 127.0.0.1 {redirect_port}")),
+        format!("listening {redirect_port}")
+    );
+
+    // No daemon listener: enrolled connects are refused and the squatter receives nothing.
+    let before = datapath.maps().counter(Counter::Unserved).unwrap();
+    assert_eq!(client.ask("connect 10.9.9.9 80"), ECONNREFUSED);
+    assert!(datapath.maps().counter(Counter::Unserved).unwrap() > before);
+    wait_event(&mut reader, "REDIRECT", |e| e.kind == EventKind::Redirect);
+
+    // The daemon is back (at other ports): every connection to the redirect port is its own,
+    // the redirected ones and the ones the squatter hoped to get directly.
+    datapath.serve_on_loopback(redirect_port, INBOUND_PORT, (&daemon4, &daemon6));
+    let answer = client.ask("connect 10.9.9.9 80");
+    assert!(answer.starts_with("ok "), "{answer}");
+    let conn = accept(&daemon4);
+    assert_eq!(conn.local_addr().unwrap().port(), redirect_port);
+    let mut outsider = Client::start(Some(&fx.other), Some(datapath.netns()));
+    let answer = outsider.ask(&format!("connect 127.0.0.1 {redirect_port}"));
+    assert!(answer.starts_with("ok "), "{answer}");
+    drop(accept(&daemon4));
+
+    // The daemon dies (its listeners close and leave the map): refused again.
+    drop((daemon4, daemon6));
+    assert_eq!(client.ask("connect 10.9.9.9 80"), ECONNREFUSED);
+    assert_eq!(
+        outsider.ask(&format!("connect 127.0.0.1 {redirect_port}")),
+        ECONNREFUSED
+    );
+    squatter.send("close_listeners");
+    let answer = squatter.next_line();
+    assert_eq!(
+        answer, "closed 1",
+        "the squatter must have accepted nothing"
+    );
+    // The inbound port is the daemon's on every address too.
+    assert_eq!(
+        outsider.ask(&format!("connect 127.0.0.1 {INBOUND_PORT}")),
+        ECONNREFUSED
+    );
+}
+
+#[test]
+fn a_protected_listener_admits_only_a_hop_meant_for_its_owners_identity() {
+    let _serial = serial();
+    let mut fx = fixture();
+    let mut reader = events(&fx.datapath);
+
+    let mut workload = fx.client(&fx.app);
+    assert_eq!(workload.ask("listen 0.0.0.0 8080"), "listening 8080");
+    let listen = wait_event(&mut reader, "LISTEN", |e| e.kind == EventKind::Listen);
+    assert_eq!((listen.tgid, listen.src.port()), (workload.pid(), 8080));
+    fx.attest(workload.pid(), SERVER_ID);
+    let target: SocketAddr = ([127, 0, 0, 1], 8080).into();
+
+    // Plaintext from anyone but the daemon is dropped: an unprivileged process, one that
+    // binds the daemon's source address, and one with CAP_NET_RAW that sets any mark.
+    let mut nobody = fx.client_as(Persona::Nobody, &fx.other);
+    assert_eq!(nobody.ask("connect 127.0.0.1 8080"), "err timeout");
+    let dropped = wait_event(&mut reader, "DROP", |e| e.kind == EventKind::Drop);
+    assert_eq!(dropped.reason, reasons::BYPASS);
+    assert_eq!(dropped.dst.port(), 8080);
+    assert_eq!((dropped.tgid, dropped.dst_id), (workload.pid(), SERVER_ID));
+    assert_eq!(dropped.cgroup_id, fx.app.id());
+    assert_eq!(dropped.src.ip(), IpAddr::from(Ipv4Addr::LOCALHOST));
+    assert_eq!(
+        nobody.ask("connect 127.0.0.1 8080 --bind 127.0.0.1"),
+        "err timeout"
+    );
+    let mut raw = fx.client_as(Persona::NetRaw, &fx.other);
+    assert_eq!(
+        raw.ask("mark 0x0e5f0001"),
+        "mark ok",
+        "CAP_NET_RAW sets marks"
+    );
+    assert_eq!(
+        raw.ask("connect 127.0.0.1 8080 --mark 0x0e5f0001"),
+        "err timeout"
+    );
+
+    // A socket of this (root) process that the daemon did not tag: dropped too.
+    let untagged = fx.socket(Ipv4Addr::LOCALHOST);
+    assert!(connect(&untagged, target).is_err());
+
+    // A hop meant for another identity: dropped as misdelivered.
+    let tags = fx.datapath.socket_tags().unwrap();
+    let wrong = fx.socket(Ipv4Addr::LOCALHOST);
+    tags.tag_hop(wrong.as_fd(), CLIENT_ID).unwrap();
+    assert!(connect(&wrong, target).is_err());
+    wait_event(&mut reader, "DROP misdelivered", |e| {
+        e.kind == EventKind::Drop && e.reason == reasons::MISDELIVERED
+    });
+
+    // The hop meant for the owner's identity gets through.
+    let hop = fx.socket(Ipv4Addr::LOCALHOST);
+    tags.tag_hop(hop.as_fd(), SERVER_ID).unwrap();
+    connect(&hop, target).expect("the daemon's hop must pass");
+    assert!(workload.next_line().starts_with("accepted 127.0.0.1"));
+
+    // Once the owner loses its identity (exec), even the right hop is refused.
+    workload.send(&format!(
+        "exec {} -c 'import time; time.sleep(30)'",
+        "/usr/bin/python3"
+    ));
+    wait_event(&mut reader, "EXEC", |e| e.kind == EventKind::Exec);
+    let late = fx.socket(Ipv4Addr::LOCALHOST);
+    tags.tag_hop(late.as_fd(), SERVER_ID).unwrap();
+    assert!(connect(&late, target).is_err());
+}
+
+#[test]
+fn services_are_listening_sockets_recorded_at_listen_and_removed_at_close() {
+    let _serial = serial();
+    let mut fx = fixture();
+    let mut reader = events(&fx.datapath);
+    let mut workload = fx.client_as(Persona::Nobody, &fx.app);
+    let owned = |fx: &Fixture, pid: u32| -> Vec<SocketAddr> {
+        fx.datapath
+            .maps()
+            .services()
+            .into_iter()
+            .filter(|(_, service)| service.tgid == pid)
+            .map(|(addr, _)| addr)
+            .collect()
+    };
+
+    // Binds record nothing: a privileged port, a port in use, a free port, 200 of them.
+    assert_eq!(workload.ask("bind 127.0.0.1 80"), "err 13");
+    assert_eq!(
+        workload.ask(&format!("bind 127.0.0.1 {}", fx.port)),
+        "err 98"
+    );
+    for _ in 0..200 {
+        assert!(workload.ask("bind 127.0.0.1 0").starts_with("bound "));
+    }
+    assert!(owned(&fx, workload.pid()).is_empty());
+
+    // listen() records, on a port the process chose or the kernel chose.
+    let port = listening_port(&workload.ask("listen 127.0.0.1 0"));
+    let chosen = listening_port(&workload.ask("listen_unbound"));
+    let mut recorded = owned(&fx, workload.pid());
+    recorded.sort_unstable();
+    let mut expected = vec![
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        // The any-address key: a wildcard listener of either family.
+        SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, chosen)),
+    ];
+    expected.sort_unstable();
+    assert_eq!(recorded, expected);
+    wait_event(&mut reader, "LISTEN", |e| {
+        e.kind == EventKind::Listen && e.src.port() == chosen
+    });
+    // Both are protected, the kernel-chosen one included.
+    fx.attest(workload.pid(), SERVER_ID);
+    let mut outsider = fx.client(&fx.other);
+    assert_eq!(
+        outsider.ask(&format!("connect 127.0.0.1 {chosen}")),
+        "err timeout"
+    );
+
+    // Closing them removes them.
+    assert_eq!(workload.ask("close_listeners"), "closed 2");
+    assert!(owned(&fx, workload.pid()).is_empty());
+    assert!(fx.datapath.maps().counter(Counter::Unlisten).unwrap() >= 2);
+    // The port is free and unguarded again for whoever listens on it next.
+    let mut next = fx.client(&fx.other);
+    assert_eq!(
+        next.ask(&format!("listen 127.0.0.1 {port}")),
+        format!("listening {port}")
+    );
     assert!(
         outsider
             .ask(&format!("connect 127.0.0.1 {port}"))
             .starts_with("ok ")
     );
-    drop(accept(&server));
-    assert!(fx.datapath.maps().counter(Counter::PassUnenrolled).unwrap() > before);
-
-    // An enrolled process that is the daemon also passes.
-    let mut daemon = Client::start(Some(&fx.app), None);
-    let mut config = fx.datapath.maps().config().unwrap();
-    config.daemon_tgid = daemon.pid();
-    fx.datapath
-        .maps_mut()
-        .set_config(&DaemonConfig {
-            daemon_tgid: daemon.pid(),
-            tunnel_mark: config.tunnel_mark,
-            outbound_v4: Some(Ipv4Addr::LOCALHOST),
-            outbound_v6: Some(Ipv6Addr::LOCALHOST),
-            outbound_port: config.outbound_port,
-        })
-        .unwrap();
-    assert!(
-        daemon
-            .ask(&format!("connect 127.0.0.1 {port}"))
-            .starts_with("ok ")
-    );
-    drop(accept(&server));
-    assert!(fx.datapath.maps().counter(Counter::PassDaemon).unwrap() >= 1);
-    // Nothing reached the outbound listener.
-    fx.outbound4.set_nonblocking(true).unwrap();
-    assert!(fx.outbound4.accept().is_err());
 }
 
 #[test]
-fn ingress_bypass_is_dropped_and_daemon_marked_traffic_passes() {
+fn a_listener_the_services_table_cannot_hold_is_protected_and_reported() {
     let _serial = serial();
-    let fx = fixture();
-    let node = Netns::new("node");
+    let fx = fixture_with(|options| options.service_entries = 2);
     let mut reader = events(&fx.datapath);
-
-    let mut workload = Client::start(Some(&fx.app), Some(&node));
-    assert_eq!(workload.ask("listen 0.0.0.0 8080"), "listening 8080");
-    let bind = wait_event(&mut reader, "BIND", |e| e.kind == EventKind::Bind);
-    assert_eq!((bind.tgid, bind.src.port()), (workload.pid(), 8080));
-
-    // An unprivileged local process, even one binding the daemon's source address, is dropped.
-    let mut attacker = Client::start(None, Some(&node));
-    assert_eq!(attacker.ask("user 65534"), "user 65534");
+    let mut workload = fx.client(&fx.app);
+    let ports: Vec<u16> = (0..3)
+        .map(|_| listening_port(&workload.ask("listen 127.0.0.1 0")))
+        .collect();
+    let full = wait_event(&mut reader, "LISTEN table-full", |e| {
+        e.kind == EventKind::Listen && e.reason == reasons::TABLE_FULL
+    });
+    assert_eq!(full.src.port(), ports[2]);
+    assert!(fx.datapath.maps().counter(Counter::TableFull).unwrap() >= 1);
+    assert_eq!(fx.datapath.maps().services().len(), 2);
+    // Not in the table, still guarded: nobody reaches it in plaintext.
+    let mut outsider = fx.client(&fx.other);
     assert_eq!(
-        attacker.ask("mark 0x0e5f0001"),
-        "mark err 1",
-        "SO_MARK must need privilege"
-    );
-    assert_eq!(attacker.ask("connect 127.0.0.1 8080"), "err timeout");
-    let drop_event = wait_event(&mut reader, "DROP", |e| e.kind == EventKind::Drop);
-    assert_eq!(drop_event.dst.port(), 8080);
-    assert_eq!(drop_event.tgid, workload.pid());
-    assert_eq!(drop_event.cgroup_id, fx.app.id());
-    assert_eq!(
-        drop_event.src.ip(),
-        std::net::IpAddr::from(Ipv4Addr::LOCALHOST)
-    );
-    assert_eq!(
-        attacker.ask("connect 127.0.0.1 8080 --bind 127.0.0.1"),
+        outsider.ask(&format!("connect 127.0.0.1 {}", ports[2])),
         "err timeout"
     );
+}
 
-    // The daemon's marked socket gets through.
-    let mut daemon = Client::start(None, Some(&node));
-    let answer = daemon.ask(&format!("connect 127.0.0.1 8080 --mark {MARK:#x}"));
-    assert!(
-        answer.starts_with("ok "),
-        "marked connect must pass: {answer}"
+#[test]
+fn every_protocol_of_an_enrolled_process_is_decided() {
+    let _serial = serial();
+    let mut fx = fixture();
+    let mut reader = events(&fx.datapath);
+    let mut workload = fx.client(&fx.app);
+
+    // Nothing permits UDP, ICMP or raw sockets: refused, even to root.
+    assert_eq!(workload.ask("udp_send 127.0.0.53 53"), EPERM);
+    let denied = wait_event(&mut reader, "DENY udp", |e| e.kind == EventKind::Deny);
+    assert_eq!((denied.reason, denied.protocol), (reasons::PROTOCOL, 17));
+    assert_eq!(workload.ask("udp_connect 127.0.0.53 53"), EPERM);
+    assert_eq!(workload.ask("ping 127.0.0.53"), EPERM);
+    assert_eq!(workload.ask("raw"), EPERM);
+    wait_event(&mut reader, "DENY raw", |e| {
+        e.kind == EventKind::Deny && e.reason == reasons::RAW_SOCKET
+    });
+    let packet = workload.ask("packet");
+    if fx.datapath.refuses_packet_sockets() {
+        assert_eq!(packet, EPERM);
+    } else {
+        // Documented limit: without the BPF LSM nothing sees packet sockets.
+        assert_eq!(packet, "ok");
+    }
+
+    // Egress entries permit exactly their protocol, destination and port.
+    fx.datapath
+        .maps_mut()
+        .replace_egress(&[
+            egress(Ipv4Addr::new(127, 0, 0, 53), 32, IpProtocol::Udp, Some(53)),
+            egress(Ipv4Addr::new(127, 0, 0, 0), 8, IpProtocol::Icmp, None),
+        ])
+        .unwrap();
+    assert_eq!(workload.ask("udp_send 127.0.0.53 53"), "ok");
+    assert_eq!(workload.ask("udp_connect 127.0.0.53 53"), "ok");
+    assert_eq!(workload.ask("udp_send 127.0.0.53 54"), EPERM);
+    assert_eq!(workload.ask("udp_send 127.0.0.54 53"), EPERM);
+    assert_eq!(workload.ask("ping 127.0.0.53"), "ok");
+    // A TCP connect to the UDP destination is still TCP's business: redirected.
+    let (_conn, original) = redirected(&fx, &mut workload, "connect 127.0.0.53 53", &fx.outbound4);
+    assert_eq!(original.dst.port(), 53);
+    assert!(fx.datapath.maps().counter(Counter::ProtocolDenied).unwrap() >= 4);
+}
+
+#[test]
+fn inbound_datagrams_reach_an_enrolled_workload_only_from_permitted_destinations() {
+    let _serial = serial();
+    let mut fx = fixture();
+    let mut reader = events(&fx.datapath);
+    let mut workload = fx.client(&fx.app);
+    let port: u16 = workload
+        .ask("udp_listen 127.0.0.1 0")
+        .strip_prefix("udp ")
+        .and_then(|port| port.parse().ok())
+        .expect("udp port");
+    let mut sender = fx.client(&fx.other);
+
+    assert_eq!(sender.ask(&format!("udp_send 127.0.0.1 {port}")), "ok");
+    let dropped = wait_event(&mut reader, "DROP inbound", |e| e.kind == EventKind::Drop);
+    assert_eq!(
+        (dropped.reason, dropped.dst.port()),
+        (reasons::INBOUND, port)
     );
-    assert!(workload.next_line().starts_with("accepted 127.0.0.1"));
-    assert!(fx.datapath.maps().counter(Counter::Drop).unwrap() >= 1);
+
+    // Replies from a permitted egress destination (here: anything on loopback) pass.
+    fx.datapath
+        .maps_mut()
+        .replace_egress(&[egress(
+            Ipv4Addr::new(127, 0, 0, 0),
+            8,
+            IpProtocol::Udp,
+            None,
+        )])
+        .unwrap();
+    assert_eq!(sender.ask(&format!("udp_send 127.0.0.1 {port}")), "ok");
+    assert!(workload.next_line().starts_with("datagram 127.0.0.1"));
+}
+
+#[test]
+fn plaintext_egress_never_covers_a_local_listener_or_a_mesh_peer() {
+    let _serial = serial();
+    let mut fx = fixture();
+    let mut reader = events(&fx.datapath);
+    let peer: IpAddr = Ipv4Addr::new(10, 77, 0, 2).into();
+    let maps = fx.datapath.maps_mut();
+    maps.replace_egress(&[egress(Ipv4Addr::UNSPECIFIED, 0, IpProtocol::Tcp, None)])
+        .unwrap();
+    maps.replace_peers(&[peer]).unwrap();
+    let mut server = fx.client(&fx.app);
+    let port = listening_port(&server.ask("listen 127.0.0.1 0"));
+    let mut client = fx.client(&fx.app);
+
+    // A mesh peer and a local listener go to the tunnel, whatever egress says.
+    let (_conn, original) = redirected(&fx, &mut client, "connect 10.77.0.2 443", &fx.outbound4);
+    assert_eq!(original.dst.ip(), peer);
+    let (_conn, original) = redirected(
+        &fx,
+        &mut client,
+        &format!("connect 127.0.0.1 {port}"),
+        &fx.outbound4,
+    );
+    assert_eq!(original.dst.port(), port);
+
+    // Anything else is the egress rule's: it passes in plaintext (and finds nobody).
+    assert_eq!(client.ask("connect 127.0.0.9 9"), ECONNREFUSED);
+    let event = wait_event(&mut reader, "EGRESS", |e| e.kind == EventKind::Egress);
+    assert_eq!(event.dst, "127.0.0.9:9".parse::<SocketAddr>().unwrap());
+    assert!(try_accept(&fx.outbound4, 10).is_none());
+}
+
+#[test]
+fn a_cgroup_created_at_an_enrolled_path_is_enforced_from_its_first_connect() {
+    let _serial = serial();
+    let mut fx = fixture();
+    let scope = fx.scope.clone();
+    let mut reader = events(&fx.datapath);
+    let path = format!("{}/later", scope.policy_path());
+    fx.datapath
+        .maps_mut()
+        .replace_enroll_paths(std::slice::from_ref(&path))
+        .unwrap();
+
+    for round in 0..2 {
+        // Created (then re-created) after the policy named it.
+        let later = scope.child("later");
+        let enrolled = wait_event(&mut reader, "ENROLL", |e| e.kind == EventKind::Enroll);
+        assert_eq!(enrolled.cgroup_id, later.id(), "round {round}");
+        let mut client = fx.client(&later);
+        let (_conn, original) =
+            redirected(&fx, &mut client, "connect 127.0.0.2 7000", &fx.outbound4);
+        assert_eq!(original.cgroup_id, later.id(), "round {round}");
+        drop(client);
+        drop(later);
+    }
+    // A sibling at another path is not enrolled.
+    let sibling = scope.child("elsewhere");
+    let mut client = fx.client(&sibling);
+    assert_eq!(client.ask("connect 127.0.0.2 7000"), ECONNREFUSED);
+}
+
+#[test]
+fn a_move_between_cgroups_voids_the_identity_and_is_reported() {
+    let _serial = serial();
+    let mut fx = fixture();
+    let mut reader = events(&fx.datapath);
+    let client = fx.client(&fx.app);
+    fx.attest(client.pid(), CLIENT_ID);
+    assert_eq!(
+        fx.datapath.maps().identity(client.pid()).unwrap(),
+        Some(CLIENT_ID)
+    );
+
+    let inner = fx.app.child("inner");
+    std::fs::write(inner.path().join("cgroup.procs"), client.pid().to_string()).unwrap();
+    let moved = wait_event(&mut reader, "MOVE", |e| {
+        e.kind == EventKind::Move && e.cgroup_id == inner.id()
+    });
+    assert_eq!(moved.tgid, client.pid());
+    assert_eq!(fx.datapath.maps().identity(client.pid()).unwrap(), None);
+
+    // A process entering an enrolled cgroup from outside is reported too.
+    let outsider = fx.client(&fx.other);
+    std::fs::write(
+        fx.app.path().join("cgroup.procs"),
+        outsider.pid().to_string(),
+    )
+    .unwrap();
+    let moved = wait_event(&mut reader, "MOVE in", |e| {
+        e.kind == EventKind::Move && e.tgid == outsider.pid()
+    });
+    assert_eq!(moved.cgroup_id, fx.app.id());
+}
+
+#[test]
+fn an_identity_attested_for_an_older_image_never_applies() {
+    let _serial = serial();
+    let mut fx = fixture();
+    let mut pair = known_pair(&mut fx, |port| deny_table(2, port));
+    assert_eq!(pair.connect(), EPERM);
+
+    // Written for a generation the process no longer has: ignored, the pair is unknown, the
+    // connect is redirected (the tunnel decides) rather than judged on a stale identity.
+    let pid = pair.client.pid();
+    let generation = fx.datapath.maps().generation(pid).unwrap();
+    fx.datapath
+        .maps_mut()
+        .set_identity(pid, CLIENT_ID, generation.wrapping_add(1))
+        .unwrap();
+    assert_eq!(fx.datapath.maps().identity(pid).unwrap(), None);
+    let port = pair.addr.port();
+    let (_conn, original) = redirected(
+        &fx,
+        &mut pair.client,
+        &format!("connect 127.0.0.1 {port}"),
+        &fx.outbound4,
+    );
+    assert_eq!((original.src_id, original.dst_id), (0, SERVER_ID));
+    drop(pair.server);
 }
 
 #[test]
 fn exec_revokes_the_identity_and_is_reported() {
     let _serial = serial();
     let mut fx = fixture();
-    let mut client = Client::start(Some(&fx.app), None);
+    let mut client = fx.client(&fx.app);
     let pid = client.pid();
-    fx.datapath.maps_mut().set_identity(pid, CLIENT_ID).unwrap();
+    fx.attest(pid, CLIENT_ID);
+    let before = fx.datapath.maps().generation(pid).unwrap();
     let mut reader = events(&fx.datapath);
 
     client.send("exec sleep 30");
     let event = wait_event(&mut reader, "EXEC", |e| e.kind == EventKind::Exec);
     assert_eq!(event.tgid, pid);
-    assert_eq!(event.src_id, CLIENT_ID);
     assert_eq!(event.cgroup_id, fx.app.id());
     assert_eq!(fx.datapath.maps().identity(pid).unwrap(), None);
+    assert_ne!(fx.datapath.maps().generation(pid).unwrap(), before);
 
     drop(client);
     let event = wait_event(&mut reader, "EXIT", |e| e.kind == EventKind::Exit);
@@ -421,7 +898,7 @@ fn pins_survive_a_daemon_restart_and_are_readopted() {
     fx.datapath.stop();
     assert_eq!(
         pair.connect(),
-        "err 1",
+        EPERM,
         "fail-closed while the daemon is down"
     );
 
@@ -430,6 +907,8 @@ fn pins_survive_a_daemon_restart_and_are_readopted() {
     assert_eq!(maps.active_policy().unwrap().version, 5);
     assert_eq!(maps.identity(pair.client.pid()).unwrap(), Some(CLIENT_ID));
     maps.apply_policy(&allow_table(6)).unwrap();
+    maps.set_listener(ListenerSlot::Outbound4, fx.outbound4.as_fd())
+        .unwrap();
     assert!(pair.connect().starts_with("ok "));
     drop(accept(&fx.outbound4));
 }
@@ -459,11 +938,7 @@ fn a_staged_policy_takes_effect_only_when_its_slot_is_activated() {
         .maps_mut()
         .stage_policy(&allow_table(2))
         .unwrap();
-    assert_eq!(
-        pair.connect(),
-        "err 1",
-        "a staged policy must not be visible"
-    );
+    assert_eq!(pair.connect(), EPERM, "a staged policy must not be visible");
     fx.datapath.maps_mut().activate_slot(staged).unwrap();
     assert!(pair.connect().starts_with("ok "));
     drop(accept(&fx.outbound4));
@@ -535,33 +1010,27 @@ fn concurrent_swaps_never_mix_rules_and_version() {
 }
 
 #[test]
-fn a_port_bound_before_attestation_takes_its_owners_identity() {
+fn a_listener_recorded_before_attestation_takes_its_owners_identity_when_attested() {
     let _serial = serial();
     let mut fx = fixture();
-    let mut server = Client::start(Some(&fx.app), None);
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    assert_eq!(
-        server.ask(&format!("listen 127.0.0.1 {port}")),
-        format!("listening {port}")
-    );
+    let mut server = fx.client(&fx.app);
+    let port = listening_port(&server.ask("listen 127.0.0.1 0"));
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let bound = fx
+    let recorded = fx
         .datapath
         .maps()
         .service(addr)
         .unwrap()
-        .expect("bind registered the port");
-    assert_eq!((bound.tgid, bound.identity), (server.pid(), 0));
+        .expect("listen recorded the port");
+    assert_eq!(recorded.tgid, server.pid());
 
-    let mut client = Client::start(Some(&fx.app), None);
-    let maps = fx.datapath.maps_mut();
-    maps.set_identity(server.pid(), SERVER_ID).unwrap();
-    maps.set_identity(client.pid(), CLIENT_ID).unwrap();
-    assert_eq!(maps.service(addr).unwrap().unwrap().identity, SERVER_ID);
-    maps.apply_policy(&deny_table(4, port)).unwrap();
-    assert_eq!(client.ask(&format!("connect 127.0.0.1 {port}")), "err 1");
+    let client = fx.client(&fx.app);
+    fx.attest(server.pid(), SERVER_ID);
+    fx.attest(client.pid(), CLIENT_ID);
+    fx.datapath
+        .maps_mut()
+        .apply_policy(&deny_table(4, port))
+        .unwrap();
+    let mut client = client;
+    assert_eq!(client.ask(&format!("connect 127.0.0.1 {port}")), EPERM);
 }

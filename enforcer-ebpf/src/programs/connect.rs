@@ -1,22 +1,24 @@
 //! `cgroup/connect4` and `cgroup/connect6`: pass, refuse, allow as egress, or redirect.
+//!
+//! TCP of an enrolled process is refused when policy denies the pair, passes as plaintext
+//! egress only to a destination that is neither a local workload nor a mesh peer, and is
+//! otherwise redirected to the daemon. Every other protocol (UDP, ping sockets) passes only
+//! where an egress entry for that protocol permits it.
 
-use aya_ebpf::{
-    EbpfContext as _, helpers::bpf_get_socket_cookie, maps::lpm_trie::Key,
-    programs::SockAddrContext,
-};
+use aya_ebpf::{EbpfContext as _, helpers::bpf_get_socket_cookie, programs::SockAddrContext};
 use enforcer_ebpf::{
-    Counter, EgressKey, Event, EventKind, OrigDst, PolicyEntry, PolicyMeta, SockKey,
-    UNKNOWN_IDENTITY,
+    Counter, Event, EventKind, OrigDst, PolicyEntry, PolicyMeta, SockKey, UNKNOWN_IDENTITY, reasons,
 };
 
 use super::{
     PROCEED, REFUSE,
     emit::{count, emit},
     enroll::current_enrolled_cgroup,
-    maps::{EGRESS, ORIG_BY_COOKIE},
+    maps::ORIG_BY_COOKIE,
     state::{
-        AF_INET, AF_INET6, IPPROTO_TCP, active_policy, config, current_tgid, identity_of,
-        is_mapped, mapped, policy_entry, port_from_be, read_words, service_at,
+        AF_INET, AF_INET6, IPPROTO_TCP, active_policy, config, current_tgid, daemon_tag,
+        egress_rule, generation_of, identity_at, identity_of, is_mapped, is_peer, mapped,
+        policy_entry, port_from_be, read_words, service_at,
     },
 };
 
@@ -89,13 +91,8 @@ pub(crate) fn try_connect6(ctx: &SockAddrContext) -> i32 {
 #[inline(always)]
 fn decide(ctx: &SockAddrContext, dst: &SockKey, family: u32, protocol: u32) -> Decision {
     count(Counter::Connect);
-    if protocol != IPPROTO_TCP {
-        // The mesh carries TCP; other protocols are outside this hook's remit.
-        return Decision::Proceed;
-    }
-    let cfg = config();
-    let tgid = current_tgid();
-    if cfg.daemon_tgid != 0 && tgid == cfg.daemon_tgid {
+    // SAFETY: the context's socket is a full socket the verifier knows.
+    if unsafe { daemon_tag((*ctx.sock_addr).__bindgen_anon_1.sk.cast()) }.is_some() {
         count(Counter::PassDaemon);
         return Decision::Proceed;
     }
@@ -103,9 +100,7 @@ fn decide(ctx: &SockAddrContext, dst: &SockKey, family: u32, protocol: u32) -> D
         count(Counter::PassUnenrolled);
         return Decision::Proceed;
     };
-
-    let src_id = identity_of(tgid);
-    let dst_id = service_at(dst).map_or(UNKNOWN_IDENTITY, |service| service.identity);
+    let tgid = current_tgid();
     let (slot, meta) = active_policy();
     // SAFETY: the context pointer is valid; the helper reads the socket behind it.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -114,13 +109,21 @@ fn decide(ctx: &SockAddrContext, dst: &SockKey, family: u32, protocol: u32) -> D
         cgroup_id,
         policy_version: meta.version,
         tgid,
-        src_id,
-        dst_id,
         dst: *dst,
         family,
         protocol,
         ..Event::default()
     };
+    if protocol != IPPROTO_TCP {
+        return datagram(&mut event, dst);
+    }
+
+    let generation = generation_of(tgid);
+    let src_id = identity_at(tgid, generation);
+    let service = service_at(dst);
+    let dst_id = service.map_or(UNKNOWN_IDENTITY, |service| identity_of(service.tgid));
+    event.src_id = src_id;
+    event.dst_id = dst_id;
 
     let mut audit_rule = 0;
     if src_id != UNKNOWN_IDENTITY && dst_id != UNKNOWN_IDENTITY {
@@ -136,19 +139,25 @@ fn decide(ctx: &SockAddrContext, dst: &SockKey, family: u32, protocol: u32) -> D
                 audit_rule = rule;
             } else {
                 count(Counter::Deny);
+                event.reason = reasons::POLICY;
                 emit(EventKind::Deny, event);
                 return Decision::Refuse;
             }
         }
     }
 
-    if let Some(rule) = egress_rule(dst) {
+    // Local workloads and mesh peers are never plaintext egress.
+    if service.is_none()
+        && !is_peer(&dst.addr)
+        && let Some(rule) = egress_rule(IPPROTO_TCP, &dst.addr, dst.port)
+    {
         event.rule = rule;
         count(Counter::Egress);
         emit(EventKind::Egress, event);
         return Decision::Proceed;
     }
 
+    let cfg = config();
     let Some(target) = redirect_target(&cfg, family, &dst.addr) else {
         count(Counter::NoListener);
         emit(EventKind::NoListener, event);
@@ -157,6 +166,7 @@ fn decide(ctx: &SockAddrContext, dst: &SockKey, family: u32, protocol: u32) -> D
     let orig = OrigDst {
         cookie,
         cgroup_id,
+        generation,
         dst: *dst,
         tgid,
         src_id,
@@ -175,27 +185,25 @@ fn decide(ctx: &SockAddrContext, dst: &SockKey, family: u32, protocol: u32) -> D
     Decision::Redirect(target, cfg.outbound_port)
 }
 
-/// The egress rule that permits plaintext to `dst`, if any: the port-specific entry first,
-/// then the any-port entry.
+/// A `connect()` of a datagram socket (UDP, ping): permitted only by an egress entry of its
+/// protocol.
 #[inline(always)]
-fn egress_rule(dst: &SockKey) -> Option<u32> {
-    let mut key = Key::new(
-        32 + 128,
-        EgressKey {
-            port_be: u32::from(dst.port).to_be(),
-            addr: dst.addr,
-        },
-    );
-    if let Some(rule) = EGRESS.get(&key) {
-        return Some(rule.rule);
+fn datagram(event: &mut Event, dst: &SockKey) -> Decision {
+    if let Some(rule) = egress_rule(event.protocol, &dst.addr, dst.port) {
+        event.rule = rule;
+        count(Counter::Egress);
+        emit(EventKind::Egress, *event);
+        return Decision::Proceed;
     }
-    key.data.port_be = 0;
-    EGRESS.get(&key).map(|rule| rule.rule)
+    count(Counter::ProtocolDenied);
+    event.reason = reasons::PROTOCOL;
+    emit(EventKind::Deny, *event);
+    Decision::Refuse
 }
 
-/// Where to send a redirected socket of `family` going to `dst`: the IPv4 listener for IPv4
-/// and v4-mapped destinations, the IPv6 listener otherwise. `None` when that listener is not
-/// configured.
+/// Where to send a redirected socket of `family` going to `dst`: the IPv4 address for IPv4
+/// and v4-mapped destinations, the IPv6 address otherwise. `None` when the daemon has not
+/// configured one.
 #[inline(always)]
 fn redirect_target(cfg: &enforcer_ebpf::Config, family: u32, dst: &[u32; 4]) -> Option<[u32; 4]> {
     if cfg.outbound_port == 0 {

@@ -1,32 +1,39 @@
-//! `cgroup_skb/ingress`: TCP to an enrolled workload's port must come through the daemon.
+//! `cgroup_skb/ingress`: what may reach an enrolled workload.
 //!
-//! The daemon marks the sockets it opens to local workloads with `SO_MARK = tunnel_mark`.
-//! Setting a mark needs `CAP_NET_ADMIN`, so an unprivileged process cannot forge it, whatever
-//! source address it binds. Anything else addressed to a socket whose local (address, port) is a
-//! known service is dropped, with a DROP event.
+//! TCP: a listening socket of an enrolled process is *protected* (see `sockops`). A packet to
+//! it passes only when it comes from one of the daemon's hops: the sending socket, found by
+//! the packet's own addresses in this namespace, carries the daemon's hop tag (socket storage
+//! only the daemon can write, gone when the socket closes), and the identity the hop was meant
+//! for is the one the listener's owner holds now. Anything else is dropped: plaintext from
+//! anyone else (a mark, an address or a port proves nothing), and a hop that reached a socket
+//! which changed hands. Connections accepted from a protected listener were admitted when
+//! their handshake reached it, so their packets pass without a second look.
+//!
+//! Other protocols: a datagram to a socket of an enrolled process passes only when it comes
+//! from a destination an egress entry of its protocol permits (a reply); everything else is
+//! dropped.
 
 use aya_ebpf::{
-    helpers::{bpf_sk_fullsock, bpf_skb_cgroup_id},
+    EbpfContext as _,
+    bindings::{BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, bpf_sock_tuple},
+    helpers::{bpf_sk_fullsock, bpf_sk_release, bpf_skb_cgroup_id, generated::bpf_sk_lookup_tcp},
     programs::SkBuffContext,
 };
-use enforcer_ebpf::{Counter, Event, EventKind, SockKey};
+use enforcer_ebpf::{Counter, DaemonTag, Event, EventKind, SockKey, SockTag, reasons};
 
 use super::{
     PROCEED, REFUSE,
     emit::{count, emit},
     state::{
-        AF_INET, IPPROTO_TCP, active_policy, config, host_port, mapped, read_words, service_at,
+        AF_INET, AF_INET6, IPPROTO_TCP, active_policy, daemon_tag, egress_rule, identity_of,
+        mapped, sock_tag,
     },
 };
 
 pub(crate) fn try_ingress(ctx: &SkBuffContext) -> i32 {
     let skb = ctx.skb.skb;
-    let cfg = config();
     // SAFETY: the context pointer is valid for the whole program run.
-    let (mark, sk) = unsafe { ((*skb).mark, (*skb).__bindgen_anon_2.sk) };
-    if cfg.tunnel_mark != 0 && mark == cfg.tunnel_mark {
-        return PROCEED;
-    }
+    let sk = unsafe { (*skb).__bindgen_anon_2.sk };
     if sk.is_null() {
         return PROCEED;
     }
@@ -36,72 +43,143 @@ pub(crate) fn try_ingress(ctx: &SkBuffContext) -> i32 {
         return PROCEED;
     }
     // SAFETY: `sk` is a full socket returned by bpf_sk_fullsock.
-    let (protocol, family, port, ip4, ip6) = unsafe {
-        (
-            (*sk).protocol,
-            (*sk).family,
-            (*sk).src_port,
-            (*sk).src_ip4,
-            read_words(&raw const (*sk).src_ip6),
-        )
-    };
-    if protocol != IPPROTO_TCP {
+    let (protocol, state) = unsafe { ((*sk).protocol, (*sk).state) };
+    if protocol == IPPROTO_TCP && state != BPF_TCP_LISTEN {
         return PROCEED;
     }
-    let local = SockKey {
-        addr: if family == AF_INET { mapped(ip4) } else { ip6 },
-        port: host_port(port),
-        pad: 0,
-    };
-    let Some(service) = service_at(&local) else {
+    // SAFETY: `sk` is a full socket.
+    let Some(tag) = (unsafe { sock_tag(sk.cast()) }) else {
         return PROCEED;
     };
+    // SAFETY: a storage pointer from a successful lookup.
+    let tag: SockTag = unsafe { *tag };
+    let Some(packet) = Packet::parse(ctx) else {
+        // Not an IP packet this program can read: fail closed for a protected socket.
+        return drop_packet(ctx, &tag, &Packet::default(), reasons::BYPASS, 0);
+    };
+    if protocol != IPPROTO_TCP {
+        if egress_rule(packet.protocol, &packet.src.addr, packet.src.port).is_some() {
+            return PROCEED;
+        }
+        return drop_packet(ctx, &tag, &packet, reasons::INBOUND, 0);
+    }
+    if tag.flags & SockTag::PROTECTED == 0 {
+        return PROCEED;
+    }
+    let owner = identity_of(tag.tgid);
+    match hop_identity(ctx, &packet) {
+        Some(meant) if meant != 0 && meant == owner => PROCEED,
+        Some(_) => drop_packet(ctx, &tag, &packet, reasons::MISDELIVERED, owner),
+        None => drop_packet(ctx, &tag, &packet, reasons::BYPASS, owner),
+    }
+}
 
+/// The addresses and protocol of a packet.
+#[derive(Clone, Copy, Default)]
+struct Packet {
+    family: u32,
+    protocol: u32,
+    src: SockKey,
+    dst: SockKey,
+}
+
+impl Packet {
+    /// Parse the IP header and the transport ports (zero for protocols without ports).
+    #[inline(always)]
+    fn parse(ctx: &SkBuffContext) -> Option<Self> {
+        let first = ctx.load::<u8>(0).ok()?;
+        let mut packet = Self::default();
+        let ports_at = if first >> 4 == 4 {
+            packet.family = AF_INET;
+            packet.protocol = u32::from(ctx.load::<u8>(9).ok()?);
+            packet.src.addr = mapped(ctx.load::<u32>(12).ok()?);
+            packet.dst.addr = mapped(ctx.load::<u32>(16).ok()?);
+            usize::from(first & 0x0f) * 4
+        } else if first >> 4 == 6 {
+            packet.family = AF_INET6;
+            packet.protocol = u32::from(ctx.load::<u8>(6).ok()?);
+            packet.src.addr = ctx.load::<[u32; 4]>(8).ok()?;
+            packet.dst.addr = ctx.load::<[u32; 4]>(24).ok()?;
+            40
+        } else {
+            return None;
+        };
+        if packet.protocol == IPPROTO_TCP || packet.protocol == super::state::IPPROTO_UDP {
+            packet.src.port = u16::from_be(ctx.load::<u16>(ports_at).ok()?);
+            packet.dst.port = u16::from_be(ctx.load::<u16>(ports_at + 2).ok()?);
+        }
+        Some(packet)
+    }
+}
+
+/// The identity a daemon hop that sent `packet` was meant for; `None` when the sender is not
+/// one of the daemon's hops (or not a socket of this namespace at all).
+#[inline(always)]
+fn hop_identity(ctx: &SkBuffContext, packet: &Packet) -> Option<u32> {
+    // The sender's socket is the one that would receive a packet going the other way.
+    // SAFETY: an all-zero tuple is a valid value of this plain-data union.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let size = if packet.family == AF_INET {
+        tuple.__bindgen_anon_1.ipv4.saddr = packet.dst.addr[3];
+        tuple.__bindgen_anon_1.ipv4.daddr = packet.src.addr[3];
+        tuple.__bindgen_anon_1.ipv4.sport = packet.dst.port.to_be();
+        tuple.__bindgen_anon_1.ipv4.dport = packet.src.port.to_be();
+        12
+    } else {
+        tuple.__bindgen_anon_1.ipv6.saddr = packet.dst.addr;
+        tuple.__bindgen_anon_1.ipv6.daddr = packet.src.addr;
+        tuple.__bindgen_anon_1.ipv6.sport = packet.dst.port.to_be();
+        tuple.__bindgen_anon_1.ipv6.dport = packet.src.port.to_be();
+        36
+    };
+    // SAFETY: the context is this program's skb; the tuple is initialised for `size` bytes.
+    let sender = unsafe {
+        bpf_sk_lookup_tcp(
+            ctx.as_ptr(),
+            &raw mut tuple,
+            size,
+            u64::from(BPF_F_CURRENT_NETNS.cast_unsigned()),
+            0,
+        )
+    };
+    if sender.is_null() {
+        return None;
+    }
+    // SAFETY: `sender` is a referenced full socket from the lookup; released right after.
+    let tag = unsafe { daemon_tag(sender.cast()) };
+    // SAFETY: releases the reference the lookup took.
+    unsafe { bpf_sk_release(sender.cast()) };
+    let tag = tag?;
+    (tag.kind == DaemonTag::KIND_HOP).then_some(tag.identity)
+}
+
+/// Drop `packet` (to a socket of the enrolled process `tag` names, whose identity is `owner`)
+/// with a DROP event.
+#[inline(always)]
+fn drop_packet(
+    ctx: &SkBuffContext,
+    tag: &SockTag,
+    packet: &Packet,
+    reason: u32,
+    owner: u32,
+) -> i32 {
     let (_, meta) = active_policy();
-    let (src, ip_family) = sender(ctx);
     count(Counter::Drop);
     emit(
         EventKind::Drop,
         Event {
             // SAFETY: the helper reads the cgroup of the socket in the context.
-            cgroup_id: unsafe { bpf_skb_cgroup_id(skb) },
+            cgroup_id: unsafe { bpf_skb_cgroup_id(ctx.skb.skb) },
             policy_version: meta.version,
-            tgid: service.tgid,
-            dst_id: service.identity,
-            src,
-            dst: local,
-            family: ip_family,
-            protocol,
+            tgid: tag.tgid,
+            dst_id: owner,
+            reason,
+            src: packet.src,
+            dst: packet.dst,
+            family: packet.family,
+            protocol: packet.protocol,
             ..Event::default()
         },
     );
     REFUSE
-}
-
-/// The sender's address and TCP port, parsed from the packet (best effort: zero when the
-/// headers cannot be read), and the IP family of the packet.
-#[inline(always)]
-fn sender(ctx: &SkBuffContext) -> (SockKey, u32) {
-    let mut key = SockKey::default();
-    let Ok(first) = ctx.load::<u8>(0) else {
-        return (key, 0);
-    };
-    if first >> 4 == 4 {
-        let header_len = usize::from(first & 0x0f) * 4;
-        if let Ok(ip4) = ctx.load::<u32>(12) {
-            key.addr = mapped(ip4);
-        }
-        if let Ok(port) = ctx.load::<u16>(header_len) {
-            key.port = u16::from_be(port);
-        }
-        (key, AF_INET)
-    } else {
-        if let Ok(ip6) = ctx.load::<[u32; 4]>(8) {
-            key.addr = ip6;
-        }
-        if let Ok(port) = ctx.load::<u16>(40) {
-            key.port = u16::from_be(port);
-        }
-        (key, super::state::AF_INET6)
-    }
 }

@@ -1,99 +1,44 @@
-//! Process and socket lifecycle of enrolled workloads: bind, exec, exit.
+//! Process and cgroup lifecycle: exec, exit, moves between cgroups, and cgroups created at
+//! enrolled paths.
 //!
-//! bind: a TCP port bound by an enrolled process becomes a service (owned by the process's
-//! identity, or by "unknown" until the daemon attests it), so ingress protection starts before
-//! the first connection. exec: the process loses its identity at once (re-attestation on exec).
-//! exit: the identity is forgotten.
+//! A process's identity holds for one *image generation*: exec, exit and a move to another
+//! cgroup give the process a new generation (the time it happened), so an identity the daemon
+//! attested for the old image, even one written after the change, never applies to the new
+//! one. A cgroup created at an enrolled path is enrolled inside `mkdir`, before any process can
+//! enter it.
 
 use aya_ebpf::{
-    EbpfContext as _,
-    helpers::{bpf_get_current_pid_tgid, bpf_get_socket_cookie},
-    programs::SockAddrContext,
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    programs::BtfTracePointContext,
 };
-use enforcer_ebpf::{Counter, Event, EventKind, Service, SockKey};
+use enforcer_ebpf::{
+    Counter, Event, EventKind, Layout, MAX_PATH_BYTES, PATH_HASH_SEED, path_hash_step,
+};
 
 use super::{
     emit::{count, emit},
     enroll::current_enrolled_cgroup,
-    maps::{IDENTITIES, SERVICES},
-    state::{
-        AF_INET, AF_INET6, IPPROTO_TCP, active_policy, current_tgid, hint_service_port,
-        identity_of, mapped, port_from_be, read_words,
-    },
+    maps::{ENROLL_PATHS, ENROLLED, GENERATIONS, IDENTITIES, PATH_SCRATCH},
+    state::{active_policy, current_tgid, layout},
 };
 
-pub(crate) fn on_bind4(ctx: &SockAddrContext) {
-    let sa = ctx.sock_addr;
-    // SAFETY: the context pointer is valid for the whole program run.
-    let (ip4, port, protocol) = unsafe { ((*sa).user_ip4, (*sa).user_port, (*sa).protocol) };
-    on_bind(ctx, mapped(ip4), port, protocol, AF_INET);
-}
-
-pub(crate) fn on_bind6(ctx: &SockAddrContext) {
-    let sa = ctx.sock_addr;
-    // SAFETY: the context pointer is valid for the whole program run.
-    let (ip6, port, protocol) = unsafe {
-        (
-            read_words(&raw const (*sa).user_ip6),
-            (*sa).user_port,
-            (*sa).protocol,
-        )
-    };
-    on_bind(ctx, ip6, port, protocol, AF_INET6);
-}
-
+/// Give `tgid` a new image generation and drop the identity of its old one.
 #[inline(always)]
-fn on_bind(ctx: &SockAddrContext, addr: [u32; 4], port_be: u32, protocol: u32, family: u32) {
-    let Some(cgroup_id) = current_enrolled_cgroup() else {
-        return;
-    };
-    let tgid = current_tgid();
-    let identity = identity_of(tgid);
-    let key = SockKey {
-        // An IPv4 wildcard bind is stored as the all-zero "any" address, like `::`.
-        addr: if addr == mapped(0) { [0; 4] } else { addr },
-        port: port_from_be(port_be),
-        pad: 0,
-    };
-    if protocol == IPPROTO_TCP && key.port != 0 {
-        let service = Service {
-            identity,
-            tgid,
-            cgroup_id,
-        };
-        hint_service_port(key.port);
-        if SERVICES.insert(key, service, 0).is_err() {
-            count(Counter::TableFull);
-        }
-    }
-    let (_, meta) = active_policy();
-    count(Counter::Bind);
-    emit(
-        EventKind::Bind,
-        Event {
-            // SAFETY: the context pointer is valid; the helper reads the socket behind it.
-            cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
-            cgroup_id,
-            policy_version: meta.version,
-            tgid,
-            src_id: identity,
-            src: key,
-            family,
-            protocol,
-            ..Event::default()
-        },
-    );
+fn new_generation(tgid: u32) {
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let _ = GENERATIONS.insert(tgid, now, 0);
+    let _ = IDENTITIES.remove(tgid);
 }
 
-/// A process event: revoke the identity of the current tgid and report it.
+/// A process event of the current task, if it is enrolled: new generation, then report it.
 #[inline(always)]
 fn process_event(kind: EventKind, counter: Counter) {
     let Some(cgroup_id) = current_enrolled_cgroup() else {
         return;
     };
     let tgid = current_tgid();
-    let identity = identity_of(tgid);
-    let _ = IDENTITIES.remove(tgid);
+    new_generation(tgid);
     let (_, meta) = active_policy();
     count(counter);
     emit(
@@ -102,7 +47,6 @@ fn process_event(kind: EventKind, counter: Counter) {
             cgroup_id,
             policy_version: meta.version,
             tgid,
-            src_id: identity,
             ..Event::default()
         },
     );
@@ -114,8 +58,123 @@ pub(crate) fn on_exec() {
 
 pub(crate) fn on_exit() {
     let pid_tgid = bpf_get_current_pid_tgid();
-    // Only the thread-group leader's exit ends the process's identity.
+    // Only the thread-group leader's exit ends the process.
     if pid_tgid & 0xffff_ffff == pid_tgid >> 32 {
         process_event(EventKind::Exit, Counter::Exit);
     }
+}
+
+/// `cgroup_mkdir(struct cgroup *cgrp, const char *path)`: a cgroup v2 directory created at an
+/// enrolled path is enrolled at once.
+pub(crate) fn on_cgroup_mkdir(ctx: &BtfTracePointContext) {
+    let Some(layout) = layout() else {
+        return;
+    };
+    let cgroup: *const u8 = ctx.arg(0);
+    let path: *const u8 = ctx.arg(1);
+    let Some(hash) = hash_path(path, false) else {
+        return;
+    };
+    if ENROLL_PATHS.get_ptr(hash).is_none() {
+        return;
+    }
+    let Some(id) = v2_cgroup_id(cgroup, &layout) else {
+        return;
+    };
+    if ENROLLED.insert(id, 1, 0).is_err() {
+        count(Counter::TableFull);
+        return;
+    }
+    let (_, meta) = active_policy();
+    count(Counter::Enrolled);
+    emit(
+        EventKind::Enroll,
+        Event {
+            cookie: id,
+            cgroup_id: id,
+            policy_version: meta.version,
+            ..Event::default()
+        },
+    );
+}
+
+/// `cgroup_attach_task(struct cgroup *dst, const char *path, struct task_struct *task, bool)`:
+/// a process that held an identity, or that enters an enrolled cgroup (or one below), gets a
+/// new generation and is reported, so the daemon attests it (and its sockets) again.
+pub(crate) fn on_cgroup_attach(ctx: &BtfTracePointContext) {
+    let Some(layout) = layout() else {
+        return;
+    };
+    let cgroup: *const u8 = ctx.arg(0);
+    let path: *const u8 = ctx.arg(1);
+    let task: *const u8 = ctx.arg(2);
+    let Some(dst_id) = v2_cgroup_id(cgroup, &layout) else {
+        return;
+    };
+    let Some(tgid) = read_kernel::<u32>(task, layout.task_tgid) else {
+        return;
+    };
+    let attested = IDENTITIES.get_ptr(tgid).is_some();
+    if !attested && hash_path(path, true).is_none() {
+        return;
+    }
+    new_generation(tgid);
+    let (_, meta) = active_policy();
+    count(Counter::Moved);
+    emit(
+        EventKind::Move,
+        Event {
+            cgroup_id: dst_id,
+            policy_version: meta.version,
+            tgid,
+            ..Event::default()
+        },
+    );
+}
+
+/// The id of `cgroup` when it belongs to the cgroup v2 hierarchy (`hierarchy_id` 0).
+#[inline(always)]
+fn v2_cgroup_id(cgroup: *const u8, layout: &Layout) -> Option<u64> {
+    let root = read_kernel::<*const u8>(cgroup, layout.cgroup_root)?;
+    if read_kernel::<i32>(root, layout.root_hierarchy_id)? != 0 {
+        return None;
+    }
+    let node = read_kernel::<*const u8>(cgroup, layout.cgroup_kn)?;
+    read_kernel::<u64>(node, layout.kernfs_id)
+}
+
+/// The `T` at `offset` bytes into the kernel object at `base` (an offset the loader found in
+/// the kernel's BTF); `None` when the kernel refuses the read.
+#[inline(always)]
+fn read_kernel<T>(base: *const u8, offset: u32) -> Option<T> {
+    // SAFETY: bpf_probe_read_kernel copes with any address; a bad one is an error, not a fault.
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(offset as usize).cast::<T>()) }.ok()
+}
+
+/// Hash the cgroup path at `path` (kernel memory) with [`enforcer_ebpf::path_hash`]. With
+/// `prefixes`, return the hash of the first of its prefixes (`/a`, `/a/b`, ..., the whole
+/// path) that is an enrolled path, `None` when none is; without, the hash of the whole path,
+/// `None` when it is too long to be an enrolled path.
+#[inline(always)]
+fn hash_path(path: *const u8, prefixes: bool) -> Option<u64> {
+    let scratch = PATH_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: the scratch slot is this CPU's; `path` is the tracepoint's string.
+    let bytes = unsafe { &mut (*scratch).bytes };
+    // SAFETY: reads at most the buffer's length from kernel memory and NUL-terminates.
+    let len = unsafe { aya_ebpf::helpers::bpf_probe_read_kernel_str_bytes(path, bytes) }
+        .ok()?
+        .len();
+    let truncated = len >= MAX_PATH_BYTES;
+    let mut hash = PATH_HASH_SEED;
+    for (index, &byte) in bytes.iter().take(MAX_PATH_BYTES + 1).enumerate() {
+        let boundary = byte == 0 || (byte == b'/' && index > 0);
+        if prefixes && boundary && ENROLL_PATHS.get_ptr(hash).is_some() {
+            return Some(hash);
+        }
+        if byte == 0 {
+            return (!prefixes && !truncated).then_some(hash);
+        }
+        hash = path_hash_step(hash, byte);
+    }
+    None
 }

@@ -5,17 +5,21 @@
 #![expect(clippy::inline_always, reason = "see the module comment")]
 
 mod connect;
+mod egress;
 mod emit;
 mod enroll;
 mod ingress;
 mod lifecycle;
 mod maps;
+mod sockets;
 mod sockops;
 mod state;
+mod steer;
 
 /// Return code of cgroup hooks that lets the operation proceed.
 const PROCEED: i32 = 1;
-/// Return code of cgroup hooks that refuses it (`EPERM` for connect, drop for skb).
+/// Return code of cgroup hooks that refuses it (`EPERM` for connect and socket creation, drop
+/// for skb).
 const REFUSE: i32 = 0;
 
 /// The entry points: each calls its module's logic and returns the hook's verdict.
@@ -24,10 +28,15 @@ const REFUSE: i32 = 0;
     reason = "the aya macros hand each program its context by value"
 )]
 mod entry {
-    use super::{PROCEED, connect, ingress, lifecycle, sockops};
+    use super::{connect, egress, ingress, lifecycle, sockets, sockops, steer};
     use aya_ebpf::{
-        macros::{btf_tracepoint, cgroup_skb, cgroup_sock_addr, sock_ops},
-        programs::{BtfTracePointContext, SkBuffContext, SockAddrContext, SockOpsContext},
+        macros::{
+            btf_tracepoint, cgroup_skb, cgroup_sock, cgroup_sock_addr, lsm, sk_lookup, sock_ops,
+        },
+        programs::{
+            BtfTracePointContext, LsmContext, SkBuffContext, SkLookupContext, SockAddrContext,
+            SockContext, SockOpsContext,
+        },
     };
 
     #[cgroup_sock_addr(connect4)]
@@ -40,16 +49,9 @@ mod entry {
         connect::try_connect6(&ctx)
     }
 
-    #[cgroup_sock_addr(bind4)]
-    pub(crate) fn enf_bind4(ctx: SockAddrContext) -> i32 {
-        lifecycle::on_bind4(&ctx);
-        PROCEED
-    }
-
-    #[cgroup_sock_addr(bind6)]
-    pub(crate) fn enf_bind6(ctx: SockAddrContext) -> i32 {
-        lifecycle::on_bind6(&ctx);
-        PROCEED
+    #[cgroup_sock(sock_create)]
+    pub(crate) fn enf_sock_create(ctx: SockContext) -> i32 {
+        sockets::try_sock_create(&ctx)
     }
 
     #[sock_ops]
@@ -63,6 +65,16 @@ mod entry {
         ingress::try_ingress(&ctx)
     }
 
+    #[cgroup_skb]
+    pub(crate) fn enf_egress(ctx: SkBuffContext) -> i32 {
+        egress::try_egress(&ctx)
+    }
+
+    #[sk_lookup]
+    pub(crate) fn enf_sk_lookup(ctx: SkLookupContext) -> u32 {
+        steer::try_sk_lookup(&ctx)
+    }
+
     #[btf_tracepoint(function = "sched_process_exec")]
     pub(crate) fn enf_exec(_ctx: BtfTracePointContext) -> i32 {
         lifecycle::on_exec();
@@ -73,6 +85,23 @@ mod entry {
     pub(crate) fn enf_exit(_ctx: BtfTracePointContext) -> i32 {
         lifecycle::on_exit();
         0
+    }
+
+    #[btf_tracepoint(function = "cgroup_mkdir")]
+    pub(crate) fn enf_cgroup_mkdir(ctx: BtfTracePointContext) -> i32 {
+        lifecycle::on_cgroup_mkdir(&ctx);
+        0
+    }
+
+    #[btf_tracepoint(function = "cgroup_attach_task")]
+    pub(crate) fn enf_cgroup_attach(ctx: BtfTracePointContext) -> i32 {
+        lifecycle::on_cgroup_attach(&ctx);
+        0
+    }
+
+    #[lsm(hook = "socket_create")]
+    pub(crate) fn enf_socket_lsm(ctx: LsmContext) -> i32 {
+        sockets::try_socket_lsm(&ctx)
     }
 }
 

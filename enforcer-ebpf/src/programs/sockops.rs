@@ -1,36 +1,55 @@
-//! `sock_ops`: when a redirected socket is established, re-key its record by the client's local
-//! address and port (what the outbound listener sees as the peer); forget it on close.
+//! `sock_ops`: the life of sockets the datapath tracks.
+//!
+//! - a redirected socket, once established, has its record re-keyed by the client's local
+//!   address and port (what the outbound listener sees as the peer); the record goes when the
+//!   socket closes;
+//! - a socket of an enrolled process that starts listening becomes a service: protected (only
+//!   the daemon's hops may reach it, see `ingress`), recorded by address so connects and the
+//!   daemon can find its owner, and removed again when it stops listening. A listener that
+//!   does not fit in the table stays protected, so nobody can reach it, and is reported.
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE, BPF_TCP_LISTEN,
     },
     helpers::bpf_get_socket_cookie,
     programs::SockOpsContext,
 };
-use enforcer_ebpf::{Counter, SockKey};
+use enforcer_ebpf::{Counter, Event, EventKind, Service, SockKey, SockTag, reasons};
 
 use super::{
-    emit::count,
-    maps::{ORIG_BY_COOKIE, ORIG_BY_TUPLE},
-    state::{AF_INET, host_port, mapped, read_words},
+    emit::{count, emit},
+    maps::{ORIG_BY_COOKIE, ORIG_BY_TUPLE, SERVICES},
+    state::{
+        AF_INET, IPPROTO_TCP, active_policy, hint_service_port, host_port, identity_of, mapped,
+        read_words, sock_tag,
+    },
 };
 
 pub(crate) fn on_sock_ops(ctx: &SockOpsContext) {
     match ctx.op() {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => link(ctx),
-        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => unlink(ctx),
+        BPF_SOCK_OPS_TCP_LISTEN_CB => listen(ctx),
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+            if ctx.arg(0) == BPF_TCP_LISTEN {
+                unlisten(ctx);
+            } else {
+                unlink(ctx);
+            }
+        }
         _ => {}
     }
 }
 
-/// The socket's local address and port.
+/// The socket's local address and port; an unspecified address (a wildcard bind) is the
+/// all-zero "any" key.
 #[inline(always)]
 fn local_key(ctx: &SockOpsContext) -> SockKey {
     let addr = if ctx.family() == AF_INET {
-        mapped(ctx.local_ip4())
+        let ip4 = ctx.local_ip4();
+        if ip4 == 0 { [0; 4] } else { mapped(ip4) }
     } else {
         // SAFETY: the context pointer is valid for the whole program run.
         unsafe { read_words(&raw const (*ctx.ops).local_ip6) }
@@ -49,6 +68,12 @@ fn cookie(ctx: &SockOpsContext) -> u64 {
     unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }
 
+/// Ask for state changes, so the socket's records are removed when it closes.
+#[inline(always)]
+fn watch_close(ctx: &SockOpsContext) {
+    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG.cast_signed());
+}
+
 #[inline(always)]
 fn link(ctx: &SockOpsContext) {
     let cookie = cookie(ctx);
@@ -59,8 +84,7 @@ fn link(ctx: &SockOpsContext) {
     let orig = unsafe { *orig };
     if ORIG_BY_TUPLE.insert(local_key(ctx), orig, 0).is_ok() {
         count(Counter::Linked);
-        // Ask for state changes so the record is removed when the socket closes.
-        let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG.cast_signed());
+        watch_close(ctx);
     } else {
         count(Counter::TableFull);
     }
@@ -77,5 +101,66 @@ fn unlink(ctx: &SockOpsContext) {
     // Only the socket that created the record removes it (a later socket may reuse the port).
     if unsafe { (*orig).cookie } == cookie(ctx) {
         let _ = ORIG_BY_TUPLE.remove(key);
+    }
+}
+
+/// A socket started listening: if an enrolled process made it, it becomes a service.
+#[inline(always)]
+fn listen(ctx: &SockOpsContext) {
+    // SAFETY: the context pointer is valid; `sk` is the listening socket (checked non-null).
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return;
+    }
+    // SAFETY: `sk` is the context's full socket.
+    let Some(tag) = (unsafe { sock_tag(sk.cast()) }) else {
+        return;
+    };
+    // SAFETY: a storage pointer from a successful lookup; this program is its only writer.
+    let owner = unsafe {
+        (*tag).flags |= SockTag::PROTECTED;
+        *tag
+    };
+    let key = local_key(ctx);
+    let cookie = cookie(ctx);
+    let service = Service {
+        tgid: owner.tgid,
+        pad: 0,
+        cgroup_id: owner.cgroup_id,
+        cookie,
+    };
+    watch_close(ctx);
+    hint_service_port(key.port);
+    let (_, meta) = active_policy();
+    let mut event = Event {
+        cookie,
+        cgroup_id: owner.cgroup_id,
+        policy_version: meta.version,
+        tgid: owner.tgid,
+        src_id: identity_of(owner.tgid),
+        src: key,
+        family: ctx.family(),
+        protocol: IPPROTO_TCP,
+        ..Event::default()
+    };
+    if SERVICES.insert(key, service, 0).is_err() {
+        count(Counter::TableFull);
+        event.reason = reasons::TABLE_FULL;
+    }
+    count(Counter::Listen);
+    emit(EventKind::Listen, event);
+}
+
+/// A listening socket closed: forget its service, unless another socket owns the entry now.
+#[inline(always)]
+fn unlisten(ctx: &SockOpsContext) {
+    let key = local_key(ctx);
+    let Some(service) = SERVICES.get_ptr(key) else {
+        return;
+    };
+    // SAFETY: the pointer comes from a successful lookup and points to a Service value.
+    if unsafe { (*service).cookie } == cookie(ctx) {
+        let _ = SERVICES.remove(key);
+        count(Counter::Unlisten);
     }
 }

@@ -1,20 +1,33 @@
-//! Reads of the shared state that several programs need.
+//! Reads of the shared state that several programs need: configuration, identities, services,
+//! socket tags, policy, egress and peers.
 
-use aya_ebpf::helpers::bpf_get_current_pid_tgid;
+use aya_ebpf::helpers::{bpf_get_current_pid_tgid, generated::bpf_sk_storage_get};
 use enforcer_ebpf::{
-    Config, PolicyEntry, PolicyKey, PolicyMeta, Service, SockKey, UNKNOWN_IDENTITY,
+    Config, DaemonTag, EgressKey, IdentityEntry, Layout, PolicyEntry, PolicyKey, PolicyMeta,
+    Service, SockKey, SockTag, UNKNOWN_IDENTITY,
 };
 
 use super::maps::{
-    CONFIG, IDENTITIES, POLICY_0, POLICY_1, POLICY_META, POLICY_SLOT, SERVICE_PORTS, SERVICES,
+    CONFIG, DAEMON_SOCKS, EGRESS, GENERATIONS, IDENTITIES, LAYOUT, LOCAL_ADDRS, PEERS, POLICY_0,
+    POLICY_1, POLICY_META, POLICY_SLOT, SERVICE_PORTS, SERVICES, SOCKS,
 };
 
 /// `AF_INET`.
 pub(crate) const AF_INET: u32 = 2;
 /// `AF_INET6`.
 pub(crate) const AF_INET6: u32 = 10;
+/// `IPPROTO_ICMP`.
+pub(crate) const IPPROTO_ICMP: u32 = 1;
 /// `IPPROTO_TCP`.
 pub(crate) const IPPROTO_TCP: u32 = 6;
+/// `IPPROTO_UDP`.
+pub(crate) const IPPROTO_UDP: u32 = 17;
+/// `IPPROTO_ICMPV6`.
+pub(crate) const IPPROTO_ICMPV6: u32 = 58;
+/// `SOCK_STREAM`.
+pub(crate) const SOCK_STREAM: u32 = 1;
+/// `SOCK_RAW`.
+pub(crate) const SOCK_RAW: u32 = 3;
 
 /// The port in a `user_port` field of `bpf_sock_addr` (network byte order in the low 16 bits).
 #[inline(always)]
@@ -67,11 +80,17 @@ pub(crate) fn is_mapped(addr: &[u32; 4]) -> bool {
     addr[0] == 0 && addr[1] == 0 && addr[2] == 0xffff_u32.to_be()
 }
 
-/// The daemon's configuration (all zero until the daemon writes it: enrolled traffic then
-/// fails closed because there is no outbound listener).
+/// Where redirected connections go (all zero until the daemon writes it: enrolled traffic then
+/// fails closed because there is no redirect port).
 #[inline(always)]
 pub(crate) fn config() -> Config {
     CONFIG.get(0).copied().unwrap_or_default()
+}
+
+/// The kernel structure offsets, when the loader has found them.
+#[inline(always)]
+pub(crate) fn layout() -> Option<Layout> {
+    LAYOUT.get(0).copied().filter(|layout| layout.valid != 0)
 }
 
 /// The calling task's tgid.
@@ -80,21 +99,61 @@ pub(crate) fn current_tgid() -> u32 {
     (bpf_get_current_pid_tgid() >> 32) as u32
 }
 
-/// The identity number the daemon attested for `tgid`.
+/// The image generation of `tgid` (0 when it has none).
 #[inline(always)]
-pub(crate) fn identity_of(tgid: u32) -> u32 {
+pub(crate) fn generation_of(tgid: u32) -> u64 {
+    match GENERATIONS.get_ptr(tgid) {
+        // SAFETY: the pointer comes from a successful lookup and points to a u64 map value.
+        Some(generation) => unsafe { *generation },
+        None => 0,
+    }
+}
+
+/// The identity number the daemon attested for `tgid` at `generation`, if the attestation
+/// still holds for that generation.
+#[inline(always)]
+pub(crate) fn identity_at(tgid: u32, generation: u64) -> u32 {
     match IDENTITIES.get_ptr(tgid) {
-        // SAFETY: the pointer comes from a successful lookup and points to a u32 map value.
-        Some(id) => unsafe { *id },
+        Some(entry) => {
+            // SAFETY: the pointer comes from a successful lookup and points to an entry.
+            let entry: IdentityEntry = unsafe { *entry };
+            if entry.generation == generation {
+                entry.identity
+            } else {
+                UNKNOWN_IDENTITY
+            }
+        }
         None => UNKNOWN_IDENTITY,
     }
 }
 
-/// Who owns `key`: an exact (address, port) entry first, then the any-address entry. The port
-/// hint array answers the common "nobody" without touching the hash map.
+/// The identity `tgid` holds now.
+#[inline(always)]
+pub(crate) fn identity_of(tgid: u32) -> u32 {
+    identity_at(tgid, generation_of(tgid))
+}
+
+/// Whether `addr` is one of this node's addresses: loopback, or one the daemon listed.
+#[inline(always)]
+pub(crate) fn is_local(addr: &[u32; 4]) -> bool {
+    let loopback4 = is_mapped(addr) && u32::from_be(addr[3]) >> 24 == 127;
+    let loopback6 = addr[0] == 0 && addr[1] == 0 && addr[2] == 0 && addr[3] == 1_u32.to_be();
+    loopback4 || loopback6 || LOCAL_ADDRS.get_ptr(addr).is_some()
+}
+
+/// The listening socket that owns `key`: an exact (address, port) entry first, then the
+/// any-address entry when the address is this node's own. The port hint array answers the
+/// common "nobody" without touching the hash map.
 #[inline(always)]
 pub(crate) fn service_at(key: &SockKey) -> Option<Service> {
     if SERVICE_PORTS.get(u32::from(key.port)).copied().unwrap_or(0) == 0 {
+        return None;
+    }
+    if let Some(found) = SERVICES.get_ptr(key) {
+        // SAFETY: the pointer comes from a successful lookup and points to a Service value.
+        return Some(unsafe { *found });
+    }
+    if !is_local(&key.addr) {
         return None;
     }
     let any = SockKey {
@@ -102,11 +161,8 @@ pub(crate) fn service_at(key: &SockKey) -> Option<Service> {
         port: key.port,
         pad: 0,
     };
-    let found = match SERVICES.get_ptr(key) {
-        Some(found) => found,
-        None => SERVICES.get_ptr(any)?,
-    };
-    // SAFETY: the pointer comes from a successful lookup and points to a Service value.
+    let found = SERVICES.get_ptr(any)?;
+    // SAFETY: as above.
     Some(unsafe { *found })
 }
 
@@ -117,6 +173,43 @@ pub(crate) fn hint_service_port(port: u16) {
         // SAFETY: the pointer is to an array slot; concurrent writers all store 1.
         unsafe { *hint = 1 };
     }
+}
+
+/// Whether `addr` is a mesh peer's (its connections always go to the tunnel).
+#[inline(always)]
+pub(crate) fn is_peer(addr: &[u32; 4]) -> bool {
+    PEERS.get_ptr(addr).is_some()
+}
+
+/// The egress rule that permits plaintext `protocol` to `addr` on `port`, if any: the
+/// port-specific entry first, then the any-port entry.
+#[inline(always)]
+pub(crate) fn egress_rule(protocol: u32, addr: &[u32; 4], port: u16) -> Option<u32> {
+    let protocol = if protocol == IPPROTO_ICMPV6 {
+        IPPROTO_ICMP
+    } else {
+        protocol
+    };
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "the protocols looked up are below 256"
+    )]
+    let protocol = protocol as u8;
+    let v6 = !is_mapped(addr);
+    let mut key = aya_ebpf::maps::lpm_trie::Key::new(
+        32 + 128,
+        EgressKey {
+            proto_port: EgressKey::proto_port(v6, protocol, port),
+            addr: *addr,
+        },
+    );
+    if port != 0 {
+        if let Some(rule) = EGRESS.get(&key) {
+            return Some(rule.rule);
+        }
+        key.data.proto_port = EgressKey::proto_port(v6, protocol, 0);
+    }
+    EGRESS.get(&key).map(|rule| rule.rule)
 }
 
 /// The active policy slot and its metadata.
@@ -144,4 +237,49 @@ pub(crate) fn policy_entry(slot: u32, src_id: u32, dst_id: u32, port: u16) -> Op
     };
     // SAFETY: the pointer comes from a successful lookup and points to a PolicyEntry value.
     Some(unsafe { *found })
+}
+
+/// The tag of a socket an enrolled process created, if `sk` is one.
+///
+/// # Safety
+/// `sk` must be a socket pointer the verifier accepts for `bpf_sk_storage_get` (a full socket
+/// from the context or a lookup).
+#[inline(always)]
+pub(crate) unsafe fn sock_tag(sk: *mut core::ffi::c_void) -> Option<*mut SockTag> {
+    // SAFETY: the caller guarantees `sk`; no value and no flags: a plain lookup.
+    let tag = unsafe { bpf_sk_storage_get(SOCKS.as_ptr(), sk, core::ptr::null_mut(), 0) };
+    (!tag.is_null()).then_some(tag.cast())
+}
+
+/// Tag `sk` as created by an enrolled process; `None` when the kernel could not store it.
+///
+/// # Safety
+/// As for [`sock_tag`].
+#[inline(always)]
+pub(crate) unsafe fn tag_sock(sk: *mut core::ffi::c_void, tag: &mut SockTag) -> Option<()> {
+    // SAFETY: the caller guarantees `sk`; `tag` is the initial value of a created entry.
+    let stored = unsafe {
+        bpf_sk_storage_get(
+            SOCKS.as_ptr(),
+            sk,
+            core::ptr::from_mut(tag).cast(),
+            u64::from(aya_ebpf::bindings::BPF_SK_STORAGE_GET_F_CREATE),
+        )
+    };
+    (!stored.is_null()).then_some(())
+}
+
+/// The daemon's tag of `sk`, if the daemon tagged it.
+///
+/// # Safety
+/// As for [`sock_tag`].
+#[inline(always)]
+pub(crate) unsafe fn daemon_tag(sk: *mut core::ffi::c_void) -> Option<DaemonTag> {
+    // SAFETY: the caller guarantees `sk`; a plain lookup.
+    let tag = unsafe { bpf_sk_storage_get(DAEMON_SOCKS.as_ptr(), sk, core::ptr::null_mut(), 0) };
+    if tag.is_null() {
+        return None;
+    }
+    // SAFETY: a non-null storage pointer points to the map's value type.
+    Some(unsafe { *tag.cast::<DaemonTag>() })
 }

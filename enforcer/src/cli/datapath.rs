@@ -34,8 +34,16 @@ pub(super) fn status(pin_dir: &Path) -> anyhow::Result<()> {
         }
     );
     println!(
-        "daemon: pid {} outbound port {} tunnel mark {:#x}",
-        config.daemon_tgid, config.outbound_port, config.tunnel_mark
+        "daemon ports: redirect {} inbound {}",
+        config.outbound_port, config.inbound_port
+    );
+    println!(
+        "packet sockets of enrolled processes: {}",
+        if datapath.refuses_packet_sockets() {
+            "refused (BPF LSM)"
+        } else {
+            "NOT refused (the kernel does not run the BPF LSM)"
+        }
     );
     for counter in Counter::ALL {
         println!("counter {:<16} {}", counter.name(), maps.counter(counter)?);

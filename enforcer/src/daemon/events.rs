@@ -1,7 +1,7 @@
 //! The kernel's side of the audit trail: a thread reads the event ring buffer, turns each
 //! decision (redirect, deny, audit, egress, drop, no listener) into an audit record joined with
-//! the identities and process facts the daemon knows, hands process events (bind, exec, exit)
-//! to the registrar, and records every event the kernel lost as a loss record.
+//! the identities and process facts the daemon knows, hands process events (listen, exec,
+//! exit, move) to the registrar, and records every event the kernel lost as a loss record.
 #![forbid(unsafe_code)]
 
 use std::{
@@ -15,6 +15,8 @@ use std::{
 };
 
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
+
+use enforcer_ebpf::reasons;
 
 use super::{Recorder, workloads::Registrar};
 use crate::{
@@ -103,9 +105,20 @@ impl EventPump {
     fn handle(&self, event: &KernelEvent) {
         self.recorder.telemetry.kernel_event();
         match event.kind {
-            EventKind::Bind => self.registrar.register(event.tgid),
-            EventKind::Exec => self.registrar.reattest(event.tgid),
+            EventKind::Listen if event.reason == reasons::TABLE_FULL => {
+                tracing::warn!(pid = event.tgid, addr = %event.src, "the services table is full: this listening socket is protected, but nothing can reach it");
+                self.recorder.submit(self.entry(event));
+                self.registrar.register(event.tgid);
+            }
+            EventKind::Listen => self.registrar.register(event.tgid),
+            EventKind::Exec | EventKind::Move => self.registrar.reattest(event.tgid),
             EventKind::Exit => self.registrar.forget(event.tgid),
+            EventKind::Enroll => {
+                tracing::info!(
+                    cgroup_id = event.cgroup_id,
+                    "a cgroup created at an enrolled path was enrolled by the kernel"
+                );
+            }
             EventKind::Redirect
             | EventKind::Deny
             | EventKind::Audit
@@ -119,14 +132,16 @@ impl EventPump {
     fn entry(&self, event: &KernelEvent) -> Entry {
         let identities = self.registrar.identities();
         let name = |number: u32| identities.id(number).map(ToString::to_string);
-        let (event_kind, verdict, reason) = match event.kind {
-            EventKind::Deny => (audit::Event::Deny, audit::Verdict::Deny, "policy"),
-            EventKind::Audit => (audit::Event::Audit, audit::Verdict::Audit, "policy"),
-            EventKind::Egress => (audit::Event::Egress, audit::Verdict::Allow, "egress"),
-            EventKind::Drop => (audit::Event::Drop, audit::Verdict::Drop, "bypass"),
-            EventKind::NoListener => (audit::Event::Deny, audit::Verdict::Deny, "no-listener"),
-            _ => (audit::Event::Redirect, audit::Verdict::Allow, "redirected"),
+        let (event_kind, verdict) = match event.kind {
+            EventKind::Deny | EventKind::NoListener | EventKind::Listen => {
+                (audit::Event::Deny, audit::Verdict::Deny)
+            }
+            EventKind::Audit => (audit::Event::Audit, audit::Verdict::Audit),
+            EventKind::Egress => (audit::Event::Egress, audit::Verdict::Allow),
+            EventKind::Drop => (audit::Event::Drop, audit::Verdict::Drop),
+            _ => (audit::Event::Redirect, audit::Verdict::Allow),
         };
+        let reason = reason_name(event);
         let addr = |addr: std::net::SocketAddr| (addr.port() != 0).then(|| addr.to_string());
         let src = if event.kind == EventKind::Drop {
             // The sender of a dropped packet is remote or unenrolled: only its address.
@@ -197,6 +212,22 @@ impl EventPump {
             .ok()
             .and_then(|text| text.trim().parse().ok())
             .unwrap_or(0)
+    }
+}
+
+/// The audit reason of a kernel decision event.
+fn reason_name(event: &KernelEvent) -> &'static str {
+    match (event.kind, event.reason) {
+        (EventKind::NoListener, _) => "no-listener",
+        (EventKind::Egress, _) => "egress",
+        (EventKind::Redirect, _) => "redirected",
+        (_, reasons::PROTOCOL) => "protocol",
+        (_, reasons::RAW_SOCKET) => "raw-socket",
+        (_, reasons::MISDELIVERED) => "misdelivered",
+        (_, reasons::INBOUND) => "inbound-protocol",
+        (_, reasons::TABLE_FULL) => "table-full",
+        (EventKind::Drop, _) => "bypass",
+        _ => "policy",
     }
 }
 

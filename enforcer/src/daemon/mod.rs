@@ -14,8 +14,8 @@ mod telemetry;
 mod workloads;
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::unix::fs::DirBuilderExt as _,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::{fd::AsFd as _, unix::fs::DirBuilderExt as _},
     path::PathBuf,
     sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant, SystemTime},
@@ -44,7 +44,7 @@ use crate::{
         load_or_init,
     },
     kernel::{
-        DaemonConfig, Datapath, DatapathOptions, Maps,
+        DaemonConfig, Datapath, DatapathOptions, ListenerSlot, Maps,
         cgroup::cgroup2_mount,
         loader::{LoadError, PROGRAMS},
         maps::MapsError,
@@ -52,8 +52,8 @@ use crate::{
     policy::{Diagnostic, diagnostic::render},
     report::report,
     tunnel::{
-        FlowRecord, LocalWorkloads, Origins, PolicyView, RecordSink, Tunnel, TunnelConfig,
-        TunnelError, TunnelParts, sources::KernelSources,
+        FlowRecord, LocalWorkloads, Origins, PolicyView, RecordSink, SocketTagger, Tunnel,
+        TunnelConfig, TunnelError, TunnelParts, sources::KernelSources,
     },
 };
 
@@ -230,23 +230,29 @@ impl Daemon {
         let datapath = install(&config, &scope)?;
         let adopted = !datapath.attached_now();
 
-        // Listeners first: the kernel redirects to them as soon as it is configured.
+        // Listeners first, in the kernel's listener map before it is told the ports: from then
+        // on the ports are this daemon's, whoever else binds them.
         let (outbound, outbound_listeners) = bind_outbound(config.tunnel.outbound_port).await?;
-        let inbound_listener = TcpListener::bind(config.tunnel.inbound_addr)
-            .await
-            .map_err(io_error(format!(
-                "failed to bind the inbound listener on {}",
-                config.tunnel.inbound_addr
-            )))?;
+        let inbound_listener = bind_free(config.tunnel.inbound_addr, "inbound").await?;
         let inbound = inbound_listener
             .local_addr()
             .map_err(io_error("inbound listener address"))?;
 
         let mut maps = Maps::open(&datapath.pin_dir().join("maps"))?;
         let previous_version = maps.active_policy()?.version;
+        for (addr, listener) in outbound.iter().zip(&outbound_listeners) {
+            let slot = match addr {
+                SocketAddr::V4(_) => ListenerSlot::Outbound4,
+                SocketAddr::V6(_) => ListenerSlot::Outbound6,
+            };
+            maps.set_listener(slot, listener.as_fd())?;
+        }
+        let inbound_slot = match inbound {
+            SocketAddr::V4(_) => ListenerSlot::Inbound4,
+            SocketAddr::V6(_) => ListenerSlot::Inbound6,
+        };
+        maps.set_listener(inbound_slot, inbound_listener.as_fd())?;
         maps.set_config(&DaemonConfig {
-            daemon_tgid: std::process::id(),
-            tunnel_mark: config.kernel.tunnel_mark,
             outbound_v4: outbound.iter().find_map(|a| match a {
                 SocketAddr::V4(a) => Some(*a.ip()),
                 SocketAddr::V6(_) => None,
@@ -256,6 +262,7 @@ impl Daemon {
                 SocketAddr::V4(_) => None,
             }),
             outbound_port: config.tunnel.outbound_port,
+            inbound_port: config.tunnel.inbound_addr.port(),
         })?;
         let maps = Arc::new(Mutex::new(maps));
 
@@ -264,7 +271,12 @@ impl Daemon {
             cgroup2_mount: Some(mount.clone()),
             ..AttestOptions::default()
         }));
-        let sources = Arc::new(KernelSources::new(Arc::clone(&maps), Arc::clone(&attestor)));
+        let sources = Arc::new(KernelSources::new(
+            Arc::clone(&maps),
+            datapath.socket_tags()?,
+            Arc::clone(&attestor),
+            config.tunnel.outbound_port,
+        ));
         let registrar = Arc::new(Registrar::new(
             attestor,
             Arc::clone(&maps),
@@ -299,7 +311,6 @@ impl Daemon {
 
         let tunnel = Tunnel::new(TunnelParts {
             config: TunnelConfig {
-                mark: config.kernel.tunnel_mark,
                 connect_timeout: config.tunnel.connect_timeout,
                 handshake_timeout: config.tunnel.handshake_timeout,
                 idle_timeout: Some(config.tunnel.idle_timeout),
@@ -311,6 +322,7 @@ impl Daemon {
             workloads: Arc::clone(&sources) as Arc<dyn LocalWorkloads>,
             origins: Arc::clone(&sources) as Arc<dyn Origins>,
             records: Arc::new(recorder.clone()),
+            tags: Arc::clone(&sources) as Arc<dyn SocketTagger>,
             policy: PolicyView::new(&policy, version),
         })?;
 
@@ -371,6 +383,7 @@ impl Daemon {
     }
 
     async fn serve(self: Arc<Self>, parts: Serving) -> Result<(), DaemonError> {
+        self.refresh_local_addrs();
         let seen = self.registrar.rescan();
         self.issue_svids();
         let events = EventThread::start(parts.events)
@@ -431,6 +444,7 @@ impl Daemon {
                 _ = rescan.tick() => {
                     let daemon = Arc::clone(&self);
                     let _ = tokio::task::spawn_blocking(move || {
+                        daemon.refresh_local_addrs();
                         daemon.registrar.rescan();
                         daemon.issue_svids();
                     }).await;
@@ -473,6 +487,31 @@ impl Daemon {
             "stopped; the datapath stays pinned and fails closed until the next start"
         );
         Ok(())
+    }
+
+    /// Tell the kernel and the tunnel this node's addresses: a wildcard listener owns a
+    /// destination only at one of them, so the tunnel never delivers to another host.
+    fn refresh_local_addrs(&self) {
+        let addrs: Vec<IpAddr> = match if_addrs::get_if_addrs() {
+            Ok(interfaces) => interfaces
+                .iter()
+                .map(if_addrs::Interface::ip)
+                .filter(|ip| !ip.is_loopback())
+                .collect(),
+            Err(error) => {
+                tracing::warn!(%error, "failed to list this node's addresses; keeping the last list");
+                return;
+            }
+        };
+        let result = self
+            .maps
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .replace_local_addrs(&addrs);
+        if let Err(error) = result {
+            tracing::warn!(error = %report(&error), "failed to give the kernel this node's addresses");
+        }
+        self.sources.set_local_addrs(addrs);
     }
 
     /// Issue (or keep) the SVID of every identity a registered process holds.
@@ -605,24 +644,49 @@ fn identity(
     Ok((bundles, svids))
 }
 
-/// Bind the outbound listener on `127.0.0.1:port` and, when the host has IPv6 loopback, on
-/// `[::1]:port` (without it the kernel refuses enrolled IPv6 connects: fail closed).
+/// Bind the outbound listener for the redirect port on `127.0.0.1` and, when the host has IPv6
+/// loopback, on `[::1]` (without it the kernel refuses enrolled IPv6 connects: fail closed).
+/// The kernel hands the redirect port to these sockets; see [`bind_free`] for where they bind.
 async fn bind_outbound(port: u16) -> Result<(Vec<SocketAddr>, Vec<TcpListener>), DaemonError> {
     let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let listener = TcpListener::bind(v4).await.map_err(io_error(format!(
-        "failed to bind the outbound listener on {v4}"
-    )))?;
+    let listener = bind_free(v4, "outbound").await?;
     let mut addrs = vec![v4];
     let mut listeners = vec![listener];
     let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
-    match TcpListener::bind(v6).await {
+    match bind_free(v6, "outbound").await {
         Ok(listener) => {
             addrs.push(v6);
             listeners.push(listener);
         }
         Err(error) => {
-            tracing::warn!(%v6, %error, "no IPv6 outbound listener: enrolled IPv6 connects are refused");
+            tracing::warn!(%v6, error = %report(&error), "no IPv6 outbound listener: enrolled IPv6 connects are refused");
         }
     }
     Ok((addrs, listeners))
+}
+
+/// Bind a listener for `addr`: at `addr` itself when it is free, otherwise at a port the kernel
+/// chooses on the same IP. The kernel's `sk_lookup` hands connections for `addr`'s port to the
+/// socket the daemon registers, wherever it is bound, so a process that took the port while
+/// the daemon was down neither receives a connection nor keeps the daemon from starting.
+async fn bind_free(addr: SocketAddr, what: &str) -> Result<TcpListener, DaemonError> {
+    match TcpListener::bind(addr).await {
+        Ok(listener) => Ok(listener),
+        Err(error) if error.kind() == std::io::ErrorKind::AddrInUse => {
+            let fallback = SocketAddr::new(addr.ip(), 0);
+            let listener = TcpListener::bind(fallback).await.map_err(io_error(format!(
+                "failed to bind the {what} listener on {fallback}"
+            )))?;
+            tracing::warn!(
+                %addr,
+                bound = ?listener.local_addr().ok(),
+                "another process holds the {what} port; the kernel hands its connections to this daemon anyway"
+            );
+            Ok(listener)
+        }
+        Err(source) => Err(DaemonError::Io {
+            what: format!("failed to bind the {what} listener on {addr}"),
+            source,
+        }),
+    }
 }

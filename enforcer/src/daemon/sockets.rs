@@ -3,7 +3,7 @@
 #![forbid(unsafe_code)]
 
 use std::{
-    collections::HashSet,
+    collections::HashMap,
     fs,
     net::{IpAddr, Ipv4Addr, SocketAddr},
 };
@@ -13,9 +13,20 @@ use crate::kernel::addr::from_words;
 /// The `st` column of a listening socket.
 const TCP_LISTEN: &str = "0A";
 
-/// The addresses `pid` listens on; empty when the process is gone or its files are unreadable.
+/// One listening socket of a process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Listener {
+    /// The address it listens on.
+    pub(crate) addr: SocketAddr,
+    /// Its socket inode.
+    pub(crate) inode: u64,
+    /// A descriptor number of it in the process.
+    pub(crate) fd: i32,
+}
+
+/// The listening sockets of `pid`; empty when the process is gone or its files are unreadable.
 #[must_use]
-pub fn listening(pid: u32) -> Vec<SocketAddr> {
+pub(crate) fn listeners_of(pid: u32) -> Vec<Listener> {
     let inodes = socket_inodes(pid);
     if inodes.is_empty() {
         return Vec::new();
@@ -23,41 +34,40 @@ pub fn listening(pid: u32) -> Vec<SocketAddr> {
     let mut found = Vec::new();
     for table in ["tcp", "tcp6"] {
         if let Ok(text) = fs::read_to_string(format!("/proc/{pid}/net/{table}")) {
-            found.extend(
-                listeners(&text)
-                    .into_iter()
-                    .filter(|(_, inode)| inodes.contains(inode))
-                    .map(|(addr, _)| addr),
-            );
+            found.extend(listeners(&text).into_iter().filter_map(|(addr, inode)| {
+                inodes.get(&inode).map(|&fd| Listener { addr, inode, fd })
+            }));
         }
     }
-    found.sort_unstable();
-    found.dedup();
+    found.sort_unstable_by_key(|listener| (listener.addr, listener.inode));
+    found.dedup_by_key(|listener| (listener.addr, listener.inode));
     found
 }
 
-/// Inodes of the sockets among `pid`'s open files.
-fn socket_inodes(pid: u32) -> HashSet<u64> {
+/// The sockets among `pid`'s open files: inode -> a descriptor number.
+fn socket_inodes(pid: u32) -> HashMap<u64, i32> {
     let Ok(entries) = fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return HashSet::new();
+        return HashMap::new();
     };
     entries
         .filter_map(Result::ok)
-        .filter_map(|entry| fs::read_link(entry.path()).ok())
-        .filter_map(|target| {
-            let target = target.to_str()?;
-            target
+        .filter_map(|entry| {
+            let fd: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let target = fs::read_link(entry.path()).ok()?;
+            let inode = target
+                .to_str()?
                 .strip_prefix("socket:[")?
                 .strip_suffix(']')?
                 .parse()
-                .ok()
+                .ok()?;
+            Some((inode, fd))
         })
         .collect()
 }
 
 /// The listening sockets of a `/proc/net/tcp` or `tcp6` table: (local address, inode).
 #[must_use]
-pub fn listeners(table: &str) -> Vec<(SocketAddr, u64)> {
+pub(crate) fn listeners(table: &str) -> Vec<(SocketAddr, u64)> {
     table
         .lines()
         .skip(1)
@@ -125,6 +135,19 @@ mod tests {
 
     #[test]
     fn a_missing_process_listens_nowhere() {
-        assert!(listening(u32::MAX).is_empty());
+        assert!(listeners_of(u32::MAX).is_empty());
+    }
+
+    #[test]
+    fn finds_its_own_listener_with_a_descriptor() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let found = listeners_of(std::process::id());
+        let mine = found
+            .iter()
+            .find(|l| l.addr == addr)
+            .unwrap_or_else(|| panic!("{addr} not among {found:?}"));
+        use std::os::fd::AsRawFd as _;
+        assert_eq!(mine.fd, listener.as_raw_fd());
     }
 }

@@ -1,22 +1,30 @@
-//! The registrar: finds the processes of enrolled cgroups, attests them, gives each the identity
-//! number of the workload entry it matches in the kernel (so `connect()` can be refused before a
-//! packet leaves), and records the addresses they listen on as services (so the tunnel can
-//! deliver to them and the ingress hook guards them). It runs at start-up, on every rescan
-//! tick, on each policy change, and for single processes on the kernel's bind and exec events.
+//! The registrar: finds the processes of enrolled cgroups, attests them, and gives each the
+//! identity number of the workload entry it matches in the kernel, for the image generation it
+//! attested (so `connect()` can be refused before a packet leaves, and an exec or a cgroup move
+//! since voids it). The kernel records the listening sockets of enrolled processes itself; the
+//! registrar adopts the ones it could not see start listening (sockets older than the datapath,
+//! or carried into an enrolled cgroup), and forgets services nobody listens on any more. It
+//! runs at start-up, on every rescan tick, on each policy change, and for single processes on
+//! the kernel's listen, exec and move events.
 #![forbid(unsafe_code)]
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     fs,
     net::SocketAddr,
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock},
     time::Instant,
 };
 
+use rustix::process::{Pid, PidfdFlags, PidfdGetfdFlags, pidfd_getfd, pidfd_open};
 use serde::Serialize;
 
-use super::{sockets, telemetry::Telemetry};
+use super::{
+    sockets::{self, Listener},
+    telemetry::Telemetry,
+};
 use crate::{
     attest::{Attestor, Identification, Identities, ProcessFacts},
     kernel::Maps,
@@ -50,6 +58,9 @@ pub(crate) struct WorkloadInfo {
     pub(crate) state: &'static str,
     /// TCP addresses it listens on.
     pub(crate) listening: Vec<SocketAddr>,
+    /// The image generation it was attested for.
+    #[serde(skip)]
+    pub(crate) generation: u64,
 }
 
 /// Where a process comes from, as audit records name it.
@@ -69,6 +80,8 @@ pub(crate) struct Registrar {
     mount: PathBuf,
     identities: RwLock<Arc<Identities>>,
     table: Mutex<BTreeMap<u32, WorkloadInfo>>,
+    /// Listening sockets already adopted or found known to the kernel: (pid, inode).
+    adopted: Mutex<HashSet<(u32, u64)>>,
     telemetry: Arc<Telemetry>,
 }
 
@@ -86,6 +99,7 @@ impl Registrar {
             mount,
             identities: RwLock::new(Arc::default()),
             table: Mutex::new(BTreeMap::new()),
+            adopted: Mutex::new(HashSet::new()),
             telemetry,
         }
     }
@@ -125,6 +139,9 @@ impl Registrar {
         }
         self.table()
             .retain(|pid, _| pids.binary_search(pid).is_ok());
+        self.adopted()
+            .retain(|(pid, _)| pids.binary_search(pid).is_ok());
+        self.forget_stale_services();
         pids.len()
     }
 
@@ -137,9 +154,10 @@ impl Registrar {
     pub(crate) fn forget(&self, pid: u32) {
         self.attestor.forget(pid);
         self.table().remove(&pid);
+        self.adopted().retain(|&(owner, _)| owner != pid);
     }
 
-    /// A process that exec'd: its cached attestation names the old binary.
+    /// A process that exec'd or moved: its cached attestation describes its old image.
     pub(crate) fn reattest(&self, pid: u32) {
         self.attestor.forget(pid);
         self.register(pid);
@@ -170,6 +188,16 @@ impl Registrar {
 
     fn register_with(&self, identities: &Identities, pid: u32) {
         let started = Instant::now();
+        // The generation before attesting: an identity written for it is void if the process
+        // exec'd or moved meanwhile, however the two race.
+        let generation = self.maps().generation(pid).unwrap_or_default();
+        if self
+            .table()
+            .get(&pid)
+            .is_some_and(|known| known.generation != generation)
+        {
+            self.attestor.forget(pid);
+        }
         let facts = match self.attestor.attest(pid) {
             Ok(facts) => {
                 self.telemetry.attested(started.elapsed(), true);
@@ -191,9 +219,11 @@ impl Registrar {
                 None
             }
         };
-        let listening = sockets::listening(pid);
-        self.program(pid, number, &listening);
-        let info = describe(&facts, &identification, listening);
+        let listeners = sockets::listeners_of(pid);
+        self.program(pid, number, generation);
+        self.adopt_listeners(pid, facts.cgroup_id.unwrap_or_default(), &listeners);
+        let listening = listeners.iter().map(|listener| listener.addr).collect();
+        let info = describe(&facts, &identification, listening, generation);
         let mut table = self.table();
         if table.get(&pid) != Some(&info) {
             tracing::info!(
@@ -208,12 +238,12 @@ impl Registrar {
         table.insert(pid, info);
     }
 
-    /// Give `pid` its identity number in the kernel (or take it away) and record its services.
-    fn program(&self, pid: u32, number: Option<u32>, listening: &[SocketAddr]) {
+    /// Give `pid` its identity number for image `generation` in the kernel (or take it away).
+    fn program(&self, pid: u32, number: Option<u32>, generation: u64) {
         let mut maps = self.maps();
         let result = match number {
             Some(number) if maps.identity(pid).ok().flatten() != Some(number) => {
-                maps.set_identity(pid, number)
+                maps.set_identity(pid, number, generation)
             }
             None if maps.identity(pid).ok().flatten().is_some() => maps.remove_identity(pid),
             _ => Ok(()),
@@ -221,17 +251,81 @@ impl Registrar {
         if let Err(error) = result {
             tracing::warn!(pid, error = %report(&error), "failed to set a process's identity");
         }
-        let Some(number) = number else {
-            return;
-        };
-        for &addr in listening {
-            let known = maps.service(addr).ok().flatten();
-            if known.is_none_or(|service| service.identity != number)
-                && let Err(error) = maps.set_service(addr, number)
-            {
-                tracing::warn!(%addr, error = %report(&error), "failed to record a service");
+    }
+
+    /// Protect and record the listening sockets of `pid` (of cgroup `cgroup_id`) that the
+    /// kernel did not see start listening: taken from the process with `pidfd_getfd`, checked
+    /// to be the same socket, then tagged and recorded like the kernel does.
+    fn adopt_listeners(&self, pid: u32, cgroup_id: u64, listeners: &[Listener]) {
+        for listener in listeners {
+            if self.adopted().contains(&(pid, listener.inode)) {
+                continue;
+            }
+            let known = self
+                .maps()
+                .service(listener.addr)
+                .ok()
+                .flatten()
+                .is_some_and(|service| service.tgid == pid);
+            if !known && let Err(error) = self.adopt(pid, cgroup_id, listener) {
+                tracing::warn!(pid, addr = %listener.addr, %error, "failed to protect a listening socket the kernel did not see start listening");
+                continue;
+            }
+            if !known {
+                tracing::info!(pid, addr = %listener.addr, "protected a listening socket the kernel did not see start listening");
+            }
+            self.adopted().insert((pid, listener.inode));
+        }
+    }
+
+    fn adopt(&self, pid: u32, cgroup_id: u64, listener: &Listener) -> Result<(), String> {
+        let process =
+            Pid::from_raw(i32::try_from(pid).map_err(|e| e.to_string())?).ok_or("pid 0")?;
+        let pidfd = pidfd_open(process, PidfdFlags::empty()).map_err(|e| e.to_string())?;
+        let socket = pidfd_getfd(&pidfd, listener.fd, PidfdGetfdFlags::empty())
+            .map_err(|e| format!("pidfd_getfd: {e}"))?;
+        let inode = rustix::fs::fstat(&socket)
+            .map_err(|e| e.to_string())?
+            .st_ino;
+        if inode != listener.inode {
+            return Err(format!(
+                "descriptor {} no longer holds socket {}",
+                listener.fd, listener.inode
+            ));
+        }
+        self.maps()
+            .adopt_listener(socket.as_fd(), listener.addr, pid, cgroup_id)
+            .map_err(|error| report(&error).to_string())
+    }
+
+    /// Forget services whose owner is gone and that no enrolled process listens on any more
+    /// (a listener the kernel recorded is removed when it closes; one the daemon adopted is
+    /// removed here).
+    fn forget_stale_services(&self) {
+        let listening: HashSet<SocketAddr> = self
+            .table()
+            .values()
+            .flat_map(|info| info.listening.iter().copied())
+            .collect();
+        let stale: Vec<(SocketAddr, u64)> = self
+            .maps()
+            .services()
+            .into_iter()
+            .filter(|(addr, service)| {
+                !listening.contains(addr) && !Path::new(&format!("/proc/{}", service.tgid)).exists()
+            })
+            .map(|(addr, service)| (addr, service.cookie))
+            .collect();
+        let mut maps = self.maps();
+        for (addr, cookie) in stale {
+            if let Err(error) = maps.remove_service(addr, cookie) {
+                tracing::warn!(%addr, error = %report(&error), "failed to forget a stale service");
             }
         }
+    }
+
+    fn adopted(&self) -> MutexGuard<'_, HashSet<(u32, u64)>> {
+        self.adopted.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn table(&self) -> MutexGuard<'_, BTreeMap<u32, WorkloadInfo>> {
@@ -247,6 +341,7 @@ fn describe(
     facts: &ProcessFacts,
     identification: &Identification,
     listening: Vec<SocketAddr>,
+    generation: u64,
 ) -> WorkloadInfo {
     let (spiffe_id, entry, state) = match identification {
         Identification::Matched { id, entry } => (Some(id.to_string()), Some(entry + 1), "matched"),
@@ -264,6 +359,7 @@ fn describe(
         entry,
         state,
         listening,
+        generation,
     }
 }
 

@@ -56,7 +56,9 @@ pub struct KernelEvent {
     pub dst_id: u32,
     /// Rule number (0 = none).
     pub rule: u32,
-    /// Source address (DROP: the sender; BIND: the bound address).
+    /// Why the kernel refused or dropped (one of [`enforcer_ebpf::reasons`]; 0 = none).
+    pub reason: u32,
+    /// Source address (DROP: the sender; LISTEN: the listening address).
     pub src: SocketAddr,
     /// Destination address (the original destination for connect events).
     pub dst: SocketAddr,
@@ -95,6 +97,7 @@ impl KernelEvent {
             src_id: u32_at(40),
             dst_id: u32_at(44),
             rule: u32_at(48),
+            reason: u32_at(52),
             src: socket_addr(&key_at(56)),
             dst: socket_addr(&key_at(76)),
             protocol: u32_at(100),
@@ -178,7 +181,7 @@ mod tests {
             event.src_id,
             event.dst_id,
             event.rule,
-            0,
+            event.reason,
         ] {
             out.extend_from_slice(&word.to_ne_bytes());
         }
@@ -219,7 +222,7 @@ mod tests {
             src: SockKey::default(),
             family: 2,
             protocol: 6,
-            pad: 0,
+            reason: 1,
         };
         let decoded = KernelEvent::decode(&bytes_of(&event)).unwrap();
         assert_eq!(decoded.kind, EventKind::Deny);
@@ -227,8 +230,13 @@ mod tests {
         assert_eq!(decoded.cgroup_id, 1234);
         assert_eq!(decoded.dst, "10.0.0.1:80".parse().unwrap());
         assert_eq!(
-            (decoded.rule, decoded.policy_version, decoded.protocol),
-            (5, 3, 6)
+            (
+                decoded.rule,
+                decoded.policy_version,
+                decoded.protocol,
+                decoded.reason
+            ),
+            (5, 3, 6, 1)
         );
     }
 

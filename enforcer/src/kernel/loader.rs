@@ -5,6 +5,11 @@
 //! - `DIR/links/<program>`: one `bpf_link` per program. A pinned link keeps its program attached
 //!   after the daemon exits, so enforcement continues (fail-closed) while the daemon is down.
 //!
+//! Where each program attaches: the cgroup programs to the scope cgroup, `sk_lookup` to the
+//! network namespace the daemon serves, the tracepoints and the LSM program globally. The LSM
+//! program (which refuses packet sockets to enrolled processes) is attached only where the
+//! kernel runs the BPF LSM; everything else is required.
+//!
 //! `install` loads and attaches when nothing is pinned, and re-adopts an existing installation
 //! otherwise; `uninstall` removes the link pins (which detaches the programs) and the map pins.
 #![forbid(unsafe_code)]
@@ -17,19 +22,20 @@ use std::{
 };
 
 use aya::{
-    Btf, BtfError, Ebpf, EbpfError, EbpfLoader,
+    Btf, Ebpf, EbpfError, EbpfLoader,
     pin::PinError,
     programs::{
-        BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr,
-        ProgramError, SockOps,
+        BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock,
+        CgroupSockAddr, Lsm, ProgramError, SkLookup, SockOps,
         links::{FdLink, LinkError, PinnedLink},
         loaded_programs,
     },
 };
-use enforcer_ebpf::{DEFAULT_RING_BYTES, map_names, program_names};
+use enforcer_ebpf::{DEFAULT_RING_BYTES, DEFAULT_TABLE_ENTRIES, map_names, program_names};
 
 use super::{
     bpffs::{BpffsError, ensure_bpffs},
+    btf::{BtfError, running_layout},
     events::{EventError, EventReader},
     features::{self, FeatureError},
     maps::{Maps, MapsError},
@@ -38,24 +44,34 @@ use super::{
 /// The eBPF object built by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer-ebpf"));
 
-/// Every program, in attach order; also the link pin names.
-pub const PROGRAMS: [&str; 8] = [
+/// Every program an installation must have, in attach order; also the link pin names.
+pub const PROGRAMS: [&str; 11] = [
     program_names::CONNECT4,
     program_names::CONNECT6,
-    program_names::BIND4,
-    program_names::BIND6,
+    program_names::SOCK_CREATE,
     program_names::SOCK_OPS,
     program_names::INGRESS,
+    program_names::EGRESS,
+    program_names::SK_LOOKUP,
     program_names::EXEC,
     program_names::EXIT,
+    program_names::CGROUP_MKDIR,
+    program_names::CGROUP_ATTACH,
 ];
 
-/// The programs that attach to BTF tracepoints (the others attach to the scope cgroup), with
-/// their tracepoints.
-pub const TRACEPOINTS: [(&str, &str); 2] = [
+/// The programs that attach to BTF tracepoints, with their tracepoints.
+pub const TRACEPOINTS: [(&str, &str); 4] = [
     (program_names::EXEC, "sched_process_exec"),
     (program_names::EXIT, "sched_process_exit"),
+    (program_names::CGROUP_MKDIR, "cgroup_mkdir"),
+    (program_names::CGROUP_ATTACH, "cgroup_attach_task"),
 ];
+
+/// The optional LSM program and its hook: attached only where the BPF LSM runs.
+pub const LSM: (&str, &str) = (program_names::SOCKET_LSM, "socket_create");
+
+/// The kernel's list of active LSMs; the BPF LSM runs when it names `bpf`.
+const ACTIVE_LSMS: &str = "/sys/kernel/security/lsm";
 
 /// Errors of the loader.
 #[derive(Debug, thiserror::Error)]
@@ -77,9 +93,12 @@ pub enum LoadError {
         #[source]
         source: io::Error,
     },
-    /// Kernel BTF could not be read (needed by the exec/exit tracepoints).
+    /// Kernel BTF could not be read (needed by the tracepoints).
     #[error("failed to read kernel BTF from /sys/kernel/btf/vmlinux")]
-    Btf(#[source] BtfError),
+    Btf(#[source] aya::BtfError),
+    /// The kernel structure offsets the cgroup tracepoints read could not be found.
+    #[error("failed to find the kernel structure layout")]
+    Layout(#[from] BtfError),
     /// The object could not be loaded.
     #[error("failed to load the eBPF object")]
     Object(#[source] Box<EbpfError>),
@@ -144,18 +163,25 @@ pub struct DatapathOptions {
     pub pin_dir: PathBuf,
     /// The cgroup v2 directory the hooks attach to: they see every process below it.
     pub scope_cgroup: PathBuf,
+    /// The network namespace whose connections to the daemon's ports `sk_lookup` hands to the
+    /// daemon's listeners (a `/proc/<pid>/ns/net` or `/run/netns/<name>` file).
+    pub netns: PathBuf,
     /// Byte size of the event ring buffer (a power of two, at least a page).
     pub ring_bytes: u32,
+    /// Capacity of the services table (listening sockets of enrolled processes).
+    pub service_entries: u32,
 }
 
 impl DatapathOptions {
-    /// Options with the default ring buffer size.
+    /// Options with the default sizes, steering in the caller's network namespace.
     #[must_use]
     pub fn new(pin_dir: impl Into<PathBuf>, scope_cgroup: impl Into<PathBuf>) -> Self {
         Self {
             pin_dir: pin_dir.into(),
             scope_cgroup: scope_cgroup.into(),
+            netns: PathBuf::from("/proc/self/ns/net"),
             ring_bytes: DEFAULT_RING_BYTES,
+            service_entries: DEFAULT_TABLE_ENTRIES,
         }
     }
 }
@@ -207,9 +233,11 @@ impl Datapath {
                 missing,
             });
         }
+        let mut maps = Maps::open(&maps_dir(pin_dir))?;
+        maps.set_layout(&running_layout()?)?;
         Ok(Self {
             pin_dir: pin_dir.to_owned(),
-            maps: Maps::open(&maps_dir(pin_dir))?,
+            maps,
             fresh: false,
         })
     }
@@ -224,6 +252,7 @@ impl Datapath {
     pub fn uninstall(pin_dir: &Path) -> Result<(), LoadError> {
         let program_ids: Vec<u32> = PROGRAMS
             .into_iter()
+            .chain([LSM.0])
             .filter_map(|name| PinnedLink::from_pin(links_dir(pin_dir).join(name)).ok())
             .filter_map(|link| FdLink::from(link).info().ok())
             .map(|info| info.program_id())
@@ -271,15 +300,28 @@ impl Datapath {
         &mut self.maps
     }
 
+    /// A handle for tagging the daemon's own sockets.
+    pub fn socket_tags(&self) -> Result<super::SocketTags, LoadError> {
+        Ok(super::SocketTags::open(&maps_dir(&self.pin_dir))?)
+    }
+
     /// A reader of the event ring buffer.
     pub fn events(&self) -> Result<EventReader, LoadError> {
         Ok(EventReader::open(&maps_dir(&self.pin_dir))?)
     }
 
+    /// Whether the LSM program that refuses packet sockets to enrolled processes is attached
+    /// (the kernel runs the BPF LSM).
+    #[must_use]
+    pub fn refuses_packet_sockets(&self) -> bool {
+        links_dir(&self.pin_dir).join(LSM.0).exists()
+    }
+
     /// Run counts and times of the attached programs (zero unless `kernel.bpf_stats_enabled`).
     pub fn program_stats(&self) -> Result<Vec<ProgramStats>, LoadError> {
-        let mut ids = Vec::with_capacity(PROGRAMS.len());
-        for name in PROGRAMS {
+        let mut ids = Vec::with_capacity(PROGRAMS.len() + 1);
+        let optional = self.refuses_packet_sockets().then_some(LSM.0);
+        for name in PROGRAMS.into_iter().chain(optional) {
             let link = PinnedLink::from_pin(links_dir(&self.pin_dir).join(name))
                 .map_err(|source| LoadError::Link { name, source })?;
             let info = FdLink::from(link)
@@ -370,20 +412,20 @@ fn load_and_attach(options: &DatapathOptions) -> Result<(), LoadError> {
     }
     let cgroup = File::open(&options.scope_cgroup)
         .map_err(io_error("failed to open cgroup", &options.scope_cgroup))?;
+    let netns =
+        File::open(&options.netns).map_err(io_error("failed to open netns", &options.netns))?;
     let btf = Btf::from_sys_fs().map_err(LoadError::Btf)?;
     let mut ebpf = EbpfLoader::new()
         .btf(Some(&btf))
         .default_map_pin_directory(&maps)
         .map_max_entries(map_names::EVENTS, options.ring_bytes)
+        .map_max_entries(map_names::SERVICES, options.service_entries)
         .load(OBJECT)
         .map_err(|error| LoadError::Object(Box::new(error)))?;
+    // The tracepoints read kernel structures at these offsets: set them before they run.
+    Maps::open(&maps)?.set_layout(&running_layout()?)?;
 
-    for name in [
-        program_names::CONNECT4,
-        program_names::CONNECT6,
-        program_names::BIND4,
-        program_names::BIND6,
-    ] {
+    for name in [program_names::CONNECT4, program_names::CONNECT6] {
         let program: &mut CgroupSockAddr = program(&mut ebpf, name)?;
         program.load().map_err(program_error(name, "load"))?;
         let id = program
@@ -394,6 +436,17 @@ fn load_and_attach(options: &DatapathOptions) -> Result<(), LoadError> {
             .map_err(program_error(name, "take link"))?;
         pin(FdLink::try_from(link), name, &links)?;
     }
+
+    let name = program_names::SOCK_CREATE;
+    let sock_create: &mut CgroupSock = program(&mut ebpf, name)?;
+    sock_create.load().map_err(program_error(name, "load"))?;
+    let id = sock_create
+        .attach(&cgroup, CgroupAttachMode::Single)
+        .map_err(program_error(name, "attach"))?;
+    let link = sock_create
+        .take_link(id)
+        .map_err(program_error(name, "take link"))?;
+    pin(FdLink::try_from(link), name, &links)?;
 
     let name = program_names::SOCK_OPS;
     let sock_ops: &mut SockOps = program(&mut ebpf, name)?;
@@ -406,20 +459,31 @@ fn load_and_attach(options: &DatapathOptions) -> Result<(), LoadError> {
         .map_err(program_error(name, "take link"))?;
     pin(FdLink::try_from(link), name, &links)?;
 
-    let name = program_names::INGRESS;
-    let ingress: &mut CgroupSkb = program(&mut ebpf, name)?;
-    ingress.load().map_err(program_error(name, "load"))?;
-    let id = ingress
-        .attach(
-            &cgroup,
-            CgroupSkbAttachType::Ingress,
-            CgroupAttachMode::Single,
-        )
+    for (name, direction) in [
+        (program_names::INGRESS, CgroupSkbAttachType::Ingress),
+        (program_names::EGRESS, CgroupSkbAttachType::Egress),
+    ] {
+        let program: &mut CgroupSkb = program(&mut ebpf, name)?;
+        program.load().map_err(program_error(name, "load"))?;
+        let id = program
+            .attach(&cgroup, direction, CgroupAttachMode::Single)
+            .map_err(program_error(name, "attach"))?;
+        let link = program
+            .take_link(id)
+            .map_err(program_error(name, "take link"))?;
+        pin(FdLink::try_from(link), name, &links)?;
+    }
+
+    let name = program_names::SK_LOOKUP;
+    let steer: &mut SkLookup = program(&mut ebpf, name)?;
+    steer.load().map_err(program_error(name, "load"))?;
+    let id = steer
+        .attach(&netns)
         .map_err(program_error(name, "attach"))?;
-    let link = ingress
+    let link = steer
         .take_link(id)
         .map_err(program_error(name, "take link"))?;
-    pin(FdLink::try_from(link), name, &links)?;
+    pin(Ok(FdLink::from(link)), name, &links)?;
 
     for (name, tracepoint) in TRACEPOINTS {
         let program: &mut BtfTracePoint = program(&mut ebpf, name)?;
@@ -432,7 +496,53 @@ fn load_and_attach(options: &DatapathOptions) -> Result<(), LoadError> {
             .map_err(program_error(name, "take link"))?;
         pin(Ok(FdLink::from(link)), name, &links)?;
     }
+
+    if bpf_lsm_active() {
+        if let Err(error) = attach_lsm(&mut ebpf, &btf, &links) {
+            tracing::warn!(
+                error = %crate::report::report(&error),
+                "the kernel lists the BPF LSM but refused its program: packet sockets of enrolled processes are not refused"
+            );
+        }
+    } else {
+        tracing::warn!(
+            "the kernel does not run the BPF LSM: packet sockets of enrolled processes are not refused"
+        );
+    }
     Ok(())
+}
+
+/// Load and attach the LSM program and pin its link.
+fn attach_lsm(ebpf: &mut Ebpf, btf: &Btf, links: &Path) -> Result<(), LoadError> {
+    let (name, hook) = LSM;
+    let program: &mut Lsm = program(ebpf, name)?;
+    program
+        .load(hook, btf)
+        .map_err(program_error(name, "load"))?;
+    let id = program.attach().map_err(program_error(name, "attach"))?;
+    let link = program
+        .take_link(id)
+        .map_err(program_error(name, "take link"))?;
+    pin(Ok(FdLink::from(link)), name, links)
+}
+
+/// Whether the running kernel runs the BPF LSM (`lsm=...,bpf` in the active list, read from
+/// securityfs, which is mounted when it is not).
+fn bpf_lsm_active() -> bool {
+    if !Path::new(ACTIVE_LSMS).exists() {
+        let mounted = rustix::mount::mount(
+            "securityfs",
+            "/sys/kernel/security",
+            "securityfs",
+            rustix::mount::MountFlags::empty(),
+            None,
+        );
+        if let Err(error) = mounted {
+            tracing::debug!(%error, "failed to mount securityfs");
+        }
+    }
+    std::fs::read_to_string(ACTIVE_LSMS)
+        .is_ok_and(|lsms| lsms.trim().split(',').any(|lsm| lsm == "bpf"))
 }
 
 /// The program `name` of `ebpf`, as its concrete type.

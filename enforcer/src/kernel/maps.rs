@@ -7,18 +7,20 @@
 #![forbid(unsafe_code)]
 
 use std::{
-    collections::HashMap as StdHashMap,
+    collections::{HashMap as StdHashMap, HashSet},
     net::{IpAddr, SocketAddr},
+    os::fd::BorrowedFd,
     path::{Path, PathBuf},
 };
 
 use aya::maps::{
-    Array, HashMap, Map, MapData, MapError, PerCpuArray,
+    Array, HashMap, Map, MapData, MapError, PerCpuArray, SkStorage, SockMap,
     lpm_trie::{Key, LpmTrie},
 };
 use enforcer_ebpf::{
-    Config, Counter, EgressKey, EgressRule, OrigDst, PolicyEntry, PolicyKey, PolicyMeta, Service,
-    SockKey, UNKNOWN_IDENTITY, map_names,
+    Config, Counter, EgressKey, EgressRule, IdentityEntry, Layout, MAX_PATH_BYTES, OrigDst,
+    PolicyEntry, PolicyKey, PolicyMeta, Service, SockKey, SockTag, UNKNOWN_IDENTITY, map_names,
+    path_hash,
 };
 
 use super::addr::{sock_key, socket_addr, to_words};
@@ -49,6 +51,15 @@ pub enum MapsError {
         #[source]
         source: MapError,
     },
+    /// A socket handed in could not be inspected.
+    #[error("failed to read the cookie of {what}")]
+    Socket {
+        /// The socket, named as the caller knows it.
+        what: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// A value was rejected before it reached the kernel.
     #[error("invalid {what}: {reason}")]
     Invalid {
@@ -68,61 +79,79 @@ impl MapsError {
     }
 }
 
-/// Global settings the programs read.
+/// Where the programs send connections to the daemon.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DaemonConfig {
-    /// The daemon's process id: its sockets pass untouched.
-    pub daemon_tgid: u32,
-    /// `SO_MARK` of the daemon's sockets to local workloads (non-zero).
-    pub tunnel_mark: u32,
-    /// IPv4 address of the outbound listener, if it listens on IPv4.
+    /// IPv4 redirect address, if the daemon listens on IPv4 (a loopback address).
     pub outbound_v4: Option<std::net::Ipv4Addr>,
-    /// IPv6 address of the outbound listener, if it listens on IPv6.
+    /// IPv6 redirect address, if the daemon listens on IPv6 (a loopback address).
     pub outbound_v6: Option<std::net::Ipv6Addr>,
-    /// The outbound listener's port (the same on both families).
+    /// The redirect port (the same on both families): `sk_lookup` hands connections to it to
+    /// the daemon's outbound listeners.
     pub outbound_port: u16,
+    /// The tunnel's inbound port, the daemon's on every local address.
+    pub inbound_port: u16,
 }
 
 impl DaemonConfig {
     fn validate(&self) -> Result<Config, MapsError> {
         let what = "daemon config";
-        if self.daemon_tgid == 0 {
-            return Err(MapsError::invalid(what, "daemon_tgid must not be 0"));
-        }
-        if self.tunnel_mark == 0 {
-            return Err(MapsError::invalid(what, "tunnel_mark must not be 0"));
-        }
         if self.outbound_port == 0 {
             return Err(MapsError::invalid(what, "outbound_port must not be 0"));
+        }
+        if self.inbound_port == self.outbound_port {
+            return Err(MapsError::invalid(
+                what,
+                "the inbound and outbound ports must differ",
+            ));
         }
         if self.outbound_v4.is_none() && self.outbound_v6.is_none() {
             return Err(MapsError::invalid(what, "no outbound listener address"));
         }
-        if let Some(v4) = self.outbound_v4.filter(std::net::Ipv4Addr::is_unspecified) {
+        if let Some(v4) = self.outbound_v4.filter(|v4| !v4.is_loopback()) {
             return Err(MapsError::invalid(
                 what,
-                format!("outbound address {v4} is unspecified"),
+                format!("outbound address {v4} is not a loopback address"),
             ));
         }
-        if let Some(v6) = self
-            .outbound_v6
-            .filter(|v6| v6.is_unspecified() || v6.to_ipv4_mapped().is_some())
-        {
+        if let Some(v6) = self.outbound_v6.filter(|v6| !v6.is_loopback()) {
             return Err(MapsError::invalid(
                 what,
-                format!("outbound address {v6} must be a native IPv6 address"),
+                format!("outbound address {v6} must be the IPv6 loopback address"),
             ));
         }
         Ok(Config {
-            daemon_tgid: self.daemon_tgid,
-            tunnel_mark: self.tunnel_mark,
             outbound_ip4: self
                 .outbound_v4
                 .map_or(0, |v4| u32::from_ne_bytes(v4.octets())),
             outbound_ip6: self.outbound_v6.map_or([0; 4], |v6| to_words(v6.into())),
             outbound_port: self.outbound_port,
-            pad: 0,
+            inbound_port: self.inbound_port,
         })
+    }
+}
+
+/// Which of the daemon's listeners a socket is, in `ENF_LISTENERS`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListenerSlot {
+    /// The IPv4 outbound listener (redirected connections).
+    Outbound4,
+    /// The IPv6 outbound listener.
+    Outbound6,
+    /// The IPv4 inbound listener (peers' tunnel connections).
+    Inbound4,
+    /// The IPv6 inbound listener.
+    Inbound6,
+}
+
+impl ListenerSlot {
+    fn index(self) -> u32 {
+        match self {
+            Self::Outbound4 => enforcer_ebpf::LISTENER_OUTBOUND4,
+            Self::Outbound6 => enforcer_ebpf::LISTENER_OUTBOUND6,
+            Self::Inbound4 => enforcer_ebpf::LISTENER_INBOUND4,
+            Self::Inbound6 => enforcer_ebpf::LISTENER_INBOUND6,
+        }
     }
 }
 
@@ -267,7 +296,9 @@ pub struct Original {
     pub cgroup_id: u64,
     /// The client socket's cookie.
     pub cookie: u64,
-    /// Source identity number at `connect()` time.
+    /// The client process's image generation at `connect()` time (0: none).
+    pub generation: u64,
+    /// Source identity number at `connect()` time (0: not attested then).
     pub src_id: u32,
     /// Destination identity number at `connect()` time (0 when unknown).
     pub dst_id: u32,
@@ -282,6 +313,7 @@ impl From<OrigDst> for Original {
             tgid: orig.tgid,
             cgroup_id: orig.cgroup_id,
             cookie: orig.cookie,
+            generation: orig.generation,
             src_id: orig.src_id,
             dst_id: orig.dst_id,
             audit_rule: orig.rule,
@@ -289,13 +321,21 @@ impl From<OrigDst> for Original {
     }
 }
 
-/// Handles to every pinned map except the ring buffer (see [`super::EventReader`]).
+/// Handles to every pinned map except the ring buffer (see [`super::EventReader`]) and the
+/// daemon's socket tags (see [`super::SocketTags`]).
 pub struct Maps {
     config: Array<MapData, Config>,
+    layout: Array<MapData, Layout>,
     enrolled: HashMap<MapData, u64, u32>,
-    identities: HashMap<MapData, u32, u32>,
+    enroll_paths: HashMap<MapData, u64, u32>,
+    identities: HashMap<MapData, u32, IdentityEntry>,
+    generations: HashMap<MapData, u32, u64>,
     services: HashMap<MapData, SockKey, Service>,
     service_ports: Array<MapData, u32>,
+    local_addrs: HashMap<MapData, [u32; 4], u32>,
+    socks: SkStorage<MapData, SockTag>,
+    listeners: SockMap<MapData>,
+    peers: HashMap<MapData, [u32; 4], u32>,
     policy: [HashMap<MapData, PolicyKey, PolicyEntry>; 2],
     policy_meta: Array<MapData, PolicyMeta>,
     policy_slot: Array<MapData, u32>,
@@ -324,10 +364,17 @@ impl Maps {
     pub fn open(dir: &Path) -> Result<Self, MapsError> {
         Ok(Self {
             config: open_pinned(dir, map_names::CONFIG)?,
+            layout: open_pinned(dir, map_names::LAYOUT)?,
             enrolled: open_pinned(dir, map_names::ENROLLED)?,
+            enroll_paths: open_pinned(dir, map_names::ENROLL_PATHS)?,
             identities: open_pinned(dir, map_names::IDENTITIES)?,
+            generations: open_pinned(dir, map_names::GENERATIONS)?,
             services: open_pinned(dir, map_names::SERVICES)?,
             service_ports: open_pinned(dir, map_names::SERVICE_PORTS)?,
+            local_addrs: open_pinned(dir, map_names::LOCAL_ADDRS)?,
+            socks: open_pinned(dir, map_names::SOCKS)?,
+            listeners: open_pinned(dir, map_names::LISTENERS)?,
+            peers: open_pinned(dir, map_names::PEERS)?,
             policy: [
                 open_pinned(dir, map_names::POLICY_0)?,
                 open_pinned(dir, map_names::POLICY_1)?,
@@ -379,9 +426,22 @@ impl Maps {
         })
     }
 
-    /// Record the identity number of an attested process, and hand it the services (ports)
-    /// the kernel saw it bind before it was attested.
-    pub fn set_identity(&mut self, tgid: u32, identity: u32) -> Result<(), MapsError> {
+    /// Write the kernel structure offsets the tracepoints read.
+    pub fn set_layout(&mut self, layout: &Layout) -> Result<(), MapsError> {
+        self.layout
+            .set(0, layout, 0)
+            .map_err(kernel(map_names::LAYOUT, || "set layout".into()))
+    }
+
+    /// Record that process `tgid` holds `identity` for its image `generation` (read with
+    /// [`Maps::generation`] before attesting it): if the process exec'd, exited or moved since,
+    /// its generation differs and the kernel ignores the entry.
+    pub fn set_identity(
+        &mut self,
+        tgid: u32,
+        identity: u32,
+        generation: u64,
+    ) -> Result<(), MapsError> {
         let what = || format!("identity of pid {tgid}");
         if tgid == 0 {
             return Err(MapsError::invalid(what(), "pid 0"));
@@ -389,27 +449,14 @@ impl Maps {
         if identity == UNKNOWN_IDENTITY {
             return Err(MapsError::invalid(what(), "identity number 0 is reserved"));
         }
+        let entry = IdentityEntry {
+            identity,
+            pad: 0,
+            generation,
+        };
         self.identities
-            .insert(tgid, identity, 0)
-            .map_err(kernel(map_names::IDENTITIES, what))?;
-        let owned: Vec<(SockKey, Service)> = self
-            .services
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, service)| service.tgid == tgid && service.identity != identity)
-            .collect();
-        for (key, service) in owned {
-            let updated = Service {
-                identity,
-                ..service
-            };
-            self.services
-                .insert(key, updated, 0)
-                .map_err(kernel(map_names::SERVICES, || {
-                    format!("service {} of pid {tgid}", socket_addr(&key))
-                }))?;
-        }
-        Ok(())
+            .insert(tgid, entry, 0)
+            .map_err(kernel(map_names::IDENTITIES, what))
     }
 
     /// Forget the identity of a process.
@@ -419,27 +466,60 @@ impl Maps {
         })
     }
 
-    /// The identity number of a process, if it has one.
+    /// The identity number a process holds now: the entry written for its current image
+    /// generation, if any.
     pub fn identity(&self, tgid: u32) -> Result<Option<u32>, MapsError> {
-        lookup(&self.identities, &tgid, map_names::IDENTITIES, || {
+        let entry = lookup(&self.identities, &tgid, map_names::IDENTITIES, || {
             format!("identity of pid {tgid}")
-        })
+        })?;
+        let generation = self.generation(tgid)?;
+        Ok(entry
+            .filter(|entry| entry.generation == generation)
+            .map(|entry| entry.identity))
     }
 
-    /// Record that `addr` (IP and port; an unspecified IP means every address) belongs to
-    /// `identity`.
-    pub fn set_service(&mut self, addr: SocketAddr, identity: u32) -> Result<(), MapsError> {
-        let what = || format!("service {addr}");
+    /// The image generation of a process (0 when it has none): changed by the kernel on
+    /// exec, exit and moves between cgroups.
+    pub fn generation(&self, tgid: u32) -> Result<u64, MapsError> {
+        lookup(&self.generations, &tgid, map_names::GENERATIONS, || {
+            format!("generation of pid {tgid}")
+        })
+        .map(Option::unwrap_or_default)
+    }
+
+    /// Record a listening socket the kernel did not see start listening (one that existed
+    /// before the datapath, or was carried into an enrolled cgroup): protect it like the
+    /// kernel protects the ones it sees, and record it as the service at `addr` (an
+    /// unspecified IP means every local address) owned by process `tgid` of cgroup `cgroup_id`.
+    /// `socket` must be that listening socket (e.g. taken from its owner with `pidfd_getfd`).
+    pub fn adopt_listener(
+        &mut self,
+        socket: BorrowedFd<'_>,
+        addr: SocketAddr,
+        tgid: u32,
+        cgroup_id: u64,
+    ) -> Result<(), MapsError> {
+        let what = || format!("listener {addr} of pid {tgid}");
         if addr.port() == 0 {
             return Err(MapsError::invalid(what(), "port 0"));
         }
-        if identity == UNKNOWN_IDENTITY {
-            return Err(MapsError::invalid(what(), "identity number 0 is reserved"));
-        }
+        let cookie = socket_cookie(socket).map_err(|source| MapsError::Socket {
+            what: what(),
+            source,
+        })?;
+        let tag = SockTag {
+            tgid,
+            flags: SockTag::PROTECTED,
+            cgroup_id,
+        };
+        self.socks
+            .insert(&socket, tag, 0)
+            .map_err(kernel(map_names::SOCKS, what))?;
         let service = Service {
-            identity,
-            tgid: 0,
-            cgroup_id: 0,
+            tgid,
+            pad: 0,
+            cgroup_id,
+            cookie,
         };
         // The hint first: the programs must never see a service whose port is not hinted.
         self.service_ports
@@ -463,7 +543,8 @@ impl Maps {
             }))
     }
 
-    /// The owner of `addr`, as the kernel knows it: (identity, tgid, cgroup id).
+    /// The listening socket recorded at exactly `addr` (an unspecified IP: the any-address
+    /// entry), if any.
     pub fn service(&self, addr: SocketAddr) -> Result<Option<Service>, MapsError> {
         lookup(
             &self.services,
@@ -473,48 +554,55 @@ impl Maps {
         )
     }
 
-    /// Forget a service.
-    pub fn remove_service(&mut self, addr: SocketAddr) -> Result<(), MapsError> {
-        remove_if_present(
-            &mut self.services,
-            &service_key(addr),
-            map_names::SERVICES,
-            || format!("remove service {addr}"),
-        )
+    /// Every recorded service: (address, listening socket).
+    #[must_use]
+    pub fn services(&self) -> Vec<(SocketAddr, Service)> {
+        self.services
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(key, service)| (socket_addr(&key), service))
+            .collect()
     }
 
-    /// Permit plaintext egress to `network/prefix_len` on `port` (`None`: every port).
-    pub fn add_egress(
-        &mut self,
-        network: IpAddr,
-        prefix_len: u8,
-        port: Option<u16>,
-        rule: u32,
-    ) -> Result<(), MapsError> {
-        let key = egress_key(network, prefix_len, port)?;
-        self.egress
-            .insert(&key, EgressRule { rule }, 0)
-            .map_err(kernel(map_names::EGRESS, || {
-                format!("egress {network}/{prefix_len}")
-            }))
-    }
-
-    /// Withdraw an egress permission added with the same arguments.
-    pub fn remove_egress(
-        &mut self,
-        network: IpAddr,
-        prefix_len: u8,
-        port: Option<u16>,
-    ) -> Result<(), MapsError> {
-        let key = egress_key(network, prefix_len, port)?;
-        match self.egress.remove(&key) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(MapsError::Kernel {
-                map: map_names::EGRESS,
-                operation: format!("remove egress {network}/{prefix_len}"),
-                source,
-            }),
+    /// Forget the service at `addr`, if it is still the socket `cookie`.
+    pub fn remove_service(&mut self, addr: SocketAddr, cookie: u64) -> Result<(), MapsError> {
+        if self
+            .service(addr)?
+            .is_some_and(|service| service.cookie == cookie)
+        {
+            remove_if_present(
+                &mut self.services,
+                &service_key(addr),
+                map_names::SERVICES,
+                || format!("remove service {addr}"),
+            )?;
         }
+        Ok(())
+    }
+
+    /// Make `addrs` this node's own addresses (besides loopback, which always is): a wildcard
+    /// listener owns a destination only at one of them.
+    pub fn replace_local_addrs(&mut self, addrs: &[IpAddr]) -> Result<(), MapsError> {
+        replace_addr_set(&mut self.local_addrs, addrs, map_names::LOCAL_ADDRS)
+    }
+
+    /// Make `addrs` the mesh peers: connections to them always go to the tunnel, never as
+    /// plaintext egress.
+    pub fn replace_peers(&mut self, addrs: &[IpAddr]) -> Result<(), MapsError> {
+        replace_addr_set(&mut self.peers, addrs, map_names::PEERS)
+    }
+
+    /// Hand connections of `slot` to `listener` (the daemon's own listening socket).
+    pub fn set_listener(
+        &mut self,
+        slot: ListenerSlot,
+        listener: BorrowedFd<'_>,
+    ) -> Result<(), MapsError> {
+        self.listeners
+            .set(slot.index(), &listener, 0)
+            .map_err(kernel(map_names::LISTENERS, || {
+                format!("set listener {slot:?}")
+            }))
     }
 
     /// Make `cgroup_ids` the enrolled set: new ids first, then the ones no longer listed are
@@ -538,16 +626,13 @@ impl Maps {
     /// Make `entries` the egress set: new entries first, then stale ones removed.
     pub fn replace_egress(&mut self, entries: &[EgressEntry]) -> Result<(), MapsError> {
         let mut keep = Vec::with_capacity(entries.len());
-        for &EgressEntry {
-            network,
-            prefix_len,
-            port,
-            rule,
-            ..
-        } in entries
-        {
-            self.add_egress(network, prefix_len, port, rule)?;
-            let key = egress_key(network, prefix_len, port)?;
+        for entry in entries {
+            let key = egress_key(entry)?;
+            self.egress
+                .insert(&key, EgressRule { rule: entry.rule }, 0)
+                .map_err(kernel(map_names::EGRESS, || {
+                    format!("egress {}/{}", entry.network, entry.prefix_len)
+                }))?;
             keep.push((key.prefix_len(), key.data()));
         }
         let stale: Vec<Key<EgressKey>> = self
@@ -567,6 +652,44 @@ impl Maps {
                     });
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Make `paths` (cgroup v2 paths below the mount, `/a/b`) the enrolled paths: a cgroup
+    /// created at one of them is enrolled at once, in the kernel.
+    pub fn replace_enroll_paths(&mut self, paths: &[String]) -> Result<(), MapsError> {
+        let mut keep = HashSet::with_capacity(paths.len());
+        for path in paths {
+            let what = || format!("enrolled path {path}");
+            if !path.starts_with('/') || path.len() > MAX_PATH_BYTES - 1 {
+                return Err(MapsError::invalid(
+                    what(),
+                    format!(
+                        "must start with / and be at most {} bytes",
+                        MAX_PATH_BYTES - 1
+                    ),
+                ));
+            }
+            let hash = path_hash(path.trim_end_matches('/').as_bytes());
+            self.enroll_paths
+                .insert(hash, 1, 0)
+                .map_err(kernel(map_names::ENROLL_PATHS, what))?;
+            keep.insert(hash);
+        }
+        let stale: Vec<u64> = self
+            .enroll_paths
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|hash| !keep.contains(hash))
+            .collect();
+        for hash in stale {
+            remove_if_present(
+                &mut self.enroll_paths,
+                &hash,
+                map_names::ENROLL_PATHS,
+                || "remove a stale enrolled path".into(),
+            )?;
         }
         Ok(())
     }
@@ -681,13 +804,26 @@ fn service_key(addr: SocketAddr) -> SockKey {
     }
 }
 
-/// The LPM key of an egress rule, rejecting bad prefixes and networks with host bits set.
-fn egress_key(
-    network: IpAddr,
-    prefix_len: u8,
-    port: Option<u16>,
-) -> Result<Key<EgressKey>, MapsError> {
+/// The LPM key of an egress entry, rejecting bad prefixes, networks with host bits set and
+/// ports where the protocol has none.
+fn egress_key(entry: &EgressEntry) -> Result<Key<EgressKey>, MapsError> {
+    let EgressEntry {
+        network,
+        prefix_len,
+        protocol,
+        port,
+        ..
+    } = *entry;
     let what = || format!("egress network {network}/{prefix_len}");
+    // A v4-mapped IPv6 network is the IPv4 network it maps.
+    let (network, prefix_len) = match network {
+        IpAddr::V6(v6) if prefix_len >= 96 => {
+            v6.to_ipv4_mapped().map_or((network, prefix_len), |v4| {
+                (IpAddr::V4(v4), prefix_len - 96)
+            })
+        }
+        _ => (network, prefix_len),
+    };
     let (max, offset) = match network {
         IpAddr::V4(_) => (32, 96),
         IpAddr::V6(_) => (128, 0),
@@ -709,13 +845,47 @@ fn egress_key(
     if port == Some(0) {
         return Err(MapsError::invalid(what(), "port 0; use None for any port"));
     }
+    if protocol == IpProtocol::Icmp && port.is_some() {
+        return Err(MapsError::invalid(what(), "ICMP has no ports"));
+    }
     Ok(Key::new(
         32 + offset + u32::from(prefix_len),
         EgressKey {
-            port_be: u32::from(port.unwrap_or(0)).to_be(),
+            proto_port: EgressKey::proto_port(
+                network.is_ipv6(),
+                protocol.number(),
+                port.unwrap_or(0),
+            ),
             addr: to_words(network),
         },
     ))
+}
+
+/// Make the address set `map` (16-byte address -> 1) hold exactly `addrs`.
+fn replace_addr_set(
+    map: &mut HashMap<MapData, [u32; 4], u32>,
+    addrs: &[IpAddr],
+    name: &'static str,
+) -> Result<(), MapsError> {
+    let keep: HashSet<[u32; 4]> = addrs.iter().map(|&addr| to_words(addr)).collect();
+    for (addr, words) in addrs.iter().zip(addrs.iter().map(|&addr| to_words(addr))) {
+        map.insert(words, 1, 0)
+            .map_err(kernel(name, || format!("add {addr}")))?;
+    }
+    let stale: Vec<[u32; 4]> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|words| !keep.contains(words))
+        .collect();
+    for words in stale {
+        remove_if_present(map, &words, name, || "remove a stale address".into())?;
+    }
+    Ok(())
+}
+
+/// The kernel's cookie of `socket` (`SO_COOKIE`).
+fn socket_cookie(socket: BorrowedFd<'_>) -> std::io::Result<u64> {
+    rustix::net::sockopt::socket_cookie(socket).map_err(std::io::Error::from)
 }
 
 fn policy_map_name(slot: u32) -> &'static str {
@@ -765,9 +935,12 @@ fn remove_if_present<K: aya::Pod, V: aya::Pod>(
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-    use super::{DaemonConfig, MapsError, PolicyAction, PolicyRule, PolicyTable, egress_key};
+    use super::{
+        DaemonConfig, EgressEntry, IpProtocol, MapsError, PolicyAction, PolicyRule, PolicyTable,
+        egress_key,
+    };
 
     fn rule(src_id: u32, dst_id: u32, port: Option<u16>) -> PolicyRule {
         PolicyRule {
@@ -816,28 +989,56 @@ mod tests {
         assert!(invalid_reason(table.compile()).contains("port 0"));
     }
 
+    fn entry(
+        network: IpAddr,
+        prefix_len: u8,
+        protocol: IpProtocol,
+        port: Option<u16>,
+    ) -> EgressEntry {
+        EgressEntry {
+            network,
+            prefix_len,
+            protocol,
+            port,
+            rule: 1,
+        }
+    }
+
     #[test]
     fn egress_keys_are_checked() {
         let ten = Ipv4Addr::new(10, 0, 0, 0).into();
-        let key = egress_key(ten, 8, Some(443)).unwrap();
+        let key = egress_key(&entry(ten, 8, IpProtocol::Tcp, Some(443))).unwrap();
         let prefix_len = key.prefix_len();
         assert_eq!(prefix_len, 32 + 96 + 8);
         let prefix = |key: super::Key<super::EgressKey>| key.prefix_len();
-        let host_bits = egress_key(Ipv4Addr::new(10, 0, 0, 1).into(), 8, None).map(prefix);
+        let host = Ipv4Addr::new(10, 0, 0, 1).into();
+        let host_bits = egress_key(&entry(host, 8, IpProtocol::Tcp, None)).map(prefix);
         assert!(invalid_reason(host_bits).contains("host bits"));
-        assert!(invalid_reason(egress_key(ten, 33, None).map(prefix)).contains("longer than 32"));
-        assert!(egress_key(Ipv4Addr::new(10, 0, 0, 1).into(), 32, None).is_ok());
-        assert!(egress_key("::".parse().unwrap(), 0, None).is_ok());
+        let long = egress_key(&entry(ten, 33, IpProtocol::Tcp, None)).map(prefix);
+        assert!(invalid_reason(long).contains("longer than 32"));
+        assert!(egress_key(&entry(host, 32, IpProtocol::Udp, Some(53))).is_ok());
+        let any = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+        assert!(egress_key(&entry(any, 0, IpProtocol::Icmp, None)).is_ok());
+        let icmp_port = egress_key(&entry(any, 0, IpProtocol::Icmp, Some(7))).map(prefix);
+        assert!(invalid_reason(icmp_port).contains("no ports"));
+    }
+
+    #[test]
+    fn egress_keys_carry_the_protocol_before_the_port() {
+        let dns = Ipv4Addr::new(10, 0, 0, 53).into();
+        let udp = egress_key(&entry(dns, 32, IpProtocol::Udp, Some(53))).unwrap();
+        let tcp = egress_key(&entry(dns, 32, IpProtocol::Tcp, Some(53))).unwrap();
+        assert_eq!(udp.data().proto_port, (4 << 24 | 17_u32 << 16 | 53).to_be());
+        assert_ne!(udp.data().proto_port, tcp.data().proto_port);
     }
 
     #[test]
     fn daemon_config_is_checked() {
         let good = DaemonConfig {
-            daemon_tgid: 10,
-            tunnel_mark: 0x0e5f,
             outbound_v4: Some(Ipv4Addr::LOCALHOST),
             outbound_v6: None,
             outbound_port: 15001,
+            inbound_port: 15008,
         };
         assert!(good.validate().is_ok());
         let bad = DaemonConfig {
@@ -846,14 +1047,19 @@ mod tests {
         };
         assert!(invalid_reason(bad.validate()).contains("outbound_port"));
         let bad = DaemonConfig {
+            inbound_port: 15001,
+            ..good
+        };
+        assert!(invalid_reason(bad.validate()).contains("must differ"));
+        let bad = DaemonConfig {
             outbound_v4: Some(Ipv4Addr::UNSPECIFIED),
             ..good
         };
-        assert!(invalid_reason(bad.validate()).contains("unspecified"));
+        assert!(invalid_reason(bad.validate()).contains("loopback"));
         let bad = DaemonConfig {
             outbound_v6: Some("::ffff:127.0.0.1".parse().unwrap()),
             ..good
         };
-        assert!(invalid_reason(bad.validate()).contains("native IPv6"));
+        assert!(invalid_reason(bad.validate()).contains("IPv6 loopback"));
     }
 }

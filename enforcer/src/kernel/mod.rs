@@ -3,17 +3,19 @@
 
 pub mod addr;
 pub mod bpffs;
+pub mod btf;
 pub mod cgroup;
 pub mod events;
 pub mod features;
 pub mod loader;
 pub mod maps;
-pub mod mark;
+pub mod tags;
 
 pub use enforcer_ebpf::{Counter, EventKind, PolicyMeta};
 pub use events::{EventReader, KernelEvent};
 pub use loader::{Datapath, DatapathOptions};
 pub use maps::{
-    DaemonConfig, EgressEntry, IpProtocol, Maps, Original, PolicyAction, PolicyMode, PolicyRule,
-    PolicyTable,
+    DaemonConfig, EgressEntry, IpProtocol, ListenerSlot, Maps, Original, PolicyAction, PolicyMode,
+    PolicyRule, PolicyTable,
 };
+pub use tags::SocketTags;

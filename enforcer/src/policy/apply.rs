@@ -23,7 +23,10 @@ pub struct ApplyReport {
 }
 
 /// Program `maps` with `compiled` (the compilation of `policy`): swap the rules in atomically,
-/// then the egress entries, then the enrolled cgroups (resolved below `cgroup2_mount`).
+/// then the mesh peers (before the egress entries, so a peer is never plaintext egress even
+/// for a moment), the egress entries, the enrolled paths (so a cgroup created from now on at
+/// one is enrolled by the kernel itself), and last the enrolled cgroups that exist (resolved
+/// below `cgroup2_mount`).
 pub fn apply(
     maps: &mut Maps,
     policy: &Policy,
@@ -31,7 +34,9 @@ pub fn apply(
     cgroup2_mount: &Path,
 ) -> Result<ApplyReport, ApplyError> {
     maps.apply_policy(&compiled.table)?;
+    maps.replace_peers(&compiled.peers)?;
     maps.replace_egress(&compiled.egress)?;
+    maps.replace_enroll_paths(&policy.enroll)?;
     let mut report = ApplyReport::default();
     let mut ids = Vec::new();
     for path in &policy.enroll {

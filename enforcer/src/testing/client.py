@@ -4,21 +4,31 @@
 #   connect HOST PORT [--v6] [--mark M] [--bind SRCIP]  -> "ok LOCALPORT" | "err ERRNO" | "err timeout"
 #   connect_many N HOST PORT                            -> "done OK EPERM OTHER"
 #   listen HOST PORT                                    -> "listening PORT"; later "accepted PEER"
+#   bind HOST PORT                                      -> "bound PORT" | "err ERRNO" (no listen)
+#   listen_unbound                                      -> "listening PORT" (listen() without bind:
+#                                                          the kernel chooses the port)
+#   close_listeners                                     -> "closed N"
+#   socket                                              -> "socket FD" (an unconnected TCP socket)
+#   connect_fd FD HOST PORT                             -> like connect, on socket FD
+#   udp_send HOST PORT                                  -> "ok" | "err ERRNO" (sendto, unconnected)
+#   udp_connect HOST PORT                               -> "ok" | "err ERRNO"
+#   udp_listen HOST PORT                                -> "udp PORT"; later "datagram PEER DATA"
+#   ping HOST                                           -> "ok" | "err ERRNO" (ICMP echo, ping socket)
+#   raw                                                 -> "ok" | "err ERRNO" (an IPv4 raw socket)
+#   packet                                              -> "ok" | "err ERRNO" (an AF_PACKET socket)
 #   exec PROGRAM ARGS...                                -> replaces the process (same pid)
 #   user UID                                            -> "user UID" after dropping root
 #   mark M                                              -> "mark ok" | "mark err ERRNO"
 import os, socket, sys, threading
 
 conns = []
+listeners = []
+sockets = {}
 
 def family_of(host, v6):
     return socket.AF_INET6 if v6 or ":" in host else socket.AF_INET
 
-def connect(args):
-    host, port = args[0], int(args[1])
-    opts = args[2:]
-    fam = family_of(host, "--v6" in opts)
-    s = socket.socket(fam, socket.SOCK_STREAM)
+def connect_on(s, host, port, opts):
     s.settimeout(2)
     try:
         if "--mark" in opts:
@@ -32,6 +42,11 @@ def connect(args):
         return "err timeout"
     except OSError as e:
         return "err %d" % e.errno
+
+def connect(args):
+    host, port = args[0], int(args[1])
+    opts = args[2:]
+    return connect_on(socket.socket(family_of(host, "--v6" in opts), socket.SOCK_STREAM), host, port, opts)
 
 def connect_many(args):
     n, host, port = int(args[0]), args[1], int(args[2])
@@ -53,18 +68,103 @@ def connect_many(args):
 
 def serve(listener):
     while True:
-        c, peer = listener.accept()
+        try:
+            c, peer = listener.accept()
+        except OSError:
+            return
         conns.append(c)
         print("accepted %s %d" % (peer[0], peer[1]), flush=True)
+
+def start_listening(s):
+    s.listen(64)
+    listeners.append(s)
+    threading.Thread(target=serve, args=(s,), daemon=True).start()
+    return "listening %d" % s.getsockname()[1]
 
 def listen(args):
     host, port = args[0], int(args[1])
     s = socket.socket(family_of(host, False), socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind((host, port))
-    s.listen(64)
-    threading.Thread(target=serve, args=(s,), daemon=True).start()
-    return "listening %d" % s.getsockname()[1]
+    return start_listening(s)
+
+def bind(args):
+    host, port = args[0], int(args[1])
+    s = socket.socket(family_of(host, False), socket.SOCK_STREAM)
+    try:
+        s.bind((host, port))
+    except OSError as e:
+        return "err %d" % e.errno
+    conns.append(s)
+    return "bound %d" % s.getsockname()[1]
+
+def listen_unbound(args):
+    return start_listening(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+
+def close_listeners(args):
+    n = len(listeners)
+    for s in listeners:
+        # shutdown wakes the thread blocked in accept(), which would keep the socket open.
+        s.shutdown(socket.SHUT_RDWR)
+        s.close()
+    listeners.clear()
+    return "closed %d" % n
+
+def new_socket(args):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sockets[s.fileno()] = s
+    return "socket %d" % s.fileno()
+
+def connect_fd(args):
+    return connect_on(sockets.pop(int(args[0])), args[1], int(args[2]), args[3:])
+
+def errno_of(action):
+    try:
+        action()
+        return "ok"
+    except OSError as e:
+        return "err %d" % e.errno
+
+def udp_send(args):
+    host, port = args[0], int(args[1])
+    s = socket.socket(family_of(host, False), socket.SOCK_DGRAM)
+    conns.append(s)
+    return errno_of(lambda: s.sendto(b"hello", (host, port)))
+
+def udp_connect(args):
+    host, port = args[0], int(args[1])
+    s = socket.socket(family_of(host, False), socket.SOCK_DGRAM)
+    conns.append(s)
+    return errno_of(lambda: s.connect((host, port)))
+
+def receive(s):
+    while True:
+        try:
+            data, peer = s.recvfrom(2048)
+        except OSError:
+            return
+        print("datagram %s %s" % (peer[0], data.decode(errors="replace")), flush=True)
+
+def udp_listen(args):
+    host, port = args[0], int(args[1])
+    s = socket.socket(family_of(host, False), socket.SOCK_DGRAM)
+    s.bind((host, port))
+    conns.append(s)
+    threading.Thread(target=receive, args=(s,), daemon=True).start()
+    return "udp %d" % s.getsockname()[1]
+
+def ping(args):
+    def echo():
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+        conns.append(s)
+        s.sendto(b"\x08\x00\x00\x00\x00\x01\x00\x01", (args[0], 0))
+    return errno_of(echo)
+
+def raw(args):
+    return errno_of(lambda: conns.append(socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)))
+
+def packet(args):
+    return errno_of(lambda: conns.append(socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0x0300)))
 
 def mark(args):
     s = socket.socket()
@@ -91,5 +191,8 @@ for line in sys.stdin:
         sys.stdout.flush()
         os.execvp(args[0], args)
     handler = {"connect": connect, "connect_many": connect_many, "listen": listen,
-               "mark": mark, "user": user}.get(cmd)
+               "bind": bind, "listen_unbound": listen_unbound, "close_listeners": close_listeners,
+               "socket": new_socket, "connect_fd": connect_fd, "udp_send": udp_send,
+               "udp_connect": udp_connect, "udp_listen": udp_listen, "ping": ping, "raw": raw,
+               "packet": packet, "mark": mark, "user": user}.get(cmd)
     print(handler(args) if handler else "unknown %s" % cmd, flush=True)

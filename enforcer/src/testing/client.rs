@@ -25,18 +25,68 @@ fn answer_timeout(command: &str) -> Duration {
     ANSWER_TIMEOUT + CONNECT_TIMEOUT * connects
 }
 
+/// The system's Python, outside any home directory, so that every user can run it.
+const PYTHON: &str = "/usr/bin/python3";
+
+/// Who the client runs as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Persona {
+    /// root, with every capability.
+    Root,
+    /// `nobody` (uid and gid 65534), without any capability.
+    Nobody,
+    /// `nobody` holding exactly one capability, `CAP_NET_RAW` (raw sockets, `SO_MARK`).
+    NetRaw,
+}
+
+impl Persona {
+    /// The `setpriv` arguments that make a process this persona before it runs the client.
+    fn setpriv(self) -> &'static [&'static str] {
+        match self {
+            Self::Root => &[],
+            Self::Nobody => &[
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=-all",
+                "--bounding-set=-all",
+            ],
+            Self::NetRaw => &[
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=-all,+net_raw",
+                "--ambient-caps=-all,+net_raw",
+                "--bounding-set=-all,+net_raw",
+            ],
+        }
+    }
+}
+
 /// A running [`SCRIPT`] process.
 pub struct Client {
     process: Spawned,
 }
 
 impl Client {
-    /// Start the client in `cgroup` (and `netns`, if given).
+    /// Start the client as root in `cgroup` (and `netns`, if given).
     #[must_use]
     pub fn start(cgroup: Option<&ScratchCgroup>, netns: Option<&Netns>) -> Self {
-        let mut spawn = Spawn::new("python3")
-            .args(["-u", "-c", SCRIPT])
-            .stdin_piped();
+        Self::start_as(Persona::Root, cgroup, netns)
+    }
+
+    /// Start the client as `persona` in `cgroup` (and `netns`, if given).
+    #[must_use]
+    pub fn start_as(
+        persona: Persona,
+        cgroup: Option<&ScratchCgroup>,
+        netns: Option<&Netns>,
+    ) -> Self {
+        let mut argv = persona.setpriv().to_vec();
+        argv.extend([PYTHON, "-u", "-c", SCRIPT]);
+        let mut spawn = Spawn::new(argv[0]).args(&argv[1..]).stdin_piped();
         if let Some(cgroup) = cgroup {
             spawn = spawn.cgroup(cgroup);
         }
@@ -46,8 +96,8 @@ impl Client {
         let mut client = Self {
             process: spawn.spawn(),
         };
-        // Launchers (pyenv shims) exec several times before the interpreter runs; the kernel
-        // revokes identities on exec, so callers must not attest the client before this line.
+        // `setpriv` execs the interpreter; the kernel revokes identities on exec, so callers
+        // must not attest the client before this line.
         let ready = client.next_line();
         assert_eq!(ready, "ready", "unexpected first line from the client");
         client

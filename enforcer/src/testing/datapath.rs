@@ -1,15 +1,17 @@
-//! A datapath installed for one test: attached to a scratch cgroup, pinned under a unique
-//! bpffs directory, uninstalled (links detached, pins removed) when dropped.
+//! A datapath installed for one test: attached to a scratch cgroup, steering in a scratch
+//! network namespace, pinned under a unique bpffs directory, uninstalled (links detached, pins
+//! removed) when dropped.
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{Ipv4Addr, Ipv6Addr, TcpListener},
     ops::{Deref, DerefMut},
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
 
-use crate::kernel::{DaemonConfig, Datapath, DatapathOptions};
+use crate::kernel::{DaemonConfig, Datapath, DatapathOptions, ListenerSlot};
 
-use super::{ScratchCgroup, report, unique_name};
+use super::{Netns, ScratchCgroup, report, unique_name};
 
 /// The bpffs mount the scratch pin directories live under (mounted if needed).
 pub(super) const BPFFS: &str = "/sys/fs/bpf";
@@ -18,7 +20,8 @@ pub(super) const BPFFS: &str = "/sys/fs/bpf";
 pub struct ScratchDatapath {
     datapath: Option<Datapath>,
     pin_dir: PathBuf,
-    // Keeps the scope cgroup alive until the programs are detached.
+    // Keep the namespace and the scope cgroup alive until the programs are detached.
+    netns: Netns,
     _scope: ScratchCgroup,
 }
 
@@ -29,17 +32,31 @@ impl ScratchDatapath {
         Self::install_with(scope, |_| {})
     }
 
-    /// Install the programs on `scope` after `adjust` has changed the options.
+    /// Install the programs on `scope`, steering in a new namespace, after `adjust` has
+    /// changed the options.
     #[must_use]
     pub fn install_with(scope: &ScratchCgroup, adjust: impl FnOnce(&mut DatapathOptions)) -> Self {
+        Self::install_in(scope, &Netns::new("dp"), adjust)
+    }
+
+    /// Install the programs on `scope`, steering in `netns`, after `adjust` has changed the
+    /// options.
+    #[must_use]
+    pub fn install_in(
+        scope: &ScratchCgroup,
+        netns: &Netns,
+        adjust: impl FnOnce(&mut DatapathOptions),
+    ) -> Self {
         let pin_dir = Path::new(BPFFS).join(unique_name("pins"));
         let mut options = DatapathOptions::new(&pin_dir, scope.path());
+        options.netns = netns.path();
         adjust(&mut options);
         let datapath = Datapath::install(&options)
             .unwrap_or_else(|error| panic!("failed to install the datapath: {}", report(&error)));
         Self {
             datapath: Some(datapath),
             pin_dir,
+            netns: netns.clone(),
             _scope: scope.clone(),
         }
     }
@@ -59,18 +76,34 @@ impl ScratchDatapath {
         self.datapath = None;
     }
 
-    /// Make this process the daemon: its outbound listener is on `127.0.0.1` and `::1` at
-    /// `port`, and its local hops carry `mark`.
-    pub fn serve_on_loopback(&mut self, port: u16, mark: u32) {
-        self.maps_mut()
-            .set_config(&DaemonConfig {
-                daemon_tgid: std::process::id(),
-                tunnel_mark: mark,
-                outbound_v4: Some(Ipv4Addr::LOCALHOST),
-                outbound_v6: Some(Ipv6Addr::LOCALHOST),
-                outbound_port: port,
-            })
-            .unwrap_or_else(|error| panic!("failed to configure: {}", report(&error)));
+    /// The namespace the datapath steers in (where the tests' clients and servers live).
+    #[must_use]
+    pub fn netns(&self) -> &Netns {
+        &self.netns
+    }
+
+    /// Make `v4` and `v6` (listening sockets in [`netns`](Self::netns)) the daemon's outbound
+    /// listeners: enrolled connects are redirected to `127.0.0.1:port` and `[::1]:port`, and
+    /// the kernel hands those to them. `inbound_port` is reserved for the daemon too.
+    pub fn serve_on_loopback(
+        &mut self,
+        port: u16,
+        inbound_port: u16,
+        (v4, v6): (&TcpListener, &TcpListener),
+    ) {
+        let maps = self.maps_mut();
+        let configured = maps
+            .set_listener(ListenerSlot::Outbound4, v4.as_fd())
+            .and_then(|()| maps.set_listener(ListenerSlot::Outbound6, v6.as_fd()))
+            .and_then(|()| {
+                maps.set_config(&DaemonConfig {
+                    outbound_v4: Some(Ipv4Addr::LOCALHOST),
+                    outbound_v6: Some(Ipv6Addr::LOCALHOST),
+                    outbound_port: port,
+                    inbound_port,
+                })
+            });
+        configured.unwrap_or_else(|error| panic!("failed to configure: {}", report(&error)));
     }
 
     /// The pin directory.

@@ -103,7 +103,7 @@ impl LocalWorkloads for TableWorkloads {
 pub struct TableOrigins(RwLock<HashMap<SocketAddr, Origin>>);
 
 impl Origins for TableOrigins {
-    fn origin(&self, client: SocketAddr) -> Result<Origin, OriginError> {
+    fn origin(&self, client: SocketAddr, _local: SocketAddr) -> Result<Origin, OriginError> {
         self.0
             .read()
             .unwrap_or_else(PoisonError::into_inner)
@@ -185,6 +185,7 @@ impl MeshNode {
             workloads: Arc::clone(&workloads) as Arc<dyn LocalWorkloads>,
             origins: Arc::clone(&origins) as Arc<dyn Origins>,
             records: Arc::clone(&records) as Arc<dyn crate::tunnel::RecordSink>,
+            tags: Arc::new(crate::tunnel::Untagged),
             policy: PolicyView::new(policy, 1),
         })
         .expect("tunnel");

@@ -43,7 +43,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 pub use cgroup::ScratchCgroup;
-pub use client::Client;
+pub use client::{Client, Persona};
 pub use daemon::DaemonNode;
 pub use datapath::ScratchDatapath;
 pub use demo_policy::demo_policy;
@@ -51,9 +51,7 @@ pub use mesh::{
     MeshListeners, MeshNode, TableOrigins, TableWorkloads, TestPki, policy as test_policy,
 };
 pub use netns::{Netns, Node, connect_nodes};
-pub use netns_tunnel::{
-    INBOUND_PORT, OUTBOUND_PORT, TUNNEL_MARK, TunnelNode, mesh_policy, wait_for_listener,
-};
+pub use netns_tunnel::{INBOUND_PORT, OUTBOUND_PORT, TunnelNode, mesh_policy, wait_for_listener};
 pub use openssl::{openssl, output_text, x509_text};
 pub use process::{Spawn, Spawned};
 

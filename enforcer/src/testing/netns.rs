@@ -1,9 +1,14 @@
 //! Named network namespaces and veth links between them.
 
+use std::fs::File;
 use std::net::{Ipv4Addr, Ipv6Addr};
+use std::os::fd::AsFd as _;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
+
+use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
 
 use super::{next_serial, run_checked, unique_name};
 
@@ -35,6 +40,33 @@ impl Netns {
     #[must_use]
     pub fn name(&self) -> &str {
         &self.named.name
+    }
+
+    /// The namespace file `ip netns` keeps: `/run/netns/NAME`.
+    #[must_use]
+    pub fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(self.name())
+    }
+
+    /// Run `work` on a thread that has entered the namespace, and return what it returns:
+    /// sockets it creates live in the namespace (and stay there when handed back).
+    pub fn within<T: Send>(&self, work: impl FnOnce() -> T + Send) -> T {
+        let path = self.path();
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let netns = File::open(&path).unwrap_or_else(|error| {
+                        panic!("failed to open {}: {error}", path.display())
+                    });
+                    move_into_link_name_space(netns.as_fd(), Some(LinkNameSpaceType::Network))
+                        .unwrap_or_else(|error| {
+                            panic!("failed to enter {}: {error}", path.display())
+                        });
+                    work()
+                })
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
     }
 
     /// The command prefix that runs a program inside: `ip netns exec NAME`.

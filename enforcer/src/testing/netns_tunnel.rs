@@ -5,12 +5,13 @@
 //!
 //! Every node uses the same fixed ports inside its own namespace: the outbound listener on
 //! `127.0.0.1:`[`OUTBOUND_PORT`] (the kernel redirect target) and the inbound listener on
-//! `0.0.0.0:`[`INBOUND_PORT`], so a policy can name its peers before any node starts. There is
-//! no IPv6 outbound listener, so the kernel refuses enrolled workloads' IPv6 connects.
+//! `0.0.0.0:`[`INBOUND_PORT`], so a policy can name its peers before any node starts; the
+//! node's `sk_lookup` program hands both ports to them. There is no IPv6 outbound listener,
+//! so the kernel refuses enrolled workloads' IPv6 connects.
 //!
 //! Workload processes are registered the way the daemon registers them: attested from procfs,
-//! matched against the policy's workload entries, and given their identity number (and, for
-//! servers, their listening address) in the node's kernel maps.
+//! matched against the policy's workload entries, and given their identity number in the
+//! node's kernel maps; servers' listening sockets are recorded by the kernel itself.
 
 use std::{
     fmt::Write as _,
@@ -30,11 +31,11 @@ use super::{Node, ScratchCgroup, ScratchDatapath, Spawn, Spawned, TestPki, repor
 use crate::{
     attest::{AttestOptions, Attestor, Identification, Identities, Registry},
     identity::SpiffeId,
-    kernel::{Counter, DaemonConfig, Maps, cgroup::cgroup2_mount},
+    kernel::{Counter, DaemonConfig, ListenerSlot, Maps, cgroup::cgroup2_mount},
     policy::{Compiled, Policy, apply::apply, compile, parse},
     tunnel::{
-        FlowRecord, LocalWorkloads, Origins, PolicyView, RecordSink, Tunnel, TunnelConfig,
-        TunnelParts, record::RecentRecords, sources::KernelSources,
+        FlowRecord, LocalWorkloads, Origins, PolicyView, RecordSink, SocketTagger, Tunnel,
+        TunnelConfig, TunnelParts, record::RecentRecords, sources::KernelSources,
     },
 };
 
@@ -42,8 +43,6 @@ use crate::{
 pub const OUTBOUND_PORT: u16 = 15001;
 /// The inbound listener's port (on every address) inside every node's namespace.
 pub const INBOUND_PORT: u16 = crate::policy::model::DEFAULT_PEER_PORT;
-/// `SO_MARK` of the tunnel's sockets to local workloads, which the ingress hook lets through.
-pub const TUNNEL_MARK: u32 = 0x0e5f_0001;
 
 /// Worker threads of each node's runtime (the VMs the suite runs on have two cores).
 const WORKER_THREADS: usize = 2;
@@ -91,7 +90,7 @@ impl TunnelNode {
         let mount = cgroup2_mount().unwrap_or_else(|error| panic!("{}", report(&error)));
         let scope = ScratchCgroup::new(name);
         let scope_path = scope.policy_path();
-        let datapath = ScratchDatapath::install(&scope);
+        let datapath = ScratchDatapath::install_in(&scope, link.netns(), |_| {});
         let maps_dir = datapath.pin_dir().join("maps");
         let mut maps = Maps::open(&maps_dir).unwrap_or_else(|error| {
             panic!(
@@ -100,19 +99,22 @@ impl TunnelNode {
                 report(&error)
             )
         });
-        maps.set_config(&DaemonConfig {
-            daemon_tgid: std::process::id(),
-            tunnel_mark: TUNNEL_MARK,
-            outbound_v4: Some(Ipv4Addr::LOCALHOST),
-            outbound_v6: None,
-            outbound_port: OUTBOUND_PORT,
-        })
-        .unwrap_or_else(|error| panic!("failed to configure node {name}: {}", report(&error)));
+        let local_addrs = [link.addr4().into(), link.addr6().into()];
+        maps.replace_local_addrs(&local_addrs)
+            .unwrap_or_else(|error| {
+                panic!("failed to list node {name}'s addresses: {}", report(&error))
+            });
         let maps = Arc::new(Mutex::new(maps));
+        let tags = datapath
+            .socket_tags()
+            .unwrap_or_else(|error| panic!("failed to open the socket tags: {}", report(&error)));
         let sources = Arc::new(KernelSources::new(
             Arc::clone(&maps),
+            tags,
             Arc::new(Attestor::new(AttestOptions::default())),
+            OUTBOUND_PORT,
         ));
+        sources.set_local_addrs(local_addrs);
         let policy = parse_policy(&policy(&scope_path));
         let compiled = compile(&policy, None, 1);
         let records = Arc::new(RecentRecords::new(10_000));
@@ -120,16 +122,14 @@ impl TunnelNode {
             .parse()
             .unwrap_or_else(|error| panic!("node {name:?} makes no SPIFFE ID: {error}"));
         let tunnel = Tunnel::new(TunnelParts {
-            config: TunnelConfig {
-                mark: TUNNEL_MARK,
-                ..TunnelConfig::default()
-            },
+            config: TunnelConfig::default(),
             node_id,
             bundles: Arc::clone(&pki.bundles),
             svids: pki.node_svids(name),
             workloads: Arc::clone(&sources) as Arc<dyn LocalWorkloads>,
             origins: Arc::clone(&sources) as Arc<dyn Origins>,
             records: Arc::clone(&records) as Arc<dyn RecordSink>,
+            tags: Arc::clone(&sources) as Arc<dyn SocketTagger>,
             policy: PolicyView::new(&policy, 1),
         })
         .unwrap_or_else(|error| panic!("failed to build node {name}'s tunnel: {error}"));
@@ -154,16 +154,33 @@ impl TunnelNode {
         node
     }
 
-    /// Bind both listeners on a runtime thread (so inside the namespace) and serve them.
+    /// Bind both listeners on a runtime thread (so inside the namespace), hand the kernel the
+    /// daemon's ports, and serve them.
     fn serve(&self) {
         let tunnel = self.tunnel.clone();
         let name = self.name.clone();
         let netns = netns_path(&self.link);
+        let maps = Arc::clone(&self.maps);
         let runtime = self.runtime();
         let serving = runtime.spawn(async move {
             assert_in_netns(&netns);
             let outbound = bind(&name, Ipv4Addr::LOCALHOST, OUTBOUND_PORT).await;
             let inbound = bind(&name, Ipv4Addr::UNSPECIFIED, INBOUND_PORT).await;
+            let mut maps = maps.lock().unwrap_or_else(PoisonError::into_inner);
+            maps.set_listener(ListenerSlot::Outbound4, outbound.as_fd())
+                .and_then(|()| maps.set_listener(ListenerSlot::Inbound4, inbound.as_fd()))
+                .and_then(|()| {
+                    maps.set_config(&DaemonConfig {
+                        outbound_v4: Some(Ipv4Addr::LOCALHOST),
+                        outbound_v6: None,
+                        outbound_port: OUTBOUND_PORT,
+                        inbound_port: INBOUND_PORT,
+                    })
+                })
+                .unwrap_or_else(|error| {
+                    panic!("failed to configure node {name}: {}", report(&error))
+                });
+            drop(maps);
             tunnel.serve_outbound(outbound);
             tunnel.serve_inbound(inbound);
         });
@@ -215,6 +232,9 @@ impl TunnelNode {
     /// the policy's workload entries, and record its identity number in the kernel. Returns
     /// its SPIFFE ID.
     pub fn register(&self, pid: u32) -> SpiffeId {
+        let generation = self.maps().generation(pid).unwrap_or_else(|error| {
+            panic!("failed to read pid {pid}'s generation: {}", report(&error))
+        });
         let facts = self
             .attestor
             .attest_fresh(pid)
@@ -231,32 +251,34 @@ impl TunnelNode {
         };
         let number = self.number(&id);
         self.maps()
-            .set_identity(pid, number)
+            .set_identity(pid, number, generation)
             .unwrap_or_else(|error| {
                 panic!("failed to set pid {pid}'s identity: {}", report(&error))
             });
         id
     }
 
-    /// Wait until `server` listens on `addr`'s port, then register it ([`register`]), which
-    /// gives the service the bind hook recorded its identity; a bind the hook did not see is
-    /// recorded here, as the daemon records what it finds in procfs. Then the tunnel serves
-    /// `addr` and the ingress hook guards it. Returns the server's SPIFFE ID.
+    /// Wait until `server` listens on `addr`'s port, then register it ([`register`]). The
+    /// kernel recorded its listening socket when it started listening (this checks it did), so
+    /// the tunnel serves `addr` and the ingress hook guards it. Returns the server's SPIFFE ID.
     ///
     /// [`register`]: Self::register
     pub fn register_server(&self, server: &Spawned, addr: SocketAddr) -> SpiffeId {
         wait_for_listener(server, addr.port());
         let id = self.register(server.pid());
-        let number = self.number(&id);
-        let mut maps = self.maps();
-        let known = maps
-            .service(addr)
-            .unwrap_or_else(|error| panic!("failed to look up service {addr}: {}", report(&error)));
-        if known.is_none_or(|service| service.identity != number) {
-            maps.set_service(addr, number).unwrap_or_else(|error| {
-                panic!("failed to record service {addr}: {}", report(&error))
-            });
-        }
+        let wildcard = SocketAddr::new(IpAddr::from([0, 0, 0, 0]), addr.port());
+        let maps = self.maps();
+        let recorded = [addr, wildcard].into_iter().find_map(|key| {
+            maps.service(key).unwrap_or_else(|error| {
+                panic!("failed to look up service {key}: {}", report(&error))
+            })
+        });
+        assert!(
+            recorded.is_some_and(|service| service.tgid == server.pid()),
+            "node {}: the kernel did not record pid {}'s listener at {addr}: {recorded:?}",
+            self.name,
+            server.pid()
+        );
         id
     }
 

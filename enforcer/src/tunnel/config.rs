@@ -6,9 +6,6 @@ use std::time::Duration;
 /// Settings of both tunnel sides of one node.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TunnelConfig {
-    /// `SO_MARK` on the sockets the tunnel opens to local workloads (0: none, for tests
-    /// without `CAP_NET_ADMIN`).
-    pub mark: u32,
     /// Timeout of a TCP connect (to a peer node or a workload).
     pub connect_timeout: Duration,
     /// Timeout of the TLS plus HTTP/2 handshakes, on either side (slow clients are closed).
@@ -43,7 +40,6 @@ pub struct TunnelConfig {
 impl Default for TunnelConfig {
     fn default() -> Self {
         Self {
-            mark: 0,
             connect_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(10),
             keepalive: Some(Duration::from_mins(1)),

@@ -4,8 +4,8 @@
 //! The TLS server name names the destination (see [`super::hbone`]); the certificate shown is
 //! the SVID of the enrolled workload listening there, or the node's own SVID when none is.
 //! Each CONNECT must name that same destination, an enrolled workload must own it, and policy
-//! must allow (client ID, workload ID, port); only then is the workload dialled, with the
-//! tunnel mark, and the stream spliced to it. Refusals map to distinct statuses (see
+//! must allow (client ID, workload ID, port); only then is the workload dialled, with a hop the
+//! kernel admits only to that workload's listener, and the stream spliced to it. Refusals map to distinct statuses (see
 //! [`Refusal`]).
 #![forbid(unsafe_code)]
 
@@ -34,7 +34,8 @@ use super::{
     copy::{H2Sink, H2Source, tcp_ends},
     hbone::{self, ALPN_H2, Refusal},
     metrics::Metric,
-    net, new_record,
+    net::{self, Dial},
+    new_record,
     state::{LocalWorkloads, SvidSource},
     verdict,
 };
@@ -313,7 +314,8 @@ async fn handle_stream(
     let config = &node.config;
     let connecting = Box::pin(net::connect(
         addr,
-        config.mark,
+        Dial::Hop(&owner),
+        node.tags.as_ref(),
         config.connect_timeout,
         None,
     ));

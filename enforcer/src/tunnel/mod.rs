@@ -3,8 +3,8 @@
 //!
 //! ```text
 //! client --connect()--> [kernel redirect] --> outbound listener (attest, route)
-//!     same node:   --SO_MARK--> local workload
-//!     mesh peer:   ==TLS 1.3 mTLS, h2 CONNECT <dst>==> peer inbound (authorize) --SO_MARK--> workload
+//!     same node:   --hop (tagged for the workload's identity)--> local workload
+//!     mesh peer:   ==TLS 1.3 mTLS, h2 CONNECT <dst>==> peer inbound (authorize) --hop--> workload
 //!     egress:      --plaintext--> destination outside the mesh
 //!     otherwise:   reset, with a deny record
 //! ```
@@ -43,7 +43,9 @@ pub use config::TunnelConfig;
 pub use hbone::Refusal;
 pub use metrics::{Metric, Metrics};
 pub use record::{FlowEvent, FlowRecord, Party, Reason, RecordSink, Side, Verdict};
-pub use state::{LocalWorkloads, Origin, OriginError, Origins, PolicyView, SvidSource};
+pub use state::{
+    LocalWorkloads, Origin, OriginError, Origins, PolicyView, SocketTagger, SvidSource, Untagged,
+};
 
 use self::{
     copy::{Ended, Limits, Outcome, Sink, Source, splice},
@@ -81,6 +83,8 @@ pub struct TunnelParts {
     pub origins: Arc<dyn Origins>,
     /// Where flow records go.
     pub records: Arc<dyn RecordSink>,
+    /// How the tunnel's sockets make themselves known to the kernel.
+    pub tags: Arc<dyn SocketTagger>,
     /// The policy in force.
     pub policy: PolicyView,
 }
@@ -95,6 +99,7 @@ struct Node {
     workloads: Arc<dyn LocalWorkloads>,
     origins: Arc<dyn Origins>,
     records: Arc<dyn RecordSink>,
+    tags: Arc<dyn SocketTagger>,
     policy: RwLock<Arc<PolicyView>>,
     tracker: Arc<Tracker>,
     metrics: Arc<Metrics>,
@@ -118,12 +123,18 @@ impl Tunnel {
         )?;
         tls_server.alpn_protocols = vec![hbone::ALPN_H2.to_vec()];
         Ok(Self(Arc::new(Node {
-            pool: Pool::new(parts.config.clone(), parts.bundles, Arc::clone(&metrics)),
+            pool: Pool::new(
+                parts.config.clone(),
+                parts.bundles,
+                Arc::clone(&metrics),
+                Arc::clone(&parts.tags),
+            ),
             config: parts.config,
             svids: parts.svids,
             workloads: parts.workloads,
             origins: parts.origins,
             records: parts.records,
+            tags: parts.tags,
             policy: RwLock::new(Arc::new(parts.policy)),
             tracker: Arc::new(Tracker::default()),
             metrics,

@@ -1,5 +1,10 @@
-//! Socket plumbing shared by both tunnel sides: connecting with a timeout (and the tunnel mark
-//! for hops to local workloads), `TCP_NODELAY` and keepalive, and aborting with a reset.
+//! Socket plumbing shared by both tunnel sides: connecting with a timeout, the kernel's tag on
+//! every socket the tunnel opens (see [`SocketTagger`]), `TCP_NODELAY` and keepalive, and
+//! aborting with a reset.
+//!
+//! A hop to a local workload is bound to the destination address before it connects: binding
+//! an address that is not this node's fails, so a hop can never leave the node (the tunnel is
+//! never a relay), whatever the services table says.
 #![forbid(unsafe_code)]
 
 use std::{io, net::SocketAddr, os::fd::AsFd, time::Duration};
@@ -7,7 +12,17 @@ use std::{io, net::SocketAddr, os::fd::AsFd, time::Duration};
 use socket2::{SockRef, TcpKeepalive};
 use tokio::net::{TcpSocket, TcpStream};
 
-use super::hbone::Refusal;
+use super::{hbone::Refusal, state::SocketTagger};
+use crate::identity::SpiffeId;
+
+/// What a connection the tunnel opens is for.
+#[derive(Clone, Copy, Debug)]
+pub enum Dial<'a> {
+    /// A hop to the local workload that holds this identity.
+    Hop(&'a SpiffeId),
+    /// A connection to a peer node or a plaintext egress destination.
+    Out,
+}
 
 /// Why a connection could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -29,7 +44,13 @@ pub enum ConnectError {
         /// The timeout.
         timeout: Duration,
     },
-    /// The socket could not be set up (e.g. setting the mark needs `CAP_NET_ADMIN`).
+    /// A hop's destination is not an address of this node.
+    #[error("{addr} is not an address of this node")]
+    NotLocal {
+        /// The destination.
+        addr: SocketAddr,
+    },
+    /// The socket could not be set up (created, bound or tagged).
     #[error("failed to set up a socket to {addr}")]
     Socket {
         /// The destination.
@@ -47,17 +68,19 @@ impl ConnectError {
         match self {
             Self::Refused { .. } => Refusal::UpstreamRefused,
             Self::Timeout { .. } => Refusal::UpstreamTimeout,
+            Self::NotLocal { .. } => Refusal::NoSuchWorkload,
             Self::Socket { .. } => Refusal::Unavailable,
         }
     }
 }
 
-/// Connect to `addr` within `timeout`; a non-zero `mark` is set as `SO_MARK` first (the proof
-/// the kernel's ingress rule asks of tunnel traffic to local workloads). Hops to local
+/// Connect to `addr` within `timeout`, the socket tagged for the kernel by `tags` as `dial`
+/// says (a hop is also bound to `addr`'s IP first, see the module comment). Hops to local
 /// workloads pass no `keepalive`: the kernel reports a local peer's death at once.
 pub async fn connect(
     addr: SocketAddr,
-    mark: u32,
+    dial: Dial<'_>,
+    tags: &dyn SocketTagger,
     timeout: Duration,
     keepalive: Option<Duration>,
 ) -> Result<TcpStream, ConnectError> {
@@ -67,8 +90,17 @@ pub async fn connect(
         SocketAddr::V6(_) => TcpSocket::new_v6(),
     }
     .map_err(socket_err)?;
-    if mark != 0 {
-        SockRef::from(&socket).set_mark(mark).map_err(socket_err)?;
+    match dial {
+        Dial::Hop(owner) => {
+            socket
+                .bind(SocketAddr::new(addr.ip(), 0))
+                .map_err(|error| match error.raw_os_error() {
+                    Some(libc::EADDRNOTAVAIL) => ConnectError::NotLocal { addr },
+                    _ => socket_err(error),
+                })?;
+            tags.hop(socket.as_fd(), owner).map_err(socket_err)?;
+        }
+        Dial::Out => tags.own(socket.as_fd()).map_err(socket_err)?,
     }
     let stream = tokio::time::timeout(timeout, socket.connect(addr))
         .await

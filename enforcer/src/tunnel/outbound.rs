@@ -3,8 +3,8 @@
 //! For each accepted connection: find who the client is and where it wanted to go
 //! ([`super::Origins`]), then route it:
 //! 1. the destination is an enrolled workload of this node: authorize (source, destination,
-//!    port) and connect to it with the tunnel mark (same-node flows get the same checks and
-//!    records as tunnelled ones);
+//!    port) and connect to it with a hop the kernel admits only to that workload's listener
+//!    (same-node flows get the same checks and records as tunnelled ones);
 //! 2. the destination's address is a mesh peer: open a CONNECT stream through the pool with
 //!    the source's SVID; the server's proven SPIFFE ID must be one policy lets the source
 //!    reach on that port before a byte of the client's is sent;
@@ -20,7 +20,8 @@ use super::{
     Node, Party, Reason, Side, Verdict,
     copy::{H2Sink, H2Source, tcp_ends},
     metrics::Metric,
-    net, new_record,
+    net::{self, Dial},
+    new_record,
     pool::PoolError,
     state::{Origin, PolicyView},
     verdict,
@@ -51,7 +52,14 @@ async fn handle(node: Arc<Node>, tcp: TcpStream, client: SocketAddr) {
     node.metrics.inc(Metric::OutboundAccepted);
     let accepted = Instant::now();
     let view = node.policy();
-    let origin = match node.origins.origin(client) {
+    let accepted_at = match tcp.local_addr() {
+        Ok(local) => local,
+        Err(error) => {
+            tracing::debug!(%client, %error, "accepted socket has no local address");
+            return;
+        }
+    };
+    let origin = match node.origins.origin(client, accepted_at) {
         Ok(origin) => origin,
         Err(error) => {
             tracing::info!(%client, error = %report(&error), "refusing an unidentified client");
@@ -108,7 +116,7 @@ impl Flow {
     }
 }
 
-/// Same node: authorize, then connect to the workload with the tunnel mark.
+/// Same node: authorize, then connect to the workload with a hop tagged for its identity.
 async fn local(node: &Node, mut flow: Flow, tcp: TcpStream, owner: SpiffeId) {
     let dst = flow.origin.dst;
     flow.dst.id = Some(owner.clone());
@@ -119,7 +127,13 @@ async fn local(node: &Node, mut flow: Flow, tcp: TcpStream, owner: SpiffeId) {
     let config = &node.config;
     // Boxed, here and below: the connect state would otherwise stay inline in the flow's task
     // for the flow's whole life.
-    let connecting = Box::pin(net::connect(dst, config.mark, config.connect_timeout, None));
+    let connecting = Box::pin(net::connect(
+        dst,
+        Dial::Hop(&owner),
+        node.tags.as_ref(),
+        config.connect_timeout,
+        None,
+    ));
     let upstream = match connecting.await {
         Ok(upstream) => upstream,
         Err(error) => {
@@ -178,7 +192,8 @@ async fn plaintext(node: &Node, flow: Flow, tcp: TcpStream) {
     let config = &node.config;
     let connecting = Box::pin(net::connect(
         dst,
-        0,
+        Dial::Out,
+        node.tags.as_ref(),
         config.connect_timeout,
         config.keepalive,
     ));

@@ -28,7 +28,8 @@ use super::{
     config::TunnelConfig,
     hbone::{self, ALPN_H2, Refusal},
     metrics::{Metric, Metrics},
-    net::{self, ConnectError},
+    net::{self, ConnectError, Dial},
+    state::SocketTagger,
 };
 use crate::identity::{
     PeerAuthorizer, SpiffeId, TrustBundleSet, VerifyError, X509Svid, client_config, peer_spiffe_id,
@@ -202,17 +203,24 @@ pub struct Pool {
     config: TunnelConfig,
     bundles: Arc<TrustBundleSet>,
     metrics: Arc<Metrics>,
+    tags: Arc<dyn SocketTagger>,
     slots: Mutex<HashMap<Key, Arc<Slot>>>,
 }
 
 impl Pool {
-    /// An empty pool verifying servers against `bundles`.
+    /// An empty pool verifying servers against `bundles`, its sockets tagged by `tags`.
     #[must_use]
-    pub fn new(config: TunnelConfig, bundles: Arc<TrustBundleSet>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        config: TunnelConfig,
+        bundles: Arc<TrustBundleSet>,
+        metrics: Arc<Metrics>,
+        tags: Arc<dyn SocketTagger>,
+    ) -> Self {
         Self {
             config,
             bundles,
             metrics,
+            tags,
             slots: Mutex::new(HashMap::new()),
         }
     }
@@ -331,9 +339,15 @@ impl Pool {
         self.metrics.inc(Metric::PoolDials);
         let config = &self.config;
         let started = Instant::now();
-        let tcp = net::connect(peer, 0, config.connect_timeout, config.keepalive)
-            .await
-            .map_err(|source| PoolError::Connect { peer, source })?;
+        let tcp = net::connect(
+            peer,
+            Dial::Out,
+            self.tags.as_ref(),
+            config.connect_timeout,
+            config.keepalive,
+        )
+        .await
+        .map_err(|source| PoolError::Connect { peer, source })?;
         let mut tls_config = client_config(svid, Arc::clone(&self.bundles), PeerAuthorizer::Any)
             .map_err(|source| PoolError::Config {
                 id: svid.spiffe_id().clone(),

@@ -1,38 +1,58 @@
-//! The daemon's answers to the tunnel's questions, from the kernel maps and attestation: which
-//! enrolled workload listens at an address (the services the bind hook and the daemon
-//! recorded), and who a redirected client is (the kernel's redirect record, then attestation
-//! of its process against the workload entries).
+//! The daemon's answers to the tunnel's questions, from the kernel maps and attestation:
+//! - which enrolled workload listens at an address: the listening socket the kernel recorded
+//!   there (a wildcard listener only for this node's own addresses), owned by the identity its
+//!   owner process holds *now*;
+//! - who a redirected client is: the identity the kernel stamped on the redirect at
+//!   `connect()`; a process the daemon had not attested by then is attested now, and only if
+//!   it is still the process image that connected (no exec, no cgroup move since);
+//! - how the tunnel's sockets make themselves known: the daemon's socket tags.
 #![forbid(unsafe_code)]
 
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    collections::HashSet,
+    io,
+    net::{IpAddr, SocketAddr},
+    os::fd::BorrowedFd,
     sync::{Arc, Mutex, PoisonError, RwLock},
 };
 
-use super::state::{LocalWorkloads, Origin, OriginError, Origins};
+use super::state::{LocalWorkloads, Origin, OriginError, Origins, SocketTagger};
 use crate::{
     attest::{Attestor, Identification, Identities},
     identity::SpiffeId,
-    kernel::Maps,
+    kernel::{Maps, SocketTags},
+    report::report,
 };
 
-/// Kernel- and attestation-backed [`LocalWorkloads`] and [`Origins`].
+/// Kernel- and attestation-backed [`LocalWorkloads`], [`Origins`] and [`SocketTagger`].
 pub struct KernelSources {
     maps: Arc<Mutex<Maps>>,
+    tags: SocketTags,
     attestor: Arc<Attestor>,
     identities: RwLock<Arc<Identities>>,
+    local_addrs: RwLock<HashSet<IpAddr>>,
+    redirect_port: u16,
 }
 
 impl KernelSources {
-    /// Sources reading `maps` and attesting with `attestor` (shared with the daemon's registrar,
-    /// so both use one cache); they know no identity until
-    /// [`KernelSources::update`].
+    /// Sources reading `maps`, tagging with `tags` and attesting with `attestor` (shared with
+    /// the daemon's registrar, so both use one cache), for redirects to `redirect_port`; they
+    /// know no identity until [`KernelSources::update`] and no address of this node beyond
+    /// loopback until [`KernelSources::set_local_addrs`].
     #[must_use]
-    pub fn new(maps: Arc<Mutex<Maps>>, attestor: Arc<Attestor>) -> Self {
+    pub fn new(
+        maps: Arc<Mutex<Maps>>,
+        tags: SocketTags,
+        attestor: Arc<Attestor>,
+        redirect_port: u16,
+    ) -> Self {
         Self {
             maps,
+            tags,
             attestor,
             identities: RwLock::new(Arc::default()),
+            local_addrs: RwLock::new(HashSet::new()),
+            redirect_port,
         }
     }
 
@@ -42,6 +62,15 @@ impl KernelSources {
             .identities
             .write()
             .unwrap_or_else(PoisonError::into_inner) = identities;
+    }
+
+    /// Take this node's current addresses.
+    pub fn set_local_addrs(&self, addrs: impl IntoIterator<Item = IpAddr>) {
+        *self
+            .local_addrs
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) =
+            addrs.into_iter().map(|ip| ip.to_canonical()).collect();
     }
 
     fn identities(&self) -> Arc<Identities> {
@@ -56,65 +85,138 @@ impl KernelSources {
     fn maps(&self) -> std::sync::MutexGuard<'_, Maps> {
         self.maps.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    /// Whether `ip` is one of this node's addresses.
+    fn is_local(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        ip.is_loopback()
+            || self
+                .local_addrs
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains(&ip)
+    }
+
+    /// The identity number of the process that owns the listening socket at `addr` now.
+    fn owner_number(&self, addr: SocketAddr) -> Option<u32> {
+        let maps = self.maps();
+        if !maps.port_hinted(addr.port()).unwrap_or(true) {
+            return None;
+        }
+        let lookup = |key: SocketAddr| match maps.service(key) {
+            Ok(found) => found,
+            Err(error) => {
+                tracing::warn!(%key, error = %report(&error), "service lookup failed");
+                None
+            }
+        };
+        let wildcard = SocketAddr::new(IpAddr::from([0, 0, 0, 0]), addr.port());
+        let service = lookup(addr)
+            .or_else(|| self.is_local(addr.ip()).then(|| lookup(wildcard)).flatten())?;
+        maps.identity(service.tgid).ok().flatten()
+    }
+
+    /// Attest `pid` now for the connection it made as image `generation`: only while that is
+    /// still its image (checked before and after reading its facts).
+    fn attest_unstamped(
+        &self,
+        pid: u32,
+        generation: u64,
+        dst: SocketAddr,
+    ) -> Result<SpiffeId, OriginError> {
+        let current = || self.maps().generation(pid).ok();
+        if current() != Some(generation) {
+            return Err(OriginError::Changed { pid, dst });
+        }
+        let facts = self
+            .attestor
+            .attest_fresh(pid)
+            .map_err(|source| OriginError::Attest {
+                pid,
+                dst,
+                source: Box::new(source),
+            })?;
+        if current() != Some(generation) {
+            return Err(OriginError::Changed { pid, dst });
+        }
+        match self.identities().registry.identify(&facts) {
+            Identification::Matched { id, .. } => Ok(id),
+            Identification::Unmatched | Identification::Ambiguous(_) => {
+                Err(OriginError::NoIdentity {
+                    pid,
+                    dst,
+                    exe: facts.exe,
+                })
+            }
+        }
+    }
 }
 
 impl LocalWorkloads for KernelSources {
     fn owner(&self, addr: SocketAddr) -> Option<SpiffeId> {
-        let port = addr.port();
-        let candidates = [
-            addr,
-            SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
-            SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port),
-        ];
-        let service = {
-            let maps = self.maps();
-            if !maps.port_hinted(port).unwrap_or(true) {
-                return None;
-            }
-            candidates.iter().find_map(|&key| match maps.service(key) {
-                Ok(found) => found,
-                Err(error) => {
-                    tracing::warn!(%key, error = %crate::report::report(&error), "service lookup failed");
-                    None
-                }
-            })
-        }?;
-        self.identities().id(service.identity).cloned()
+        let number = self.owner_number(addr)?;
+        self.identities().id(number).cloned()
     }
 }
 
 impl Origins for KernelSources {
-    fn origin(&self, client: SocketAddr) -> Result<Origin, OriginError> {
+    fn origin(&self, client: SocketAddr, local: SocketAddr) -> Result<Origin, OriginError> {
+        // Only a connection the kernel steered to the redirect address was redirected; one
+        // made to the listener's own address is not, whatever its peer address says.
+        if local.port() != self.redirect_port {
+            return Err(OriginError::NotRedirected(client));
+        }
         let original = self
             .maps()
             .original(client)
             .ok()
             .flatten()
             .ok_or(OriginError::NotRedirected(client))?;
-        let facts = self
-            .attestor
-            .attest(original.tgid)
-            .map_err(|source| OriginError::Attest {
-                pid: original.tgid,
-                dst: original.dst,
-                source: Box::new(source),
-            })?;
-        let identification = self.identities().registry.identify(&facts);
-        match identification {
-            Identification::Matched { id, .. } => Ok(Origin {
-                dst: original.dst,
-                pid: original.tgid,
-                cgroup_id: original.cgroup_id,
-                exe: Some(facts.exe),
-                id,
-            }),
-            Identification::Unmatched | Identification::Ambiguous(_) => {
-                Err(OriginError::NoIdentity {
-                    pid: original.tgid,
-                    dst: original.dst,
-                    exe: facts.exe,
-                })
-            }
-        }
+        let (pid, dst) = (original.tgid, original.dst);
+        let id = if original.src_id == 0 {
+            self.attest_unstamped(pid, original.generation, dst)?
+        } else {
+            // The identity the process held at connect(): an exec since never upgrades it.
+            self.identities()
+                .id(original.src_id)
+                .cloned()
+                .ok_or_else(|| OriginError::NoIdentity {
+                    pid,
+                    dst,
+                    exe: self
+                        .attestor
+                        .attest(pid)
+                        .map(|facts| facts.exe)
+                        .unwrap_or_default(),
+                })?
+        };
+        let exe = self.attestor.attest(pid).ok().map(|facts| facts.exe);
+        Ok(Origin {
+            dst,
+            pid,
+            cgroup_id: original.cgroup_id,
+            exe,
+            id,
+        })
+    }
+}
+
+impl SocketTagger for KernelSources {
+    fn hop(&self, socket: BorrowedFd<'_>, owner: &SpiffeId) -> io::Result<()> {
+        let number = self.identities().numbers.get(owner).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{owner} has no identity number in the policy in force"),
+            )
+        })?;
+        self.tags
+            .tag_hop(socket, number)
+            .map_err(|error| io::Error::other(report(&error)))
+    }
+
+    fn own(&self, socket: BorrowedFd<'_>) -> io::Result<()> {
+        self.tags
+            .tag_daemon(socket)
+            .map_err(|error| io::Error::other(report(&error)))
     }
 }

@@ -1,12 +1,14 @@
 //! What a tunnel endpoint needs to know about its node, as traits so the daemon backs them with
 //! the kernel maps and attestation while in-process tests back them with tables: who a
 //! redirected client is ([`Origins`]), which local workload owns an address
-//! ([`LocalWorkloads`]), the SVIDs to present ([`SvidSource`]), and the policy in force
-//! ([`PolicyView`]).
+//! ([`LocalWorkloads`]), the SVIDs to present ([`SvidSource`]), how its sockets make
+//! themselves known to the kernel ([`SocketTagger`]), and the policy in force ([`PolicyView`]).
 #![forbid(unsafe_code)]
 
 use std::{
+    io,
     net::{IpAddr, SocketAddr},
+    os::fd::BorrowedFd,
     path::PathBuf,
     sync::Arc,
 };
@@ -26,6 +28,29 @@ pub trait SvidSource: Send + Sync {
 impl<C: Clock, I: SvidIssuer> SvidSource for SvidCache<C, I> {
     fn svid(&self, id: &SpiffeId) -> Result<Arc<X509Svid>, CacheError> {
         self.get(id)
+    }
+}
+
+/// How the sockets the tunnel opens make themselves known to the kernel, before they connect.
+pub trait SocketTagger: Send + Sync {
+    /// `socket` is a hop to the local workload that holds `owner`: the kernel lets it reach
+    /// only a listener whose owner holds that identity.
+    fn hop(&self, socket: BorrowedFd<'_>, owner: &SpiffeId) -> io::Result<()>;
+    /// `socket` goes to a peer node or a plaintext egress destination.
+    fn own(&self, socket: BorrowedFd<'_>) -> io::Result<()>;
+}
+
+/// A [`SocketTagger`] for endpoints without a kernel datapath (in-process tests): tags nothing.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Untagged;
+
+impl SocketTagger for Untagged {
+    fn hop(&self, _socket: BorrowedFd<'_>, _owner: &SpiffeId) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn own(&self, _socket: BorrowedFd<'_>) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -54,9 +79,19 @@ pub struct Origin {
 /// Why a redirected client has no [`Origin`].
 #[derive(Debug, thiserror::Error)]
 pub enum OriginError {
-    /// The kernel holds no record of a redirect from this address.
+    /// The kernel holds no record of a redirect from this address, or the connection did not
+    /// arrive at the redirect address.
     #[error("no redirect record for client {0}")]
     NotRedirected(SocketAddr),
+    /// The client process is not the process image that called `connect()` (it exec'd, or
+    /// moved to another cgroup, since), so it cannot be attested for that call.
+    #[error("pid {pid} changed since it connected (exec or cgroup move)")]
+    Changed {
+        /// The process.
+        pid: u32,
+        /// Where it connected.
+        dst: SocketAddr,
+    },
     /// The client process could not be attested.
     #[error("failed to attest pid {pid}")]
     Attest {
@@ -87,7 +122,9 @@ impl OriginError {
     pub fn parties(&self, client: SocketAddr) -> (Party, Party) {
         let (pid, exe, dst) = match self {
             Self::NotRedirected(_) => (None, None, None),
-            Self::Attest { pid, dst, .. } => (Some(*pid), None, Some(*dst)),
+            Self::Attest { pid, dst, .. } | Self::Changed { pid, dst } => {
+                (Some(*pid), None, Some(*dst))
+            }
             Self::NoIdentity { pid, exe, dst } => (Some(*pid), Some(exe.clone()), Some(*dst)),
         };
         let src = Party {
@@ -106,8 +143,9 @@ impl OriginError {
 
 /// Looks up the origin of redirected connections.
 pub trait Origins: Send + Sync {
-    /// The origin of the connection the outbound listener accepted from `client`.
-    fn origin(&self, client: SocketAddr) -> Result<Origin, OriginError>;
+    /// The origin of the connection the outbound listener accepted from `client`, on its local
+    /// address `local` (the redirect address, for a redirected connection).
+    fn origin(&self, client: SocketAddr, local: SocketAddr) -> Result<Origin, OriginError>;
 }
 
 /// The policy as the tunnel consults it: authorization, mesh peers, plaintext TCP egress, and
