@@ -45,7 +45,7 @@ use enforcer::{
     identity::{
         CacheConfig, CertificateAuthority, SpiffeId, SvidCache, SystemClock, TrustBundleSet,
     },
-    kernel::{DaemonConfig, Maps, cgroup::cgroup2_mount},
+    kernel::{DaemonConfig, ListenerSlot, Maps, SocketTags, cgroup::cgroup2_mount},
     policy::{Compiled, Policy, apply::apply, compile, parse},
     testing::{
         Netns, ScratchCgroup, ScratchDatapath, Spawn, Spawned, TestPki, connect_nodes, require_root,
@@ -76,8 +76,6 @@ const PING_BYTES: usize = 64;
 const CONNECT_FOR: Duration = Duration::from_secs(1);
 /// Idle tunnelled connections held open for the memory figure.
 const IDLE_CONNECTIONS: usize = 1_000;
-/// The tunnel mark both nodes put on their hops to local workloads.
-const MARK: u32 = 0x0e5f_0001;
 const TD: &str = "bench.enforcer.local";
 /// B's enrolled server (reachable only through the tunnel).
 const SERVICE_PORT: u16 = 7001;
@@ -171,8 +169,8 @@ impl Testbed {
         let scope_a = ScratchCgroup::new("tun-scope-a");
         let scope_b = ScratchCgroup::new("tun-scope-b");
         let (web, api) = (scope_a.child("web"), scope_b.child("api"));
-        let datapath_a = ScratchDatapath::install(&scope_a);
-        let mut datapath_b = ScratchDatapath::install(&scope_b);
+        let datapath_a = ScratchDatapath::install_in(&scope_a, &ns_a, |_| {});
+        let mut datapath_b = ScratchDatapath::install_in(&scope_b, &ns_b, |_| {});
         let compiled = install_policy(work, &web, &api, (a, b), [&datapath_a, &datapath_b]);
 
         let exe = std::env::current_exe().expect("current exe");
@@ -189,12 +187,12 @@ impl Testbed {
             serve(service, &api),
             serve(SocketAddr::new(b, PLAIN_PORT), &scope_b.child("plain")),
         ];
+        // The kernel recorded the server's listening socket; give its owner the identity.
         let api_number = compiled.numbers.get(&id("api")).expect("api has a number");
         let maps = datapath_b.maps_mut();
-        maps.set_identity(servers[0].pid(), api_number)
+        let generation = maps.generation(servers[0].pid()).expect("generation");
+        maps.set_identity(servers[0].pid(), api_number, generation)
             .expect("set the server's identity");
-        maps.set_service(service, api_number)
-            .expect("register the service");
 
         let stunnels = start_stunnels(work, (&ns_a, &ns_b), b);
         let warm_age = TunnelConfig::default().pool_max_age;
@@ -958,6 +956,7 @@ fn node(args: &NodeArgs) {
     )
     .expect("parse the bundle");
     let mut maps = Maps::open(&args.pins.join("maps")).expect("open the pinned maps");
+    let tags = SocketTags::open(&args.pins.join("maps")).expect("open the socket tags");
     enter_netns(&args.netns);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -970,22 +969,30 @@ fn node(args: &NodeArgs) {
         let inbound = tokio::net::TcpListener::bind(args.inbound)
             .await
             .expect("bind the inbound listener");
+        maps.set_listener(ListenerSlot::Outbound4, outbound.as_fd())
+            .expect("register the outbound listener");
+        maps.set_listener(ListenerSlot::Inbound4, inbound.as_fd())
+            .expect("register the inbound listener");
         maps.set_config(&DaemonConfig {
-            daemon_tgid: std::process::id(),
-            tunnel_mark: MARK,
             outbound_v4: Some(Ipv4Addr::LOCALHOST),
             outbound_v6: None,
             outbound_port: OUTBOUND_PORT,
+            inbound_port: args.inbound.port(),
         })
         .expect("set the daemon config");
+        let local = args.inbound.ip();
+        maps.replace_local_addrs(&[local])
+            .expect("set the node's address");
         let sources = Arc::new(KernelSources::new(
             Arc::new(Mutex::new(maps)),
+            tags,
             Arc::new(Attestor::new(AttestOptions::default())),
+            OUTBOUND_PORT,
         ));
+        sources.set_local_addrs([local]);
         sources.update(Arc::new(Identities::new(&policy, &compiled.numbers)));
         let tunnel = Tunnel::new(TunnelParts {
             config: TunnelConfig {
-                mark: MARK,
                 pool_max_age: args.pool_max_age,
                 ..TunnelConfig::default()
             },
@@ -995,8 +1002,9 @@ fn node(args: &NodeArgs) {
             bundles: Arc::new(bundles),
             svids: Arc::new(SvidCache::new(SystemClock, node_ca, CacheConfig::default())),
             workloads: Arc::clone(&sources) as _,
-            origins: sources,
+            origins: Arc::clone(&sources) as _,
             records: Arc::new(LogSink) as Arc<dyn RecordSink>,
+            tags: sources,
             policy: PolicyView::new(&policy, 1),
         })
         .expect("build the tunnel");

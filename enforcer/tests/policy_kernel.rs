@@ -14,7 +14,8 @@ use enforcer::{
     testing::{Client, ScratchCgroup, ScratchDatapath, require_root, serial},
 };
 
-const MARK: u32 = 0x0e5f_0001;
+/// The daemon's inbound port (nobody listens on it here).
+const INBOUND_PORT: u16 = 15_008;
 
 fn policy_text(scope: &str, action: &str, port: u16) -> String {
     format!(
@@ -54,9 +55,9 @@ fn attest_into_kernel(
         panic!("pid {pid} ({}) matched no single workload", facts.cgroup);
     };
     let number = compiled.numbers.get(&id).expect("numbered");
-    datapath
-        .maps_mut()
-        .set_identity(pid, number)
+    let maps = datapath.maps_mut();
+    let generation = maps.generation(pid).expect("generation");
+    maps.set_identity(pid, number, generation)
         .expect("identity");
 }
 
@@ -76,26 +77,29 @@ fn a_policy_file_decides_connects_in_the_kernel_and_a_reload_flips_it() {
     let api = scope.child("api");
     let scope_path = cgroup_relative_path(&mount, scope.path()).unwrap();
     let mut datapath = ScratchDatapath::install(&scope);
-    let outbound = TcpListener::bind("127.0.0.1:0").unwrap();
-    datapath.serve_on_loopback(outbound.local_addr().unwrap().port(), MARK);
+    let netns = datapath.netns().clone();
+    let (outbound4, outbound6) = netns.within(|| {
+        let v4 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = v4.local_addr().unwrap().port();
+        (v4, TcpListener::bind(("::1", port)).unwrap())
+    });
+    let outbound_port = outbound4.local_addr().unwrap().port();
+    datapath.serve_on_loopback(outbound_port, INBOUND_PORT, (&outbound4, &outbound6));
 
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // The namespace is new: any port is free.
+    let port = 8080;
     let denying = load(&policy_text(&scope_path, "deny", port));
     let compiled = compile(&denying, None, 1);
     let report = apply(datapath.maps_mut(), &denying, &compiled, &mount).unwrap();
     assert!(report.missing_cgroups.is_empty(), "{report:?}");
 
-    // Both workloads start after enrollment, so the bind hook registers api's port.
-    let mut server = Client::start(Some(&api), None);
+    // Both workloads start after enrollment, so the listen hook records api's port.
+    let mut server = Client::start(Some(&api), Some(&netns));
     assert_eq!(
         server.ask(&format!("listen 127.0.0.1 {port}")),
         format!("listening {port}")
     );
-    let mut client = Client::start(Some(&web), None);
+    let mut client = Client::start(Some(&web), Some(&netns));
     let attestor = Attestor::new(AttestOptions::default());
     let registry = Registry::new(denying.workloads.clone());
     for pid in [server.pid(), client.pid()] {

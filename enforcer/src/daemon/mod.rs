@@ -408,26 +408,7 @@ impl Daemon {
                 stopped.clone(),
             ))
         });
-        self.record_lifecycle(
-            audit::Event::Start,
-            format!(
-                "pid {}; outbound {:?}, inbound {}; {seen} enrolled processes",
-                std::process::id(),
-                self.outbound,
-                self.inbound
-            ),
-        );
-        tracing::info!(
-            node = %self.config.node_name,
-            trust_domain = %self.trust_domain,
-            outbound = ?self.outbound,
-            inbound = %self.inbound,
-            control = %self.config.control_socket.display(),
-            metrics = ?self.config.metrics_addr,
-            audit = %self.config.audit_path().display(),
-            enrolled_processes = seen,
-            "enforcer running"
-        );
+        self.announce(seen);
 
         let signal_stream =
             |kind: SignalKind| signal(kind).map_err(io_error("failed to install a signal handler"));
@@ -487,6 +468,30 @@ impl Daemon {
             "stopped; the datapath stays pinned and fails closed until the next start"
         );
         Ok(())
+    }
+
+    /// The start record and log line, once everything serves.
+    fn announce(&self, seen: usize) {
+        self.record_lifecycle(
+            audit::Event::Start,
+            format!(
+                "pid {}; outbound {:?}, inbound {}; {seen} enrolled processes",
+                std::process::id(),
+                self.outbound,
+                self.inbound
+            ),
+        );
+        tracing::info!(
+            node = %self.config.node_name,
+            trust_domain = %self.trust_domain,
+            outbound = ?self.outbound,
+            inbound = %self.inbound,
+            control = %self.config.control_socket.display(),
+            metrics = ?self.config.metrics_addr,
+            audit = %self.config.audit_path().display(),
+            enrolled_processes = seen,
+            "enforcer running"
+        );
     }
 
     /// Tell the kernel and the tunnel this node's addresses: a wildcard listener owns a

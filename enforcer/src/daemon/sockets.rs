@@ -140,6 +140,7 @@ mod tests {
 
     #[test]
     fn finds_its_own_listener_with_a_descriptor() {
+        use std::os::fd::AsRawFd as _;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
         let found = listeners_of(std::process::id());
@@ -147,7 +148,6 @@ mod tests {
             .iter()
             .find(|l| l.addr == addr)
             .unwrap_or_else(|| panic!("{addr} not among {found:?}"));
-        use std::os::fd::AsRawFd as _;
         assert_eq!(mine.fd, listener.as_raw_fd());
     }
 }

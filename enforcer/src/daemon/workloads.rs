@@ -295,7 +295,7 @@ impl Registrar {
         }
         self.maps()
             .adopt_listener(socket.as_fd(), listener.addr, pid, cgroup_id)
-            .map_err(|error| report(&error).to_string())
+            .map_err(|error| report(&error))
     }
 
     /// Forget services whose owner is gone and that no enrolled process listens on any more

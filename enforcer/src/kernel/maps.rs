@@ -162,12 +162,12 @@ pub enum IpProtocol {
     Tcp,
     /// UDP (IP protocol 17).
     Udp,
-    /// ICMP (IP protocol 1); for IPv6 destinations, ICMPv6.
+    /// ICMP (IP protocol 1); for IPv6 destinations, `ICMPv6`.
     Icmp,
 }
 
 impl IpProtocol {
-    /// The IANA protocol number the kernel tables use (ICMPv6 is stored as ICMP).
+    /// The IANA protocol number the kernel tables use (`ICMPv6` is stored as ICMP).
     #[must_use]
     pub const fn number(self) -> u8 {
         match self {
@@ -1028,7 +1028,7 @@ mod tests {
         let dns = Ipv4Addr::new(10, 0, 0, 53).into();
         let udp = egress_key(&entry(dns, 32, IpProtocol::Udp, Some(53))).unwrap();
         let tcp = egress_key(&entry(dns, 32, IpProtocol::Tcp, Some(53))).unwrap();
-        assert_eq!(udp.data().proto_port, (4 << 24 | 17_u32 << 16 | 53).to_be());
+        assert_eq!(udp.data().proto_port, (0x0411_0035_u32).to_be());
         assert_ne!(udp.data().proto_port, tcp.data().proto_port);
     }
 

@@ -175,7 +175,7 @@ pub enum Protocol {
     Tcp,
     /// UDP (DNS to a resolver, for instance).
     Udp,
-    /// ICMP, or ICMPv6 for IPv6 networks; it has no ports.
+    /// ICMP, or `ICMPv6` for IPv6 networks; it has no ports.
     Icmp,
 }
 

@@ -77,7 +77,6 @@ impl ScratchDatapath {
     }
 
     /// The namespace the datapath steers in (where the tests' clients and servers live).
-    #[must_use]
     pub fn netns(&self) -> &Netns {
         &self.netns
     }
