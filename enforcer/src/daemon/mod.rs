@@ -508,6 +508,7 @@ impl Daemon {
                 return;
             }
         };
+        tracing::debug!(?addrs, "this node's addresses");
         let result = self
             .maps
             .lock()

@@ -1,7 +1,11 @@
 # Test workload driven line by line on stdin; answers one line on stdout per command.
 # Prints "ready" once the interpreter runs (after any exec a launcher such as pyenv does).
 # Commands:
-#   connect HOST PORT [--v6] [--mark M] [--bind SRCIP]  -> "ok LOCALPORT" | "err ERRNO" | "err timeout"
+#   connect HOST PORT [--v6] [--mark M] [--bind SRCIP] [--send DATA] [--inherit]
+#                                                       -> "ok LOCALPORT" | "err ERRNO" | "err timeout"
+#                                                          (--send: DATA, `_` for spaces, then a
+#                                                          blank line; --inherit: the socket
+#                                                          survives exec)
 #   connect_many N HOST PORT                            -> "done OK EPERM OTHER"
 #   listen HOST PORT                                    -> "listening PORT"; later "accepted PEER"
 #   bind HOST PORT                                      -> "bound PORT" | "err ERRNO" (no listen)
@@ -36,6 +40,10 @@ def connect_on(s, host, port, opts):
         if "--bind" in opts:
             s.bind((opts[opts.index("--bind") + 1], 0))
         s.connect((host, port))
+        if "--send" in opts:
+            s.sendall(opts[opts.index("--send") + 1].replace("_", " ").encode() + b"\r\n\r\n")
+        if "--inherit" in opts:
+            s.set_inheritable(True)
         conns.append(s)
         return "ok %d" % s.getsockname()[1]
     except socket.timeout:

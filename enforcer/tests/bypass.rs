@@ -1,0 +1,633 @@
+//! No way around the enforcer: every claim of the security model attacked the way an intruder
+//! on a node would, on two network namespaces as nodes A and B, each running a real
+//! `enforcer run`. One test per principle (README, "Security model"); the attackers are
+//! unprivileged processes in enrolled cgroups, unenrolled processes (below the scope cgroup, where
+//! the hooks see them, as on a node whose scope is the root cgroup), processes holding only
+//! `CAP_NET_RAW`, and peers holding a valid SVID. Root on the node is trusted (it can detach the
+//! programs, and owns the cgroup files an enrolled process would have to write to leave), so
+//! no test attacks as root.
+#![expect(
+    unused_crate_dependencies,
+    reason = "integration tests use the library, not every dependency"
+)]
+
+use std::{
+    fmt::Write as _,
+    fs,
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    process::ExitStatus,
+    time::{Duration, SystemTime},
+};
+
+use enforcer::{
+    audit::AuditRecord,
+    identity::SpiffeId,
+    testing::{
+        Client, DaemonNode, Netns, Node, Persona, ScratchCgroup, Spawned, TestPki,
+        connect_nodes, require_root, serial, wait_for_listener,
+    },
+    tunnel::{Refusal, TunnelConfig, Untagged, pool::Pool, pool::PoolError},
+};
+use rustix::process::Signal;
+use tempfile::TempDir;
+
+const TD: &str = "bypass.test";
+/// The workload's port on node B.
+const HTTP_PORT: u16 = 8080;
+/// What `hello.txt` holds.
+const HELLO: &str = "hello past the enforcer";
+/// Hang guard for whole commands (not a performance assertion).
+const COMMAND_LIMIT: Duration = Duration::from_secs(30);
+/// The daemon's redirect and inbound ports.
+const OUTBOUND_PORT: u16 = 15_001;
+const INBOUND_PORT: u16 = 15_008;
+
+fn binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_enforcer"))
+}
+
+fn id(name: &str) -> String {
+    format!("spiffe://{TD}/{name}")
+}
+
+/// A node's policy: the workload cgroups below its scope enrolled one by one (so that
+/// `guest`, also below the scope, is not), `web` may reach `api` on the HTTP port, `db` may
+/// not, the two nodes are mesh peers, then `extra` (which `{scope}` in it is replaced in).
+/// `unmatched` is enrolled but matches no workload entry; `pinned` is enrolled for the entries
+/// tests add.
+fn policy(scope: &str, peers: [IpAddr; 2], extra: &str) -> String {
+    let mut text = format!(
+        "trust_domain = \"{TD}\"\n\
+         enroll = [\"{scope}/web\", \"{scope}/db\", \"{scope}/api\", \"{scope}/unmatched\", \
+         \"{scope}/pinned\"]\n"
+    );
+    for name in ["web", "db", "api"] {
+        let _ = write!(
+            text,
+            "[[workload]]\nid = \"{}\"\nselectors = [\"cgroup:path:{scope}/{name}\"]\n",
+            id(name)
+        );
+    }
+    let _ = write!(
+        text,
+        "[[allow]]\nfrom = \"{}\"\nto = \"{}\"\nports = [{HTTP_PORT}]\n\
+         [[deny]]\nfrom = \"{}\"\nto = \"{}\"\n",
+        id("web"),
+        id("api"),
+        id("db"),
+        id("api")
+    );
+    for peer in peers {
+        let _ = write!(text, "[[peer]]\naddress = \"{peer}\"\n");
+    }
+    text.push_str(&extra.replace("{scope}", scope));
+    text
+}
+
+/// Two daemon nodes, the workload cgroups, and `api` (`python3 -m http.server` on every
+/// address of B, the way most servers listen).
+struct Mesh {
+    // Processes first: they go before the daemons and cgroups.
+    server: Option<Spawned>,
+    a: DaemonNode,
+    b: DaemonNode,
+    a_web: ScratchCgroup,
+    a_db: ScratchCgroup,
+    a_guest: ScratchCgroup,
+    b_api: ScratchCgroup,
+    b_guest: ScratchCgroup,
+    b_unmatched: ScratchCgroup,
+    peers: [IpAddr; 2],
+    pki: TestPki,
+    site: TempDir,
+}
+
+impl Mesh {
+    fn new() -> Self {
+        Self::with_policy("")
+    }
+
+    /// Both nodes with [`policy`] plus `extra`, and the api server on B.
+    fn with_policy(extra: &str) -> Self {
+        let (link_a, link_b) = connect_nodes(&Netns::new("bp-a"), &Netns::new("bp-b"));
+        Self::on_links(&link_a, &link_b, extra)
+    }
+
+    fn on_links(link_a: &Node, link_b: &Node, extra: &str) -> Self {
+        let peers = [link_a.addr4().into(), link_b.addr4().into()];
+        let pki = TestPki::new(TD);
+        let a = DaemonNode::start(binary(), link_a, "a", &pki.root, |s| {
+            policy(s, peers, extra)
+        });
+        let b = DaemonNode::start(binary(), link_b, "b", &pki.root, |s| {
+            policy(s, peers, extra)
+        });
+        let site = TempDir::new().unwrap();
+        fs::write(site.path().join("hello.txt"), format!("{HELLO}\n")).unwrap();
+        let mut mesh = Self {
+            server: None,
+            a_web: a.scope().child("web"),
+            a_db: a.scope().child("db"),
+            a_guest: a.scope().child("guest"),
+            b_api: b.scope().child("api"),
+            b_guest: b.scope().child("guest"),
+            b_unmatched: b.scope().child("unmatched"),
+            a,
+            b,
+            peers,
+            pki,
+            site,
+        };
+        mesh.start_api();
+        mesh
+    }
+
+    /// Start the api server on B (again) and wait until B's daemon has registered it.
+    fn start_api(&mut self) {
+        let server = self
+            .b
+            .spawn(&self.b_api, "/usr/bin/python3")
+            .args(["-m", "http.server", "--bind", "0.0.0.0", "--directory"])
+            .arg(self.site.path())
+            .arg(HTTP_PORT.to_string())
+            .spawn();
+        wait_for_listener(&server, HTTP_PORT);
+        let pid = server.pid();
+        self.server = Some(server);
+        self.b.wait_until("B to register the api server", |b| {
+            let workloads: serde_json::Value =
+                serde_json::from_str(&b.cli_ok(&["workloads", "--json"])).unwrap();
+            workloads.as_array().unwrap().iter().any(|workload| {
+                workload["pid"] == pid
+                    && workload["spiffe_id"] == id("api").as_str()
+                    && workload["listening"].to_string().contains(&format!(":{HTTP_PORT}"))
+            })
+        });
+    }
+
+    /// The api's address on B.
+    fn api(&self) -> SocketAddr {
+        SocketAddr::new(self.peers[1], HTTP_PORT)
+    }
+
+    fn url(&self, file: &str) -> String {
+        format!("http://{}/{file}", self.api())
+    }
+
+    /// `curl` in `cgroup` of `node` fetching `hello.txt`, to completion: (status, first line).
+    fn fetch(&self, node: &DaemonNode, cgroup: &ScratchCgroup) -> (ExitStatus, Option<String>) {
+        self.fetch_url(node, cgroup, &self.url("hello.txt"))
+    }
+
+    /// `curl` in `cgroup` of `node` fetching `url`, to completion: (status, first line).
+    fn fetch_url(
+        &self,
+        node: &DaemonNode,
+        cgroup: &ScratchCgroup,
+        url: &str,
+    ) -> (ExitStatus, Option<String>) {
+        let mut curl = node
+            .spawn(cgroup, "curl")
+            .args(["-sS", "--connect-timeout", "3", "--max-time", "10"])
+            .arg(url)
+            .spawn();
+        let status = curl
+            .wait_timeout(COMMAND_LIMIT)
+            .unwrap_or_else(|| panic!("curl hung; stderr: {}", curl.stderr()));
+        (status, curl.read_line(Duration::from_secs(1)))
+    }
+
+    fn assert_allowed(&self, cgroup: &ScratchCgroup) {
+        let (status, line) = self.fetch(&self.a, cgroup);
+        assert!(status.success(), "curl failed: {status}");
+        assert_eq!(line.as_deref(), Some(HELLO));
+    }
+
+    fn assert_refused(&self, node: &DaemonNode, cgroup: &ScratchCgroup) {
+        let (status, line) = self.fetch(node, cgroup);
+        assert!(!status.success(), "curl succeeded: {line:?}");
+        assert_eq!(line, None, "no byte may arrive");
+    }
+
+    /// The test client as `persona` in `cgroup` of `node`.
+    fn client(&self, node: &DaemonNode, persona: Persona, cgroup: &ScratchCgroup) -> Client {
+        Client::start_as(persona, Some(cgroup), Some(node.link().netns()))
+    }
+
+    /// How many records of `node` say `event` with `dst` as the destination identity.
+    fn count(node: &DaemonNode, event: &str, dst: &str) -> usize {
+        node.flows(&[])
+            .iter()
+            .filter(|r| r.event.as_str() == event && r.dst.spiffe_id.as_deref() == Some(dst))
+            .count()
+    }
+}
+
+fn wait_for_record(
+    node: &DaemonNode,
+    what: &str,
+    matches: impl Fn(&AuditRecord) -> bool,
+) -> AuditRecord {
+    let mut found = None;
+    node.wait_until(what, |node| {
+        found = node.flows(&[]).into_iter().find(&matches);
+        found.is_some()
+    });
+    found.unwrap()
+}
+
+/// A plaintext connect of `client` to `addr` must be dropped (the client times out).
+fn assert_dropped(client: &mut Client, addr: SocketAddr, extra: &str) {
+    let answer = client.ask(&format!("connect {} {} {extra}", addr.ip(), addr.port()));
+    assert_eq!(answer, "err timeout", "plaintext to {addr} {extra}");
+}
+
+#[test]
+fn redirects_reach_the_daemon_or_nothing() {
+    require_root();
+    let _serial = serial();
+    let mut mesh = Mesh::new();
+    mesh.assert_allowed(&mesh.a_web);
+
+    for signal in [Signal::TERM, Signal::KILL] {
+        mesh.a.signal(signal);
+        assert!(mesh.a.wait(COMMAND_LIMIT).is_some(), "A did not stop");
+        // An unprivileged process takes the daemon's ports on A while it is down.
+        let mut squatter = mesh.client(&mesh.a, Persona::Nobody, &mesh.a_guest);
+        for port in [OUTBOUND_PORT, INBOUND_PORT] {
+            assert_eq!(
+                squatter.ask(&format!("listen 127.0.0.1 {port}")),
+                format!("listening {port}"),
+                "after {signal:?}"
+            );
+        }
+        // Enrolled connects fail closed, promptly; the squatter receives nothing.
+        mesh.assert_refused(&mesh.a, &mesh.a_web);
+        let mut enrolled = mesh.client(&mesh.a, Persona::Nobody, &mesh.a_web);
+        assert_eq!(enrolled.ask(&format!("connect {} {HTTP_PORT}", mesh.peers[1])), "err 111");
+
+        // The daemon comes back, although its ports are taken, and serves them.
+        mesh.a.restart();
+        mesh.assert_allowed(&mesh.a_web);
+        assert_eq!(
+            squatter.ask("close_listeners"),
+            "closed 2",
+            "after {signal:?}: the squatter received a connection"
+        );
+        drop(squatter);
+    }
+
+    // The same for B, the inbound side: a squatter on the inbound port while B is down gets no
+    // peer's tunnel, and B restarts around it.
+    mesh.b.signal(Signal::KILL);
+    assert!(mesh.b.wait(COMMAND_LIMIT).is_some(), "B did not stop");
+    let mut squatter = mesh.client(&mesh.b, Persona::Nobody, &mesh.b_guest);
+    assert_eq!(
+        squatter.ask(&format!("listen 0.0.0.0 {INBOUND_PORT}")),
+        format!("listening {INBOUND_PORT}")
+    );
+    mesh.assert_refused(&mesh.a, &mesh.a_web);
+    mesh.b.restart();
+    mesh.assert_allowed(&mesh.a_web);
+    assert_eq!(squatter.ask("close_listeners"), "closed 1");
+}
+
+#[test]
+fn the_tunnel_is_never_a_relay() {
+    require_root();
+    let _serial = serial();
+    // A third namespace C behind B: B routes to it, A does not.
+    let (link_a, link_b) = connect_nodes(&Netns::new("bp-a"), &Netns::new("bp-b"));
+    let ns_c = Netns::new("bp-c");
+    let (b_to_c, c) = connect_nodes(link_b.netns(), &ns_c);
+    let mesh = Mesh::on_links(&link_a, &link_b, "");
+    let mut behind = Client::start(None, Some(&ns_c));
+    assert_eq!(
+        behind.ask(&format!("listen 0.0.0.0 {HTTP_PORT}")),
+        format!("listening {HTTP_PORT}")
+    );
+
+    // A peer holding a valid SVID of the trust domain asks B's inbound port for C's workload,
+    // for another of B's own addresses and port nobody enrolled serves, and for the api.
+    let now = SystemTime::now();
+    let svid = mesh
+        .pki
+        .node_ca_at("intruder", now)
+        .issue_svid(&id("web").parse::<SpiffeId>().unwrap(), Duration::from_hours(1), now)
+        .unwrap();
+    let inbound = SocketAddr::new(mesh.peers[1], INBOUND_PORT);
+    let bundles = std::sync::Arc::clone(&mesh.pki.bundles);
+    let destinations = [
+        SocketAddr::new(c.addr4().into(), HTTP_PORT),
+        SocketAddr::new(b_to_c.addr4().into(), 9),
+        mesh.api(),
+    ];
+    let outcomes: Vec<Result<SpiffeId, String>> = link_a.netns().within(|| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let pool = Pool::new(
+                TunnelConfig::default(),
+                bundles,
+                std::sync::Arc::default(),
+                std::sync::Arc::new(Untagged),
+            );
+            let mut outcomes = Vec::new();
+            for dst in destinations {
+                outcomes.push(match pool.open(&svid, inbound, dst).await {
+                    Ok(stream) => Ok(stream.server_id),
+                    Err(PoolError::Refused { refusal, .. }) => Err(format!("{refusal:?}")),
+                    Err(other) => Err(format!("{other}")),
+                });
+            }
+            outcomes
+        })
+    });
+    let no_such = Err(format!("{:?}", Refusal::NoSuchWorkload));
+    assert_eq!(outcomes[0], no_such, "B relayed to C");
+    assert_eq!(outcomes[1], no_such);
+    assert_eq!(
+        outcomes[2],
+        Ok(id("api").parse().unwrap()),
+        "the api itself is served; B's log:\n{}",
+        mesh.b.log()
+    );
+    assert_eq!(
+        behind.ask("close_listeners"),
+        "closed 1",
+        "C received a connection"
+    );
+}
+
+#[test]
+fn services_are_real_listeners_guarded_while_they_listen() {
+    require_root();
+    let _serial = serial();
+    let mut mesh = Mesh::new();
+    mesh.assert_allowed(&mesh.a_web);
+    let api = mesh.api();
+
+    // Garbage binds of an unprivileged enrolled process record nothing and cut nobody off:
+    // a privileged port, a port in use, hundreds of ephemeral ports.
+    let mut binder = mesh.client(&mesh.b, Persona::Nobody, &mesh.b_api);
+    assert_eq!(binder.ask("bind 0.0.0.0 80"), "err 13");
+    assert_eq!(binder.ask(&format!("bind 0.0.0.0 {HTTP_PORT}")), "err 98");
+    for _ in 0..300 {
+        assert!(binder.ask("bind 127.0.0.1 0").starts_with("bound "));
+    }
+    mesh.assert_allowed(&mesh.a_web);
+    let mut outsider = mesh.client(&mesh.b, Persona::Nobody, &mesh.b_guest);
+    assert_eq!(outsider.ask("listen 127.0.0.1 9000"), "listening 9000");
+    let mut guest = mesh.client(&mesh.b, Persona::Nobody, &mesh.b_guest);
+    assert!(guest.ask("connect 127.0.0.1 9000").starts_with("ok "));
+    drop(binder);
+
+    // Listeners of enrolled cgroups are guarded whatever their port and identity: one that
+    // matches no workload entry, and one on a port the kernel chose.
+    let mut unmatched = mesh.client(&mesh.b, Persona::Nobody, &mesh.b_unmatched);
+    assert_eq!(unmatched.ask("listen 0.0.0.0 9090"), "listening 9090");
+    let chosen = unmatched
+        .ask("listen_unbound")
+        .strip_prefix("listening ")
+        .and_then(|port| port.parse::<u16>().ok())
+        .expect("a kernel-chosen port");
+    let mut raw = mesh.client(&mesh.b, Persona::NetRaw, &mesh.b_guest);
+    for port in [9090, chosen] {
+        assert_dropped(&mut guest, SocketAddr::new(mesh.peers[1], port), "");
+        assert_dropped(&mut raw, SocketAddr::new(mesh.peers[1], port), "--mark 0x0e5f0001");
+    }
+    // ... and nobody reaches the unmatched one through the tunnel either.
+    let unmatched_addr = SocketAddr::new(mesh.peers[1], 9090);
+    let (status, line) = mesh.fetch_url(&mesh.a, &mesh.a_web, &format!("http://{unmatched_addr}/"));
+    assert!(!status.success() && line.is_none(), "{line:?}");
+    wait_for_record(&mesh.b, "B's refusal of the unmatched listener", |r| {
+        r.source.as_str() == "inbound"
+            && r.dst.addr.as_deref() == Some(&unmatched_addr.to_string())
+            && r.reason == "no-such-workload"
+    });
+    assert_eq!(unmatched.ask("close_listeners"), "closed 2");
+
+    // The workload exits: its port is nobody's. An unenrolled process that listens there
+    // next is not served the tunnel, and is never recorded as the old workload.
+    let opened = Mesh::count(&mesh.b, "open", &id("api"));
+    mesh.server = None;
+    let mut successor = mesh.client(&mesh.b, Persona::Nobody, &mesh.b_guest);
+    assert_eq!(
+        successor.ask(&format!("listen 0.0.0.0 {HTTP_PORT}")),
+        format!("listening {HTTP_PORT}")
+    );
+    mesh.assert_refused(&mesh.a, &mesh.a_web);
+    wait_for_record(&mesh.b, "B's refusal for the vanished api", |r| {
+        r.source.as_str() == "inbound"
+            && r.verdict.as_str() == "deny"
+            && r.dst.addr.as_deref() == Some(&api.to_string())
+            && r.reason == "no-such-workload"
+    });
+    assert_eq!(Mesh::count(&mesh.b, "open", &id("api")), opened);
+    assert_eq!(
+        successor.ask("close_listeners"),
+        "closed 1",
+        "the successor received a tunnelled connection"
+    );
+}
+
+
+#[test]
+fn plaintext_is_dropped_whatever_mark_or_address_it_carries() {
+    require_root();
+    let _serial = serial();
+    let mesh = Mesh::new();
+    let api = mesh.api();
+    // On B: an unprivileged process, one binding a loopback or the node's own address, and one
+    // with CAP_NET_RAW setting the mark the tunnel used to carry (and any other).
+    let mut nobody = mesh.client(&mesh.b, Persona::Nobody, &mesh.b_guest);
+    assert_dropped(&mut nobody, api, "");
+    assert_dropped(&mut nobody, api, &format!("--bind {}", mesh.peers[1]));
+    assert_dropped(&mut nobody, SocketAddr::new([127, 0, 0, 1].into(), HTTP_PORT), "--bind 127.0.0.1");
+    let mut raw = mesh.client(&mesh.b, Persona::NetRaw, &mesh.b_guest);
+    assert_eq!(raw.ask("mark 0x0e5f0001"), "mark ok", "CAP_NET_RAW can set marks");
+    for mark in ["0x0e5f0001", "0x1", "0x7fffffff"] {
+        assert_dropped(&mut raw, api, &format!("--mark {mark}"));
+    }
+    // From node A, unenrolled and with CAP_NET_RAW.
+    let mut remote = mesh.client(&mesh.a, Persona::NetRaw, &mesh.a_guest);
+    assert_dropped(&mut remote, api, "--mark 0x0e5f0001");
+    // An enrolled process of B itself (api's own cgroup) is redirected through B's daemon, which
+    // decides it like any flow: api may not call itself here (no rule), so it is refused.
+    let mut insider = mesh.client(&mesh.b, Persona::Nobody, &mesh.b_api);
+    let answer = insider.ask(&format!("connect {} {HTTP_PORT} --mark 0x0e5f0001", mesh.peers[1]));
+    assert_eq!(answer, "err 1", "api -> api has no rule: refused at connect");
+
+    let drops = mesh
+        .b
+        .flows(&["--verdict", "drop"])
+        .into_iter()
+        .filter(|r| r.dst.spiffe_id.as_deref() == Some(id("api").as_str()))
+        .count();
+    assert!(drops >= 7, "B recorded {drops} drops");
+    // Meanwhile the tunnel works.
+    mesh.assert_allowed(&mesh.a_web);
+}
+
+#[test]
+fn enrollment_follows_the_cgroup_path() {
+    require_root();
+    let _serial = serial();
+    let mut mesh = Mesh::new();
+    // Every workload cgroup was created after the daemons applied the policy (the policy named
+    // paths that did not exist yet), and web already works: the kernel enrolled them at mkdir.
+    mesh.assert_allowed(&mesh.a_web);
+    mesh.assert_refused(&mesh.a, &mesh.a_db);
+
+    // A service restart re-creates its cgroup (a new cgroup id at the same path). An unenrolled
+    // listener on B, reachable in plaintext, tells whether the new cgroup's first connect is
+    // enforced: enrolled, it is redirected to A's daemon (and refused there), never plaintext.
+    let mut open = mesh.client(&mesh.b, Persona::Nobody, &mesh.b_guest);
+    assert_eq!(open.ask("listen 0.0.0.0 9000"), "listening 9000");
+    for round in 0..3 {
+        let path = mesh.a_db.path().to_owned();
+        mesh.a_db = mesh.a.scope().child("db");
+        assert_eq!(mesh.a_db.path(), path);
+        let mut first = mesh.client(&mesh.a, Persona::Nobody, &mesh.a_db);
+        let answer = first.ask(&format!("connect {} 9000", mesh.peers[1]));
+        assert!(answer.starts_with("ok "), "round {round}: {answer}");
+        let pid = first.pid();
+        wait_for_record(&mesh.a, "the re-created cgroup's redirect", |r| {
+            r.source.as_str() == "kernel" && r.event.as_str() == "redirect" && r.src.pid == Some(pid)
+        });
+    }
+    assert_eq!(open.ask("close_listeners"), "closed 1", "plaintext got through");
+    // The re-created web cgroup keeps its identity and its flows.
+    mesh.a_web = mesh.a.scope().child("web");
+    mesh.assert_allowed(&mesh.a_web);
+}
+
+#[test]
+fn identity_is_bound_at_connect() {
+    require_root();
+    let _serial = serial();
+    // `pinned` may reach api, but only a copy of `sleep` with exactly this hash is `pinned`.
+    let bin = TempDir::new().unwrap();
+    let pinned = bin.path().join("pinned-sleep");
+    fs::copy("/bin/sleep", &pinned).unwrap();
+    for dir in [bin.path(), pinned.as_path()] {
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let digest = sha256_hex(&fs::read(&pinned).unwrap());
+    let extra = format!(
+        "[[workload]]\nid = \"{}\"\nselectors = [\"cgroup:path:{{scope}}/pinned\", \"unix:sha256:{digest}\"]\n\
+         [[allow]]\nfrom = \"{}\"\nto = \"{}\"\nports = [{HTTP_PORT}]\n",
+        id("pinned"),
+        id("pinned"),
+        id("api")
+    );
+    let mesh = Mesh::with_policy(&extra);
+    let a_pinned = mesh.a.scope().child("pinned");
+
+    // A process with no identity connects while A's daemon is paused (so nothing attests it
+    // in between), sends its request, and execs the pinned binary, keeping the socket. When
+    // the daemon looks, the pid is the pinned binary; the connection is still not `pinned`'s.
+    let mut impostor = mesh.client(&mesh.a, Persona::Nobody, &a_pinned);
+    let pid = impostor.pid();
+    mesh.a.signal(Signal::STOP);
+    let answer = impostor.ask(&format!(
+        "connect {} {HTTP_PORT} --send GET_/hello.txt_HTTP/1.0 --inherit",
+        mesh.peers[1]
+    ));
+    impostor.send(&format!("exec {} 30", pinned.display()));
+    std::thread::sleep(Duration::from_millis(300));
+    mesh.a.signal(Signal::CONT);
+    assert!(answer.starts_with("ok "), "{answer}");
+    let refused = wait_for_record(&mesh.a, "A's refusal of the exec'd client", |r| {
+        r.source.as_str() == "outbound" && r.verdict.as_str() == "deny" && r.src.pid == Some(pid)
+    });
+    assert_eq!(refused.reason, "no-identity", "{refused:?}");
+    assert_eq!(Mesh::count(&mesh.b, "open", &id("api")), 0, "B served the impostor");
+
+    // Now the process *is* the pinned binary: it is `pinned` for what it connects from now on.
+    mesh.a.wait_until("the exec'd process to be attested as pinned", |a| {
+        a.cli_ok(&["workloads", "--json"]).contains(&id("pinned"))
+    });
+}
+
+#[test]
+fn every_protocol_is_decided() {
+    require_root();
+    let _serial = serial();
+    let mesh = Mesh::with_policy(
+        "[[egress]]\nprotocol = \"udp\"\ncidr = \"10.0.0.0/8\"\nports = [5353]\n",
+    );
+    let b = mesh.peers[1];
+    let mut receiver = mesh.client(&mesh.b, Persona::Nobody, &mesh.b_guest);
+    assert_eq!(receiver.ask("udp_listen 0.0.0.0 5353"), "udp 5353");
+    let mut web = mesh.client(&mesh.a, Persona::Nobody, &mesh.a_web);
+    // UDP, ICMP and raw sockets of an enrolled process: refused unless an egress entry permits.
+    assert_eq!(web.ask(&format!("udp_send {b} 53")), "err 1");
+    assert_eq!(web.ask(&format!("udp_connect {b} 53")), "err 1");
+    assert_eq!(web.ask(&format!("udp_send {b} 5353")), "ok");
+    assert!(receiver.next_line().starts_with("datagram "));
+    let mut raw = mesh.client(&mesh.a, Persona::NetRaw, &mesh.a_web);
+    assert_eq!(raw.ask("raw"), "err 1");
+    let packet = raw.ask("packet");
+    let status = mesh.a.cli(&["status", "--pin-dir", mesh.a.pin_dir().to_str().unwrap()]);
+    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    if status.contains("packet sockets of enrolled processes: refused") {
+        assert_eq!(packet, "err 1");
+    } else {
+        // The documented limit where the kernel cannot run the BPF LSM program.
+        assert!(status.contains("packet sockets of enrolled processes: NOT refused"), "{status}");
+        assert_eq!(packet, "ok");
+    }
+    // Inbound datagrams to an enrolled workload pass only from permitted egress destinations.
+    let mut api_udp = mesh.client(&mesh.b, Persona::Nobody, &mesh.b_api);
+    assert_eq!(api_udp.ask("udp_listen 0.0.0.0 6000"), "udp 6000");
+    let mut guest = mesh.client(&mesh.a, Persona::Nobody, &mesh.a_guest);
+    assert_eq!(guest.ask(&format!("udp_send {b} 6000")), "ok");
+    wait_for_record(&mesh.b, "B's drop of the inbound datagram", |r| {
+        r.verdict.as_str() == "drop" && r.reason == "inbound-protocol"
+    });
+    let denied = mesh.a.flows(&["--verdict", "deny"]);
+    assert!(
+        denied.iter().any(|r| r.reason == "protocol") && denied.iter().any(|r| r.reason == "raw-socket"),
+        "{denied:?}"
+    );
+    drop(api_udp);
+}
+
+#[test]
+fn egress_never_overrides_the_mesh() {
+    require_root();
+    let _serial = serial();
+    // Plaintext TCP to everywhere: mesh peers and local workloads still go through the tunnel.
+    let mesh = Mesh::with_policy("[[egress]]\ncidr = \"0.0.0.0/0\"\n");
+    mesh.assert_allowed(&mesh.a_web);
+    mesh.assert_refused(&mesh.a, &mesh.a_db);
+    wait_for_record(&mesh.b, "B's tunnelled open", |r| {
+        r.source.as_str() == "inbound"
+            && r.event.as_str() == "open"
+            && r.src.spiffe_id.as_deref() == Some(id("web").as_str())
+    });
+    let api = mesh.api().to_string();
+    let egress = mesh
+        .a
+        .flows(&[])
+        .into_iter()
+        .filter(|r| r.event.as_str() == "egress" && r.dst.addr.as_deref() == Some(&api))
+        .count();
+    assert_eq!(egress, 0, "a flow to the peer went out as plaintext egress");
+}
+
+/// SHA-256 of `bytes`, in lowercase hex.
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .fold(String::new(), |mut hex, byte| {
+            let _ = write!(hex, "{byte:02x}");
+            hex
+        })
+}
