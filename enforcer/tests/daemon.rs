@@ -265,9 +265,27 @@ fn flows_show_identity_tagged_allow_deny_and_drop_and_the_audit_log_verifies() {
     );
     assert_eq!(drop.source.as_str(), "kernel");
 
+    // The kernel's redirect is recorded as a redirect: the tunnel's records say the rest.
+    let redirect = wait_for_record(&mesh.a, "A's redirect record", |r| {
+        r.event.as_str() == "redirect"
+    });
+    assert_eq!(
+        (redirect.verdict.as_str(), redirect.reason.as_str()),
+        ("redirect", "to-tunnel"),
+        "{redirect:?}"
+    );
+
     // Filters narrow the list to what they name.
     let denied = mesh.a.flows(&["--verdict", "deny"]);
     assert!(!denied.is_empty() && denied.iter().all(|r| r.verdict.as_str() == "deny"));
+    let allowed = mesh.a.flows(&["--verdict", "allow"]);
+    assert!(
+        !allowed.is_empty()
+            && allowed
+                .iter()
+                .all(|r| r.verdict.as_str() == "allow" && r.event.as_str() != "redirect"),
+        "{allowed:?}"
+    );
     let web = mesh.a.flows(&["--id", &id("web")]);
     assert!(
         !web.is_empty()

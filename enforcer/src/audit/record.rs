@@ -185,17 +185,20 @@ pub enum Verdict {
     Loss,
     /// Nothing was decided; the record informs (start, stop, reload).
     Info,
+    /// The kernel handed the connection to the tunnel, which decides (see its own record).
+    Redirect,
 }
 
 impl Verdict {
     /// Every verdict.
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::Allow,
         Self::Deny,
         Self::Audit,
         Self::Drop,
         Self::Loss,
         Self::Info,
+        Self::Redirect,
     ];
 
     /// The name used in JSON and on the command line.
@@ -208,6 +211,7 @@ impl Verdict {
             Self::Drop => "drop",
             Self::Loss => "loss",
             Self::Info => "info",
+            Self::Redirect => "redirect",
         }
     }
 }
@@ -692,9 +696,40 @@ mod tests {
         let error = "permit".parse::<Verdict>().unwrap_err();
         assert_eq!(
             error.to_string(),
-            r#"unknown verdict "permit": expected one of allow, deny, audit, drop, loss, info"#
+            r#"unknown verdict "permit": expected one of allow, deny, audit, drop, loss, info, redirect"#
         );
         assert!("Deny".parse::<Verdict>().is_err(), "names are lowercase");
+    }
+
+    #[test]
+    fn verdicts_round_trip_in_json_and_all_is_in_declaration_order() {
+        for (index, verdict) in Verdict::ALL.into_iter().enumerate() {
+            assert_eq!(
+                verdict as usize, index,
+                "{verdict}: counters are indexed by declaration order"
+            );
+            let json = serde_json::to_string(&verdict).unwrap();
+            assert_eq!(json, format!("\"{verdict}\""));
+            assert_eq!(serde_json::from_str::<Verdict>(&json).unwrap(), verdict);
+        }
+        let redirect = record(Entry {
+            time: samples::time(),
+            ..Entry::new(
+                Source::Kernel,
+                Event::Redirect,
+                Verdict::Redirect,
+                "to-tunnel",
+            )
+        });
+        assert!(redirect.matches(Some(Verdict::Redirect), None));
+        assert!(
+            !redirect.matches(Some(Verdict::Allow), None),
+            "a redirect is not an allow: the tunnel decides"
+        );
+        assert_eq!(
+            redirect.to_string(),
+            "2026-11-24T10:00:00.123456Z node-a kernel redirect REDIRECT - -> - rule - v0 to-tunnel"
+        );
     }
 
     #[test]

@@ -76,7 +76,7 @@ pub enum Command {
         /// Print JSON lines.
         #[arg(long)]
         json: bool,
-        /// Only records with this verdict (allow, deny, audit, drop, loss, info).
+        /// Only records with this verdict (allow, deny, audit, drop, loss, info, redirect).
         #[arg(long)]
         verdict: Option<crate::audit::Verdict>,
         /// Only records whose source or destination is this SPIFFE ID.
@@ -195,5 +195,32 @@ fn run(command: Command, socket: &std::path::Path) -> anyhow::Result<ExitCode> {
         Command::Svid { command } => command.run(socket),
         Command::Bundle { command } => command.run().map(|()| ExitCode::SUCCESS),
         Command::Uninstall { pin_dir } => datapath::uninstall(&pin_dir).map(|()| ExitCode::SUCCESS),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+    use crate::audit::Verdict;
+
+    #[test]
+    fn flows_filters_by_every_verdict_redirect_included() {
+        for verdict in Verdict::ALL {
+            let cli = Cli::try_parse_from(["enforcer", "flows", "--verdict", verdict.as_str()])
+                .unwrap_or_else(|error| panic!("{verdict}: {error}"));
+            assert!(
+                matches!(cli.command, Command::Flows { verdict: Some(v), .. } if v == verdict),
+                "{verdict}"
+            );
+        }
+        let error = Cli::try_parse_from(["enforcer", "flows", "--verdict", "redirected"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("expected one of allow, deny, audit, drop, loss, info, redirect"),
+            "{error}"
+        );
     }
 }

@@ -132,16 +132,7 @@ impl EventPump {
     fn entry(&self, event: &KernelEvent) -> Entry {
         let identities = self.registrar.identities();
         let name = |number: u32| identities.id(number).map(ToString::to_string);
-        let (event_kind, verdict) = match event.kind {
-            EventKind::Deny | EventKind::NoListener | EventKind::Listen => {
-                (audit::Event::Deny, audit::Verdict::Deny)
-            }
-            EventKind::Audit => (audit::Event::Audit, audit::Verdict::Audit),
-            EventKind::Egress => (audit::Event::Egress, audit::Verdict::Allow),
-            EventKind::Drop => (audit::Event::Drop, audit::Verdict::Drop),
-            _ => (audit::Event::Redirect, audit::Verdict::Allow),
-        };
-        let reason = reason_name(event);
+        let (event_kind, verdict, reason) = decision(event);
         let addr = |addr: std::net::SocketAddr| (addr.port() != 0).then(|| addr.to_string());
         let src = if event.kind == EventKind::Drop {
             // The sender of a dropped packet is remote or unenrolled: only its address.
@@ -215,19 +206,30 @@ impl EventPump {
     }
 }
 
-/// The audit reason of a kernel decision event.
-fn reason_name(event: &KernelEvent) -> &'static str {
+/// The audit event, verdict and reason of a decision event. A redirect decides nothing: the
+/// tunnel's own record of the flow says whether it was allowed.
+fn decision(event: &KernelEvent) -> (audit::Event, audit::Verdict, &'static str) {
+    let refused = |reason| (audit::Event::Deny, audit::Verdict::Deny, reason);
     match (event.kind, event.reason) {
-        (EventKind::NoListener, _) => "no-listener",
-        (EventKind::Egress, _) => "egress",
-        (EventKind::Redirect, _) => "redirected",
-        (_, reasons::PROTOCOL) => "protocol",
-        (_, reasons::RAW_SOCKET) => "raw-socket",
-        (_, reasons::MISDELIVERED) => "misdelivered",
-        (_, reasons::INBOUND) => "inbound-protocol",
-        (_, reasons::TABLE_FULL) => "table-full",
-        (EventKind::Drop, _) => "bypass",
-        _ => "policy",
+        (EventKind::Redirect, _) => (
+            audit::Event::Redirect,
+            audit::Verdict::Redirect,
+            "to-tunnel",
+        ),
+        (EventKind::Audit, _) => (audit::Event::Audit, audit::Verdict::Audit, "policy"),
+        (EventKind::Egress, _) => (audit::Event::Egress, audit::Verdict::Allow, "egress"),
+        (EventKind::NoListener, _) => refused("no-listener"),
+        (EventKind::Drop, reasons::MISDELIVERED) => {
+            (audit::Event::Drop, audit::Verdict::Drop, "misdelivered")
+        }
+        (EventKind::Drop, reasons::INBOUND) => {
+            (audit::Event::Drop, audit::Verdict::Drop, "inbound-protocol")
+        }
+        (EventKind::Drop, _) => (audit::Event::Drop, audit::Verdict::Drop, "bypass"),
+        (_, reasons::PROTOCOL) => refused("protocol"),
+        (_, reasons::RAW_SOCKET) => refused("raw-socket"),
+        (_, reasons::TABLE_FULL) => refused("table-full"),
+        _ => refused("policy"),
     }
 }
 
@@ -254,6 +256,23 @@ fn event_time(monotonic_ns: u64) -> SystemTime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_redirect_is_recorded_as_a_redirect_not_an_allow() {
+        assert_eq!(
+            decision(EventKind::Redirect),
+            (
+                audit::Event::Redirect,
+                audit::Verdict::Redirect,
+                "to-tunnel"
+            )
+        );
+        assert_eq!(
+            decision(EventKind::Egress),
+            (audit::Event::Egress, audit::Verdict::Allow, "egress"),
+            "plaintext egress is allowed end to end"
+        );
+    }
 
     #[test]
     fn monotonic_timestamps_map_to_wall_clock() {

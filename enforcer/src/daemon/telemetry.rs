@@ -163,6 +163,7 @@ mod tests {
         telemetry.verdict(Source::Kernel, Verdict::Deny);
         telemetry.verdict(Source::Kernel, Verdict::Deny);
         telemetry.verdict(Source::Inbound, Verdict::Allow);
+        telemetry.verdict(Source::Kernel, Verdict::Redirect);
         telemetry.attested(Duration::from_micros(300), true);
         telemetry.attested(Duration::from_micros(300), false);
         telemetry.reloaded(true);
@@ -172,6 +173,7 @@ mod tests {
         for line in [
             "enforcer_verdicts_total{source=\"kernel\",verdict=\"deny\"} 2\n",
             "enforcer_verdicts_total{source=\"inbound\",verdict=\"allow\"} 1\n",
+            "enforcer_verdicts_total{source=\"kernel\",verdict=\"redirect\"} 1\n",
             "enforcer_attestations_total 2\n",
             "enforcer_attestation_failures_total 1\n",
             "enforcer_attestation_seconds_count 2\n",
