@@ -470,11 +470,19 @@ fn sigterm_drains_open_flows_then_exits() {
         audit.lines().last().unwrap().contains("\"event\":\"stop\""),
         "{audit}"
     );
-    // Restarting continues the same audit chain.
+    // Restarting continues the same audit chain, and the start record names the stop.
     mesh.a.restart();
     let log = mesh.a.audit_path();
     let verified = mesh.a.cli_ok(&["audit", "verify", log.to_str().unwrap()]);
     assert!(verified.starts_with("ok"), "{verified}");
+    let start = wait_for_record(&mesh.a, "A's start record", |r| r.event.as_str() == "start");
+    assert!(
+        start
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.contains("previous run stopped cleanly at seq")),
+        "{start:?}"
+    );
 }
 
 #[test]
@@ -503,6 +511,14 @@ fn a_killed_daemon_fails_closed_and_a_restart_readopts_the_pins() {
     );
 
     mesh.a.restart();
+    let start = wait_for_record(&mesh.a, "A's start record", |r| r.event.as_str() == "start");
+    assert!(
+        start
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.contains("previous run ended without a stop record")),
+        "{start:?}"
+    );
     let status = mesh.a.cli_ok(&["status", "--json"]);
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(status["datapath"]["adopted"], true, "{status}");

@@ -1,5 +1,5 @@
-//! The log's files on disk: their names, their rotation, and what the end of one holds when the
-//! daemon restarts.
+//! The log's files on disk: their names, their rotation, what the end of one holds when the
+//! daemon restarts, and which record is the oldest retained (for the head).
 #![forbid(unsafe_code)]
 
 use std::{
@@ -10,7 +10,12 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::chain::{self, Head};
+use super::{
+    chain::{self, Head},
+    head::Oldest,
+    record::{AuditRecord, Event, Source},
+};
+use crate::attest::Sha256Digest;
 
 /// `path` with `.k` appended: the `k`-th newest rotated file.
 pub(super) fn rotated(path: &Path, k: usize) -> PathBuf {
@@ -58,6 +63,8 @@ pub(super) fn rotate(path: &Path, keep: usize) -> io::Result<()> {
 pub(super) struct Tail {
     /// The last record that verifies, if any.
     pub(super) head: Option<Head>,
+    /// Whether that record is the daemon's stop record: its run ended cleanly.
+    pub(super) stopped: bool,
     /// Lines in the file, counting a torn last line.
     pub(super) lines: u64,
     /// Lines after `head` (or all lines, without one): torn, or not verifying.
@@ -71,45 +78,77 @@ impl Tail {
     }
 }
 
+/// A log file's complete lines, found without reading their records, to be opened from the end.
+struct Indexed {
+    file: File,
+    /// Each complete line's offset and length (without its newline).
+    complete: Vec<(u64, usize)>,
+    /// Whether a line without a newline follows them.
+    torn: bool,
+}
+
+impl Indexed {
+    /// The lines of the file at `path`; `None` if it does not exist.
+    fn open(path: &Path) -> io::Result<Option<Self>> {
+        let file = match File::open(path) {
+            Ok(file) => file,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => return Err(error),
+        };
+        let mut reader = BufReader::new(&file);
+        let mut complete = Vec::new();
+        let mut offset = 0;
+        let mut torn = false;
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let len = reader.read_until(b'\n', &mut line)?;
+            if len == 0 {
+                break;
+            }
+            if line.ends_with(b"\n") {
+                complete.push((offset, len - 1));
+            } else {
+                torn = true;
+            }
+            offset += len as u64;
+        }
+        Ok(Some(Self {
+            file,
+            complete,
+            torn,
+        }))
+    }
+
+    /// The complete lines' records, newest first: each one opened and checked on its own, or
+    /// `None` for a line that does not verify.
+    fn backwards(&self) -> impl Iterator<Item = io::Result<Option<(AuditRecord, Sha256Digest)>>> {
+        let mut line = Vec::new();
+        self.complete.iter().rev().map(move |&(start, len)| {
+            line.resize(len, 0);
+            self.file.read_exact_at(&mut line, start)?;
+            Ok(chain::open(&line).ok())
+        })
+    }
+}
+
 /// Reads the end of the log file at `path`: its last good record and the damaged lines after
 /// it. `None` if the file does not exist. Only the lines after the last good one are checked:
 /// damage further back is the verifier's to find.
 pub(super) fn scan(path: &Path) -> io::Result<Option<Tail>> {
-    let file = match File::open(path) {
-        Ok(file) => file,
-        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(error) => return Err(error),
+    let Some(indexed) = Indexed::open(path)? else {
+        return Ok(None);
     };
-    let mut reader = BufReader::new(&file);
-    let mut complete = Vec::new();
-    let mut offset = 0;
-    let mut torn = false;
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        let len = reader.read_until(b'\n', &mut line)?;
-        if len == 0 {
-            break;
-        }
-        if line.ends_with(b"\n") {
-            complete.push((offset, len - 1));
-        } else {
-            torn = true;
-        }
-        offset += len as u64;
-    }
-    let lines = complete.len() as u64 + u64::from(torn);
-    let mut damaged = u64::from(torn);
-    for &(start, len) in complete.iter().rev() {
-        line.resize(len, 0);
-        file.read_exact_at(&mut line, start)?;
-        if let Ok((record, hash)) = chain::open(&line) {
-            let head = Some(Head {
-                seq: record.seq,
-                hash,
-            });
+    let lines = indexed.complete.len() as u64 + u64::from(indexed.torn);
+    let mut damaged = u64::from(indexed.torn);
+    for opened in indexed.backwards() {
+        if let Some((record, hash)) = opened? {
             return Ok(Some(Tail {
-                head,
+                head: Some(Head {
+                    seq: record.seq,
+                    hash,
+                }),
+                stopped: record.source == Source::Daemon && record.event == Event::Stop,
                 lines,
                 damaged,
             }));
@@ -118,8 +157,63 @@ pub(super) fn scan(path: &Path) -> io::Result<Option<Tail>> {
     }
     Ok(Some(Tail {
         head: None,
+        stopped: false,
         lines,
         damaged,
+    }))
+}
+
+/// The hash of record `seq` in the log file at `path`, looking back from its end; `None` if the
+/// file does not hold a good record `seq`.
+pub(super) fn hash_of(path: &Path, seq: u64) -> io::Result<Option<Sha256Digest>> {
+    let Some(indexed) = Indexed::open(path)? else {
+        return Ok(None);
+    };
+    for opened in indexed.backwards() {
+        match opened? {
+            Some((record, hash)) if record.seq == seq => return Ok(Some(hash)),
+            Some((record, _)) if record.seq < seq => return Ok(None),
+            _ => {}
+        }
+    }
+    Ok(None)
+}
+
+/// The oldest record of the log whose current file is `path`, among the current file and the
+/// rotated ones up to `path.<newest_rotated>`: the first good record of the oldest file that
+/// starts with one.
+pub(super) fn oldest(path: &Path, newest_rotated: usize) -> io::Result<Option<Oldest>> {
+    for k in (0..=newest_rotated).rev() {
+        let file = if k == 0 {
+            path.to_owned()
+        } else {
+            rotated(path, k)
+        };
+        if let Some(oldest) = first_record(&file)? {
+            return Ok(Some(oldest));
+        }
+    }
+    Ok(None)
+}
+
+/// The first line of the file at `path` as the oldest record, if it is a good record.
+fn first_record(path: &Path) -> io::Result<Option<Oldest>> {
+    let file = match File::open(path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(error),
+    };
+    let mut line = Vec::new();
+    BufReader::new(file).read_until(b'\n', &mut line)?;
+    if line.pop() != Some(b'\n') {
+        return Ok(None);
+    }
+    Ok(chain::open(&line).ok().and_then(|(record, _)| {
+        let prev = record.prev.parse().ok()?;
+        Some(Oldest {
+            seq: record.seq,
+            prev,
+        })
     }))
 }
 
@@ -128,7 +222,7 @@ mod tests {
     use std::io::Write as _;
 
     use super::*;
-    use crate::audit::record::{AuditRecord, samples::kernel_deny};
+    use crate::audit::record::{Entry, Verdict, samples::kernel_deny};
 
     fn lines(n: u64) -> (String, Head) {
         let mut text = String::new();
@@ -177,6 +271,7 @@ mod tests {
             scan(&path).unwrap(),
             Some(Tail {
                 head: None,
+                stopped: false,
                 lines: 0,
                 damaged: 0
             })
@@ -196,5 +291,69 @@ mod tests {
         fs::write(&path, "garbage\n").unwrap();
         let garbage = scan(&path).unwrap().unwrap();
         assert_eq!((garbage.head, garbage.damaged), (None, 1));
+    }
+
+    #[test]
+    fn scan_tells_a_last_stop_record_from_any_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let (mut text, head) = lines(2);
+        fs::write(&path, &text).unwrap();
+        assert!(!scan(&path).unwrap().unwrap().stopped);
+        let stop = AuditRecord::new(
+            Entry::new(Source::Daemon, Event::Stop, Verdict::Info, "stop"),
+            3,
+            "node-a",
+            head.hash.to_string(),
+        );
+        text.push_str(&chain::seal(&stop).0);
+        text.push('\n');
+        fs::write(&path, &text).unwrap();
+        let tail = scan(&path).unwrap().unwrap();
+        assert_eq!((tail.head.unwrap().seq, tail.stopped), (3, true));
+    }
+
+    #[test]
+    fn hash_of_finds_a_record_looking_back_from_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        assert_eq!(hash_of(&path, 1).unwrap(), None);
+        let (text, head) = lines(5);
+        let (_, third) = lines(3);
+        fs::write(&path, &text).unwrap();
+        assert_eq!(hash_of(&path, 5).unwrap(), Some(head.hash));
+        assert_eq!(hash_of(&path, 3).unwrap(), Some(third.hash));
+        assert_eq!(hash_of(&path, 6).unwrap(), None);
+        assert_eq!(hash_of(&path, 0).unwrap(), None);
+    }
+
+    #[test]
+    fn oldest_is_the_first_record_of_the_oldest_file_that_starts_with_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        assert_eq!(oldest(&path, 3).unwrap(), None);
+        let (text, _) = lines(4);
+        let all: Vec<&str> = text.lines().collect();
+        fs::write(&path, format!("{}\n", all[3])).unwrap();
+        fs::write(rotated(&path, 1), format!("{}\n{}\n", all[1], all[2])).unwrap();
+        fs::write(rotated(&path, 2), "").unwrap();
+        fs::write(rotated(&path, 3), format!("{}\n", all[0])).unwrap();
+        let (_, first) = lines(1);
+        let second = Oldest {
+            seq: 2,
+            prev: first.hash,
+        };
+        assert_eq!(
+            oldest(&path, 2).unwrap(),
+            Some(second),
+            "empty .2 is skipped"
+        );
+        assert_eq!(
+            oldest(&path, 3).unwrap(),
+            Some(Oldest::next_after(Head::GENESIS))
+        );
+        assert_eq!(oldest(&path, 0).unwrap().map(|o| o.seq), Some(4));
+        fs::write(rotated(&path, 1), "torn").unwrap();
+        assert_eq!(oldest(&path, 2).unwrap().map(|o| o.seq), Some(4));
     }
 }

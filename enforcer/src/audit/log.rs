@@ -7,6 +7,14 @@
 //! the count; entries an I/O error kept off the disk get a `write-error` loss record once
 //! writing works again; damage found at the end of the log on restart gets a `torn-record`
 //! loss record naming the file and line.
+//!
+//! The writer keeps the log's head (see [`super::head`]) beside it, and checks the log against
+//! it when it opens: records the head names that the log no longer ends with (an
+//! `audit-tail-cut` loss record; the chain then continues after the head's last record, so the
+//! gap stays visible), a log whose records do not pass through the head's last record
+//! (`audit-head-mismatch`), or records without a head (`audit-head-missing`). The loss record is
+//! the first new record, and [`AuditLog::previous_run`] says what the log held of the
+//! previous run.
 #![forbid(unsafe_code)]
 
 use std::{
@@ -30,6 +38,7 @@ use tokio::sync::broadcast;
 use super::{
     chain::{self, Head},
     files::{self, Tail},
+    head::{self, Ends, HEAD_MISMATCH, HEAD_MISSING, HeadError, Oldest, TAIL_CUT},
     record::{AuditRecord, Entry},
 };
 
@@ -97,6 +106,12 @@ pub enum AuditError {
         #[source]
         source: io::Error,
     },
+    /// The log's head could not be read.
+    #[error("failed to read the audit head")]
+    Head(#[from] HeadError),
+    /// The log's head could not be written.
+    #[error("failed to write the audit head")]
+    WriteHead(#[source] io::Error),
     /// A log file damaged at its end could not be rotated out.
     #[error("failed to rotate damaged audit log {}", path.display())]
     Rotate {
@@ -137,6 +152,83 @@ pub struct AuditStats {
     pub last_seq: u64,
 }
 
+/// What the log held of the previous run when it opened, for the daemon's start record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PreviousRun {
+    /// No earlier records: the log starts with this run.
+    None,
+    /// The last record, seq `seq`, is the daemon's stop record: the previous run stopped cleanly.
+    Stopped {
+        /// The stop record's seq.
+        seq: u64,
+    },
+    /// The last record, seq `seq`, is not a stop record: the previous run died.
+    Died {
+        /// The last record's seq.
+        seq: u64,
+    },
+    /// The head names records `from..=to` that the log no longer ends with: they were cut (or
+    /// never reached the disk), and an `audit-tail-cut` loss record says so.
+    TailCut {
+        /// The first missing seq.
+        from: u64,
+        /// The last missing seq: the head's last record.
+        to: u64,
+    },
+    /// The log does not hold record `seq` as the head names it: the log was rewritten, and an
+    /// `audit-head-mismatch` loss record says so.
+    Diverged {
+        /// The head's last record.
+        seq: u64,
+    },
+    /// The log ends at `last` but had no head: whether records were cut after it is unknown,
+    /// and an `audit-head-missing` loss record says so.
+    HeadMissing {
+        /// The last record's seq.
+        last: u64,
+        /// Whether that record is the daemon's stop record.
+        stopped: bool,
+    },
+}
+
+/// The start record's words: `previous run stopped cleanly at seq 41`.
+impl fmt::Display for PreviousRun {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ended = |f: &mut fmt::Formatter<'_>, seq: u64, stopped: bool| {
+            if stopped {
+                write!(f, "previous run stopped cleanly at seq {seq}")
+            } else {
+                write!(
+                    f,
+                    "previous run ended without a stop record (last seq {seq})"
+                )
+            }
+        };
+        match *self {
+            Self::None => f.write_str("no previous run in the audit log"),
+            Self::Stopped { seq } => ended(f, seq, true),
+            Self::Died { seq } => ended(f, seq, false),
+            Self::TailCut { from, to } => write!(
+                f,
+                "previous run's end is missing: records {from}..{to} were cut from the audit log \
+                 (see the {TAIL_CUT} loss record)"
+            ),
+            Self::Diverged { seq } => write!(
+                f,
+                "previous run's end is unknown: the audit log does not hold record seq {seq} as \
+                 its head names it (see the {HEAD_MISMATCH} loss record)"
+            ),
+            Self::HeadMissing { last, stopped } => {
+                ended(f, last, stopped)?;
+                write!(
+                    f,
+                    "; the audit head was missing (see the {HEAD_MISSING} loss record)"
+                )
+            }
+        }
+    }
+}
+
 /// The node's audit trail: a cheap handle to one writer thread.
 #[derive(Clone)]
 pub struct AuditLog(Arc<Inner>);
@@ -146,6 +238,7 @@ struct Inner {
     sender: RwLock<Option<SyncSender<Message>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     shared: Arc<Shared>,
+    previous_run: PreviousRun,
 }
 
 /// What the queue carries.
@@ -192,8 +285,9 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl AuditLog {
-    /// Opens the log at `config.path` for `node`, creating its directory (mode 0700) and file
-    /// (0600), continues the chain where the files on disk end, and starts the writer thread.
+    /// Opens the log at `config.path` for `node`, creating its directory (mode 0700), file and
+    /// head (0600), checks the files on disk against the head, continues the chain, and starts
+    /// the writer thread. Anything missing or damaged becomes a loss record, written first.
     pub fn open(config: AuditConfig, node: &str) -> Result<Self, AuditError> {
         for (setting, zero) in [
             ("max_bytes", config.max_bytes == 0),
@@ -215,7 +309,12 @@ impl AuditLog {
                     source,
                 })?;
         }
-        let (head, losses) = recover(&path, config.keep)?;
+        let Recovered {
+            head,
+            oldest,
+            previous_run,
+            losses,
+        } = recover(&path, config.keep)?;
         let open_error = |source| AuditError::Open {
             path: path.clone(),
             source,
@@ -244,6 +343,7 @@ impl AuditLog {
             follow: broadcast::channel(FOLLOW_BUFFER).0,
         });
         let writer = Writer {
+            head_path: head::path_for(&path),
             path,
             node: node.to_owned(),
             max_bytes: config.max_bytes,
@@ -251,6 +351,8 @@ impl AuditLog {
             file: BufWriter::new(file),
             size,
             head,
+            oldest,
+            head_stale: false,
             written: 0,
             rotations: 0,
             write_errors: 0,
@@ -266,6 +368,7 @@ impl AuditLog {
             sender: RwLock::new(Some(sender)),
             thread: Mutex::new(Some(thread)),
             shared,
+            previous_run,
         }));
         for loss in losses {
             log.submit(loss);
@@ -304,6 +407,12 @@ impl AuditLog {
                 );
             }
         }
+    }
+
+    /// What the log held of the previous run when it opened.
+    #[must_use]
+    pub fn previous_run(&self) -> PreviousRun {
+        self.0.previous_run
     }
 
     /// The newest written records (at most `recent` of them), oldest first.
@@ -399,30 +508,83 @@ impl fmt::Debug for AuditLog {
     }
 }
 
-/// Where the chain continues after a restart, and the loss entries for damage found at the end
-/// of the current file or of the newest rotated one. A damaged current file is rotated out as
-/// it is, so that nothing is appended after its damage and `verify` points at it.
-fn recover(path: &Path, keep: usize) -> Result<(Head, Vec<Entry>), AuditError> {
-    let scan = |file: &Path| {
-        files::scan(file).map_err(|source| AuditError::Read {
-            path: file.to_owned(),
-            source,
-        })
-    };
+/// What the files on disk hold when the log opens.
+struct Recovered {
+    /// Where the chain continues.
+    head: Head,
+    /// The oldest record retained.
+    oldest: Oldest,
+    /// What the log held of the previous run.
+    previous_run: PreviousRun,
+    /// Loss entries to write first.
+    losses: Vec<Entry>,
+}
+
+/// Where the chain continues after a restart, checked against the head: the loss entries for
+/// records the head names that the log does not end with, for a missing head, and for damage
+/// found at the end of the current file or of the newest rotated one. A damaged current file
+/// is rotated out as it is, so that nothing is appended after its damage and `verify` points
+/// at it. Without a head and without records, a head for an empty log is written.
+fn recover(path: &Path, keep: usize) -> Result<Recovered, AuditError> {
+    let head_path = head::path_for(path);
+    let stored = head::read(&head_path)?;
+    let scan = |file: &Path| files::scan(file).map_err(read_error(file));
     let current = scan(path)?;
-    let current_head = current.as_ref().and_then(|tail| tail.head);
-    let previous = match current_head {
+    let last_of = |tail: &Tail| tail.head.map(|head| (head, tail.stopped));
+    let current_last = current.as_ref().and_then(last_of);
+    let previous = match current_last {
         Some(_) => None,
         None => scan(&files::rotated(path, 1))?,
     };
-    let head = current_head
-        .or_else(|| previous.as_ref().and_then(|tail| tail.head))
-        .unwrap_or(Head::GENESIS);
+    let last = current_last.or_else(|| previous.as_ref().and_then(last_of));
 
     let mut losses = Vec::new();
+    let (head, previous_run) = match (stored, last) {
+        (None, None) => {
+            let ends = Ends {
+                last: Head::GENESIS,
+                first: Oldest::next_after(Head::GENESIS),
+            };
+            head::write(&head_path, &ends).map_err(AuditError::WriteHead)?;
+            (Head::GENESIS, PreviousRun::None)
+        }
+        (None, Some((last, stopped))) => {
+            let detail = format!(
+                "{} holds records up to seq {} but its head {} is missing: records cut after \
+                 seq {} cannot be ruled out; the chain continues from seq {}",
+                path.display(),
+                last.seq,
+                head_path.display(),
+                last.seq,
+                last.seq,
+            );
+            losses.push(Entry::loss(HEAD_MISSING, 0, Some(detail)));
+            let previous_run = PreviousRun::HeadMissing {
+                last: last.seq,
+                stopped,
+            };
+            (last, previous_run)
+        }
+        (Some(ends), last) => check_against_head(path, &head_path, ends, last, &mut losses)?,
+    };
+    let mut oldest = match stored {
+        Some(ends) => ends.first,
+        None => files::oldest(path, keep)
+            .map_err(read_error(path))?
+            .unwrap_or(Oldest::next_after(head)),
+    };
+
     let mut previous_name = files::rotated(path, 1);
     if let Some(tail) = current.filter(|tail| tail.damaged > 0) {
-        files::rotate(path, keep).map_err(|source| AuditError::Rotate {
+        let mut rotate = || {
+            oldest = oldest_after_rotation(path, keep, oldest)?;
+            if let Some(ends) = stored {
+                let first = oldest;
+                head::write(&head_path, &Ends { first, ..ends })?;
+            }
+            files::rotate(path, keep)
+        };
+        rotate().map_err(|source| AuditError::Rotate {
             path: path.to_owned(),
             source,
         })?;
@@ -433,7 +595,102 @@ fn recover(path: &Path, keep: usize) -> Result<(Head, Vec<Entry>), AuditError> {
     if let Some(tail) = previous.filter(|tail| tail.damaged > 0) {
         losses.push(torn(&previous_name, &tail, "left as found", head));
     }
-    Ok((head, losses))
+    Ok(Recovered {
+        head,
+        oldest,
+        previous_run,
+        losses,
+    })
+}
+
+/// Compares the log's last good record with the head's `ends`: where the chain continues and
+/// what the previous run left, pushing a loss entry when the log does not end as the head says.
+fn check_against_head(
+    path: &Path,
+    head_path: &Path,
+    ends: Ends,
+    last: Option<(Head, bool)>,
+    losses: &mut Vec<Entry>,
+) -> Result<(Head, PreviousRun), AuditError> {
+    let named = ends.last;
+    let log_last = last.map_or(0, |(head, _)| head.seq);
+    if log_last < named.seq {
+        let from = if last.is_some() {
+            log_last + 1
+        } else {
+            ends.first.seq.min(named.seq)
+        };
+        let ends_at = match last {
+            Some(_) => format!("ends at seq {log_last}"),
+            None => "holds no records".to_owned(),
+        };
+        let detail = format!(
+            "records {from}..{} are missing from the end of {}: its head {} says the last \
+             record is seq {} (hash {}), but the log {ends_at}; they were cut, or never reached \
+             the disk; the chain continues after seq {}",
+            named.seq,
+            path.display(),
+            head_path.display(),
+            named.seq,
+            named.hash,
+            named.seq,
+        );
+        losses.push(Entry::loss(TAIL_CUT, named.seq - from + 1, Some(detail)));
+        let previous_run = PreviousRun::TailCut {
+            from,
+            to: named.seq,
+        };
+        return Ok((named, previous_run));
+    }
+    let Some((last, stopped)) = last else {
+        return Ok((Head::GENESIS, PreviousRun::None));
+    };
+    let passes = named.seq == 0 || last == named || (last.seq > named.seq && holds(path, named)?);
+    if !passes {
+        let detail = format!(
+            "{} does not hold record seq {} as its head {} names it (hash {}): the log was \
+             rewritten up to at least seq {}; the chain continues from its last record, seq {}",
+            path.display(),
+            named.seq,
+            head_path.display(),
+            named.hash,
+            named.seq,
+            last.seq,
+        );
+        losses.push(Entry::loss(HEAD_MISMATCH, 1, Some(detail)));
+        return Ok((last, PreviousRun::Diverged { seq: named.seq }));
+    }
+    let previous_run = if stopped {
+        PreviousRun::Stopped { seq: last.seq }
+    } else {
+        PreviousRun::Died { seq: last.seq }
+    };
+    Ok((last, previous_run))
+}
+
+/// Whether the log at `path` holds the record `named`, in the current file or the newest rotated
+/// one (the head is at most one rotation behind the log).
+fn holds(path: &Path, named: Head) -> Result<bool, AuditError> {
+    for file in [path.to_owned(), files::rotated(path, 1)] {
+        if let Some(hash) = files::hash_of(&file, named.seq).map_err(read_error(&file))? {
+            return Ok(hash == named.hash);
+        }
+    }
+    Ok(false)
+}
+
+fn read_error(path: &Path) -> impl FnOnce(io::Error) -> AuditError {
+    let path = path.to_owned();
+    move |source| AuditError::Read { path, source }
+}
+
+/// The oldest record retained once the log's files rotate: unchanged, unless the rotation
+/// deletes `path.<keep>` and the first record of the oldest file left takes its place.
+fn oldest_after_rotation(path: &Path, keep: usize, oldest: Oldest) -> io::Result<Oldest> {
+    if !files::rotated(path, keep).exists() {
+        return Ok(oldest);
+    }
+    Ok(files::oldest(path, keep - 1)?.unwrap_or(oldest))
 }
 
 /// The loss entry for the damaged end of `file`.
@@ -449,9 +706,10 @@ fn torn(file: &Path, tail: &Tail, fate: &str, head: Head) -> Entry {
     Entry::loss("torn-record", tail.damaged, Some(detail))
 }
 
-/// The writer thread's state: the open file and the chain's head.
+/// The writer thread's state: the open file, the chain's head and the head file.
 struct Writer {
     path: PathBuf,
+    head_path: PathBuf,
     node: String,
     max_bytes: u64,
     keep: usize,
@@ -459,6 +717,10 @@ struct Writer {
     /// Bytes in the current file, buffered ones included.
     size: u64,
     head: Head,
+    /// The oldest record retained.
+    oldest: Oldest,
+    /// Whether records were written since the head file was.
+    head_stale: bool,
     written: u64,
     rotations: u64,
     write_errors: u64,
@@ -523,7 +785,7 @@ impl Writer {
                 None => self.lost += dropped,
             }
         }
-        let clean = match self.file.flush() {
+        let clean = match self.file.flush().and_then(|()| self.sync_head()) {
             Ok(()) => self.error.is_none(),
             Err(error) => {
                 self.failed(error);
@@ -545,6 +807,7 @@ impl Writer {
             return None;
         }
         self.head = Head { seq, hash };
+        self.head_stale = true;
         self.size += line.len() as u64;
         self.written += 1;
         if self.size >= self.max_bytes
@@ -555,10 +818,33 @@ impl Writer {
         Some(Arc::new(record))
     }
 
-    /// Syncs the current file, shifts the rotated ones and starts a new current file.
+    /// Once the batch flushed is on disk, writes the head if records were written since it was
+    /// last: the head never names a record the disk may not hold.
+    fn sync_head(&mut self) -> io::Result<()> {
+        if !self.head_stale {
+            return Ok(());
+        }
+        self.file.get_ref().sync_data()?;
+        self.write_head()
+    }
+
+    fn write_head(&mut self) -> io::Result<()> {
+        let ends = Ends {
+            last: self.head,
+            first: self.oldest,
+        };
+        head::write(&self.head_path, &ends)?;
+        self.head_stale = false;
+        Ok(())
+    }
+
+    /// Syncs the current file, writes the head (with the oldest record that stays), shifts the
+    /// rotated files, deleting the oldest beyond `keep`, and starts a new current file.
     fn rotate(&mut self) -> io::Result<()> {
         self.file.flush()?;
         self.file.get_ref().sync_all()?;
+        self.oldest = oldest_after_rotation(&self.path, self.keep, self.oldest)?;
+        self.write_head()?;
         files::rotate(&self.path, self.keep)?;
         self.file = BufWriter::new(files::open_append(&self.path)?);
         self.size = 0;
@@ -626,7 +912,7 @@ mod tests {
     use super::*;
     use crate::{
         audit::{
-            ChainError, Event, Source, Verdict, VerifyError,
+            ChainError, Event, Finding, HeadCheck, Source, Verdict, VerifyError, VerifyReport,
             record::samples::{self, kernel_deny},
             verify::verify,
         },
@@ -661,11 +947,12 @@ mod tests {
             .collect()
     }
 
-    /// The log's files, newest first, as a shell glob would name them (current one first).
+    /// The log's files, as the shell glob `audit.jsonl*` names them (current one first).
     fn log_files(dir: &Path) -> Vec<PathBuf> {
         let mut files: Vec<PathBuf> = fs::read_dir(dir)
             .unwrap()
             .map(|entry| entry.unwrap().path())
+            .filter(|path| path.to_string_lossy().contains("audit.jsonl"))
             .collect();
         files.sort();
         files
@@ -726,8 +1013,10 @@ mod tests {
             (31, 0, 0, 31)
         );
         log.close(WAIT);
-        let report = verify(&log_files(dir.path())).unwrap();
+        let report = verify(&log_files(dir.path()), &HeadCheck::Beside).unwrap();
         assert_eq!((report.records, report.anchored), (31, true));
+        assert_eq!(report.head, Some(dir.path().join("audit.head")));
+        assert!(report.findings.is_empty(), "{:?}", report.findings);
     }
 
     #[test]
@@ -739,6 +1028,7 @@ mod tests {
         let mode = |path: &Path| fs::metadata(path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&nested), 0o700);
         assert_eq!(mode(&nested.join("audit.jsonl")), 0o600);
+        assert_eq!(mode(&nested.join("audit.head")), 0o600);
 
         for (setting, bad) in [
             (
@@ -787,8 +1077,9 @@ mod tests {
             .filter(|file| fs::metadata(file).unwrap().len() > 0)
             .count();
         for _ in 0..2 {
-            let report = verify(&files).unwrap();
+            let report = verify(&files, &HeadCheck::Beside).unwrap();
             assert_eq!((report.records, report.anchored), (40, true));
+            assert!(report.intact(), "{:?}", report.findings);
             assert_eq!(report.files, with_records);
             files.reverse();
         }
@@ -796,7 +1087,7 @@ mod tests {
         let middle = files::rotated(&dir.path().join("audit.jsonl"), 2);
         fs::remove_file(&middle).unwrap();
         let newer = files::rotated(&dir.path().join("audit.jsonl"), 1);
-        match verify(&log_files(dir.path())) {
+        match verify(&log_files(dir.path()), &HeadCheck::Beside) {
             Err(VerifyError::Record {
                 path,
                 line: 1,
@@ -810,7 +1101,7 @@ mod tests {
     }
 
     #[test]
-    fn rotation_deletes_files_beyond_keep() {
+    fn rotation_deletes_files_beyond_keep_and_still_verifies_against_the_head() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
         let log = AuditLog::open(config(dir.path(), 1000, 2), "node-a").unwrap();
@@ -818,9 +1109,26 @@ mod tests {
         log.close(WAIT);
         assert!(files::rotated(&path, 2).exists());
         assert!(!files::rotated(&path, 3).exists());
-        let report = verify(&log_files(dir.path())).unwrap();
+        let report = verify(&log_files(dir.path()), &HeadCheck::Beside).unwrap();
         assert!(!report.anchored);
         assert_eq!(report.last_seq, 40);
+        assert!(report.intact(), "{:?}", report.findings);
+        let oldest = first_seq_of(&files::rotated(&path, 2));
+        assert_eq!(report.first_seq, oldest);
+        assert!(oldest > 1, "rotation deleted the first records");
+
+        // Deleting the oldest retained file is not rotation: the head still names its first record.
+        fs::remove_file(files::rotated(&path, 2)).unwrap();
+        let next = first_seq_of(&files::rotated(&path, 1));
+        let report = verify(&log_files(dir.path()), &HeadCheck::Beside).unwrap();
+        assert_eq!(
+            report.findings,
+            [Finding::MissingAtStart {
+                from: oldest,
+                to: next - 1
+            }]
+        );
+        assert!(!report.intact());
     }
 
     #[test]
@@ -840,11 +1148,12 @@ mod tests {
                 0
             );
         }
-        let report = verify(&log_files(dir.path())).unwrap();
+        let report = verify(&log_files(dir.path()), &HeadCheck::Beside).unwrap();
         assert_eq!(
             (report.records, report.last_seq, report.anchored),
             (14, 14, true)
         );
+        assert!(report.findings.is_empty(), "{:?}", report.findings);
     }
 
     #[test]
@@ -859,6 +1168,7 @@ mod tests {
         fs::write(&path, &damaged).unwrap();
 
         let log = AuditLog::open(config(dir.path(), u64::MAX, 5), "node-a").unwrap();
+        assert_eq!(log.previous_run(), PreviousRun::Died { seq: 5 });
         write(&log, 2);
         log.close(WAIT);
 
@@ -885,7 +1195,7 @@ mod tests {
             "{detail}"
         );
 
-        match verify(&log_files(dir.path())) {
+        match verify(&log_files(dir.path()), &HeadCheck::Beside) {
             Err(VerifyError::Record {
                 path,
                 line: 6,
@@ -893,10 +1203,15 @@ mod tests {
             }) => assert_eq!(path, rotated),
             other => panic!("expected the torn line, got {other:?}"),
         }
-        let newest = verify(&[path]).unwrap();
+        let newest = verify(&[path], &HeadCheck::Beside).unwrap();
         assert_eq!(
             (newest.first_seq, newest.last_seq, newest.anchored),
             (6, 8, false)
+        );
+        assert_eq!(
+            newest.findings,
+            [Finding::MissingAtStart { from: 1, to: 5 }],
+            "the torn file is part of the log"
         );
     }
 
@@ -912,10 +1227,17 @@ mod tests {
 
         let log = AuditLog::open(config(dir.path(), u64::MAX, 5), "node-a").unwrap();
         log.close(WAIT);
+        // The head named record 4 as it was written: the log no longer ends with it.
+        assert_eq!(log.previous_run(), PreviousRun::TailCut { from: 4, to: 4 });
         let records = read_records(&path);
-        assert_eq!(records.len(), 1);
-        assert_eq!((records[0].seq, records[0].lost), (4, Some(1)));
-        assert_eq!(records[0].reason, "torn-record");
+        let losses: Vec<(u64, &str, Option<u64>)> = records
+            .iter()
+            .map(|r| (r.seq, r.reason.as_str(), r.lost))
+            .collect();
+        assert_eq!(
+            losses,
+            [(5, "audit-tail-cut", Some(1)), (6, "torn-record", Some(1))]
+        );
     }
 
     #[test]
@@ -968,7 +1290,9 @@ mod tests {
         assert_eq!(written, [1, 2]);
         assert_eq!(losses, [(Source::Daemon, Verdict::Loss, Some(lost))]);
         assert_eq!(log.stats().dropped, lost);
-        assert_eq!(verify(&[path]).unwrap().records, records.len() as u64);
+        let report = verify(&[path], &HeadCheck::Beside).unwrap();
+        assert_eq!(report.records, records.len() as u64);
+        assert!(report.intact(), "{:?}", report.findings);
     }
 
     #[test]
@@ -987,5 +1311,324 @@ mod tests {
         assert!(other.flush(WAIT), "nothing is left to write");
         let stats = other.stats();
         assert_eq!((stats.written, stats.dropped, stats.last_seq), (1, 1, 1));
+    }
+
+    /// Keeps all but the last `n` lines of the file at `path`.
+    fn cut_lines(path: &Path, n: usize) {
+        let text = fs::read_to_string(path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let kept: String = lines[..lines.len() - n]
+            .iter()
+            .flat_map(|line| [*line, "\n"])
+            .collect();
+        fs::write(path, kept).unwrap();
+    }
+
+    fn first_seq_of(path: &Path) -> u64 {
+        read_records(path)[0].seq
+    }
+
+    fn stop(log: &AuditLog) {
+        log.submit(Entry::new(
+            Source::Daemon,
+            Event::Stop,
+            Verdict::Info,
+            "stop",
+        ));
+        assert!(log.flush(WAIT), "the writer did not catch up");
+    }
+
+    fn verified(dir: &Path, head: &HeadCheck) -> VerifyReport {
+        verify(&log_files(dir), head).unwrap()
+    }
+
+    #[test]
+    fn the_previous_run_is_none_then_stopped_then_died() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || AuditLog::open(config(dir.path(), u64::MAX, 5), "node-a").unwrap();
+        let log = open();
+        assert_eq!(log.previous_run(), PreviousRun::None);
+        write(&log, 3);
+        stop(&log);
+        log.close(WAIT);
+
+        let log = open();
+        assert_eq!(log.previous_run(), PreviousRun::Stopped { seq: 4 });
+        write(&log, 2);
+        drop(log);
+
+        let log = open();
+        assert_eq!(log.previous_run(), PreviousRun::Died { seq: 6 });
+        log.close(WAIT);
+        assert_eq!(
+            PreviousRun::Stopped { seq: 41 }.to_string(),
+            "previous run stopped cleanly at seq 41"
+        );
+        assert_eq!(
+            PreviousRun::Died { seq: 41 }.to_string(),
+            "previous run ended without a stop record (last seq 41)"
+        );
+        let records = read_records(&dir.path().join("audit.jsonl"));
+        assert!(
+            records.iter().all(|r| r.event != Event::Loss),
+            "{records:?}"
+        );
+    }
+
+    #[test]
+    fn records_cut_from_the_end_fail_against_the_head_but_not_the_chain_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(config(dir.path(), u64::MAX, 5), "node-a").unwrap();
+        write(&log, 10);
+        log.close(WAIT);
+        cut_lines(&path, 3);
+
+        let report = verified(dir.path(), &HeadCheck::Beside);
+        assert_eq!(report.findings, [Finding::MissingAtEnd { from: 8, to: 10 }]);
+        assert_eq!(
+            report.findings[0].to_string(),
+            "records 8..10 are missing from the end of the log (the head says the last record is seq 10)"
+        );
+        assert!(!report.intact());
+        let alone = verified(dir.path(), &HeadCheck::Skip);
+        assert!(alone.intact() && alone.findings.is_empty() && alone.head.is_none());
+        assert_eq!(alone.last_seq, 7);
+
+        cut_lines(&path, 7);
+        let report = verified(dir.path(), &HeadCheck::Beside);
+        assert_eq!(report.findings, [Finding::MissingAtEnd { from: 1, to: 10 }]);
+    }
+
+    #[test]
+    fn a_restart_after_a_cut_records_the_loss_and_the_gap_stays_in_the_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let open = || AuditLog::open(config(dir.path(), u64::MAX, 5), "node-a").unwrap();
+        let log = open();
+        write(&log, 9);
+        stop(&log);
+        log.close(WAIT);
+        cut_lines(&path, 4);
+
+        let log = open();
+        assert_eq!(log.previous_run(), PreviousRun::TailCut { from: 7, to: 10 });
+        assert_eq!(
+            log.previous_run().to_string(),
+            "previous run's end is missing: records 7..10 were cut from the audit log (see the \
+             audit-tail-cut loss record)"
+        );
+        write(&log, 2);
+        log.close(WAIT);
+
+        let records = read_records(&path);
+        let seqs: Vec<u64> = records.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, [1, 2, 3, 4, 5, 6, 11, 12, 13]);
+        let loss = &records[6];
+        assert_eq!(
+            (loss.source, loss.event, loss.verdict, loss.lost),
+            (Source::Daemon, Event::Loss, Verdict::Loss, Some(4))
+        );
+        assert_eq!(loss.reason, "audit-tail-cut");
+        let detail = loss.detail.as_deref().unwrap();
+        assert!(
+            detail.starts_with(&format!(
+                "records 7..10 are missing from the end of {}: its head {} says the last record \
+                 is seq 10",
+                path.display(),
+                dir.path().join("audit.head").display()
+            )),
+            "{detail}"
+        );
+        assert!(detail.contains("the log ends at seq 6"), "{detail}");
+
+        let gap = Finding::Cut {
+            from: 7,
+            to: 10,
+            reported_at: 11,
+        };
+        assert_eq!(
+            gap.to_string(),
+            "records 7..10 were cut from the log; the daemon reported it at seq 11"
+        );
+        for head in [HeadCheck::Beside, HeadCheck::Skip] {
+            let report = verified(dir.path(), &head);
+            assert_eq!(report.findings, std::slice::from_ref(&gap), "{head:?}");
+            assert_eq!((report.records, report.last_seq), (9, 13));
+        }
+
+        // Reported once: the next start finds the log and its head in step again.
+        let log = open();
+        assert_eq!(log.previous_run(), PreviousRun::Died { seq: 13 });
+        log.close(WAIT);
+        assert_eq!(read_records(&path).len(), 9);
+    }
+
+    #[test]
+    fn a_restart_after_every_file_was_removed_reports_the_whole_log_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let open = || AuditLog::open(config(dir.path(), u64::MAX, 5), "node-a").unwrap();
+        let log = open();
+        write(&log, 5);
+        log.close(WAIT);
+        fs::remove_file(&path).unwrap();
+
+        let log = open();
+        assert_eq!(log.previous_run(), PreviousRun::TailCut { from: 1, to: 5 });
+        log.close(WAIT);
+        let records = read_records(&path);
+        assert_eq!(
+            (records[0].seq, records[0].reason.as_str(), records[0].lost),
+            (6, "audit-tail-cut", Some(5))
+        );
+        let report = verified(dir.path(), &HeadCheck::Beside);
+        assert_eq!(
+            report.findings,
+            [Finding::Cut {
+                from: 1,
+                to: 5,
+                reported_at: 6
+            }]
+        );
+    }
+
+    #[test]
+    fn a_missing_head_fails_verify_and_a_restart_reports_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let head = dir.path().join("audit.head");
+        let open = || AuditLog::open(config(dir.path(), u64::MAX, 5), "node-a").unwrap();
+        let log = open();
+        write(&log, 4);
+        stop(&log);
+        log.close(WAIT);
+        fs::remove_file(&head).unwrap();
+
+        let report = verified(dir.path(), &HeadCheck::Beside);
+        assert_eq!(
+            report.findings,
+            [Finding::HeadMissing { path: head.clone() }]
+        );
+        assert!(!report.intact());
+        assert!(verified(dir.path(), &HeadCheck::Skip).intact());
+
+        let log = open();
+        assert_eq!(
+            log.previous_run(),
+            PreviousRun::HeadMissing {
+                last: 5,
+                stopped: true
+            }
+        );
+        assert_eq!(
+            log.previous_run().to_string(),
+            "previous run stopped cleanly at seq 5; the audit head was missing (see the \
+             audit-head-missing loss record)"
+        );
+        log.close(WAIT);
+        let records = read_records(&path);
+        let loss = &records[5];
+        assert_eq!(
+            (loss.seq, loss.reason.as_str(), loss.lost),
+            (6, "audit-head-missing", Some(0))
+        );
+        assert!(
+            loss.detail
+                .as_deref()
+                .unwrap()
+                .contains(&format!("its head {} is missing", head.display())),
+            "{loss:?}"
+        );
+        let report = verified(dir.path(), &HeadCheck::Beside);
+        assert!(report.intact(), "{:?}", report.findings);
+        assert_eq!(
+            report.findings,
+            [Finding::StartedWithoutHead { reported_at: 6 }]
+        );
+    }
+
+    #[test]
+    fn a_rewritten_end_is_found_and_a_restart_does_not_adopt_it_silently() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let open = || AuditLog::open(config(dir.path(), u64::MAX, 5), "node-a").unwrap();
+        let log = open();
+        write(&log, 5);
+        log.close(WAIT);
+        // Records 4 and 5 replaced by a chain that links: only the head can tell.
+        let text = fs::read_to_string(&path).unwrap();
+        let third = text.lines().nth(2).unwrap();
+        let (_, hash) = chain::open(third.as_bytes()).unwrap();
+        let mut forged = text.lines().take(3).collect::<Vec<_>>().join("\n") + "\n";
+        let mut prev = hash;
+        for seq in 4..=5 {
+            let record = AuditRecord::new(kernel_deny(99), seq, "node-a", prev.to_string());
+            let (line, hash) = chain::seal(&record);
+            forged.push_str(&line);
+            forged.push('\n');
+            prev = hash;
+        }
+        fs::write(&path, forged).unwrap();
+        assert!(verified(dir.path(), &HeadCheck::Skip).intact());
+        let report = verified(dir.path(), &HeadCheck::Beside);
+        assert_eq!(report.findings, [Finding::EndMismatch { seq: 5 }]);
+
+        let log = open();
+        assert_eq!(log.previous_run(), PreviousRun::Diverged { seq: 5 });
+        log.close(WAIT);
+        let records = read_records(&path);
+        assert_eq!(
+            (records[5].seq, records[5].reason.as_str()),
+            (6, "audit-head-mismatch")
+        );
+        let report = verified(dir.path(), &HeadCheck::Beside);
+        assert_eq!(report.findings, [Finding::Rewritten { reported_at: 6 }]);
+        assert!(!report.intact());
+    }
+
+    #[test]
+    fn records_written_after_the_head_are_a_note_and_a_restart_continues_without_a_loss() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let head = dir.path().join("audit.head");
+        let open = || AuditLog::open(config(dir.path(), u64::MAX, 5), "node-a").unwrap();
+        let log = open();
+        write(&log, 3);
+        let behind = fs::read(&head).unwrap();
+        write(&log, 2);
+        log.close(WAIT);
+        // As if the writer died between syncing a batch and updating the head.
+        fs::write(&head, behind).unwrap();
+
+        let report = verified(dir.path(), &HeadCheck::Beside);
+        assert!(report.intact(), "{:?}", report.findings);
+        assert_eq!(report.findings, [Finding::AfterHead { from: 4, to: 5 }]);
+
+        let log = open();
+        assert_eq!(log.previous_run(), PreviousRun::Died { seq: 5 });
+        write(&log, 1);
+        log.close(WAIT);
+        assert!(read_records(&path).iter().all(|r| r.event != Event::Loss));
+        let report = verified(dir.path(), &HeadCheck::Beside);
+        assert!(report.findings.is_empty(), "{:?}", report.findings);
+    }
+
+    #[test]
+    fn the_head_follows_rotation_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        for _ in 0..3 {
+            let log = AuditLog::open(config(dir.path(), 600, 2), "node-a").unwrap();
+            write(&log, 10);
+            stop(&log);
+            log.close(WAIT);
+        }
+        assert!(!files::rotated(&path, 3).exists());
+        let report = verified(dir.path(), &HeadCheck::Beside);
+        assert!(report.findings.is_empty(), "{:?}", report.findings);
+        assert!(report.first_seq > 1 && report.last_seq == 33);
+        let log = AuditLog::open(config(dir.path(), 600, 2), "node-a").unwrap();
+        assert_eq!(log.previous_run(), PreviousRun::Stopped { seq: 33 });
     }
 }

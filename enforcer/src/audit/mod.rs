@@ -6,6 +6,7 @@
 //! kernel events, tunnel FlowRecords, daemon events
 //!     --submit(Entry), never waits--> bounded queue --> writer thread
 //!     --> audit.jsonl (rotated by size to audit.jsonl.1 .. .<keep>)
+//!     --> audit.head (both ends of the chain, replaced after every batch and rotation)
 //!     --> recent records and a broadcast channel (enforcer flows [--follow])
 //! ```
 //!
@@ -25,18 +26,30 @@
 //! `,"hash":"<64 hex>"}`, put back the `}`, hash those bytes and compare; then the record's
 //! `prev` must be the previous line's hash and its `seq` the previous seq plus one. An edited
 //! record (the last one included) fails its hash; a removed or reordered record fails the
-//! link to its predecessor; a torn last line (no newline) is reported as torn. Removing
-//! records from the start, as rotation does, is visible only as a chain that does not start
-//! at record 1 ([`VerifyReport::anchored`]).
+//! link to its predecessor; a torn last line (no newline) is reported as torn.
+//!
+//! # The head
+//!
+//! What is left of a chain cut at either end is still a chain: records removed from the end,
+//! or files removed from the start beyond what rotation deletes, do not break a link. So the
+//! writer keeps a head beside the log (`audit.jsonl` -> `audit.head`) naming the last record
+//! written (seq and hash) and the oldest retained (seq and `prev`), and `verify` checks both
+//! ends of the chain against it. On restart the writer checks the log against the head and
+//! writes a loss record for what is missing; after a cut the chain continues after the head's
+//! last record, so the gap stays in the chain and `verify` names the record that reported it.
+//! The head protects against cuts by anyone who cannot also rewrite the head; ship the log and
+//! the head off the node for more.
 #![forbid(unsafe_code)]
 
 mod chain;
 mod files;
+mod head;
 mod log;
 mod record;
 mod verify;
 
 pub use chain::ChainError;
-pub use log::{AuditConfig, AuditError, AuditLog, AuditStats};
+pub use head::HeadError;
+pub use log::{AuditConfig, AuditError, AuditLog, AuditStats, PreviousRun};
 pub use record::{AuditRecord, Dst, Entry, Event, RecordError, Source, Src, Verdict};
-pub use verify::{VerifyError, VerifyReport, verify};
+pub use verify::{Finding, HeadCheck, VerifyError, VerifyReport, verify};

@@ -386,7 +386,7 @@ fn millis(duration: Duration) -> u64 {
 
 /// RFC 3339 UTC with microseconds; times outside what RFC 3339 can name (before 1970 or after
 /// 9999) are clamped to its ends rather than refused, so that no record is lost to a bad clock.
-fn format_time(time: SystemTime) -> String {
+pub(super) fn format_time(time: SystemTime) -> String {
     // 9999-12-31T23:59:59.999999Z, the last instant humantime formats.
     let last = SystemTime::UNIX_EPOCH + Duration::new(253_402_300_799, 999_999_000);
     let clamped = time.clamp(SystemTime::UNIX_EPOCH, last);

@@ -223,4 +223,47 @@ mod tests {
             "{error}"
         );
     }
+
+    #[test]
+    fn audit_verify_takes_a_head_or_no_head_but_not_both() {
+        let cli = Cli::try_parse_from([
+            "enforcer",
+            "audit",
+            "verify",
+            "--head",
+            "/h/audit.head",
+            "a.jsonl",
+            "a.jsonl.1",
+        ])
+        .unwrap();
+        let Command::Audit {
+            command:
+                AuditCommand::Verify {
+                    files,
+                    head,
+                    no_head,
+                },
+        } = cli.command
+        else {
+            panic!("not audit verify: {cli:?}");
+        };
+        assert_eq!(
+            files,
+            [PathBuf::from("a.jsonl"), PathBuf::from("a.jsonl.1")]
+        );
+        assert_eq!(head, Some(PathBuf::from("/h/audit.head")));
+        assert!(!no_head);
+        assert!(
+            Cli::try_parse_from([
+                "enforcer",
+                "audit",
+                "verify",
+                "--head",
+                "h",
+                "--no-head",
+                "a.jsonl"
+            ])
+            .is_err()
+        );
+    }
 }

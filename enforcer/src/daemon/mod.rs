@@ -472,15 +472,7 @@ impl Daemon {
 
     /// The start record and log line, once everything serves.
     fn announce(&self, seen: usize) {
-        self.record_lifecycle(
-            audit::Event::Start,
-            format!(
-                "pid {}; outbound {:?}, inbound {}; {seen} enrolled processes",
-                std::process::id(),
-                self.outbound,
-                self.inbound
-            ),
-        );
+        self.record_lifecycle(audit::Event::Start, self.start_detail(seen));
         tracing::info!(
             node = %self.config.node_name,
             trust_domain = %self.trust_domain,
@@ -537,6 +529,18 @@ impl Daemon {
                 tracing::warn!(%id, error = %report(&error), "no SVID");
             }
         }
+    }
+
+    /// The start record's detail: the listeners, the enrolled processes found, and how the
+    /// previous run ended as the audit log found it ("previous run stopped cleanly at seq 41").
+    fn start_detail(&self, enrolled: usize) -> String {
+        format!(
+            "pid {}; outbound {:?}, inbound {}; {enrolled} enrolled processes; {}",
+            std::process::id(),
+            self.outbound,
+            self.inbound,
+            self.recorder.audit.previous_run(),
+        )
     }
 
     /// A daemon lifecycle record (start, stop, reload).
