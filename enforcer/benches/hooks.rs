@@ -97,6 +97,35 @@ fn main() {
             rates[slot].push(path.run());
         }
     }
+    print_rates(rates);
+    // Run times come from a separate pass: bpf stats cost two clock reads per run, which must
+    // not weigh on the rates above.
+    let stats = StatsGuard::enable();
+    for path in bench.paths(&unenrolled, &enrolled, &detached) {
+        path.run();
+    }
+    println!();
+    println!("per-program run time (one more round of every path, bpf stats on):");
+    println!("| program | runs | avg ns/run |");
+    println!("|---|---|---|");
+    for program in datapath.program_stats().expect("program stats") {
+        let average = if program.run_count == 0 {
+            0.0
+        } else {
+            to_f64(program.run_time_ns) / to_f64(program.run_count)
+        };
+        println!(
+            "| {} | {} | {average:.0} |",
+            program.name, program.run_count
+        );
+    }
+    drop(stats);
+    server.stop();
+    bare_server.stop();
+}
+
+/// The rates of every path (in [`Bench::paths`] order) and the ratios between them.
+fn print_rates(rates: [Vec<f64>; 8]) {
     let [
         attached,
         bare,
@@ -140,30 +169,6 @@ fn main() {
         "ratio enrolled/detached (UDP sendto):        {:.3}",
         ratio(&udp, &udp_bare)
     );
-    // Run times come from a separate pass: bpf stats cost two clock reads per run, which must
-    // not weigh on the rates above.
-    let stats = StatsGuard::enable();
-    for path in bench.paths(&unenrolled, &enrolled, &detached) {
-        path.run();
-    }
-    println!();
-    println!("per-program run time (one more round of every path, bpf stats on):");
-    println!("| program | runs | avg ns/run |");
-    println!("|---|---|---|");
-    for program in datapath.program_stats().expect("program stats") {
-        let average = if program.run_count == 0 {
-            0.0
-        } else {
-            to_f64(program.run_time_ns) / to_f64(program.run_count)
-        };
-        println!(
-            "| {} | {} | {average:.0} |",
-            program.name, program.run_count
-        );
-    }
-    drop(stats);
-    server.stop();
-    bare_server.stop();
 }
 
 /// The namespaces under test and their servers.

@@ -24,8 +24,8 @@ use enforcer::{
     audit::AuditRecord,
     identity::SpiffeId,
     testing::{
-        Client, DaemonNode, Netns, Node, Persona, ScratchCgroup, Spawned, TestPki,
-        connect_nodes, require_root, serial, wait_for_listener,
+        Client, DaemonNode, Netns, Node, Persona, ScratchCgroup, Spawned, TestPki, connect_nodes,
+        require_root, serial, wait_for_listener,
     },
     tunnel::{Refusal, TunnelConfig, Untagged, pool::Pool, pool::PoolError},
 };
@@ -161,7 +161,9 @@ impl Mesh {
             workloads.as_array().unwrap().iter().any(|workload| {
                 workload["pid"] == pid
                     && workload["spiffe_id"] == id("api").as_str()
-                    && workload["listening"].to_string().contains(&format!(":{HTTP_PORT}"))
+                    && workload["listening"]
+                        .to_string()
+                        .contains(&format!(":{HTTP_PORT}"))
             })
         });
     }
@@ -177,12 +179,11 @@ impl Mesh {
 
     /// `curl` in `cgroup` of `node` fetching `hello.txt`, to completion: (status, first line).
     fn fetch(&self, node: &DaemonNode, cgroup: &ScratchCgroup) -> (ExitStatus, Option<String>) {
-        self.fetch_url(node, cgroup, &self.url("hello.txt"))
+        Self::fetch_url(node, cgroup, &self.url("hello.txt"))
     }
 
     /// `curl` in `cgroup` of `node` fetching `url`, to completion: (status, first line).
     fn fetch_url(
-        &self,
         node: &DaemonNode,
         cgroup: &ScratchCgroup,
         url: &str,
@@ -211,7 +212,7 @@ impl Mesh {
     }
 
     /// The test client as `persona` in `cgroup` of `node`.
-    fn client(&self, node: &DaemonNode, persona: Persona, cgroup: &ScratchCgroup) -> Client {
+    fn client(node: &DaemonNode, persona: Persona, cgroup: &ScratchCgroup) -> Client {
         Client::start_as(persona, Some(cgroup), Some(node.link().netns()))
     }
 
@@ -254,7 +255,7 @@ fn redirects_reach_the_daemon_or_nothing() {
         mesh.a.signal(signal);
         assert!(mesh.a.wait(COMMAND_LIMIT).is_some(), "A did not stop");
         // An unprivileged process takes the daemon's ports on A while it is down.
-        let mut squatter = mesh.client(&mesh.a, Persona::Nobody, &mesh.a_guest);
+        let mut squatter = Mesh::client(&mesh.a, Persona::Nobody, &mesh.a_guest);
         for port in [OUTBOUND_PORT, INBOUND_PORT] {
             assert_eq!(
                 squatter.ask(&format!("listen 127.0.0.1 {port}")),
@@ -264,8 +265,11 @@ fn redirects_reach_the_daemon_or_nothing() {
         }
         // Enrolled connects fail closed, promptly; the squatter receives nothing.
         mesh.assert_refused(&mesh.a, &mesh.a_web);
-        let mut enrolled = mesh.client(&mesh.a, Persona::Nobody, &mesh.a_web);
-        assert_eq!(enrolled.ask(&format!("connect {} {HTTP_PORT}", mesh.peers[1])), "err 111");
+        let mut enrolled = Mesh::client(&mesh.a, Persona::Nobody, &mesh.a_web);
+        assert_eq!(
+            enrolled.ask(&format!("connect {} {HTTP_PORT}", mesh.peers[1])),
+            "err 111"
+        );
 
         // The daemon comes back, although its ports are taken, and serves them.
         mesh.a.restart();
@@ -282,7 +286,7 @@ fn redirects_reach_the_daemon_or_nothing() {
     // peer's tunnel, and B restarts around it.
     mesh.b.signal(Signal::KILL);
     assert!(mesh.b.wait(COMMAND_LIMIT).is_some(), "B did not stop");
-    let mut squatter = mesh.client(&mesh.b, Persona::Nobody, &mesh.b_guest);
+    let mut squatter = Mesh::client(&mesh.b, Persona::Nobody, &mesh.b_guest);
     assert_eq!(
         squatter.ask(&format!("listen 0.0.0.0 {INBOUND_PORT}")),
         format!("listening {INBOUND_PORT}")
@@ -314,7 +318,11 @@ fn the_tunnel_is_never_a_relay() {
     let svid = mesh
         .pki
         .node_ca_at("intruder", now)
-        .issue_svid(&id("web").parse::<SpiffeId>().unwrap(), Duration::from_hours(1), now)
+        .issue_svid(
+            &id("web").parse::<SpiffeId>().unwrap(),
+            Duration::from_hours(1),
+            now,
+        )
         .unwrap();
     let inbound = SocketAddr::new(mesh.peers[1], INBOUND_PORT);
     let bundles = std::sync::Arc::clone(&mesh.pki.bundles);
@@ -372,36 +380,41 @@ fn services_are_real_listeners_guarded_while_they_listen() {
 
     // Garbage binds of an unprivileged enrolled process record nothing and cut nobody off:
     // a privileged port, a port in use, hundreds of ephemeral ports.
-    let mut binder = mesh.client(&mesh.b, Persona::Nobody, &mesh.b_api);
+    let mut binder = Mesh::client(&mesh.b, Persona::Nobody, &mesh.b_api);
     assert_eq!(binder.ask("bind 0.0.0.0 80"), "err 13");
     assert_eq!(binder.ask(&format!("bind 0.0.0.0 {HTTP_PORT}")), "err 98");
     for _ in 0..300 {
         assert!(binder.ask("bind 127.0.0.1 0").starts_with("bound "));
     }
     mesh.assert_allowed(&mesh.a_web);
-    let mut outsider = mesh.client(&mesh.b, Persona::Nobody, &mesh.b_guest);
+    let mut outsider = Mesh::client(&mesh.b, Persona::Nobody, &mesh.b_guest);
     assert_eq!(outsider.ask("listen 127.0.0.1 9000"), "listening 9000");
-    let mut guest = mesh.client(&mesh.b, Persona::Nobody, &mesh.b_guest);
+    let mut guest = Mesh::client(&mesh.b, Persona::Nobody, &mesh.b_guest);
     assert!(guest.ask("connect 127.0.0.1 9000").starts_with("ok "));
     drop(binder);
 
     // Listeners of enrolled cgroups are guarded whatever their port and identity: one that
     // matches no workload entry, and one on a port the kernel chose.
-    let mut unmatched = mesh.client(&mesh.b, Persona::Nobody, &mesh.b_unmatched);
+    let mut unmatched = Mesh::client(&mesh.b, Persona::Nobody, &mesh.b_unmatched);
     assert_eq!(unmatched.ask("listen 0.0.0.0 9090"), "listening 9090");
     let chosen = unmatched
         .ask("listen_unbound")
         .strip_prefix("listening ")
         .and_then(|port| port.parse::<u16>().ok())
         .expect("a kernel-chosen port");
-    let mut raw = mesh.client(&mesh.b, Persona::NetRaw, &mesh.b_guest);
+    let mut raw = Mesh::client(&mesh.b, Persona::NetRaw, &mesh.b_guest);
     for port in [9090, chosen] {
         assert_dropped(&mut guest, SocketAddr::new(mesh.peers[1], port), "");
-        assert_dropped(&mut raw, SocketAddr::new(mesh.peers[1], port), "--mark 0x0e5f0001");
+        assert_dropped(
+            &mut raw,
+            SocketAddr::new(mesh.peers[1], port),
+            "--mark 0x0e5f0001",
+        );
     }
     // ... and nobody reaches the unmatched one through the tunnel either.
     let unmatched_addr = SocketAddr::new(mesh.peers[1], 9090);
-    let (status, line) = mesh.fetch_url(&mesh.a, &mesh.a_web, &format!("http://{unmatched_addr}/"));
+    let (status, line) =
+        Mesh::fetch_url(&mesh.a, &mesh.a_web, &format!("http://{unmatched_addr}/"));
     assert!(!status.success() && line.is_none(), "{line:?}");
     wait_for_record(&mesh.b, "B's refusal of the unmatched listener", |r| {
         r.source.as_str() == "inbound"
@@ -414,7 +427,7 @@ fn services_are_real_listeners_guarded_while_they_listen() {
     // next is not served the tunnel, and is never recorded as the old workload.
     let opened = Mesh::count(&mesh.b, "open", &id("api"));
     mesh.server = None;
-    let mut successor = mesh.client(&mesh.b, Persona::Nobody, &mesh.b_guest);
+    let mut successor = Mesh::client(&mesh.b, Persona::Nobody, &mesh.b_guest);
     assert_eq!(
         successor.ask(&format!("listen 0.0.0.0 {HTTP_PORT}")),
         format!("listening {HTTP_PORT}")
@@ -434,7 +447,6 @@ fn services_are_real_listeners_guarded_while_they_listen() {
     );
 }
 
-
 #[test]
 fn plaintext_is_dropped_whatever_mark_or_address_it_carries() {
     require_root();
@@ -443,23 +455,37 @@ fn plaintext_is_dropped_whatever_mark_or_address_it_carries() {
     let api = mesh.api();
     // On B: an unprivileged process, one binding a loopback or the node's own address, and one
     // with CAP_NET_RAW setting the mark the tunnel used to carry (and any other).
-    let mut nobody = mesh.client(&mesh.b, Persona::Nobody, &mesh.b_guest);
+    let mut nobody = Mesh::client(&mesh.b, Persona::Nobody, &mesh.b_guest);
     assert_dropped(&mut nobody, api, "");
     assert_dropped(&mut nobody, api, &format!("--bind {}", mesh.peers[1]));
-    assert_dropped(&mut nobody, SocketAddr::new([127, 0, 0, 1].into(), HTTP_PORT), "--bind 127.0.0.1");
-    let mut raw = mesh.client(&mesh.b, Persona::NetRaw, &mesh.b_guest);
-    assert_eq!(raw.ask("mark 0x0e5f0001"), "mark ok", "CAP_NET_RAW can set marks");
+    assert_dropped(
+        &mut nobody,
+        SocketAddr::new([127, 0, 0, 1].into(), HTTP_PORT),
+        "--bind 127.0.0.1",
+    );
+    let mut raw = Mesh::client(&mesh.b, Persona::NetRaw, &mesh.b_guest);
+    assert_eq!(
+        raw.ask("mark 0x0e5f0001"),
+        "mark ok",
+        "CAP_NET_RAW can set marks"
+    );
     for mark in ["0x0e5f0001", "0x1", "0x7fffffff"] {
         assert_dropped(&mut raw, api, &format!("--mark {mark}"));
     }
     // From node A, unenrolled and with CAP_NET_RAW.
-    let mut remote = mesh.client(&mesh.a, Persona::NetRaw, &mesh.a_guest);
+    let mut remote = Mesh::client(&mesh.a, Persona::NetRaw, &mesh.a_guest);
     assert_dropped(&mut remote, api, "--mark 0x0e5f0001");
     // An enrolled process of B itself (api's own cgroup) is redirected through B's daemon, which
     // decides it like any flow: api may not call itself here (no rule), so it is refused.
-    let mut insider = mesh.client(&mesh.b, Persona::Nobody, &mesh.b_api);
-    let answer = insider.ask(&format!("connect {} {HTTP_PORT} --mark 0x0e5f0001", mesh.peers[1]));
-    assert_eq!(answer, "err 1", "api -> api has no rule: refused at connect");
+    let mut insider = Mesh::client(&mesh.b, Persona::Nobody, &mesh.b_api);
+    let answer = insider.ask(&format!(
+        "connect {} {HTTP_PORT} --mark 0x0e5f0001",
+        mesh.peers[1]
+    ));
+    assert_eq!(
+        answer, "err 1",
+        "api -> api has no rule: refused at connect"
+    );
 
     let drops = mesh
         .b
@@ -485,21 +511,27 @@ fn enrollment_follows_the_cgroup_path() {
     // A service restart re-creates its cgroup (a new cgroup id at the same path). An unenrolled
     // listener on B, reachable in plaintext, tells whether the new cgroup's first connect is
     // enforced: enrolled, it is redirected to A's daemon (and refused there), never plaintext.
-    let mut open = mesh.client(&mesh.b, Persona::Nobody, &mesh.b_guest);
+    let mut open = Mesh::client(&mesh.b, Persona::Nobody, &mesh.b_guest);
     assert_eq!(open.ask("listen 0.0.0.0 9000"), "listening 9000");
     for round in 0..3 {
         let path = mesh.a_db.path().to_owned();
         mesh.a_db = mesh.a.scope().child("db");
         assert_eq!(mesh.a_db.path(), path);
-        let mut first = mesh.client(&mesh.a, Persona::Nobody, &mesh.a_db);
+        let mut first = Mesh::client(&mesh.a, Persona::Nobody, &mesh.a_db);
         let answer = first.ask(&format!("connect {} 9000", mesh.peers[1]));
         assert!(answer.starts_with("ok "), "round {round}: {answer}");
         let pid = first.pid();
         wait_for_record(&mesh.a, "the re-created cgroup's redirect", |r| {
-            r.source.as_str() == "kernel" && r.event.as_str() == "redirect" && r.src.pid == Some(pid)
+            r.source.as_str() == "kernel"
+                && r.event.as_str() == "redirect"
+                && r.src.pid == Some(pid)
         });
     }
-    assert_eq!(open.ask("close_listeners"), "closed 1", "plaintext got through");
+    assert_eq!(
+        open.ask("close_listeners"),
+        "closed 1",
+        "plaintext got through"
+    );
     // The re-created web cgroup keeps its identity and its flows.
     mesh.a_web = mesh.a.scope().child("web");
     mesh.assert_allowed(&mesh.a_web);
@@ -531,7 +563,7 @@ fn identity_is_bound_at_connect() {
     // A process with no identity connects while A's daemon is paused (so nothing attests it
     // in between), sends its request, and execs the pinned binary, keeping the socket. When
     // the daemon looks, the pid is the pinned binary; the connection is still not `pinned`'s.
-    let mut impostor = mesh.client(&mesh.a, Persona::Nobody, &a_pinned);
+    let mut impostor = Mesh::client(&mesh.a, Persona::Nobody, &a_pinned);
     let pid = impostor.pid();
     mesh.a.signal(Signal::STOP);
     let answer = impostor.ask(&format!(
@@ -546,12 +578,17 @@ fn identity_is_bound_at_connect() {
         r.source.as_str() == "outbound" && r.verdict.as_str() == "deny" && r.src.pid == Some(pid)
     });
     assert_eq!(refused.reason, "no-identity", "{refused:?}");
-    assert_eq!(Mesh::count(&mesh.b, "open", &id("api")), 0, "B served the impostor");
+    assert_eq!(
+        Mesh::count(&mesh.b, "open", &id("api")),
+        0,
+        "B served the impostor"
+    );
 
     // Now the process *is* the pinned binary: it is `pinned` for what it connects from now on.
-    mesh.a.wait_until("the exec'd process to be attested as pinned", |a| {
-        a.cli_ok(&["workloads", "--json"]).contains(&id("pinned"))
-    });
+    mesh.a
+        .wait_until("the exec'd process to be attested as pinned", |a| {
+            a.cli_ok(&["workloads", "--json"]).contains(&id("pinned"))
+        });
 }
 
 #[test]
@@ -562,37 +599,43 @@ fn every_protocol_is_decided() {
         "[[egress]]\nprotocol = \"udp\"\ncidr = \"10.0.0.0/8\"\nports = [5353]\n",
     );
     let b = mesh.peers[1];
-    let mut receiver = mesh.client(&mesh.b, Persona::Nobody, &mesh.b_guest);
+    let mut receiver = Mesh::client(&mesh.b, Persona::Nobody, &mesh.b_guest);
     assert_eq!(receiver.ask("udp_listen 0.0.0.0 5353"), "udp 5353");
-    let mut web = mesh.client(&mesh.a, Persona::Nobody, &mesh.a_web);
+    let mut web = Mesh::client(&mesh.a, Persona::Nobody, &mesh.a_web);
     // UDP, ICMP and raw sockets of an enrolled process: refused unless an egress entry permits.
     assert_eq!(web.ask(&format!("udp_send {b} 53")), "err 1");
     assert_eq!(web.ask(&format!("udp_connect {b} 53")), "err 1");
     assert_eq!(web.ask(&format!("udp_send {b} 5353")), "ok");
     assert!(receiver.next_line().starts_with("datagram "));
-    let mut raw = mesh.client(&mesh.a, Persona::NetRaw, &mesh.a_web);
+    let mut raw = Mesh::client(&mesh.a, Persona::NetRaw, &mesh.a_web);
     assert_eq!(raw.ask("raw"), "err 1");
     let packet = raw.ask("packet");
-    let status = mesh.a.cli(&["status", "--pin-dir", mesh.a.pin_dir().to_str().unwrap()]);
+    let status = mesh
+        .a
+        .cli(&["status", "--pin-dir", mesh.a.pin_dir().to_str().unwrap()]);
     let status = String::from_utf8_lossy(&status.stdout).into_owned();
     if status.contains("packet sockets of enrolled processes: refused") {
         assert_eq!(packet, "err 1");
     } else {
         // The documented limit where the kernel cannot run the BPF LSM program.
-        assert!(status.contains("packet sockets of enrolled processes: NOT refused"), "{status}");
+        assert!(
+            status.contains("packet sockets of enrolled processes: NOT refused"),
+            "{status}"
+        );
         assert_eq!(packet, "ok");
     }
     // Inbound datagrams to an enrolled workload pass only from permitted egress destinations.
-    let mut api_udp = mesh.client(&mesh.b, Persona::Nobody, &mesh.b_api);
+    let mut api_udp = Mesh::client(&mesh.b, Persona::Nobody, &mesh.b_api);
     assert_eq!(api_udp.ask("udp_listen 0.0.0.0 6000"), "udp 6000");
-    let mut guest = mesh.client(&mesh.a, Persona::Nobody, &mesh.a_guest);
+    let mut guest = Mesh::client(&mesh.a, Persona::Nobody, &mesh.a_guest);
     assert_eq!(guest.ask(&format!("udp_send {b} 6000")), "ok");
     wait_for_record(&mesh.b, "B's drop of the inbound datagram", |r| {
         r.verdict.as_str() == "drop" && r.reason == "inbound-protocol"
     });
     let denied = mesh.a.flows(&["--verdict", "deny"]);
     assert!(
-        denied.iter().any(|r| r.reason == "protocol") && denied.iter().any(|r| r.reason == "raw-socket"),
+        denied.iter().any(|r| r.reason == "protocol")
+            && denied.iter().any(|r| r.reason == "raw-socket"),
         "{denied:?}"
     );
     drop(api_udp);

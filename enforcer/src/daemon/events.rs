@@ -257,10 +257,29 @@ fn event_time(monotonic_ns: u64) -> SystemTime {
 mod tests {
     use super::*;
 
+    fn event(kind: EventKind, reason: u32) -> KernelEvent {
+        let nowhere = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
+        KernelEvent {
+            kind,
+            timestamp_ns: 0,
+            cookie: 0,
+            cgroup_id: 0,
+            policy_version: 1,
+            tgid: 1,
+            src_id: 0,
+            dst_id: 0,
+            rule: 0,
+            reason,
+            src: nowhere,
+            dst: nowhere,
+            protocol: 6,
+        }
+    }
+
     #[test]
     fn a_redirect_is_recorded_as_a_redirect_not_an_allow() {
         assert_eq!(
-            decision(EventKind::Redirect),
+            decision(&event(EventKind::Redirect, 0)),
             (
                 audit::Event::Redirect,
                 audit::Verdict::Redirect,
@@ -268,9 +287,32 @@ mod tests {
             )
         );
         assert_eq!(
-            decision(EventKind::Egress),
+            decision(&event(EventKind::Egress, 0)),
             (audit::Event::Egress, audit::Verdict::Allow, "egress"),
             "plaintext egress is allowed end to end"
+        );
+    }
+
+    #[test]
+    fn refusals_and_drops_name_why() {
+        let reason = |kind, code| decision(&event(kind, code)).2;
+        assert_eq!(reason(EventKind::Deny, reasons::POLICY), "policy");
+        assert_eq!(reason(EventKind::Deny, reasons::PROTOCOL), "protocol");
+        assert_eq!(reason(EventKind::Deny, reasons::RAW_SOCKET), "raw-socket");
+        assert_eq!(reason(EventKind::Listen, reasons::TABLE_FULL), "table-full");
+        assert_eq!(reason(EventKind::Drop, reasons::BYPASS), "bypass");
+        assert_eq!(
+            reason(EventKind::Drop, reasons::MISDELIVERED),
+            "misdelivered"
+        );
+        assert_eq!(
+            reason(EventKind::Drop, reasons::INBOUND),
+            "inbound-protocol"
+        );
+        assert_eq!(reason(EventKind::NoListener, 0), "no-listener");
+        assert_eq!(
+            decision(&event(EventKind::Drop, reasons::BYPASS)).1,
+            audit::Verdict::Drop
         );
     }
 
