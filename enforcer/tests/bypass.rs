@@ -502,22 +502,30 @@ fn plaintext_is_dropped_whatever_mark_or_address_it_carries() {
 fn enrollment_follows_the_cgroup_path() {
     require_root();
     let _serial = serial();
-    let mut mesh = Mesh::new();
+    // `pinned` is a workload of its own here: it may reach api.
+    let extra = format!(
+        "[[workload]]\nid = \"{}\"\nselectors = [\"cgroup:path:{{scope}}/pinned\"]\n\
+         [[allow]]\nfrom = \"{}\"\nto = \"{}\"\nports = [{HTTP_PORT}]\n",
+        id("pinned"),
+        id("pinned"),
+        id("api")
+    );
+    let mesh = Mesh::with_policy(&extra);
     // Every workload cgroup was created after the daemons applied the policy (the policy named
-    // paths that did not exist yet), and web already works: the kernel enrolled them at mkdir.
+    // paths that did not exist yet), and they are enforced: the kernel enrolled them at mkdir.
     mesh.assert_allowed(&mesh.a_web);
     mesh.assert_refused(&mesh.a, &mesh.a_db);
 
-    // A service restart re-creates its cgroup (a new cgroup id at the same path). An unenrolled
+    // A service restart re-creates its cgroup: a new cgroup id at the same path. An unenrolled
     // listener on B, reachable in plaintext, tells whether the new cgroup's first connect is
     // enforced: enrolled, it is redirected to A's daemon (and refused there), never plaintext.
     let mut open = Mesh::client(&mesh.b, Persona::Nobody, &mesh.b_guest);
     assert_eq!(open.ask("listen 0.0.0.0 9000"), "listening 9000");
+    let mut ids = Vec::new();
     for round in 0..3 {
-        let path = mesh.a_db.path().to_owned();
-        mesh.a_db = mesh.a.scope().child("db");
-        assert_eq!(mesh.a_db.path(), path);
-        let mut first = Mesh::client(&mesh.a, Persona::Nobody, &mesh.a_db);
+        let pinned = mesh.a.scope().child("pinned");
+        ids.push(pinned.id());
+        let mut first = Mesh::client(&mesh.a, Persona::Nobody, &pinned);
         let answer = first.ask(&format!("connect {} 9000", mesh.peers[1]));
         assert!(answer.starts_with("ok "), "round {round}: {answer}");
         let pid = first.pid();
@@ -526,15 +534,16 @@ fn enrollment_follows_the_cgroup_path() {
                 && r.event.as_str() == "redirect"
                 && r.src.pid == Some(pid)
         });
+        // And it is the workload its path names: its flows to api pass.
+        mesh.assert_allowed(&pinned);
     }
+    ids.dedup();
+    assert_eq!(ids.len(), 3, "each round made a new cgroup");
     assert_eq!(
         open.ask("close_listeners"),
         "closed 1",
         "plaintext got through"
     );
-    // The re-created web cgroup keeps its identity and its flows.
-    mesh.a_web = mesh.a.scope().child("web");
-    mesh.assert_allowed(&mesh.a_web);
 }
 
 #[test]
@@ -632,12 +641,12 @@ fn every_protocol_is_decided() {
     wait_for_record(&mesh.b, "B's drop of the inbound datagram", |r| {
         r.verdict.as_str() == "drop" && r.reason == "inbound-protocol"
     });
-    let denied = mesh.a.flows(&["--verdict", "deny"]);
-    assert!(
-        denied.iter().any(|r| r.reason == "protocol")
-            && denied.iter().any(|r| r.reason == "raw-socket"),
-        "{denied:?}"
-    );
+    for reason in ["protocol", "raw-socket"] {
+        let record = wait_for_record(&mesh.a, &format!("A's {reason} refusal"), |r| {
+            r.verdict.as_str() == "deny" && r.reason == reason
+        });
+        assert_eq!(record.source.as_str(), "kernel", "{record:?}");
+    }
     drop(api_udp);
 }
 
@@ -673,4 +682,121 @@ fn sha256_hex(bytes: &[u8]) -> String {
             let _ = write!(hex, "{byte:02x}");
             hex
         })
+}
+
+#[test]
+fn the_audit_trail_says_what_happened_and_shows_what_was_cut() {
+    require_root();
+    let _serial = serial();
+    let mut mesh = Mesh::new();
+    mesh.assert_allowed(&mesh.a_web);
+    mesh.assert_refused(&mesh.a, &mesh.a_db);
+
+    // A redirect hands a flow to the tunnel; only the tunnel's verdict says whether it passed.
+    wait_for_record(&mesh.a, "A's refusal of db", |r| {
+        r.source.as_str() == "outbound" && r.verdict.as_str() == "deny"
+    });
+    let redirects = mesh.a.flows(&["--verdict", "redirect"]);
+    assert!(
+        redirects.len() >= 2
+            && redirects
+                .iter()
+                .all(|r| r.event.as_str() == "redirect" && r.reason == "to-tunnel"),
+        "{redirects:?}"
+    );
+    let allowed = mesh.a.flows(&["--verdict", "allow"]);
+    assert!(!allowed.is_empty());
+    for record in &allowed {
+        assert_ne!(record.event.as_str(), "redirect", "{record:?}");
+        assert_ne!(
+            record.src.spiffe_id.as_deref(),
+            Some(id("db").as_str()),
+            "a refused flow is listed as allowed: {record:?}"
+        );
+    }
+
+    // Someone removes the newest records while the daemon is down.
+    mesh.a.signal(Signal::TERM);
+    assert!(mesh.a.wait(COMMAND_LIMIT).is_some(), "A did not stop");
+    let log = mesh.a.audit_path();
+    let text = fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let kept = lines.len() - 3;
+    fs::write(&log, format!("{}\n", lines[..kept].join("\n"))).unwrap();
+    let verify = |node: &DaemonNode| {
+        let output = node.cli(&["audit", "verify", log.to_str().unwrap()]);
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        (output.status.success(), stdout)
+    };
+    let (ok, stdout) = verify(&mesh.a);
+    assert!(!ok && stdout.contains("missing from the end"), "{stdout}");
+
+    // The restarted daemon does not continue the chain as if nothing happened: it reports
+    // the cut, and verify keeps naming it.
+    mesh.a.restart();
+    wait_for_record(&mesh.a, "A's report of the cut", |r| {
+        r.verdict.as_str() == "loss" && r.reason == "audit-tail-cut"
+    });
+    let (ok, stdout) = verify(&mesh.a);
+    assert!(
+        !ok && stdout.contains("cut from the log") && stdout.contains("the daemon reported it"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn listeners_older_than_the_datapath_or_carried_in_are_guarded() {
+    require_root();
+    let _serial = serial();
+    let mut mesh = Mesh::new();
+    let api = mesh.api();
+
+    // A listener of an unenrolled process is reachable in plaintext ... until the process
+    // moves into an enrolled cgroup with it: the kernel reports the move and the daemon takes
+    // the socket under guard.
+    let mut carried = Mesh::client(&mesh.b, Persona::Nobody, &mesh.b_guest);
+    assert_eq!(carried.ask("listen 0.0.0.0 9100"), "listening 9100");
+    let mut outsider = Mesh::client(&mesh.b, Persona::Nobody, &mesh.b_guest);
+    assert!(outsider.ask("connect 127.0.0.1 9100").starts_with("ok "));
+    assert!(carried.next_line().starts_with("accepted "));
+    fs::write(
+        mesh.b_unmatched.path().join("cgroup.procs"),
+        carried.pid().to_string(),
+    )
+    .unwrap();
+    mesh.b
+        .wait_until("the carried-in listener to be guarded", |_| {
+            outsider.ask("connect 127.0.0.1 9100") == "err timeout"
+        });
+
+    // The api's listener predates the datapath: B is stopped, its programs detached, the api
+    // restarted, then B installs again. It finds the listener and guards it.
+    mesh.b.signal(Signal::TERM);
+    assert!(mesh.b.wait(COMMAND_LIMIT).is_some(), "B did not stop");
+    let pins = mesh.b.pin_dir().to_str().unwrap().to_owned();
+    let uninstall = mesh.b.cli(&["uninstall", "--pin-dir", &pins]);
+    assert!(uninstall.status.success(), "{uninstall:?}");
+    mesh.server = None;
+    let server = mesh
+        .b
+        .spawn(&mesh.b_api, "/usr/bin/python3")
+        .args(["-m", "http.server", "--bind", "0.0.0.0", "--directory"])
+        .arg(mesh.site.path())
+        .arg(HTTP_PORT.to_string())
+        .spawn();
+    wait_for_listener(&server, HTTP_PORT);
+    let mut early = Mesh::client(&mesh.b, Persona::Nobody, &mesh.b_guest);
+    assert!(
+        early
+            .ask(&format!("connect {} {HTTP_PORT}", api.ip()))
+            .starts_with("ok "),
+        "without a datapath nothing guards it"
+    );
+    mesh.server = Some(server);
+    mesh.b.restart();
+    mesh.b.wait_until("the older listener to be guarded", |_| {
+        early.ask(&format!("connect {} {HTTP_PORT}", api.ip())) == "err timeout"
+    });
+    mesh.assert_allowed(&mesh.a_web);
+    assert_dropped(&mut early, api, "");
 }

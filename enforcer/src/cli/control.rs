@@ -66,6 +66,14 @@ pub(super) fn status(socket: &Path, json: bool) -> anyhow::Result<ExitCode> {
             ""
         }
     );
+    println!(
+        "packet sockets of enrolled processes: {}",
+        if datapath["refuses_packet_sockets"] == Value::Bool(true) {
+            "refused (BPF LSM)"
+        } else {
+            "NOT refused (the kernel does not run the BPF LSM program)"
+        }
+    );
     for attachment in datapath["attachments"].as_array().into_iter().flatten() {
         println!(
             "  {:<14} {}",

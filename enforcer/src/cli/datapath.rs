@@ -42,7 +42,7 @@ pub(super) fn status(pin_dir: &Path) -> anyhow::Result<()> {
         if datapath.refuses_packet_sockets() {
             "refused (BPF LSM)"
         } else {
-            "NOT refused (the kernel does not run the BPF LSM)"
+            "NOT refused (the kernel does not run the BPF LSM program)"
         }
     );
     for counter in Counter::ALL {

@@ -29,7 +29,7 @@ use crate::{
     identity::SpiffeId,
     kernel::{
         Counter, PolicyMeta,
-        loader::{PROGRAMS, TRACEPOINTS},
+        loader::{LSM, PROGRAMS, TRACEPOINTS},
     },
     metrics::Exposition,
     tunnel::Metric,
@@ -274,11 +274,17 @@ fn status(daemon: &Daemon) -> Value {
         (maps.active_slot().ok(), maps.active_policy().ok())
     };
     let scope = daemon.scope.display().to_string();
+    let lsm = daemon.refuses_packet_sockets.then_some(&LSM.0);
     let attachments: Vec<Value> = PROGRAMS
         .iter()
+        .chain(lsm)
         .map(|program| {
             let target = if TRACEPOINTS.iter().any(|(name, _)| name == program) {
                 "btf tracepoint".to_owned()
+            } else if *program == enforcer_ebpf::program_names::SK_LOOKUP {
+                "the daemon's network namespace".to_owned()
+            } else if *program == LSM.0 {
+                format!("lsm {}", LSM.1)
             } else {
                 format!("cgroup {scope}")
             };
@@ -335,6 +341,7 @@ fn status(daemon: &Daemon) -> Value {
             "scope_cgroup": scope,
             "cgroup2_mount": daemon.mount.display().to_string(),
             "adopted": daemon.adopted,
+            "refuses_packet_sockets": daemon.refuses_packet_sockets,
             "attachments": attachments,
         },
         "listeners": {

@@ -181,6 +181,7 @@ pub(crate) struct Daemon {
     mount: PathBuf,
     scope: PathBuf,
     adopted: bool,
+    refuses_packet_sockets: bool,
     maps: Arc<Mutex<Maps>>,
     enforced: Mutex<Arc<Enforced>>,
     tunnel: Tunnel,
@@ -229,6 +230,7 @@ impl Daemon {
         let scope = mount.join(config.kernel.scope_cgroup.trim_start_matches('/'));
         let datapath = install(&config, &scope)?;
         let adopted = !datapath.attached_now();
+        let refuses_packet_sockets = datapath.refuses_packet_sockets();
 
         // Listeners first, in the kernel's listener map before it is told the ports: from then
         // on the ports are this daemon's, whoever else binds them.
@@ -359,6 +361,7 @@ impl Daemon {
             mount,
             scope,
             adopted,
+            refuses_packet_sockets,
             maps,
             enforced: Mutex::new(Arc::new(enforced)),
             tunnel,

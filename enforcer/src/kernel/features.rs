@@ -24,7 +24,7 @@ const OSRELEASE: &str = "/proc/sys/kernel/osrelease";
 const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 /// The oldest kernel that has every [`Feature`]: the newest of their `since` releases.
-pub const MINIMUM_KERNEL: KernelVersion = KernelVersion::new(5, 8);
+pub const MINIMUM_KERNEL: KernelVersion = KernelVersion::new(5, 10);
 
 /// A kernel release reduced to `major.minor`, the granularity at which features arrive.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -81,22 +81,37 @@ pub enum Feature {
     CgroupLink,
     /// `BPF_MAP_TYPE_RINGBUF`, the event stream.
     RingBuffer,
+    /// `BPF_MAP_TYPE_SK_STORAGE`, the tags on enrolled processes' and the daemon's sockets.
+    SocketStorage,
+    /// `bpf_sk_storage_get` from the ingress and egress programs.
+    SocketStorageInCgroupSkb,
+    /// `bpf_sk_lookup_tcp` from the ingress program (who sent a packet to a listener).
+    SocketLookupInCgroupSkb,
+    /// `BPF_PROG_TYPE_SK_LOOKUP`, which hands the daemon's ports to its own listeners.
+    SkLookup,
+    /// `bpf_sk_storage_get` from `cgroup/sock_create` (tagging enrolled processes' sockets).
+    SocketStorageInCgroupSock,
 }
 
 impl Feature {
     /// Every feature, oldest first: the order they are probed in, so the one reported
     /// missing is the oldest the kernel lacks.
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 15] = [
         Self::CgroupSkb,
         Self::SockOps,
         Self::CgroupSockAddr,
         Self::SocketCookieInSockAddr,
         Self::SkFullsockInCgroupSkb,
+        Self::SocketStorage,
+        Self::SocketStorageInCgroupSkb,
+        Self::SocketLookupInCgroupSkb,
         Self::VmlinuxBtf,
         Self::BtfTracepoint,
         Self::AncestorCgroupInSockAddr,
         Self::CgroupLink,
         Self::RingBuffer,
+        Self::SkLookup,
+        Self::SocketStorageInCgroupSock,
     ];
 
     /// What the feature is, as an operator would search for it.
@@ -115,6 +130,13 @@ impl Feature {
             Self::BtfTracepoint => "BTF tracepoints (tp_btf, BPF_PROG_TYPE_TRACING)",
             Self::CgroupLink => "bpf_link attachment of cgroup programs",
             Self::RingBuffer => "BPF ring buffer (BPF_MAP_TYPE_RINGBUF)",
+            Self::SocketStorage => "socket storage maps (BPF_MAP_TYPE_SK_STORAGE)",
+            Self::SocketStorageInCgroupSkb => "bpf_sk_storage_get in cgroup skb programs",
+            Self::SocketLookupInCgroupSkb => "bpf_sk_lookup_tcp in cgroup skb programs",
+            Self::SkLookup => "sk_lookup programs (BPF_PROG_TYPE_SK_LOOKUP)",
+            Self::SocketStorageInCgroupSock => {
+                "bpf_sk_storage_get in cgroup socket-creation programs"
+            }
         }
     }
 
@@ -128,9 +150,14 @@ impl Feature {
             Self::CgroupSockAddr => KernelVersion::new(4, 17),
             Self::SocketCookieInSockAddr => KernelVersion::new(4, 19),
             Self::SkFullsockInCgroupSkb => KernelVersion::new(5, 1),
+            Self::SocketStorage
+            | Self::SocketStorageInCgroupSkb
+            | Self::SocketLookupInCgroupSkb => KernelVersion::new(5, 2),
             Self::BtfTracepoint => KernelVersion::new(5, 5),
             Self::AncestorCgroupInSockAddr | Self::CgroupLink => KernelVersion::new(5, 7),
             Self::RingBuffer => KernelVersion::new(5, 8),
+            Self::SkLookup => KernelVersion::new(5, 9),
+            Self::SocketStorageInCgroupSock => KernelVersion::new(5, 10),
         }
     }
 }
@@ -243,6 +270,18 @@ fn probe(feature: Feature, version: KernelVersion) -> Result<bool, FeatureError>
         Feature::BtfTracepoint | Feature::CgroupLink => Ok(version >= feature.since()),
         Feature::RingBuffer => is_map_supported(MapType::RingBuf)
             .map_err(|source| FeatureError::MapProbe { feature, source }),
+        Feature::SocketStorage => is_map_supported(MapType::SkStorage)
+            .map_err(|source| FeatureError::MapProbe { feature, source }),
+        Feature::SocketStorageInCgroupSkb => {
+            helper(ProgramType::CgroupSkb, BpfHelper::BPF_FUNC_sk_storage_get)
+        }
+        Feature::SocketLookupInCgroupSkb => {
+            helper(ProgramType::CgroupSkb, BpfHelper::BPF_FUNC_sk_lookup_tcp)
+        }
+        Feature::SkLookup => program(ProgramType::SkLookup),
+        Feature::SocketStorageInCgroupSock => {
+            helper(ProgramType::CgroupSock, BpfHelper::BPF_FUNC_sk_storage_get)
+        }
     }
 }
 
@@ -319,7 +358,7 @@ mod tests {
         assert_eq!(
             error.to_string(),
             "kernel 5.4.0-150-generic lacks BTF tracepoints (tp_btf, BPF_PROG_TYPE_TRACING), \
-             which Linux 5.5 introduced; enforcer needs Linux 5.8 or newer"
+             which Linux 5.5 introduced; enforcer needs Linux 5.10 or newer"
         );
     }
 
@@ -333,7 +372,7 @@ mod tests {
         assert_eq!(
             error.to_string(),
             "kernel 6.1.0-56-cloud-amd64 lacks BPF ring buffer (BPF_MAP_TYPE_RINGBUF), \
-             which Linux 5.8 introduced; enforcer needs Linux 5.8 or newer"
+             which Linux 5.8 introduced; enforcer needs Linux 5.10 or newer"
         );
     }
 
