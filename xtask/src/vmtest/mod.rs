@@ -31,11 +31,13 @@ pub(crate) const DEFAULT_KERNELS: [&str; 2] = ["6.1", "6.12"];
 /// one process on loopback and load nothing into the kernel (see "Which suites" in
 /// `vm-tests/README.md`), and TCG makes their cryptography far too slow for the guest
 /// (`tunnel` moves a gibibyte through TLS); `control_socket` is a Unix-socket HTTP server
-/// that loads nothing either; `daemon` drives the same kernel paths as `tunnel_netns` through
-/// two real (debug-built) daemons and their CLI, and under TCG its six tests alone took five
-/// minutes per kernel, doubling the tier. Every other suite runs in the guest, including
-/// `tunnel_netns` (the tunnel over the real datapath) and any suite added later.
-const HOST_ONLY_SUITES: [&str; 9] = [
+/// that loads nothing either; `daemon` and `bypass` drive the same kernel paths as `datapath`
+/// and `tunnel_netns` through two real (debug-built) daemons and their CLI, and under TCG the
+/// six tests of `daemon` alone took five minutes per kernel, doubling the tier. Every other
+/// suite runs in the guest, including `datapath` (every program and hook, attacked the same
+/// ways) and `tunnel_netns` (the tunnel over the real datapath), and any suite added later.
+const HOST_ONLY_SUITES: [&str; 10] = [
+    "bypass",
     "control_socket",
     "daemon",
     "identity_cli",
