@@ -8,8 +8,8 @@
 //! - `direct`: an unenrolled client to an unenrolled server, plain TCP over the veth;
 //! - `tunnel`: an enrolled client's `connect()` to B's enrolled server is redirected by the
 //!   kernel into A's outbound listener, carried over TLS 1.3 mTLS and HTTP/2 CONNECT to B's
-//!   inbound listener, which connects to the server with the tunnel mark (the server's ingress
-//!   rule drops plaintext that bypasses the tunnel, checked first);
+//!   inbound listener, which connects to the server with a hop tagged for the server's identity
+//!   (the server's ingress rule drops plaintext that bypasses the tunnel, checked first);
 //! - `stunnel`: `stunnel4` in A and in B doing mTLS with SVIDs of the same test PKI
 //!   (`verifyChain`, `requireCert`, TLS 1.3 only), in front of the unenrolled server.
 //!

@@ -67,11 +67,11 @@ pub enum Feature {
     CgroupSkb,
     /// `BPF_PROG_TYPE_SOCK_OPS`, which links accepted sockets to their original destination.
     SockOps,
-    /// `BPF_PROG_TYPE_CGROUP_SOCK_ADDR` with `connect4`/`connect6`/`bind4`/`bind6`.
+    /// `BPF_PROG_TYPE_CGROUP_SOCK_ADDR` with `connect4`/`connect6`.
     CgroupSockAddr,
-    /// `bpf_get_socket_cookie` from the connect and bind hooks.
+    /// `bpf_get_socket_cookie` from the connect hooks.
     SocketCookieInSockAddr,
-    /// `bpf_get_current_ancestor_cgroup_id` from the connect and bind hooks (enrollment).
+    /// `bpf_get_current_ancestor_cgroup_id` from the connect hooks (enrollment).
     AncestorCgroupInSockAddr,
     /// `bpf_sk_fullsock` from the ingress program.
     SkFullsockInCgroupSkb,
@@ -121,10 +121,10 @@ impl Feature {
             Self::VmlinuxBtf => "kernel BTF (/sys/kernel/btf/vmlinux, CONFIG_DEBUG_INFO_BTF)",
             Self::CgroupSkb => "cgroup skb programs (BPF_PROG_TYPE_CGROUP_SKB)",
             Self::SockOps => "sock_ops programs (BPF_PROG_TYPE_SOCK_OPS)",
-            Self::CgroupSockAddr => "cgroup connect/bind hooks (BPF_PROG_TYPE_CGROUP_SOCK_ADDR)",
-            Self::SocketCookieInSockAddr => "bpf_get_socket_cookie in cgroup connect/bind hooks",
+            Self::CgroupSockAddr => "cgroup connect hooks (BPF_PROG_TYPE_CGROUP_SOCK_ADDR)",
+            Self::SocketCookieInSockAddr => "bpf_get_socket_cookie in cgroup connect hooks",
             Self::AncestorCgroupInSockAddr => {
-                "bpf_get_current_ancestor_cgroup_id in cgroup connect/bind hooks"
+                "bpf_get_current_ancestor_cgroup_id in cgroup connect hooks"
             }
             Self::SkFullsockInCgroupSkb => "bpf_sk_fullsock in cgroup skb programs",
             Self::BtfTracepoint => "BTF tracepoints (tp_btf, BPF_PROG_TYPE_TRACING)",

@@ -56,8 +56,8 @@ impl SocketTagger for Untagged {
 
 /// The enrolled workloads listening on this node.
 pub trait LocalWorkloads: Send + Sync {
-    /// The identity of the enrolled workload listening on `addr` (an exact bind or a wildcard
-    /// bind of its port), `None` when no enrolled workload does.
+    /// The identity of the enrolled workload listening on `addr` (on that address, or on every
+    /// address of this node), `None` when no enrolled workload does.
     fn owner(&self, addr: SocketAddr) -> Option<SpiffeId>;
 }
 
