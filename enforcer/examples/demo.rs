@@ -250,10 +250,12 @@ impl Demo {
         format!("http://{}:{API_PORT}/hello.txt", self.peers[1])
     }
 
-    /// `program` (a curl) fetching api's page from `cgroup` of node A.
+    /// `program` (a curl) fetching api's page from `cgroup` of node A, in an empty environment:
+    /// web's entry pins curl's hash, which `LD_LIBRARY_PATH` (set by `cargo run`) would void.
     fn curl(&self, cgroup: &ScratchCgroup, program: impl AsRef<OsStr>) -> Spawn {
         self.a
             .spawn(cgroup, program)
+            .env_clear()
             .args(CURL_ARGS)
             .arg(self.url())
     }

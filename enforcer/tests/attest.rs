@@ -1,15 +1,25 @@
 //! Attestation of real processes: facts, the running binary's hash across replacement and
-//! exec, cgroup and namespace facts.
+//! exec, cgroup and namespace facts, and what a `unix:sha256` pin says about loaded code.
 #![expect(
     unused_crate_dependencies,
     reason = "integration tests use the library, not every dependency"
 )]
 
-use std::{fs, path::Path, process::Command, time::Duration};
+use std::{
+    fmt::Write as _,
+    fs,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
 
 use enforcer::{
-    attest::{AttestError, AttestOptions, Attestor, HashError, Identification, Registry},
-    testing::{Netns, ScratchCgroup, Spawn, require_root, serial, unique_name},
+    attest::{
+        AttestError, AttestOptions, Attestor, HashError, Identification, LoadedCodeIssue,
+        MappingProblem, Registry,
+    },
+    testing::{Netns, ScratchCgroup, Spawn, Spawned, require_root, serial, unique_name},
 };
 
 /// `sha256sum FILE`, computed by a program that is not ours.
@@ -193,6 +203,7 @@ fn user_names_come_from_the_account_database() {
 #[test]
 fn a_sha256_entry_follows_the_running_binary_not_the_file_on_disk() {
     let _serial = serial();
+    require_root();
     let copies = BinaryCopy::new();
     let worker = copies.install("worker", &which("sleep"));
     let text = format!(
@@ -209,7 +220,8 @@ fn a_sha256_entry_follows_the_running_binary_not_the_file_on_disk() {
         entry: 0,
     };
 
-    let original = Spawn::new(&worker).arg("30").spawn();
+    // Cleared environments: cargo's LD_LIBRARY_PATH would have the pinned entry refused.
+    let original = Spawn::new(&worker).arg("30").env_clear().spawn();
     assert_eq!(
         registry.identify(&attestor.attest(original.pid()).unwrap()),
         expected
@@ -219,6 +231,7 @@ fn a_sha256_entry_follows_the_running_binary_not_the_file_on_disk() {
     copies.install("worker", &which("sh"));
     let impostor = Spawn::new(&worker)
         .args(["-c", "read line"])
+        .env_clear()
         .stdin_piped()
         .spawn();
     assert_eq!(
@@ -237,4 +250,246 @@ fn effective_uid() -> u32 {
     let status = fs::read_to_string("/proc/self/status").unwrap();
     let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
     line.split_whitespace().nth(2).unwrap().parse().unwrap()
+}
+
+/// A registry of `entries` (SPIFFE ID path, selectors) in trust domain `example.org`.
+fn registry(entries: &[(&str, Vec<String>)]) -> Registry {
+    let mut text = "trust_domain = \"example.org\"\n".to_owned();
+    for (name, selectors) in entries {
+        writeln!(
+            text,
+            "[[workload]]\nid = \"spiffe://example.org/{name}\"\nselectors = {selectors:?}"
+        )
+        .unwrap();
+    }
+    let (policy, _) = enforcer::policy::parse("p.toml", text.as_bytes()).unwrap();
+    Registry::new(policy.workloads)
+}
+
+fn matched(name: &str, entry: usize) -> Identification {
+    Identification::Matched {
+        id: format!("spiffe://example.org/{name}").parse().unwrap(),
+        entry,
+    }
+}
+
+fn refused(name: &str, entry: usize, reasons: Vec<LoadedCodeIssue>) -> Identification {
+    Identification::Refused {
+        id: format!("spiffe://example.org/{name}").parse().unwrap(),
+        entry,
+        reasons,
+    }
+}
+
+/// The path of an executable mapping of this test process whose file name starts with
+/// `prefix`: a root-owned system library that exists on this machine.
+fn own_library(prefix: &str) -> PathBuf {
+    let maps = fs::read_to_string("/proc/self/maps").unwrap();
+    maps.lines()
+        .filter(|line| {
+            line.split_whitespace()
+                .nth(1)
+                .is_some_and(|p| p.contains('x'))
+        })
+        .filter_map(|line| line.split_whitespace().nth(5).map(PathBuf::from))
+        .find(|path| {
+            path.file_name()
+                .is_some_and(|name| name.to_string_lossy().starts_with(prefix))
+        })
+        .unwrap_or_else(|| panic!("this test process maps no {prefix}* library:\n{maps}"))
+}
+
+#[test]
+fn a_sha256_pin_is_refused_when_the_environment_asks_the_loader_for_more_code() {
+    let _serial = serial();
+    require_root();
+    let copies = BinaryCopy::new();
+    let worker = copies.install("worker", &which("sleep"));
+    let uid = format!("unix:uid:{}", effective_uid());
+    let pinned = registry(&[(
+        "worker",
+        vec![format!("unix:sha256:{}", sha256sum(&worker)), uid.clone()],
+    )]);
+    let by_path = registry(&[(
+        "by-path",
+        vec![format!("unix:path:{}", worker.display()), uid],
+    )]);
+    let attestor = attestor();
+    let identify = |registry: &Registry, process: &Spawned| {
+        registry.identify(&attestor.attest(process.pid()).unwrap())
+    };
+    let libc = own_library("libc");
+    let libc = libc.to_str().unwrap();
+
+    let clean = Spawn::new(&worker).arg("30").env_clear().spawn();
+    assert!(
+        attestor.attest(clean.pid()).unwrap().loaded_code.is_empty(),
+        "a copy of sleep in a root-owned directory with an empty environment"
+    );
+    assert_eq!(identify(&pinned, &clean), matched("worker", 0));
+
+    // Variables that change how the loader binds or reports, not what it maps, are allowed.
+    let bind_now = Spawn::new(&worker)
+        .arg("30")
+        .env_clear()
+        .env("LD_BIND_NOW", "1")
+        .env("LD_PRELOAD", "")
+        .spawn();
+    assert_eq!(identify(&pinned, &bind_now), matched("worker", 0));
+
+    // Preloading even a root-owned library (libc, mapped anyway) is code the pin did not see.
+    let preloaded = Spawn::new(&worker)
+        .arg("30")
+        .env_clear()
+        .env("LD_PRELOAD", libc)
+        .spawn();
+    let reasons = vec![LoadedCodeIssue::LoaderVariable {
+        name: "LD_PRELOAD",
+        value: libc.to_owned(),
+    }];
+    assert_eq!(
+        identify(&pinned, &preloaded),
+        refused("worker", 0, reasons.clone())
+    );
+    assert!(
+        reasons[0].to_string().contains("LD_PRELOAD"),
+        "{}",
+        reasons[0]
+    );
+
+    let library_path = Spawn::new(&worker)
+        .arg("30")
+        .env_clear()
+        .env("LD_LIBRARY_PATH", "/tmp/x")
+        .spawn();
+    assert_eq!(
+        identify(&pinned, &library_path),
+        refused(
+            "worker",
+            0,
+            vec![LoadedCodeIssue::LoaderVariable {
+                name: "LD_LIBRARY_PATH",
+                value: "/tmp/x".to_owned(),
+            }]
+        )
+    );
+
+    // An entry that does not pin the hash never vouched for loaded code: documented boundary.
+    assert_eq!(identify(&by_path, &preloaded), matched("by-path", 0));
+}
+
+/// The real python3 interpreter (not a shim script that execs it).
+fn python() -> PathBuf {
+    let output = Command::new("python3")
+        .args([
+            "-c",
+            "import os, sys; print(os.path.realpath(sys.executable))",
+        ])
+        .output()
+        .expect("python3 is needed for this test");
+    assert!(output.status.success(), "python3 failed: {output:?}");
+    PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
+}
+
+/// Loads each library with ctypes, says so, and sleeps.
+const LOAD_LIBRARIES: &str = "import ctypes, sys, time\n\
+    for path in sys.argv[1:]:\n    ctypes.CDLL(path)\n\
+    print('loaded', flush=True)\ntime.sleep(600)\n";
+
+/// `python` with an empty environment, once it has loaded `libraries`.
+fn python_loading(python: &Path, libraries: &[&Path]) -> Spawned {
+    let process = Spawn::new(python)
+        .args(["-c", LOAD_LIBRARIES])
+        .args(libraries)
+        .env_clear()
+        .spawn();
+    assert_eq!(
+        process.read_line(Duration::from_secs(10)).as_deref(),
+        Some("loaded"),
+        "python did not load {libraries:?}: {}",
+        process.stderr()
+    );
+    process
+}
+
+#[test]
+fn a_pinned_interpreter_that_maps_a_library_a_non_root_user_could_write_is_refused() {
+    let _serial = serial();
+    require_root();
+    let python = python();
+    let pinned = registry(&[(
+        "python",
+        vec![
+            format!("unix:sha256:{}", sha256sum(&python)),
+            format!("unix:uid:{}", effective_uid()),
+        ],
+    )]);
+    let attestor = attestor();
+    let identify = |process: &Spawned| pinned.identify(&attestor.attest(process.pid()).unwrap());
+    let system = own_library("libgcc_s");
+
+    // Only root-owned libraries, one of them loaded by hand: the pin holds.
+    let clean = python_loading(&python, &[&system]);
+    assert_eq!(identify(&clean), matched("python", 0));
+
+    let scratch = BinaryCopy::new();
+    let nobodys = scratch.dir.join("nobody");
+    fs::create_dir(&nobodys).unwrap();
+    std::os::unix::fs::chown(&nobodys, Some(65534), Some(65534)).unwrap();
+
+    // A library nobody (uid 65534) put in their directory.
+    let theirs = nobodys.join("libtheirs.so");
+    fs::copy(&system, &theirs).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+    let process = python_loading(&python, &[&theirs]);
+    assert_eq!(
+        identify(&process),
+        refused(
+            "python",
+            0,
+            vec![LoadedCodeIssue::Mapping {
+                path: theirs.clone(),
+                problem: MappingProblem::Owner(65534),
+            }]
+        )
+    );
+
+    // A root-owned library that the group may write.
+    let group_writable = scratch.dir.join("libgroup.so");
+    fs::copy(&system, &group_writable).unwrap();
+    fs::set_permissions(&group_writable, fs::Permissions::from_mode(0o664)).unwrap();
+    let process = python_loading(&python, &[&group_writable]);
+    assert_eq!(
+        identify(&process),
+        refused(
+            "python",
+            0,
+            vec![LoadedCodeIssue::Mapping {
+                path: group_writable.clone(),
+                problem: MappingProblem::Writable(0o664),
+            }]
+        )
+    );
+
+    // The mapped inode is what counts, not its directory: a root-owned, read-only library in
+    // nobody's directory is root's code (nobody could only have replaced it before the load,
+    // and then the mapped file would be theirs) ...
+    let roots = nobodys.join("libroots.so");
+    fs::copy(&system, &roots).unwrap();
+    fs::set_permissions(&roots, fs::Permissions::from_mode(0o644)).unwrap();
+    let process = python_loading(&python, &[&roots]);
+    assert_eq!(identify(&process), matched("python", 0));
+    // ... until it is deleted: a mapped file without a name is no longer known to be root's.
+    fs::remove_file(&roots).unwrap();
+    assert_eq!(
+        pinned.identify(&attestor.attest_fresh(process.pid()).unwrap()),
+        refused(
+            "python",
+            0,
+            vec![LoadedCodeIssue::Mapping {
+                path: roots,
+                problem: MappingProblem::Deleted,
+            }]
+        )
+    );
 }

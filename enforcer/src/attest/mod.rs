@@ -6,7 +6,14 @@
 //! that exited, or a pid that now names another process, is an error, never a wrong identity.
 //!
 //! The binary is hashed through `/proc/<pid>/exe`, i.e. the inode the process runs: replacing
-//! the file on disk after start does not change a running process's hash; `exec` does.
+//! the file on disk after start does not change a running process's hash; `exec` does. An
+//! `exec` of another binary while the facts are read is an error (the facts would mix two
+//! images).
+//!
+//! What else runs in the process is read too ([`ProcessFacts::loaded_code`], see
+//! [`LoadedCodeIssue`]): loader variables in its initial environment and executable mappings
+//! of files a non-root user could have written. The registry refuses a `unix:sha256` entry's
+//! match when there are any, since the pin vouches for the code the loader maps as well.
 //!
 //! Results are cached per pid, each entry holding the process's pidfd. A cached result is used
 //! only while that pidfd says the process is alive (so a reused pid is never served another
@@ -19,6 +26,7 @@
 pub mod accounts;
 pub mod container;
 pub mod hash;
+mod loaded;
 pub mod registry;
 pub mod selector;
 
@@ -35,12 +43,14 @@ use std::{
 use procfs::{ProcError, process::Process};
 use rustix::{
     event::{PollFd, PollFlags, Timespec, poll},
+    fs::OFlags,
     process::{Pid, PidfdFlags, pidfd_open},
 };
 
 pub use accounts::Accounts;
 pub use container::ContainerInfo;
 pub use hash::{ExeHasher, HashError, Sha256Digest};
+pub use loaded::{LoadedCodeIssue, MappingProblem, REFUSED_LOADER_VARIABLES};
 pub use registry::{Identification, Identities, Registry};
 pub use selector::{Selector, SelectorError};
 
@@ -68,6 +78,12 @@ pub enum AttestError {
     /// The process exited while it was being attested.
     #[error("process {pid} exited during attestation")]
     Exited {
+        /// The pid.
+        pid: u32,
+    },
+    /// The process exec'd another binary while it was being attested.
+    #[error("process {pid} exec'd another binary during attestation")]
+    Exec {
         /// The pid.
         pid: u32,
     },
@@ -151,6 +167,10 @@ pub struct ProcessFacts {
     pub container: ContainerInfo,
     /// Inode of the process's network namespace.
     pub netns: u64,
+    /// Why the code in the process may be more than its binary: loader variables in its
+    /// initial environment, executable mappings of files a non-root user could have written.
+    /// Empty when there is nothing of the kind.
+    pub loaded_code: Vec<LoadedCodeIssue>,
 }
 
 /// Settings of an [`Attestor`].
@@ -218,9 +238,7 @@ impl Attestor {
             return Ok(facts);
         }
         let pinned = Pinned::open(pid)?;
-        let facts = self.read_facts(&pinned)?;
-        let exe = exe_inode(pid)?;
-        pinned.confirm()?;
+        let (facts, exe) = self.read_confirmed(&pinned)?;
         if !self.options.cache_ttl.is_zero() {
             let mut cache = self.lock();
             if cache.len() >= self.options.facts_cache_entries.max(1) {
@@ -243,9 +261,7 @@ impl Attestor {
     /// same process.
     pub fn attest_fresh(&self, pid: u32) -> Result<ProcessFacts, AttestError> {
         let pinned = Pinned::open(pid)?;
-        let facts = self.read_facts(&pinned)?;
-        pinned.confirm()?;
-        Ok(facts)
+        self.read_confirmed(&pinned).map(|(facts, _)| facts)
     }
 
     /// Drop the cached attestation of `pid` (on exec or exit).
@@ -272,7 +288,27 @@ impl Attestor {
         self.cache.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn read_facts(&self, pinned: &Pinned) -> Result<ProcessFacts, AttestError> {
+    /// Every fact of `pinned`, and the (device, inode) of the binary that was hashed; then
+    /// confirms that the process is still the one pinned and still runs that binary (an exec
+    /// of another binary in between would mix two images' facts).
+    fn read_confirmed(&self, pinned: &Pinned) -> Result<(ProcessFacts, (u64, u64)), AttestError> {
+        let (facts, hashed) = self.read_facts(pinned)?;
+        pinned.confirm()?;
+        let running = pinned
+            .stat("exe")
+            .map(|meta| (meta.dev(), meta.ino()))
+            .map_err(|source| AttestError::Sys {
+                pid: pinned.pid,
+                call: "stat(exe)",
+                source,
+            })?;
+        if running != hashed {
+            return Err(AttestError::Exec { pid: pinned.pid });
+        }
+        Ok((facts, hashed))
+    }
+
+    fn read_facts(&self, pinned: &Pinned) -> Result<(ProcessFacts, (u64, u64)), AttestError> {
         let pid = pinned.pid;
         let (uid, gid) =
             parse_status_ids(&pinned.read_text("status")?).ok_or_else(|| AttestError::Format {
@@ -289,6 +325,14 @@ impl Attestor {
             .hasher
             .digest(&mut binary)
             .map_err(|source| AttestError::Hash { pid, source })?;
+        let hashed = binary
+            .metadata()
+            .map(|meta| (meta.dev(), meta.ino()))
+            .map_err(|source| AttestError::Sys {
+                pid,
+                call: "fstat(exe)",
+                source,
+            })?;
         let cgroup =
             parse_cgroup_v2(&pinned.read_text("cgroup")?).ok_or_else(|| AttestError::Format {
                 pid,
@@ -310,8 +354,9 @@ impl Attestor {
                 source,
             })?
             .ino();
+        let loaded_code = loaded_code(pinned, hashed)?;
         let accounts = &self.options.accounts;
-        Ok(ProcessFacts {
+        let facts = ProcessFacts {
             pid,
             start_time: pinned.start_time,
             uid,
@@ -324,8 +369,36 @@ impl Attestor {
             cgroup,
             cgroup_id,
             netns,
-        })
+            loaded_code,
+        };
+        Ok((facts, hashed))
     }
+}
+
+/// What besides its binary `exe` (device, inode) may run in `pinned`: loader variables first,
+/// then mappings. The maps are read before the environment: an `exec` in between then shows
+/// the newer image's environment, which its loader read before it mapped anything.
+fn loaded_code(pinned: &Pinned, exe: (u64, u64)) -> Result<Vec<LoadedCodeIssue>, AttestError> {
+    let pid = pinned.pid;
+    let mappings =
+        loaded::parse_maps(&pinned.read_bytes("maps")?).map_err(|error| AttestError::Format {
+            pid,
+            file: "maps",
+            what: error.to_string(),
+        })?;
+    let mapped = loaded::mapping_issues(&mappings, exe, |mapping| {
+        let meta = pinned.stat(&mapping.map_files_entry())?;
+        Ok(loaded::FileStat {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            uid: meta.uid(),
+            mode: meta.mode(),
+            nlink: meta.nlink(),
+        })
+    });
+    let mut issues = loaded::loader_variables(&pinned.read_bytes("environ")?);
+    issues.extend(mapped);
+    Ok(issues)
 }
 
 /// A process held still for attestation: pidfd, `/proc/<pid>` handle and start time.
@@ -404,6 +477,33 @@ impl Pinned {
         self.process
             .open_relative(file)
             .map_err(|source| self.proc_error(file, source))
+    }
+
+    fn read_bytes(&self, file: &'static str) -> Result<Vec<u8>, AttestError> {
+        let mut bytes = Vec::new();
+        self.open_file(file)?
+            .read_to_end(&mut bytes)
+            .map_err(|source| AttestError::Sys {
+                pid: self.pid,
+                call: "read",
+                source,
+            })?;
+        Ok(bytes)
+    }
+
+    /// The metadata of what `path` below `/proc/<pid>` leads to, following a final magic link
+    /// (`exe`, `map_files/...`) to the very inode the process uses; nothing is opened for
+    /// reading.
+    fn stat(&self, path: &str) -> io::Result<std::fs::Metadata> {
+        self.process
+            .open_relative_flags(path, OFlags::PATH | OFlags::CLOEXEC)
+            .map_err(|error| match error {
+                ProcError::PermissionDenied(_) => io::ErrorKind::PermissionDenied.into(),
+                ProcError::NotFound(_) => io::ErrorKind::NotFound.into(),
+                ProcError::Io(error, _) => error,
+                error => io::Error::other(error.to_string()),
+            })?
+            .metadata()
     }
 
     fn read_text(&self, file: &'static str) -> Result<String, AttestError> {

@@ -4,11 +4,18 @@
 //! deterministic: exactly one matching entry gives its SPIFFE ID; none gives no identity; two
 //! or more entries (which always carry different IDs: the policy rejects duplicate IDs) give
 //! no identity either, reported as ambiguous and logged, never whichever entry came first.
+//!
+//! An entry that pins `unix:sha256` vouches for the binary image *and* for the code the
+//! dynamic loader maps into it. When such an entry is the one that matches but the process has
+//! [loaded-code issues](super::LoadedCodeIssue) (a loader variable such as `LD_PRELOAD` in its
+//! initial environment, or an executable mapping of a file a non-root user could have
+//! written), the match is refused: no identity, with the issues as the reason. Entries without
+//! a `unix:sha256` selector never promised anything about loaded code and are not affected.
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
 
-use super::ProcessFacts;
+use super::{LoadedCodeIssue, ProcessFacts, Selector};
 use crate::{
     identity::SpiffeId,
     policy::{IdentityNumbers, Policy, Workload},
@@ -28,6 +35,16 @@ pub enum Identification {
     Unmatched,
     /// Several entries matched: no identity is given.
     Ambiguous(Vec<SpiffeId>),
+    /// Exactly one entry matched, but it pins `unix:sha256` and the process runs code the
+    /// binary's hash does not vouch for: no identity is given.
+    Refused {
+        /// The SPIFFE ID the entry would have given.
+        id: SpiffeId,
+        /// Its index among the entries (file order).
+        entry: usize,
+        /// Why: the process's loaded-code issues (never empty).
+        reasons: Vec<LoadedCodeIssue>,
+    },
 }
 
 /// The workload entries of the policy in force.
@@ -57,10 +74,7 @@ impl Registry {
         };
         let others: Vec<SpiffeId> = matched.map(|(_, w)| w.id.clone()).collect();
         if others.is_empty() {
-            return Identification::Matched {
-                id: first.id.clone(),
-                entry,
-            };
+            return vouched(facts, first, entry);
         }
         let mut ids = vec![first.id.clone()];
         ids.extend(others);
@@ -70,6 +84,32 @@ impl Registry {
             "several workload entries match this process; it gets no identity"
         );
         Identification::Ambiguous(ids)
+    }
+}
+
+/// The outcome for `workload`, the one entry (at index `entry`) that matches `facts`: refused
+/// if it pins the binary's hash and the process runs code that hash does not vouch for.
+fn vouched(facts: &ProcessFacts, workload: &Workload, entry: usize) -> Identification {
+    let pins_hash = workload
+        .selectors
+        .iter()
+        .any(|selector| matches!(selector, Selector::Sha256(_)));
+    if !pins_hash || facts.loaded_code.is_empty() {
+        return Identification::Matched {
+            id: workload.id.clone(),
+            entry,
+        };
+    }
+    tracing::warn!(
+        pid = facts.pid,
+        id = %workload.id,
+        reasons = ?facts.loaded_code.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "the process runs code its pinned binary does not vouch for; it gets no identity"
+    );
+    Identification::Refused {
+        id: workload.id.clone(),
+        entry,
+        reasons: facts.loaded_code.clone(),
     }
 }
 
@@ -115,7 +155,7 @@ mod tests {
 
     use super::{Identification, Registry};
     use crate::{
-        attest::{ContainerInfo, ProcessFacts, Sha256Digest},
+        attest::{ContainerInfo, LoadedCodeIssue, MappingProblem, ProcessFacts, Sha256Digest},
         policy::Workload,
     };
 
@@ -133,6 +173,7 @@ mod tests {
             cgroup_id: None,
             container: ContainerInfo::default(),
             netns: 1,
+            loaded_code: Vec::new(),
         }
     }
 
@@ -174,6 +215,54 @@ mod tests {
         assert_eq!(
             Registry::default().identify(&facts(0, "/")),
             Identification::Unmatched
+        );
+    }
+
+    #[test]
+    fn a_sha256_entry_is_refused_when_the_process_runs_code_its_hash_does_not_vouch_for() {
+        let sha = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+        let pinned = format!("unix:sha256:{sha}");
+        let registry = Registry::new(vec![
+            workload("spiffe://x/pinned", &[&pinned, "cgroup:path:/pinned"]),
+            workload("spiffe://x/by-path", &["cgroup:path:/by-path"]),
+        ]);
+        let issues = vec![
+            LoadedCodeIssue::LoaderVariable {
+                name: "LD_PRELOAD",
+                value: "/tmp/evil.so".into(),
+            },
+            LoadedCodeIssue::Mapping {
+                path: "/tmp/evil.so".into(),
+                problem: MappingProblem::Owner(1000),
+            },
+        ];
+        let process = |cgroup: &str, loaded_code: &[LoadedCodeIssue]| ProcessFacts {
+            sha256: sha.parse().unwrap(),
+            loaded_code: loaded_code.to_vec(),
+            ..facts(1000, cgroup)
+        };
+        assert_eq!(
+            registry.identify(&process("/pinned", &[])),
+            Identification::Matched {
+                id: "spiffe://x/pinned".parse().unwrap(),
+                entry: 0
+            }
+        );
+        assert_eq!(
+            registry.identify(&process("/pinned", &issues)),
+            Identification::Refused {
+                id: "spiffe://x/pinned".parse().unwrap(),
+                entry: 0,
+                reasons: issues.clone(),
+            }
+        );
+        // An entry that does not pin the hash never vouched for loaded code.
+        assert_eq!(
+            registry.identify(&process("/by-path", &issues)),
+            Identification::Matched {
+                id: "spiffe://x/by-path".parse().unwrap(),
+                entry: 1
+            }
         );
     }
 }

@@ -227,7 +227,10 @@ pub(super) fn workloads(socket: &Path, json: bool) -> anyhow::Result<ExitCode> {
                 .as_u64()
                 .map_or_else(|| "-".to_owned(), |e| e.to_string()),
             w["spiffe_id"].as_str().map_or_else(
-                || format!("({})", w["state"].as_str().unwrap_or_default()),
+                || match w["reason"].as_str() {
+                    Some(reason) => format!("({}: {reason})", text(w, "state")),
+                    None => format!("({})", text(w, "state")),
+                },
                 str::to_owned
             )
         );

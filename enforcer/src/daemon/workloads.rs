@@ -54,8 +54,10 @@ pub(crate) struct WorkloadInfo {
     pub(crate) spiffe_id: Option<String>,
     /// The workload entry that matched (1-based, file order).
     pub(crate) entry: Option<usize>,
-    /// `matched`, `unmatched` or `ambiguous`.
+    /// `matched`, `unmatched`, `ambiguous` or `refused`.
     pub(crate) state: &'static str,
+    /// Why the entry that matched gave no identity (state `refused`).
+    pub(crate) reason: Option<String>,
     /// TCP addresses it listens on.
     pub(crate) listening: Vec<SocketAddr>,
     /// The image generation it was attested for.
@@ -213,7 +215,7 @@ impl Registrar {
         let identification = identities.registry.identify(&facts);
         let number = match &identification {
             Identification::Matched { id, .. } => identities.numbers.get(id),
-            Identification::Unmatched => None,
+            Identification::Unmatched | Identification::Refused { .. } => None,
             Identification::Ambiguous(ids) => {
                 tracing::warn!(pid, exe = %facts.exe.display(), ?ids, "several workload entries match; no identity given");
                 None
@@ -347,6 +349,17 @@ fn describe(
         Identification::Matched { id, entry } => (Some(id.to_string()), Some(entry + 1), "matched"),
         Identification::Unmatched => (None, None, "unmatched"),
         Identification::Ambiguous(_) => (None, None, "ambiguous"),
+        Identification::Refused { entry, .. } => (None, Some(entry + 1), "refused"),
+    };
+    let reason = match identification {
+        Identification::Refused { reasons, .. } => Some(
+            reasons
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; "),
+        ),
+        _ => None,
     };
     WorkloadInfo {
         pid: facts.pid,
@@ -358,6 +371,7 @@ fn describe(
         spiffe_id,
         entry,
         state,
+        reason,
         listening,
         generation,
     }
@@ -386,7 +400,58 @@ fn collect_pids(dir: &Path, depth: usize, pids: &mut Vec<u32>) {
 
 #[cfg(test)]
 mod tests {
-    use super::collect_pids;
+    use std::path::PathBuf;
+
+    use super::{collect_pids, describe};
+    use crate::attest::{
+        ContainerInfo, Identification, LoadedCodeIssue, MappingProblem, ProcessFacts, Sha256Digest,
+    };
+
+    #[test]
+    fn a_refused_process_shows_its_entry_and_reason_but_no_identity() {
+        let reasons = vec![
+            LoadedCodeIssue::LoaderVariable {
+                name: "LD_PRELOAD",
+                value: "/tmp/evil.so".into(),
+            },
+            LoadedCodeIssue::Mapping {
+                path: "/tmp/evil.so".into(),
+                problem: MappingProblem::Owner(1000),
+            },
+        ];
+        let facts = ProcessFacts {
+            pid: 7,
+            start_time: 1,
+            uid: 1000,
+            gid: 1000,
+            user: None,
+            group: None,
+            exe: PathBuf::from("/usr/bin/web"),
+            sha256: Sha256Digest([0; 32]),
+            cgroup: "/web".into(),
+            cgroup_id: None,
+            container: ContainerInfo::default(),
+            netns: 1,
+            loaded_code: reasons.clone(),
+        };
+        let refused = Identification::Refused {
+            id: "spiffe://x/web".parse().unwrap(),
+            entry: 2,
+            reasons,
+        };
+        let info = describe(&facts, &refused, Vec::new());
+        assert_eq!(
+            (info.spiffe_id, info.entry, info.state),
+            (None, Some(3), "refused")
+        );
+        assert_eq!(
+            info.reason.as_deref(),
+            Some(
+                "the initial environment sets LD_PRELOAD=\"/tmp/evil.so\"; \
+                 executable mapping of /tmp/evil.so: owned by uid 1000, not root"
+            )
+        );
+    }
 
     #[test]
     fn collects_pids_of_nested_cgroups() {

@@ -40,6 +40,7 @@ pub struct Spawn {
     program: OsString,
     args: Vec<OsString>,
     envs: Vec<(OsString, OsString)>,
+    env_clear: bool,
     cgroup: Option<ScratchCgroup>,
     netns: Option<Netns>,
     stdin_piped: bool,
@@ -53,6 +54,7 @@ impl Spawn {
             program: program.as_ref().to_owned(),
             args: Vec::new(),
             envs: Vec::new(),
+            env_clear: false,
             cgroup: None,
             netns: None,
             stdin_piped: false,
@@ -80,6 +82,14 @@ impl Spawn {
     pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
         self.envs
             .push((key.as_ref().to_owned(), value.as_ref().to_owned()));
+        self
+    }
+
+    /// Starts the process with only the variables set by [`env`](Self::env), instead of this
+    /// process's environment (which, under cargo, sets `LD_LIBRARY_PATH`). The wrappers find
+    /// `sh` and `ip` in the default search path; give `program` as an absolute path.
+    pub fn env_clear(mut self) -> Self {
+        self.env_clear = true;
         self
     }
 
@@ -117,7 +127,11 @@ impl Spawn {
         argv.extend(["sh", "-c", ANNOUNCE, WRAPPER_NAME, PLACED].map(OsString::from));
         argv.push(self.program);
         argv.extend(self.args);
-        let mut child = Command::new(&argv[0])
+        let mut command = Command::new(&argv[0]);
+        if self.env_clear {
+            command.env_clear();
+        }
+        let mut child = command
             .args(&argv[1..])
             .envs(self.envs)
             .stdin(if self.stdin_piped {

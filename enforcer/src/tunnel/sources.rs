@@ -141,7 +141,9 @@ impl KernelSources {
         }
         match self.identities().registry.identify(&facts) {
             Identification::Matched { id, .. } => Ok(id),
-            Identification::Unmatched | Identification::Ambiguous(_) => {
+            Identification::Unmatched
+            | Identification::Ambiguous(_)
+            | Identification::Refused { .. } => {
                 Err(OriginError::NoIdentity {
                     pid,
                     dst,
