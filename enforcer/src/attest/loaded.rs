@@ -146,9 +146,9 @@ pub(super) struct Mapping {
 }
 
 impl Mapping {
-    /// The entry of this mapping in `/proc/<pid>/map_files` (unpadded hex, unlike `maps`).
-    pub(super) fn map_files_entry(&self) -> String {
-        format!("map_files/{:x}-{:x}", self.start, self.end)
+    /// The name of this mapping in `/proc/<pid>/map_files/` (unpadded hex, unlike `maps`).
+    pub(super) fn map_files_name(&self) -> String {
+        format!("{:x}-{:x}", self.start, self.end)
     }
 }
 
@@ -344,7 +344,7 @@ mod tests {
                 deleted: false,
             }
         );
-        assert_eq!(maps[0].map_files_entry(), "map_files/400000-452000");
+        assert_eq!(maps[0].map_files_name(), "400000-452000");
         assert!(!maps[1].executable);
         assert_eq!((maps[1].inode, maps[1].name.as_os_str()), (0, "".as_ref()));
         assert_eq!(maps[2].name, Path::new("/tmp/x/lib evil.so"));

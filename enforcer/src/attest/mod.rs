@@ -43,7 +43,7 @@ use std::{
 use procfs::{ProcError, process::Process};
 use rustix::{
     event::{PollFd, PollFlags, Timespec, poll},
-    fs::OFlags,
+    fs::{AtFlags, OFlags, StatxFlags, makedev, statx},
     process::{Pid, PidfdFlags, pidfd_open},
 };
 
@@ -295,7 +295,8 @@ impl Attestor {
         let (facts, hashed) = self.read_facts(pinned)?;
         pinned.confirm()?;
         let running = pinned
-            .stat("exe")
+            .open_path("exe")
+            .and_then(|exe| exe.metadata())
             .map(|meta| (meta.dev(), meta.ino()))
             .map_err(|source| AttestError::Sys {
                 pid: pinned.pid,
@@ -386,14 +387,20 @@ fn loaded_code(pinned: &Pinned, exe: (u64, u64)) -> Result<Vec<LoadedCodeIssue>,
             file: "maps",
             what: error.to_string(),
         })?;
+    // One directory handle, then one statx per mapped file (following its magic link).
+    let map_files = pinned.open_path("map_files");
     let mapped = loaded::mapping_issues(&mappings, exe, |mapping| {
-        let meta = pinned.stat(&mapping.map_files_entry())?;
+        let dir = map_files
+            .as_ref()
+            .map_err(|error| io::Error::from(error.kind()))?;
+        let wanted = StatxFlags::INO | StatxFlags::UID | StatxFlags::MODE | StatxFlags::NLINK;
+        let stat = statx(dir, mapping.map_files_name(), AtFlags::empty(), wanted)?;
         Ok(loaded::FileStat {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            uid: meta.uid(),
-            mode: meta.mode(),
-            nlink: meta.nlink(),
+            dev: makedev(stat.stx_dev_major, stat.stx_dev_minor),
+            ino: stat.stx_ino,
+            uid: stat.stx_uid,
+            mode: u32::from(stat.stx_mode),
+            nlink: u64::from(stat.stx_nlink),
         })
     });
     let mut issues = loaded::loader_variables(&pinned.read_bytes("environ")?);
@@ -491,10 +498,10 @@ impl Pinned {
         Ok(bytes)
     }
 
-    /// The metadata of what `path` below `/proc/<pid>` leads to, following a final magic link
-    /// (`exe`, `map_files/...`) to the very inode the process uses; nothing is opened for
+    /// A path-only handle (`O_PATH`) on what `path` below `/proc/<pid>` leads to, following a
+    /// final magic link (`exe`) to the very inode the process uses; nothing is opened for
     /// reading.
-    fn stat(&self, path: &str) -> io::Result<std::fs::Metadata> {
+    fn open_path(&self, path: &str) -> io::Result<File> {
         self.process
             .open_relative_flags(path, OFlags::PATH | OFlags::CLOEXEC)
             .map_err(|error| match error {
@@ -502,8 +509,7 @@ impl Pinned {
                 ProcError::NotFound(_) => io::ErrorKind::NotFound.into(),
                 ProcError::Io(error, _) => error,
                 error => io::Error::other(error.to_string()),
-            })?
-            .metadata()
+            })
     }
 
     fn read_text(&self, file: &'static str) -> Result<String, AttestError> {
