@@ -439,7 +439,7 @@ mod tests {
             entry: 2,
             reasons,
         };
-        let info = describe(&facts, &refused, Vec::new());
+        let info = describe(&facts, &refused, Vec::new(), 0);
         assert_eq!(
             (info.spiffe_id, info.entry, info.state),
             (None, Some(3), "refused")

@@ -45,7 +45,7 @@ impl Persona {
         match self {
             Self::Root => &[],
             Self::Nobody => &[
-                "setpriv",
+                "/usr/bin/setpriv",
                 "--reuid=65534",
                 "--regid=65534",
                 "--clear-groups",
@@ -53,7 +53,7 @@ impl Persona {
                 "--bounding-set=-all",
             ],
             Self::NetRaw => &[
-                "setpriv",
+                "/usr/bin/setpriv",
                 "--reuid=65534",
                 "--regid=65534",
                 "--clear-groups",
@@ -86,7 +86,12 @@ impl Client {
     ) -> Self {
         let mut argv = persona.setpriv().to_vec();
         argv.extend([PYTHON, "-u", "-c", SCRIPT]);
-        let mut spawn = Spawn::new(argv[0]).args(&argv[1..]).stdin_piped();
+        // A clean environment: what cargo sets for its children (`LD_LIBRARY_PATH`) would keep
+        // a `unix:sha256` entry from vouching for the client or for what it execs.
+        let mut spawn = Spawn::new(argv[0])
+            .args(&argv[1..])
+            .env_clear()
+            .stdin_piped();
         if let Some(cgroup) = cgroup {
             spawn = spawn.cgroup(cgroup);
         }
