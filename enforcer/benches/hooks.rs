@@ -269,6 +269,11 @@ fn child(mode: &str, target: &str) {
                         .read_exact(&mut byte)
                         .expect("read the server's byte");
                 }
+                // Close with a reset: tens of thousands of connections to one port would
+                // otherwise fill the port range with TIME_WAIT and time the port search.
+                socket2::SockRef::from(&stream)
+                    .set_linger(Some(Duration::ZERO))
+                    .expect("linger");
             }
         }
     }
