@@ -143,13 +143,11 @@ impl KernelSources {
             Identification::Matched { id, .. } => Ok(id),
             Identification::Unmatched
             | Identification::Ambiguous(_)
-            | Identification::Refused { .. } => {
-                Err(OriginError::NoIdentity {
-                    pid,
-                    dst,
-                    exe: facts.exe,
-                })
-            }
+            | Identification::Refused { .. } => Err(OriginError::NoIdentity {
+                pid,
+                dst,
+                exe: facts.exe,
+            }),
         }
     }
 }
