@@ -92,6 +92,8 @@ pub mod program_names {
     pub const CGROUP_MKDIR: &str = "enf_cgroup_mkdir";
     /// `tp_btf/cgroup_attach_task`.
     pub const CGROUP_ATTACH: &str = "enf_cgroup_attach";
+    /// `tp_btf/cgroup_rmdir`.
+    pub const CGROUP_RMDIR: &str = "enf_cgroup_rmdir";
     /// `lsm/socket_create` (only where the kernel runs the BPF LSM).
     pub const SOCKET_LSM: &str = "enf_socket_lsm";
 }
@@ -537,6 +539,8 @@ pub enum Counter {
     Moved = 20,
     /// Listening sockets that stopped listening (their service removed).
     Unlisten = 21,
+    /// Enrolled cgroups removed (their ids forgotten).
+    Unenrolled = 22,
 }
 
 impl Counter {
@@ -544,7 +548,7 @@ impl Counter {
     pub const COUNT: u32 = 32;
 
     /// Every counter, in index order.
-    pub const ALL: [Self; 22] = [
+    pub const ALL: [Self; 23] = [
         Self::Connect,
         Self::PassDaemon,
         Self::PassUnenrolled,
@@ -567,6 +571,7 @@ impl Counter {
         Self::Enrolled,
         Self::Moved,
         Self::Unlisten,
+        Self::Unenrolled,
     ];
 
     /// A short `snake_case` name for logs and metrics.
@@ -595,6 +600,7 @@ impl Counter {
             Self::Enrolled => "enrolled",
             Self::Moved => "moved",
             Self::Unlisten => "unlisten",
+            Self::Unenrolled => "unenrolled",
         }
     }
 }

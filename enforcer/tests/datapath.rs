@@ -798,7 +798,13 @@ fn a_cgroup_created_at_an_enrolled_path_is_enforced_from_its_first_connect() {
             redirected(&fx, &mut client, "connect 127.0.0.2 7000", &fx.outbound4);
         assert_eq!(original.cgroup_id, later.id(), "round {round}");
         drop(client);
+        let id = later.id();
         drop(later);
+        // Removed, it leaves the enrolled set: re-creations never fill the table.
+        assert!(
+            !fx.datapath.maps().is_enrolled(id).unwrap(),
+            "round {round}"
+        );
     }
     // A sibling at another path is not enrolled.
     let sibling = scope.child("elsewhere");

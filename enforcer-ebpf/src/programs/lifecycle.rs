@@ -5,7 +5,7 @@
 //! cgroup give the process a new generation (the time it happened), so an identity the daemon
 //! attested for the old image, even one written after the change, never applies to the new
 //! one. A cgroup created at an enrolled path is enrolled inside `mkdir`, before any process can
-//! enter it.
+//! enter it, and forgotten when it is removed.
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
@@ -96,6 +96,21 @@ pub(crate) fn on_cgroup_mkdir(ctx: &BtfTracePointContext) {
             ..Event::default()
         },
     );
+}
+
+/// `cgroup_rmdir(struct cgroup *cgrp, const char *path)`: a removed cgroup v2 directory is no
+/// longer enrolled, so re-created and short-lived cgroups never fill the enrolled table.
+pub(crate) fn on_cgroup_rmdir(ctx: &BtfTracePointContext) {
+    let Some(layout) = layout() else {
+        return;
+    };
+    let cgroup: *const u8 = ctx.arg(0);
+    let Some(id) = v2_cgroup_id(cgroup, &layout) else {
+        return;
+    };
+    if ENROLLED.remove(&id).is_ok() {
+        count(Counter::Unenrolled);
+    }
 }
 
 /// `cgroup_attach_task(struct cgroup *dst, const char *path, struct task_struct *task, bool)`:

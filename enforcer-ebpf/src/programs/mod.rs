@@ -93,6 +93,12 @@ mod entry {
         0
     }
 
+    #[btf_tracepoint(function = "cgroup_rmdir")]
+    pub(crate) fn enf_cgroup_rmdir(ctx: BtfTracePointContext) -> i32 {
+        lifecycle::on_cgroup_rmdir(&ctx);
+        0
+    }
+
     #[btf_tracepoint(function = "cgroup_attach_task")]
     pub(crate) fn enf_cgroup_attach(ctx: BtfTracePointContext) -> i32 {
         lifecycle::on_cgroup_attach(&ctx);

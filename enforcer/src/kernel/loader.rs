@@ -45,7 +45,7 @@ use super::{
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer-ebpf"));
 
 /// Every program an installation must have, in attach order; also the link pin names.
-pub const PROGRAMS: [&str; 11] = [
+pub const PROGRAMS: [&str; 12] = [
     program_names::CONNECT4,
     program_names::CONNECT6,
     program_names::SOCK_CREATE,
@@ -56,14 +56,16 @@ pub const PROGRAMS: [&str; 11] = [
     program_names::EXEC,
     program_names::EXIT,
     program_names::CGROUP_MKDIR,
+    program_names::CGROUP_RMDIR,
     program_names::CGROUP_ATTACH,
 ];
 
 /// The programs that attach to BTF tracepoints, with their tracepoints.
-pub const TRACEPOINTS: [(&str, &str); 4] = [
+pub const TRACEPOINTS: [(&str, &str); 5] = [
     (program_names::EXEC, "sched_process_exec"),
     (program_names::EXIT, "sched_process_exit"),
     (program_names::CGROUP_MKDIR, "cgroup_mkdir"),
+    (program_names::CGROUP_RMDIR, "cgroup_rmdir"),
     (program_names::CGROUP_ATTACH, "cgroup_attach_task"),
 ];
 

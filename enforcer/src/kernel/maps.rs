@@ -419,6 +419,14 @@ impl Maps {
             .map_err(kernel(map_names::ENROLLED, what))
     }
 
+    /// Whether the cgroup `cgroup_id` itself is in the enrolled set.
+    pub fn is_enrolled(&self, cgroup_id: u64) -> Result<bool, MapsError> {
+        lookup(&self.enrolled, &cgroup_id, map_names::ENROLLED, || {
+            format!("enrolled cgroup {cgroup_id}")
+        })
+        .map(|found| found.is_some())
+    }
+
     /// Stop enrolling a cgroup.
     pub fn unenroll(&mut self, cgroup_id: u64) -> Result<(), MapsError> {
         remove_if_present(&mut self.enrolled, &cgroup_id, map_names::ENROLLED, || {
