@@ -108,7 +108,7 @@ pub(crate) fn on_cgroup_rmdir(ctx: &BtfTracePointContext) {
     let Some(id) = v2_cgroup_id(cgroup, &layout) else {
         return;
     };
-    if ENROLLED.remove(&id).is_ok() {
+    if ENROLLED.remove(id).is_ok() {
         count(Counter::Unenrolled);
     }
 }
