@@ -447,6 +447,11 @@ pub mod reasons {
     /// A listening socket that did not fit in the services table: protected, but nobody can
     /// reach it.
     pub const TABLE_FULL: u32 = 7;
+    /// A listening socket on an address another listener already serves (an `SO_REUSEPORT`
+    /// group): protected, and the address stays the first listener's. Hops meant for that
+    /// listener's owner pass through this socket only when its own owner holds the same
+    /// identity.
+    pub const SHARED: u32 = 8;
 }
 
 /// One record in the event ring buffer.

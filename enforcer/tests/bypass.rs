@@ -42,6 +42,12 @@ const COMMAND_LIMIT: Duration = Duration::from_secs(30);
 /// The daemon's redirect and inbound ports.
 const OUTBOUND_PORT: u16 = 15_001;
 const INBOUND_PORT: u16 = 15_008;
+/// A port where plaintext listeners nobody enrolled wait for what must never reach them.
+const OPEN_PORT: u16 = 9400;
+/// A port `api` shares with squatters through `SO_REUSEPORT`.
+const SHARED: u16 = 9300;
+/// Connections made to the shared port: enough that every socket of its group gets some.
+const ATTEMPTS: usize = 24;
 
 fn binary() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_enforcer"))
@@ -155,15 +161,34 @@ impl Mesh {
         wait_for_listener(&server, HTTP_PORT);
         let pid = server.pid();
         self.server = Some(server);
-        self.b.wait_until("B to register the api server", |b| {
+        Self::wait_for_service(&self.b, pid, "api", HTTP_PORT);
+    }
+
+    /// Wait until `node` has registered `pid` as the workload `name` listening on `port`.
+    fn wait_for_service(node: &DaemonNode, pid: u32, name: &str, port: u16) {
+        node.wait_until(
+            &format!("{name} ({pid}) to be registered on {port}"),
+            |node| {
+                let workloads: serde_json::Value =
+                    serde_json::from_str(&node.cli_ok(&["workloads", "--json"])).unwrap();
+                workloads.as_array().unwrap().iter().any(|workload| {
+                    workload["pid"] == pid
+                        && workload["spiffe_id"] == id(name).as_str()
+                        && workload["listening"]
+                            .to_string()
+                            .contains(&format!(":{port}"))
+                })
+            },
+        );
+    }
+
+    /// Wait until `node` has attested `pid` as the workload `name`.
+    fn wait_for_identity(node: &DaemonNode, pid: u32, name: &str) {
+        node.wait_until(&format!("pid {pid} to be attested as {name}"), |node| {
             let workloads: serde_json::Value =
-                serde_json::from_str(&b.cli_ok(&["workloads", "--json"])).unwrap();
+                serde_json::from_str(&node.cli_ok(&["workloads", "--json"])).unwrap();
             workloads.as_array().unwrap().iter().any(|workload| {
-                workload["pid"] == pid
-                    && workload["spiffe_id"] == id("api").as_str()
-                    && workload["listening"]
-                        .to_string()
-                        .contains(&format!(":{HTTP_PORT}"))
+                workload["pid"] == pid && workload["spiffe_id"] == id(name).as_str()
             })
         });
     }
@@ -238,10 +263,28 @@ fn wait_for_record(
     found.unwrap()
 }
 
-/// A plaintext connect of `client` to `addr` must be dropped (the client times out).
-fn assert_dropped(client: &mut Client, addr: SocketAddr, extra: &str) {
+/// A plaintext connect of `client` to `addr` must be dropped: the client times out, and
+/// `node` (where `addr` listens) records the drop of this very attempt (by its source port).
+fn assert_dropped(node: &DaemonNode, client: &mut Client, addr: SocketAddr, extra: &str) {
     let answer = client.ask(&format!("connect {} {} {extra}", addr.ip(), addr.port()));
-    assert_eq!(answer, "err timeout", "plaintext to {addr} {extra}");
+    let port = answer
+        .strip_prefix("err timeout ")
+        .unwrap_or_else(|| panic!("plaintext to {addr} {extra}: {answer}"));
+    let from = format!(":{port}");
+    wait_for_record(node, &format!("the drop of {addr} {extra}"), |r| {
+        r.verdict.as_str() == "drop"
+            && r.dst.addr.as_deref() == Some(&addr.to_string())
+            && r.src
+                .addr
+                .as_deref()
+                .is_some_and(|src| src.ends_with(&from))
+    });
+}
+
+/// The answer of `close_listeners` when `n` listeners never received a connection (one that
+/// did prints `accepted` first, which the caller then reads instead).
+fn closed_untouched(n: usize) -> String {
+    format!("closed {n} pending 0")
 }
 
 #[test]
@@ -276,7 +319,7 @@ fn redirects_reach_the_daemon_or_nothing() {
         mesh.assert_allowed(&mesh.a_web);
         assert_eq!(
             squatter.ask("close_listeners"),
-            "closed 2",
+            closed_untouched(2),
             "after {signal:?}: the squatter received a connection"
         );
         drop(squatter);
@@ -294,7 +337,7 @@ fn redirects_reach_the_daemon_or_nothing() {
     mesh.assert_refused(&mesh.a, &mesh.a_web);
     mesh.b.restart();
     mesh.assert_allowed(&mesh.a_web);
-    assert_eq!(squatter.ask("close_listeners"), "closed 1");
+    assert_eq!(squatter.ask("close_listeners"), closed_untouched(1));
 }
 
 #[test]
@@ -304,16 +347,23 @@ fn the_tunnel_is_never_a_relay() {
     // A third namespace C behind B: B routes to it, A does not.
     let (link_a, link_b) = connect_nodes(&Netns::new("bp-a"), &Netns::new("bp-b"));
     let ns_c = Netns::new("bp-c");
-    let (b_to_c, c) = connect_nodes(link_b.netns(), &ns_c);
+    let (_, c) = connect_nodes(link_b.netns(), &ns_c);
     let mesh = Mesh::on_links(&link_a, &link_b, "");
+    // Plaintext listeners nobody enrolled: on C, on A (B must not send a tunnel back), and on
+    // B's own loopback.
     let mut behind = Client::start(None, Some(&ns_c));
-    assert_eq!(
-        behind.ask(&format!("listen 0.0.0.0 {HTTP_PORT}")),
-        format!("listening {HTTP_PORT}")
-    );
+    let mut on_a = Mesh::client(&mesh.a, Persona::Nobody, &mesh.a_guest);
+    let mut on_b = Mesh::client(&mesh.b, Persona::Nobody, &mesh.b_guest);
+    let mut open = [&mut behind, &mut on_a, &mut on_b];
+    for (listener, host) in open.iter_mut().zip(["0.0.0.0", "0.0.0.0", "127.0.0.1"]) {
+        assert_eq!(
+            listener.ask(&format!("listen {host} {OPEN_PORT}")),
+            format!("listening {OPEN_PORT}")
+        );
+    }
 
-    // A peer holding a valid SVID of the trust domain asks B's inbound port for C's workload,
-    // for another of B's own addresses and port nobody enrolled serves, and for the api.
+    // A peer holding a valid SVID of the trust domain asks B's inbound port for each of them,
+    // for an address on no link at all, and for the api.
     let now = SystemTime::now();
     let svid = mesh
         .pki
@@ -327,8 +377,10 @@ fn the_tunnel_is_never_a_relay() {
     let inbound = SocketAddr::new(mesh.peers[1], INBOUND_PORT);
     let bundles = std::sync::Arc::clone(&mesh.pki.bundles);
     let destinations = [
-        SocketAddr::new(c.addr4().into(), HTTP_PORT),
-        SocketAddr::new(b_to_c.addr4().into(), 9),
+        SocketAddr::new(c.addr4().into(), OPEN_PORT),
+        SocketAddr::new(mesh.peers[0], OPEN_PORT),
+        SocketAddr::new([127, 0, 0, 1].into(), OPEN_PORT),
+        SocketAddr::new([192, 0, 2, 1].into(), OPEN_PORT),
         mesh.api(),
     ];
     let outcomes: Vec<Result<SpiffeId, String>> = link_a.netns().within(|| {
@@ -355,19 +407,22 @@ fn the_tunnel_is_never_a_relay() {
         })
     });
     let no_such = Err(format!("{:?}", Refusal::NoSuchWorkload));
-    assert_eq!(outcomes[0], no_such, "B relayed to C");
-    assert_eq!(outcomes[1], no_such);
+    for (dst, outcome) in destinations.iter().zip(&outcomes).take(4) {
+        assert_eq!(outcome, &no_such, "B relayed to {dst}");
+    }
     assert_eq!(
-        outcomes[2],
+        outcomes[4],
         Ok(id("api").parse().unwrap()),
         "the api itself is served; B's log:\n{}",
         mesh.b.log()
     );
-    assert_eq!(
-        behind.ask("close_listeners"),
-        "closed 1",
-        "C received a connection"
-    );
+    for listener in open {
+        assert_eq!(
+            listener.ask("close_listeners"),
+            closed_untouched(1),
+            "a plaintext listener received a relayed connection"
+        );
+    }
 }
 
 #[test]
@@ -379,18 +434,31 @@ fn services_are_real_listeners_guarded_while_they_listen() {
     let api = mesh.api();
 
     // Garbage binds of an unprivileged enrolled process record nothing and cut nobody off:
-    // a privileged port, a port in use, hundreds of ephemeral ports.
+    // a privileged port, a port in use, hundreds of ephemeral ports, and a port an unenrolled
+    // process then listens on at another address.
     let mut binder = Mesh::client(&mesh.b, Persona::Nobody, &mesh.b_api);
     assert_eq!(binder.ask("bind 0.0.0.0 80"), "err 13");
     assert_eq!(binder.ask(&format!("bind 0.0.0.0 {HTTP_PORT}")), "err 98");
     for _ in 0..300 {
         assert!(binder.ask("bind 127.0.0.1 0").starts_with("bound "));
     }
+    assert_eq!(binder.ask("bind 127.0.0.1 9000"), "bound 9000");
+    Mesh::wait_for_identity(&mesh.b, binder.pid(), "api");
+    let workloads: serde_json::Value =
+        serde_json::from_str(&mesh.b.cli_ok(&["workloads", "--json"])).unwrap();
+    let listening = workloads
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|workload| workload["pid"] == binder.pid())
+        .map(|workload| workload["listening"].clone());
+    assert_eq!(listening, Some(serde_json::json!([])), "{workloads}");
     mesh.assert_allowed(&mesh.a_web);
     let mut outsider = Mesh::client(&mesh.b, Persona::Nobody, &mesh.b_guest);
-    assert_eq!(outsider.ask("listen 127.0.0.1 9000"), "listening 9000");
+    let b = mesh.peers[1];
+    assert_eq!(outsider.ask(&format!("listen {b} 9000")), "listening 9000");
     let mut guest = Mesh::client(&mesh.b, Persona::Nobody, &mesh.b_guest);
-    assert!(guest.ask("connect 127.0.0.1 9000").starts_with("ok "));
+    assert!(guest.ask(&format!("connect {b} 9000")).starts_with("ok "));
     drop(binder);
 
     // Listeners of enrolled cgroups are guarded whatever their port and identity: one that
@@ -404,8 +472,14 @@ fn services_are_real_listeners_guarded_while_they_listen() {
         .expect("a kernel-chosen port");
     let mut raw = Mesh::client(&mesh.b, Persona::NetRaw, &mesh.b_guest);
     for port in [9090, chosen] {
-        assert_dropped(&mut guest, SocketAddr::new(mesh.peers[1], port), "");
         assert_dropped(
+            &mesh.b,
+            &mut guest,
+            SocketAddr::new(mesh.peers[1], port),
+            "",
+        );
+        assert_dropped(
+            &mesh.b,
             &mut raw,
             SocketAddr::new(mesh.peers[1], port),
             "--mark 0x0e5f0001",
@@ -421,7 +495,7 @@ fn services_are_real_listeners_guarded_while_they_listen() {
             && r.dst.addr.as_deref() == Some(&unmatched_addr.to_string())
             && r.reason == "no-such-workload"
     });
-    assert_eq!(unmatched.ask("close_listeners"), "closed 2");
+    assert_eq!(unmatched.ask("close_listeners"), closed_untouched(2));
 
     // The workload exits: its port is nobody's. An unenrolled process that listens there
     // next is not served the tunnel, and is never recorded as the old workload.
@@ -442,9 +516,87 @@ fn services_are_real_listeners_guarded_while_they_listen() {
     assert_eq!(Mesh::count(&mesh.b, "open", &id("api")), opened);
     assert_eq!(
         successor.ask("close_listeners"),
-        "closed 1",
+        closed_untouched(1),
         "the successor received a tunnelled connection"
     );
+}
+
+#[test]
+fn a_hop_reaches_only_the_workload_it_was_meant_for() {
+    require_root();
+    let _serial = serial();
+    let mesh = Mesh::with_policy(&format!(
+        "[[allow]]\nfrom = \"{}\"\nto = \"{}\"\nports = [{SHARED}]\n",
+        id("web"),
+        id("api")
+    ));
+    // api listens with SO_REUSEPORT as nobody; two other processes of nobody join its group:
+    // one unenrolled, one enrolled under another identity. Each hop B's daemon makes for api
+    // lands on whichever of the three the kernel picks.
+    let mut api = Mesh::client(&mesh.b, Persona::Nobody, &mesh.b_api);
+    let listen = format!("listen 0.0.0.0 {SHARED} --reuseport");
+    assert_eq!(api.ask(&listen), format!("listening {SHARED}"));
+    Mesh::wait_for_service(&mesh.b, api.pid(), "api", SHARED);
+    let mut outsider = Mesh::client(&mesh.b, Persona::Nobody, &mesh.b_guest);
+    assert_eq!(outsider.ask(&listen), format!("listening {SHARED}"));
+    let mut insider = Mesh::client(&mesh.b, Persona::Nobody, &mesh.b_unmatched);
+    assert_eq!(insider.ask(&listen), format!("listening {SHARED}"));
+
+    let mut web = Mesh::client(&mesh.a, Persona::Nobody, &mesh.a_web);
+    Mesh::wait_for_identity(&mesh.a, web.pid(), "web");
+    let target = SocketAddr::new(mesh.peers[1], SHARED);
+    for _ in 0..ATTEMPTS {
+        let answer = web.ask(&format!("connect {} {SHARED}", target.ip()));
+        assert!(answer.starts_with("ok "), "{answer}");
+    }
+    // Every attempt ends on B as an open (the hop reached api) or a refusal (it did not).
+    let target_text = target.to_string();
+    let ended = |node: &DaemonNode| {
+        node.flows(&[])
+            .into_iter()
+            .filter(|r| {
+                r.source.as_str() == "inbound"
+                    && r.dst.addr.as_deref() == Some(&target_text)
+                    && (r.event.as_str() == "open" || r.verdict.as_str() == "deny")
+            })
+            .collect::<Vec<_>>()
+    };
+    mesh.b
+        .wait_until("every attempt to end on B", |b| ended(b).len() >= ATTEMPTS);
+    let outcomes = ended(&mesh.b);
+    let opened = outcomes
+        .iter()
+        .filter(|r| r.event.as_str() == "open")
+        .count();
+    assert!(
+        outcomes
+            .iter()
+            .all(|r| r.event.as_str() == "open" || r.reason == "upstream-timeout"),
+        "{outcomes:?}"
+    );
+    assert!(opened > 0, "no hop reached api");
+    assert!(
+        opened < ATTEMPTS,
+        "every hop happened to reach api: the squatters were never tried"
+    );
+    // The hops that reached a squatter were dropped there, and said so.
+    let misdelivered = mesh
+        .b
+        .flows(&["--verdict", "drop"])
+        .into_iter()
+        .filter(|r| r.reason == "misdelivered" && r.dst.addr.as_deref() == Some(&target_text))
+        .count();
+    assert!(misdelivered > 0, "no misdelivered hop was recorded");
+    for _ in 0..opened {
+        assert!(api.next_line().starts_with("accepted "));
+    }
+    for squatter in [&mut outsider, &mut insider] {
+        assert_eq!(
+            squatter.ask("close_listeners"),
+            closed_untouched(1),
+            "a squatter received a hop"
+        );
+    }
 }
 
 #[test]
@@ -456,9 +608,15 @@ fn plaintext_is_dropped_whatever_mark_or_address_it_carries() {
     // On B: an unprivileged process, one binding a loopback or the node's own address, and one
     // with CAP_NET_RAW setting the mark the tunnel used to carry (and any other).
     let mut nobody = Mesh::client(&mesh.b, Persona::Nobody, &mesh.b_guest);
-    assert_dropped(&mut nobody, api, "");
-    assert_dropped(&mut nobody, api, &format!("--bind {}", mesh.peers[1]));
+    assert_dropped(&mesh.b, &mut nobody, api, "");
     assert_dropped(
+        &mesh.b,
+        &mut nobody,
+        api,
+        &format!("--bind {}", mesh.peers[1]),
+    );
+    assert_dropped(
+        &mesh.b,
         &mut nobody,
         SocketAddr::new([127, 0, 0, 1].into(), HTTP_PORT),
         "--bind 127.0.0.1",
@@ -470,14 +628,16 @@ fn plaintext_is_dropped_whatever_mark_or_address_it_carries() {
         "CAP_NET_RAW can set marks"
     );
     for mark in ["0x0e5f0001", "0x1", "0x7fffffff"] {
-        assert_dropped(&mut raw, api, &format!("--mark {mark}"));
+        assert_dropped(&mesh.b, &mut raw, api, &format!("--mark {mark}"));
     }
     // From node A, unenrolled and with CAP_NET_RAW.
     let mut remote = Mesh::client(&mesh.a, Persona::NetRaw, &mesh.a_guest);
-    assert_dropped(&mut remote, api, "--mark 0x0e5f0001");
-    // An enrolled process of B itself (api's own cgroup) is redirected through B's daemon, which
-    // decides it like any flow: api may not call itself here (no rule), so it is refused.
-    let mut insider = Mesh::client(&mesh.b, Persona::Nobody, &mesh.b_api);
+    assert_dropped(&mesh.b, &mut remote, api, "--mark 0x0e5f0001");
+    // An enrolled process of B itself (api's own cgroup, with CAP_NET_RAW) carrying the mark
+    // is decided at connect like any other: api has no rule to call itself, so the kernel
+    // refuses it by policy.
+    let mut insider = Mesh::client(&mesh.b, Persona::NetRaw, &mesh.b_api);
+    Mesh::wait_for_identity(&mesh.b, insider.pid(), "api");
     let answer = insider.ask(&format!(
         "connect {} {HTTP_PORT} --mark 0x0e5f0001",
         mesh.peers[1]
@@ -486,14 +646,10 @@ fn plaintext_is_dropped_whatever_mark_or_address_it_carries() {
         answer, "err 1",
         "api -> api has no rule: refused at connect"
     );
-
-    let drops = mesh
-        .b
-        .flows(&["--verdict", "drop"])
-        .into_iter()
-        .filter(|r| r.dst.spiffe_id.as_deref() == Some(id("api").as_str()))
-        .count();
-    assert!(drops >= 7, "B recorded {drops} drops");
+    let pid = insider.pid();
+    wait_for_record(&mesh.b, "B's policy refusal of the marked insider", |r| {
+        r.source.as_str() == "kernel" && r.reason == "policy" && r.src.pid == Some(pid)
+    });
     // Meanwhile the tunnel works.
     mesh.assert_allowed(&mesh.a_web);
 }
@@ -541,7 +697,7 @@ fn enrollment_follows_the_cgroup_path() {
     assert_eq!(ids.len(), 3, "each round made a new cgroup");
     assert_eq!(
         open.ask("close_listeners"),
-        "closed 1",
+        closed_untouched(1),
         "plaintext got through"
     );
 }
@@ -580,13 +736,17 @@ fn identity_is_bound_at_connect() {
         mesh.peers[1]
     ));
     impostor.send(&format!("exec {} 30", pinned.display()));
-    std::thread::sleep(Duration::from_millis(300));
+    let exe = format!("/proc/{pid}/exe");
+    mesh.a
+        .wait_until("the impostor to exec the pinned binary", |_| {
+            fs::read_link(&exe).is_ok_and(|target| target == pinned)
+        });
     mesh.a.signal(Signal::CONT);
     assert!(answer.starts_with("ok "), "{answer}");
     let refused = wait_for_record(&mesh.a, "A's refusal of the exec'd client", |r| {
         r.source.as_str() == "outbound" && r.verdict.as_str() == "deny" && r.src.pid == Some(pid)
     });
-    assert_eq!(refused.reason, "no-identity", "{refused:?}");
+    assert_eq!(refused.reason, "changed-since-connect", "{refused:?}");
     assert_eq!(
         Mesh::count(&mesh.b, "open", &id("api")),
         0,
@@ -616,6 +776,22 @@ fn every_protocol_is_decided() {
     assert_eq!(web.ask(&format!("udp_connect {b} 53")), "err 1");
     assert_eq!(web.ask(&format!("udp_send {b} 5353")), "ok");
     assert!(receiver.next_line().starts_with("datagram "));
+    // ICMP echo through a ping socket, which any user may open once the node allows it.
+    mesh.a.link().netns().run(&[
+        "sysctl",
+        "-q",
+        "-w",
+        "net.ipv4.ping_group_range=0 2147483647",
+    ]);
+    assert_eq!(web.ask(&format!("ping {b}")), "err 1");
+    let mut pinger = Mesh::client(&mesh.a, Persona::Nobody, &mesh.a_guest);
+    assert_eq!(pinger.ask(&format!("ping {b}")), "ok", "ping outside");
+    // The same capability outside the enrolled cgroups opens them all: the refusals below
+    // are the datapath's, not the persona's.
+    let mut control = Mesh::client(&mesh.a, Persona::NetRaw, &mesh.a_guest);
+    for command in ["raw", "packet"] {
+        assert_eq!(control.ask(command), "ok", "{command} outside");
+    }
     let mut raw = Mesh::client(&mesh.a, Persona::NetRaw, &mesh.a_web);
     assert_eq!(raw.ask("raw"), "err 1");
     let packet = raw.ask("packet");
@@ -638,16 +814,23 @@ fn every_protocol_is_decided() {
     assert_eq!(api_udp.ask("udp_listen 0.0.0.0 6000"), "udp 6000");
     let mut guest = Mesh::client(&mesh.a, Persona::Nobody, &mesh.a_guest);
     assert_eq!(guest.ask(&format!("udp_send {b} 6000")), "ok");
+    let to_api = SocketAddr::new(b, 6000).to_string();
     wait_for_record(&mesh.b, "B's drop of the inbound datagram", |r| {
-        r.verdict.as_str() == "drop" && r.reason == "inbound-protocol"
+        r.verdict.as_str() == "drop"
+            && r.reason == "inbound-protocol"
+            && r.dst.addr.as_deref() == Some(&to_api)
     });
+    assert_eq!(
+        api_udp.try_next_line(Duration::from_millis(500)),
+        None,
+        "the dropped datagram arrived"
+    );
     for reason in ["protocol", "raw-socket"] {
         let record = wait_for_record(&mesh.a, &format!("A's {reason} refusal"), |r| {
             r.verdict.as_str() == "deny" && r.reason == reason
         });
         assert_eq!(record.source.as_str(), "kernel", "{record:?}");
     }
-    drop(api_udp);
 }
 
 #[test]
@@ -658,6 +841,11 @@ fn egress_never_overrides_the_mesh() {
     let mesh = Mesh::with_policy("[[egress]]\ncidr = \"0.0.0.0/0\"\n");
     mesh.assert_allowed(&mesh.a_web);
     mesh.assert_refused(&mesh.a, &mesh.a_db);
+    wait_for_record(&mesh.a, "A's policy refusal of db", |r| {
+        r.verdict.as_str() == "deny"
+            && r.reason == "policy"
+            && r.src.spiffe_id.as_deref() == Some(id("db").as_str())
+    });
     wait_for_record(&mesh.b, "B's tunnelled open", |r| {
         r.source.as_str() == "inbound"
             && r.event.as_str() == "open"
@@ -766,7 +954,9 @@ fn listeners_older_than_the_datapath_or_carried_in_are_guarded() {
     .unwrap();
     mesh.b
         .wait_until("the carried-in listener to be guarded", |_| {
-            outsider.ask("connect 127.0.0.1 9100") == "err timeout"
+            outsider
+                .ask("connect 127.0.0.1 9100")
+                .starts_with("err timeout")
         });
 
     // The api's listener predates the datapath: B is stopped, its programs detached, the api
@@ -795,8 +985,10 @@ fn listeners_older_than_the_datapath_or_carried_in_are_guarded() {
     mesh.server = Some(server);
     mesh.b.restart();
     mesh.b.wait_until("the older listener to be guarded", |_| {
-        early.ask(&format!("connect {} {HTTP_PORT}", api.ip())) == "err timeout"
+        early
+            .ask(&format!("connect {} {HTTP_PORT}", api.ip()))
+            .starts_with("err timeout")
     });
     mesh.assert_allowed(&mesh.a_web);
-    assert_dropped(&mut early, api, "");
+    assert_dropped(&mesh.b, &mut early, api, "");
 }

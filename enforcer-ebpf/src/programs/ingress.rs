@@ -7,7 +7,10 @@
 //! for is the one the listener's owner holds now. Anything else is dropped: plaintext from
 //! anyone else (a mark, an address or a port proves nothing), and a hop that reached a socket
 //! which changed hands. Connections accepted from a protected listener were admitted when
-//! their handshake reached it, so their packets pass without a second look.
+//! their handshake reached it, so their packets pass without a second look. A listener no
+//! enrolled process made takes anyone's packets but a hop's: a hop is meant for a workload, so
+//! one that reached such a socket (a squatter in the workload's `SO_REUSEPORT` group) is
+//! dropped as well.
 //!
 //! Other protocols: a datagram to a socket of an enrolled process passes only when it comes
 //! from a destination an egress entry of its protocol permits (a reply); everything else is
@@ -48,13 +51,19 @@ pub(crate) fn try_ingress(ctx: &SkBuffContext) -> i32 {
         return PROCEED;
     }
     // SAFETY: `sk` is a full socket.
-    let Some(tag) = (unsafe { sock_tag(sk.cast()) }) else {
-        return PROCEED;
+    let tag = unsafe { sock_tag(sk.cast()) }.map(|tag| {
+        // SAFETY: a storage pointer from a successful lookup.
+        unsafe { *tag }
+    });
+    let Some(tag) = tag else {
+        return if protocol == IPPROTO_TCP {
+            unenrolled_listener(ctx)
+        } else {
+            PROCEED
+        };
     };
-    // SAFETY: a storage pointer from a successful lookup.
-    let tag: SockTag = unsafe { *tag };
     let Some(packet) = Packet::parse(ctx) else {
-        // Not an IP packet this program can read: fail closed for a protected socket.
+        // Not an IP packet this program can read: fail closed for a socket of an enrolled process.
         return drop_packet(ctx, &tag, &Packet::default(), reasons::BYPASS, 0);
     };
     if protocol != IPPROTO_TCP {
@@ -72,6 +81,26 @@ pub(crate) fn try_ingress(ctx: &SkBuffContext) -> i32 {
         Some(_) => drop_packet(ctx, &tag, &packet, reasons::MISDELIVERED, owner),
         None => drop_packet(ctx, &tag, &packet, reasons::BYPASS, owner),
     }
+}
+
+/// A packet to a listener no enrolled process made: anyone may reach it, except a daemon hop,
+/// which is meant for a workload and never for this socket (say, one that joined the
+/// workload's `SO_REUSEPORT` group). A hop's source address is its destination address (it
+/// binds there), so only such packets pay for the sender lookup.
+#[inline(always)]
+fn unenrolled_listener(ctx: &SkBuffContext) -> i32 {
+    let Some(packet) = Packet::parse(ctx) else {
+        return PROCEED;
+    };
+    if packet.src.addr != packet.dst.addr || hop_identity(ctx, &packet).is_none() {
+        return PROCEED;
+    }
+    let unenrolled = SockTag {
+        tgid: 0,
+        flags: 0,
+        cgroup_id: 0,
+    };
+    drop_packet(ctx, &unenrolled, &packet, reasons::MISDELIVERED, 0)
 }
 
 /// The addresses and protocol of a packet.

@@ -5,14 +5,16 @@
 //!   socket closes;
 //! - a socket of an enrolled process that starts listening becomes a service: protected (only
 //!   the daemon's hops may reach it, see `ingress`), recorded by address so connects and the
-//!   daemon can find its owner, and removed again when it stops listening. A listener that
-//!   does not fit in the table stays protected, so nobody can reach it, and is reported.
+//!   daemon can find its owner, and removed again when it stops listening. The first listener
+//!   on an address keeps it (a later one joining its `SO_REUSEPORT` group does not take it
+//!   over). A listener that does not fit in the table stays protected, so nobody can reach
+//!   it, and is reported.
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE, BPF_TCP_LISTEN,
+        BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE, BPF_TCP_LISTEN,
     },
     helpers::bpf_get_socket_cookie,
     programs::SockOpsContext,
@@ -104,6 +106,9 @@ fn unlink(ctx: &SockOpsContext) {
     }
 }
 
+/// `EEXIST` (helpers return errors negated).
+const EEXIST: i32 = 17;
+
 /// A socket started listening: if an enrolled process made it, it becomes a service.
 #[inline(always)]
 fn listen(ctx: &SockOpsContext) {
@@ -143,9 +148,15 @@ fn listen(ctx: &SockOpsContext) {
         protocol: IPPROTO_TCP,
         ..Event::default()
     };
-    if SERVICES.insert(key, service, 0).is_err() {
-        count(Counter::TableFull);
-        event.reason = reasons::TABLE_FULL;
+    // The first listener keeps the address: a later one in its reuseport group (perhaps
+    // another workload's) must not take the address's identity over.
+    match SERVICES.insert(key, service, u64::from(BPF_NOEXIST)) {
+        Ok(()) => {}
+        Err(error) if error == -EEXIST => event.reason = reasons::SHARED,
+        Err(_) => {
+            count(Counter::TableFull);
+            event.reason = reasons::TABLE_FULL;
+        }
     }
     count(Counter::Listen);
     emit(EventKind::Listen, event);

@@ -110,6 +110,10 @@ impl EventPump {
                 self.recorder.submit(self.entry(event));
                 self.registrar.register(event.tgid);
             }
+            EventKind::Listen if event.reason == reasons::SHARED => {
+                tracing::info!(pid = event.tgid, addr = %event.src, "a listening socket joined an address another listener serves (SO_REUSEPORT): it is protected, and the address stays the first listener's");
+                self.registrar.register(event.tgid);
+            }
             EventKind::Listen => self.registrar.register(event.tgid),
             EventKind::Exec | EventKind::Move => self.registrar.reattest(event.tgid),
             EventKind::Exit => self.registrar.forget(event.tgid),

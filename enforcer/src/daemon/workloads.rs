@@ -136,6 +136,8 @@ impl Registrar {
         }
         pids.sort_unstable();
         pids.dedup();
+        // Stale services first: a listener waiting for its address takes it over in this scan.
+        self.forget_stale_services();
         for &pid in &pids {
             self.register_with(&identities, pid);
         }
@@ -143,7 +145,6 @@ impl Registrar {
             .retain(|pid, _| pids.binary_search(pid).is_ok());
         self.adopted()
             .retain(|(pid, _)| pids.binary_search(pid).is_ok());
-        self.forget_stale_services();
         pids.len()
     }
 
@@ -257,7 +258,9 @@ impl Registrar {
 
     /// Protect and record the listening sockets of `pid` (of cgroup `cgroup_id`) that the
     /// kernel did not see start listening: taken from the process with `pidfd_getfd`, checked
-    /// to be the same socket, then tagged and recorded like the kernel does.
+    /// to be the same socket, then tagged and recorded like the kernel does. A socket whose
+    /// address another process's listener holds (a shared `SO_REUSEPORT` group) is protected
+    /// and tried again at the next scan, so it takes the address over once the holder is gone.
     fn adopt_listeners(&self, pid: u32, cgroup_id: u64, listeners: &[Listener]) {
         for listener in listeners {
             if self.adopted().contains(&(pid, listener.inode)) {
@@ -269,18 +272,27 @@ impl Registrar {
                 .ok()
                 .flatten()
                 .is_some_and(|service| service.tgid == pid);
-            if !known && let Err(error) = self.adopt(pid, cgroup_id, listener) {
-                tracing::warn!(pid, addr = %listener.addr, %error, "failed to protect a listening socket the kernel did not see start listening");
-                continue;
-            }
             if !known {
-                tracing::info!(pid, addr = %listener.addr, "protected a listening socket the kernel did not see start listening");
+                match self.adopt(pid, cgroup_id, listener) {
+                    Ok(true) => {
+                        tracing::info!(pid, addr = %listener.addr, "protected a listening socket the kernel did not see start listening");
+                    }
+                    Ok(false) => {
+                        tracing::debug!(pid, addr = %listener.addr, "a listening socket shares its address with another process's: protected, the address stays the other's");
+                        continue;
+                    }
+                    Err(error) => {
+                        tracing::warn!(pid, addr = %listener.addr, %error, "failed to protect a listening socket the kernel did not see start listening");
+                        continue;
+                    }
+                }
             }
             self.adopted().insert((pid, listener.inode));
         }
     }
 
-    fn adopt(&self, pid: u32, cgroup_id: u64, listener: &Listener) -> Result<(), String> {
+    /// Protect one listener of `pid`; whether it became its address's service.
+    fn adopt(&self, pid: u32, cgroup_id: u64, listener: &Listener) -> Result<bool, String> {
         let process =
             Pid::from_raw(i32::try_from(pid).map_err(|e| e.to_string())?).ok_or("pid 0")?;
         let pidfd = pidfd_open(process, PidfdFlags::empty()).map_err(|e| e.to_string())?;
@@ -300,22 +312,15 @@ impl Registrar {
             .map_err(|error| report(&error))
     }
 
-    /// Forget services whose owner is gone and that no enrolled process listens on any more
-    /// (a listener the kernel recorded is removed when it closes; one the daemon adopted is
-    /// removed here).
+    /// Forget services whose owner is gone (a listener the kernel recorded is removed when it
+    /// closes; one the daemon adopted, or one a child inherited, is removed here, and whoever
+    /// still listens there is adopted again by the scan that follows).
     fn forget_stale_services(&self) {
-        let listening: HashSet<SocketAddr> = self
-            .table()
-            .values()
-            .flat_map(|info| info.listening.iter().copied())
-            .collect();
         let stale: Vec<(SocketAddr, u64)> = self
             .maps()
             .services()
             .into_iter()
-            .filter(|(addr, service)| {
-                !listening.contains(addr) && !Path::new(&format!("/proc/{}", service.tgid)).exists()
-            })
+            .filter(|(_, service)| !Path::new(&format!("/proc/{}", service.tgid)).exists())
             .map(|(addr, service)| (addr, service.cookie))
             .collect();
         let mut maps = self.maps();

@@ -25,6 +25,9 @@ use enforcer_ebpf::{
 
 use super::addr::{sock_key, socket_addr, to_words};
 
+/// The map update flag that refuses to replace an existing entry.
+const BPF_NOEXIST: u64 = 1;
+
 /// cgroup id of the root of a cgroup v2 hierarchy: enrolling it would enroll every process.
 const ROOT_CGROUP_ID: u64 = 1;
 
@@ -500,13 +503,16 @@ impl Maps {
     /// kernel protects the ones it sees, and record it as the service at `addr` (an
     /// unspecified IP means every local address) owned by process `tgid` of cgroup `cgroup_id`.
     /// `socket` must be that listening socket (e.g. taken from its owner with `pidfd_getfd`).
+    /// Returns whether the socket became the address's service: `false` when another listener
+    /// holds the address (as the kernel does, the first one keeps it; this socket is protected
+    /// all the same).
     pub fn adopt_listener(
         &mut self,
         socket: BorrowedFd<'_>,
         addr: SocketAddr,
         tgid: u32,
         cgroup_id: u64,
-    ) -> Result<(), MapsError> {
+    ) -> Result<bool, MapsError> {
         let what = || format!("listener {addr} of pid {tgid}");
         if addr.port() == 0 {
             return Err(MapsError::invalid(what(), "port 0"));
@@ -535,9 +541,18 @@ impl Maps {
             .map_err(kernel(map_names::SERVICE_PORTS, || {
                 format!("hint port {}", addr.port())
             }))?;
-        self.services
-            .insert(service_key(addr), service, 0)
-            .map_err(kernel(map_names::SERVICES, what))
+        match self
+            .services
+            .insert(service_key(addr), service, BPF_NOEXIST)
+        {
+            Ok(()) => Ok(true),
+            Err(MapError::SyscallError(error))
+                if error.io_error.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                Ok(false)
+            }
+            Err(error) => Err(kernel(map_names::SERVICES, what)(error)),
+        }
     }
 
     /// Whether some service was ever recorded on `port` (the hint the programs consult before

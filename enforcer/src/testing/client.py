@@ -2,16 +2,18 @@
 # Prints "ready" once the interpreter runs (after any exec a launcher such as pyenv does).
 # Commands:
 #   connect HOST PORT [--v6] [--mark M] [--bind SRCIP] [--send DATA] [--inherit]
-#                                                       -> "ok LOCALPORT" | "err ERRNO" | "err timeout"
+#                                                       -> "ok LOCALPORT" | "err ERRNO"
+#                                                          | "err timeout LOCALPORT"
 #                                                          (--send: DATA, `_` for spaces, then a
 #                                                          blank line; --inherit: the socket
 #                                                          survives exec)
 #   connect_many N HOST PORT                            -> "done OK EPERM OTHER"
-#   listen HOST PORT                                    -> "listening PORT"; later "accepted PEER"
+#   listen HOST PORT [--reuseport]                      -> "listening PORT"; later "accepted PEER"
 #   bind HOST PORT                                      -> "bound PORT" | "err ERRNO" (no listen)
 #   listen_unbound                                      -> "listening PORT" (listen() without bind:
 #                                                          the kernel chooses the port)
-#   close_listeners                                     -> "closed N"
+#   close_listeners                                     -> "closed N pending M" (M: connections
+#                                                          still queued, never accepted)
 #   socket                                              -> "socket FD" (an unconnected TCP socket)
 #   connect_fd FD HOST PORT                             -> like connect, on socket FD
 #   udp_send HOST PORT                                  -> "ok" | "err ERRNO" (sendto, unconnected)
@@ -21,7 +23,6 @@
 #   raw                                                 -> "ok" | "err ERRNO" (an IPv4 raw socket)
 #   packet                                              -> "ok" | "err ERRNO" (an AF_PACKET socket)
 #   exec PROGRAM ARGS...                                -> replaces the process (same pid)
-#   user UID                                            -> "user UID" after dropping root
 #   mark M                                              -> "mark ok" | "mark err ERRNO"
 import os, socket, sys, threading
 
@@ -47,7 +48,7 @@ def connect_on(s, host, port, opts):
         conns.append(s)
         return "ok %d" % s.getsockname()[1]
     except socket.timeout:
-        return "err timeout"
+        return "err timeout %d" % s.getsockname()[1]
     except OSError as e:
         return "err %d" % e.errno
 
@@ -93,6 +94,8 @@ def listen(args):
     host, port = args[0], int(args[1])
     s = socket.socket(family_of(host, False), socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if "--reuseport" in args[2:]:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     s.bind((host, port))
     return start_listening(s)
 
@@ -109,14 +112,20 @@ def bind(args):
 def listen_unbound(args):
     return start_listening(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
 
+def queued(listener):
+    # tcpi_unacked (offset 24 of struct tcp_info) of a listener is its accept queue's length.
+    info = listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+    return int.from_bytes(info[24:28], sys.byteorder)
+
 def close_listeners(args):
     n = len(listeners)
+    pending = sum(queued(s) for s in listeners)
     for s in listeners:
         # shutdown wakes the thread blocked in accept(), which would keep the socket open.
         s.shutdown(socket.SHUT_RDWR)
         s.close()
     listeners.clear()
-    return "closed %d" % n
+    return "closed %d pending %d" % (n, pending)
 
 def new_socket(args):
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -182,13 +191,6 @@ def mark(args):
     except OSError as e:
         return "mark err %d" % e.errno
 
-def user(args):
-    uid = int(args[0])
-    os.setgroups([])
-    os.setgid(uid)
-    os.setuid(uid)
-    return "user %d" % os.geteuid()
-
 print("ready", flush=True)
 for line in sys.stdin:
     words = line.split()
@@ -202,5 +204,5 @@ for line in sys.stdin:
                "bind": bind, "listen_unbound": listen_unbound, "close_listeners": close_listeners,
                "socket": new_socket, "connect_fd": connect_fd, "udp_send": udp_send,
                "udp_connect": udp_connect, "udp_listen": udp_listen, "ping": ping, "raw": raw,
-               "packet": packet, "mark": mark, "user": user}.get(cmd)
+               "packet": packet, "mark": mark}.get(cmd)
     print(handler(args) if handler else "unknown %s" % cmd, flush=True)

@@ -126,6 +126,11 @@ impl Client {
         self.next_line_within(answer_timeout(""))
     }
 
+    /// The next line the client prints within `timeout`, if any (to show that nothing came).
+    pub fn try_next_line(&mut self, timeout: Duration) -> Option<String> {
+        self.process.read_line(timeout)
+    }
+
     fn next_line_within(&mut self, timeout: Duration) -> String {
         match self.process.read_line(timeout) {
             Some(line) => line,

@@ -23,7 +23,7 @@ use super::{
     net::{self, Dial},
     new_record,
     pool::PoolError,
-    state::{Origin, PolicyView},
+    state::{Origin, OriginError, PolicyView},
     verdict,
 };
 use crate::{identity::SpiffeId, report::report};
@@ -64,7 +64,13 @@ async fn handle(node: Arc<Node>, tcp: TcpStream, client: SocketAddr) {
         Err(error) => {
             tracing::info!(%client, error = %report(&error), "refusing an unidentified client");
             let (src, dst) = error.parties(client);
-            return refuse(&node, &view, tcp, (Reason::NoIdentity, None), &src, &dst);
+            let reason = match error {
+                OriginError::Changed { .. } => Reason::ChangedSinceConnect,
+                OriginError::NotRedirected(_)
+                | OriginError::Attest { .. }
+                | OriginError::NoIdentity { .. } => Reason::NoIdentity,
+            };
+            return refuse(&node, &view, tcp, (reason, None), &src, &dst);
         }
     };
     let flow = Flow {

@@ -55,6 +55,9 @@ pub enum Reason {
     NoRoute,
     /// The client has no identity (or no redirect record).
     NoIdentity,
+    /// The client process exec'd or moved to another cgroup after it connected: the identity
+    /// it has now is not the one that made the connection.
+    ChangedSinceConnect,
     /// No SVID could be had for the client's identity.
     NoSvid,
     /// The peer node could not be reached or the handshake failed.
@@ -86,6 +89,7 @@ impl Reason {
             Self::Egress => "egress",
             Self::NoRoute => "no-route",
             Self::NoIdentity => "no-identity",
+            Self::ChangedSinceConnect => "changed-since-connect",
             Self::NoSvid => "no-svid",
             Self::PeerUnreachable => "peer-unreachable",
             Self::ServerNotAuthorized => "server-not-authorized",
