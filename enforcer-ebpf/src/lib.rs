@@ -167,6 +167,9 @@ pub struct Config {
     /// The tunnel's inbound port (host byte order): `sk_lookup` hands connections to it, on
     /// any local address, to the daemon's inbound listener, or refuses them. Zero: none.
     pub inbound_port: u16,
+    /// The cookie of the daemon's network namespace: enrolled processes may make sockets only
+    /// there (elsewhere nothing the daemon does reaches them). Zero: not checked.
+    pub netns_cookie: u64,
 }
 
 /// Byte offsets of the kernel structure members the tracepoints read, found in the running
@@ -206,8 +209,8 @@ pub struct IdentityEntry {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SockKey {
-    /// Address words in network byte order; all zero means "any address" in
-    /// [`map_names::SERVICES`].
+    /// Address words in network byte order. In [`map_names::SERVICES`], an unspecified
+    /// address is its family's "any address": `::ffff:0.0.0.0` for IPv4, `::` for IPv6.
     pub addr: [u32; 4],
     /// Port, host byte order.
     pub port: u16,
@@ -216,30 +219,38 @@ pub struct SockKey {
 }
 
 /// A listening socket of an enrolled process: who owns a destination address and port. Its
-/// identity is the owner's identity now ([`map_names::IDENTITIES`]), never a stored copy.
+/// identity is the owner's identity now ([`map_names::IDENTITIES`]), never a stored copy, and
+/// only while the owner is still the image it was when the socket started listening: after
+/// an exec, an exit or a cgroup move of the owner the socket is nobody's until the daemon
+/// finds who holds it now.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Service {
-    /// tgid of the process that created the listening socket.
+    /// tgid of the process that owns the listening socket.
     pub tgid: u32,
     /// Always zero.
     pub pad: u32,
-    /// cgroup id of that process when it created the socket.
+    /// cgroup id of the socket's creator.
     pub cgroup_id: u64,
     /// The listening socket's cookie.
     pub cookie: u64,
+    /// The owner's image generation ([`map_names::GENERATIONS`]) when it took the socket.
+    pub generation: u64,
 }
 
 /// Socket storage of a socket an enrolled process created ([`map_names::SOCKS`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockTag {
-    /// tgid of the creating process.
+    /// tgid of the owning process: the creator, or whoever the daemon found holding a
+    /// listener whose owner is gone.
     pub tgid: u32,
     /// `SOCK_*` flags.
     pub flags: u32,
     /// cgroup id of the creating process.
     pub cgroup_id: u64,
+    /// The owner's image generation when it created the socket, or when it started listening.
+    pub generation: u64,
 }
 
 impl SockTag {
@@ -452,6 +463,9 @@ pub mod reasons {
     /// listener's owner pass through this socket only when its own owner holds the same
     /// identity.
     pub const SHARED: u32 = 8;
+    /// A socket an enrolled process tried to make outside the daemon's network namespace,
+    /// where neither redirects nor the daemon's hops reach it.
+    pub const NAMESPACE: u32 = 9;
 }
 
 /// One record in the event ring buffer.

@@ -45,7 +45,9 @@ use enforcer::{
     identity::{
         CacheConfig, CertificateAuthority, SpiffeId, SvidCache, SystemClock, TrustBundleSet,
     },
-    kernel::{DaemonConfig, ListenerSlot, Maps, SocketTags, cgroup::cgroup2_mount},
+    kernel::{
+        DaemonConfig, ListenerSlot, Maps, SocketTags, cgroup::cgroup2_mount, netns::netns_cookie,
+    },
     policy::{Compiled, Policy, apply::apply, compile, parse},
     testing::{
         Netns, ScratchCgroup, ScratchDatapath, Spawn, Spawned, TestPki, connect_nodes, require_root,
@@ -978,6 +980,7 @@ fn node(args: &NodeArgs) {
             outbound_v6: None,
             outbound_port: OUTBOUND_PORT,
             inbound_port: args.inbound.port(),
+            netns_cookie: netns_cookie(inbound.as_fd()).expect("read the namespace cookie"),
         })
         .expect("set the daemon config");
         let local = args.inbound.ip();

@@ -279,6 +279,29 @@ fn connect(socket: &Socket, addr: SocketAddr) -> std::io::Result<()> {
     socket.connect_timeout(&addr.into(), Duration::from_secs(2))
 }
 
+/// A connect of this process that the hooks must drop: it times out (not refused, not reset).
+fn assert_timed_out(result: std::io::Result<()>, what: &str) {
+    let error = result.expect_err(what);
+    assert_eq!(
+        error.kind(),
+        std::io::ErrorKind::TimedOut,
+        "{what}: {error}"
+    );
+}
+
+/// The local port of a client's connect that timed out (its SYNs were dropped).
+fn timed_out(answer: &str) -> u16 {
+    answer
+        .strip_prefix("err timeout ")
+        .and_then(|port| port.parse().ok())
+        .unwrap_or_else(|| panic!("not dropped: {answer}"))
+}
+
+/// What `close_listeners` answers when none of `n` listeners got a connection.
+fn closed_untouched(n: usize) -> String {
+    format!("closed {n} pending 0")
+}
+
 /// Descriptor `fd` of process `pid`, duplicated into this process.
 fn steal_fd(pid: u32, fd: i32) -> OwnedFd {
     let pid = Pid::from_raw(i32::try_from(pid).unwrap()).unwrap();
@@ -495,16 +518,22 @@ fn the_redirect_port_reaches_the_daemons_listener_or_nothing() {
         outsider.ask(&format!("connect 127.0.0.1 {redirect_port}")),
         ECONNREFUSED
     );
-    squatter.send("close_listeners");
-    let answer = squatter.next_line();
+    // The inbound port is the daemon's on every address too, even while a squatter holds it
+    // and the daemon has no inbound listener.
     assert_eq!(
-        answer, "closed 1",
-        "the squatter must have accepted nothing"
+        squatter.ask(&format!("listen 0.0.0.0 {INBOUND_PORT}")),
+        format!("listening {INBOUND_PORT}")
     );
-    // The inbound port is the daemon's on every address too.
     assert_eq!(
         outsider.ask(&format!("connect 127.0.0.1 {INBOUND_PORT}")),
         ECONNREFUSED
+    );
+    squatter.send("close_listeners");
+    let answer = squatter.next_line();
+    assert_eq!(
+        answer,
+        closed_untouched(2),
+        "the squatter must have accepted nothing"
     );
 }
 
@@ -515,7 +544,10 @@ fn a_protected_listener_admits_only_a_hop_meant_for_its_owners_identity() {
     let mut reader = events(&fx.datapath);
 
     let mut workload = fx.client(&fx.app);
-    assert_eq!(workload.ask("listen 0.0.0.0 8080"), "listening 8080");
+    assert_eq!(
+        workload.ask("listen 0.0.0.0 8080 --inherit"),
+        "listening 8080"
+    );
     let listen = wait_event(&mut reader, "LISTEN", |e| e.kind == EventKind::Listen);
     assert_eq!((listen.tgid, listen.src.port()), (workload.pid(), 8080));
     fx.attest(workload.pid(), SERVER_ID);
@@ -524,37 +556,33 @@ fn a_protected_listener_admits_only_a_hop_meant_for_its_owners_identity() {
     // Plaintext from anyone but the daemon is dropped: an unprivileged process, one that
     // binds the daemon's source address, and one with CAP_NET_RAW that sets any mark.
     let mut nobody = fx.client_as(Persona::Nobody, &fx.other);
-    assert_eq!(nobody.ask("connect 127.0.0.1 8080"), "err timeout");
-    let dropped = wait_event(&mut reader, "DROP", |e| e.kind == EventKind::Drop);
+    let port = timed_out(&nobody.ask("connect 127.0.0.1 8080"));
+    let dropped = wait_event(&mut reader, "DROP", |e| {
+        e.kind == EventKind::Drop && e.src.port() == port
+    });
     assert_eq!(dropped.reason, reasons::BYPASS);
     assert_eq!(dropped.dst.port(), 8080);
     assert_eq!((dropped.tgid, dropped.dst_id), (workload.pid(), SERVER_ID));
     assert_eq!(dropped.cgroup_id, fx.app.id());
     assert_eq!(dropped.src.ip(), IpAddr::from(Ipv4Addr::LOCALHOST));
-    assert_eq!(
-        nobody.ask("connect 127.0.0.1 8080 --bind 127.0.0.1"),
-        "err timeout"
-    );
+    timed_out(&nobody.ask("connect 127.0.0.1 8080 --bind 127.0.0.1"));
     let mut raw = fx.client_as(Persona::NetRaw, &fx.other);
     assert_eq!(
         raw.ask("mark 0x0e5f0001"),
         "mark ok",
         "CAP_NET_RAW sets marks"
     );
-    assert_eq!(
-        raw.ask("connect 127.0.0.1 8080 --mark 0x0e5f0001"),
-        "err timeout"
-    );
+    timed_out(&raw.ask("connect 127.0.0.1 8080 --mark 0x0e5f0001"));
 
     // A socket of this (root) process that the daemon did not tag: dropped too.
     let untagged = fx.socket(Ipv4Addr::LOCALHOST);
-    assert!(connect(&untagged, target).is_err());
+    assert_timed_out(connect(&untagged, target), "an untagged socket of root");
 
     // A hop meant for another identity: dropped as misdelivered.
     let tags = fx.datapath.socket_tags().unwrap();
     let wrong = fx.socket(Ipv4Addr::LOCALHOST);
     tags.tag_hop(wrong.as_fd(), CLIENT_ID).unwrap();
-    assert!(connect(&wrong, target).is_err());
+    assert_timed_out(connect(&wrong, target), "a hop for another identity");
     wait_event(&mut reader, "DROP misdelivered", |e| {
         e.kind == EventKind::Drop && e.reason == reasons::MISDELIVERED
     });
@@ -565,15 +593,26 @@ fn a_protected_listener_admits_only_a_hop_meant_for_its_owners_identity() {
     connect(&hop, target).expect("the daemon's hop must pass");
     assert!(workload.next_line().starts_with("accepted 127.0.0.1"));
 
-    // Once the owner loses its identity (exec), even the right hop is refused.
-    workload.send(&format!(
-        "exec {} -c 'import time; time.sleep(30)'",
-        "/usr/bin/python3"
-    ));
+    // Once the owner is another image (exec; the listener survives it), even the right hop
+    // is refused: the socket is nobody's until the daemon finds who holds it.
+    workload.send("exec /bin/sleep 30");
     wait_event(&mut reader, "EXEC", |e| e.kind == EventKind::Exec);
+    let pid = workload.pid();
+    assert!(
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .filter_map(Result::ok)
+            .any(|fd| std::fs::read_link(fd.path())
+                .is_ok_and(|target| target.to_string_lossy().starts_with("socket:"))),
+        "the listener did not survive the exec"
+    );
     let late = fx.socket(Ipv4Addr::LOCALHOST);
     tags.tag_hop(late.as_fd(), SERVER_ID).unwrap();
-    assert!(connect(&late, target).is_err());
+    assert_timed_out(connect(&late, target), "a hop after the owner exec'd");
+    let misdelivered = wait_event(&mut reader, "DROP misdelivered after exec", |e| {
+        e.kind == EventKind::Drop && e.reason == reasons::MISDELIVERED && e.tgid == pid
+    });
+    assert_eq!(misdelivered.dst_id, 0, "the owner holds no identity now");
 }
 
 #[test]
@@ -610,8 +649,8 @@ fn services_are_listening_sockets_recorded_at_listen_and_removed_at_close() {
     recorded.sort_unstable();
     let mut expected = vec![
         SocketAddr::from(([127, 0, 0, 1], port)),
-        // The any-address key: a wildcard listener of either family.
-        SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, chosen)),
+        // The IPv4 any-address key: an IPv4 wildcard listener.
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, chosen)),
     ];
     expected.sort_unstable();
     assert_eq!(recorded, expected);
@@ -621,13 +660,10 @@ fn services_are_listening_sockets_recorded_at_listen_and_removed_at_close() {
     // Both are protected, the kernel-chosen one included.
     fx.attest(workload.pid(), SERVER_ID);
     let mut outsider = fx.client(&fx.other);
-    assert_eq!(
-        outsider.ask(&format!("connect 127.0.0.1 {chosen}")),
-        "err timeout"
-    );
+    timed_out(&outsider.ask(&format!("connect 127.0.0.1 {chosen}")));
 
     // Closing them removes them.
-    assert_eq!(workload.ask("close_listeners"), "closed 2");
+    assert_eq!(workload.ask("close_listeners"), closed_untouched(2));
     assert!(owned(&fx, workload.pid()).is_empty());
     assert!(fx.datapath.maps().counter(Counter::Unlisten).unwrap() >= 2);
     // The port is free and unguarded again for whoever listens on it next.
@@ -660,10 +696,7 @@ fn a_listener_the_services_table_cannot_hold_is_protected_and_reported() {
     assert_eq!(fx.datapath.maps().services().len(), 2);
     // Not in the table, still guarded: nobody reaches it in plaintext.
     let mut outsider = fx.client(&fx.other);
-    assert_eq!(
-        outsider.ask(&format!("connect 127.0.0.1 {}", ports[2])),
-        "err timeout"
-    );
+    timed_out(&outsider.ask(&format!("connect 127.0.0.1 {}", ports[2])));
 }
 
 #[test]
@@ -809,6 +842,10 @@ fn a_cgroup_created_at_an_enrolled_path_is_enforced_from_its_first_connect() {
     for round in 0..2 {
         // Created (then re-created) after the policy named it.
         let later = scope.child("later");
+        assert!(
+            fx.datapath.maps().is_enrolled(later.id()).unwrap(),
+            "round {round}: enrolled inside mkdir"
+        );
         let enrolled = wait_event(&mut reader, "ENROLL", |e| e.kind == EventKind::Enroll);
         assert_eq!(enrolled.cgroup_id, later.id(), "round {round}");
         let mut client = fx.client(&later);
@@ -835,6 +872,8 @@ fn a_move_between_cgroups_voids_the_identity_and_is_reported() {
     let _serial = serial();
     let mut fx = fixture();
     let mut reader = events(&fx.datapath);
+    // Declared first, so that it is removed after the processes in it are gone.
+    let inner = fx.app.child("inner");
     let client = fx.client(&fx.app);
     fx.attest(client.pid(), CLIENT_ID);
     assert_eq!(
@@ -842,7 +881,6 @@ fn a_move_between_cgroups_voids_the_identity_and_is_reported() {
         Some(CLIENT_ID)
     );
 
-    let inner = fx.app.child("inner");
     std::fs::write(inner.path().join("cgroup.procs"), client.pid().to_string()).unwrap();
     let moved = wait_event(&mut reader, "MOVE", |e| {
         e.kind == EventKind::Move && e.cgroup_id == inner.id()
@@ -910,6 +948,24 @@ fn exec_revokes_the_identity_and_is_reported() {
     drop(client);
     let event = wait_event(&mut reader, "EXIT", |e| e.kind == EventKind::Exit);
     assert_eq!(event.tgid, pid);
+    assert!(!fx.datapath.maps().identity_pids().contains(&pid));
+}
+
+#[test]
+fn an_identity_whose_cgroup_left_the_policy_still_dies_with_its_process() {
+    let _serial = serial();
+    let mut fx = fixture();
+    let client = fx.client(&fx.app);
+    let pid = client.pid();
+    fx.attest(pid, CLIENT_ID);
+    let mut reader = events(&fx.datapath);
+    fx.datapath.maps_mut().unenroll(fx.app.id()).unwrap();
+
+    // Its exit still ends the identity: a process reusing the pid must never find it.
+    drop(client);
+    let event = wait_event(&mut reader, "EXIT", |e| e.kind == EventKind::Exit);
+    assert_eq!(event.tgid, pid);
+    assert!(!fx.datapath.maps().identity_pids().contains(&pid));
 }
 
 #[test]
@@ -1057,4 +1113,213 @@ fn a_listener_recorded_before_attestation_takes_its_owners_identity_when_atteste
         .unwrap();
     let mut client = client;
     assert_eq!(client.ask(&format!("connect 127.0.0.1 {port}")), EPERM);
+}
+
+#[test]
+fn sockets_the_datapath_cannot_follow_are_refused_to_enrolled_processes() {
+    let _serial = serial();
+    let fx = fixture();
+    let mut reader = events(&fx.datapath);
+
+    // MPTCP: its subflows are sockets the kernel makes, which no hook sees.
+    let mut outsider = fx.client(&fx.other);
+    assert_eq!(
+        outsider.ask("mptcp"),
+        "ok",
+        "this kernel has no MPTCP, so the refusal below would prove nothing"
+    );
+    let mut workload = fx.client(&fx.app);
+    assert_eq!(workload.ask("mptcp"), EPERM);
+    let refused = wait_event(&mut reader, "DENY mptcp", |e| {
+        e.kind == EventKind::Deny && e.tgid == workload.pid()
+    });
+    assert_eq!((refused.reason, refused.protocol), (reasons::PROTOCOL, 262));
+
+    // Any socket in a network namespace other than the daemon's: nothing there reaches the
+    // daemon, so nothing there would be decided.
+    assert_eq!(workload.ask("tcp"), "ok");
+    assert_eq!(workload.ask("unshare_net"), "ok");
+    assert_eq!(workload.ask("tcp"), EPERM);
+    let refused = wait_event(&mut reader, "DENY namespace", |e| {
+        e.kind == EventKind::Deny && e.reason == reasons::NAMESPACE
+    });
+    assert_eq!(refused.tgid, workload.pid());
+    assert_eq!(outsider.ask("unshare_net"), "ok");
+    assert_eq!(outsider.ask("tcp"), "ok", "unenrolled processes are free");
+}
+
+#[test]
+fn an_enrolled_socket_stays_enrolled_in_an_unenrolled_process() {
+    let _serial = serial();
+    let fx = fixture();
+    let mut enrolled = fx.client(&fx.app);
+    let answer = enrolled.ask("socket");
+    let fd: i32 = answer
+        .strip_prefix("socket ")
+        .and_then(|fd| fd.parse().ok())
+        .unwrap_or_else(|| panic!("no socket: {answer}"));
+    // This (unenrolled) process takes the descriptor, as SCM_RIGHTS would hand it over, and
+    // connects it: redirected, not sent out in plaintext.
+    let passed = Socket::from(steal_fd(enrolled.pid(), fd));
+    let target = SocketAddr::from(([127, 0, 0, 2], 7000));
+    connect(&passed, target).expect("redirected to the daemon's listener");
+    let conn = accept(&fx.outbound4);
+    let original = fx
+        .datapath
+        .maps()
+        .original(conn.peer_addr().unwrap())
+        .unwrap()
+        .expect("a redirect record");
+    assert_eq!(original.dst, target);
+    assert_eq!(
+        original.tgid,
+        std::process::id(),
+        "the caller, not the creator"
+    );
+    assert_eq!(original.src_id, 0, "the caller has no identity");
+}
+
+#[test]
+fn a_listener_in_an_enrolled_cgroup_that_no_enrolled_process_made_is_guarded() {
+    let _serial = serial();
+    let mut fx = fixture();
+    let mut reader = events(&fx.datapath);
+    let third = fx.scope.child("third");
+    // Made while its cgroup was not enrolled: open to all.
+    let mut early = fx.client(&fx.other);
+    let port = listening_port(&early.ask("listen 127.0.0.1 0"));
+    let udp: u16 = early
+        .ask("udp_listen 127.0.0.1 0")
+        .strip_prefix("udp ")
+        .and_then(|port| port.parse().ok())
+        .expect("udp port");
+    let mut client = fx.client(&third);
+    assert!(
+        client
+            .ask(&format!("connect 127.0.0.1 {port}"))
+            .starts_with("ok ")
+    );
+    assert!(early.next_line().starts_with("accepted "));
+    // The cgroup is enrolled: the socket has no tag, and is guarded all the same.
+    fx.datapath.maps_mut().enroll(fx.other.id()).unwrap();
+    let from = timed_out(&client.ask(&format!("connect 127.0.0.1 {port}")));
+    let dropped = wait_event(&mut reader, "DROP untagged", |e| {
+        e.kind == EventKind::Drop && e.src.port() == from
+    });
+    assert_eq!(
+        (dropped.reason, dropped.cgroup_id),
+        (reasons::BYPASS, fx.other.id())
+    );
+    // So is its datagram socket.
+    assert_eq!(client.ask(&format!("udp_send 127.0.0.1 {udp}")), "ok");
+    let dropped = wait_event(&mut reader, "DROP untagged datagram", |e| {
+        e.kind == EventKind::Drop && e.dst.port() == udp
+    });
+    assert_eq!(dropped.reason, reasons::INBOUND);
+    assert_eq!(early.try_next_line(Duration::from_millis(300)), None);
+}
+
+#[test]
+fn a_hop_never_lands_on_a_listener_no_enrolled_process_made() {
+    let _serial = serial();
+    let fx = fixture();
+    let mut reader = events(&fx.datapath);
+    let mut open = fx.client(&fx.other);
+    let port = listening_port(&open.ask("listen 127.0.0.1 0"));
+    let target = SocketAddr::from(([127, 0, 0, 1], port));
+    // Anyone else reaches it...
+    let plain = fx.socket(Ipv4Addr::LOCALHOST);
+    connect(&plain, target).expect("an unenrolled listener is open");
+    assert!(open.next_line().starts_with("accepted "));
+    // ... but a hop, meant for a workload, never does.
+    let tags = fx.datapath.socket_tags().unwrap();
+    let hop = fx.socket(Ipv4Addr::LOCALHOST);
+    tags.tag_hop(hop.as_fd(), SERVER_ID).unwrap();
+    assert_timed_out(connect(&hop, target), "a hop to an unenrolled listener");
+    let dropped = wait_event(&mut reader, "DROP misdelivered", |e| {
+        e.kind == EventKind::Drop && e.reason == reasons::MISDELIVERED
+    });
+    assert_eq!((dropped.tgid, dropped.dst.port()), (0, port));
+    assert_eq!(open.ask("close_listeners"), closed_untouched(1));
+}
+
+#[test]
+fn a_service_is_owned_only_at_this_nodes_addresses_and_in_its_own_family() {
+    let _serial = serial();
+    let mut fx = fixture();
+    let mut server = fx.client(&fx.app);
+    // An IPv4 wildcard, a dual-stack IPv6 wildcard, and an address this node does not have.
+    let v4 = listening_port(&server.ask("listen 0.0.0.0 0"));
+    let dual = listening_port(&server.ask("listen :: 0"));
+    let foreign = listening_port(&server.ask("listen 10.99.0.1 0 --freebind"));
+    let client = fx.client(&fx.app);
+    fx.attest(server.pid(), SERVER_ID);
+    fx.attest(client.pid(), CLIENT_ID);
+    let deny = PolicyTable {
+        version: 3,
+        mode: PolicyMode::Enforce,
+        rules: [v4, dual, foreign]
+            .into_iter()
+            .map(|port| PolicyRule {
+                src_id: CLIENT_ID,
+                dst_id: SERVER_ID,
+                port: Some(port),
+                action: PolicyAction::Deny,
+                rule: 9,
+            })
+            .collect(),
+    };
+    fx.datapath.maps_mut().apply_policy(&deny).unwrap();
+    let mut client = client;
+    // Where the server owns the destination, policy refuses at connect.
+    assert_eq!(client.ask(&format!("connect 127.0.0.1 {v4}")), EPERM);
+    assert_eq!(client.ask(&format!("connect 127.0.0.1 {dual}")), EPERM);
+    assert_eq!(client.ask(&format!("connect ::1 {dual}")), EPERM);
+    // Where it does not, the destination is nobody's: redirected, and the tunnel decides.
+    redirected(
+        &fx,
+        &mut client,
+        &format!("connect ::1 {v4}"),
+        &fx.outbound6,
+    );
+    redirected(
+        &fx,
+        &mut client,
+        &format!("connect 10.99.0.1 {foreign}"),
+        &fx.outbound4,
+    );
+}
+
+#[test]
+fn the_first_listener_keeps_a_shared_address() {
+    let _serial = serial();
+    let fx = fixture();
+    let mut reader = events(&fx.datapath);
+    let mut first = fx.client(&fx.app);
+    let port = listening_port(&first.ask("listen 127.0.0.1 0 --reuseport"));
+    let mut second = fx.client(&fx.app);
+    assert_eq!(
+        second.ask(&format!("listen 127.0.0.1 {port} --reuseport")),
+        format!("listening {port}")
+    );
+    let shared = wait_event(&mut reader, "LISTEN shared", |e| {
+        e.kind == EventKind::Listen && e.reason == reasons::SHARED
+    });
+    assert_eq!(shared.tgid, second.pid());
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let owner = fx
+        .datapath
+        .maps()
+        .service(addr)
+        .unwrap()
+        .expect("a service");
+    assert_eq!(owner.tgid, first.pid());
+    // The second closing leaves the first's record alone; the first closing removes it.
+    assert_eq!(second.ask("close_listeners"), closed_untouched(1));
+    assert_eq!(
+        fx.datapath.maps().service(addr).unwrap().map(|s| s.tgid),
+        Some(first.pid())
+    );
+    assert_eq!(first.ask("close_listeners"), closed_untouched(1));
+    assert_eq!(fx.datapath.maps().service(addr).unwrap(), None);
 }

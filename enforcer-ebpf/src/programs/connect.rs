@@ -17,8 +17,8 @@ use super::{
     maps::ORIG_BY_COOKIE,
     state::{
         AF_INET, AF_INET6, IPPROTO_TCP, active_policy, config, current_tgid, daemon_tag,
-        egress_rule, generation_of, identity_at, identity_of, is_mapped, is_peer, mapped,
-        policy_entry, port_from_be, read_words, service_at,
+        egress_rule, generation_of, identity_at, identity_at_since, is_mapped, is_peer, mapped,
+        policy_entry, port_from_be, read_words, service_at, sock_tag,
     },
 };
 
@@ -96,7 +96,16 @@ fn decide(ctx: &SockAddrContext, dst: &SockKey, family: u32, protocol: u32) -> D
         count(Counter::PassDaemon);
         return Decision::Proceed;
     }
-    let Some(cgroup_id) = current_enrolled_cgroup() else {
+    // An enrolled process's socket stays enrolled in anyone's hands (a descriptor passed to
+    // an unenrolled process): decided as the caller's, which has no identity.
+    let creator = || {
+        // SAFETY: the context's socket is a full socket the verifier knows.
+        unsafe { sock_tag((*ctx.sock_addr).__bindgen_anon_1.sk.cast()) }.map(|tag| {
+            // SAFETY: a storage pointer from a successful lookup.
+            unsafe { (*tag).cgroup_id }
+        })
+    };
+    let Some(cgroup_id) = current_enrolled_cgroup().or_else(creator) else {
         count(Counter::PassUnenrolled);
         return Decision::Proceed;
     };
@@ -121,7 +130,9 @@ fn decide(ctx: &SockAddrContext, dst: &SockKey, family: u32, protocol: u32) -> D
     let generation = generation_of(tgid);
     let src_id = identity_at(tgid, generation);
     let service = service_at(dst);
-    let dst_id = service.map_or(UNKNOWN_IDENTITY, |service| identity_of(service.tgid));
+    let dst_id = service.map_or(UNKNOWN_IDENTITY, |service| {
+        identity_at_since(service.tgid, service.generation)
+    });
     event.src_id = src_id;
     event.dst_id = dst_id;
 

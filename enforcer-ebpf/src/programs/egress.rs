@@ -1,14 +1,16 @@
 //! `cgroup_skb/egress`: every packet an enrolled process's socket sends that is not TCP (TCP
 //! was decided at `connect()`) passes only to a destination an egress entry of its protocol
-//! permits: unconnected UDP (`sendto`), ping sockets, anything else. Refused packets fail the
-//! send with `EPERM` and are reported.
+//! permits: unconnected UDP (`sendto`), ping sockets, anything else. So does a socket made in
+//! an enrolled cgroup that carries no tag (made before the cgroup was enrolled). Refused
+//! packets fail the send with `EPERM` and are reported.
 
 use aya_ebpf::{helpers::bpf_sk_fullsock, programs::SkBuffContext};
-use enforcer_ebpf::{Counter, Event, EventKind, SockKey, reasons};
+use enforcer_ebpf::{Counter, Event, EventKind, SockKey, SockTag, reasons};
 
 use super::{
     PROCEED, REFUSE,
     emit::{count, emit},
+    enroll::socket_enrolled_cgroup,
     state::{
         AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP, SOCK_STREAM, active_policy, egress_rule,
         mapped, sock_tag,
@@ -33,11 +35,17 @@ pub(crate) fn try_egress(ctx: &SkBuffContext) -> i32 {
         return PROCEED;
     }
     // SAFETY: `sk` is a full socket.
-    let Some(tag) = (unsafe { sock_tag(sk.cast()) }) else {
-        return PROCEED;
+    let tag = match unsafe { sock_tag(sk.cast()) } {
+        // SAFETY: a storage pointer from a successful lookup.
+        Some(tag) => unsafe { *tag },
+        None => match socket_enrolled_cgroup(skb) {
+            Some(cgroup_id) => SockTag {
+                cgroup_id,
+                ..SockTag::default()
+            },
+            None => return PROCEED,
+        },
     };
-    // SAFETY: a storage pointer from a successful lookup.
-    let tag = unsafe { *tag };
     let mut event = Event {
         cgroup_id: tag.cgroup_id,
         tgid: tag.tgid,

@@ -1,6 +1,12 @@
 //! Enrollment: a cgroup is enrolled when it, or one of its ancestors, is in `ENF_ENROLLED`.
 
-use aya_ebpf::helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id};
+use aya_ebpf::{
+    bindings::__sk_buff,
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_skb_ancestor_cgroup_id,
+        bpf_skb_cgroup_id,
+    },
+};
 use enforcer_ebpf::MAX_CGROUP_DEPTH;
 
 use super::maps::ENROLLED;
@@ -23,6 +29,31 @@ pub(crate) fn current_enrolled_cgroup() -> Option<u64> {
     while level < MAX_CGROUP_DEPTH {
         // SAFETY: the helper has no preconditions; it returns 0 above the task's own level.
         let ancestor = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if ancestor == 0 || ancestor == own {
+            return None;
+        }
+        if listed(ancestor) {
+            return Some(own);
+        }
+        level += 1;
+    }
+    None
+}
+
+/// The cgroup id of the socket behind `skb` (the cgroup its creator was in), if that cgroup is
+/// enrolled (or below one): for sockets no enrolled process created, yet in an enrolled
+/// cgroup (made before the cgroup was enrolled, or by the kernel for an enrolled process).
+#[inline(always)]
+pub(crate) fn socket_enrolled_cgroup(skb: *mut __sk_buff) -> Option<u64> {
+    // SAFETY: `skb` is the program's context.
+    let own = unsafe { bpf_skb_cgroup_id(skb) };
+    if listed(own) {
+        return Some(own);
+    }
+    let mut level = 1;
+    while level < MAX_CGROUP_DEPTH {
+        // SAFETY: as above; it returns 0 above the socket's own level.
+        let ancestor = unsafe { bpf_skb_ancestor_cgroup_id(skb, level) };
         if ancestor == 0 || ancestor == own {
             return None;
         }

@@ -27,8 +27,9 @@ use enforcer_ebpf::{Counter, DaemonTag, Event, EventKind, SockKey, SockTag, reas
 use super::{
     PROCEED, REFUSE,
     emit::{count, emit},
+    enroll::socket_enrolled_cgroup,
     state::{
-        AF_INET, AF_INET6, IPPROTO_TCP, active_policy, daemon_tag, egress_rule, identity_of,
+        AF_INET, AF_INET6, IPPROTO_TCP, active_policy, daemon_tag, egress_rule, identity_at_since,
         mapped, sock_tag,
     },
 };
@@ -55,6 +56,16 @@ pub(crate) fn try_ingress(ctx: &SkBuffContext) -> i32 {
         // SAFETY: a storage pointer from a successful lookup.
         unsafe { *tag }
     });
+    // A socket in an enrolled cgroup that no enrolled process tagged (made before the cgroup
+    // was enrolled, or by the kernel, like an MPTCP subflow) is guarded as one of no identity
+    // until the daemon adopts it.
+    let tag = tag.or_else(|| {
+        socket_enrolled_cgroup(skb).map(|cgroup_id| SockTag {
+            flags: SockTag::PROTECTED,
+            cgroup_id,
+            ..SockTag::default()
+        })
+    });
     let Some(tag) = tag else {
         return if protocol == IPPROTO_TCP {
             unenrolled_listener(ctx)
@@ -75,7 +86,7 @@ pub(crate) fn try_ingress(ctx: &SkBuffContext) -> i32 {
     if tag.flags & SockTag::PROTECTED == 0 {
         return PROCEED;
     }
-    let owner = identity_of(tag.tgid);
+    let owner = identity_at_since(tag.tgid, tag.generation);
     match hop_identity(ctx, &packet) {
         Some(meant) if meant != 0 && meant == owner => PROCEED,
         Some(_) => drop_packet(ctx, &tag, &packet, reasons::MISDELIVERED, owner),
@@ -95,13 +106,12 @@ fn unenrolled_listener(ctx: &SkBuffContext) -> i32 {
     if packet.src.addr != packet.dst.addr || hop_identity(ctx, &packet).is_none() {
         return PROCEED;
     }
-    let unenrolled = SockTag {
-        tgid: 0,
-        flags: 0,
-        cgroup_id: 0,
-    };
+    let unenrolled = SockTag::default();
     drop_packet(ctx, &unenrolled, &packet, reasons::MISDELIVERED, 0)
 }
+
+/// The loopback device's index, the same in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
 
 /// The addresses and protocol of a packet.
 #[derive(Clone, Copy, Default)]
@@ -145,6 +155,12 @@ impl Packet {
 /// one of the daemon's hops (or not a socket of this namespace at all).
 #[inline(always)]
 fn hop_identity(ctx: &SkBuffContext, packet: &Packet) -> Option<u32> {
+    // Hops are local: a packet that came in on any other device is nobody's hop, whatever
+    // addresses it carries.
+    // SAFETY: the context pointer is valid for the whole program run.
+    if unsafe { (*ctx.skb.skb).ingress_ifindex } != LOOPBACK_IFINDEX {
+        return None;
+    }
     // The sender's socket is the one that would receive a packet going the other way.
     // SAFETY: an all-zero tuple is a valid value of this plain-data union.
     let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };

@@ -31,13 +31,16 @@ fn new_generation(tgid: u32) {
     let _ = IDENTITIES.remove(tgid);
 }
 
-/// A process event of the current task, if it is enrolled: new generation, then report it.
+/// A process event of the current task, if it is enrolled or holds an identity (its cgroup
+/// may have left the policy since): new generation, then report it.
 #[inline(always)]
 fn process_event(kind: EventKind, counter: Counter) {
-    let Some(cgroup_id) = current_enrolled_cgroup() else {
-        return;
-    };
     let tgid = current_tgid();
+    let cgroup_id = current_enrolled_cgroup();
+    if cgroup_id.is_none() && IDENTITIES.get_ptr(tgid).is_none() {
+        return;
+    }
+    let cgroup_id = cgroup_id.unwrap_or_default();
     new_generation(tgid);
     let (_, meta) = active_policy();
     count(counter);

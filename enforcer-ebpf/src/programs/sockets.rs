@@ -1,23 +1,31 @@
 //! Socket creation by enrolled processes.
 //!
 //! `cgroup/sock_create` tags every IPv4/IPv6 socket an enrolled process creates with its
-//! creator (tgid, cgroup), which is how the other programs know the socket is an enrolled
-//! workload's, and refuses raw sockets outright: they could forge any packet. A socket that
-//! cannot be tagged is refused too (fail closed). `lsm/socket_create`, where the kernel runs
+//! creator (tgid, cgroup, image generation), which is how the other programs know the socket
+//! is an enrolled workload's, and refuses raw sockets outright (they could forge any packet)
+//! and MPTCP sockets (their subflows are sockets the kernel makes untagged), and any socket
+//! outside the daemon's network namespace (no redirect or hop of the daemon reaches it). A
+//! socket that cannot be tagged is refused too (fail closed). `lsm/socket_create`, where the kernel runs
 //! the BPF LSM, refuses packet sockets (`AF_PACKET`), which no socket hook sees.
 
-use aya_ebpf::programs::{LsmContext, SockContext};
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::generated::bpf_get_netns_cookie,
+    programs::{LsmContext, SockContext},
+};
 use enforcer_ebpf::{Counter, Event, EventKind, SockTag, reasons};
 
 use super::{
     PROCEED, REFUSE,
     emit::{count, emit},
     enroll::current_enrolled_cgroup,
-    state::{SOCK_RAW, active_policy, current_tgid, tag_sock},
+    state::{SOCK_RAW, active_policy, config, current_tgid, generation_of, tag_sock},
 };
 
 /// `AF_PACKET`.
 const AF_PACKET: i32 = 17;
+/// `IPPROTO_MPTCP`.
+const IPPROTO_MPTCP: u32 = 262;
 /// What an LSM hook returns to refuse: `-EPERM`.
 const LSM_EPERM: i32 = -1;
 
@@ -30,13 +38,26 @@ pub(crate) fn try_sock_create(ctx: &SockContext) -> i32 {
     let (family, kind, protocol) =
         unsafe { ((*ctx.sock).family, (*ctx.sock).type_, (*ctx.sock).protocol) };
     if kind == SOCK_RAW {
-        refuse_raw(cgroup_id, tgid, family, protocol);
+        refuse(cgroup_id, tgid, family, protocol, reasons::RAW_SOCKET);
+        return REFUSE;
+    }
+    let daemon_netns = config().netns_cookie;
+    // SAFETY: the context pointer is the program's own.
+    if daemon_netns != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != daemon_netns {
+        refuse(cgroup_id, tgid, family, protocol, reasons::NAMESPACE);
+        return REFUSE;
+    }
+    if protocol == IPPROTO_MPTCP {
+        // Its subflows are sockets the kernel makes, which no hook here sees; applications
+        // fall back to TCP (as Go's listeners do when the protocol is refused).
+        refuse(cgroup_id, tgid, family, protocol, reasons::PROTOCOL);
         return REFUSE;
     }
     let mut tag = SockTag {
         tgid,
         flags: 0,
         cgroup_id,
+        generation: generation_of(tgid),
     };
     // SAFETY: the context's socket is a full socket the verifier knows.
     if unsafe { tag_sock(ctx.sock.cast(), &mut tag) }.is_none() {
@@ -60,27 +81,33 @@ pub(crate) fn try_socket_lsm(ctx: &LsmContext) -> i32 {
         return 0;
     };
     let protocol: i32 = ctx.arg(2);
-    refuse_raw(
+    refuse(
         cgroup_id,
         current_tgid(),
         family.cast_unsigned(),
         protocol.cast_unsigned(),
+        reasons::RAW_SOCKET,
     );
     LSM_EPERM
 }
 
-/// Count and report a refused raw or packet socket.
+/// Count and report a refused socket: raw or packet (`reasons::RAW_SOCKET`), or of a protocol
+/// the datapath cannot follow (`reasons::PROTOCOL`).
 #[inline(always)]
-fn refuse_raw(cgroup_id: u64, tgid: u32, family: u32, protocol: u32) {
+fn refuse(cgroup_id: u64, tgid: u32, family: u32, protocol: u32, reason: u32) {
     let (_, meta) = active_policy();
-    count(Counter::RawRefused);
+    count(if reason == reasons::RAW_SOCKET {
+        Counter::RawRefused
+    } else {
+        Counter::ProtocolDenied
+    });
     emit(
         EventKind::Deny,
         Event {
             cgroup_id,
             policy_version: meta.version,
             tgid,
-            reason: reasons::RAW_SOCKET,
+            reason,
             family,
             protocol,
             ..Event::default()

@@ -45,13 +45,12 @@ pub(crate) fn on_sock_ops(ctx: &SockOpsContext) {
     }
 }
 
-/// The socket's local address and port; an unspecified address (a wildcard bind) is the
-/// all-zero "any" key.
+/// The socket's local address and port (an unspecified address is its family's any-address:
+/// `::ffff:0.0.0.0` for IPv4, `::` for IPv6).
 #[inline(always)]
 fn local_key(ctx: &SockOpsContext) -> SockKey {
     let addr = if ctx.family() == AF_INET {
-        let ip4 = ctx.local_ip4();
-        if ip4 == 0 { [0; 4] } else { mapped(ip4) }
+        mapped(ctx.local_ip4())
     } else {
         // SAFETY: the context pointer is valid for the whole program run.
         unsafe { read_words(&raw const (*ctx.ops).local_ip6) }
@@ -133,6 +132,7 @@ fn listen(ctx: &SockOpsContext) {
         pad: 0,
         cgroup_id: owner.cgroup_id,
         cookie,
+        generation: owner.generation,
     };
     watch_close(ctx);
     hint_service_port(key.port);

@@ -133,6 +133,17 @@ pub(crate) fn identity_of(tgid: u32) -> u32 {
     identity_at(tgid, generation_of(tgid))
 }
 
+/// The identity `tgid` holds now, if it is still the image it was at `generation` (a socket
+/// it took then is its own only while it is).
+#[inline(always)]
+pub(crate) fn identity_at_since(tgid: u32, generation: u64) -> u32 {
+    if generation_of(tgid) == generation {
+        identity_at(tgid, generation)
+    } else {
+        UNKNOWN_IDENTITY
+    }
+}
+
 /// Whether `addr` is one of this node's addresses: loopback, or one the daemon listed.
 #[inline(always)]
 pub(crate) fn is_local(addr: &[u32; 4]) -> bool {
@@ -141,27 +152,30 @@ pub(crate) fn is_local(addr: &[u32; 4]) -> bool {
     loopback4 || loopback6 || LOCAL_ADDRS.get_ptr(addr).is_some()
 }
 
-/// The listening socket that owns `key`: an exact (address, port) entry first, then the
-/// any-address entry when the address is this node's own. The port hint array answers the
-/// common "nobody" without touching the hash map.
+/// The listening socket that owns `key`, only ever at one of this node's own addresses (a
+/// socket bound elsewhere, e.g. with `IP_FREEBIND`, owns nothing): the exact (address, port)
+/// entry first, then the any-address entry of the address's family, then (for IPv4) the IPv6
+/// any-address entry, which dual-stack listeners hold. The port hint array answers the common
+/// "nobody" without touching the hash map.
 #[inline(always)]
 pub(crate) fn service_at(key: &SockKey) -> Option<Service> {
-    if SERVICE_PORTS.get(u32::from(key.port)).copied().unwrap_or(0) == 0 {
+    if SERVICE_PORTS.get(u32::from(key.port)).copied().unwrap_or(0) == 0 || !is_local(&key.addr) {
         return None;
     }
-    if let Some(found) = SERVICES.get_ptr(key) {
+    let mut probe = *key;
+    if let Some(found) = SERVICES.get_ptr(probe) {
         // SAFETY: the pointer comes from a successful lookup and points to a Service value.
         return Some(unsafe { *found });
     }
-    if !is_local(&key.addr) {
-        return None;
+    if is_mapped(&key.addr) {
+        probe.addr = mapped(0);
+        if let Some(found) = SERVICES.get_ptr(probe) {
+            // SAFETY: as above.
+            return Some(unsafe { *found });
+        }
     }
-    let any = SockKey {
-        addr: [0; 4],
-        port: key.port,
-        pad: 0,
-    };
-    let found = SERVICES.get_ptr(any)?;
+    probe.addr = [0; 4];
+    let found = SERVICES.get_ptr(probe)?;
     // SAFETY: as above.
     Some(unsafe { *found })
 }

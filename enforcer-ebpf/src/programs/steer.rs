@@ -23,6 +23,8 @@ use super::{
 const SK_PASS: u32 = 1;
 /// `SK_DROP`: refuse the connection.
 const SK_DROP: u32 = 0;
+/// `bpf_sk_assign` flag: skip the reuseport selection.
+const BPF_SK_LOOKUP_F_NO_REUSEPORT: u64 = 2;
 
 pub(crate) fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
     let lookup = ctx.lookup;
@@ -57,7 +59,11 @@ pub(crate) fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
     } else {
         return SK_PASS;
     };
-    if LISTENERS.redirect_sk_lookup(ctx, slot, 0).is_ok() {
+    // Exactly the daemon's socket, never another member of a reuseport group it might be in.
+    if LISTENERS
+        .redirect_sk_lookup(ctx, slot, BPF_SK_LOOKUP_F_NO_REUSEPORT)
+        .is_ok()
+    {
         count(Counter::Steered);
         SK_PASS
     } else {

@@ -233,6 +233,7 @@ fn decision(event: &KernelEvent) -> (audit::Event, audit::Verdict, &'static str)
         (_, reasons::PROTOCOL) => refused("protocol"),
         (_, reasons::RAW_SOCKET) => refused("raw-socket"),
         (_, reasons::TABLE_FULL) => refused("table-full"),
+        (_, reasons::NAMESPACE) => refused("namespace"),
         _ => refused("policy"),
     }
 }
@@ -304,6 +305,7 @@ mod tests {
         assert_eq!(reason(EventKind::Deny, reasons::PROTOCOL), "protocol");
         assert_eq!(reason(EventKind::Deny, reasons::RAW_SOCKET), "raw-socket");
         assert_eq!(reason(EventKind::Listen, reasons::TABLE_FULL), "table-full");
+        assert_eq!(reason(EventKind::Deny, reasons::NAMESPACE), "namespace");
         assert_eq!(reason(EventKind::Drop, reasons::BYPASS), "bypass");
         assert_eq!(
             reason(EventKind::Drop, reasons::MISDELIVERED),

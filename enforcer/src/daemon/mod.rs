@@ -48,6 +48,7 @@ use crate::{
         cgroup::cgroup2_mount,
         loader::{LoadError, PROGRAMS},
         maps::MapsError,
+        netns::netns_cookie,
     },
     policy::{Diagnostic, diagnostic::render},
     report::report,
@@ -242,6 +243,10 @@ impl Daemon {
 
         let mut maps = Maps::open(&datapath.pin_dir().join("maps"))?;
         let previous_version = maps.active_policy()?.version;
+        // Identity numbers are this run's (file order of the policy it compiles): the ones an
+        // earlier run left would stamp connections with other workloads' identities. Until the
+        // first scan, enrolled processes are attested when they connect.
+        maps.clear_identities()?;
         for (addr, listener) in outbound.iter().zip(&outbound_listeners) {
             let slot = match addr {
                 SocketAddr::V4(_) => ListenerSlot::Outbound4,
@@ -265,6 +270,8 @@ impl Daemon {
             }),
             outbound_port: config.tunnel.outbound_port,
             inbound_port: config.tunnel.inbound_addr.port(),
+            netns_cookie: netns_cookie(inbound_listener.as_fd())
+                .map_err(io_error("namespace cookie of the inbound listener"))?,
         })?;
         let maps = Arc::new(Mutex::new(maps));
 

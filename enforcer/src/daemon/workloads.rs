@@ -27,7 +27,7 @@ use super::{
 };
 use crate::{
     attest::{Attestor, Identification, Identities, ProcessFacts},
-    kernel::Maps,
+    kernel::{Maps, maps::ListenerOwner},
     report::report,
 };
 
@@ -145,10 +145,24 @@ impl Registrar {
             .retain(|pid, _| pids.binary_search(pid).is_ok());
         self.adopted()
             .retain(|(pid, _)| pids.binary_search(pid).is_ok());
+        self.forget_identities_outside(&pids);
         pids.len()
     }
 
-    /// Register one process (after the kernel reported it bound a socket or exec'd).
+    /// Take the kernel identity of every process not in `enrolled` (sorted): one whose cgroup
+    /// left the policy keeps no identity a reused pid could inherit.
+    fn forget_identities_outside(&self, enrolled: &[u32]) {
+        let mut maps = self.maps();
+        for pid in maps.identity_pids() {
+            if enrolled.binary_search(&pid).is_err()
+                && let Err(error) = maps.remove_identity(pid)
+            {
+                tracing::warn!(pid, error = %report(&error), "failed to forget an identity");
+            }
+        }
+    }
+
+    /// Register one process (after the kernel reported it started listening or exec'd).
     pub(crate) fn register(&self, pid: u32) {
         self.register_with(&self.identities(), pid);
     }
@@ -224,7 +238,12 @@ impl Registrar {
         };
         let listeners = sockets::listeners_of(pid);
         self.program(pid, number, generation);
-        self.adopt_listeners(pid, facts.cgroup_id.unwrap_or_default(), &listeners);
+        let holder = ListenerOwner {
+            tgid: pid,
+            cgroup_id: facts.cgroup_id.unwrap_or_default(),
+            generation,
+        };
+        self.adopt_listeners(holder, &listeners);
         let listening = listeners.iter().map(|listener| listener.addr).collect();
         let info = describe(&facts, &identification, listening, generation);
         let mut table = self.table();
@@ -242,47 +261,67 @@ impl Registrar {
     }
 
     /// Give `pid` its identity number for image `generation` in the kernel (or take it away).
+    /// An entry written while the process exec'd or exited is taken back at once: the kernel
+    /// bumped the generation before the write, and a reused pid must never find it.
     fn program(&self, pid: u32, number: Option<u32>, generation: u64) {
         let mut maps = self.maps();
         let result = match number {
             Some(number) if maps.identity(pid).ok().flatten() != Some(number) => {
-                maps.set_identity(pid, number, generation)
+                maps.set_identity(pid, number, generation).and_then(|()| {
+                    if maps.generation(pid)? == generation {
+                        Ok(())
+                    } else {
+                        maps.remove_identity(pid)
+                    }
+                })
             }
-            None if maps.identity(pid).ok().flatten().is_some() => maps.remove_identity(pid),
-            _ => Ok(()),
+            Some(_) => Ok(()),
+            None => maps.remove_identity(pid),
         };
         if let Err(error) = result {
             tracing::warn!(pid, error = %report(&error), "failed to set a process's identity");
         }
     }
 
-    /// Protect and record the listening sockets of `pid` (of cgroup `cgroup_id`) that the
-    /// kernel did not see start listening: taken from the process with `pidfd_getfd`, checked
-    /// to be the same socket, then tagged and recorded like the kernel does. A socket whose
-    /// address another process's listener holds (a shared `SO_REUSEPORT` group) is protected
-    /// and tried again at the next scan, so it takes the address over once the holder is gone.
-    fn adopt_listeners(&self, pid: u32, cgroup_id: u64, listeners: &[Listener]) {
+    /// Protect and record the listening sockets `holder` holds that the kernel did not see
+    /// start listening, or whose owner is no longer the image that took them (it exec'd or
+    /// exited, and `holder` inherited or was passed the socket): taken from the process with
+    /// `pidfd_getfd`, checked to be the same socket, then tagged and recorded like the kernel
+    /// does. A socket whose address another listener holds (a shared `SO_REUSEPORT`
+    /// group) is protected and tried again at the next scan, so it takes the address over once
+    /// the holder is gone.
+    fn adopt_listeners(&self, holder: ListenerOwner, listeners: &[Listener]) {
+        let pid = holder.tgid;
+        self.adopted().retain(|&(owner, inode)| {
+            owner != pid || listeners.iter().any(|listener| listener.inode == inode)
+        });
         for listener in listeners {
-            if self.adopted().contains(&(pid, listener.inode)) {
-                continue;
-            }
-            let known = self
-                .maps()
-                .service(listener.addr)
-                .ok()
-                .flatten()
-                .is_some_and(|service| service.tgid == pid);
-            if !known {
-                match self.adopt(pid, cgroup_id, listener) {
+            // Nothing to do while the address's service has a valid owner, and this socket is
+            // either that owner's own or was looked at before.
+            let seen = self.adopted().contains(&(pid, listener.inode));
+            let settled = {
+                let maps = self.maps();
+                maps.service(listener.addr)
+                    .ok()
+                    .flatten()
+                    .filter(|service| {
+                        maps.generation(service.tgid).ok() == Some(service.generation)
+                    })
+                    .is_some_and(|service| {
+                        service.tgid == pid && service.generation == holder.generation || seen
+                    })
+            };
+            if !settled {
+                match self.adopt(holder, listener) {
                     Ok(true) => {
-                        tracing::info!(pid, addr = %listener.addr, "protected a listening socket the kernel did not see start listening");
+                        tracing::info!(pid, addr = %listener.addr, "protected a listening socket the kernel did not see start listening, or whose owner changed");
                     }
                     Ok(false) => {
-                        tracing::debug!(pid, addr = %listener.addr, "a listening socket shares its address with another process's: protected, the address stays the other's");
+                        tracing::debug!(pid, addr = %listener.addr, "a listening socket shares its address with another's: protected, the address stays the other's");
                         continue;
                     }
                     Err(error) => {
-                        tracing::warn!(pid, addr = %listener.addr, %error, "failed to protect a listening socket the kernel did not see start listening");
+                        tracing::warn!(pid, addr = %listener.addr, %error, "failed to protect a listening socket");
                         continue;
                     }
                 }
@@ -291,10 +330,10 @@ impl Registrar {
         }
     }
 
-    /// Protect one listener of `pid`; whether it became its address's service.
-    fn adopt(&self, pid: u32, cgroup_id: u64, listener: &Listener) -> Result<bool, String> {
+    /// Protect one listener `holder` holds; whether it is its address's service.
+    fn adopt(&self, holder: ListenerOwner, listener: &Listener) -> Result<bool, String> {
         let process =
-            Pid::from_raw(i32::try_from(pid).map_err(|e| e.to_string())?).ok_or("pid 0")?;
+            Pid::from_raw(i32::try_from(holder.tgid).map_err(|e| e.to_string())?).ok_or("pid 0")?;
         let pidfd = pidfd_open(process, PidfdFlags::empty()).map_err(|e| e.to_string())?;
         let socket = pidfd_getfd(&pidfd, listener.fd, PidfdGetfdFlags::empty())
             .map_err(|e| format!("pidfd_getfd: {e}"))?;
@@ -308,7 +347,7 @@ impl Registrar {
             ));
         }
         self.maps()
-            .adopt_listener(socket.as_fd(), listener.addr, pid, cgroup_id)
+            .adopt_listener(socket.as_fd(), listener.addr, holder)
             .map_err(|error| report(&error))
     }
 

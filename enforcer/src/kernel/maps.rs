@@ -28,6 +28,17 @@ use super::addr::{sock_key, socket_addr, to_words};
 /// The map update flag that refuses to replace an existing entry.
 const BPF_NOEXIST: u64 = 1;
 
+/// A process holding a listening socket, as [`Maps::adopt_listener`] records it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenerOwner {
+    /// Its pid.
+    pub tgid: u32,
+    /// Its cgroup id.
+    pub cgroup_id: u64,
+    /// Its image generation ([`Maps::generation`]) when it was attested.
+    pub generation: u64,
+}
+
 /// cgroup id of the root of a cgroup v2 hierarchy: enrolling it would enroll every process.
 const ROOT_CGROUP_ID: u64 = 1;
 
@@ -94,6 +105,9 @@ pub struct DaemonConfig {
     pub outbound_port: u16,
     /// The tunnel's inbound port, the daemon's on every local address.
     pub inbound_port: u16,
+    /// The cookie of the daemon's network namespace ([`super::netns::netns_cookie`]), where
+    /// enrolled processes must stay; `None` where the kernel does not name namespaces.
+    pub netns_cookie: Option<u64>,
 }
 
 impl DaemonConfig {
@@ -130,6 +144,7 @@ impl DaemonConfig {
             outbound_ip6: self.outbound_v6.map_or([0; 4], |v6| to_words(v6.into())),
             outbound_port: self.outbound_port,
             inbound_port: self.inbound_port,
+            netns_cookie: self.netns_cookie.unwrap_or(0),
         })
     }
 }
@@ -477,6 +492,21 @@ impl Maps {
         })
     }
 
+    /// The pids that have an identity entry (valid for their image or not).
+    #[must_use]
+    pub fn identity_pids(&self) -> Vec<u32> {
+        self.identities.keys().filter_map(Result::ok).collect()
+    }
+
+    /// Forget every process's identity: a daemon that starts numbers identities afresh, so
+    /// numbers an earlier run wrote would name other workloads.
+    pub fn clear_identities(&mut self) -> Result<(), MapsError> {
+        for tgid in self.identity_pids() {
+            self.remove_identity(tgid)?;
+        }
+        Ok(())
+    }
+
     /// The identity number a process holds now: the entry written for its current image
     /// generation, if any.
     pub fn identity(&self, tgid: u32) -> Result<Option<u32>, MapsError> {
@@ -499,21 +529,23 @@ impl Maps {
     }
 
     /// Record a listening socket the kernel did not see start listening (one that existed
-    /// before the datapath, or was carried into an enrolled cgroup): protect it like the
-    /// kernel protects the ones it sees, and record it as the service at `addr` (an
-    /// unspecified IP means every local address) owned by process `tgid` of cgroup `cgroup_id`.
-    /// `socket` must be that listening socket (e.g. taken from its owner with `pidfd_getfd`).
-    /// Returns whether the socket became the address's service: `false` when another listener
-    /// holds the address (as the kernel does, the first one keeps it; this socket is protected
+    /// before the datapath, was carried into an enrolled cgroup, or outlived its owner's
+    /// image): protect it like the kernel protects the ones it sees, and record it as the
+    /// service at `addr` (`0.0.0.0` or `::`: every local address of that family). `socket`
+    /// must be that listening socket (e.g. taken from a holder with `pidfd_getfd`), and
+    /// `holder` a process holding it. A socket whose owner is still the image that took it
+    /// keeps that owner; otherwise `holder` becomes its owner.
+    ///
+    /// Returns whether the socket is the address's service: `false` when another listener
+    /// holds the address (as in the kernel, the first one keeps it; this socket is protected
     /// all the same).
     pub fn adopt_listener(
         &mut self,
         socket: BorrowedFd<'_>,
         addr: SocketAddr,
-        tgid: u32,
-        cgroup_id: u64,
+        holder: ListenerOwner,
     ) -> Result<bool, MapsError> {
-        let what = || format!("listener {addr} of pid {tgid}");
+        let what = || format!("listener {addr} of pid {}", holder.tgid);
         if addr.port() == 0 {
             return Err(MapsError::invalid(what(), "port 0"));
         }
@@ -521,19 +553,32 @@ impl Maps {
             what: what(),
             source,
         })?;
-        let tag = SockTag {
-            tgid,
-            flags: SockTag::PROTECTED,
-            cgroup_id,
+        let current = match self.socks.get(&socket, 0) {
+            Ok(tag) => Some(tag),
+            Err(MapError::KeyNotFound) => None,
+            Err(error) => return Err(kernel(map_names::SOCKS, what)(error)),
         };
-        self.socks
-            .insert(&socket, tag, 0)
-            .map_err(kernel(map_names::SOCKS, what))?;
+        let tag = match current {
+            Some(tag) if tag.flags & SockTag::PROTECTED != 0 && self.owns(&tag)? => tag,
+            _ => {
+                let tag = SockTag {
+                    tgid: holder.tgid,
+                    flags: SockTag::PROTECTED,
+                    cgroup_id: current.map_or(holder.cgroup_id, |tag| tag.cgroup_id),
+                    generation: holder.generation,
+                };
+                self.socks
+                    .insert(&socket, tag, 0)
+                    .map_err(kernel(map_names::SOCKS, what))?;
+                tag
+            }
+        };
         let service = Service {
-            tgid,
+            tgid: tag.tgid,
             pad: 0,
-            cgroup_id,
+            cgroup_id: tag.cgroup_id,
             cookie,
+            generation: tag.generation,
         };
         // The hint first: the programs must never see a service whose port is not hinted.
         self.service_ports
@@ -541,10 +586,12 @@ impl Maps {
             .map_err(kernel(map_names::SERVICE_PORTS, || {
                 format!("hint port {}", addr.port())
             }))?;
-        match self
-            .services
-            .insert(service_key(addr), service, BPF_NOEXIST)
-        {
+        let key = sock_key(addr);
+        let flags = match self.service(addr)? {
+            Some(recorded) if recorded.cookie == cookie => 0,
+            _ => BPF_NOEXIST,
+        };
+        match self.services.insert(key, service, flags) {
             Ok(()) => Ok(true),
             Err(MapError::SyscallError(error))
                 if error.io_error.raw_os_error() == Some(libc::EEXIST) =>
@@ -553,6 +600,11 @@ impl Maps {
             }
             Err(error) => Err(kernel(map_names::SERVICES, what)(error)),
         }
+    }
+
+    /// Whether the owner a socket's tag names is still the image that took the socket.
+    fn owns(&self, tag: &SockTag) -> Result<bool, MapsError> {
+        Ok(tag.tgid != 0 && self.generation(tag.tgid)? == tag.generation)
     }
 
     /// Whether some service was ever recorded on `port` (the hint the programs consult before
@@ -566,15 +618,12 @@ impl Maps {
             }))
     }
 
-    /// The listening socket recorded at exactly `addr` (an unspecified IP: the any-address
-    /// entry), if any.
+    /// The listening socket recorded at exactly `addr` (`0.0.0.0` and `::` are each their own
+    /// family's any-address entry), if any.
     pub fn service(&self, addr: SocketAddr) -> Result<Option<Service>, MapsError> {
-        lookup(
-            &self.services,
-            &service_key(addr),
-            map_names::SERVICES,
-            || format!("service {addr}"),
-        )
+        lookup(&self.services, &sock_key(addr), map_names::SERVICES, || {
+            format!("service {addr}")
+        })
     }
 
     /// Every recorded service: (address, listening socket).
@@ -595,7 +644,7 @@ impl Maps {
         {
             remove_if_present(
                 &mut self.services,
-                &service_key(addr),
+                &sock_key(addr),
                 map_names::SERVICES,
                 || format!("remove service {addr}"),
             )?;
@@ -811,19 +860,6 @@ impl Maps {
             .map_err(kernel(map_names::COUNTERS, || {
                 format!("read counter {}", counter.name())
             }))
-    }
-}
-
-/// The kernel key of a service address: the unspecified address means "any".
-fn service_key(addr: SocketAddr) -> SockKey {
-    if addr.ip().is_unspecified() {
-        SockKey {
-            addr: [0; 4],
-            port: addr.port(),
-            pad: 0,
-        }
-    } else {
-        sock_key(addr)
     }
 }
 
@@ -1062,6 +1098,7 @@ mod tests {
             outbound_v6: None,
             outbound_port: 15001,
             inbound_port: 15008,
+            netns_cookie: None,
         };
         assert!(good.validate().is_ok());
         let bad = DaemonConfig {

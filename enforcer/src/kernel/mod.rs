@@ -9,6 +9,7 @@ pub mod events;
 pub mod features;
 pub mod loader;
 pub mod maps;
+pub mod netns;
 pub mod tags;
 
 pub use enforcer_ebpf::{Counter, EventKind, PolicyMeta};

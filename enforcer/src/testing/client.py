@@ -8,7 +8,10 @@
 #                                                          blank line; --inherit: the socket
 #                                                          survives exec)
 #   connect_many N HOST PORT                            -> "done OK EPERM OTHER"
-#   listen HOST PORT [--reuseport]                      -> "listening PORT"; later "accepted PEER"
+#   listen HOST PORT [--reuseport] [--inherit] [--freebind]
+#                                                       -> "listening PORT"; later "accepted PEER"
+#                                                          (--inherit: the listener survives exec;
+#                                                          --freebind: HOST need not be local)
 #   bind HOST PORT                                      -> "bound PORT" | "err ERRNO" (no listen)
 #   listen_unbound                                      -> "listening PORT" (listen() without bind:
 #                                                          the kernel chooses the port)
@@ -21,10 +24,13 @@
 #   udp_listen HOST PORT                                -> "udp PORT"; later "datagram PEER DATA"
 #   ping HOST                                           -> "ok" | "err ERRNO" (ICMP echo, ping socket)
 #   raw                                                 -> "ok" | "err ERRNO" (an IPv4 raw socket)
+#   tcp                                                 -> "ok" | "err ERRNO" (an IPv4 TCP socket)
+#   mptcp                                               -> "ok" | "err ERRNO" (an IPv4 MPTCP socket)
+#   unshare_net                                         -> "ok" | "err ERRNO" (a new network namespace)
 #   packet                                              -> "ok" | "err ERRNO" (an AF_PACKET socket)
 #   exec PROGRAM ARGS...                                -> replaces the process (same pid)
 #   mark M                                              -> "mark ok" | "mark err ERRNO"
-import os, socket, sys, threading
+import ctypes, os, socket, sys, threading
 
 conns = []
 listeners = []
@@ -96,6 +102,10 @@ def listen(args):
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if "--reuseport" in args[2:]:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if "--inherit" in args[2:]:
+        s.set_inheritable(True)
+    if "--freebind" in args[2:]:
+        s.setsockopt(socket.IPPROTO_IP, 15, 1)
     s.bind((host, port))
     return start_listening(s)
 
@@ -180,6 +190,19 @@ def ping(args):
 def raw(args):
     return errno_of(lambda: conns.append(socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)))
 
+def tcp(args):
+    return errno_of(lambda: conns.append(socket.socket(socket.AF_INET, socket.SOCK_STREAM)))
+
+def mptcp(args):
+    return errno_of(lambda: conns.append(socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)))
+
+def unshare_net(args):
+    # CLONE_NEWNET, through libc: os.unshare needs Python 3.12.
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(0x40000000) == 0:
+        return "ok"
+    return "err %d" % ctypes.get_errno()
+
 def packet(args):
     return errno_of(lambda: conns.append(socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0x0300)))
 
@@ -204,5 +227,6 @@ for line in sys.stdin:
                "bind": bind, "listen_unbound": listen_unbound, "close_listeners": close_listeners,
                "socket": new_socket, "connect_fd": connect_fd, "udp_send": udp_send,
                "udp_connect": udp_connect, "udp_listen": udp_listen, "ping": ping, "raw": raw,
-               "packet": packet, "mark": mark}.get(cmd)
+               "packet": packet, "mark": mark, "tcp": tcp, "mptcp": mptcp,
+               "unshare_net": unshare_net}.get(cmd)
     print(handler(args) if handler else "unknown %s" % cmd, flush=True)

@@ -9,7 +9,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::kernel::{DaemonConfig, Datapath, DatapathOptions, ListenerSlot};
+use crate::kernel::{DaemonConfig, Datapath, DatapathOptions, ListenerSlot, netns::netns_cookie};
 
 use super::{Netns, ScratchCgroup, report, unique_name};
 
@@ -100,6 +100,7 @@ impl ScratchDatapath {
                     outbound_v6: Some(Ipv6Addr::LOCALHOST),
                     outbound_port: port,
                     inbound_port,
+                    netns_cookie: netns_cookie(v4.as_fd()).expect("read the namespace cookie"),
                 })
             });
         configured.unwrap_or_else(|error| panic!("failed to configure: {}", report(&error)));

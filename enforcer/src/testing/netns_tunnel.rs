@@ -31,7 +31,9 @@ use super::{Node, ScratchCgroup, ScratchDatapath, Spawn, Spawned, TestPki, repor
 use crate::{
     attest::{AttestOptions, Attestor, Identification, Identities, Registry},
     identity::SpiffeId,
-    kernel::{Counter, DaemonConfig, ListenerSlot, Maps, cgroup::cgroup2_mount},
+    kernel::{
+        Counter, DaemonConfig, ListenerSlot, Maps, cgroup::cgroup2_mount, netns::netns_cookie,
+    },
     policy::{Compiled, Policy, apply::apply, compile, parse},
     tunnel::{
         FlowRecord, LocalWorkloads, Origins, PolicyView, RecordSink, SocketTagger, Tunnel,
@@ -175,6 +177,8 @@ impl TunnelNode {
                         outbound_v6: None,
                         outbound_port: OUTBOUND_PORT,
                         inbound_port: INBOUND_PORT,
+                        netns_cookie: netns_cookie(inbound.as_fd())
+                            .expect("read the namespace cookie"),
                     })
                 })
                 .unwrap_or_else(|error| {

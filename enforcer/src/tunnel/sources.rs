@@ -1,7 +1,7 @@
 //! The daemon's answers to the tunnel's questions, from the kernel maps and attestation:
-//! - which enrolled workload listens at an address: the listening socket the kernel recorded
-//!   there (a wildcard listener only for this node's own addresses), owned by the identity its
-//!   owner process holds *now*;
+//! - which enrolled workload listens at an address (one of this node's own): the listening
+//!   socket the kernel recorded there, owned by the identity its owner process holds *now*, as
+//!   long as the owner is still the image that took the socket;
 //! - who a redirected client is: the identity the kernel stamped on the redirect at
 //!   `connect()`; a process the daemon had not attested by then is attested now, and only if
 //!   it is still the process image that connected (no exec, no cgroup move since);
@@ -11,7 +11,7 @@
 use std::{
     collections::HashSet,
     io,
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::BorrowedFd,
     sync::{Arc, Mutex, PoisonError, RwLock},
 };
@@ -97,22 +97,36 @@ impl KernelSources {
                 .contains(&ip)
     }
 
-    /// The identity number of the process that owns the listening socket at `addr` now.
+    /// The identity number of the process that owns the listening socket at `addr` now, as
+    /// the kernel finds it: only at one of this node's own addresses, the exact entry first,
+    /// then the any-address entry of the address's family, then (for IPv4) the dual-stack
+    /// `::` entry; and only while the owner is still the image that took the socket.
     fn owner_number(&self, addr: SocketAddr) -> Option<u32> {
+        let ip = addr.ip().to_canonical();
+        if ip.is_unspecified() || !self.is_local(ip) {
+            return None;
+        }
         let maps = self.maps();
         if !maps.port_hinted(addr.port()).unwrap_or(true) {
             return None;
         }
-        let lookup = |key: SocketAddr| match maps.service(key) {
+        let lookup = |ip: IpAddr| match maps.service(SocketAddr::new(ip, addr.port())) {
             Ok(found) => found,
             Err(error) => {
-                tracing::warn!(%key, error = %report(&error), "service lookup failed");
+                tracing::warn!(%addr, error = %report(&error), "service lookup failed");
                 None
             }
         };
-        let wildcard = SocketAddr::new(IpAddr::from([0, 0, 0, 0]), addr.port());
-        let service = lookup(addr)
-            .or_else(|| self.is_local(addr.ip()).then(|| lookup(wildcard)).flatten())?;
+        let any_of_family = match ip {
+            IpAddr::V4(_) => Some(IpAddr::from(Ipv4Addr::UNSPECIFIED)),
+            IpAddr::V6(_) => None,
+        };
+        let service = lookup(ip)
+            .or_else(|| any_of_family.and_then(lookup))
+            .or_else(|| lookup(IpAddr::from(Ipv6Addr::UNSPECIFIED)))?;
+        if maps.generation(service.tgid).ok()? != service.generation {
+            return None;
+        }
         maps.identity(service.tgid).ok().flatten()
     }
 
