@@ -23,6 +23,7 @@ use std::{
 use enforcer::{
     audit::AuditRecord,
     identity::SpiffeId,
+    kernel::Maps,
     testing::{
         Client, DaemonNode, Netns, Node, Persona, ScratchCgroup, Spawned, TestPki, connect_nodes,
         require_root, serial, wait_for_listener,
@@ -841,9 +842,10 @@ fn egress_never_overrides_the_mesh() {
     let mesh = Mesh::with_policy("[[egress]]\ncidr = \"0.0.0.0/0\"\n");
     mesh.assert_allowed(&mesh.a_web);
     mesh.assert_refused(&mesh.a, &mesh.a_db);
-    wait_for_record(&mesh.a, "A's policy refusal of db", |r| {
+    // db went through the tunnel too: B refused it by policy, A recorded that.
+    wait_for_record(&mesh.a, "A's record of B's refusal of db", |r| {
         r.verdict.as_str() == "deny"
-            && r.reason == "policy"
+            && r.reason == "denied"
             && r.src.spiffe_id.as_deref() == Some(id("db").as_str())
     });
     wait_for_record(&mesh.b, "B's tunnelled open", |r| {
@@ -991,4 +993,103 @@ fn listeners_older_than_the_datapath_or_carried_in_are_guarded() {
     });
     mesh.assert_allowed(&mesh.a_web);
     assert_dropped(&mesh.b, &mut early, api, "");
+}
+
+/// A server in the shape of many real ones: the master listens, a forked worker accepts.
+const MASTER_AND_WORKER: &str = "\
+import os, socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('0.0.0.0', int(sys.argv[1])))
+s.listen(64)
+worker = os.fork()
+if worker == 0:
+    while True:
+        c, _ = s.accept()
+        c.recv(4096)
+        c.sendall(b'HTTP/1.0 200 OK\\r\\nContent-Length: 6\\r\\n\\r\\nworker')
+        c.close()
+print(worker, flush=True)
+time.sleep(600)
+";
+
+#[test]
+fn a_listener_belongs_to_whoever_holds_it_now() {
+    require_root();
+    let _serial = serial();
+    const PORT: u16 = 9500;
+    let mesh = Mesh::with_policy(&format!(
+        "[[allow]]\nfrom = \"{}\"\nto = \"{}\"\nports = [{PORT}]\n",
+        id("web"),
+        id("api")
+    ));
+    let mut master = mesh
+        .b
+        .spawn(&mesh.b_api, "/usr/bin/python3")
+        .args(["-c", MASTER_AND_WORKER, &PORT.to_string()])
+        .spawn();
+    let worker: u32 = master
+        .read_line(COMMAND_LIMIT)
+        .and_then(|line| line.parse().ok())
+        .expect("the worker's pid");
+    let master_pid = master.pid();
+    Mesh::wait_for_service(&mesh.b, master_pid, "api", PORT);
+    Mesh::wait_for_identity(&mesh.b, worker, "api");
+    let url = format!("http://{}/", SocketAddr::new(mesh.peers[1], PORT));
+    let fetch = |mesh: &Mesh| Mesh::fetch_url(&mesh.a, &mesh.a_web, &url);
+    let (status, line) = fetch(&mesh);
+    assert!(status.success(), "{status} {line:?}");
+    assert_eq!(line.as_deref(), Some("worker"));
+
+    // The master, who made the socket, exits; the worker holds it on. The socket is nobody's
+    // until B's daemon finds the worker holding it, then the worker's (api's again).
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(i32::try_from(master_pid).unwrap()).unwrap(),
+        Signal::KILL,
+    )
+    .unwrap();
+    assert!(
+        master.wait_timeout(COMMAND_LIMIT).is_some(),
+        "the master lives"
+    );
+    mesh.b.wait_until("the worker to own the listener", |b| {
+        let workloads: serde_json::Value =
+            serde_json::from_str(&b.cli_ok(&["workloads", "--json"])).unwrap();
+        workloads.as_array().unwrap().iter().any(|workload| {
+            workload["pid"] == worker
+                && workload["listening"]
+                    .to_string()
+                    .contains(&format!(":{PORT}"))
+        }) && fetch(&mesh).1.as_deref() == Some("worker")
+    });
+}
+
+#[test]
+fn a_restarted_daemon_keeps_no_identity_of_an_earlier_run() {
+    require_root();
+    let _serial = serial();
+    let mut mesh = Mesh::new();
+    let web = Mesh::client(&mesh.a, Persona::Nobody, &mesh.a_web);
+    Mesh::wait_for_identity(&mesh.a, web.pid(), "web");
+    let outsider = Mesh::client(&mesh.a, Persona::Nobody, &mesh.a_guest);
+    mesh.a.signal(Signal::TERM);
+    assert!(mesh.a.wait(COMMAND_LIMIT).is_some(), "A did not stop");
+
+    // What an earlier run left in the kernel (here: web's number on an unenrolled process, as
+    // a renumbered policy would make of any entry) ...
+    let maps_dir = mesh.a.pin_dir().join("maps");
+    let mut maps = Maps::open(&maps_dir).unwrap();
+    let number = maps.identity(web.pid()).unwrap().expect("web's number");
+    let generation = maps.generation(outsider.pid()).unwrap();
+    maps.set_identity(outsider.pid(), number, generation)
+        .unwrap();
+    drop(maps);
+
+    // ... is gone once the daemon runs again; web holds this run's number.
+    mesh.a.restart();
+    mesh.assert_allowed(&mesh.a_web);
+    let maps = Maps::open(&maps_dir).unwrap();
+    assert_eq!(maps.identity(outsider.pid()).unwrap(), None);
+    assert!(!maps.identity_pids().contains(&outsider.pid()));
+    Mesh::wait_for_identity(&mesh.a, web.pid(), "web");
 }
