@@ -995,6 +995,8 @@ fn listeners_older_than_the_datapath_or_carried_in_are_guarded() {
     assert_dropped(&mesh.b, &mut early, api, "");
 }
 
+/// The port of [`MASTER_AND_WORKER`].
+const FORKED_PORT: u16 = 9500;
 /// A server in the shape of many real ones: the master listens, a forked worker accepts.
 const MASTER_AND_WORKER: &str = "\
 import os, socket, sys, time
@@ -1017,25 +1019,24 @@ time.sleep(600)
 fn a_listener_belongs_to_whoever_holds_it_now() {
     require_root();
     let _serial = serial();
-    const PORT: u16 = 9500;
     let mesh = Mesh::with_policy(&format!(
-        "[[allow]]\nfrom = \"{}\"\nto = \"{}\"\nports = [{PORT}]\n",
+        "[[allow]]\nfrom = \"{}\"\nto = \"{}\"\nports = [{FORKED_PORT}]\n",
         id("web"),
         id("api")
     ));
     let mut master = mesh
         .b
         .spawn(&mesh.b_api, "/usr/bin/python3")
-        .args(["-c", MASTER_AND_WORKER, &PORT.to_string()])
+        .args(["-c", MASTER_AND_WORKER, &FORKED_PORT.to_string()])
         .spawn();
     let worker: u32 = master
         .read_line(COMMAND_LIMIT)
         .and_then(|line| line.parse().ok())
         .expect("the worker's pid");
     let master_pid = master.pid();
-    Mesh::wait_for_service(&mesh.b, master_pid, "api", PORT);
+    Mesh::wait_for_service(&mesh.b, master_pid, "api", FORKED_PORT);
     Mesh::wait_for_identity(&mesh.b, worker, "api");
-    let url = format!("http://{}/", SocketAddr::new(mesh.peers[1], PORT));
+    let url = format!("http://{}/", SocketAddr::new(mesh.peers[1], FORKED_PORT));
     let fetch = |mesh: &Mesh| Mesh::fetch_url(&mesh.a, &mesh.a_web, &url);
     let (status, line) = fetch(&mesh);
     assert!(status.success(), "{status} {line:?}");
@@ -1059,7 +1060,7 @@ fn a_listener_belongs_to_whoever_holds_it_now() {
             workload["pid"] == worker
                 && workload["listening"]
                     .to_string()
-                    .contains(&format!(":{PORT}"))
+                    .contains(&format!(":{FORKED_PORT}"))
         }) && fetch(&mesh).1.as_deref() == Some("worker")
     });
 }
