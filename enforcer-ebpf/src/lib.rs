@@ -675,11 +675,11 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<SockKey>(), 20);
         assert_eq!(size_of::<PolicyKey>(), 12);
-        assert_eq!(size_of::<Config>(), 24);
+        assert_eq!(size_of::<Config>(), 32);
         assert_eq!(size_of::<Layout>(), 24);
         assert_eq!(size_of::<IdentityEntry>(), 16);
-        assert_eq!(size_of::<Service>(), 24);
-        assert_eq!(size_of::<SockTag>(), 16);
+        assert_eq!(size_of::<Service>(), 32);
+        assert_eq!(size_of::<SockTag>(), 24);
         assert_eq!(size_of::<DaemonTag>(), 8);
         assert_eq!(size_of::<OrigDst>(), 3 * 8 + 20 + 4 * 4 + 4);
         assert_eq!(size_of::<Event>(), 4 * 8 + 6 * 4 + 2 * 20 + 2 * 4);
