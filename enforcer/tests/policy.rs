@@ -178,6 +178,75 @@ fn each_validation_error_is_located() {
 }
 
 #[test]
+fn cgroup_paths_the_kernel_would_never_match_are_refused_at_the_entry() {
+    let why = "is not a cgroup path as the kernel writes one (`/a/b`: no `//`, `.`, `..` or trailing `/`)";
+    for (path, problem) in [
+        ("/a//b", "it contains `//`"),
+        ("/a/./b", "it contains a `.` component"),
+        ("/a/../b", "it contains a `..` component"),
+        ("/a/b/", "it ends in `/`"),
+        ("a/b", "it is not an absolute path"),
+    ] {
+        assert_eq!(
+            errors(&format!("{HEAD}enroll = [\"/ok\", \"{path}\"]\n")),
+            [format!(
+                "p.toml:2:18: error: enroll entry `{path}` {why}: {problem}"
+            )],
+            "{path}"
+        );
+        let text = format!(
+            "{HEAD}[[workload]]\nid = \"spiffe://example.org/web\"\n\
+             selectors = [\"pid:1\", \"cgroup:path:{path}\"]\n"
+        );
+        assert_eq!(
+            errors(&text),
+            [format!(
+                "p.toml:4:23: error: invalid selector `cgroup:path:{path}`: selector `cgroup:path`: \
+                 `{path}` is not a cgroup path as the kernel writes one: {problem}"
+            )],
+            "{path}"
+        );
+    }
+    // The root: refused as an enrollment, the widest prefix as a selector.
+    assert_eq!(
+        errors(&format!("{HEAD}enroll = [\"/\"]\n")),
+        ["p.toml:2:11: error: refusing to enroll the root cgroup: it would enroll every process"]
+    );
+    let policy = parse(&format!(
+        "{HEAD}enroll = [\"/a/b\"]\n[[workload]]\nid = \"spiffe://example.org/web\"\n\
+         selectors = [\"cgroup:path:/\"]\n"
+    ))
+    .unwrap();
+    assert_eq!(policy.enroll, ["/a/b"]);
+}
+
+#[test]
+fn duplicate_peers_are_refused_naming_both_entries() {
+    let peers = |a: &str, b: &str| {
+        format!("{HEAD}[[peer]]\naddress = \"{a}\"\n[[peer]]\naddress = \"{b}\"\nport = 16000\n")
+    };
+    for (first, second) in [
+        ("10.0.0.1", "10.0.0.1"),
+        ("10.0.0.1", "::ffff:10.0.0.1"),
+        ("::ffff:10.0.0.1", "10.0.0.1"),
+        ("fd00::1", "fd00:0::1"),
+    ] {
+        assert_eq!(
+            errors(&peers(first, second)),
+            [format!(
+                "p.toml:5:11: error: duplicate peer: address `{}` names the same node as \
+                 address `{}` of the [[peer]] at line 3",
+                second.parse::<std::net::IpAddr>().unwrap(),
+                first.parse::<std::net::IpAddr>().unwrap(),
+            )],
+            "{first} {second}"
+        );
+    }
+    let policy = parse(&peers("10.0.0.1", "10.0.0.2")).unwrap();
+    assert_eq!(policy.peers.len(), 2);
+}
+
+#[test]
 fn rules_naming_no_workload_warn_but_pass() {
     let text = format!(
         "{HEAD}[[workload]]\nid = \"spiffe://example.org/a\"\nselectors = [\"pid:1\"]\n\

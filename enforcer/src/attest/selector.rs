@@ -6,7 +6,7 @@
 //! | `unix:user:<name>` / `unix:group:<name>` | the uid / gid has that name in `/etc/passwd` / `/etc/group` |
 //! | `unix:path:<abs path>` | the running binary's path is exactly this (a deleted binary never matches) |
 //! | `unix:sha256:<64 hex>` | the running binary's SHA-256 is this (and the entry's match is refused when the process runs code the hash does not vouch for: see [`registry`](super::registry)) |
-//! | `cgroup:path:<abs path>` | the cgroup v2 path is this path or below it (whole components) |
+//! | `cgroup:path:<abs path>` | the cgroup v2 path is this path or below it (whole components; the path is written as the kernel writes one: no `//`, `.`, `..` or trailing `/`) |
 //! | `container:id:<64 hex>` | the container id parsed from the cgroup path is this |
 //! | `k8s:pod-uid:<uuid>` | the pod uid parsed from the cgroup path is this |
 //! | `pid:<n>` | the process id is `n` |
@@ -88,6 +88,29 @@ fn cgroup_below(cgroup: &str, prefix: &str) -> bool {
             .is_some_and(|rest| rest.starts_with('/'))
 }
 
+/// Why `path` is not a cgroup v2 path as the kernel writes one in `/proc/<pid>/cgroup`: `/`,
+/// or `/` followed by components separated by single `/`, none empty, `.` or `..`, with no
+/// trailing `/`. `None` when it is one. Paths are compared (and, for enrollment, hashed in the
+/// kernel) as text, so any other spelling of a cgroup would silently match nothing.
+#[must_use]
+pub fn cgroup_path_problem(path: &str) -> Option<&'static str> {
+    let Some(components) = path.strip_prefix('/') else {
+        return Some("it is not an absolute path");
+    };
+    if components.is_empty() {
+        return None;
+    }
+    if components.ends_with('/') {
+        return Some("it ends in `/`");
+    }
+    components.split('/').find_map(|component| match component {
+        "" => Some("it contains `//`"),
+        "." => Some("it contains a `.` component"),
+        ".." => Some("it contains a `..` component"),
+        _ => None,
+    })
+}
+
 fn value_error(selector: &'static str, reason: impl Into<String>) -> SelectorError {
     SelectorError::Value {
         selector,
@@ -121,6 +144,16 @@ fn absolute(selector: &'static str, value: &str) -> Result<String, SelectorError
     Ok(value.to_owned())
 }
 
+fn cgroup_path(value: &str) -> Result<String, SelectorError> {
+    match cgroup_path_problem(value) {
+        None => Ok(value.to_owned()),
+        Some(problem) => Err(value_error(
+            "cgroup:path",
+            format!("`{value}` is not a cgroup path as the kernel writes one: {problem}"),
+        )),
+    }
+}
+
 impl FromStr for Selector {
     type Err = SelectorError;
 
@@ -148,7 +181,7 @@ impl FromStr for Selector {
                     .parse()
                     .map_err(|error| value_error("unix:sha256", format!("{error}")))?,
             ),
-            "cgroup:path" => Self::CgroupPath(absolute("cgroup:path", value)?),
+            "cgroup:path" => Self::CgroupPath(cgroup_path(value)?),
             "container:id" => {
                 let digest: Result<Sha256Digest, _> = value.parse();
                 if digest.is_err() {
@@ -199,7 +232,7 @@ impl fmt::Display for Selector {
 mod tests {
     use std::path::PathBuf;
 
-    use super::{Selector, SelectorError};
+    use super::{Selector, SelectorError, cgroup_path_problem};
     use crate::attest::{ContainerInfo, ProcessFacts, Sha256Digest};
 
     const SHA: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
@@ -272,6 +305,10 @@ mod tests {
             ("unix:path:relative", "unix:path"),
             ("unix:sha256:abc", "unix:sha256"),
             ("cgroup:path:x", "cgroup:path"),
+            ("cgroup:path:/a//b", "cgroup:path"),
+            ("cgroup:path:/a/./b", "cgroup:path"),
+            ("cgroup:path:/a/../b", "cgroup:path"),
+            ("cgroup:path:/a/", "cgroup:path"),
             ("container:id:123", "container:id"),
             ("k8s:pod-uid:nope", "k8s:pod-uid"),
             ("pid:x", "pid"),
@@ -290,5 +327,38 @@ mod tests {
             "unix".parse::<Selector>(),
             Err(SelectorError::Unknown(_))
         ));
+    }
+
+    #[test]
+    fn only_cgroup_paths_as_the_kernel_writes_them_pass() {
+        for good in [
+            "/",
+            "/a",
+            "/a/b",
+            "/system.slice/web.service",
+            "/a/..b",
+            "/a/.b",
+        ] {
+            assert_eq!(cgroup_path_problem(good), None, "{good}");
+        }
+        for (bad, problem) in [
+            ("", "it is not an absolute path"),
+            ("a/b", "it is not an absolute path"),
+            ("//", "it ends in `/`"),
+            ("/a/", "it ends in `/`"),
+            ("//a", "it contains `//`"),
+            ("/a//b", "it contains `//`"),
+            ("/a/./b", "it contains a `.` component"),
+            ("/a/.", "it contains a `.` component"),
+            ("/a/../b", "it contains a `..` component"),
+            ("/..", "it contains a `..` component"),
+        ] {
+            assert_eq!(cgroup_path_problem(bad), Some(problem), "{bad}");
+        }
+        let error = "cgroup:path:/a//b".parse::<Selector>().unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "selector `cgroup:path`: `/a//b` is not a cgroup path as the kernel writes one: it contains `//`"
+        );
     }
 }

@@ -15,8 +15,8 @@ pub struct Policy {
     pub trust_domain: TrustDomain,
     /// Global mode.
     pub mode: Mode,
-    /// cgroup v2 paths (relative to the cgroup2 mount, starting with `/`) whose processes are
-    /// enrolled, with everything below them.
+    /// cgroup v2 paths (relative to the cgroup2 mount, as `/proc/<pid>/cgroup` writes them)
+    /// whose processes are enrolled, with everything below them.
     pub enroll: Vec<String>,
     /// Workload entries, in file order.
     pub workloads: Vec<Workload>,

@@ -45,7 +45,7 @@ use super::{
     },
 };
 use crate::{
-    attest::Selector,
+    attest::{Selector, selector::cgroup_path_problem},
     identity::{SpiffeId, TrustDomain},
 };
 
@@ -165,6 +165,8 @@ impl Parser<'_, '_> {
         let peers = self.each(root.get("peer"), "peer", |parser, table, span| {
             parser.peer(table, span)
         });
+        self.duplicate_peers(&peers);
+        let peers: Vec<Peer> = peers.into_iter().map(|(peer, _)| peer).collect();
         let workloads: Vec<Workload> = workloads.into_iter().map(|(w, _)| w).collect();
         if let Some(domain) = &trust_domain {
             self.cross_checks(domain, &workloads, &rules);
@@ -255,18 +257,23 @@ impl Parser<'_, '_> {
             let Some(path) = self.string(item, "enroll entry") else {
                 continue;
             };
-            if !path.starts_with('/') || path.split('/').any(|part| part == "..") {
-                self.diagnostics.error(
-                    &item.span(),
-                    format!("enroll entry `{path}`: expected an absolute cgroup path without `..`"),
-                );
-            } else if path.trim_end_matches('/').is_empty() {
+            if path == "/" {
                 self.diagnostics.error(
                     &item.span(),
                     "refusing to enroll the root cgroup: it would enroll every process",
                 );
+            } else if let Some(problem) = cgroup_path_problem(path) {
+                // The kernel enrolls a cgroup created later by the hash of its path as it
+                // writes it: any other spelling would silently enroll nothing.
+                self.diagnostics.error(
+                    &item.span(),
+                    format!(
+                        "enroll entry `{path}` is not a cgroup path as the kernel writes one \
+                         (`/a/b`: no `//`, `.`, `..` or trailing `/`): {problem}"
+                    ),
+                );
             } else {
-                paths.push(path.trim_end_matches('/').to_owned());
+                paths.push(path.to_owned());
             }
         }
         paths
@@ -524,7 +531,8 @@ impl Parser<'_, '_> {
         }
     }
 
-    fn peer(&mut self, table: &DeTable<'_>, span: &Range<usize>) -> Option<Peer> {
+    /// A `[[peer]]` entry, with the span of its `address` (where errors about it point).
+    fn peer(&mut self, table: &DeTable<'_>, span: &Range<usize>) -> Option<(Peer, Range<usize>)> {
         self.keys(table, "[[peer]]", &["address", "port"]);
         let value = self.required(table, "address", "[[peer]]", span)?;
         let address: Option<IpAddr> = self.parsed(value, "peer address");
@@ -539,10 +547,35 @@ impl Parser<'_, '_> {
                 port
             }
         };
-        Some(Peer {
-            address: address?,
-            port: port?,
-        })
+        Some((
+            Peer {
+                address: address?,
+                port: port?,
+            },
+            value.span(),
+        ))
+    }
+
+    /// Report each `[[peer]]` whose address an earlier one already names (IPv4-mapped IPv6
+    /// addresses count as the IPv4 ones): the tunnel routes a destination to one node by its
+    /// address, so a second entry would be silently ignored.
+    fn duplicate_peers(&mut self, peers: &[(Peer, Range<usize>)]) {
+        let mut first: HashMap<IpAddr, (IpAddr, usize)> = HashMap::new();
+        for (peer, span) in peers {
+            let line = super::diagnostic::line_col(self.diagnostics.source(), span.start).0;
+            if let Some(&(address, first_line)) = first.get(&peer.address.to_canonical()) {
+                self.diagnostics.error(
+                    span,
+                    format!(
+                        "duplicate peer: address `{}` names the same node as address `{address}` \
+                         of the [[peer]] at line {first_line}",
+                        peer.address
+                    ),
+                );
+            } else {
+                first.insert(peer.address.to_canonical(), (peer.address, line));
+            }
+        }
     }
 
     /// Checks across entries: contradictions, and rules that name no workload.
@@ -587,12 +620,11 @@ impl Parser<'_, '_> {
             if entry.protocol != Protocol::Tcp {
                 continue;
             }
-            let mut covered: Vec<IpAddr> = Vec::new();
-            for peer in peers {
-                if entry.contains(peer.address) && !covered.contains(&peer.address) {
-                    covered.push(peer.address);
-                }
-            }
+            let covered: Vec<IpAddr> = peers
+                .iter()
+                .map(|peer| peer.address)
+                .filter(|&address| entry.contains(address))
+                .collect();
             let (noun, whom) = match covered.len() {
                 0 => continue,
                 1 => ("peer", "the peer"),
@@ -807,15 +839,15 @@ mod tests {
     }
 
     #[test]
-    fn egress_covering_several_peers_names_them_once() {
+    fn egress_covering_several_peers_names_each() {
         let (_, warnings) = checked(&format!(
-            "{PEERS}[[peer]]\naddress = \"10.9.0.1\"\n[[peer]]\naddress = \"10.9.0.1\"\nport = 16000\n\
+            "{PEERS}[[peer]]\naddress = \"10.9.0.1\"\nport = 16000\n\
              [[egress]]\ncidr = \"0.0.0.0/0\"\nprotocol = \"tcp\"\n"
         ));
         assert_eq!(
             warnings,
             [
-                "p.toml:12:8: warning: egress 0.0.0.0/0 covers peers 10.0.0.2, 10.9.0.1: flows to the peers go through the tunnel, never as plaintext"
+                "p.toml:10:8: warning: egress 0.0.0.0/0 covers peers 10.0.0.2, 10.9.0.1: flows to the peers go through the tunnel, never as plaintext"
             ]
         );
     }
