@@ -1,6 +1,7 @@
 //! Bad input on the inbound tunnel port, without privileges: non-TLS bytes, slow clients,
 //! malformed HTTP/2, oversized headers and CONNECT to garbage authorities all end with a clean
-//! close (or a refusal status) within a bounded time, and are counted.
+//! close (or a refusal status) within a bounded time, and are counted; a peer on another node
+//! never reaches a loopback or unspecified destination.
 #![expect(
     unused_crate_dependencies,
     reason = "integration tests use the library, not every dependency"
@@ -16,7 +17,7 @@ use bytes::Bytes;
 use enforcer::{
     identity::{PeerAuthorizer, SpiffeId, client_config},
     testing::{MeshListeners, MeshNode, TestPki, test_policy},
-    tunnel::{Metric, Refusal, TunnelConfig, hbone},
+    tunnel::{Metric, Refusal, TunnelConfig, hbone, inbound::Client},
 };
 use h2::client::SendRequest;
 use http::{Method, Request, StatusCode};
@@ -42,6 +43,21 @@ struct Target {
     api: SocketAddr,
 }
 
+/// An echo server on `addr` (port 0: the kernel picks); returns where it listens.
+async fn echo_server(addr: SocketAddr) -> SocketAddr {
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut read, mut write) = stream.split();
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+            });
+        }
+    });
+    addr
+}
+
 async fn target() -> Target {
     let pki = TestPki::new(TD);
     let listeners = MeshListeners::bind(B).await;
@@ -55,16 +71,7 @@ async fn target() -> Target {
         ..TunnelConfig::default()
     };
     let node = MeshNode::start(listeners, "b", &pki, pki.node_svids("b"), &policy, config);
-    let listener = TcpListener::bind(SocketAddr::new(B, 0)).await.unwrap();
-    let api = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut read, mut write) = stream.split();
-                let _ = tokio::io::copy(&mut read, &mut write).await;
-            });
-        }
-    });
+    let api = echo_server(SocketAddr::new(B, 0)).await;
     node.workloads.insert(api, &id("api"));
     Target { pki, node, api }
 }
@@ -91,6 +98,24 @@ impl Target {
     /// An HTTP/2 client over [`Target::tls`].
     async fn h2(&self, dst: SocketAddr) -> SendRequest<Bytes> {
         let (send, connection) = h2::client::handshake(self.tls(dst).await).await.unwrap();
+        tokio::spawn(connection);
+        send
+    }
+
+    /// An HTTP/2 client of the node's request handling, without TLS, as `web` connecting from
+    /// `client` after naming `dst` in its server name and being shown `api`'s certificate (as
+    /// if the handshake had gone that far).
+    async fn h2_from(&self, client: SocketAddr, dst: SocketAddr) -> SendRequest<Bytes> {
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let tunnel = self.node.tunnel.clone();
+        let client = Client {
+            id: id("web"),
+            addr: client,
+            destination: Some(dst),
+            presented: Some(id("api")),
+        };
+        tokio::spawn(async move { tunnel.serve_connection(theirs, client).await });
+        let (send, connection) = h2::client::handshake(ours).await.unwrap();
         tokio::spawn(connection);
         send
     }
@@ -282,4 +307,55 @@ async fn oversized_headers_are_refused_and_the_node_keeps_serving() {
         Some(StatusCode::OK)
     );
     assert_eq!(target.node.tunnel.metrics().get(Metric::FlowsOpened), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_node_never_reaches_a_loopback_or_unspecified_destination() {
+    let target = target().await;
+    // `api` owns a listener on each loopback address, and a wildcard one.
+    let v4 = echo_server("127.0.0.1:0".parse().unwrap()).await;
+    let v6 = echo_server("[::1]:0".parse().unwrap()).await;
+    let any = echo_server("[::]:0".parse().unwrap()).await.port();
+    let mapped = SocketAddr::new("::ffff:127.0.0.1".parse().unwrap(), v4.port());
+    let unspecified4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), any);
+    let unspecified6 = SocketAddr::new("::".parse().unwrap(), any);
+    let loopback = [v4, v6, mapped];
+    let unspecified = [unspecified4, unspecified6];
+    for addr in loopback.iter().chain(&unspecified) {
+        target.node.workloads.insert(*addr, &id("api"));
+    }
+    let another_node: SocketAddr = "192.0.2.1:40000".parse().unwrap();
+    let this_node: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+    let mut refused = 0;
+    for dst in loopback.iter().chain(&unspecified) {
+        let send = target.h2_from(another_node, *dst).await;
+        assert_eq!(
+            status(&send, connect(&dst.to_string())).await,
+            Some(Refusal::NoSuchWorkload.status()),
+            "another node reached {dst}"
+        );
+        refused += 1;
+    }
+    // This node's own clients (the outbound side's local route never comes here) may name a
+    // loopback destination, never an unspecified one.
+    for dst in loopback {
+        let send = target.h2_from(this_node, dst).await;
+        assert_eq!(
+            status(&send, connect(&dst.to_string())).await,
+            Some(StatusCode::OK),
+            "{dst}"
+        );
+    }
+    for dst in unspecified {
+        let send = target.h2_from(this_node, dst).await;
+        assert_eq!(
+            status(&send, connect(&dst.to_string())).await,
+            Some(Refusal::NoSuchWorkload.status()),
+            "{dst}"
+        );
+        refused += 1;
+    }
+    let metrics = target.node.tunnel.metrics();
+    assert_eq!(metrics.get(Metric::InboundRefused), refused);
+    assert_eq!(metrics.get(Metric::FlowsOpened), loopback.len() as u64);
 }

@@ -5,8 +5,15 @@
 //! the SVID of the enrolled workload listening there, or the node's own SVID when none is.
 //! Each CONNECT must name that same destination, an enrolled workload must own it, and policy
 //! must allow (client ID, workload ID, port); only then is the workload dialled, with a hop the
-//! kernel admits only to that workload's listener, and the stream spliced to it. Refusals map to distinct statuses (see
-//! [`Refusal`]).
+//! kernel admits only to that workload's listener, and the stream spliced to it. Refusals map
+//! to distinct statuses (see [`Refusal`]).
+//!
+//! A destination is first checked against where the client connected from ([`ClientAt`]):
+//! an unspecified address (`0.0.0.0`, `::`) is never a destination, and a loopback one
+//! (`127.0.0.0/8`, `::1`, either IPv4-mapped) only for a client that itself connected over
+//! loopback, i.e. from this node's own network namespace. A peer on another node naming one
+//! gets the node's own certificate and `404`, with no owner looked up and nothing dialled, so
+//! a listener bound to loopback stays out of every other node's reach.
 #![forbid(unsafe_code)]
 
 use std::{
@@ -60,8 +67,36 @@ pub struct Client {
     pub presented: Option<SpiffeId>,
 }
 
-/// Picks the certificate for each handshake from the TLS server name: the SVID of the enrolled
-/// workload listening at the named destination, else the node's own SVID.
+/// Where an inbound client connected from, which bounds the destinations it may name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ClientAt {
+    /// Over loopback: from this node's own network namespace (the kernel never accepts a
+    /// loopback source from another host, and a spoofed one could not complete a handshake).
+    ThisNode,
+    /// From any other address: another node.
+    Elsewhere,
+}
+
+impl ClientAt {
+    /// Where a client whose address is `client` connected from.
+    pub(super) fn of(client: SocketAddr) -> Self {
+        if client.ip().to_canonical().is_loopback() {
+            Self::ThisNode
+        } else {
+            Self::Elsewhere
+        }
+    }
+
+    /// Whether such a client may name `dst` as its destination: never an unspecified address
+    /// (it names no listener, and a connect to it reaches this node's loopback), and a
+    /// loopback address only from this node.
+    pub(super) fn may_name(self, dst: SocketAddr) -> bool {
+        let dst = dst.ip().to_canonical();
+        !dst.is_unspecified() && (!dst.is_loopback() || self == Self::ThisNode)
+    }
+}
+
+/// The SVIDs the inbound side can present, and the signing keys built from them.
 pub(super) struct WorkloadCerts {
     node_id: SpiffeId,
     svids: Arc<dyn SvidSource>,
@@ -115,12 +150,46 @@ impl fmt::Debug for WorkloadCerts {
     }
 }
 
-impl ResolvesServerCert for WorkloadCerts {
+/// Picks the certificate for each handshake of the clients at one place (a TLS resolver never
+/// learns the client's address, so the tunnel keeps one per place): the SVID of the enrolled
+/// workload listening at the destination the TLS server name names, when such a client
+/// [may name](ClientAt::may_name) it, else the node's own SVID.
+pub(super) struct CertResolver {
+    certs: Arc<WorkloadCerts>,
+    clients: ClientAt,
+}
+
+impl CertResolver {
+    /// The resolver for clients at `clients`.
+    pub(super) fn new(certs: Arc<WorkloadCerts>, clients: ClientAt) -> Self {
+        Self { certs, clients }
+    }
+
+    /// The workload whose SVID answers a client hello naming `server_name`; `None` for the
+    /// node's own.
+    fn owner(&self, server_name: Option<&str>) -> Option<SpiffeId> {
+        let dst = hbone::parse_server_name(server_name).ok()?;
+        if !self.clients.may_name(dst) {
+            return None;
+        }
+        self.certs.workloads.owner(dst)
+    }
+}
+
+impl fmt::Debug for CertResolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertResolver")
+            .field("certs", &self.certs)
+            .field("clients", &self.clients)
+            .finish()
+    }
+}
+
+impl ResolvesServerCert for CertResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let owner = hbone::parse_server_name(hello.server_name())
-            .ok()
-            .and_then(|dst| self.workloads.owner(dst));
-        self.certified_key(owner.as_ref().unwrap_or(&self.node_id))
+        let owner = self.owner(hello.server_name());
+        self.certs
+            .certified_key(owner.as_ref().unwrap_or(&self.certs.node_id))
     }
 }
 
@@ -146,7 +215,8 @@ pub(super) async fn serve(node: Arc<Node>, listener: TcpListener) {
 /// TLS handshake (bounded in time), then HTTP/2.
 async fn handle_connection(node: Arc<Node>, tcp: TcpStream, addr: SocketAddr) {
     node.metrics.inc(Metric::InboundAccepted);
-    let acceptor = TlsAcceptor::from(Arc::clone(&node.tls_server));
+    let at = ClientAt::of(addr);
+    let acceptor = TlsAcceptor::from(Arc::clone(node.tls_server(at)));
     let tls = match tokio::time::timeout(node.config.handshake_timeout, acceptor.accept(tcp)).await
     {
         Err(_) => {
@@ -176,7 +246,9 @@ async fn handle_connection(node: Arc<Node>, tcp: TcpStream, addr: SocketAddr) {
         }
     };
     let destination = hbone::parse_server_name(session.server_name()).ok();
-    let presented = destination.and_then(|dst| node.workloads.owner(dst));
+    let presented = destination
+        .filter(|&dst| at.may_name(dst))
+        .and_then(|dst| node.workloads.owner(dst));
     let client = Client {
         id,
         addr,
@@ -296,6 +368,10 @@ async fn handle_stream(
         }
     };
     dst.addr = Some(addr);
+    if !ClientAt::of(client.addr).may_name(addr) {
+        tracing::debug!(client = %client.addr, %addr, "CONNECT to a loopback or unspecified address");
+        return refuse(&mut respond, Refusal::NoSuchWorkload, None, &dst);
+    }
     if client.destination != Some(addr) {
         return refuse(&mut respond, Refusal::Misdirected, None, &dst);
     }
@@ -346,4 +422,123 @@ async fn handle_stream(
         tcp_ends(upstream),
     )
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        net::SocketAddr,
+        sync::{
+            Arc,
+            atomic::{AtomicUsize, Ordering},
+        },
+    };
+
+    use rustls_pki_types::ServerName;
+
+    use super::{CertResolver, ClientAt, WorkloadCerts, hbone};
+    use crate::{
+        identity::{CacheError, SpiffeId, X509Svid},
+        tunnel::state::{LocalWorkloads, SvidSource},
+    };
+
+    fn addr(text: &str) -> SocketAddr {
+        text.parse().unwrap()
+    }
+
+    fn api() -> SpiffeId {
+        "spiffe://example.org/api".parse().unwrap()
+    }
+
+    /// Every address is `api`'s; counts the lookups.
+    #[derive(Default)]
+    struct Everywhere(AtomicUsize);
+
+    impl LocalWorkloads for Everywhere {
+        fn owner(&self, _addr: SocketAddr) -> Option<SpiffeId> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Some(api())
+        }
+    }
+
+    struct NoSvids;
+
+    impl SvidSource for NoSvids {
+        fn svid(&self, id: &SpiffeId) -> Result<Arc<X509Svid>, CacheError> {
+            panic!("no SVID of {id} is wanted here")
+        }
+    }
+
+    const LOOPBACK_AND_UNSPECIFIED: [&str; 8] = [
+        "127.0.0.1:8080",
+        "127.3.2.1:8080",
+        "[::1]:8080",
+        "[::ffff:127.0.0.1]:8080",
+        "0.0.0.0:8080",
+        "[::]:8080",
+        "[::ffff:0.0.0.0]:8080",
+        "0.0.0.0:1",
+    ];
+
+    #[test]
+    fn clients_of_other_nodes_may_name_neither_loopback_nor_unspecified_addresses() {
+        for client in [
+            "10.0.0.1:40000",
+            "[fd00::1]:40000",
+            "[::ffff:10.0.0.1]:40000",
+        ] {
+            assert_eq!(ClientAt::of(addr(client)), ClientAt::Elsewhere, "{client}");
+        }
+        for client in [
+            "127.0.0.1:40000",
+            "127.0.0.2:1",
+            "[::1]:40000",
+            "[::ffff:127.0.0.1]:1",
+        ] {
+            assert_eq!(ClientAt::of(addr(client)), ClientAt::ThisNode, "{client}");
+        }
+        for dst in LOOPBACK_AND_UNSPECIFIED {
+            assert!(!ClientAt::Elsewhere.may_name(addr(dst)), "{dst}");
+        }
+        for dst in ["0.0.0.0:8080", "[::]:8080", "[::ffff:0.0.0.0]:8080"] {
+            assert!(!ClientAt::ThisNode.may_name(addr(dst)), "{dst}");
+        }
+        for dst in ["127.0.0.1:8080", "[::1]:8080", "[::ffff:127.0.0.2]:8080"] {
+            assert!(ClientAt::ThisNode.may_name(addr(dst)), "{dst}");
+        }
+        for dst in ["10.0.0.2:8080", "[fd00::2]:443", "[::ffff:10.0.0.2]:8080"] {
+            assert!(ClientAt::Elsewhere.may_name(addr(dst)), "{dst}");
+            assert!(ClientAt::ThisNode.may_name(addr(dst)), "{dst}");
+        }
+    }
+
+    #[test]
+    fn a_server_name_another_node_may_not_name_is_answered_without_an_owner_lookup() {
+        let workloads = Arc::new(Everywhere::default());
+        let certs = Arc::new(WorkloadCerts::new(
+            "spiffe://example.org/enforcer/node/b".parse().unwrap(),
+            Arc::new(NoSvids),
+            Arc::clone(&workloads) as Arc<dyn LocalWorkloads>,
+        ));
+        let remote = CertResolver::new(Arc::clone(&certs), ClientAt::Elsewhere);
+        let local = CertResolver::new(certs, ClientAt::ThisNode);
+        let name = |dst: &str| {
+            let ServerName::DnsName(name) = hbone::server_name(addr(dst)) else {
+                panic!("not a DNS name")
+            };
+            name.as_ref().to_owned()
+        };
+        for dst in LOOPBACK_AND_UNSPECIFIED {
+            assert_eq!(remote.owner(Some(&name(dst))), None, "{dst}");
+        }
+        assert_eq!(
+            workloads.0.load(Ordering::SeqCst),
+            0,
+            "an owner was looked up"
+        );
+        assert_eq!(remote.owner(Some(&name("10.0.0.2:8080"))), Some(api()));
+        assert_eq!(local.owner(Some(&name("127.0.0.1:8080"))), Some(api()));
+        assert_eq!(local.owner(Some(&name("0.0.0.0:8080"))), None);
+        assert_eq!(workloads.0.load(Ordering::SeqCst), 2);
+    }
 }

@@ -49,7 +49,7 @@ pub use state::{
 
 use self::{
     copy::{Ended, Limits, Outcome, Sink, Source, splice},
-    inbound::WorkloadCerts,
+    inbound::{CertResolver, ClientAt, WorkloadCerts},
     pool::Pool,
     tracker::{TrackedFlow, Tracker},
 };
@@ -104,24 +104,34 @@ struct Node {
     tracker: Arc<Tracker>,
     metrics: Arc<Metrics>,
     pool: Pool,
-    tls_server: Arc<ServerConfig>,
+    /// The inbound TLS configuration for clients that connect over loopback (this node's own
+    /// network namespace), which may name loopback destinations.
+    tls_local: Arc<ServerConfig>,
+    /// The inbound TLS configuration for every other client.
+    tls_remote: Arc<ServerConfig>,
 }
 
 impl Tunnel {
     /// A tunnel endpoint built from `parts`.
     pub fn new(parts: TunnelParts) -> Result<Self, TunnelError> {
         let metrics = Arc::new(Metrics::default());
-        let certs = WorkloadCerts::new(
+        let certs = Arc::new(WorkloadCerts::new(
             parts.node_id,
             Arc::clone(&parts.svids),
             Arc::clone(&parts.workloads),
-        );
-        let mut tls_server = server_config_with_resolver(
-            Arc::new(certs),
-            Arc::clone(&parts.bundles),
-            PeerAuthorizer::Any,
-        )?;
-        tls_server.alpn_protocols = vec![hbone::ALPN_H2.to_vec()];
+        ));
+        let tls_server = |clients: ClientAt| -> Result<Arc<ServerConfig>, TunnelError> {
+            let resolver = CertResolver::new(Arc::clone(&certs), clients);
+            let mut config = server_config_with_resolver(
+                Arc::new(resolver),
+                Arc::clone(&parts.bundles),
+                PeerAuthorizer::Any,
+            )?;
+            config.alpn_protocols = vec![hbone::ALPN_H2.to_vec()];
+            Ok(Arc::new(config))
+        };
+        let tls_local = tls_server(ClientAt::ThisNode)?;
+        let tls_remote = tls_server(ClientAt::Elsewhere)?;
         Ok(Self(Arc::new(Node {
             pool: Pool::new(
                 parts.config.clone(),
@@ -138,7 +148,8 @@ impl Tunnel {
             policy: RwLock::new(Arc::new(parts.policy)),
             tracker: Arc::new(Tracker::default()),
             metrics,
-            tls_server: Arc::new(tls_server),
+            tls_local,
+            tls_remote,
         })))
     }
 
@@ -206,6 +217,14 @@ impl Tunnel {
 }
 
 impl Node {
+    /// The inbound TLS configuration for a client at `client`.
+    fn tls_server(&self, client: ClientAt) -> &Arc<ServerConfig> {
+        match client {
+            ClientAt::ThisNode => &self.tls_local,
+            ClientAt::Elsewhere => &self.tls_remote,
+        }
+    }
+
     fn policy(&self) -> Arc<PolicyView> {
         Arc::clone(&self.policy.read().unwrap_or_else(PoisonError::into_inner))
     }
