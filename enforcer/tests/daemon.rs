@@ -125,7 +125,7 @@ impl Mesh {
             peers,
             _site: site,
         };
-        // The daemon on B registers the server as `api` (bind event or rescan).
+        // The daemon on B registers the server as `api` (listen event or rescan).
         mesh.b.wait_until("B to register the api server", |b| {
             b.cli_ok(&["workloads", "--json"])
                 .contains(&format!("\"spiffe://{TD}/api\""))
@@ -427,6 +427,55 @@ fn a_bad_policy_is_rejected_with_its_location_and_the_old_one_keeps_enforcing() 
             .starts_with("# version 1")
     );
     mesh.assert_allowed(&mesh.a_web);
+}
+
+#[test]
+fn a_policy_that_enrolls_the_daemons_own_cgroup_is_refused_at_reload_and_at_start() {
+    require_root();
+    let _serial = serial();
+    let (link, _other) = connect_nodes(&Netns::new("dself-a"), &Netns::new("dself-b"));
+    let pki = TestPki::new(TD);
+    // The daemon runs in home/daemon, outside the scope the policy enrolls.
+    let home = ScratchCgroup::new("daemon-home");
+    let own = home.child("daemon");
+    let mut node = DaemonNode::start_in(binary(), &link, "a", &pki.root, &own, |scope| {
+        mesh_policy(TD, scope, &["web"], &[IpAddr::V4(link.addr4())], "")
+    });
+    let scope = node.scope_path().to_owned();
+    let (own_path, home_path) = (own.policy_path(), home.policy_path());
+    let enrolling = |entry: &str| {
+        format!(
+            "trust_domain = \"{TD}\"\nenroll = [\"{scope}\", \"{entry}\"]\n\
+             [[workload]]\nid = \"spiffe://{TD}/web\"\nselectors = [\"cgroup:path:{scope}/web\"]\n"
+        )
+    };
+    let refusal = |entry: &str| {
+        format!("enroll entry `{entry}` enrolls the daemon's own cgroup `{own_path}`")
+    };
+    for entry in [&own_path, &home_path] {
+        let file = node.dir().join("enrolls-the-daemon.toml");
+        fs::write(&file, enrolling(entry)).unwrap();
+        for dry_run in [true, false] {
+            let mut args = vec!["policy", "reload", file.to_str().unwrap()];
+            if dry_run {
+                args.push("--dry-run");
+            }
+            let output = node.cli(&args);
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(!output.status.success(), "enrolling {entry} was accepted");
+            assert!(stderr.contains(&refusal(entry)), "{stderr}");
+            assert!(stderr.contains("version 1 stays in force"), "{stderr}");
+        }
+    }
+    assert!(node.cli_ok(&["policy", "show"]).starts_with("# version 1"));
+
+    node.signal(Signal::TERM);
+    node.wait(COMMAND_LIMIT)
+        .expect("the daemon exited after SIGTERM");
+    for entry in [&own_path, &home_path] {
+        let log = node.restart_refused(&enrolling(entry));
+        assert!(log.contains(&refusal(entry)), "{log}");
+    }
 }
 
 #[test]

@@ -565,7 +565,7 @@ fn parse_status_ids(status: &str) -> Option<(u32, u32)> {
 }
 
 /// The cgroup v2 path from the text of `/proc/<pid>/cgroup` (the `0::<path>` line).
-fn parse_cgroup_v2(text: &str) -> Option<String> {
+pub(crate) fn parse_cgroup_v2(text: &str) -> Option<String> {
     text.lines()
         .find_map(|line| line.strip_prefix("0::"))
         .map(str::to_owned)

@@ -8,6 +8,7 @@
 
 mod api;
 mod events;
+mod own_cgroup;
 mod reload;
 pub mod sockets;
 mod telemetry;
@@ -27,6 +28,7 @@ use tokio::{
     sync::watch,
 };
 
+pub use self::own_cgroup::OwnCgroupError;
 use self::{
     api::Api,
     events::{EventPump, EventThread},
@@ -76,6 +78,9 @@ pub enum DaemonError {
     /// The policy is invalid.
     #[error("invalid policy:\n{}", render(.0))]
     Policy(Vec<Diagnostic>),
+    /// The policy enrolls the daemon's own cgroup.
+    #[error(transparent)]
+    OwnCgroup(#[from] OwnCgroupError),
     /// cgroup v2 could not be found.
     #[error("cgroup v2")]
     Cgroup(#[from] crate::kernel::cgroup::CgroupError),
@@ -212,6 +217,7 @@ impl Daemon {
     async fn start(config: Config) -> Result<(Arc<Self>, Serving), DaemonError> {
         let started = SystemTime::now();
         let (name, text, policy) = load_policy(&config)?;
+        own_cgroup::refuse_enrolling_the_daemon(&policy.enroll)?;
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)

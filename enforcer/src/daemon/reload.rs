@@ -13,7 +13,11 @@ use std::{
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 
-use super::{Daemon, workloads::Registrar};
+use super::{
+    Daemon,
+    own_cgroup::{OwnCgroupError, refuse_enrolling_the_daemon},
+    workloads::Registrar,
+};
 use crate::{
     attest::Identities,
     audit::{self, Entry},
@@ -113,6 +117,14 @@ pub(crate) enum ReloadError {
         /// The trust domain in force.
         expected: TrustDomain,
     },
+    /// The new policy enrolls the daemon's own cgroup.
+    #[error("{file}: {error}")]
+    OwnCgroup {
+        /// The file.
+        file: String,
+        /// Which entry, and the daemon's cgroup.
+        error: OwnCgroupError,
+    },
     /// Programming the kernel failed.
     #[error("failed to apply the policy to the kernel")]
     Apply(#[from] ApplyError),
@@ -173,6 +185,10 @@ impl Daemon {
                 expected: current.policy.trust_domain.clone(),
             });
         }
+        refuse_enrolling_the_daemon(&policy.enroll).map_err(|error| ReloadError::OwnCgroup {
+            file: file.to_owned(),
+            error,
+        })?;
         let previous_version = current.version();
         let version = previous_version + 1;
         let changes: Vec<String> = diff(&current.policy, &policy)

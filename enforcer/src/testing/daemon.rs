@@ -38,6 +38,8 @@ pub struct DaemonNode {
     binary: PathBuf,
     // Declared before the scope: the daemon goes before its cgroup and files.
     daemon: Option<Spawned>,
+    /// The cgroup the daemon runs in; `None`: the caller's.
+    home: Option<ScratchCgroup>,
     dir: TempDir,
     pin_dir: PathBuf,
     scope: ScratchCgroup,
@@ -57,6 +59,29 @@ impl DaemonNode {
         root: &CertificateAuthority,
         policy: impl FnOnce(&str) -> String,
     ) -> Self {
+        Self::start_with(binary, link, name, root, None, policy)
+    }
+
+    /// [`start`](Self::start), with the daemon in the cgroup `home` instead of the caller's.
+    pub fn start_in(
+        binary: &Path,
+        link: &Node,
+        name: &str,
+        root: &CertificateAuthority,
+        home: &ScratchCgroup,
+        policy: impl FnOnce(&str) -> String,
+    ) -> Self {
+        Self::start_with(binary, link, name, root, Some(home.clone()), policy)
+    }
+
+    fn start_with(
+        binary: &Path,
+        link: &Node,
+        name: &str,
+        root: &CertificateAuthority,
+        home: Option<ScratchCgroup>,
+        policy: impl FnOnce(&str) -> String,
+    ) -> Self {
         let scope = ScratchCgroup::new(name);
         let scope_path = scope.policy_path();
         let dir = TempDir::new().expect("state directory");
@@ -68,6 +93,7 @@ impl DaemonNode {
             name: name.to_owned(),
             binary: binary.to_owned(),
             daemon: None,
+            home,
             pin_dir: Path::new(BPFFS).join(unique_name(&format!("daemon-{name}"))),
             dir,
             scope,
@@ -100,17 +126,26 @@ impl DaemonNode {
         fs::write(self.policy_path(), text).expect("write the policy");
     }
 
-    /// Start the daemon process and wait until its control socket answers.
-    fn launch(&mut self) {
+    /// Start the daemon process (in its home cgroup, if it has one).
+    fn spawn_daemon(&mut self) {
         // `nsenter` joins only the network namespace: `ip netns exec` would also remount /sys,
         // hiding the cgroup2 and bpffs mounts the daemon works with.
-        let daemon = Spawn::new("nsenter")
+        let mut spawn = Spawn::new("nsenter");
+        if let Some(home) = &self.home {
+            spawn = spawn.cgroup(home);
+        }
+        let daemon = spawn
             .arg(format!("--net=/run/netns/{}", self.link.netns().name()))
             .arg(&self.binary)
             .args(["--log", "info,enforcer=debug", "run", "--config"])
             .arg(self.config_path())
             .spawn();
         self.daemon = Some(daemon);
+    }
+
+    /// Start the daemon process and wait until its control socket answers.
+    fn launch(&mut self) {
+        self.spawn_daemon();
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if self.cli(&["status", "--json"]).status.success() {
@@ -140,6 +175,35 @@ impl DaemonNode {
             self.name
         );
         self.launch();
+    }
+
+    /// Make `policy` the node's policy file and start the daemon again after it stopped,
+    /// expecting it to refuse to start: panics if it is still running after the start timeout
+    /// or exits successfully. Returns what it logged.
+    pub fn restart_refused(&mut self, policy: &str) -> String {
+        assert!(
+            self.daemon
+                .as_mut()
+                .is_none_or(|d| d.wait_timeout(Duration::ZERO).is_some()),
+            "node {}: the daemon is still running",
+            self.name
+        );
+        self.write_policy(policy);
+        self.spawn_daemon();
+        let exited = self.wait(START_TIMEOUT);
+        let log = self.log();
+        match exited {
+            None => panic!(
+                "node {}: the daemon started although it should have refused; its log:\n{log}",
+                self.name
+            ),
+            Some(status) => assert!(
+                !status.success(),
+                "node {}: the daemon exited successfully instead of refusing to start; its log:\n{log}",
+                self.name
+            ),
+        }
+        log
     }
 
     /// Send `signal` to the daemon.
