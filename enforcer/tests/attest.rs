@@ -155,6 +155,69 @@ fn a_binary_replaced_on_disk_keeps_its_running_hash_and_exec_changes_it() {
     assert!(changed, "exec did not change the hash");
 }
 
+/// The loader variables among `issues`.
+fn loader_variables(issues: &[LoadedCodeIssue]) -> Vec<&LoadedCodeIssue> {
+    issues
+        .iter()
+        .filter(|issue| matches!(issue, LoadedCodeIssue::LoaderVariable { .. }))
+        .collect()
+}
+
+#[test]
+fn an_exec_of_the_same_binary_is_never_served_the_old_images_cached_facts() {
+    let _serial = serial();
+    let sh = fs::canonicalize(which("sh")).unwrap();
+    let libc = own_library("libc");
+    // A shell with a clean environment that, told to, execs itself (the same inode) with
+    // LD_PRELOAD set.
+    let script = format!(
+        "read line; export LD_PRELOAD={}; exec {} -c 'read line'",
+        libc.display(),
+        sh.display()
+    );
+    let mut shell = Spawn::new(&sh)
+        .args(["-c", &script])
+        .env_clear()
+        .stdin_piped()
+        .spawn();
+    let pid = shell.pid();
+    // A cache that would serve an entry for the whole test, whatever the machine's speed.
+    let attestor = Attestor::new(AttestOptions {
+        cache_ttl: Duration::from_mins(10),
+        ..AttestOptions::default()
+    });
+    // The kernel's image generations of the two images (any two distinct numbers).
+    let (first, second) = (1_000, 2_000);
+    let before = attestor.attest_for(pid, first).unwrap();
+    assert!(
+        loader_variables(&before.loaded_code).is_empty(),
+        "{before:?}"
+    );
+
+    shell.write_line("exec");
+    let environ = format!("/proc/{pid}/environ");
+    let execed = (0..500).any(|_| {
+        std::thread::sleep(Duration::from_millis(10));
+        fs::read(&environ).is_ok_and(|env| env.windows(10).any(|w| w == b"LD_PRELOAD"))
+    });
+    assert!(execed, "the shell did not exec itself with LD_PRELOAD");
+
+    let after = attestor.attest_for(pid, second).unwrap();
+    assert_eq!(after.exe, before.exe, "the same binary");
+    assert_eq!(after.start_time, before.start_time, "the same process");
+    assert_eq!(
+        loader_variables(&after.loaded_code),
+        [&LoadedCodeIssue::LoaderVariable {
+            name: "LD_PRELOAD",
+            value: libc.display().to_string(),
+        }],
+        "the new image was served the old image's facts"
+    );
+    // The entry now belongs to the second image, and is served for it.
+    let again = attestor.attest_for(pid, second).unwrap();
+    assert_eq!(again, after);
+}
+
 #[test]
 fn binaries_above_the_cap_are_refused_with_a_reason() {
     let _serial = serial();

@@ -17,10 +17,22 @@
 //!
 //! Results are cached per pid, each entry holding the process's pidfd. A cached result is used
 //! only while that pidfd says the process is alive (so a reused pid is never served another
-//! process's facts) and `/proc/<pid>/exe` is still the same inode (so an `exec` is never served
-//! stale facts), and for at most `cache_ttl`, after which uid, gid and cgroup (which a process
-//! can change without `exec`) are read again. The daemon also drops entries on the kernel's
-//! EXEC and EXIT events ([`Attestor::forget`]). Each cached entry holds one file descriptor.
+//! process's facts) and `/proc/<pid>/exe` is still the same inode (so an `exec` of another
+//! binary is never served stale facts), and for at most `cache_ttl`, after which uid, gid and
+//! cgroup (which a process can change without `exec`) are read again. Each cached entry holds
+//! one file descriptor.
+//!
+//! An `exec` of the *same* binary (same inode) changes nothing userspace can check cheaply and
+//! reliably (`/proc/<pid>/stat`'s start time and name stay; addresses are the process's to
+//! choose once it disables randomization; a handle on the old memory stays valid while another
+//! process shares it), yet the new image may have been started with `LD_PRELOAD`. The kernel
+//! knows: it gives a process a new *image generation* on every exec (and exit and cgroup
+//! move). [`Attestor::attest_for`] takes the generation the caller read from the kernel and
+//! serves a cached entry only when it was made for that same generation, so an exec always
+//! invalidates it. [`Attestor::attest`], which has no generation, relies on the inode check,
+//! the time limit and the daemon dropping entries on the kernel's EXEC and EXIT events
+//! ([`Attestor::forget`]): it can serve the old image's facts for up to `cache_ttl` after a
+//! same-binary exec, and is for callers that know no generation.
 #![forbid(unsafe_code)]
 
 pub mod accounts;
@@ -216,6 +228,8 @@ pub struct Attestor {
 struct Cached {
     facts: ProcessFacts,
     exe: (u64, u64),
+    /// The kernel's image generation the facts were read for, when the caller gave one.
+    generation: Option<u64>,
     at: Instant,
     pidfd: OwnedFd,
 }
@@ -233,8 +247,26 @@ impl Attestor {
 
     /// Attest `pid`, from the cache when the process is provably the one cached (same start
     /// time, same binary inode) and the entry is fresh; otherwise [`Attestor::attest_fresh`].
+    /// A same-binary `exec` goes unnoticed until the entry expires or is forgotten: prefer
+    /// [`Attestor::attest_for`] wherever the kernel's image generation is known.
     pub fn attest(&self, pid: u32) -> Result<ProcessFacts, AttestError> {
-        if let Some(facts) = self.cached(pid) {
+        self.attest_cached(pid, None)
+    }
+
+    /// Attest the image of `pid` whose kernel image generation is `generation` (read by the
+    /// caller before this call): like [`Attestor::attest`], but a cached entry is served only
+    /// if it was made for this same generation, so any `exec` since (even of the same binary)
+    /// means a fresh attestation.
+    pub fn attest_for(&self, pid: u32, generation: u64) -> Result<ProcessFacts, AttestError> {
+        self.attest_cached(pid, Some(generation))
+    }
+
+    fn attest_cached(
+        &self,
+        pid: u32,
+        generation: Option<u64>,
+    ) -> Result<ProcessFacts, AttestError> {
+        if let Some(facts) = self.cached(pid, generation) {
             return Ok(facts);
         }
         let pinned = Pinned::open(pid)?;
@@ -249,6 +281,7 @@ impl Attestor {
                 Cached {
                     facts: facts.clone(),
                     exe,
+                    generation,
                     at: Instant::now(),
                     pidfd: pinned.pidfd,
                 },
@@ -269,9 +302,15 @@ impl Attestor {
         self.lock().remove(&pid);
     }
 
-    fn cached(&self, pid: u32) -> Option<ProcessFacts> {
+    /// The cached facts of `pid`, if they still hold (for image `generation`, when given).
+    fn cached(&self, pid: u32, generation: Option<u64>) -> Option<ProcessFacts> {
         let mut cache = self.lock();
         let entry = cache.get(&pid)?;
+        // An entry of another (or an unknown) generation is not even looked at: it may be the
+        // image before an exec. Replacing it is up to the fresh attestation that follows.
+        if generation.is_some() && entry.generation != generation {
+            return None;
+        }
         // The pidfd names the cached process instance: if it exited, the pid may name another.
         let valid = entry.at.elapsed() < self.options.cache_ttl
             && !exited(&entry.pidfd)
