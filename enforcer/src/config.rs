@@ -70,8 +70,9 @@ pub struct Config {
     /// How long SIGTERM waits for open flows to finish. Default `10s`.
     #[serde(deserialize_with = "duration")]
     pub drain_timeout: Duration,
-    /// How often enrolled cgroups are rescanned for processes and listening sockets (the
-    /// kernel's bind and exec events trigger a scan sooner). Default `2s`.
+    /// How often enrolled cgroups are rescanned for processes and listening sockets. Between
+    /// scans the kernel's events act on one process at once: `listen` registers it, `exec` and
+    /// a cgroup move re-attest it, exit forgets it. Default `2s`.
     #[serde(deserialize_with = "duration")]
     pub rescan_interval: Duration,
     /// The kernel side.

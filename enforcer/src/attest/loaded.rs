@@ -4,11 +4,21 @@
 //!
 //! Two sources, each read once per attestation under the attestor's pidfd guard:
 //!
-//! - `/proc/<pid>/environ`, the environment the process was started with (what the loader read
-//!   at `exec`): a non-empty [`LD_PRELOAD`, `LD_AUDIT`, `LD_LIBRARY_PATH` or
+//! - `/proc/<pid>/environ`: a non-empty [`LD_PRELOAD`, `LD_AUDIT`, `LD_LIBRARY_PATH` or
 //!   `LD_ORIGIN_PATH`](REFUSED_LOADER_VARIABLES) is an issue, whether or not the binary is
 //!   dynamically linked. Variables that change how the loader binds or reports (`LD_BIND_NOW`,
 //!   `LD_DEBUG`, `GLIBC_TUNABLES`, ...) are not: whatever it maps must pass the mapping check.
+//!   That file is not a record of the environment the process was started with: the kernel
+//!   reads it from the process's own memory, the area where `exec` placed the initial
+//!   environment, as it is *now*. The process may overwrite that memory after start (programs
+//!   that set their process title do; so can the constructor of a library it preloaded), and
+//!   with `CAP_SYS_RESOURCE` point the kernel elsewhere (`prctl(PR_SET_MM)`). So this check
+//!   sees what the loader read only if the process has not rewritten it. A rewrite can only
+//!   hide variables the process was started with (one it adds only gets it refused), but that
+//!   is enough: the loader acted on them before the process ran. What the loader mapped is
+//!   still seen by the mapping check below, so a preloaded library a non-root user could write
+//!   is refused all the same; a root-owned library only root can write, preloaded and then
+//!   hidden, is not flagged by either check (README, Limits).
 //! - `/proc/<pid>/maps`: every executable mapping of a file other than the main binary (whose
 //!   hash is checked instead) must be of a file no non-root user could have written: owned by
 //!   uid 0, not group or world writable, not deleted. Each is examined through

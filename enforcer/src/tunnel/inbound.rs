@@ -8,7 +8,7 @@
 //! kernel admits only to that workload's listener, and the stream spliced to it. Refusals map
 //! to distinct statuses (see [`Refusal`]).
 //!
-//! A destination is first checked against where the client connected from ([`ClientAt`]):
+//! A destination is first checked against where the client connected from (`ClientAt`):
 //! an unspecified address (`0.0.0.0`, `::`) is never a destination, and a loopback one
 //! (`127.0.0.0/8`, `::1`, either IPv4-mapped) only for a client that itself connected over
 //! loopback, i.e. from this node's own network namespace. A peer on another node naming one
