@@ -362,9 +362,15 @@ fn the_tunnel_is_never_a_relay() {
             format!("listening {OPEN_PORT}")
         );
     }
+    // And a squatter on B's IPv6 loopback at the api's port (api listens on IPv4 only).
+    let mut squatter = Mesh::client(&mesh.b, Persona::Nobody, &mesh.b_guest);
+    assert_eq!(
+        squatter.ask(&format!("listen ::1 {HTTP_PORT}")),
+        format!("listening {HTTP_PORT}")
+    );
 
     // A peer holding a valid SVID of the trust domain asks B's inbound port for each of them,
-    // for an address on no link at all, and for the api.
+    // for an address on no link at all, for the api's port on B's loopbacks, and for the api.
     let now = SystemTime::now();
     let svid = mesh
         .pki
@@ -382,6 +388,8 @@ fn the_tunnel_is_never_a_relay() {
         SocketAddr::new(mesh.peers[0], OPEN_PORT),
         SocketAddr::new([127, 0, 0, 1].into(), OPEN_PORT),
         SocketAddr::new([192, 0, 2, 1].into(), OPEN_PORT),
+        SocketAddr::new([127, 0, 0, 1].into(), HTTP_PORT),
+        SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), HTTP_PORT),
         mesh.api(),
     ];
     let outcomes: Vec<Result<SpiffeId, String>> = link_a.netns().within(|| {
@@ -408,16 +416,16 @@ fn the_tunnel_is_never_a_relay() {
         })
     });
     let no_such = Err(format!("{:?}", Refusal::NoSuchWorkload));
-    for (dst, outcome) in destinations.iter().zip(&outcomes).take(4) {
+    for (dst, outcome) in destinations.iter().zip(&outcomes).take(6) {
         assert_eq!(outcome, &no_such, "B relayed to {dst}");
     }
     assert_eq!(
-        outcomes[4],
+        outcomes[6],
         Ok(id("api").parse().unwrap()),
         "the api itself is served; B's log:\n{}",
         mesh.b.log()
     );
-    for listener in open {
+    for listener in open.into_iter().chain([&mut squatter]) {
         assert_eq!(
             listener.ask("close_listeners"),
             closed_untouched(1),

@@ -162,7 +162,8 @@ impl Registrar {
         }
     }
 
-    /// Register one process (after the kernel reported it started listening or exec'd).
+    /// Register one process (after the kernel reported it started listening, exec'd or moved
+    /// to another cgroup).
     pub(crate) fn register(&self, pid: u32) {
         self.register_with(&self.identities(), pid);
     }
@@ -195,7 +196,8 @@ impl Registrar {
                 cgroup: info.cgroup.clone(),
             });
         }
-        let facts = self.attestor.attest(pid).ok()?;
+        let generation = self.maps().generation(pid).ok()?;
+        let facts = self.attestor.attest_for(pid, generation).ok()?;
         Some(Provenance {
             exe: facts.exe.display().to_string(),
             sha256: facts.sha256.to_string(),
@@ -208,14 +210,7 @@ impl Registrar {
         // The generation before attesting: an identity written for it is void if the process
         // exec'd or moved meanwhile, however the two race.
         let generation = self.maps().generation(pid).unwrap_or_default();
-        if self
-            .table()
-            .get(&pid)
-            .is_some_and(|known| known.generation != generation)
-        {
-            self.attestor.forget(pid);
-        }
-        let facts = match self.attestor.attest(pid) {
+        let facts = match self.attestor.attest_for(pid, generation) {
             Ok(facts) => {
                 self.telemetry.attested(started.elapsed(), true);
                 facts

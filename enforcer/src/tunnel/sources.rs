@@ -13,6 +13,7 @@ use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::BorrowedFd,
+    path::PathBuf,
     sync::{Arc, Mutex, PoisonError, RwLock},
 };
 
@@ -130,6 +131,16 @@ impl KernelSources {
         maps.identity(service.tgid).ok().flatten()
     }
 
+    /// The binary `pid` runs now, for records (from the attestation cache for its current
+    /// image).
+    fn exe_of(&self, pid: u32) -> Option<PathBuf> {
+        let generation = self.maps().generation(pid).ok()?;
+        self.attestor
+            .attest_for(pid, generation)
+            .ok()
+            .map(|facts| facts.exe)
+    }
+
     /// Attest `pid` now for the connection it made as image `generation`: only while that is
     /// still its image (checked before and after reading its facts).
     fn attest_unstamped(
@@ -197,14 +208,10 @@ impl Origins for KernelSources {
                 .ok_or_else(|| OriginError::NoIdentity {
                     pid,
                     dst,
-                    exe: self
-                        .attestor
-                        .attest(pid)
-                        .map(|facts| facts.exe)
-                        .unwrap_or_default(),
+                    exe: self.exe_of(pid).unwrap_or_default(),
                 })?
         };
-        let exe = self.attestor.attest(pid).ok().map(|facts| facts.exe);
+        let exe = self.exe_of(pid);
         Ok(Origin {
             dst,
             pid,
