@@ -1224,8 +1224,15 @@ fn a_hop_never_lands_on_a_listener_no_enrolled_process_made() {
     let _serial = serial();
     let fx = fixture();
     let mut reader = events(&fx.datapath);
+    // A workload's port (hops go only to services' ports), and a listener nobody enrolled on
+    // another address at that port.
+    let mut workload = fx.client(&fx.app);
+    let port = listening_port(&workload.ask("listen 127.0.0.2 0"));
     let mut open = fx.client(&fx.other);
-    let port = listening_port(&open.ask("listen 127.0.0.1 0"));
+    assert_eq!(
+        open.ask(&format!("listen 127.0.0.1 {port}")),
+        format!("listening {port}")
+    );
     let target = SocketAddr::from(([127, 0, 0, 1], port));
     // Anyone else reaches it...
     let plain = fx.socket(Ipv4Addr::LOCALHOST);

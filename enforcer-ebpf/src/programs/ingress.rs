@@ -30,7 +30,7 @@ use super::{
     enroll::socket_enrolled_cgroup,
     state::{
         AF_INET, AF_INET6, IPPROTO_TCP, active_policy, daemon_tag, egress_rule, identity_at_since,
-        mapped, sock_tag,
+        mapped, service_port_hinted, sock_tag,
     },
 };
 
@@ -97,13 +97,16 @@ pub(crate) fn try_ingress(ctx: &SkBuffContext) -> i32 {
 /// A packet to a listener no enrolled process made: anyone may reach it, except a daemon hop,
 /// which is meant for a workload and never for this socket (say, one that joined the
 /// workload's `SO_REUSEPORT` group). A hop's source address is its destination address (it
-/// binds there), so only such packets pay for the sender lookup.
+/// binds there) and its port a service's, so only such packets pay for the sender lookup.
 #[inline(always)]
 fn unenrolled_listener(ctx: &SkBuffContext) -> i32 {
     let Some(packet) = Packet::parse(ctx) else {
         return PROCEED;
     };
-    if packet.src.addr != packet.dst.addr || hop_identity(ctx, &packet).is_none() {
+    if packet.src.addr != packet.dst.addr
+        || !service_port_hinted(packet.dst.port)
+        || hop_identity(ctx, &packet).is_none()
+    {
         return PROCEED;
     }
     let unenrolled = SockTag::default();

@@ -159,7 +159,7 @@ pub(crate) fn is_local(addr: &[u32; 4]) -> bool {
 /// "nobody" without touching the hash map.
 #[inline(always)]
 pub(crate) fn service_at(key: &SockKey) -> Option<Service> {
-    if SERVICE_PORTS.get(u32::from(key.port)).copied().unwrap_or(0) == 0 || !is_local(&key.addr) {
+    if !service_port_hinted(key.port) || !is_local(&key.addr) {
         return None;
     }
     let mut probe = *key;
@@ -178,6 +178,12 @@ pub(crate) fn service_at(key: &SockKey) -> Option<Service> {
     let found = SERVICES.get_ptr(probe)?;
     // SAFETY: as above.
     Some(unsafe { *found })
+}
+
+/// Whether some service was ever recorded on `port`.
+#[inline(always)]
+pub(crate) fn service_port_hinted(port: u16) -> bool {
+    SERVICE_PORTS.get(u32::from(port)).copied().unwrap_or(0) != 0
 }
 
 /// Mark `port` as possibly owned by a service.
