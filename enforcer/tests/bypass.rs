@@ -21,7 +21,6 @@ use std::{
 };
 
 use enforcer::{
-    audit::AuditRecord,
     identity::SpiffeId,
     kernel::Maps,
     testing::{
@@ -251,19 +250,6 @@ impl Mesh {
     }
 }
 
-fn wait_for_record(
-    node: &DaemonNode,
-    what: &str,
-    matches: impl Fn(&AuditRecord) -> bool,
-) -> AuditRecord {
-    let mut found = None;
-    node.wait_until(what, |node| {
-        found = node.flows(&[]).into_iter().find(&matches);
-        found.is_some()
-    });
-    found.unwrap()
-}
-
 /// A plaintext connect of `client` to `addr` must be dropped: the client times out, and
 /// `node` (where `addr` listens) records the drop of this very attempt (by its source port).
 fn assert_dropped(node: &DaemonNode, client: &mut Client, addr: SocketAddr, extra: &str) {
@@ -272,7 +258,7 @@ fn assert_dropped(node: &DaemonNode, client: &mut Client, addr: SocketAddr, extr
         .strip_prefix("err timeout ")
         .unwrap_or_else(|| panic!("plaintext to {addr} {extra}: {answer}"));
     let from = format!(":{port}");
-    wait_for_record(node, &format!("the drop of {addr} {extra}"), |r| {
+    node.wait_for_record(&format!("the drop of {addr} {extra}"), |r| {
         r.verdict.as_str() == "drop"
             && r.dst.addr.as_deref() == Some(&addr.to_string())
             && r.src
@@ -499,11 +485,12 @@ fn services_are_real_listeners_guarded_while_they_listen() {
     let (status, line) =
         Mesh::fetch_url(&mesh.a, &mesh.a_web, &format!("http://{unmatched_addr}/"));
     assert!(!status.success() && line.is_none(), "{line:?}");
-    wait_for_record(&mesh.b, "B's refusal of the unmatched listener", |r| {
-        r.source.as_str() == "inbound"
-            && r.dst.addr.as_deref() == Some(&unmatched_addr.to_string())
-            && r.reason == "no-such-workload"
-    });
+    mesh.b
+        .wait_for_record("B's refusal of the unmatched listener", |r| {
+            r.source.as_str() == "inbound"
+                && r.dst.addr.as_deref() == Some(&unmatched_addr.to_string())
+                && r.reason == "no-such-workload"
+        });
     assert_eq!(unmatched.ask("close_listeners"), closed_untouched(2));
 
     // The workload exits: its port is nobody's. An unenrolled process that listens there
@@ -516,12 +503,13 @@ fn services_are_real_listeners_guarded_while_they_listen() {
         format!("listening {HTTP_PORT}")
     );
     mesh.assert_refused(&mesh.a, &mesh.a_web);
-    wait_for_record(&mesh.b, "B's refusal for the vanished api", |r| {
-        r.source.as_str() == "inbound"
-            && r.verdict.as_str() == "deny"
-            && r.dst.addr.as_deref() == Some(&api.to_string())
-            && r.reason == "no-such-workload"
-    });
+    mesh.b
+        .wait_for_record("B's refusal for the vanished api", |r| {
+            r.source.as_str() == "inbound"
+                && r.verdict.as_str() == "deny"
+                && r.dst.addr.as_deref() == Some(&api.to_string())
+                && r.reason == "no-such-workload"
+        });
     assert_eq!(Mesh::count(&mesh.b, "open", &id("api")), opened);
     assert_eq!(
         successor.ask("close_listeners"),
@@ -656,9 +644,10 @@ fn plaintext_is_dropped_whatever_mark_or_address_it_carries() {
         "api -> api has no rule: refused at connect"
     );
     let pid = insider.pid();
-    wait_for_record(&mesh.b, "B's policy refusal of the marked insider", |r| {
-        r.source.as_str() == "kernel" && r.reason == "policy" && r.src.pid == Some(pid)
-    });
+    mesh.b
+        .wait_for_record("B's policy refusal of the marked insider", |r| {
+            r.source.as_str() == "kernel" && r.reason == "policy" && r.src.pid == Some(pid)
+        });
     // Meanwhile the tunnel works.
     mesh.assert_allowed(&mesh.a_web);
 }
@@ -694,11 +683,12 @@ fn enrollment_follows_the_cgroup_path() {
         let answer = first.ask(&format!("connect {} 9000", mesh.peers[1]));
         assert!(answer.starts_with("ok "), "round {round}: {answer}");
         let pid = first.pid();
-        wait_for_record(&mesh.a, "the re-created cgroup's redirect", |r| {
-            r.source.as_str() == "kernel"
-                && r.event.as_str() == "redirect"
-                && r.src.pid == Some(pid)
-        });
+        mesh.a
+            .wait_for_record("the re-created cgroup's redirect", |r| {
+                r.source.as_str() == "kernel"
+                    && r.event.as_str() == "redirect"
+                    && r.src.pid == Some(pid)
+            });
         // And it is the workload its path names: its flows to api pass.
         mesh.assert_allowed(&pinned);
     }
@@ -752,9 +742,13 @@ fn identity_is_bound_at_connect() {
         });
     mesh.a.signal(Signal::CONT);
     assert!(answer.starts_with("ok "), "{answer}");
-    let refused = wait_for_record(&mesh.a, "A's refusal of the exec'd client", |r| {
-        r.source.as_str() == "outbound" && r.verdict.as_str() == "deny" && r.src.pid == Some(pid)
-    });
+    let refused = mesh
+        .a
+        .wait_for_record("A's refusal of the exec'd client", |r| {
+            r.source.as_str() == "outbound"
+                && r.verdict.as_str() == "deny"
+                && r.src.pid == Some(pid)
+        });
     assert_eq!(refused.reason, "changed-since-connect", "{refused:?}");
     assert_eq!(
         Mesh::count(&mesh.b, "open", &id("api")),
@@ -824,20 +818,23 @@ fn every_protocol_is_decided() {
     let mut guest = Mesh::client(&mesh.a, Persona::Nobody, &mesh.a_guest);
     assert_eq!(guest.ask(&format!("udp_send {b} 6000")), "ok");
     let to_api = SocketAddr::new(b, 6000).to_string();
-    wait_for_record(&mesh.b, "B's drop of the inbound datagram", |r| {
-        r.verdict.as_str() == "drop"
-            && r.reason == "inbound-protocol"
-            && r.dst.addr.as_deref() == Some(&to_api)
-    });
+    mesh.b
+        .wait_for_record("B's drop of the inbound datagram", |r| {
+            r.verdict.as_str() == "drop"
+                && r.reason == "inbound-protocol"
+                && r.dst.addr.as_deref() == Some(&to_api)
+        });
     assert_eq!(
         api_udp.try_next_line(Duration::from_millis(500)),
         None,
         "the dropped datagram arrived"
     );
     for reason in ["protocol", "raw-socket"] {
-        let record = wait_for_record(&mesh.a, &format!("A's {reason} refusal"), |r| {
-            r.verdict.as_str() == "deny" && r.reason == reason
-        });
+        let record = mesh
+            .a
+            .wait_for_record(&format!("A's {reason} refusal"), |r| {
+                r.verdict.as_str() == "deny" && r.reason == reason
+            });
         assert_eq!(record.source.as_str(), "kernel", "{record:?}");
     }
 }
@@ -851,12 +848,13 @@ fn egress_never_overrides_the_mesh() {
     mesh.assert_allowed(&mesh.a_web);
     mesh.assert_refused(&mesh.a, &mesh.a_db);
     // db went through the tunnel too: B refused it by policy, A recorded that.
-    wait_for_record(&mesh.a, "A's record of B's refusal of db", |r| {
-        r.verdict.as_str() == "deny"
-            && r.reason == "denied"
-            && r.src.spiffe_id.as_deref() == Some(id("db").as_str())
-    });
-    wait_for_record(&mesh.b, "B's tunnelled open", |r| {
+    mesh.a
+        .wait_for_record("A's record of B's refusal of db", |r| {
+            r.verdict.as_str() == "deny"
+                && r.reason == "denied"
+                && r.src.spiffe_id.as_deref() == Some(id("db").as_str())
+        });
+    mesh.b.wait_for_record("B's tunnelled open", |r| {
         r.source.as_str() == "inbound"
             && r.event.as_str() == "open"
             && r.src.spiffe_id.as_deref() == Some(id("web").as_str())
@@ -891,7 +889,7 @@ fn the_audit_trail_says_what_happened_and_shows_what_was_cut() {
     mesh.assert_refused(&mesh.a, &mesh.a_db);
 
     // A redirect hands a flow to the tunnel; only the tunnel's verdict says whether it passed.
-    wait_for_record(&mesh.a, "A's refusal of db", |r| {
+    mesh.a.wait_for_record("A's refusal of db", |r| {
         r.source.as_str() == "outbound" && r.verdict.as_str() == "deny"
     });
     let redirects = mesh.a.flows(&["--verdict", "redirect"]);
@@ -932,7 +930,7 @@ fn the_audit_trail_says_what_happened_and_shows_what_was_cut() {
     // The restarted daemon does not continue the chain as if nothing happened: it reports
     // the cut, and verify keeps naming it.
     mesh.a.restart();
-    wait_for_record(&mesh.a, "A's report of the cut", |r| {
+    mesh.a.wait_for_record("A's report of the cut", |r| {
         r.verdict.as_str() == "loss" && r.reason == "audit-tail-cut"
     });
     let (ok, stdout) = verify(&mesh.a);

@@ -181,19 +181,6 @@ impl Mesh {
     }
 }
 
-fn wait_for_record(
-    node: &DaemonNode,
-    what: &str,
-    matches: impl Fn(&AuditRecord) -> bool,
-) -> AuditRecord {
-    let mut found = None;
-    node.wait_until(what, |node| {
-        found = node.flows(&[]).into_iter().find(&matches);
-        found.is_some()
-    });
-    found.unwrap()
-}
-
 fn id(name: &str) -> String {
     format!("spiffe://{TD}/{name}")
 }
@@ -201,6 +188,34 @@ fn id(name: &str) -> String {
 fn chmod(path: &Path, mode: u32) {
     fs::set_permissions(path, fs::Permissions::from_mode(mode))
         .unwrap_or_else(|error| panic!("failed to chmod {}: {error}", path.display()));
+}
+
+/// `enforcer flows` filters narrow the list to what they name.
+fn assert_filters_narrow(node: &DaemonNode) {
+    let denied = node.flows(&["--verdict", "deny"]);
+    assert!(!denied.is_empty() && denied.iter().all(|r| r.verdict.as_str() == "deny"));
+    let allowed = node.flows(&["--verdict", "allow"]);
+    assert!(
+        !allowed.is_empty()
+            && allowed
+                .iter()
+                .all(|r| r.verdict.as_str() == "allow" && r.event.as_str() != "redirect"),
+        "{allowed:?}"
+    );
+    let web = node.flows(&["--id", &id("web")]);
+    assert!(
+        !web.is_empty()
+            && web.iter().all(|r| {
+                r.src.spiffe_id.as_deref() == Some(&id("web"))
+                    || r.dst.spiffe_id.as_deref() == Some(&id("web"))
+            }),
+        "{web:?}"
+    );
+    let human = node.cli_ok(&["flows"]);
+    assert!(
+        human.contains(&id("web")) && human.contains(&id("db")),
+        "{human}"
+    );
 }
 
 #[test]
@@ -228,7 +243,7 @@ fn flows_show_identity_tagged_allow_deny_and_drop_and_the_audit_log_verifies() {
     let (status, _) = mesh.fetch(&mesh.a_outside, "hello.txt");
     assert!(!status.success(), "the bypass reached the workload");
 
-    let allow = wait_for_record(&mesh.a, "A's allow record", |r| {
+    let allow = mesh.a.wait_for_record("A's allow record", |r| {
         r.verdict.as_str() == "allow"
             && r.event.as_str() == "open"
             && r.src.spiffe_id.as_deref() == Some(&id("web"))
@@ -242,7 +257,7 @@ fn flows_show_identity_tagged_allow_deny_and_drop_and_the_audit_log_verifies() {
         allow.src.exe.as_deref().is_some_and(|e| e.contains("curl")),
         "{allow:?}"
     );
-    let deny = wait_for_record(&mesh.a, "A's deny record", |r| {
+    let deny = mesh.a.wait_for_record("A's deny record", |r| {
         r.verdict.as_str() == "deny" && r.src.spiffe_id.as_deref() == Some(&id("db"))
     });
     assert_eq!(
@@ -251,13 +266,15 @@ fn flows_show_identity_tagged_allow_deny_and_drop_and_the_audit_log_verifies() {
         "{deny:?}"
     );
     // The destination node names the identity it refused the client for.
-    wait_for_record(&mesh.b, "B's deny record", |r| {
+    mesh.b.wait_for_record("B's deny record", |r| {
         r.verdict.as_str() == "deny"
             && r.source.as_str() == "inbound"
             && r.src.spiffe_id.as_deref() == Some(&id("db"))
             && r.dst.spiffe_id.as_deref() == Some(&id("api"))
     });
-    let drop = wait_for_record(&mesh.b, "B's drop record", |r| r.verdict.as_str() == "drop");
+    let drop = mesh
+        .b
+        .wait_for_record("B's drop record", |r| r.verdict.as_str() == "drop");
     assert_eq!(
         drop.dst.spiffe_id.as_deref(),
         Some(id("api").as_str()),
@@ -266,40 +283,16 @@ fn flows_show_identity_tagged_allow_deny_and_drop_and_the_audit_log_verifies() {
     assert_eq!(drop.source.as_str(), "kernel");
 
     // The kernel's redirect is recorded as a redirect: the tunnel's records say the rest.
-    let redirect = wait_for_record(&mesh.a, "A's redirect record", |r| {
-        r.event.as_str() == "redirect"
-    });
+    let redirect = mesh
+        .a
+        .wait_for_record("A's redirect record", |r| r.event.as_str() == "redirect");
     assert_eq!(
         (redirect.verdict.as_str(), redirect.reason.as_str()),
         ("redirect", "to-tunnel"),
         "{redirect:?}"
     );
 
-    // Filters narrow the list to what they name.
-    let denied = mesh.a.flows(&["--verdict", "deny"]);
-    assert!(!denied.is_empty() && denied.iter().all(|r| r.verdict.as_str() == "deny"));
-    let allowed = mesh.a.flows(&["--verdict", "allow"]);
-    assert!(
-        !allowed.is_empty()
-            && allowed
-                .iter()
-                .all(|r| r.verdict.as_str() == "allow" && r.event.as_str() != "redirect"),
-        "{allowed:?}"
-    );
-    let web = mesh.a.flows(&["--id", &id("web")]);
-    assert!(
-        !web.is_empty()
-            && web.iter().all(|r| {
-                r.src.spiffe_id.as_deref() == Some(&id("web"))
-                    || r.dst.spiffe_id.as_deref() == Some(&id("web"))
-            }),
-        "{web:?}"
-    );
-    let human = mesh.a.cli_ok(&["flows"]);
-    assert!(
-        human.contains(&id("web")) && human.contains(&id("db")),
-        "{human}"
-    );
+    assert_filters_narrow(&mesh.a);
 
     // The audit log's chain verifies, then fails once a record is edited.
     let log = mesh.a.audit_path();
@@ -331,9 +324,10 @@ fn a_reload_flips_the_decision_and_closes_the_now_denied_open_connection() {
         "huge.bin",
         &["--limit-rate", "100k", "-o", "/dev/null"],
     );
-    wait_for_record(&mesh.b, "B's open record of the download", |r| {
-        r.event.as_str() == "open" && r.src.spiffe_id.as_deref() == Some(&id("web"))
-    });
+    mesh.b
+        .wait_for_record("B's open record of the download", |r| {
+            r.event.as_str() == "open" && r.src.spiffe_id.as_deref() == Some(&id("web"))
+        });
 
     let outputs = mesh.reload_both(DENY_ALL);
     for output in &outputs {
@@ -359,7 +353,7 @@ fn a_reload_flips_the_decision_and_closes_the_now_denied_open_connection() {
     mesh.assert_refused(&mesh.a_web);
     let show = mesh.a.cli_ok(&["policy", "show"]);
     assert!(show.starts_with("# version 2"), "{show}");
-    wait_for_record(&mesh.a, "a revoked close record", |r| {
+    mesh.a.wait_for_record("a revoked close record", |r| {
         r.reason == "revoked" && r.policy_version == 2
     });
 
@@ -495,9 +489,10 @@ fn sigterm_drains_open_flows_then_exits() {
             "%{size_download}",
         ],
     );
-    wait_for_record(&mesh.a, "A's open record of the download", |r| {
-        r.event.as_str() == "open" && r.src.spiffe_id.as_deref() == Some(&id("web"))
-    });
+    mesh.a
+        .wait_for_record("A's open record of the download", |r| {
+            r.event.as_str() == "open" && r.src.spiffe_id.as_deref() == Some(&id("web"))
+        });
     mesh.a.signal(Signal::TERM);
     // New connections fail closed while the daemon drains.
     mesh.assert_refused(&mesh.a_web);
@@ -524,7 +519,9 @@ fn sigterm_drains_open_flows_then_exits() {
     let log = mesh.a.audit_path();
     let verified = mesh.a.cli_ok(&["audit", "verify", log.to_str().unwrap()]);
     assert!(verified.starts_with("ok"), "{verified}");
-    let start = wait_for_record(&mesh.a, "A's start record", |r| r.event.as_str() == "start");
+    let start = mesh
+        .a
+        .wait_for_record("A's start record", |r| r.event.as_str() == "start");
     assert!(
         start
             .detail
@@ -560,7 +557,9 @@ fn a_killed_daemon_fails_closed_and_a_restart_readopts_the_pins() {
     );
 
     mesh.a.restart();
-    let start = wait_for_record(&mesh.a, "A's start record", |r| r.event.as_str() == "start");
+    let start = mesh
+        .a
+        .wait_for_record("A's start record", |r| r.event.as_str() == "start");
     assert!(
         start
             .detail

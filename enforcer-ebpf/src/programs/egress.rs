@@ -4,7 +4,7 @@
 //! an enrolled cgroup that carries no tag (made before the cgroup was enrolled). Refused
 //! packets fail the send with `EPERM` and are reported.
 
-use aya_ebpf::{helpers::bpf_sk_fullsock, programs::SkBuffContext};
+use aya_ebpf::programs::SkBuffContext;
 use enforcer_ebpf::{Counter, Event, EventKind, SockKey, SockTag, reasons};
 
 use super::{
@@ -13,22 +13,15 @@ use super::{
     enroll::socket_enrolled_cgroup,
     state::{
         AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP, SOCK_STREAM, active_policy, egress_rule,
-        mapped, sock_tag,
+        full_socket, mapped, sock_tag,
     },
 };
 
 pub(crate) fn try_egress(ctx: &SkBuffContext) -> i32 {
     let skb = ctx.skb.skb;
-    // SAFETY: the context pointer is valid for the whole program run.
-    let sk = unsafe { (*skb).__bindgen_anon_2.sk };
-    if sk.is_null() {
+    let Some(sk) = full_socket(ctx) else {
         return PROCEED;
-    }
-    // SAFETY: `sk` is the non-null socket pointer the kernel put in the context.
-    let sk = unsafe { bpf_sk_fullsock(sk) };
-    if sk.is_null() {
-        return PROCEED;
-    }
+    };
     // SAFETY: `sk` is a full socket returned by bpf_sk_fullsock.
     let (protocol, kind) = unsafe { ((*sk).protocol, (*sk).type_) };
     if protocol == IPPROTO_TCP && kind == SOCK_STREAM {

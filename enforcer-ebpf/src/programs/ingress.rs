@@ -19,7 +19,7 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, bpf_sock_tuple},
-    helpers::{bpf_sk_fullsock, bpf_sk_release, bpf_skb_cgroup_id, generated::bpf_sk_lookup_tcp},
+    helpers::{bpf_sk_release, bpf_skb_cgroup_id, generated::bpf_sk_lookup_tcp},
     programs::SkBuffContext,
 };
 use enforcer_ebpf::{Counter, DaemonTag, Event, EventKind, SockKey, SockTag, reasons};
@@ -29,23 +29,16 @@ use super::{
     emit::{count, emit},
     enroll::socket_enrolled_cgroup,
     state::{
-        AF_INET, AF_INET6, IPPROTO_TCP, active_policy, daemon_tag, egress_rule, identity_at_since,
-        mapped, service_port_hinted, sock_tag,
+        AF_INET, AF_INET6, IPPROTO_TCP, active_policy, daemon_tag, egress_rule, full_socket,
+        identity_at_since, mapped, service_port_hinted, sock_tag,
     },
 };
 
 pub(crate) fn try_ingress(ctx: &SkBuffContext) -> i32 {
     let skb = ctx.skb.skb;
-    // SAFETY: the context pointer is valid for the whole program run.
-    let sk = unsafe { (*skb).__bindgen_anon_2.sk };
-    if sk.is_null() {
+    let Some(sk) = full_socket(ctx) else {
         return PROCEED;
-    }
-    // SAFETY: `sk` is the non-null socket pointer the kernel put in the context.
-    let sk = unsafe { bpf_sk_fullsock(sk) };
-    if sk.is_null() {
-        return PROCEED;
-    }
+    };
     // SAFETY: `sk` is a full socket returned by bpf_sk_fullsock.
     let (protocol, state) = unsafe { ((*sk).protocol, (*sk).state) };
     if protocol == IPPROTO_TCP && state != BPF_TCP_LISTEN {

@@ -1,7 +1,11 @@
 //! Reads of the shared state that several programs need: configuration, identities, services,
 //! socket tags, policy, egress and peers.
 
-use aya_ebpf::helpers::{bpf_get_current_pid_tgid, generated::bpf_sk_storage_get};
+use aya_ebpf::{
+    bindings::bpf_sock,
+    helpers::{bpf_get_current_pid_tgid, bpf_sk_fullsock, generated::bpf_sk_storage_get},
+    programs::SkBuffContext,
+};
 use enforcer_ebpf::{
     Config, DaemonTag, EgressKey, IdentityEntry, Layout, PolicyEntry, PolicyKey, PolicyMeta,
     Service, SockKey, SockTag, UNKNOWN_IDENTITY,
@@ -302,4 +306,17 @@ pub(crate) unsafe fn daemon_tag(sk: *mut core::ffi::c_void) -> Option<DaemonTag>
     }
     // SAFETY: a non-null storage pointer points to the map's value type.
     Some(unsafe { *tag.cast::<DaemonTag>() })
+}
+
+/// The full socket a packet belongs to, if it has one (a request or time-wait socket has not).
+#[inline(always)]
+pub(crate) fn full_socket(ctx: &SkBuffContext) -> Option<*mut bpf_sock> {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: `sk` is the non-null socket pointer the kernel put in the context.
+    let sk = unsafe { bpf_sk_fullsock(sk) };
+    (!sk.is_null()).then_some(sk)
 }

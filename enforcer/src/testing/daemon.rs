@@ -238,17 +238,12 @@ impl DaemonNode {
     /// is a file, not bound to the namespace).
     #[must_use]
     pub fn cli(&self, args: &[&str]) -> Output {
-        self.cli_command(args)
+        Command::new(&self.binary)
+            .arg("--socket")
+            .arg(self.socket())
+            .args(args)
             .output()
             .unwrap_or_else(|error| panic!("failed to run {}: {error}", self.binary.display()))
-    }
-
-    /// The command [`cli`](Self::cli) runs, to adjust (e.g. its uid).
-    #[must_use]
-    pub fn cli_command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(&self.binary);
-        command.arg("--socket").arg(self.socket()).args(args);
-        command
     }
 
     /// [`cli`](Self::cli), panicking with both streams unless it succeeds; returns stdout.
@@ -319,6 +314,20 @@ impl DaemonNode {
             );
             thread::sleep(POLL_INTERVAL);
         }
+    }
+
+    /// Wait until the audit trail holds a record that `matches`, and return it.
+    pub fn wait_for_record(
+        &self,
+        what: &str,
+        matches: impl Fn(&AuditRecord) -> bool,
+    ) -> AuditRecord {
+        let mut found = None;
+        self.wait_until(what, |node| {
+            found = node.flows(&[]).into_iter().find(&matches);
+            found.is_some()
+        });
+        found.expect("wait_until returned, so a record matched")
     }
 
     /// The daemon's bpffs directory.
