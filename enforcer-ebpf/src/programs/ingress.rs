@@ -1,24 +1,27 @@
 //! `cgroup_skb/ingress`: what may reach an enrolled workload.
 //!
 //! TCP: a listening socket of an enrolled process is *protected* (see `sockops`). A packet to
-//! it passes only when it comes from one of the daemon's hops: the sending socket, found by
-//! the packet's own addresses in this namespace, carries the daemon's hop tag (socket storage
-//! only the daemon can write, gone when the socket closes), and the identity the hop was meant
-//! for is the one the listener's owner holds now. Anything else is dropped: plaintext from
-//! anyone else (a mark, an address or a port proves nothing), and a hop that reached a socket
-//! which changed hands. Connections accepted from a protected listener were admitted when
-//! their handshake reached it, so their packets pass without a second look. A listener no
-//! enrolled process made takes anyone's packets but a hop's: a hop is meant for a workload, so
-//! one that reached such a socket (a squatter in the workload's `SO_REUSEPORT` group) is
-//! dropped as well.
+//! it passes only when it comes from one of the daemon's hops: it arrived over loopback, the
+//! sending socket, found by the packet's own addresses in this namespace, carries the daemon's
+//! hop tag (socket storage only the daemon can write, gone when the socket closes), and the
+//! identity the hop was meant for is the one the listener's owner holds now, while the owner
+//! is still the image that made the socket. Anything else is dropped: plaintext from anyone
+//! else (a mark, an address or a port proves nothing), and a hop that reached a socket which
+//! changed hands. Connections accepted from a protected listener were admitted when their
+//! handshake reached it, so their packets pass without a second look. An untagged listener in
+//! an enrolled cgroup (made before the cgroup was enrolled, or by the kernel) is protected as
+//! one of no identity. A listener no enrolled process made takes anyone's packets but a hop's:
+//! a hop is meant for a workload, so one that reached such a socket (a squatter in the
+//! workload's `SO_REUSEPORT` group) is dropped as well. For untagged listeners only the SYN is
+//! looked at.
 //!
-//! Other protocols: a datagram to a socket of an enrolled process passes only when it comes
-//! from a destination an egress entry of its protocol permits (a reply); everything else is
-//! dropped.
+//! Other protocols: a datagram to a socket of an enrolled process (or an untagged one in an
+//! enrolled cgroup) passes only when it comes from a destination an egress entry of its
+//! protocol permits (a reply); everything else is dropped.
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, bpf_sock_tuple},
+    bindings::{BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, __sk_buff, bpf_sock_tuple},
     helpers::{bpf_sk_release, bpf_skb_cgroup_id, generated::bpf_sk_lookup_tcp},
     programs::SkBuffContext,
 };
@@ -45,26 +48,19 @@ pub(crate) fn try_ingress(ctx: &SkBuffContext) -> i32 {
         return PROCEED;
     }
     // SAFETY: `sk` is a full socket.
-    let tag = unsafe { sock_tag(sk.cast()) }.map(|tag| {
+    let tag = match unsafe { sock_tag(sk.cast()) } {
         // SAFETY: a storage pointer from a successful lookup.
-        unsafe { *tag }
-    });
-    // A socket in an enrolled cgroup that no enrolled process tagged (made before the cgroup
-    // was enrolled, or by the kernel, like an MPTCP subflow) is guarded as one of no identity
-    // until the daemon adopts it.
-    let tag = tag.or_else(|| {
-        socket_enrolled_cgroup(skb).map(|cgroup_id| SockTag {
-            flags: SockTag::PROTECTED,
-            cgroup_id,
-            ..SockTag::default()
-        })
-    });
-    let Some(tag) = tag else {
-        return if protocol == IPPROTO_TCP {
-            unenrolled_listener(ctx)
-        } else {
-            PROCEED
-        };
+        Some(tag) => unsafe { *tag },
+        None if protocol == IPPROTO_TCP => return untagged_listener(ctx, skb),
+        // A datagram socket in an enrolled cgroup that no enrolled process tagged (made
+        // before the cgroup was enrolled, or by the kernel) is an enrolled one of no identity.
+        None => match socket_enrolled_cgroup(skb) {
+            Some(cgroup_id) => SockTag {
+                cgroup_id,
+                ..SockTag::default()
+            },
+            None => return PROCEED,
+        },
     };
     let Some(packet) = Packet::parse(ctx) else {
         // Not an IP packet this program can read: fail closed for a socket of an enrolled process.
@@ -79,21 +75,48 @@ pub(crate) fn try_ingress(ctx: &SkBuffContext) -> i32 {
     if tag.flags & SockTag::PROTECTED == 0 {
         return PROCEED;
     }
+    guarded(ctx, &tag, &packet)
+}
+
+/// A packet to a protected listener (`tag`): only a hop meant for the identity its owner
+/// holds now passes.
+#[inline(always)]
+fn guarded(ctx: &SkBuffContext, tag: &SockTag, packet: &Packet) -> i32 {
     let owner = identity_at_since(tag.tgid, tag.generation);
-    match hop_identity(ctx, &packet) {
+    match hop_identity(ctx, packet) {
         Some(meant) if meant != 0 && meant == owner => PROCEED,
-        Some(_) => drop_packet(ctx, &tag, &packet, reasons::MISDELIVERED, owner),
-        None => drop_packet(ctx, &tag, &packet, reasons::BYPASS, owner),
+        Some(_) => drop_packet(ctx, tag, packet, reasons::MISDELIVERED, owner),
+        None => drop_packet(ctx, tag, packet, reasons::BYPASS, owner),
     }
 }
 
-/// A packet to a listener no enrolled process made: anyone may reach it, except a daemon hop,
-/// which is meant for a workload and never for this socket (say, one that joined the
-/// workload's `SO_REUSEPORT` group). A hop's source address is its destination address (it
-/// binds there) and its port a service's, so only such packets pay for the sender lookup.
+/// A packet to a listener no enrolled process tagged. Only a connection's first packet, the
+/// SYN, is looked at: one whose SYN was dropped never completes, and every other listener on
+/// the node pays for no more than that.
+/// - In an enrolled cgroup (made before the cgroup was enrolled, or by the kernel, like an
+///   MPTCP or SMC subflow): protected, of no identity, until the daemon adopts it.
+/// - Elsewhere: anyone may reach it, except a daemon hop, which is meant for a workload and
+///   never for this socket (say, one that joined the workload's `SO_REUSEPORT` group). A hop's
+///   source address is its destination address (it binds there) and its port a service's, so
+///   only such packets pay for the sender lookup.
 #[inline(always)]
-fn unenrolled_listener(ctx: &SkBuffContext) -> i32 {
-    let Some(packet) = Packet::parse(ctx) else {
+fn untagged_listener(ctx: &SkBuffContext, skb: *mut __sk_buff) -> i32 {
+    let packet = Packet::parse(ctx);
+    if packet.is_some_and(|packet| packet.protocol == IPPROTO_TCP && !packet.syn) {
+        return PROCEED;
+    }
+    if let Some(cgroup_id) = socket_enrolled_cgroup(skb) {
+        let tag = SockTag {
+            flags: SockTag::PROTECTED,
+            cgroup_id,
+            ..SockTag::default()
+        };
+        return match packet {
+            Some(packet) => guarded(ctx, &tag, &packet),
+            None => drop_packet(ctx, &tag, &Packet::default(), reasons::BYPASS, 0),
+        };
+    }
+    let Some(packet) = packet else {
         return PROCEED;
     };
     if packet.src.addr != packet.dst.addr
@@ -102,12 +125,14 @@ fn unenrolled_listener(ctx: &SkBuffContext) -> i32 {
     {
         return PROCEED;
     }
-    let unenrolled = SockTag::default();
-    drop_packet(ctx, &unenrolled, &packet, reasons::MISDELIVERED, 0)
+    drop_packet(ctx, &SockTag::default(), &packet, reasons::MISDELIVERED, 0)
 }
 
 /// The loopback device's index, the same in every network namespace.
 const LOOPBACK_IFINDEX: u32 = 1;
+/// Offset of the flags byte in the TCP header, and the SYN flag.
+const TCP_FLAGS_AT: usize = 13;
+const TCP_SYN: u8 = 0x02;
 
 /// The addresses and protocol of a packet.
 #[derive(Clone, Copy, Default)]
@@ -116,6 +141,8 @@ struct Packet {
     protocol: u32,
     src: SockKey,
     dst: SockKey,
+    /// TCP only: the SYN flag is set (a connection's first packet).
+    syn: bool,
 }
 
 impl Packet {
@@ -142,6 +169,9 @@ impl Packet {
         if packet.protocol == IPPROTO_TCP || packet.protocol == super::state::IPPROTO_UDP {
             packet.src.port = u16::from_be(ctx.load::<u16>(ports_at).ok()?);
             packet.dst.port = u16::from_be(ctx.load::<u16>(ports_at + 2).ok()?);
+        }
+        if packet.protocol == IPPROTO_TCP {
+            packet.syn = ctx.load::<u8>(ports_at + TCP_FLAGS_AT).ok()? & TCP_SYN != 0;
         }
         Some(packet)
     }
