@@ -21,7 +21,7 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, __sk_buff, bpf_sock_tuple},
+    bindings::{__sk_buff, BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, bpf_sock_tuple},
     helpers::{bpf_sk_release, bpf_skb_cgroup_id, generated::bpf_sk_lookup_tcp},
     programs::SkBuffContext,
 };

@@ -145,18 +145,20 @@ impl Registrar {
             .retain(|pid, _| pids.binary_search(pid).is_ok());
         self.adopted()
             .retain(|(pid, _)| pids.binary_search(pid).is_ok());
-        self.forget_identities_outside(&pids);
+        self.forget_identities_outside(&pids, &identities.enroll);
         pids.len()
     }
 
-    /// Take the kernel identity of every process not in `enrolled` (sorted): one whose cgroup
-    /// left the policy keeps no identity a reused pid could inherit.
-    fn forget_identities_outside(&self, enrolled: &[u32]) {
+    /// Take the kernel identity of every process that is neither in `scanned` (sorted) nor, read
+    /// again now, in a cgroup below one of `enroll`: one whose cgroup left the policy keeps no
+    /// identity a reused pid could inherit, and one that started during the scan keeps its own.
+    fn forget_identities_outside(&self, scanned: &[u32], enroll: &[String]) {
         let mut maps = self.maps();
         for pid in maps.identity_pids() {
-            if enrolled.binary_search(&pid).is_err()
-                && let Err(error) = maps.remove_identity(pid)
-            {
+            if scanned.binary_search(&pid).is_ok() || in_enrolled_cgroup(pid, enroll) {
+                continue;
+            }
+            if let Err(error) = maps.remove_identity(pid) {
                 tracing::warn!(pid, error = %report(&error), "failed to forget an identity");
             }
         }
@@ -416,6 +418,23 @@ fn describe(
     }
 }
 
+/// Whether process `pid` is now in a cgroup at or below one of `enroll` (paths from the
+/// cgroup v2 root, like `/proc/<pid>/cgroup` gives them).
+fn in_enrolled_cgroup(pid: u32, enroll: &[String]) -> bool {
+    let Ok(text) = fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+        return false;
+    };
+    text.lines()
+        .filter_map(|line| line.strip_prefix("0::"))
+        .any(|path| enroll.iter().any(|entry| below(path, entry)))
+}
+
+/// Whether cgroup `path` is `entry` or below it (whole components: `/a/bc` is not below `/a/b`).
+fn below(path: &str, entry: &str) -> bool {
+    path.strip_prefix(entry)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
 /// The pids of `dir` and the cgroups below it, down to [`MAX_DEPTH`] levels.
 fn collect_pids(dir: &Path, depth: usize, pids: &mut Vec<u32>) {
     if let Ok(text) = fs::read_to_string(dir.join("cgroup.procs")) {
@@ -441,7 +460,7 @@ fn collect_pids(dir: &Path, depth: usize, pids: &mut Vec<u32>) {
 mod tests {
     use std::path::PathBuf;
 
-    use super::{collect_pids, describe};
+    use super::{below, collect_pids, describe};
     use crate::attest::{
         ContainerInfo, Identification, LoadedCodeIssue, MappingProblem, ProcessFacts, Sha256Digest,
     };
@@ -506,5 +525,13 @@ mod tests {
         let mut none = Vec::new();
         collect_pids(&dir.path().join("missing"), 0, &mut none);
         assert!(none.is_empty());
+    }
+
+    #[test]
+    fn a_cgroup_is_below_an_entry_by_whole_components() {
+        assert!(below("/a/b", "/a/b"));
+        assert!(below("/a/b/c", "/a/b"));
+        assert!(!below("/a/bc", "/a/b"));
+        assert!(!below("/a", "/a/b"));
     }
 }
