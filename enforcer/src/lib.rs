@@ -2,6 +2,7 @@
 //!
 //! The library holds everything the `enforcer` binary wires together; `main.rs` stays thin.
 
+pub mod app;
 pub mod attest;
 pub mod audit;
 pub mod cli;

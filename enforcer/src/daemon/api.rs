@@ -14,7 +14,7 @@
 
 use std::{
     str::FromStr,
-    sync::{Arc, PoisonError},
+    sync::{Arc, Mutex, PoisonError},
     time::{Duration, SystemTime},
 };
 
@@ -22,31 +22,46 @@ use bytes::Bytes;
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use super::{Daemon, reload::ReloadError};
+use super::{
+    Svids, node::NodeFacts, reload::ReloadError, reload::Reloader, telemetry::Telemetry,
+    workloads::Registrar,
+};
 use crate::{
-    audit::{AuditRecord, Verdict},
+    audit::{AuditLog, AuditRecord, Verdict},
     control::{Handler, Peer, Reply, Request},
     identity::SpiffeId,
     kernel::{
-        Counter, PolicyMeta,
+        Counter, Maps, PolicyMeta,
         loader::{LSM, PROGRAMS, TRACEPOINTS},
     },
     metrics::Exposition,
-    tunnel::Metric,
+    policy::PolicySnapshot,
+    tunnel::{Metric, Tunnel},
 };
 
 /// Records `flows` returns without `limit`.
 const DEFAULT_FLOWS: usize = 200;
 
-/// The control API of one daemon.
+/// The control API of one daemon: a narrow handle on each part it reports or drives.
 pub(crate) struct Api {
-    daemon: Arc<Daemon>,
-}
-
-impl Api {
-    pub(crate) fn new(daemon: Arc<Daemon>) -> Self {
-        Self { daemon }
-    }
+    /// What this daemon is and where it serves.
+    pub(crate) node: Arc<NodeFacts>,
+    /// The policy in force.
+    pub(crate) policy: PolicySnapshot,
+    /// Reloads (`POST /v1/policy`).
+    pub(crate) reloader: Arc<Reloader>,
+    /// The registrar's table of enrolled processes.
+    pub(crate) registrar: Arc<Registrar>,
+    /// The audit reader (recent records, followers, stats).
+    pub(crate) audit: AuditLog,
+    /// The daemon's own counters.
+    pub(crate) telemetry: Arc<Telemetry>,
+    /// The SVIDs held.
+    pub(crate) svids: Arc<Svids>,
+    /// The tunnel's counters and open flows.
+    pub(crate) tunnel: Tunnel,
+    /// The kernel's counters and active policy slot.
+    pub(crate) maps: Arc<Mutex<Maps>>,
 }
 
 impl Handler for Api {
@@ -61,7 +76,7 @@ impl Handler for Api {
         if matches!(request.peer, Peer::Tcp(_)) && request.path != "/metrics" {
             return Reply::error(StatusCode::NOT_FOUND, "only /metrics is served here");
         }
-        let daemon = &self.daemon;
+        let daemon = self;
         match (&request.method, request.path.as_str()) {
             (&Method::GET, "/metrics") => Reply::Text {
                 status: StatusCode::OK,
@@ -70,7 +85,7 @@ impl Handler for Api {
             },
             (&Method::GET, "/v1/status") => Reply::json(status(daemon)),
             (&Method::GET, "/v1/policy") => {
-                let enforced = daemon.enforced();
+                let enforced = daemon.policy.load();
                 Reply::json(json!({
                     "version": enforced.version(),
                     "hash": enforced.hash,
@@ -83,7 +98,7 @@ impl Handler for Api {
             (&Method::POST, "/v1/policy") => {
                 let file = query("file").unwrap_or("<request>").to_owned();
                 let dry_run = query("dry_run").is_some_and(|v| v == "true" || v == "1");
-                reload(daemon, file, request.body.clone(), dry_run).await
+                reload(&daemon.reloader, file, request.body.clone(), dry_run).await
             }
             (&Method::GET, "/v1/workloads") => Reply::json(daemon.registrar.workloads()),
             (&Method::GET, "/v1/flows") => flows(
@@ -109,16 +124,16 @@ fn mode_name(audit: bool) -> &'static str {
     if audit { "audit" } else { "enforce" }
 }
 
-async fn reload(daemon: &Arc<Daemon>, file: String, body: Bytes, dry_run: bool) -> Reply {
+async fn reload(reloader: &Arc<Reloader>, file: String, body: Bytes, dry_run: bool) -> Reply {
     let Ok(text) = String::from_utf8(body.to_vec()) else {
         return Reply::error(
             StatusCode::BAD_REQUEST,
             format!("{file}: the policy is not UTF-8"),
         );
     };
-    let version = daemon.enforced().version();
-    let daemon = Arc::clone(daemon);
-    let result = tokio::task::spawn_blocking(move || daemon.reload(&file, &text, dry_run)).await;
+    let version = reloader.policy.load().version();
+    let reloader = Arc::clone(reloader);
+    let result = tokio::task::spawn_blocking(move || reloader.reload(&file, &text, dry_run)).await;
     match result {
         Ok(Ok(outcome)) => Reply::json(outcome),
         Ok(Err(ReloadError::Invalid(diagnostics))) => {
@@ -147,7 +162,7 @@ async fn reload(daemon: &Arc<Daemon>, file: String, body: Bytes, dry_run: bool) 
 }
 
 fn flows(
-    daemon: &Daemon,
+    daemon: &Api,
     verdict: Option<&str>,
     id: Option<&str>,
     limit: Option<&str>,
@@ -171,8 +186,8 @@ fn flows(
     let follow = follow.is_some_and(|v| v == "true" || v == "1");
     // A follower subscribes before taking the backlog, so no record falls between the two
     // (records in both are sent once: the stream skips what the backlog had).
-    let subscription = follow.then(|| daemon.recorder.audit.subscribe());
-    let recent: Vec<Arc<AuditRecord>> = daemon.recorder.audit.recent();
+    let subscription = follow.then(|| daemon.audit.subscribe());
+    let recent: Vec<Arc<AuditRecord>> = daemon.audit.recent();
     let matching: Vec<&Arc<AuditRecord>> = recent.iter().filter(|r| keep(r)).collect();
     let start = matching.len().saturating_sub(limit);
     let backlog: Vec<Bytes> = matching[start..].iter().map(|r| line(r)).collect();
@@ -219,7 +234,7 @@ fn flows(
     }
 }
 
-fn svid(daemon: &Daemon, id: &str) -> Reply {
+fn svid(daemon: &Api, id: &str) -> Reply {
     let id: SpiffeId = match id.parse() {
         Ok(id) => id,
         Err(error) => return Reply::error(StatusCode::BAD_REQUEST, format!("{id:?}: {error}")),
@@ -259,7 +274,7 @@ fn expires_in(not_after: SystemTime) -> u64 {
         .as_secs()
 }
 
-fn kernel_counters(daemon: &Daemon) -> Vec<(&'static str, u64)> {
+fn kernel_counters(daemon: &Api) -> Vec<(&'static str, u64)> {
     let maps = daemon.maps.lock().unwrap_or_else(PoisonError::into_inner);
     Counter::ALL
         .iter()
@@ -267,14 +282,14 @@ fn kernel_counters(daemon: &Daemon) -> Vec<(&'static str, u64)> {
         .collect()
 }
 
-fn status(daemon: &Daemon) -> Value {
-    let enforced = daemon.enforced();
+fn status(daemon: &Api) -> Value {
+    let enforced = daemon.policy.load();
     let (slot, meta) = {
         let maps = daemon.maps.lock().unwrap_or_else(PoisonError::into_inner);
         (maps.active_slot().ok(), maps.active_policy().ok())
     };
-    let scope = daemon.scope.display().to_string();
-    let lsm = daemon.refuses_packet_sockets.then_some(&LSM.0);
+    let scope = daemon.node.scope.display().to_string();
+    let lsm = daemon.node.refuses_packet_sockets.then_some(&LSM.0);
     let attachments: Vec<Value> = PROGRAMS
         .iter()
         .chain(lsm)
@@ -319,14 +334,14 @@ fn status(daemon: &Daemon) -> Value {
         .iter()
         .map(|&m| (m.name().to_owned(), tunnel_metrics.get(m).into()))
         .collect();
-    let audit = daemon.recorder.audit.stats();
+    let audit = daemon.audit.stats();
     json!({
-        "node": daemon.config.node_name,
-        "node_id": daemon.node_id.to_string(),
-        "trust_domain": daemon.trust_domain.to_string(),
+        "node": daemon.node.config.node_name,
+        "node_id": daemon.node.node_id.to_string(),
+        "trust_domain": daemon.node.trust_domain.to_string(),
         "pid": std::process::id(),
-        "started": humantime::format_rfc3339_seconds(daemon.started).to_string(),
-        "uptime_s": SystemTime::now().duration_since(daemon.started).unwrap_or_default().as_secs(),
+        "started": humantime::format_rfc3339_seconds(daemon.node.started).to_string(),
+        "uptime_s": SystemTime::now().duration_since(daemon.node.started).unwrap_or_default().as_secs(),
         "mode": mode_name(meta.is_some_and(|m| m.mode == PolicyMeta::MODE_AUDIT)),
         "policy": {
             "version": enforced.version(),
@@ -337,18 +352,18 @@ fn status(daemon: &Daemon) -> Value {
             "since": humantime::format_rfc3339_seconds(enforced.since).to_string(),
         },
         "datapath": {
-            "pin_dir": daemon.config.kernel.pin_dir.display().to_string(),
+            "pin_dir": daemon.node.config.kernel.pin_dir.display().to_string(),
             "scope_cgroup": scope,
-            "cgroup2_mount": daemon.mount.display().to_string(),
-            "adopted": daemon.adopted,
-            "refuses_packet_sockets": daemon.refuses_packet_sockets,
+            "cgroup2_mount": daemon.node.mount.display().to_string(),
+            "adopted": daemon.node.adopted,
+            "refuses_packet_sockets": daemon.node.refuses_packet_sockets,
             "attachments": attachments,
         },
         "listeners": {
-            "outbound": daemon.outbound,
-            "inbound": daemon.inbound,
-            "control": daemon.config.control_socket.display().to_string(),
-            "metrics": daemon.config.metrics_addr,
+            "outbound": daemon.node.outbound,
+            "inbound": daemon.node.inbound,
+            "control": daemon.node.config.control_socket.display().to_string(),
+            "metrics": daemon.node.config.metrics_addr,
         },
         "workloads": {
             "processes": workloads.len(),
@@ -365,7 +380,7 @@ fn status(daemon: &Daemon) -> Value {
     })
 }
 
-fn metrics(daemon: &Daemon) -> String {
+fn metrics(daemon: &Api) -> String {
     let mut out = Exposition::default();
     out.family(
         "enforcer_kernel_events_total",
@@ -406,9 +421,9 @@ fn metrics(daemon: &Daemon) -> String {
     .gauge(
         "enforcer_policy_version",
         "Version of the policy in force.",
-        daemon.enforced().version(),
+        daemon.policy.load().version(),
     );
-    let audit = daemon.recorder.audit.stats();
+    let audit = daemon.audit.stats();
     out.counter(
         "enforcer_audit_records_total",
         "Records written to the audit log.",
@@ -419,6 +434,6 @@ fn metrics(daemon: &Daemon) -> String {
         "Audit records dropped because the writer queue was full (each drop is itself recorded as a loss).",
         audit.dropped,
     );
-    daemon.recorder.telemetry.export(&mut out);
+    daemon.telemetry.export(&mut out);
     out.finish()
 }

@@ -14,7 +14,7 @@ use std::{
     net::SocketAddr,
     os::fd::AsFd as _,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::Instant,
 };
 
@@ -28,6 +28,7 @@ use super::{
 use crate::{
     attest::{Attestor, Identification, Identities, ProcessFacts},
     kernel::{Maps, maps::ListenerOwner},
+    policy::PolicySnapshot,
     report::report,
 };
 
@@ -80,7 +81,7 @@ pub(crate) struct Registrar {
     attestor: Arc<Attestor>,
     maps: Arc<Mutex<Maps>>,
     mount: PathBuf,
-    identities: RwLock<Arc<Identities>>,
+    policy: PolicySnapshot,
     table: Mutex<BTreeMap<u32, WorkloadInfo>>,
     /// Listening sockets already adopted or found known to the kernel: (pid, inode).
     adopted: Mutex<HashSet<(u32, u64)>>,
@@ -88,48 +89,31 @@ pub(crate) struct Registrar {
 }
 
 impl Registrar {
-    /// A registrar writing to `maps`, resolving enrolled paths below `mount`.
+    /// A registrar writing to `maps`, resolving enrolled paths below `mount` and identities
+    /// in the policy in force.
     pub(crate) fn new(
         attestor: Arc<Attestor>,
         maps: Arc<Mutex<Maps>>,
         mount: PathBuf,
+        policy: PolicySnapshot,
         telemetry: Arc<Telemetry>,
     ) -> Self {
         Self {
             attestor,
             maps,
             mount,
-            identities: RwLock::new(Arc::default()),
+            policy,
             table: Mutex::new(BTreeMap::new()),
             adopted: Mutex::new(HashSet::new()),
             telemetry,
         }
     }
 
-    /// Take the identities of the policy now in force (then [`rescan`]).
-    ///
-    /// [`rescan`]: Self::rescan
-    pub(crate) fn update(&self, identities: Arc<Identities>) {
-        *self
-            .identities
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = identities;
-    }
-
-    /// The identities of the policy in force.
-    pub(crate) fn identities(&self) -> Arc<Identities> {
-        Arc::clone(
-            &self
-                .identities
-                .read()
-                .unwrap_or_else(PoisonError::into_inner),
-        )
-    }
-
     /// Register every process of every enrolled cgroup, and forget processes that left.
     /// Returns how many processes were seen.
     pub(crate) fn rescan(&self) -> usize {
-        let identities = self.identities();
+        let in_force = self.policy.load();
+        let identities = &in_force.identities;
         let mut pids = Vec::new();
         for path in &identities.enroll {
             collect_pids(&self.mount.join(path.trim_start_matches('/')), 0, &mut pids);
@@ -139,7 +123,7 @@ impl Registrar {
         // Stale services first: a listener waiting for its address takes it over in this scan.
         self.forget_stale_services();
         for &pid in &pids {
-            self.register_with(&identities, pid);
+            self.register_with(identities, pid);
         }
         self.table()
             .retain(|pid, _| pids.binary_search(pid).is_ok());
@@ -167,7 +151,7 @@ impl Registrar {
     /// Register one process (after the kernel reported it started listening, exec'd or moved
     /// to another cgroup).
     pub(crate) fn register(&self, pid: u32) {
-        self.register_with(&self.identities(), pid);
+        self.register_with(&self.policy.load().identities, pid);
     }
 
     /// Forget a process that exited.

@@ -6,13 +6,17 @@ pub mod apply;
 pub mod compile;
 pub mod diagnostic;
 pub mod diff;
+mod in_force;
 pub mod model;
 pub mod parse;
+mod view;
 
 pub use compile::{Authorizer, Compiled, Decision, IdentityNumbers, compile};
 pub use diagnostic::{Diagnostic, Severity};
+pub use in_force::{InForce, PolicySnapshot, hash};
 pub use model::{Action, Egress, IdPattern, Mode, Peer, Policy, Ports, Protocol, Rule, Workload};
 pub use parse::{load, parse};
+pub use view::PolicyView;
 
 /// The embedded default policy (`policies/default.toml`): safe on any machine, it enrolls
 /// nothing.

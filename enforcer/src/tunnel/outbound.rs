@@ -23,10 +23,10 @@ use super::{
     net::{self, Dial},
     new_record,
     pool::PoolError,
-    state::{Origin, OriginError, PolicyView},
+    state::{Origin, OriginError},
     verdict,
 };
-use crate::{identity::SpiffeId, report::report};
+use crate::{identity::SpiffeId, policy::PolicyView, report::report};
 
 /// Accept redirected connections until the task is aborted.
 pub(super) async fn serve(node: Arc<Node>, listener: TcpListener) {
