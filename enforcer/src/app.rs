@@ -1,16 +1,18 @@
 //! The wiring place: builds and binds every component of the daemon in start-up order, then
 //! hands the result to the run loop ([`daemon::serve`]).
 //!
-//! The order keeps the node fail-closed (the README's "Start-up" section):
+//! The order keeps the node fail-closed; it is the README's ("The daemon"):
 //! 1. read and validate the policy; refuse one that enrolls the daemon's own cgroup;
 //! 2. bind the control socket (a second daemon fails here, before it touches the kernel);
 //! 3. attach the eBPF programs to the scope cgroup and pin them, or adopt an earlier run's pins;
-//! 4. bind the outbound and inbound listeners and register them in the kernel's listener map
-//!    before the kernel is told the ports (from then on the ports are this daemon's, whoever
-//!    else binds them); forget the identities an earlier run left;
-//! 5. compile the policy, apply it to the kernel, publish it as the policy in force;
-//! 6. load or create the node CA; open the audit log;
-//! 7. build the tunnel, the registrar, the kernel event reader and the control API.
+//! 4. bind the outbound and inbound listeners, put them in the kernel's listener map, then
+//!    tell the kernel the ports (from then on they are this daemon's, whoever else binds
+//!    them); forget the identities an earlier run left;
+//! 5. compile the policy, apply it to the kernel, publish it as the one snapshot in force;
+//! 6. load or create the node CA;
+//! 7. open the audit log;
+//! 8. build the registrar, the tunnel, the kernel event reader and the control API, whose
+//!    first scan and serving (step 9) are the run loop's.
 //!
 //! The pinned datapath stays attached when the daemon stops or dies, so enrolled workloads
 //! cannot connect anywhere but through a running daemon.
