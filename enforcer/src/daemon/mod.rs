@@ -530,7 +530,7 @@ impl Daemon {
 
     /// Issue (or keep) the SVID of every identity a registered process holds.
     fn issue_svids(&self) {
-        let mut ids: Vec<String> = self
+        let mut ids: Vec<SpiffeId> = self
             .registrar
             .workloads()
             .into_iter()
@@ -539,9 +539,7 @@ impl Daemon {
         ids.sort_unstable();
         ids.dedup();
         for id in ids {
-            if let Ok(id) = id.parse::<SpiffeId>()
-                && let Err(error) = self.svids.get(&id)
-            {
+            if let Err(error) = self.svids.get(&id) {
                 tracing::warn!(%id, error = %report(&error), "no SVID");
             }
         }
