@@ -22,7 +22,7 @@ use bytes::Bytes;
 use enforcer::{
     control::{
         Client, ClientError, ControlError, Handler, MAX_REQUEST_BODY, Peer, REQUEST_TIMEOUT, Reply,
-        Request, bind_control_socket, encode_query, serve_tcp, serve_unix,
+        Request, bind_control_socket, serve_tcp, serve_unix,
     },
     testing::require_root,
 };
@@ -202,7 +202,9 @@ async fn curl_as(uid: u32, socket: &Path) -> String {
 async fn get_and_post_round_trip() {
     require_root();
     let daemon = Daemon::start();
-    let query = encode_query(&[("id", "spiffe://example.org/ns/web"), ("q", "a b&c")]);
+    let query =
+        serde_urlencoded::to_string([("id", "spiffe://example.org/ns/web"), ("q", "a b&c")])
+            .unwrap();
     let reply = daemon
         .client()
         .get(&format!("/v1/echo?{query}&flag"))

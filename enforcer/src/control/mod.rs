@@ -19,8 +19,8 @@ mod client;
 mod query;
 mod server;
 mod socket;
+pub mod v1;
 
 pub use client::{Client, ClientError, Lines, REQUEST_TIMEOUT, Response};
-pub use query::encode_query;
 pub use server::{Handler, MAX_REQUEST_BODY, Peer, Reply, Request, serve_tcp, serve_unix};
 pub use socket::{ControlError, bind_control_socket};

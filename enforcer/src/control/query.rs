@@ -3,8 +3,6 @@
 //! with 400), so a typo in a filter is reported instead of silently matching nothing.
 #![forbid(unsafe_code)]
 
-use std::fmt::Write as _;
-
 /// Why a query string could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum QueryError {
@@ -33,32 +31,6 @@ pub(crate) fn parse_query(query: &str) -> Result<Vec<(String, String)>, QueryErr
             Ok((decode(key)?, decode(value)?))
         })
         .collect()
-}
-
-/// Encodes `pairs` as a query string (without the `?`) that the server decodes back to exactly
-/// `pairs`: everything but RFC 3986 unreserved characters is percent-encoded.
-#[must_use]
-pub fn encode_query(pairs: &[(&str, &str)]) -> String {
-    let mut query = String::new();
-    for (index, (key, value)) in pairs.iter().enumerate() {
-        if index > 0 {
-            query.push('&');
-        }
-        encode_into(&mut query, key);
-        query.push('=');
-        encode_into(&mut query, value);
-    }
-    query
-}
-
-fn encode_into(out: &mut String, component: &str) {
-    for byte in component.bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(byte));
-        } else {
-            write!(out, "%{byte:02X}").expect("writing to a String cannot fail");
-        }
-    }
 }
 
 fn decode(component: &str) -> Result<String, QueryError> {
@@ -179,22 +151,5 @@ mod tests {
             }
         );
         assert!(error.to_string().contains("`%FF`"), "{error}");
-    }
-
-    #[test]
-    fn encoding_round_trips() {
-        let original = [
-            ("id", "spiffe://example.org/ns/web"),
-            ("q", "a b+c&d=e%f"),
-            ("ünï", "✓"),
-            ("empty", ""),
-        ];
-        let query = encode_query(&original);
-        assert_eq!(
-            query,
-            "id=spiffe%3A%2F%2Fexample.org%2Fns%2Fweb&q=a%20b%2Bc%26d%3De%25f\
-             &%C3%BCn%C3%AF=%E2%9C%93&empty="
-        );
-        assert_eq!(pairs(&query), owned(&original));
     }
 }

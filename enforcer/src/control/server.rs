@@ -24,6 +24,7 @@ use tracing::{debug, error, warn};
 use super::{
     body::{LineStream, ReplyBody},
     query::parse_query,
+    v1,
 };
 
 /// The largest request body the server reads; a longer one is answered with 413.
@@ -98,11 +99,13 @@ pub enum Reply {
 impl Reply {
     /// A 200 with `value` as JSON (a 500 naming the error if it does not serialize).
     pub fn json(value: impl Serialize) -> Self {
+        Self::json_with(StatusCode::OK, value)
+    }
+
+    /// `value` as JSON with `status` (a 500 naming the error if it does not serialize).
+    pub fn json_with(status: StatusCode, value: impl Serialize) -> Self {
         match serde_json::to_value(value) {
-            Ok(body) => Self::Json {
-                status: StatusCode::OK,
-                body,
-            },
+            Ok(body) => Self::Json { status, body },
             Err(error) => {
                 error!(%error, "failed to serialize a control API reply");
                 Self::error(
@@ -115,10 +118,12 @@ impl Reply {
 
     /// An error reply: `{"error": message}` with `status`.
     pub fn error(status: StatusCode, message: impl Display) -> Self {
-        Self::Json {
+        Self::json_with(
             status,
-            body: serde_json::json!({ "error": message.to_string() }),
-        }
+            v1::ErrorBody {
+                error: message.to_string(),
+            },
+        )
     }
 
     /// The HTTP response; a stream's body also ends when `shutdown` becomes true.

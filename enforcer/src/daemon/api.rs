@@ -20,15 +20,17 @@ use std::{
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
-use serde_json::{Value, json};
 
 use super::{
-    Svids, node::NodeFacts, reload::ReloadError, reload::Reloader, telemetry::Telemetry,
+    Svids,
+    node::NodeFacts,
+    reload::{Outcome, ReloadError, Reloader},
+    telemetry::Telemetry,
     workloads::Registrar,
 };
 use crate::{
     audit::{AuditLog, AuditRecord, Verdict},
-    control::{Handler, Peer, Reply, Request},
+    control::{Handler, Peer, Reply, Request, v1},
     identity::SpiffeId,
     kernel::{
         Counter, Maps, PolicyMeta,
@@ -84,23 +86,13 @@ impl Handler for Api {
                 body: metrics(daemon),
             },
             (&Method::GET, "/v1/status") => Reply::json(status(daemon)),
-            (&Method::GET, "/v1/policy") => {
-                let enforced = daemon.policy.load();
-                Reply::json(json!({
-                    "version": enforced.version(),
-                    "hash": enforced.hash,
-                    "file": enforced.name,
-                    "mode": mode_name(enforced.policy.mode == crate::policy::Mode::Audit),
-                    "since": humantime::format_rfc3339_seconds(enforced.since).to_string(),
-                    "text": enforced.text,
-                }))
-            }
+            (&Method::GET, "/v1/policy") => Reply::json(policy(daemon)),
             (&Method::POST, "/v1/policy") => {
                 let file = query("file").unwrap_or("<request>").to_owned();
                 let dry_run = query("dry_run").is_some_and(|v| v == "true" || v == "1");
                 reload(&daemon.reloader, file, request.body.clone(), dry_run).await
             }
-            (&Method::GET, "/v1/workloads") => Reply::json(daemon.registrar.workloads()),
+            (&Method::GET, "/v1/workloads") => Reply::json(workloads(daemon)),
             (&Method::GET, "/v1/flows") => flows(
                 daemon,
                 query("verdict"),
@@ -120,8 +112,49 @@ impl Handler for Api {
     }
 }
 
-fn mode_name(audit: bool) -> &'static str {
-    if audit { "audit" } else { "enforce" }
+fn mode(audit: bool) -> v1::Mode {
+    if audit {
+        v1::Mode::Audit
+    } else {
+        v1::Mode::Enforce
+    }
+}
+
+fn rfc3339(time: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(time).to_string()
+}
+
+fn policy(daemon: &Api) -> v1::Policy {
+    let enforced = daemon.policy.load();
+    v1::Policy {
+        version: enforced.version(),
+        hash: enforced.hash.clone(),
+        file: enforced.name.clone(),
+        mode: mode(enforced.policy.mode == crate::policy::Mode::Audit),
+        since: rfc3339(enforced.since),
+        text: enforced.text.clone(),
+    }
+}
+
+fn workloads(daemon: &Api) -> Vec<v1::Workload> {
+    daemon
+        .registrar
+        .workloads()
+        .into_iter()
+        .map(|w| v1::Workload {
+            pid: w.pid,
+            exe: w.exe,
+            sha256: w.sha256,
+            cgroup: w.cgroup,
+            cgroup_id: w.cgroup_id,
+            uid: w.uid,
+            spiffe_id: w.spiffe_id,
+            entry: w.entry,
+            state: w.state.to_owned(),
+            reason: w.reason,
+            listening: w.listening,
+        })
+        .collect()
 }
 
 async fn reload(reloader: &Arc<Reloader>, file: String, body: Bytes, dry_run: bool) -> Reply {
@@ -135,20 +168,19 @@ async fn reload(reloader: &Arc<Reloader>, file: String, body: Bytes, dry_run: bo
     let reloader = Arc::clone(reloader);
     let result = tokio::task::spawn_blocking(move || reloader.reload(&file, &text, dry_run)).await;
     match result {
-        Ok(Ok(outcome)) => Reply::json(outcome),
+        Ok(Ok(outcome)) => Reply::json(reload_outcome(outcome)),
         Ok(Err(ReloadError::Invalid(diagnostics))) => {
             let lines: Vec<String> = diagnostics.iter().map(ToString::to_string).collect();
-            Reply::Json {
-                status: StatusCode::UNPROCESSABLE_ENTITY,
-                body: json!({
-                    "error": format!(
-                        "invalid policy; version {} stays in force\n{}",
-                        version,
+            Reply::json_with(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                v1::Refusal {
+                    error: format!(
+                        "invalid policy; version {version} stays in force\n{}",
                         lines.join("\n")
                     ),
-                    "diagnostics": lines,
-                }),
-            }
+                    diagnostics: lines,
+                },
+            )
         }
         Ok(Err(error)) => Reply::error(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -158,6 +190,19 @@ async fn reload(reloader: &Arc<Reloader>, file: String, body: Bytes, dry_run: bo
             ),
         ),
         Err(error) => Reply::error(StatusCode::INTERNAL_SERVER_ERROR, error),
+    }
+}
+
+fn reload_outcome(outcome: Outcome) -> v1::ReloadOutcome {
+    v1::ReloadOutcome {
+        applied: outcome.applied,
+        previous_version: outcome.previous_version,
+        version: outcome.version,
+        hash: outcome.hash,
+        changes: outcome.changes,
+        warnings: outcome.warnings,
+        missing_cgroups: outcome.missing_cgroups,
+        closed: outcome.closed,
     }
 }
 
@@ -219,8 +264,13 @@ fn flows(
                 }
                 Ok(_) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
-                    let note = json!({"lagged": missed, "note": "the follower fell behind; records were skipped here, the audit log has them all"});
-                    if sender.send(Bytes::from(format!("{note}\n"))).await.is_err() {
+                    let note = v1::Lagged {
+                        lagged: missed,
+                        note: "the follower fell behind; records were skipped here, the audit log has them all".to_owned(),
+                    };
+                    let mut note = serde_json::to_vec(&note).unwrap_or_default();
+                    note.push(b'\n');
+                    if sender.send(Bytes::from(note)).await.is_err() {
                         return;
                     }
                 }
@@ -243,7 +293,7 @@ fn svid(daemon: &Api, id: &str) -> Reply {
         .registrar
         .workloads()
         .iter()
-        .any(|w| w.spiffe_id.as_deref() == Some(id.as_ref()));
+        .any(|w| w.spiffe_id.as_ref() == Some(&id));
     if !local {
         return Reply::error(
             StatusCode::NOT_FOUND,
@@ -253,13 +303,13 @@ fn svid(daemon: &Api, id: &str) -> Reply {
         );
     }
     match daemon.svids.get(&id) {
-        Ok(svid) => Reply::json(json!({
-            "spiffe_id": id.to_string(),
-            "not_before": humantime::format_rfc3339_seconds(svid.not_before()).to_string(),
-            "not_after": humantime::format_rfc3339_seconds(svid.not_after()).to_string(),
-            "expires_in_s": expires_in(svid.not_after()),
-            "chain_pem": svid.chain_pem(),
-        })),
+        Ok(svid) => Reply::json(v1::Svid {
+            not_before: rfc3339(svid.not_before()),
+            not_after: rfc3339(svid.not_after()),
+            expires_in_s: expires_in(svid.not_after()),
+            chain_pem: svid.chain_pem(),
+            spiffe_id: id,
+        }),
         Err(error) => Reply::error(
             StatusCode::SERVICE_UNAVAILABLE,
             crate::report::report(&error),
@@ -282,19 +332,14 @@ fn kernel_counters(daemon: &Api) -> Vec<(&'static str, u64)> {
         .collect()
 }
 
-fn status(daemon: &Api) -> Value {
-    let enforced = daemon.policy.load();
-    let (slot, meta) = {
-        let maps = daemon.maps.lock().unwrap_or_else(PoisonError::into_inner);
-        (maps.active_slot().ok(), maps.active_policy().ok())
-    };
-    let scope = daemon.node.scope.display().to_string();
+/// Every program the daemon attached, and to what.
+fn attachments(daemon: &Api, scope: &str) -> Vec<v1::Attachment> {
     let lsm = daemon.node.refuses_packet_sockets.then_some(&LSM.0);
-    let attachments: Vec<Value> = PROGRAMS
+    PROGRAMS
         .iter()
         .chain(lsm)
         .map(|program| {
-            let target = if TRACEPOINTS.iter().any(|(name, _)| name == program) {
+            let attached_to = if TRACEPOINTS.iter().any(|(name, _)| name == program) {
                 "btf tracepoint".to_owned()
             } else if *program == enforcer_ebpf::program_names::SK_LOOKUP {
                 "the daemon's network namespace".to_owned()
@@ -303,81 +348,101 @@ fn status(daemon: &Api) -> Value {
             } else {
                 format!("cgroup {scope}")
             };
-            json!({"program": program, "attached_to": target})
+            v1::Attachment {
+                program: (*program).to_owned(),
+                attached_to,
+            }
         })
-        .collect();
+        .collect()
+}
+
+fn status(daemon: &Api) -> v1::Status {
+    let enforced = daemon.policy.load();
+    let (slot, meta) = {
+        let maps = daemon.maps.lock().unwrap_or_else(PoisonError::into_inner);
+        (maps.active_slot().ok(), maps.active_policy().ok())
+    };
+    let scope = daemon.node.scope.display().to_string();
+    let attachments = attachments(daemon, &scope);
     let workloads = daemon.registrar.workloads();
-    let mut svids: Vec<Value> = daemon
+    let mut svids: Vec<v1::SvidSummary> = daemon
         .svids
         .current()
         .iter()
-        .map(|svid| {
-            json!({
-                "spiffe_id": svid.spiffe_id().to_string(),
-                "not_after": humantime::format_rfc3339_seconds(svid.not_after()).to_string(),
-                "expires_in_s": expires_in(svid.not_after()),
-            })
+        .map(|svid| v1::SvidSummary {
+            spiffe_id: svid.spiffe_id().clone(),
+            not_after: rfc3339(svid.not_after()),
+            expires_in_s: expires_in(svid.not_after()),
         })
         .collect();
-    svids.sort_by(|a, b| a["spiffe_id"].as_str().cmp(&b["spiffe_id"].as_str()));
-    let kernel_counters = kernel_counters(daemon);
-    let lost_events = kernel_counters
-        .iter()
-        .find(|(name, _)| *name == Counter::LostEvents.name())
-        .map_or(0, |&(_, value)| value);
-    let kernel: serde_json::Map<String, Value> = kernel_counters
+    svids.sort_by(|a, b| a.spiffe_id.as_ref().cmp(b.spiffe_id.as_ref()));
+    let kernel: std::collections::BTreeMap<String, u64> = kernel_counters(daemon)
         .into_iter()
-        .map(|(name, value)| (name.to_owned(), value.into()))
+        .map(|(name, value)| (name.to_owned(), value))
         .collect();
+    let lost_events = kernel
+        .get(Counter::LostEvents.name())
+        .copied()
+        .unwrap_or_default();
     let tunnel_metrics = daemon.tunnel.metrics();
-    let tunnel: serde_json::Map<String, Value> = Metric::ALL
+    let tunnel = Metric::ALL
         .iter()
-        .map(|&m| (m.name().to_owned(), tunnel_metrics.get(m).into()))
+        .map(|&m| (m.name().to_owned(), tunnel_metrics.get(m)))
         .collect();
     let audit = daemon.audit.stats();
-    json!({
-        "node": daemon.node.config.node_name,
-        "node_id": daemon.node.node_id.to_string(),
-        "trust_domain": daemon.node.trust_domain.to_string(),
-        "pid": std::process::id(),
-        "started": humantime::format_rfc3339_seconds(daemon.node.started).to_string(),
-        "uptime_s": SystemTime::now().duration_since(daemon.node.started).unwrap_or_default().as_secs(),
-        "mode": mode_name(meta.is_some_and(|m| m.mode == PolicyMeta::MODE_AUDIT)),
-        "policy": {
-            "version": enforced.version(),
-            "kernel_version": meta.map(|m| m.version),
-            "kernel_slot": slot,
-            "hash": enforced.hash,
-            "file": enforced.name,
-            "since": humantime::format_rfc3339_seconds(enforced.since).to_string(),
+    v1::Status {
+        node: daemon.node.config.node_name.clone(),
+        node_id: daemon.node.node_id.clone(),
+        trust_domain: daemon.node.trust_domain.to_string(),
+        pid: std::process::id(),
+        started: rfc3339(daemon.node.started),
+        uptime_s: SystemTime::now()
+            .duration_since(daemon.node.started)
+            .unwrap_or_default()
+            .as_secs(),
+        mode: mode(meta.is_some_and(|m| m.mode == PolicyMeta::MODE_AUDIT)),
+        policy: v1::StatusPolicy {
+            version: enforced.version(),
+            kernel_version: meta.map(|m| m.version),
+            kernel_slot: slot,
+            hash: enforced.hash.clone(),
+            file: enforced.name.clone(),
+            since: rfc3339(enforced.since),
         },
-        "datapath": {
-            "pin_dir": daemon.node.config.kernel.pin_dir.display().to_string(),
-            "scope_cgroup": scope,
-            "cgroup2_mount": daemon.node.mount.display().to_string(),
-            "adopted": daemon.node.adopted,
-            "refuses_packet_sockets": daemon.node.refuses_packet_sockets,
-            "attachments": attachments,
+        datapath: v1::Datapath {
+            pin_dir: daemon.node.config.kernel.pin_dir.display().to_string(),
+            scope_cgroup: scope,
+            cgroup2_mount: daemon.node.mount.display().to_string(),
+            adopted: daemon.node.adopted,
+            refuses_packet_sockets: daemon.node.refuses_packet_sockets,
+            attachments,
         },
-        "listeners": {
-            "outbound": daemon.node.outbound,
-            "inbound": daemon.node.inbound,
-            "control": daemon.node.config.control_socket.display().to_string(),
-            "metrics": daemon.node.config.metrics_addr,
+        listeners: v1::Listeners {
+            outbound: daemon.node.outbound.clone(),
+            inbound: daemon.node.inbound,
+            control: daemon.node.config.control_socket.display().to_string(),
+            metrics: daemon.node.config.metrics_addr,
         },
-        "workloads": {
-            "processes": workloads.len(),
-            "with_identity": workloads.iter().filter(|w| w.spiffe_id.is_some()).count(),
+        workloads: v1::WorkloadCount {
+            processes: workloads.len(),
+            with_identity: workloads.iter().filter(|w| w.spiffe_id.is_some()).count(),
         },
-        "svids": svids,
-        "open_flows": daemon.tunnel.open_flows(),
-        "counters": { "kernel": kernel, "tunnel": tunnel },
-        "lost": {
-            "kernel_events": lost_events,
-            "audit_records": audit.dropped,
+        svids,
+        open_flows: daemon.tunnel.open_flows(),
+        counters: v1::Counters { kernel, tunnel },
+        lost: v1::Lost {
+            kernel_events: lost_events,
+            audit_records: audit.dropped,
         },
-        "audit": audit,
-    })
+        audit: v1::AuditLog {
+            written: audit.written,
+            dropped: audit.dropped,
+            rotations: audit.rotations,
+            write_errors: audit.write_errors,
+            path: audit.path,
+            last_seq: audit.last_seq,
+        },
+    }
 }
 
 fn metrics(daemon: &Api) -> String {
@@ -436,4 +501,302 @@ fn metrics(daemon: &Api) -> String {
     );
     daemon.telemetry.export(&mut out);
     out.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    //! The v1 replies keep the JSON field names the routes had when they were built with
+    //! `json!`: the key sets below were taken from those `json!` literals (and, for the types
+    //! that still serialize themselves, from those types).
+    use std::collections::BTreeSet;
+
+    use serde_json::Value;
+
+    use super::*;
+    use crate::audit::AuditStats;
+
+    fn keys(value: &Value) -> BTreeSet<&str> {
+        value
+            .as_object()
+            .expect("an object")
+            .keys()
+            .map(String::as_str)
+            .collect()
+    }
+
+    fn set<'a>(names: &[&'a str]) -> BTreeSet<&'a str> {
+        names.iter().copied().collect()
+    }
+
+    fn id() -> SpiffeId {
+        "spiffe://example.org/ns/web".parse().unwrap()
+    }
+
+    fn audit_stats() -> AuditStats {
+        AuditStats {
+            written: 1,
+            dropped: 0,
+            rotations: 0,
+            write_errors: 0,
+            path: "/var/lib/enforcer/audit/audit.jsonl".into(),
+            last_seq: 1,
+        }
+    }
+
+    #[test]
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one literal with every field of the status"
+    )]
+    fn status_has_the_keys_of_the_json_literal() {
+        let audit = audit_stats();
+        let status = v1::Status {
+            node: "n".to_owned(),
+            node_id: id(),
+            trust_domain: "example.org".to_owned(),
+            pid: 1,
+            started: String::new(),
+            uptime_s: 0,
+            mode: v1::Mode::Enforce,
+            policy: v1::StatusPolicy {
+                version: 1,
+                kernel_version: None,
+                kernel_slot: None,
+                hash: String::new(),
+                file: String::new(),
+                since: String::new(),
+            },
+            datapath: v1::Datapath {
+                pin_dir: String::new(),
+                scope_cgroup: String::new(),
+                cgroup2_mount: String::new(),
+                adopted: false,
+                refuses_packet_sockets: true,
+                attachments: vec![v1::Attachment {
+                    program: "connect4".to_owned(),
+                    attached_to: String::new(),
+                }],
+            },
+            listeners: v1::Listeners {
+                outbound: Vec::new(),
+                inbound: "0.0.0.0:15008".parse().unwrap(),
+                control: String::new(),
+                metrics: None,
+            },
+            workloads: v1::WorkloadCount {
+                processes: 0,
+                with_identity: 0,
+            },
+            svids: vec![v1::SvidSummary {
+                spiffe_id: id(),
+                not_after: String::new(),
+                expires_in_s: 0,
+            }],
+            open_flows: 0,
+            counters: v1::Counters {
+                kernel: [("lost_events".to_owned(), 0)].into(),
+                tunnel: [("tunnel_bytes_up_total".to_owned(), 0)].into(),
+            },
+            lost: v1::Lost {
+                kernel_events: 0,
+                audit_records: 0,
+            },
+            audit: v1::AuditLog {
+                written: audit.written,
+                dropped: audit.dropped,
+                rotations: audit.rotations,
+                write_errors: audit.write_errors,
+                path: audit.path.clone(),
+                last_seq: audit.last_seq,
+            },
+        };
+        let value = serde_json::to_value(&status).unwrap();
+        assert_eq!(
+            keys(&value),
+            set(&[
+                "node",
+                "node_id",
+                "trust_domain",
+                "pid",
+                "started",
+                "uptime_s",
+                "mode",
+                "policy",
+                "datapath",
+                "listeners",
+                "workloads",
+                "svids",
+                "open_flows",
+                "counters",
+                "lost",
+                "audit"
+            ])
+        );
+        assert_eq!(value["node_id"], "spiffe://example.org/ns/web");
+        assert_eq!(value["mode"], "enforce");
+        assert_eq!(
+            keys(&value["policy"]),
+            set(&[
+                "version",
+                "kernel_version",
+                "kernel_slot",
+                "hash",
+                "file",
+                "since"
+            ])
+        );
+        assert_eq!(
+            keys(&value["datapath"]),
+            set(&[
+                "pin_dir",
+                "scope_cgroup",
+                "cgroup2_mount",
+                "adopted",
+                "refuses_packet_sockets",
+                "attachments"
+            ])
+        );
+        assert_eq!(
+            keys(&value["datapath"]["attachments"][0]),
+            set(&["program", "attached_to"])
+        );
+        assert_eq!(
+            keys(&value["listeners"]),
+            set(&["outbound", "inbound", "control", "metrics"])
+        );
+        assert_eq!(
+            keys(&value["workloads"]),
+            set(&["processes", "with_identity"])
+        );
+        assert_eq!(
+            keys(&value["svids"][0]),
+            set(&["spiffe_id", "not_after", "expires_in_s"])
+        );
+        assert_eq!(keys(&value["counters"]), set(&["kernel", "tunnel"]));
+        assert_eq!(
+            keys(&value["lost"]),
+            set(&["kernel_events", "audit_records"])
+        );
+        assert_eq!(value["audit"], serde_json::to_value(&audit).unwrap());
+    }
+
+    #[test]
+    fn policy_svid_error_and_lagged_have_the_keys_of_the_json_literals() {
+        let policy = v1::Policy {
+            version: 1,
+            hash: String::new(),
+            file: String::new(),
+            mode: v1::Mode::Audit,
+            since: String::new(),
+            text: String::new(),
+        };
+        let value = serde_json::to_value(&policy).unwrap();
+        assert_eq!(
+            keys(&value),
+            set(&["version", "hash", "file", "mode", "since", "text"])
+        );
+        assert_eq!(value["mode"], "audit");
+        let svid = v1::Svid {
+            spiffe_id: id(),
+            not_before: String::new(),
+            not_after: String::new(),
+            expires_in_s: 0,
+            chain_pem: String::new(),
+        };
+        assert_eq!(
+            keys(&serde_json::to_value(&svid).unwrap()),
+            set(&[
+                "spiffe_id",
+                "not_before",
+                "not_after",
+                "expires_in_s",
+                "chain_pem"
+            ])
+        );
+        let error = v1::ErrorBody {
+            error: String::new(),
+        };
+        assert_eq!(
+            keys(&serde_json::to_value(&error).unwrap()),
+            set(&["error"])
+        );
+        let refusal = v1::Refusal {
+            error: String::new(),
+            diagnostics: Vec::new(),
+        };
+        assert_eq!(
+            keys(&serde_json::to_value(&refusal).unwrap()),
+            set(&["error", "diagnostics"])
+        );
+        let lagged = v1::Lagged {
+            lagged: 1,
+            note: String::new(),
+        };
+        assert_eq!(
+            keys(&serde_json::to_value(&lagged).unwrap()),
+            set(&["lagged", "note"])
+        );
+    }
+
+    #[test]
+    fn reload_outcome_has_the_keys_of_the_daemons_outcome() {
+        let outcome = super::super::reload::Outcome {
+            applied: true,
+            previous_version: 1,
+            version: 2,
+            hash: String::new(),
+            changes: Vec::new(),
+            warnings: Vec::new(),
+            missing_cgroups: Vec::new(),
+            closed: 0,
+        };
+        let before = serde_json::to_value(&outcome).unwrap();
+        assert_eq!(
+            serde_json::to_value(reload_outcome(outcome)).unwrap(),
+            before
+        );
+    }
+
+    #[test]
+    fn workload_has_the_keys_the_table_serialized_with() {
+        let workload = v1::Workload {
+            pid: 1,
+            exe: String::new(),
+            sha256: String::new(),
+            cgroup: String::new(),
+            cgroup_id: None,
+            uid: 0,
+            spiffe_id: Some(id()),
+            entry: Some(1),
+            state: "matched".to_owned(),
+            reason: None,
+            listening: Vec::new(),
+        };
+        let value = serde_json::to_value(&workload).unwrap();
+        assert_eq!(
+            keys(&value),
+            set(&[
+                "pid",
+                "exe",
+                "sha256",
+                "cgroup",
+                "cgroup_id",
+                "uid",
+                "spiffe_id",
+                "entry",
+                "state",
+                "reason",
+                "listening"
+            ])
+        );
+        assert_eq!(value["spiffe_id"], "spiffe://example.org/ns/web");
+        let unmatched = v1::Workload {
+            spiffe_id: None,
+            ..workload
+        };
+        assert_eq!(
+            serde_json::to_value(&unmatched).unwrap()["spiffe_id"],
+            Value::Null
+        );
+    }
 }

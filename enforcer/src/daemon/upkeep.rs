@@ -9,7 +9,7 @@ use std::{
 };
 
 use super::{Svids, sources::KernelSources, workloads::Registrar};
-use crate::{kernel::Maps, report::report};
+use crate::{identity::SpiffeId, kernel::Maps, report::report};
 
 /// What the periodic work reads and writes.
 pub(crate) struct Upkeep {
@@ -68,7 +68,7 @@ impl Upkeep {
 
     /// Issue (or keep) the SVID of every identity a registered process holds.
     fn issue_svids(&self) {
-        let mut ids: Vec<String> = self
+        let mut ids: Vec<SpiffeId> = self
             .registrar
             .workloads()
             .into_iter()
@@ -77,9 +77,7 @@ impl Upkeep {
         ids.sort_unstable();
         ids.dedup();
         for id in ids {
-            if let Ok(id) = id.parse::<crate::identity::SpiffeId>()
-                && let Err(error) = self.svids.get(&id)
-            {
+            if let Err(error) = self.svids.get(&id) {
                 tracing::warn!(%id, error = %report(&error), "no SVID");
             }
         }

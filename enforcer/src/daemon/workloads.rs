@@ -19,7 +19,6 @@ use std::{
 };
 
 use rustix::process::{Pid, PidfdFlags, PidfdGetfdFlags, pidfd_getfd, pidfd_open};
-use serde::Serialize;
 
 use super::{
     sockets::{self, Listener},
@@ -27,6 +26,7 @@ use super::{
 };
 use crate::{
     attest::{Attestor, Identification, Identities, ProcessFacts},
+    identity::SpiffeId,
     kernel::{Maps, maps::ListenerOwner},
     policy::PolicySnapshot,
     report::report,
@@ -37,7 +37,7 @@ use crate::{
 const MAX_DEPTH: usize = 16;
 
 /// One process of an enrolled cgroup, as `enforcer workloads` shows it.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct WorkloadInfo {
     /// Process id.
     pub(crate) pid: u32,
@@ -52,7 +52,7 @@ pub(crate) struct WorkloadInfo {
     /// Effective uid.
     pub(crate) uid: u32,
     /// The identity it was given.
-    pub(crate) spiffe_id: Option<String>,
+    pub(crate) spiffe_id: Option<SpiffeId>,
     /// The workload entry that matched (1-based, file order).
     pub(crate) entry: Option<usize>,
     /// `matched`, `unmatched`, `ambiguous` or `refused`.
@@ -62,7 +62,6 @@ pub(crate) struct WorkloadInfo {
     /// TCP addresses it listens on.
     pub(crate) listening: Vec<SocketAddr>,
     /// The image generation it was attested for.
-    #[serde(skip)]
     pub(crate) generation: u64,
 }
 
@@ -233,7 +232,7 @@ impl Registrar {
                 pid,
                 exe = %info.exe,
                 cgroup = %info.cgroup,
-                id = info.spiffe_id.as_deref().unwrap_or("-"),
+                id = info.spiffe_id.as_ref().map_or("-", AsRef::as_ref),
                 listening = ?info.listening,
                 "workload registered"
             );
@@ -371,7 +370,7 @@ fn describe(
     generation: u64,
 ) -> WorkloadInfo {
     let (spiffe_id, entry, state) = match identification {
-        Identification::Matched { id, entry } => (Some(id.to_string()), Some(entry + 1), "matched"),
+        Identification::Matched { id, entry } => (Some(id.clone()), Some(entry + 1), "matched"),
         Identification::Unmatched => (None, None, "unmatched"),
         Identification::Ambiguous(_) => (None, None, "ambiguous"),
         Identification::Refused { entry, .. } => (None, Some(entry + 1), "refused"),
