@@ -9,6 +9,7 @@
 mod api;
 mod events;
 mod own_cgroup;
+mod recorder;
 mod reload;
 pub mod sockets;
 mod telemetry;
@@ -32,6 +33,7 @@ pub use self::own_cgroup::OwnCgroupError;
 use self::{
     api::Api,
     events::{EventPump, EventThread},
+    recorder::Recorder,
     reload::Enforced,
     telemetry::{MeteredIssuer, Telemetry},
     workloads::Registrar,
@@ -55,8 +57,8 @@ use crate::{
     policy::{Diagnostic, diagnostic::render},
     report::report,
     tunnel::{
-        FlowRecord, LocalWorkloads, Origins, PolicyView, RecordSink, SocketTagger, Tunnel,
-        TunnelConfig, TunnelError, TunnelParts, sources::KernelSources,
+        LocalWorkloads, Origins, PolicyView, SocketTagger, Tunnel, TunnelConfig, TunnelError,
+        TunnelParts, sources::KernelSources,
     },
 };
 
@@ -142,40 +144,6 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         let (daemon, parts) = Daemon::start(config).await?;
         daemon.serve(parts).await
     })
-}
-
-/// Where the records of every component go: the audit log, counted by verdict. It also holds
-/// the daemon's audit log and telemetry for everything else that reads them.
-#[derive(Clone)]
-pub(crate) struct Recorder {
-    audit: AuditLog,
-    telemetry: Arc<Telemetry>,
-    registrar: Arc<Registrar>,
-}
-
-impl Recorder {
-    /// Write `entry` to the audit log.
-    pub(crate) fn submit(&self, entry: Entry) {
-        self.telemetry.verdict(entry.source, entry.verdict);
-        self.audit.submit(entry);
-    }
-}
-
-impl RecordSink for Recorder {
-    /// A tunnel record, with the binary hash and cgroup path of its client added when the
-    /// client runs on this node.
-    fn record(&self, record: FlowRecord) {
-        let mut entry = Entry::from_flow(&record);
-        if let Some(known) = record
-            .src
-            .pid
-            .and_then(|pid| self.registrar.provenance(pid))
-        {
-            entry.src.sha256 = Some(known.sha256);
-            entry.src.cgroup = Some(known.cgroup);
-        }
-        self.submit(entry);
-    }
 }
 
 /// The state every part of the running daemon shares.
@@ -318,11 +286,12 @@ impl Daemon {
             ),
             &config.node_name,
         )?;
-        let recorder = Recorder {
-            audit: audit.clone(),
-            telemetry: Arc::clone(&telemetry),
-            registrar: Arc::clone(&registrar),
-        };
+        let recorder = Recorder::start(
+            audit.clone(),
+            Arc::clone(&telemetry),
+            Arc::clone(&registrar),
+        )
+        .map_err(io_error("failed to start the recorder thread"))?;
 
         let tunnel = Tunnel::new(TunnelParts {
             config: TunnelConfig {
