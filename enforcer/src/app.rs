@@ -224,11 +224,8 @@ impl Parts {
             policy.clone(),
             Arc::clone(&telemetry),
         ));
-        let recorder = Recorder {
-            audit,
-            telemetry,
-            registrar: Arc::clone(&registrar),
-        };
+        let recorder = Recorder::start(audit, telemetry, Arc::clone(&registrar))
+            .map_err(io_error("failed to start the recorder thread"))?;
         Ok(Self {
             sources,
             registrar,

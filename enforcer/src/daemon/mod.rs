@@ -7,6 +7,7 @@ mod api;
 mod events;
 mod node;
 mod own_cgroup;
+mod recorder;
 mod reload;
 mod run;
 pub mod sockets;
@@ -15,13 +16,12 @@ mod telemetry;
 mod upkeep;
 mod workloads;
 
-use std::sync::Arc;
-
 pub(crate) use self::{
     api::Api,
     events::EventPump,
     node::NodeFacts,
     own_cgroup::refuse_enrolling_the_daemon,
+    recorder::Recorder,
     reload::{Reloader, compile_and_apply},
     run::{Listeners, Running, serve},
     telemetry::{MeteredIssuer, Telemetry},
@@ -29,11 +29,7 @@ pub(crate) use self::{
     workloads::Registrar,
 };
 pub use self::{own_cgroup::OwnCgroupError, sources::KernelSources};
-use crate::{
-    audit::{AuditLog, Entry},
-    identity::{SvidCache, SystemClock},
-    tunnel::{FlowRecord, RecordSink},
-};
+use crate::identity::{SvidCache, SystemClock};
 
 /// The SVIDs the daemon holds: issued by the node CA, counted in its telemetry.
 pub(crate) type Svids = SvidCache<SystemClock, MeteredIssuer>;
@@ -56,39 +52,5 @@ impl DaemonError {
     /// Maps an I/O error from `what` into a [`DaemonError`].
     fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> Self {
         move |source| Self::Io { what, source }
-    }
-}
-
-/// Where the records of every component go: the audit log, counted by verdict. It also holds
-/// the daemon's audit log and telemetry for everything else that reads them.
-#[derive(Clone)]
-pub(crate) struct Recorder {
-    pub(crate) audit: AuditLog,
-    pub(crate) telemetry: Arc<Telemetry>,
-    pub(crate) registrar: Arc<Registrar>,
-}
-
-impl Recorder {
-    /// Write `entry` to the audit log.
-    pub(crate) fn submit(&self, entry: Entry) {
-        self.telemetry.verdict(entry.source, entry.verdict);
-        self.audit.submit(entry);
-    }
-}
-
-impl RecordSink for Recorder {
-    /// A tunnel record, with the binary hash and cgroup path of its client added when the
-    /// client runs on this node.
-    fn record(&self, record: FlowRecord) {
-        let mut entry = Entry::from_flow(&record);
-        if let Some(known) = record
-            .src
-            .pid
-            .and_then(|pid| self.registrar.provenance(pid))
-        {
-            entry.src.sha256 = Some(known.sha256);
-            entry.src.cgroup = Some(known.cgroup);
-        }
-        self.submit(entry);
     }
 }

@@ -135,6 +135,7 @@ impl Tunnel {
                 parts.bundles,
                 Arc::clone(&metrics),
                 Arc::clone(&parts.tags),
+                Arc::new(pool::SystemMonotonicClock),
             ),
             config: parts.config,
             svids: parts.svids,

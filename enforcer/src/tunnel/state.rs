@@ -4,6 +4,17 @@
 //! ([`LocalWorkloads`]), the SVIDs to present ([`SvidSource`]), how its sockets make
 //! themselves known to the kernel ([`SocketTagger`]); the policy in force is the one snapshot the
 //! daemon publishes ([`PolicySnapshot`](crate::policy::PolicySnapshot)).
+//!
+//! Where the calls run: [`Origins`] and [`LocalWorkloads`] may block (the daemon reads kernel
+//! maps behind a lock others hold for long, and attests processes), so the tunnel makes them on
+//! the blocking pool and its async workers only await them; the one exception is the owner
+//! lookup rustls makes inside an inbound handshake to pick the certificate (synchronously, once
+//! per new inbound connection). [`SocketTagger`] calls stay on the worker: each is one
+//! socket-storage write under a lock held for that write alone, cheaper than the hand-off to
+//! the pool. [`RecordSink::record`] must not block (the daemon's queues the record for a thread
+//! of its own).
+//!
+//! [`RecordSink::record`]: super::RecordSink::record
 #![forbid(unsafe_code)]
 
 use std::{io, net::SocketAddr, os::fd::BorrowedFd, path::PathBuf, sync::Arc};
@@ -46,7 +57,8 @@ impl SocketTagger for Untagged {
     }
 }
 
-/// The enrolled workloads listening on this node.
+/// The enrolled workloads listening on this node. The daemon's answer reads kernel maps, so the
+/// tunnel asks from the blocking pool.
 pub trait LocalWorkloads: Send + Sync {
     /// The identity of the enrolled workload listening on `addr` (on that address, or on every
     /// address of this node), `None` when no enrolled workload does.
@@ -133,9 +145,28 @@ impl OriginError {
     }
 }
 
-/// Looks up the origin of redirected connections.
+/// Looks up the origin of redirected connections. The daemon's answer reads kernel maps and may
+/// attest the client (procfs reads, hashing its binary), so the tunnel asks from the blocking
+/// pool.
 pub trait Origins: Send + Sync {
     /// The origin of the connection the outbound listener accepted from `client`, on its local
     /// address `local` (the redirect address, for a redirected connection).
     fn origin(&self, client: SocketAddr, local: SocketAddr) -> Result<Origin, OriginError>;
+}
+
+/// Runs `work` on the runtime's blocking pool, so that the async worker awaiting it stays free
+/// for other tasks: for calls into the traits above that may block. A panic in `work` resumes
+/// in the caller; `None` when the runtime shut down before `work` ran.
+pub(super) async fn off_worker<T, F>(work: F) -> Option<T>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    match tokio::task::spawn_blocking(work).await {
+        Ok(value) => Some(value),
+        Err(error) => match error.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(_) => None,
+        },
+    }
 }
