@@ -10,16 +10,25 @@
 //! | `GET /v1/flows[?verdict=V][&id=ID][&limit=N][&follow=true]` | audit records, JSON lines |
 //! | `GET /v1/svid?id=ID` | the current SVID of a local workload identity |
 //! | `GET /metrics` | Prometheus text |
+//!
+//! They are an axum `Router` (`Routes for Api`); anything else is a JSON 404 naming the method
+//! and path, and the metrics listener answers every path but `/metrics` with a 404.
 #![forbid(unsafe_code)]
 
 use std::{
-    str::FromStr,
     sync::{Arc, Mutex, PoisonError},
     time::{Duration, SystemTime},
 };
 
+use axum::{
+    Router,
+    extract::{Request, State},
+    middleware::{Next, from_fn},
+    response::{IntoResponse, Response},
+    routing::get,
+};
 use bytes::Bytes;
-use http::{Method, StatusCode};
+use http::{Method, StatusCode, Uri};
 
 use super::{
     Svids,
@@ -29,8 +38,8 @@ use super::{
     workloads::Registrar,
 };
 use crate::{
-    audit::{AuditLog, AuditRecord, Verdict},
-    control::{Handler, Peer, Reply, Request, v1},
+    audit::{AuditLog, AuditRecord},
+    control::{Peer, Query, Reply, Routes, v1},
     identity::SpiffeId,
     kernel::{
         Counter, Maps, PolicyMeta,
@@ -66,50 +75,70 @@ pub(crate) struct Api {
     pub(crate) maps: Arc<Mutex<Maps>>,
 }
 
-impl Handler for Api {
-    async fn handle(&self, request: Request) -> Reply {
-        let query = |key: &str| {
-            request
-                .query
-                .iter()
-                .find(|(k, _)| k == key)
-                .map(|(_, v)| v.as_str())
-        };
-        if matches!(request.peer, Peer::Tcp(_)) && request.path != "/metrics" {
-            return Reply::error(StatusCode::NOT_FOUND, "only /metrics is served here");
-        }
-        let daemon = self;
-        match (&request.method, request.path.as_str()) {
-            (&Method::GET, "/metrics") => Reply::Text {
-                status: StatusCode::OK,
-                content_type: "text/plain; version=0.0.4",
-                body: metrics(daemon),
-            },
-            (&Method::GET, "/v1/status") => Reply::json(status(daemon)),
-            (&Method::GET, "/v1/policy") => Reply::json(policy(daemon)),
-            (&Method::POST, "/v1/policy") => {
-                let file = query("file").unwrap_or("<request>").to_owned();
-                let dry_run = query("dry_run").is_some_and(|v| v == "true" || v == "1");
-                reload(&daemon.reloader, file, request.body.clone(), dry_run).await
-            }
-            (&Method::GET, "/v1/workloads") => Reply::json(workloads(daemon)),
-            (&Method::GET, "/v1/flows") => flows(
-                daemon,
-                query("verdict"),
-                query("id"),
-                query("limit"),
-                query("follow"),
-            ),
-            (&Method::GET, "/v1/svid") => match query("id") {
-                Some(id) => svid(daemon, id),
-                None => Reply::error(StatusCode::BAD_REQUEST, "missing ?id=SPIFFE_ID"),
-            },
-            (_, path) => Reply::error(
-                StatusCode::NOT_FOUND,
-                format!("no route {} {path}", request.method),
-            ),
-        }
+impl Routes for Api {
+    fn routes(self: Arc<Self>) -> Router {
+        Router::new()
+            .route("/metrics", get(get_metrics))
+            .route("/v1/status", get(get_status))
+            .route("/v1/policy", get(get_policy).post(post_policy))
+            .route("/v1/workloads", get(get_workloads))
+            .route("/v1/flows", get(flows))
+            .route("/v1/svid", get(svid))
+            .fallback(no_route)
+            .method_not_allowed_fallback(no_route)
+            .layer(from_fn(only_metrics_over_tcp))
+            .with_state(self)
     }
+}
+
+/// The state every route reads.
+type Daemon = State<Arc<Api>>;
+
+async fn get_metrics(State(daemon): Daemon) -> Reply {
+    Reply::Text {
+        status: StatusCode::OK,
+        content_type: "text/plain; version=0.0.4",
+        body: metrics(&daemon),
+    }
+}
+
+async fn get_status(State(daemon): Daemon) -> Reply {
+    Reply::json(status(&daemon))
+}
+
+async fn get_policy(State(daemon): Daemon) -> Reply {
+    Reply::json(policy(&daemon))
+}
+
+async fn get_workloads(State(daemon): Daemon) -> Reply {
+    Reply::json(workloads(&daemon))
+}
+
+async fn post_policy(
+    State(daemon): Daemon,
+    Query(query): Query<v1::ReloadQuery>,
+    body: Bytes,
+) -> Reply {
+    let file = query.file.unwrap_or_else(|| "<request>".to_owned());
+    reload(&daemon.reloader, file, body, query.dry_run).await
+}
+
+/// Every unknown method and path: a JSON 404 naming both.
+async fn no_route(method: Method, uri: Uri) -> Reply {
+    Reply::error(
+        StatusCode::NOT_FOUND,
+        format!("no route {method} {}", uri.path()),
+    )
+}
+
+/// The metrics listener (a [`Peer::Tcp`]) serves `/metrics` and nothing else.
+async fn only_metrics_over_tcp(request: Request, next: Next) -> Response {
+    if matches!(request.extensions().get::<Peer>(), Some(Peer::Tcp(_)))
+        && request.uri().path() != "/metrics"
+    {
+        return Reply::error(StatusCode::NOT_FOUND, "only /metrics is served here").into_response();
+    }
+    next.run(request).await
 }
 
 fn mode(audit: bool) -> v1::Mode {
@@ -206,29 +235,20 @@ fn reload_outcome(outcome: Outcome) -> v1::ReloadOutcome {
     }
 }
 
-fn flows(
-    daemon: &Api,
-    verdict: Option<&str>,
-    id: Option<&str>,
-    limit: Option<&str>,
-    follow: Option<&str>,
-) -> Reply {
-    let verdict = match verdict.map(Verdict::from_str).transpose() {
-        Ok(verdict) => verdict,
-        Err(error) => return Reply::error(StatusCode::BAD_REQUEST, error),
-    };
-    let limit = match limit.map(str::parse::<usize>).transpose() {
-        Ok(limit) => limit.unwrap_or(DEFAULT_FLOWS),
-        Err(error) => return Reply::error(StatusCode::BAD_REQUEST, format!("bad limit: {error}")),
-    };
-    let id = id.map(str::to_owned);
+async fn flows(State(daemon): Daemon, Query(query): Query<v1::FlowsQuery>) -> Reply {
+    let v1::FlowsQuery {
+        verdict,
+        id,
+        limit,
+        follow,
+    } = query;
+    let limit = limit.unwrap_or(DEFAULT_FLOWS);
     let keep = move |record: &AuditRecord| record.matches(verdict, id.as_deref());
     let line = |record: &AuditRecord| {
         let mut line = serde_json::to_vec(record).unwrap_or_default();
         line.push(b'\n');
         Bytes::from(line)
     };
-    let follow = follow.is_some_and(|v| v == "true" || v == "1");
     // A follower subscribes before taking the backlog, so no record falls between the two
     // (records in both are sent once: the stream skips what the backlog had).
     let subscription = follow.then(|| daemon.audit.subscribe());
@@ -284,7 +304,10 @@ fn flows(
     }
 }
 
-fn svid(daemon: &Api, id: &str) -> Reply {
+async fn svid(State(daemon): Daemon, Query(query): Query<v1::SvidQuery>) -> Reply {
+    let Some(id) = query.id else {
+        return Reply::error(StatusCode::BAD_REQUEST, "missing ?id=SPIFFE_ID");
+    };
     let id: SpiffeId = match id.parse() {
         Ok(id) => id,
         Err(error) => return Reply::error(StatusCode::BAD_REQUEST, format!("{id:?}: {error}")),
