@@ -9,17 +9,28 @@
 //! | `GET /v1/workloads` | registered processes: pid, exe, sha256, cgroup, SPIFFE ID, entry |
 //! | `GET /v1/flows[?verdict=V][&id=ID][&limit=N][&follow=true]` | audit records, JSON lines |
 //! | `GET /v1/svid?id=ID` | the current SVID of a local workload identity |
-//! | `GET /metrics` | Prometheus text |
+//! | `GET /metrics` | Prometheus metrics, `OpenMetrics` text |
+//!
+//! They are an axum `Router` (`Routes for Api`); anything else is a JSON 404 naming the method
+//! and path, and the metrics listener answers every path but `/metrics` with a 404.
 #![forbid(unsafe_code)]
 
 use std::{
-    str::FromStr,
+    fmt,
     sync::{Arc, Mutex, PoisonError},
     time::{Duration, SystemTime},
 };
 
+use axum::{
+    Router,
+    extract::{Request, State},
+    middleware::{Next, from_fn},
+    response::{IntoResponse, Response},
+    routing::get,
+};
 use bytes::Bytes;
-use http::{Method, StatusCode};
+use http::{Method, StatusCode, Uri};
+use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
 
 use super::{
     Svids,
@@ -29,14 +40,14 @@ use super::{
     workloads::Registrar,
 };
 use crate::{
-    audit::{AuditLog, AuditRecord, Verdict},
-    control::{Handler, Peer, Reply, Request, v1},
+    audit::{AuditLog, AuditRecord, AuditStats},
+    control::{Peer, Query, Reply, Routes, v1},
     identity::SpiffeId,
     kernel::{
         Counter, Maps, PolicyMeta,
         loader::{LSM, PROGRAMS, TRACEPOINTS},
     },
-    metrics::Exposition,
+    metrics::{self, Histogram},
     policy::PolicySnapshot,
     tunnel::{Metric, Tunnel},
 };
@@ -66,50 +77,70 @@ pub(crate) struct Api {
     pub(crate) maps: Arc<Mutex<Maps>>,
 }
 
-impl Handler for Api {
-    async fn handle(&self, request: Request) -> Reply {
-        let query = |key: &str| {
-            request
-                .query
-                .iter()
-                .find(|(k, _)| k == key)
-                .map(|(_, v)| v.as_str())
-        };
-        if matches!(request.peer, Peer::Tcp(_)) && request.path != "/metrics" {
-            return Reply::error(StatusCode::NOT_FOUND, "only /metrics is served here");
-        }
-        let daemon = self;
-        match (&request.method, request.path.as_str()) {
-            (&Method::GET, "/metrics") => Reply::Text {
-                status: StatusCode::OK,
-                content_type: "text/plain; version=0.0.4",
-                body: metrics(daemon),
-            },
-            (&Method::GET, "/v1/status") => Reply::json(status(daemon)),
-            (&Method::GET, "/v1/policy") => Reply::json(policy(daemon)),
-            (&Method::POST, "/v1/policy") => {
-                let file = query("file").unwrap_or("<request>").to_owned();
-                let dry_run = query("dry_run").is_some_and(|v| v == "true" || v == "1");
-                reload(&daemon.reloader, file, request.body.clone(), dry_run).await
-            }
-            (&Method::GET, "/v1/workloads") => Reply::json(workloads(daemon)),
-            (&Method::GET, "/v1/flows") => flows(
-                daemon,
-                query("verdict"),
-                query("id"),
-                query("limit"),
-                query("follow"),
-            ),
-            (&Method::GET, "/v1/svid") => match query("id") {
-                Some(id) => svid(daemon, id),
-                None => Reply::error(StatusCode::BAD_REQUEST, "missing ?id=SPIFFE_ID"),
-            },
-            (_, path) => Reply::error(
-                StatusCode::NOT_FOUND,
-                format!("no route {} {path}", request.method),
-            ),
-        }
+impl Routes for Api {
+    fn routes(self: Arc<Self>) -> Router {
+        Router::new()
+            .route("/metrics", get(get_metrics))
+            .route("/v1/status", get(get_status))
+            .route("/v1/policy", get(get_policy).post(post_policy))
+            .route("/v1/workloads", get(get_workloads))
+            .route("/v1/flows", get(flows))
+            .route("/v1/svid", get(svid))
+            .fallback(no_route)
+            .method_not_allowed_fallback(no_route)
+            .layer(from_fn(only_metrics_over_tcp))
+            .with_state(self)
     }
+}
+
+/// The state every route reads.
+type Daemon = State<Arc<Api>>;
+
+async fn get_metrics(State(daemon): Daemon) -> Reply {
+    Reply::Text {
+        status: StatusCode::OK,
+        content_type: metrics::CONTENT_TYPE,
+        body: metrics::exposition(Scrape::read(&daemon)),
+    }
+}
+
+async fn get_status(State(daemon): Daemon) -> Reply {
+    Reply::json(status(&daemon))
+}
+
+async fn get_policy(State(daemon): Daemon) -> Reply {
+    Reply::json(policy(&daemon))
+}
+
+async fn get_workloads(State(daemon): Daemon) -> Reply {
+    Reply::json(workloads(&daemon))
+}
+
+async fn post_policy(
+    State(daemon): Daemon,
+    Query(query): Query<v1::ReloadQuery>,
+    body: Bytes,
+) -> Reply {
+    let file = query.file.unwrap_or_else(|| "<request>".to_owned());
+    reload(&daemon.reloader, file, body, query.dry_run).await
+}
+
+/// Every unknown method and path: a JSON 404 naming both.
+async fn no_route(method: Method, uri: Uri) -> Reply {
+    Reply::error(
+        StatusCode::NOT_FOUND,
+        format!("no route {method} {}", uri.path()),
+    )
+}
+
+/// The metrics listener (a [`Peer::Tcp`]) serves `/metrics` and nothing else.
+async fn only_metrics_over_tcp(request: Request, next: Next) -> Response {
+    if matches!(request.extensions().get::<Peer>(), Some(Peer::Tcp(_)))
+        && request.uri().path() != "/metrics"
+    {
+        return Reply::error(StatusCode::NOT_FOUND, "only /metrics is served here").into_response();
+    }
+    next.run(request).await
 }
 
 fn mode(audit: bool) -> v1::Mode {
@@ -206,29 +237,20 @@ fn reload_outcome(outcome: Outcome) -> v1::ReloadOutcome {
     }
 }
 
-fn flows(
-    daemon: &Api,
-    verdict: Option<&str>,
-    id: Option<&str>,
-    limit: Option<&str>,
-    follow: Option<&str>,
-) -> Reply {
-    let verdict = match verdict.map(Verdict::from_str).transpose() {
-        Ok(verdict) => verdict,
-        Err(error) => return Reply::error(StatusCode::BAD_REQUEST, error),
-    };
-    let limit = match limit.map(str::parse::<usize>).transpose() {
-        Ok(limit) => limit.unwrap_or(DEFAULT_FLOWS),
-        Err(error) => return Reply::error(StatusCode::BAD_REQUEST, format!("bad limit: {error}")),
-    };
-    let id = id.map(str::to_owned);
+async fn flows(State(daemon): Daemon, Query(query): Query<v1::FlowsQuery>) -> Reply {
+    let v1::FlowsQuery {
+        verdict,
+        id,
+        limit,
+        follow,
+    } = query;
+    let limit = limit.unwrap_or(DEFAULT_FLOWS);
     let keep = move |record: &AuditRecord| record.matches(verdict, id.as_deref());
     let line = |record: &AuditRecord| {
         let mut line = serde_json::to_vec(record).unwrap_or_default();
         line.push(b'\n');
         Bytes::from(line)
     };
-    let follow = follow.is_some_and(|v| v == "true" || v == "1");
     // A follower subscribes before taking the backlog, so no record falls between the two
     // (records in both are sent once: the stream skips what the backlog had).
     let subscription = follow.then(|| daemon.audit.subscribe());
@@ -284,7 +306,10 @@ fn flows(
     }
 }
 
-fn svid(daemon: &Api, id: &str) -> Reply {
+async fn svid(State(daemon): Daemon, Query(query): Query<v1::SvidQuery>) -> Reply {
+    let Some(id) = query.id else {
+        return Reply::error(StatusCode::BAD_REQUEST, "missing ?id=SPIFFE_ID");
+    };
     let id: SpiffeId = match id.parse() {
         Ok(id) => id,
         Err(error) => return Reply::error(StatusCode::BAD_REQUEST, format!("{id:?}: {error}")),
@@ -445,62 +470,110 @@ fn status(daemon: &Api) -> v1::Status {
     }
 }
 
-fn metrics(daemon: &Api) -> String {
-    let mut out = Exposition::default();
-    out.family(
-        "enforcer_kernel_events_total",
-        crate::metrics::Kind::Counter,
-        "Kernel datapath counters (per-CPU, summed): connects, redirects, denies, drops, lost events...",
-    );
-    for (name, value) in kernel_counters(daemon) {
-        out.sample("enforcer_kernel_events_total", &[("counter", name)], value);
+/// What one scrape of `/metrics` reports, read from the daemon's handles when it is asked for
+/// (the daemon's own counters are read as they are encoded).
+#[derive(Debug)]
+struct Scrape {
+    /// The kernel datapath's counters, by name.
+    kernel: Vec<(&'static str, u64)>,
+    /// The tunnel's counters.
+    tunnel: Vec<(Metric, u64)>,
+    /// The tunnel's dial latencies.
+    handshake: Histogram,
+    /// The tunnel's accept-to-route latencies.
+    outbound_decision: Histogram,
+    /// Flows open now.
+    open_flows: usize,
+    /// SVIDs held now.
+    svids: usize,
+    /// Version of the policy in force.
+    policy_version: u64,
+    /// The audit log's counters.
+    audit: AuditStats,
+    /// The daemon's own counters and histograms.
+    telemetry: Arc<Telemetry>,
+}
+
+impl Scrape {
+    fn read(daemon: &Api) -> Self {
+        let tunnel = daemon.tunnel.metrics();
+        Self {
+            kernel: kernel_counters(daemon),
+            tunnel: tunnel.snapshot(),
+            handshake: tunnel.handshake.clone(),
+            outbound_decision: tunnel.outbound_decision.clone(),
+            open_flows: daemon.tunnel.open_flows(),
+            svids: daemon.svids.len(),
+            policy_version: daemon.policy.load().version(),
+            audit: daemon.audit.stats(),
+            telemetry: Arc::clone(&daemon.telemetry),
+        }
     }
-    let tunnel = daemon.tunnel.metrics();
-    for metric in Metric::ALL {
-        out.counter(
-            &format!("enforcer_{}", metric.name()),
-            "Tunnel counter (see the README's metrics table).",
-            tunnel.get(metric),
-        );
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut out: DescriptorEncoder) -> fmt::Result {
+        let families = &mut out;
+        metrics::labelled_counters(
+            families,
+            "enforcer_kernel_events_total",
+            "Kernel datapath counters (per-CPU, summed): connects, redirects, denies, drops, lost events...",
+            self.kernel
+                .iter()
+                .map(|&(name, value)| ([("counter", name)], value)),
+        )?;
+        for &(metric, value) in &self.tunnel {
+            metrics::counter(
+                families,
+                &format!("enforcer_{}", metric.name()),
+                "Tunnel counter (see the README's metrics table).",
+                value,
+            )?;
+        }
+        metrics::histogram(
+            families,
+            "enforcer_tunnel_handshake_seconds",
+            "Time to dial a peer node: TCP, TLS 1.3 and HTTP/2 handshakes.",
+            &self.handshake,
+        )?;
+        metrics::histogram(
+            families,
+            "enforcer_tunnel_outbound_decision_seconds",
+            "Time from accepting a redirected connection to its route (redirect record, attestation, owner).",
+            &self.outbound_decision,
+        )?;
+        metrics::gauge(
+            families,
+            "enforcer_tunnel_open_flows",
+            "Flows open now.",
+            u64::try_from(self.open_flows).unwrap_or(u64::MAX),
+        )?;
+        metrics::gauge(
+            families,
+            "enforcer_svids_held",
+            "SVIDs held now.",
+            u64::try_from(self.svids).unwrap_or(u64::MAX),
+        )?;
+        metrics::gauge(
+            families,
+            "enforcer_policy_version",
+            "Version of the policy in force.",
+            self.policy_version,
+        )?;
+        metrics::counter(
+            families,
+            "enforcer_audit_records_total",
+            "Records written to the audit log.",
+            self.audit.written,
+        )?;
+        metrics::counter(
+            families,
+            "enforcer_audit_dropped_total",
+            "Audit records dropped because the writer queue was full (each drop is itself recorded as a loss).",
+            self.audit.dropped,
+        )?;
+        self.telemetry.encode(out)
     }
-    out.histogram(
-        "enforcer_tunnel_handshake_seconds",
-        "Time to dial a peer node: TCP, TLS 1.3 and HTTP/2 handshakes.",
-        &tunnel.handshake,
-    )
-    .histogram(
-        "enforcer_tunnel_outbound_decision_seconds",
-        "Time from accepting a redirected connection to its route (redirect record, attestation, owner).",
-        &tunnel.outbound_decision,
-    )
-    .gauge(
-        "enforcer_tunnel_open_flows",
-        "Flows open now.",
-        u64::try_from(daemon.tunnel.open_flows()).unwrap_or(u64::MAX),
-    )
-    .gauge(
-        "enforcer_svids_held",
-        "SVIDs held now.",
-        u64::try_from(daemon.svids.len()).unwrap_or(u64::MAX),
-    )
-    .gauge(
-        "enforcer_policy_version",
-        "Version of the policy in force.",
-        daemon.policy.load().version(),
-    );
-    let audit = daemon.audit.stats();
-    out.counter(
-        "enforcer_audit_records_total",
-        "Records written to the audit log.",
-        audit.written,
-    )
-    .counter(
-        "enforcer_audit_dropped_total",
-        "Audit records dropped because the writer queue was full (each drop is itself recorded as a loss).",
-        audit.dropped,
-    );
-    daemon.telemetry.export(&mut out);
-    out.finish()
 }
 
 #[cfg(test)]
@@ -513,7 +586,69 @@ mod tests {
     use serde_json::Value;
 
     use super::*;
-    use crate::audit::AuditStats;
+
+    /// A scrape with every family and every verdict sample present.
+    fn full_scrape() -> Scrape {
+        let telemetry = Telemetry::default();
+        for source in crate::audit::Source::ALL {
+            for verdict in crate::audit::Verdict::ALL {
+                telemetry.verdict(source, verdict);
+            }
+        }
+        let tunnel = crate::tunnel::Metrics::default();
+        Scrape {
+            kernel: Counter::ALL.iter().map(|c| (c.name(), 1)).collect(),
+            tunnel: tunnel.snapshot(),
+            handshake: Histogram::default(),
+            outbound_decision: Histogram::default(),
+            open_flows: 1,
+            svids: 1,
+            policy_version: 1,
+            audit: audit_stats(),
+            telemetry: Arc::new(telemetry),
+        }
+    }
+
+    /// Every sample of an exposition as (sample name, label names, family type, family help).
+    fn samples(text: &str) -> BTreeSet<(String, Vec<String>, String, String)> {
+        let (mut kind, mut help) = (String::new(), String::new());
+        let mut samples = BTreeSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                help = rest.split_once(' ').unwrap().1.to_owned();
+            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+                kind = rest.split_once(' ').unwrap().1.to_owned();
+            } else if !line.starts_with('#') {
+                let series = line.rsplit_once(' ').unwrap().0;
+                let (name, labels) = series.split_once('{').unwrap_or((series, ""));
+                let labels = labels
+                    .split(',')
+                    .filter_map(|label| Some(label.split_once('=')?.0.to_owned()))
+                    .collect();
+                samples.insert((name.to_owned(), labels, kind.clone(), help.clone()));
+            }
+        }
+        samples
+    }
+
+    /// The `OpenMetrics` exposition has the samples, labels, types and help texts the text format
+    /// 0.0.4 writer this replaced had (the fixture was rendered by that writer from the same
+    /// scrape).
+    #[test]
+    fn metrics_keep_the_families_of_the_text_format_writer() {
+        let fixture = include_str!("testdata/metrics-text-0.0.4.prom");
+        let text = metrics::exposition(full_scrape());
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        let expected = samples(fixture);
+        assert!(
+            expected
+                .iter()
+                .any(|(name, labels, _, _)| name == "enforcer_verdicts_total"
+                    && labels == &["source", "verdict"]),
+            "the fixture parses"
+        );
+        assert_eq!(samples(&text), expected, "{text}");
+    }
 
     fn keys(value: &Value) -> BTreeSet<&str> {
         value
