@@ -41,21 +41,19 @@ use std::{
 };
 
 use enforcer::{
-    attest::{AttestOptions, Attestor, Identities, cgroup_relative_path},
+    attest::{AttestOptions, Attestor, cgroup_relative_path},
+    daemon::KernelSources,
     identity::{
         CacheConfig, CertificateAuthority, SpiffeId, SvidCache, SystemClock, TrustBundleSet,
     },
     kernel::{
         DaemonConfig, ListenerSlot, Maps, SocketTags, cgroup::cgroup2_mount, netns::netns_cookie,
     },
-    policy::{Compiled, Policy, apply::apply, compile, parse},
+    policy::{Compiled, Identities, Policy, apply::apply, compile, parse},
     testing::{
         Netns, ScratchCgroup, ScratchDatapath, Spawn, Spawned, TestPki, connect_nodes, require_root,
     },
-    tunnel::{
-        PolicyView, RecordSink, Tunnel, TunnelConfig, TunnelParts, record::LogSink,
-        sources::KernelSources,
-    },
+    tunnel::{PolicyView, RecordSink, Tunnel, TunnelConfig, TunnelParts, record::LogSink},
 };
 
 use common::median;

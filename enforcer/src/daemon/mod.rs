@@ -8,9 +8,11 @@
 
 mod api;
 mod events;
+mod flow_entry;
 mod own_cgroup;
 mod reload;
-pub mod sockets;
+pub(crate) mod sockets;
+mod sources;
 mod telemetry;
 mod workloads;
 
@@ -29,6 +31,7 @@ use tokio::{
 };
 
 pub use self::own_cgroup::OwnCgroupError;
+pub use self::sources::KernelSources;
 use self::{
     api::Api,
     events::{EventPump, EventThread},
@@ -56,7 +59,7 @@ use crate::{
     report::report,
     tunnel::{
         FlowRecord, LocalWorkloads, Origins, PolicyView, RecordSink, SocketTagger, Tunnel,
-        TunnelConfig, TunnelError, TunnelParts, sources::KernelSources,
+        TunnelConfig, TunnelError, TunnelParts,
     },
 };
 
@@ -165,7 +168,7 @@ impl RecordSink for Recorder {
     /// A tunnel record, with the binary hash and cgroup path of its client added when the
     /// client runs on this node.
     fn record(&self, record: FlowRecord) {
-        let mut entry = Entry::from_flow(&record);
+        let mut entry = flow_entry::from_flow(&record);
         if let Some(known) = record
             .src
             .pid

@@ -16,22 +16,22 @@ use sha2::{Digest as _, Sha256};
 use super::{
     Daemon,
     own_cgroup::{OwnCgroupError, refuse_enrolling_the_daemon},
+    sources::KernelSources,
     workloads::Registrar,
 };
 use crate::{
-    attest::Identities,
     audit::{self, Entry},
     identity::TrustDomain,
     kernel::Maps,
     policy::{
-        Compiled, Diagnostic, IdentityNumbers, Policy, Severity,
+        Compiled, Diagnostic, Identities, IdentityNumbers, Policy, Severity,
         apply::{ApplyError, apply},
         compile,
         diagnostic::render,
         diff::diff,
         parse,
     },
-    tunnel::{PolicyView, sources::KernelSources},
+    tunnel::PolicyView,
 };
 
 /// The policy in force and where it came from.

@@ -26,8 +26,9 @@ use super::{
     telemetry::Telemetry,
 };
 use crate::{
-    attest::{Attestor, Identification, Identities, ProcessFacts},
+    attest::{Attestor, ProcessFacts},
     kernel::{Maps, maps::ListenerOwner},
+    policy::{Identification, Identities},
     report::report,
 };
 
@@ -461,8 +462,9 @@ mod tests {
     use std::path::PathBuf;
 
     use super::{below, collect_pids, describe};
-    use crate::attest::{
-        ContainerInfo, Identification, LoadedCodeIssue, MappingProblem, ProcessFacts, Sha256Digest,
+    use crate::{
+        attest::{ContainerInfo, LoadedCodeIssue, MappingProblem, ProcessFacts, Sha256Digest},
+        policy::Identification,
     };
 
     #[test]

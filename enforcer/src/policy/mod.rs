@@ -1,16 +1,19 @@
 //! The policy language: one TOML file of workloads, rules, egress and peers; its validation
 //! with located diagnostics, its compilation to identity numbers and kernel tables, the
-//! userspace authorizer, and diffs between versions.
+//! userspace authorizer, the workload registry that gives attested processes their identity,
+//! and diffs between versions.
 
 pub mod apply;
 pub mod compile;
 pub mod diagnostic;
 pub mod diff;
+pub mod identities;
 pub mod model;
 pub mod parse;
 
 pub use compile::{Authorizer, Compiled, Decision, IdentityNumbers, compile};
 pub use diagnostic::{Diagnostic, Severity};
+pub use identities::{Identification, Identities, Registry};
 pub use model::{Action, Egress, IdPattern, Mode, Peer, Policy, Ports, Protocol, Rule, Workload};
 pub use parse::{load, parse};
 

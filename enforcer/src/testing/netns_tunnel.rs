@@ -29,15 +29,18 @@ use tokio::{net::TcpListener, runtime::Runtime};
 
 use super::{Node, ScratchCgroup, ScratchDatapath, Spawn, Spawned, TestPki, report};
 use crate::{
-    attest::{AttestOptions, Attestor, Identification, Identities, Registry},
+    attest::{AttestOptions, Attestor},
+    daemon::KernelSources,
     identity::SpiffeId,
     kernel::{
         Counter, DaemonConfig, ListenerSlot, Maps, cgroup::cgroup2_mount, netns::netns_cookie,
     },
-    policy::{Compiled, Policy, apply::apply, compile, parse},
+    policy::{
+        Compiled, Identification, Identities, Policy, Registry, apply::apply, compile, parse,
+    },
     tunnel::{
         FlowRecord, LocalWorkloads, Origins, PolicyView, RecordSink, SocketTagger, Tunnel,
-        TunnelConfig, TunnelParts, record::RecentRecords, sources::KernelSources,
+        TunnelConfig, TunnelParts, record::RecentRecords,
     },
 };
 

@@ -23,7 +23,6 @@ pub mod net;
 pub mod outbound;
 pub mod pool;
 pub mod record;
-pub mod sources;
 pub mod state;
 pub mod tracker;
 

@@ -17,12 +17,13 @@ use std::{
     sync::{Arc, Mutex, PoisonError, RwLock},
 };
 
-use super::state::{LocalWorkloads, Origin, OriginError, Origins, SocketTagger};
 use crate::{
-    attest::{Attestor, Identification, Identities},
+    attest::Attestor,
     identity::SpiffeId,
     kernel::{Maps, SocketTags},
+    policy::{Identification, Identities},
     report::report,
+    tunnel::{LocalWorkloads, Origin, OriginError, Origins, SocketTagger},
 };
 
 /// Kernel- and attestation-backed [`LocalWorkloads`], [`Origins`] and [`SocketTagger`].
