@@ -5,12 +5,13 @@
 
 mod api;
 mod events;
+mod flow_entry;
 mod node;
 mod own_cgroup;
 mod recorder;
 mod reload;
 mod run;
-pub mod sockets;
+pub(crate) mod sockets;
 mod sources;
 mod telemetry;
 mod upkeep;

@@ -127,7 +127,7 @@ impl FlowWriter {
 
     /// `record` with its client's provenance, when the client runs on this node.
     fn write(&self, record: &FlowRecord) {
-        let mut entry = Entry::from_flow(record);
+        let mut entry = super::flow_entry::from_flow(record);
         if let Some(known) = record
             .src
             .pid

@@ -27,10 +27,10 @@ use std::{
 };
 
 use crate::{
-    attest::{Attestor, Identification},
+    attest::Attestor,
     identity::SpiffeId,
     kernel::{Maps, SocketTags},
-    policy::PolicySnapshot,
+    policy::{Identification, PolicySnapshot},
     report::report,
     tunnel::{LocalWorkloads, Origin, OriginError, Origins, SocketTagger},
 };

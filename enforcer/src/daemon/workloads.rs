@@ -25,10 +25,10 @@ use super::{
     telemetry::Telemetry,
 };
 use crate::{
-    attest::{Attestor, Identification, Identities, ProcessFacts},
+    attest::{Attestor, ProcessFacts},
     identity::SpiffeId,
     kernel::{Maps, maps::ListenerOwner},
-    policy::PolicySnapshot,
+    policy::{Identification, Identities, PolicySnapshot},
     report::report,
 };
 
@@ -444,8 +444,9 @@ mod tests {
     use std::path::PathBuf;
 
     use super::{below, collect_pids, describe};
-    use crate::attest::{
-        ContainerInfo, Identification, LoadedCodeIssue, MappingProblem, ProcessFacts, Sha256Digest,
+    use crate::{
+        attest::{ContainerInfo, LoadedCodeIssue, MappingProblem, ProcessFacts, Sha256Digest},
+        policy::Identification,
     };
 
     #[test]

@@ -10,8 +10,8 @@ use std::{sync::Arc, time::SystemTime};
 use arc_swap::ArcSwap;
 use sha2::{Digest as _, Sha256};
 
-use super::{Compiled, IdentityNumbers, Policy, PolicyView, compile};
-use crate::attest::{Identities, Sha256Digest};
+use super::{Compiled, Identities, IdentityNumbers, Policy, PolicyView, compile};
+use crate::attest::Sha256Digest;
 
 /// A policy and everything derived from it, as one version.
 #[derive(Debug)]

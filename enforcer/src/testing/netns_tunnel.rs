@@ -29,13 +29,13 @@ use tokio::{net::TcpListener, runtime::Runtime};
 
 use super::{Node, ScratchCgroup, ScratchDatapath, Spawn, Spawned, TestPki, report};
 use crate::{
-    attest::{AttestOptions, Attestor, Identification},
+    attest::{AttestOptions, Attestor},
     daemon::{KernelSources, compile_and_apply},
     identity::SpiffeId,
     kernel::{
         Counter, DaemonConfig, ListenerSlot, Maps, cgroup::cgroup2_mount, netns::netns_cookie,
     },
-    policy::{InForce, Policy, PolicySnapshot, parse},
+    policy::{Identification, InForce, Policy, PolicySnapshot, parse},
     tunnel::{
         FlowRecord, LocalWorkloads, Origins, RecordSink, SocketTagger, Tunnel, TunnelConfig,
         TunnelParts, record::RecentRecords,
