@@ -41,7 +41,7 @@ use crate::{
         load_or_init,
     },
     kernel::{
-        DaemonConfig, Datapath, DatapathOptions, ListenerSlot, Maps,
+        DaemonConfig, Datapath, DatapathOptions, ListenerSlot, Maps, SocketTags,
         cgroup::{CgroupError, cgroup2_mount},
         loader::{LoadError, PROGRAMS},
         maps::MapsError,
@@ -163,12 +163,12 @@ async fn build(config: Config) -> Result<Running, AppError> {
     let node_id = node_id(&config, &trust_domain)?;
     let datapath = install(&config)?;
     let bound = bind_tunnel_listeners(&config).await?;
-    let kernel = program_kernel(datapath, &config, &bound)?;
+    let (kernel, tags) = program_kernel(datapath, &config, &bound)?;
     let policy = put_in_force(&kernel, source)?;
     let telemetry = Arc::new(Telemetry::default());
     let (bundles, svids) = identity(&config, &trust_domain, started, &telemetry)?;
     let audit = open_audit(&config)?;
-    let parts = Parts::new(&config, &kernel, &policy, telemetry, audit)?;
+    let parts = Parts::new(&config, &kernel, tags, &policy, (telemetry, audit))?;
     let tunnel = build_tunnel(&config, node_id.clone(), bundles, &svids, &parts, &policy)?;
     let node = Arc::new(NodeFacts {
         trust_domain,
@@ -202,9 +202,9 @@ impl Parts {
     fn new(
         config: &Config,
         kernel: &Kernel,
+        tags: SocketTags,
         policy: &PolicySnapshot,
-        telemetry: Arc<Telemetry>,
-        audit: AuditLog,
+        (telemetry, audit): (Arc<Telemetry>, AuditLog),
     ) -> Result<Self, AppError> {
         let attestor = Arc::new(Attestor::new(AttestOptions {
             cgroup2_mount: Some(kernel.mount.clone()),
@@ -212,7 +212,7 @@ impl Parts {
         }));
         let sources = Arc::new(KernelSources::new(
             Arc::clone(&kernel.maps),
-            kernel.datapath.socket_tags()?,
+            tags,
             Arc::clone(&attestor),
             policy.clone(),
             config.tunnel.outbound_port,
@@ -357,12 +357,13 @@ fn install(config: &Config) -> Result<(Datapath, PathBuf, PathBuf), AppError> {
 }
 
 /// Register the listeners in the kernel's listener map, then tell it the ports and this
-/// namespace; forget the identities an earlier run left.
+/// namespace; forget the identities an earlier run left; open the socket tags the tunnel's
+/// sockets make themselves known with.
 fn program_kernel(
     (datapath, mount, scope): (Datapath, PathBuf, PathBuf),
     config: &Config,
     bound: &Bound,
-) -> Result<Kernel, AppError> {
+) -> Result<(Kernel, SocketTags), AppError> {
     let mut maps = Maps::open(&datapath.pin_dir().join("maps"))?;
     let previous_version = maps.active_policy()?.version;
     // Identity numbers are this run's (file order of the policy it compiles): the ones an
@@ -396,13 +397,15 @@ fn program_kernel(
         netns_cookie: netns_cookie(bound.inbound.as_fd())
             .map_err(io_error("namespace cookie of the inbound listener"))?,
     })?;
-    Ok(Kernel {
+    let tags = datapath.socket_tags()?;
+    let kernel = Kernel {
         datapath,
         maps: Arc::new(Mutex::new(maps)),
         mount,
         scope,
         previous_version,
-    })
+    };
+    Ok((kernel, tags))
 }
 
 /// Compile the policy, apply it to the kernel and publish it as the first policy in force.

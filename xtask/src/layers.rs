@@ -1,5 +1,5 @@
 //! `cargo xtask layers`: the enforcer crate's modules depend on each other one way only
-//! (DESIGN.md's shape of the daemon). Every file under a module's directory is read, comments
+//! (`daemon` -> the rest; the tunnel knows only its traits). Every file under a module's directory is read, comments
 //! and literals are skipped, and each `crate::` path is followed to the top-level module it
 //! names, grouped `use crate::{a::b, kernel::{...}}` trees included. A path that [`RULES`]
 //! forbid fails the check with its file and line.

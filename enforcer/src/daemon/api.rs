@@ -94,9 +94,9 @@ impl Routes for Api {
 }
 
 /// The state every route reads.
-type Daemon = State<Arc<Api>>;
+type ApiState = State<Arc<Api>>;
 
-async fn get_metrics(State(daemon): Daemon) -> Reply {
+async fn get_metrics(State(daemon): ApiState) -> Reply {
     Reply::Text {
         status: StatusCode::OK,
         content_type: metrics::CONTENT_TYPE,
@@ -104,20 +104,20 @@ async fn get_metrics(State(daemon): Daemon) -> Reply {
     }
 }
 
-async fn get_status(State(daemon): Daemon) -> Reply {
+async fn get_status(State(daemon): ApiState) -> Reply {
     Reply::json(status(&daemon))
 }
 
-async fn get_policy(State(daemon): Daemon) -> Reply {
+async fn get_policy(State(daemon): ApiState) -> Reply {
     Reply::json(policy(&daemon))
 }
 
-async fn get_workloads(State(daemon): Daemon) -> Reply {
+async fn get_workloads(State(daemon): ApiState) -> Reply {
     Reply::json(workloads(&daemon))
 }
 
 async fn post_policy(
-    State(daemon): Daemon,
+    State(daemon): ApiState,
     Query(query): Query<v1::ReloadQuery>,
     body: Bytes,
 ) -> Reply {
@@ -237,7 +237,7 @@ fn reload_outcome(outcome: Outcome) -> v1::ReloadOutcome {
     }
 }
 
-async fn flows(State(daemon): Daemon, Query(query): Query<v1::FlowsQuery>) -> Reply {
+async fn flows(State(daemon): ApiState, Query(query): Query<v1::FlowsQuery>) -> Reply {
     let v1::FlowsQuery {
         verdict,
         id,
@@ -306,7 +306,7 @@ async fn flows(State(daemon): Daemon, Query(query): Query<v1::FlowsQuery>) -> Re
     }
 }
 
-async fn svid(State(daemon): Daemon, Query(query): Query<v1::SvidQuery>) -> Reply {
+async fn svid(State(daemon): ApiState, Query(query): Query<v1::SvidQuery>) -> Reply {
     let Some(id) = query.id else {
         return Reply::error(StatusCode::BAD_REQUEST, "missing ?id=SPIFFE_ID");
     };

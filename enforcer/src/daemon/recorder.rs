@@ -6,19 +6,23 @@
 //! behind the lock the registrar's rescans and policy reloads hold for long stretches. So flow
 //! records go through a bounded queue to a thread of their own, and an async worker never
 //! waits: a record that finds the queue full is dropped and counted, and the thread writes a
-//! `recorder-queue-full` loss record as soon as it takes the next one (as the audit log does
-//! for its own queue). Entries of the other components (kernel events, lifecycle) are already
-//! complete and go to the audit log at once.
+//! `recorder-queue-full` loss record once it has written the records queued before the drop
+//! (at the latest a second later, when the queue is idle). A record the thread cannot write
+//! (it panicked, or is gone) is a loss record too. At shutdown the run loop flushes the queue
+//! before the stop record, so every flow record of a run precedes it. Entries of the other
+//! components (kernel events, lifecycle) are already complete and go to the audit log at once.
 #![forbid(unsafe_code)]
 
 use std::{
     io,
+    panic::AssertUnwindSafe,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
-        mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
+        mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel},
     },
     thread,
+    time::Duration,
 };
 
 use super::{telemetry::Telemetry, workloads::Registrar};
@@ -31,6 +35,17 @@ use crate::{
 /// waiting record's slot costs 16 bytes, allocated up front.
 const FLOW_QUEUE: usize = 16_384;
 
+/// How long the recorder thread waits for a record before it reports drops anyway.
+const IDLE_REPORT: Duration = Duration::from_secs(1);
+
+/// What the recorder thread is asked to do.
+enum Job {
+    /// Complete and write a flow record.
+    Flow(Box<FlowRecord>),
+    /// Report drops, then answer: every record queued before this one is written.
+    Flush(SyncSender<()>),
+}
+
 /// Where the records of every component go: the audit log, counted by verdict. It also holds
 /// the daemon's audit log and telemetry for everything else that reads them. Cheap to clone.
 #[derive(Clone)]
@@ -41,7 +56,7 @@ pub(crate) struct Recorder {
     pub(crate) telemetry: Arc<Telemetry>,
     /// The queue of the thread that completes flow records with their client's provenance
     /// (from the registrar) and writes them.
-    flows: SyncSender<Box<FlowRecord>>,
+    flows: SyncSender<Job>,
     /// Flow records dropped on a full queue that no loss record reports yet.
     unreported: Arc<AtomicU64>,
 }
@@ -77,20 +92,38 @@ impl Recorder {
     pub(crate) fn submit(&self, entry: Entry) {
         write(&self.audit, &self.telemetry, entry);
     }
+
+    /// Wait (at most `timeout`) until every flow record queued so far is written, with a loss
+    /// record for any dropped. Blocking.
+    pub(crate) fn flush(&self, timeout: Duration) {
+        let (done, flushed) = sync_channel(1);
+        if self.flows.send(Job::Flush(done)).is_err() {
+            self.recorder_gone();
+            return;
+        }
+        if flushed.recv_timeout(timeout).is_err() {
+            tracing::warn!(?timeout, "the recorder queue did not drain in time");
+        }
+    }
+
+    /// The recorder thread is gone: say so in the audit trail, once per record it would have
+    /// written.
+    fn recorder_gone(&self) {
+        tracing::error!("the recorder thread is gone; flow record dropped");
+        self.submit(Entry::loss("recorder-gone", 1, None));
+    }
 }
 
 impl RecordSink for Recorder {
     /// A tunnel record, with the binary hash and cgroup path of its client added (on the
     /// recorder thread) when the client runs on this node. Never waits.
     fn record(&self, record: FlowRecord) {
-        match self.flows.try_send(Box::new(record)) {
+        match self.flows.try_send(Job::Flow(Box::new(record))) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 self.unreported.fetch_add(1, Ordering::Relaxed);
             }
-            Err(TrySendError::Disconnected(_)) => {
-                tracing::error!("the recorder thread is gone; flow record dropped");
-            }
+            Err(TrySendError::Disconnected(_)) => self.recorder_gone(),
         }
     }
 }
@@ -105,10 +138,33 @@ struct FlowWriter {
 
 impl FlowWriter {
     /// Write the records of `queue` until every [`Recorder`] is gone.
-    fn run(&self, queue: &Receiver<Box<FlowRecord>>) {
-        while let Ok(record) = queue.recv() {
-            self.report_drops();
-            self.write(&record);
+    fn run(&self, queue: &Receiver<Job>) {
+        loop {
+            match queue.recv_timeout(IDLE_REPORT) {
+                Ok(Job::Flow(record)) => {
+                    self.write_contained(&record);
+                    self.report_drops();
+                }
+                Ok(Job::Flush(done)) => {
+                    self.report_drops();
+                    let _ = done.send(());
+                }
+                Err(RecvTimeoutError::Timeout) => self.report_drops(),
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+
+    /// [`write`](Self::write), with a panic (in attestation, say) costing this one record, as a
+    /// loss record, instead of the thread.
+    fn write_contained(&self, record: &FlowRecord) {
+        if std::panic::catch_unwind(AssertUnwindSafe(|| self.write(record))).is_err() {
+            tracing::error!("completing a flow record panicked; it is recorded as lost");
+            write(
+                &self.audit,
+                &self.telemetry,
+                Entry::loss("recorder-panic", 1, None),
+            );
         }
     }
 

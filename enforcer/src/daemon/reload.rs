@@ -147,7 +147,7 @@ impl Reloader {
 
     fn try_reload(&self, file: &str, text: &str, dry_run: bool) -> Result<Outcome, ReloadError> {
         let (policy, warnings) = parse(file, text.as_bytes()).map_err(ReloadError::Invalid)?;
-        let _one = self
+        let one = self
             .one_at_a_time
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
@@ -197,6 +197,7 @@ impl Reloader {
         outcome.closed = self.tunnel.revoke_denied();
         outcome.applied = true;
         outcome.missing_cgroups = missing_cgroups;
+        drop(one);
         self.registrar.rescan();
         self.record(file, &outcome);
         Ok(outcome)

@@ -97,6 +97,8 @@ pub(crate) async fn serve(daemon: Running) -> Result<(), DaemonError> {
     wait_for_stop(&node, &upkeep, &reloader).await?;
     let left = drain(&serving, &tunnel, node.config.drain_timeout).await;
     shut_down(serving, &node).await;
+    let flushing = recorder.clone();
+    let _ = tokio::task::spawn_blocking(move || flushing.flush(Duration::from_secs(5))).await;
     record_lifecycle(
         &recorder,
         &policy,

@@ -250,6 +250,7 @@ async fn handle_connection(node: Arc<Node>, tcp: TcpStream, addr: SocketAddr) {
         Some(dst) => {
             let workloads = Arc::clone(&node.workloads);
             let Some(owner) = off_worker(move || workloads.owner(dst)).await else {
+                tracing::debug!(%dst, "the runtime is shutting down; connection dropped");
                 return;
             };
             owner
@@ -384,6 +385,7 @@ async fn handle_stream(
     }
     let workloads = Arc::clone(&node.workloads);
     let Some(owner) = off_worker(move || workloads.owner(addr)).await else {
+        tracing::debug!(%addr, "the runtime is shutting down; stream dropped");
         return;
     };
     let Some(owner) = owner else {

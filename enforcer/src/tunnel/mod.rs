@@ -250,6 +250,12 @@ impl Node {
             }
             _ => None,
         };
+        // A reload published after this flow was decided revoked only the flows tracked then:
+        // decide the tracked ones again under the policy in force now.
+        let current = self.policy();
+        if tracked.is_some() && current.version != open.policy_version {
+            self.tracker.revoke_denied(&current);
+        }
         self.metrics.inc(Metric::FlowsOpened);
         self.records.record(open.clone());
         let revoked = async {

@@ -68,7 +68,10 @@ async fn handle(node: Arc<Node>, tcp: TcpStream, client: SocketAddr) {
         Ok::<_, OriginError>((origin, owner))
     });
     let (origin, owner) = match found.await {
-        None => return,
+        None => {
+            tracing::debug!(%client, "the runtime is shutting down; connection dropped");
+            return;
+        }
         Some(Ok(found)) => found,
         Some(Err(error)) => {
             tracing::info!(%client, error = %report(&error), "refusing an unidentified client");
