@@ -24,7 +24,7 @@ use std::{
 use enforcer::identity::{
     CertificateAuthority, PeerAuthorizer, SpiffeId, TrustBundle, TrustBundleSet, X509Svid,
     ca::DEFAULT_ROOT_VALIDITY, client_config, server_config, svid::DEFAULT_SVID_TTL,
-    verify::provider,
+    x509::provider,
 };
 use rcgen::{
     CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,

@@ -41,21 +41,19 @@ use std::{
 };
 
 use enforcer::{
-    attest::{AttestOptions, Attestor, Identities, cgroup_relative_path},
+    attest::{AttestOptions, Attestor, cgroup_relative_path},
+    daemon::KernelSources,
     identity::{
         CacheConfig, CertificateAuthority, SpiffeId, SvidCache, SystemClock, TrustBundleSet,
     },
     kernel::{
         DaemonConfig, ListenerSlot, Maps, SocketTags, cgroup::cgroup2_mount, netns::netns_cookie,
     },
-    policy::{Compiled, Policy, apply::apply, compile, parse},
+    policy::{Compiled, InForce, Policy, PolicySnapshot, apply::apply, compile, parse},
     testing::{
         Netns, ScratchCgroup, ScratchDatapath, Spawn, Spawned, TestPki, connect_nodes, require_root,
     },
-    tunnel::{
-        PolicyView, RecordSink, Tunnel, TunnelConfig, TunnelParts, record::LogSink,
-        sources::KernelSources,
-    },
+    tunnel::{RecordSink, Tunnel, TunnelConfig, TunnelParts, record::LogSink},
 };
 
 use common::median;
@@ -947,8 +945,13 @@ fn node(args: &NodeArgs) {
         .with_max_level(tracing::Level::WARN)
         .init();
     let text = fs::read_to_string(&args.policy).expect("read the policy");
-    let policy = parse_policy(&text);
-    let compiled = compile(&policy, None, 1);
+    let policy = PolicySnapshot::new(InForce::compile(
+        args.policy.display().to_string(),
+        text.as_str(),
+        parse_policy(&text),
+        None,
+        1,
+    ));
     let node_ca = CertificateAuthority::load(&args.pki, &format!("node-{}", args.name))
         .expect("load the node CA");
     let bundle_path = args.pki.join("bundle.pem");
@@ -990,10 +993,10 @@ fn node(args: &NodeArgs) {
             Arc::new(Mutex::new(maps)),
             tags,
             Arc::new(Attestor::new(AttestOptions::default())),
+            policy.clone(),
             OUTBOUND_PORT,
         ));
         sources.set_local_addrs([local]);
-        sources.update(Arc::new(Identities::new(&policy, &compiled.numbers)));
         let tunnel = Tunnel::new(TunnelParts {
             config: TunnelConfig {
                 pool_max_age: args.pool_max_age,
@@ -1008,7 +1011,7 @@ fn node(args: &NodeArgs) {
             origins: Arc::clone(&sources) as _,
             records: Arc::new(LogSink) as Arc<dyn RecordSink>,
             tags: sources,
-            policy: PolicyView::new(&policy, 1),
+            policy,
         })
         .expect("build the tunnel");
         let _outbound = tunnel.serve_outbound(outbound);

@@ -1,7 +1,12 @@
 //! enforcer: a node-wide, sidecar-less workload identity enforcer for Linux.
 //!
 //! The library holds everything the `enforcer` binary wires together; `main.rs` stays thin.
+//!
+//! Feature `testing` adds [`testing`], the privileged test harness the integration tests,
+//! benchmarks and the demo example are built on. Those targets turn it on through the crate's
+//! dev-dependency on itself; `cargo build` of the daemon leaves it out.
 
+pub mod app;
 pub mod attest;
 pub mod audit;
 pub mod cli;
@@ -13,6 +18,7 @@ pub mod kernel;
 pub mod metrics;
 pub mod policy;
 pub mod report;
+#[cfg(feature = "testing")]
 pub mod testing;
 pub mod tunnel;
 
@@ -20,3 +26,7 @@ pub mod tunnel;
 // here wrote); naming it keeps the library's own test build from calling it unused.
 #[cfg(test)]
 use spiffe as _;
+// The crate's dev-dependency on itself turns the `testing` feature on for tests, benchmarks and
+// examples; the library's own test build links the library's regular build without using it.
+#[cfg(test)]
+use enforcer as _;

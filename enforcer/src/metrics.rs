@@ -1,12 +1,30 @@
-//! Prometheus text exposition: latency histograms with fixed buckets, and a writer of the
-//! text format (version 0.0.4) that the daemon's `/metrics` endpoint serves.
+//! Metrics exposition: `/metrics` is written by `prometheus-client` (the Prometheus project's
+//! Rust client) in the `OpenMetrics` text format, from collectors that read our counters at
+//! scrape time; this module adds the few helpers they share.
+//!
+//! What it keeps of its own, and why: the latency [`Histogram`]. The crate's histogram takes a
+//! lock on every observation; ours is a fixed array of atomics, so the tunnel's hot paths
+//! (`observe` on every dial and every redirected connection) never wait. It is encoded through
+//! the crate's encoder all the same. The counters stay our atomics too (the kernel's live in
+//! BPF maps, the tunnel's in an array indexed by [`Metric`](crate::tunnel::Metric)), reported
+//! as constant samples at each scrape.
 #![forbid(unsafe_code)]
 
 use std::{
-    fmt::Write as _,
+    fmt,
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
+
+/// The `Content-Type` of [`exposition`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Upper bounds of the latency buckets, in seconds: 50 µs to 10 s.
 pub const LATENCY_BUCKETS: [f64; 14] = [
@@ -45,144 +63,165 @@ impl Histogram {
     }
 }
 
-/// The metric types the writer emits.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    /// A monotonically increasing count.
-    Counter,
-    /// A value that goes up and down.
-    Gauge,
-    /// Cumulative buckets with a sum and a count.
-    Histogram,
-}
-
-/// Builds one exposition, family by family.
-#[derive(Debug, Default)]
-pub struct Exposition {
-    text: String,
-}
-
-impl Exposition {
-    /// Start a family: its `# HELP` and `# TYPE` lines.
-    pub fn family(&mut self, name: &str, kind: Kind, help: &str) -> &mut Self {
-        let kind = match kind {
-            Kind::Counter => "counter",
-            Kind::Gauge => "gauge",
-            Kind::Histogram => "histogram",
-        };
-        let _ = writeln!(self.text, "# HELP {name} {help}");
-        let _ = writeln!(self.text, "# TYPE {name} {kind}");
-        self
-    }
-
-    /// One sample of the current family, with `labels` (name, value) pairs.
-    pub fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: u64) -> &mut Self {
-        let _ = writeln!(self.text, "{name}{} {value}", render_labels(labels));
-        self
-    }
-
-    /// A counter family with a single unlabelled sample.
-    pub fn counter(&mut self, name: &str, help: &str, value: u64) -> &mut Self {
-        self.family(name, Kind::Counter, help)
-            .sample(name, &[], value)
-    }
-
-    /// A gauge family with a single unlabelled sample.
-    pub fn gauge(&mut self, name: &str, help: &str, value: u64) -> &mut Self {
-        self.family(name, Kind::Gauge, help)
-            .sample(name, &[], value)
-    }
-
-    /// A histogram family (in seconds) from `histogram`.
-    pub fn histogram(&mut self, name: &str, help: &str, histogram: &Histogram) -> &mut Self {
-        self.family(name, Kind::Histogram, help);
-        let mut cumulative = 0;
-        for (slot, count) in histogram.buckets.iter().enumerate() {
-            cumulative += count.load(Ordering::Relaxed);
-            let bound = LATENCY_BUCKETS
-                .get(slot)
-                .map_or_else(|| "+Inf".to_owned(), f64::to_string);
-            let _ = writeln!(self.text, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+/// A copy of the values recorded so far (for a scrape that reads them before encoding).
+impl Clone for Histogram {
+    fn clone(&self) -> Self {
+        Self {
+            buckets: std::array::from_fn(|slot| {
+                AtomicU64::new(self.buckets[slot].load(Ordering::Relaxed))
+            }),
+            sum_ns: AtomicU64::new(self.sum_ns.load(Ordering::Relaxed)),
         }
+    }
+}
+
+impl EncodeMetric for Histogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> fmt::Result {
+        // The encoder takes per-bucket counts and writes them cumulatively; `f64::MAX` is `+Inf`.
+        let buckets: Vec<(f64, u64)> = LATENCY_BUCKETS
+            .iter()
+            .chain([&f64::MAX])
+            .zip(&self.buckets)
+            .map(|(&bound, count)| (bound, count.load(Ordering::Relaxed)))
+            .collect();
+        let count = buckets.iter().map(|(_, count)| count).sum();
         #[expect(
             clippy::cast_precision_loss,
             reason = "a sum of nanoseconds far below 2^53 s; Prometheus sums are floats"
         )]
-        let sum = histogram.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
-        let _ = writeln!(self.text, "{name}_sum {sum}");
-        let _ = writeln!(self.text, "{name}_count {cumulative}");
-        self
+        let sum = self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
     }
 
-    /// The finished text.
-    #[must_use]
-    pub fn finish(self) -> String {
-        self.text
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
     }
 }
 
-/// `{a="x",b="y"}`, or nothing without labels; values escaped as the format requires.
-fn render_labels(labels: &[(&str, &str)]) -> String {
-    if labels.is_empty() {
-        return String::new();
+/// The `OpenMetrics` text of what `collector` reports, ending with `# EOF`.
+pub fn exposition(collector: impl Collector) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(collector));
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry)
+        .expect("encoding into a String does not fail");
+    text
+}
+
+/// A counter family with one unlabelled sample named `name`.
+///
+/// `name` is the sample's name, ending in `_total`: `OpenMetrics` puts that suffix on samples
+/// and not on the family, so the encoder adds it back to the family name it is given.
+pub fn counter(out: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> fmt::Result {
+    let counter = ConstCounter::new(value);
+    counter.encode(out.encode_descriptor(family(name), help, None, counter.metric_type())?)
+}
+
+/// A counter family whose samples, named `name` (ending in `_total`), carry labels.
+pub fn labelled_counters<L: EncodeLabelSet>(
+    out: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (L, u64)>,
+) -> fmt::Result {
+    let mut family = out.encode_descriptor(family(name), help, None, MetricType::Counter)?;
+    for (labels, value) in samples {
+        ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
     }
-    let inner: Vec<String> = labels
-        .iter()
-        .map(|(name, value)| {
-            let escaped = value
-                .replace('\\', "\\\\")
-                .replace('"', "\\\"")
-                .replace('\n', "\\n");
-            format!("{name}=\"{escaped}\"")
-        })
-        .collect();
-    format!("{{{}}}", inner.join(","))
+    Ok(())
+}
+
+/// A gauge family with one unlabelled sample.
+pub fn gauge(out: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> fmt::Result {
+    let gauge = ConstGauge::new(value);
+    gauge.encode(out.encode_descriptor(name, help, None, gauge.metric_type())?)
+}
+
+/// A histogram family (in seconds) from `histogram`.
+pub fn histogram(
+    out: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    histogram: &Histogram,
+) -> fmt::Result {
+    histogram.encode(out.encode_descriptor(name, help, None, histogram.metric_type())?)
+}
+
+/// The family name of counter samples named `name`.
+fn family(name: &str) -> &str {
+    debug_assert!(
+        name.ends_with("_total"),
+        "counter {name} must end in _total"
+    );
+    name.strip_suffix("_total").unwrap_or(name)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn histograms_are_cumulative_with_sum_and_count() {
-        let histogram = Histogram::default();
-        histogram.observe(Duration::from_micros(40));
-        histogram.observe(Duration::from_millis(3));
-        histogram.observe(Duration::from_secs(20));
-        assert_eq!(histogram.count(), 3);
-        let mut exposition = Exposition::default();
-        exposition.histogram("x_seconds", "X.", &histogram);
-        let text = exposition.finish();
-        assert!(text.contains("# TYPE x_seconds histogram\n"), "{text}");
-        assert!(
-            text.contains("x_seconds_bucket{le=\"0.00005\"} 1\n"),
-            "{text}"
-        );
-        assert!(
-            text.contains("x_seconds_bucket{le=\"0.0025\"} 1\n"),
-            "{text}"
-        );
-        assert!(
-            text.contains("x_seconds_bucket{le=\"0.005\"} 2\n"),
-            "{text}"
-        );
-        assert!(text.contains("x_seconds_bucket{le=\"10\"} 2\n"), "{text}");
-        assert!(text.contains("x_seconds_bucket{le=\"+Inf\"} 3\n"), "{text}");
-        assert!(text.contains("x_seconds_sum 20.00304\n"), "{text}");
-        assert!(text.contains("x_seconds_count 3\n"), "{text}");
+    /// Reports what `write` encodes.
+    struct Families<F>(F);
+
+    impl<F> fmt::Debug for Families<F> {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("Families")
+        }
+    }
+
+    impl<F> Collector for Families<F>
+    where
+        F: Fn(&mut DescriptorEncoder) -> fmt::Result + Send + Sync + 'static,
+    {
+        fn encode(&self, mut out: DescriptorEncoder) -> fmt::Result {
+            (self.0)(&mut out)
+        }
     }
 
     #[test]
-    fn families_and_labels_follow_the_text_format() {
-        let mut exposition = Exposition::default();
-        exposition
-            .family("v_total", Kind::Counter, "Verdicts.")
-            .sample("v_total", &[("verdict", "deny"), ("by", "a\"b")], 2);
-        exposition.gauge("g", "A gauge.", 7);
+    fn histograms_are_cumulative_with_sum_and_count() {
+        let observed = Histogram::default();
+        observed.observe(Duration::from_micros(40));
+        observed.observe(Duration::from_millis(3));
+        observed.observe(Duration::from_secs(20));
+        assert_eq!(observed.count(), 3);
+        let copy = observed.clone();
+        observed.observe(Duration::from_secs(1));
+        assert_eq!(copy.count(), 3, "a clone is a copy of the values then");
+        let text = exposition(Families(move |out: &mut DescriptorEncoder| {
+            histogram(out, "x_seconds", "X.", &copy)
+        }));
+        assert!(text.contains("# TYPE x_seconds histogram\n"), "{text}");
+        for line in [
+            "x_seconds_bucket{le=\"0.00005\"} 1\n",
+            "x_seconds_bucket{le=\"0.0025\"} 1\n",
+            "x_seconds_bucket{le=\"0.005\"} 2\n",
+            "x_seconds_bucket{le=\"10.0\"} 2\n",
+            "x_seconds_bucket{le=\"+Inf\"} 3\n",
+            "x_seconds_sum 20.00304\n",
+            "x_seconds_count 3\n",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn families_and_labels_follow_the_openmetrics_text_format() {
+        let text = exposition(Families(|out: &mut DescriptorEncoder| {
+            labelled_counters(
+                out,
+                "v_total",
+                "Verdicts.",
+                [([("verdict", "deny"), ("by", "kernel")], 2)],
+            )?;
+            counter(out, "c_total", "A counter.", 3)?;
+            gauge(out, "g", "A gauge.", 7)
+        }));
         assert_eq!(
-            exposition.finish(),
-            "# HELP v_total Verdicts.\n# TYPE v_total counter\nv_total{verdict=\"deny\",by=\"a\\\"b\"} 2\n\
-             # HELP g A gauge.\n# TYPE g gauge\ng 7\n"
+            text,
+            "# HELP v Verdicts.\n# TYPE v counter\nv_total{verdict=\"deny\",by=\"kernel\"} 2\n\
+             # HELP c A counter.\n# TYPE c counter\nc_total 3\n\
+             # HELP g A gauge.\n# TYPE g gauge\ng 7\n# EOF\n"
         );
     }
 }

@@ -15,10 +15,8 @@ use std::{
 };
 
 use enforcer::{
-    attest::{
-        AttestError, AttestOptions, Attestor, HashError, Identification, LoadedCodeIssue,
-        MappingProblem, Registry,
-    },
+    attest::{AttestError, AttestOptions, Attestor, HashError, LoadedCodeIssue, MappingProblem},
+    policy::{Identification, Registry},
     testing::{Netns, ScratchCgroup, Spawn, Spawned, require_root, serial, unique_name},
 };
 

@@ -27,7 +27,10 @@ use enforcer::{
         Client, DaemonNode, Netns, Node, Persona, ScratchCgroup, Spawned, TestPki, connect_nodes,
         require_root, serial, wait_for_listener,
     },
-    tunnel::{Refusal, TunnelConfig, Untagged, pool::Pool, pool::PoolError},
+    tunnel::{
+        Refusal, TunnelConfig, Untagged,
+        pool::{Pool, PoolError, SystemMonotonicClock},
+    },
 };
 use rustix::process::Signal;
 use tempfile::TempDir;
@@ -389,6 +392,7 @@ fn the_tunnel_is_never_a_relay() {
                 bundles,
                 std::sync::Arc::default(),
                 std::sync::Arc::new(Untagged),
+                std::sync::Arc::new(SystemMonotonicClock),
             );
             let mut outcomes = Vec::new();
             for dst in destinations {

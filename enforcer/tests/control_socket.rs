@@ -18,15 +18,22 @@ use std::{
     time::Duration,
 };
 
+use axum::{
+    Extension, Router,
+    extract::{Request, State},
+    middleware::{Next, from_fn_with_state},
+    response::Response,
+    routing::get,
+};
 use bytes::Bytes;
 use enforcer::{
     control::{
-        Client, ClientError, ControlError, Handler, MAX_REQUEST_BODY, Peer, REQUEST_TIMEOUT, Reply,
-        Request, bind_control_socket, encode_query, serve_tcp, serve_unix,
+        Client, ClientError, ControlError, MAX_REQUEST_BODY, Peer, Query, REQUEST_TIMEOUT, Reply,
+        Routes, bind_control_socket, serve_tcp, serve_unix,
     },
     testing::require_root,
 };
-use http::StatusCode;
+use http::{Method, StatusCode, Uri};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 use tokio::{
@@ -44,66 +51,90 @@ const NOBODY: u32 = 65534;
 /// Echoes every request as JSON, except a few paths that exercise the other replies.
 #[derive(Default)]
 struct Echo {
-    /// How many requests reached the handler.
+    /// How many requests reached the routes.
     calls: AtomicUsize,
     /// Senders of `/v1/follow` streams, kept so the streams stay open.
     followers: Mutex<Vec<mpsc::Sender<Bytes>>>,
 }
 
-impl Handler for Echo {
-    async fn handle(&self, request: Request) -> Reply {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        match request.path.as_str() {
-            "/v1/lines" => {
-                let (sender, lines) = mpsc::channel(1);
-                tokio::spawn(async move {
-                    for n in 1..=3 {
-                        sender
-                            .send(Bytes::from(format!("{{\"n\":{n}}}")))
-                            .await
-                            .unwrap();
-                    }
-                });
-                Reply::Stream {
-                    content_type: "application/x-ndjson",
-                    lines,
-                }
-            }
-            "/v1/follow" => {
-                let (sender, lines) = mpsc::channel(1);
-                sender.send(Bytes::from_static(b"first")).await.unwrap();
-                self.followers
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .push(sender);
-                Reply::Stream {
-                    content_type: "application/x-ndjson",
-                    lines,
-                }
-            }
-            "/v1/hang" => std::future::pending().await,
-            "/v1/panic" => panic!("the handler panics on purpose"),
-            "/v1/nope" => Reply::error(
-                StatusCode::NOT_FOUND,
-                format_args!("no route for {}", request.path),
-            ),
-            _ => Reply::json(echo(&request)),
-        }
+impl Routes for Echo {
+    fn routes(self: Arc<Self>) -> Router {
+        Router::new()
+            .route("/v1/lines", get(lines))
+            .route("/v1/follow", get(follow))
+            .route("/v1/hang", get(std::future::pending::<Reply>))
+            .route("/v1/panic", get(panics))
+            .route("/v1/nope", get(nope))
+            .fallback(echo)
+            .layer(from_fn_with_state(Arc::clone(&self), count))
+            .with_state(self)
     }
 }
 
-fn echo(request: &Request) -> Value {
-    let peer = match request.peer {
+/// Counts the requests that reach the routes.
+async fn count(State(echo): State<Arc<Echo>>, request: Request, next: Next) -> Response {
+    echo.calls.fetch_add(1, Ordering::SeqCst);
+    next.run(request).await
+}
+
+async fn lines() -> Reply {
+    let (sender, lines) = mpsc::channel(1);
+    tokio::spawn(async move {
+        for n in 1..=3 {
+            sender
+                .send(Bytes::from(format!("{{\"n\":{n}}}")))
+                .await
+                .unwrap();
+        }
+    });
+    Reply::Stream {
+        content_type: "application/x-ndjson",
+        lines,
+    }
+}
+
+async fn follow(State(echo): State<Arc<Echo>>) -> Reply {
+    let (sender, lines) = mpsc::channel(1);
+    sender.send(Bytes::from_static(b"first")).await.unwrap();
+    echo.followers
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push(sender);
+    Reply::Stream {
+        content_type: "application/x-ndjson",
+        lines,
+    }
+}
+
+async fn panics() -> Reply {
+    panic!("the handler panics on purpose")
+}
+
+async fn nope(uri: Uri) -> Reply {
+    Reply::error(
+        StatusCode::NOT_FOUND,
+        format_args!("no route for {}", uri.path()),
+    )
+}
+
+async fn echo(
+    method: Method,
+    uri: Uri,
+    Extension(peer): Extension<Peer>,
+    Query(query): Query<Vec<(String, String)>>,
+    body: Bytes,
+) -> Reply {
+    let peer = match peer {
         Peer::Unix { uid, pid } => json!({ "uid": uid, "pid": pid }),
         Peer::Tcp(address) => json!({ "tcp": address.to_string() }),
     };
-    json!({
-        "method": request.method.as_str(),
-        "path": request.path,
-        "query": request.query,
-        "body": String::from_utf8_lossy(&request.body),
+    Reply::json(json!({
+        "method": method.as_str(),
+        "path": uri.path(),
+        "query": query,
+        "body": String::from_utf8_lossy(&body),
         "peer": peer,
-    })
+    }))
 }
 
 /// A control server on a socket in a scratch directory.
@@ -202,7 +233,9 @@ async fn curl_as(uid: u32, socket: &Path) -> String {
 async fn get_and_post_round_trip() {
     require_root();
     let daemon = Daemon::start();
-    let query = encode_query(&[("id", "spiffe://example.org/ns/web"), ("q", "a b&c")]);
+    let query =
+        serde_urlencoded::to_string([("id", "spiffe://example.org/ns/web"), ("q", "a b&c")])
+            .unwrap();
     let reply = daemon
         .client()
         .get(&format!("/v1/echo?{query}&flag"))

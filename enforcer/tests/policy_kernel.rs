@@ -8,9 +8,9 @@
 use std::net::TcpListener;
 
 use enforcer::{
-    attest::{AttestOptions, Attestor, Identification, Registry, cgroup_relative_path},
+    attest::{AttestOptions, Attestor, cgroup_relative_path},
     kernel::cgroup::cgroup2_mount,
-    policy::{self, Compiled, Policy, apply::apply, compile},
+    policy::{self, Compiled, Identification, Policy, Registry, apply::apply, compile},
     testing::{Client, ScratchCgroup, ScratchDatapath, require_root, serial},
 };
 

@@ -17,10 +17,9 @@ use std::{
 
 use enforcer::{
     identity::{CacheError, SpiffeId, X509Svid},
-    testing::{MeshListeners, MeshNode, TestPki, test_policy},
+    testing::{MeshListeners, MeshNode, TestPki},
     tunnel::{
-        FlowEvent, FlowRecord, Metric, PolicyView, Reason, Refusal, Side, SvidSource, TunnelConfig,
-        Verdict,
+        FlowEvent, FlowRecord, Metric, Reason, Refusal, Side, SvidSource, TunnelConfig, Verdict,
     },
 };
 use sha2::{Digest, Sha256};
@@ -96,8 +95,8 @@ async fn mesh(spec: MeshSpec<'_>) -> Mesh {
     let lb = MeshListeners::bind(B).await;
     let pki_a = spec.pki_a.unwrap_or(pki);
     let td_a = pki_a.root.trust_domain().to_string();
-    let policy_a = test_policy(&policy_text(&td_a, &la, &lb, spec.rules_a));
-    let policy_b = test_policy(&policy_text(TD, &la, &lb, spec.rules_b));
+    let policy_a = policy_text(&td_a, &la, &lb, spec.rules_a);
+    let policy_b = policy_text(TD, &la, &lb, spec.rules_b);
     let svids_a = spec.svids_a.unwrap_or_else(|| pki_a.node_svids("a"));
     let a = MeshNode::start(la, "a", pki_a, svids_a, &policy_a, spec.config.clone());
     let b = MeshNode::start(lb, "b", pki, pki.node_svids("b"), &policy_b, spec.config);
@@ -531,9 +530,9 @@ async fn reload_closes_open_flows_the_new_policy_denies() {
     client.read_exact(&mut buf).await.unwrap();
     assert_eq!(mesh.a.tunnel.open_flows(), 1);
 
-    let deny_all = || PolicyView::new(&test_policy(&format!("trust_domain = \"{TD}\"\n")), 2);
-    assert_eq!(mesh.b.tunnel.reload(deny_all()), 1);
-    assert_eq!(mesh.a.tunnel.reload(deny_all()), 1);
+    let deny_all = format!("trust_domain = \"{TD}\"\n");
+    assert_eq!(mesh.b.reload(&deny_all), 1);
+    assert_eq!(mesh.a.reload(&deny_all), 1);
     let read = tokio::time::timeout(PROMPT, client.read(&mut buf))
         .await
         .expect("the revoked flow closes");

@@ -16,7 +16,7 @@ use std::{
 use bytes::Bytes;
 use enforcer::{
     identity::{PeerAuthorizer, SpiffeId, client_config},
-    testing::{MeshListeners, MeshNode, TestPki, test_policy},
+    testing::{MeshListeners, MeshNode, TestPki},
     tunnel::{Metric, Refusal, TunnelConfig, hbone, inbound::Client},
 };
 use h2::client::SendRequest;
@@ -61,11 +61,11 @@ async fn echo_server(addr: SocketAddr) -> SocketAddr {
 async fn target() -> Target {
     let pki = TestPki::new(TD);
     let listeners = MeshListeners::bind(B).await;
-    let policy = test_policy(&format!(
+    let policy = format!(
         "trust_domain = \"{TD}\"\n[[allow]]\nfrom = \"{}\"\nto = \"{}\"\n",
         id("web"),
         id("api")
-    ));
+    );
     let config = TunnelConfig {
         handshake_timeout: Duration::from_millis(300),
         ..TunnelConfig::default()

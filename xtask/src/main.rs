@@ -8,6 +8,7 @@ mod bench;
 mod cmd;
 mod demo;
 mod fuzz;
+mod layers;
 mod root;
 mod setup;
 mod test;
@@ -54,6 +55,9 @@ enum Task {
         #[arg(long, value_name = "MINUTES", default_value_t = vmtest::DEFAULT_TIMEOUT_MINUTES)]
         timeout: u64,
     },
+    /// Check that the enforcer crate's modules import each other one way only (tunnel, attest,
+    /// audit and policy; see xtask/src/layers.rs).
+    Layers,
     /// Run benchmarks as root; every benchmark when none is named.
     Bench {
         /// Benchmarks to run.
@@ -93,6 +97,7 @@ fn main() -> Result<()> {
             eprintln!("vm-test: ok: {tally}");
             Ok(())
         }
+        Task::Layers => layers::run(),
         Task::Bench { names } => bench::run(&names),
         Task::Demo => demo::run(),
         Task::Fuzz { targets, seconds } => fuzz::run(&targets, seconds),

@@ -1,5 +1,5 @@
 //! `cargo xtask test`: every tier in order — formatting, clippy (host, and the eBPF programs
-//! for the BPF target), unit tests, the privileged integration tests (root) on the host
+//! for the BPF target), the module layering (`cargo xtask layers`), unit tests, the privileged integration tests (root) on the host
 //! kernel, then the same suites except the host-only ones under qemu on Debian's 6.1 and 6.12
 //! kernels (`vm-test`; `HOST_ONLY_SUITES` in `vmtest` says which stay on the host).
 //! A tier that cannot run fails; it never looks like a pass.
@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Result, bail, ensure};
 
-use crate::{cmd, root, setup, vmtest};
+use crate::{cmd, layers, root, setup, vmtest};
 
 /// Runs setup, then every tier. For local iteration only (both refused under CI), `unit_only`
 /// stops before the privileged tier and `no_vm` before the vm tier; the tally says so.
@@ -45,9 +45,10 @@ pub(crate) fn run(unit_only: bool, no_vm: bool) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    layers::run()?;
     let unit = cargo_test(&["test", "--workspace", "--lib", "--bins"])?;
     if unit_only {
-        eprintln!("test: ok: fmt, clippy, unit {unit}; privileged NOT RUN (--unit-only)");
+        eprintln!("test: ok: fmt, clippy, layers, unit {unit}; privileged NOT RUN (--unit-only)");
         return Ok(());
     }
     root::require("privileged tests need root")?;
@@ -66,7 +67,7 @@ pub(crate) fn run(unit_only: bool, no_vm: bool) -> Result<()> {
     );
     if no_vm {
         eprintln!(
-            "test: ok: fmt, clippy, unit {unit}, privileged {privileged}; vm NOT RUN (--no-vm)"
+            "test: ok: fmt, clippy, layers, unit {unit}, privileged {privileged}; vm NOT RUN (--no-vm)"
         );
         return Ok(());
     }
@@ -75,7 +76,7 @@ pub(crate) fn run(unit_only: bool, no_vm: bool) -> Result<()> {
         &kernels,
         Duration::from_mins(vmtest::DEFAULT_TIMEOUT_MINUTES),
     )?;
-    eprintln!("test: ok: fmt, clippy, unit {unit}, privileged {privileged}, vm {vm}");
+    eprintln!("test: ok: fmt, clippy, layers, unit {unit}, privileged {privileged}, vm {vm}");
     Ok(())
 }
 

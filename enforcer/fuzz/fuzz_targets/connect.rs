@@ -16,9 +16,10 @@ use std::{
 use bytes::Bytes;
 use enforcer::{
     identity::SpiffeId,
+    policy::{InForce, PolicySnapshot},
     testing::{TableOrigins, TableWorkloads, TestPki, test_policy},
     tunnel::{
-        PolicyView, Tunnel, TunnelConfig, TunnelParts, inbound::Client, record::RecentRecords,
+        Tunnel, TunnelConfig, TunnelParts, Untagged, inbound::Client, record::RecentRecords,
     },
 };
 use http::{Method, Request};
@@ -35,9 +36,7 @@ static TUNNEL: LazyLock<Tunnel> = LazyLock::new(|| {
     let pki = TestPki::new("fuzz.org");
     let workloads = Arc::new(TableWorkloads::default());
     workloads.insert(TARGET.parse().unwrap(), &id("api"));
-    let policy = test_policy(
-        "trust_domain = \"fuzz.org\"\n[[allow]]\nfrom = \"spiffe://fuzz.org/web\"\nto = \"spiffe://fuzz.org/api\"\n",
-    );
+    let text = "trust_domain = \"fuzz.org\"\n[[allow]]\nfrom = \"spiffe://fuzz.org/web\"\nto = \"spiffe://fuzz.org/api\"\n";
     Tunnel::new(TunnelParts {
         config: TunnelConfig::default(),
         node_id: id("enforcer/node/fuzz"),
@@ -46,7 +45,14 @@ static TUNNEL: LazyLock<Tunnel> = LazyLock::new(|| {
         workloads,
         origins: Arc::new(TableOrigins::default()),
         records: Arc::new(RecentRecords::new(16)),
-        policy: PolicyView::new(&policy, 1),
+        tags: Arc::new(Untagged),
+        policy: PolicySnapshot::new(InForce::compile(
+            "fuzz.toml",
+            text,
+            test_policy(text),
+            None,
+            1,
+        )),
     })
     .unwrap()
 });

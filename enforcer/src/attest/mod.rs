@@ -39,7 +39,6 @@ pub mod accounts;
 pub mod container;
 pub mod hash;
 mod loaded;
-pub mod registry;
 pub mod selector;
 
 use std::{
@@ -63,7 +62,6 @@ pub use accounts::Accounts;
 pub use container::ContainerInfo;
 pub use hash::{ExeHasher, HashError, Sha256Digest};
 pub use loaded::{LoadedCodeIssue, MappingProblem, REFUSED_LOADER_VARIABLES};
-pub use registry::{Identification, Identities, Registry};
 pub use selector::{Selector, SelectorError};
 
 /// Default cap on the size of a binary the attestor hashes (a guard against hashing huge files).

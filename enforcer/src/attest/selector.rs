@@ -5,7 +5,7 @@
 //! | `unix:uid:<n>` / `unix:gid:<n>` | the effective uid / gid is `n` |
 //! | `unix:user:<name>` / `unix:group:<name>` | the uid / gid has that name in `/etc/passwd` / `/etc/group` |
 //! | `unix:path:<abs path>` | the running binary's path is exactly this (a deleted binary never matches) |
-//! | `unix:sha256:<64 hex>` | the running binary's SHA-256 is this (and the entry's match is refused when the process runs code the hash does not vouch for: see [`registry`](super::registry)) |
+//! | `unix:sha256:<64 hex>` | the running binary's SHA-256 is this (and the entry's match is refused when the process runs code the hash does not vouch for: see [`policy::identities`](crate::policy::identities)) |
 //! | `cgroup:path:<abs path>` | the cgroup v2 path is this path or below it (whole components; the path is written as the kernel writes one: no `//`, `.`, `..` or trailing `/`) |
 //! | `container:id:<64 hex>` | the container id parsed from the cgroup path is this |
 //! | `k8s:pod-uid:<uuid>` | the pod uid parsed from the cgroup path is this |

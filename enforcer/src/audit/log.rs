@@ -910,13 +910,10 @@ mod tests {
     };
 
     use super::*;
-    use crate::{
-        audit::{
-            ChainError, Event, Finding, HeadCheck, Source, Verdict, VerifyError, VerifyReport,
-            record::samples::{self, kernel_deny},
-            verify::verify,
-        },
-        tunnel::{self, FlowEvent, FlowRecord, Party, Reason, Side},
+    use crate::audit::{
+        ChainError, Event, Finding, HeadCheck, Source, Verdict, VerifyError, VerifyReport,
+        record::samples::{self, kernel_deny},
+        verify::verify,
     };
 
     /// Long enough for any machine; the tests assert that it is met, not how fast.
@@ -964,20 +961,12 @@ mod tests {
         let log = AuditLog::open(config(dir.path(), u64::MAX, 3), "node-a").unwrap();
         let mut follow = log.subscribe();
         write(&log, 30);
-        log.submit(Entry::from_flow(&FlowRecord {
+        log.submit(Entry {
             time: samples::time(),
-            side: Side::Inbound,
-            event: FlowEvent::Open,
-            verdict: tunnel::Verdict::Allow,
-            reason: Reason::Policy,
             rule: Some(1),
             policy_version: 2,
-            src: Party::default(),
-            dst: Party::default(),
-            bytes_up: 0,
-            bytes_down: 0,
-            duration: Duration::ZERO,
-        }));
+            ..Entry::new(Source::Inbound, Event::Open, Verdict::Allow, "policy")
+        });
         assert!(log.flush(WAIT));
 
         let records = read_records(&dir.path().join("audit.jsonl"));

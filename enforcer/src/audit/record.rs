@@ -14,8 +14,6 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::tunnel::{self, FlowEvent, FlowRecord, Party, Side};
-
 /// Errors of parsing a record's field from text.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RecordError {
@@ -331,57 +329,6 @@ impl Entry {
             ..Self::new(Source::Daemon, Event::Loss, Verdict::Loss, reason)
         }
     }
-
-    /// The entry for a tunnel flow record.
-    #[must_use]
-    pub fn from_flow(record: &FlowRecord) -> Self {
-        let closed = record.event == FlowEvent::Close;
-        let addr = |party: &Party| party.addr.map(|a| a.to_string());
-        let id = |party: &Party| party.id.as_ref().map(ToString::to_string);
-        Self {
-            time: record.time,
-            source: match record.side {
-                Side::Outbound => Source::Outbound,
-                Side::Inbound => Source::Inbound,
-            },
-            event: match record.event {
-                FlowEvent::Open => Event::Open,
-                FlowEvent::Close => Event::Close,
-                FlowEvent::Deny => Event::Deny,
-            },
-            verdict: match record.verdict {
-                tunnel::Verdict::Allow => Verdict::Allow,
-                tunnel::Verdict::Deny => Verdict::Deny,
-                tunnel::Verdict::Audit => Verdict::Audit,
-            },
-            reason: record.reason.as_str().to_owned(),
-            rule: record.rule,
-            policy_version: record.policy_version,
-            src: Src {
-                spiffe_id: id(&record.src),
-                pid: record.src.pid,
-                exe: record.src.exe.as_ref().map(|p| p.display().to_string()),
-                sha256: None,
-                cgroup: None,
-                cgroup_id: record.src.cgroup_id,
-                addr: addr(&record.src),
-            },
-            dst: Dst {
-                spiffe_id: id(&record.dst),
-                addr: addr(&record.dst),
-            },
-            bytes_up: closed.then_some(record.bytes_up),
-            bytes_down: closed.then_some(record.bytes_down),
-            duration_ms: closed.then(|| millis(record.duration)),
-            lost: None,
-            detail: None,
-        }
-    }
-}
-
-/// Whole milliseconds, saturating.
-fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// RFC 3339 UTC with microseconds; times outside what RFC 3339 can name (before 1970 or after
@@ -623,39 +570,40 @@ pub(super) mod samples {
 
 #[cfg(test)]
 mod tests {
-    use std::{net::SocketAddr, path::PathBuf};
-
     use super::{samples::kernel_deny, *};
-    use crate::tunnel::{Reason, Refusal};
 
     fn record(entry: Entry) -> AuditRecord {
         AuditRecord::new(entry, 7, "node-a", "0".repeat(64))
     }
 
-    fn flow(side: Side, event: FlowEvent) -> FlowRecord {
-        FlowRecord {
+    /// The entry the daemon makes of an outbound flow's close record.
+    fn outbound_close() -> Entry {
+        Entry {
             time: samples::time(),
-            side,
-            event,
-            verdict: tunnel::Verdict::Allow,
-            reason: Reason::Finished,
+            source: Source::Outbound,
+            event: Event::Close,
+            verdict: Verdict::Allow,
+            reason: "finished".to_owned(),
             rule: Some(3),
             policy_version: 9,
-            src: Party {
-                id: Some("spiffe://td/web".parse().unwrap()),
-                addr: Some(SocketAddr::from(([10, 0, 0, 1], 40112))),
+            src: Src {
+                spiffe_id: Some("spiffe://td/web".to_owned()),
                 pid: Some(812),
+                exe: Some("/usr/bin/curl".to_owned()),
+                sha256: None,
+                cgroup: None,
                 cgroup_id: Some(77),
-                exe: Some(PathBuf::from("/usr/bin/curl")),
+                addr: Some("10.0.0.1:40112".to_owned()),
             },
-            dst: Party {
-                id: Some("spiffe://td/db".parse().unwrap()),
-                addr: Some(SocketAddr::from(([10, 0, 0, 2], 5432))),
-                ..Party::default()
+            dst: Dst {
+                spiffe_id: Some("spiffe://td/db".to_owned()),
+                addr: Some("10.0.0.2:5432".to_owned()),
             },
-            bytes_up: 1200,
-            bytes_down: 5300,
-            duration: Duration::from_micros(1_520_900),
+            bytes_up: Some(1200),
+            bytes_down: Some(5300),
+            duration_ms: Some(1520),
+            lost: None,
+            detail: None,
         }
     }
 
@@ -742,59 +690,6 @@ mod tests {
     }
 
     #[test]
-    fn from_flow_maps_sides_events_verdicts_and_parties() {
-        let close = Entry::from_flow(&flow(Side::Outbound, FlowEvent::Close));
-        assert_eq!(
-            close,
-            Entry {
-                time: samples::time(),
-                source: Source::Outbound,
-                event: Event::Close,
-                verdict: Verdict::Allow,
-                reason: "finished".to_owned(),
-                rule: Some(3),
-                policy_version: 9,
-                src: Src {
-                    spiffe_id: Some("spiffe://td/web".to_owned()),
-                    pid: Some(812),
-                    exe: Some("/usr/bin/curl".to_owned()),
-                    sha256: None,
-                    cgroup: None,
-                    cgroup_id: Some(77),
-                    addr: Some("10.0.0.1:40112".to_owned()),
-                },
-                dst: Dst {
-                    spiffe_id: Some("spiffe://td/db".to_owned()),
-                    addr: Some("10.0.0.2:5432".to_owned()),
-                },
-                bytes_up: Some(1200),
-                bytes_down: Some(5300),
-                duration_ms: Some(1520),
-                lost: None,
-                detail: None,
-            }
-        );
-
-        let open = Entry::from_flow(&flow(Side::Inbound, FlowEvent::Open));
-        assert_eq!((open.source, open.event), (Source::Inbound, Event::Open));
-        assert_eq!(
-            (open.bytes_up, open.bytes_down, open.duration_ms),
-            (None, None, None)
-        );
-
-        let mut refused = flow(Side::Inbound, FlowEvent::Deny);
-        refused.verdict = tunnel::Verdict::Deny;
-        refused.reason = Reason::Refused(Refusal::Denied);
-        let deny = Entry::from_flow(&refused);
-        assert_eq!((deny.event, deny.verdict), (Event::Deny, Verdict::Deny));
-        assert_eq!(deny.reason, Refusal::Denied.as_str());
-        assert_eq!(deny.bytes_up, None);
-
-        refused.verdict = tunnel::Verdict::Audit;
-        assert_eq!(Entry::from_flow(&refused).verdict, Verdict::Audit);
-    }
-
-    #[test]
     fn matches_filters_by_verdict_and_either_identity() {
         let record = record(kernel_deny(2));
         assert!(record.matches(None, None));
@@ -817,22 +712,26 @@ mod tests {
              10.0.0.1:40112 -> spiffe://td/db 10.0.0.2:5432 rule 2 v1 policy"
         );
         assert_eq!(
-            record(Entry::from_flow(&flow(Side::Outbound, FlowEvent::Close))).to_string(),
+            record(outbound_close()).to_string(),
             "2026-11-24T10:00:00.123456Z node-a outbound close ALLOW spiffe://td/web [pid 812 curl] \
              10.0.0.1:40112 -> spiffe://td/db 10.0.0.2:5432 rule 3 v9 finished up 1200B down 5300B \
              1520ms"
         );
-        let mut inbound = flow(Side::Inbound, FlowEvent::Deny);
-        inbound.verdict = tunnel::Verdict::Deny;
-        inbound.reason = Reason::NoRoute;
-        inbound.rule = None;
-        inbound.src = Party {
-            addr: inbound.src.addr,
-            ..Party::default()
+        let inbound = Entry {
+            time: samples::time(),
+            policy_version: 9,
+            src: Src {
+                addr: Some("10.0.0.1:40112".to_owned()),
+                ..Src::default()
+            },
+            dst: Dst {
+                spiffe_id: None,
+                addr: Some("10.0.0.2:5432".to_owned()),
+            },
+            ..Entry::new(Source::Inbound, Event::Deny, Verdict::Deny, "no-route")
         };
-        inbound.dst.id = None;
         assert_eq!(
-            record(Entry::from_flow(&inbound)).to_string(),
+            record(inbound).to_string(),
             "2026-11-24T10:00:00.123456Z node-a inbound deny DENY 10.0.0.1:40112 -> 10.0.0.2:5432 \
              rule - v9 no-route"
         );

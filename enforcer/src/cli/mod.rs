@@ -151,7 +151,7 @@ fn run(command: Command, socket: &std::path::Path) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run { config } => {
             let config = crate::config::Config::load(config.as_deref())?;
-            crate::daemon::run(config)?;
+            crate::app::run(config)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { json, pin_dir } => match control::status(socket, json) {

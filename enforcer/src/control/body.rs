@@ -1,7 +1,7 @@
-//! Reply bodies: a whole body for JSON and text, and a line stream that forwards what a handler
-//! sends through an mpsc channel as it arrives (`--follow`), until the handler drops its
-//! sender, the client goes away (hyper drops the body, and with it the receiver) or the server
-//! shuts down.
+//! Streamed reply bodies: a line stream that forwards what a handler sends through an mpsc
+//! channel as it arrives (`--follow`), until the handler drops its sender or the client goes
+//! away (hyper drops the body, and with it the receiver); and a wrapper the server puts around
+//! every streamed body so that it also ends when the server shuts down.
 #![forbid(unsafe_code)]
 
 use std::{
@@ -13,11 +13,7 @@ use std::{
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame};
-use http_body_util::{Either, Full};
 use tokio::sync::mpsc;
-
-/// The body of every reply the server sends.
-pub(crate) type ReplyBody = Either<Full<Bytes>, LineStream>;
 
 /// A future that completes when the server shuts down.
 pub(crate) type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -26,23 +22,21 @@ pub(crate) type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// with a `\n` appended when it does not end with one. Empty items are skipped, since an empty
 /// chunk would end a chunked body.
 pub(crate) struct LineStream {
-    /// The lines and the shutdown signal, until the stream has ended.
-    open: Option<(mpsc::Receiver<Bytes>, Shutdown)>,
+    /// The lines, until the stream has ended.
+    lines: Option<mpsc::Receiver<Bytes>>,
 }
 
 impl LineStream {
-    /// A stream of what arrives on `lines` that ends early once `shutdown` completes.
-    pub(crate) fn new(lines: mpsc::Receiver<Bytes>, shutdown: Shutdown) -> Self {
-        Self {
-            open: Some((lines, shutdown)),
-        }
+    /// A stream of what arrives on `lines`.
+    pub(crate) fn new(lines: mpsc::Receiver<Bytes>) -> Self {
+        Self { lines: Some(lines) }
     }
 }
 
 impl fmt::Debug for LineStream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LineStream")
-            .field("open", &self.open.is_some())
+            .field("open", &self.lines.is_some())
             .finish()
     }
 }
@@ -56,18 +50,14 @@ impl Body for LineStream {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         let this = self.get_mut();
-        let Some((lines, shutdown)) = &mut this.open else {
+        let Some(lines) = &mut this.lines else {
             return Poll::Ready(None);
         };
-        if shutdown.as_mut().poll(cx).is_ready() {
-            this.open = None;
-            return Poll::Ready(None);
-        }
         loop {
             match lines.poll_recv(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => {
-                    this.open = None;
+                    this.lines = None;
                     return Poll::Ready(None);
                 }
                 Poll::Ready(Some(line)) if line.is_empty() => {}
@@ -79,7 +69,7 @@ impl Body for LineStream {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.open.is_none()
+        self.lines.is_none()
     }
 }
 
@@ -91,6 +81,52 @@ fn terminated(line: Bytes) -> Bytes {
     terminated.extend_from_slice(&line);
     terminated.extend_from_slice(b"\n");
     terminated.freeze()
+}
+
+/// A body that ends early, dropping the rest of `B` (and so closing a [`LineStream`]'s
+/// channel), once the server shuts down.
+pub(crate) struct UntilShutdown<B> {
+    /// The body and the shutdown signal, until the body has ended.
+    open: Option<(B, Shutdown)>,
+}
+
+impl<B> UntilShutdown<B> {
+    /// `body`, cut short when `shutdown` completes.
+    pub(crate) fn new(body: B, shutdown: Shutdown) -> Self {
+        Self {
+            open: Some((body, shutdown)),
+        }
+    }
+}
+
+impl<B: Body + Unpin> Body for UntilShutdown<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let this = self.get_mut();
+        let Some((body, shutdown)) = &mut this.open else {
+            return Poll::Ready(None);
+        };
+        if shutdown.as_mut().poll(cx).is_ready() {
+            this.open = None;
+            return Poll::Ready(None);
+        }
+        let frame = Pin::new(body).poll_frame(cx);
+        if matches!(frame, Poll::Ready(None)) {
+            this.open = None;
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.open
+            .as_ref()
+            .is_none_or(|(body, _)| body.is_end_stream())
+    }
 }
 
 #[cfg(test)]
@@ -116,7 +152,10 @@ mod tests {
         }
     }
 
-    fn poll(body: &mut LineStream, flag: &Arc<Flag>) -> Poll<Option<Bytes>> {
+    fn poll<B>(body: &mut B, flag: &Arc<Flag>) -> Poll<Option<Bytes>>
+    where
+        B: Body<Data = Bytes, Error = Infallible> + Unpin,
+    {
         let waker = Arc::clone(flag).into();
         let mut cx = Context::from_waker(&waker);
         Pin::new(body).poll_frame(&mut cx).map(|frame| {
@@ -136,7 +175,7 @@ mod tests {
     #[test]
     fn forwards_lines_as_they_arrive_and_ends_when_the_sender_is_dropped() {
         let (sender, receiver) = mpsc::channel(4);
-        let mut body = LineStream::new(receiver, never());
+        let mut body = UntilShutdown::new(LineStream::new(receiver), never());
         let flag = Arc::new(Flag::default());
         assert_eq!(poll(&mut body, &flag), Poll::Pending);
         assert!(!body.is_end_stream());
@@ -163,7 +202,7 @@ mod tests {
     #[test]
     fn skips_empty_items() {
         let (sender, receiver) = mpsc::channel(4);
-        let mut body = LineStream::new(receiver, never());
+        let mut body = LineStream::new(receiver);
         sender.try_send(Bytes::new()).unwrap();
         sender.try_send(Bytes::from_static(b"x")).unwrap();
         let flag = Arc::new(Flag::default());
@@ -181,7 +220,7 @@ mod tests {
         let shutdown: Shutdown = Box::pin(async move {
             let _ = stopped.await;
         });
-        let mut body = LineStream::new(receiver, shutdown);
+        let mut body = UntilShutdown::new(LineStream::new(receiver), shutdown);
         let flag = Arc::new(Flag::default());
         assert_eq!(poll(&mut body, &flag), Poll::Pending);
 

@@ -12,7 +12,7 @@ use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use tokio::{net::UnixStream, task::JoinHandle};
 
-use super::MAX_REQUEST_BODY;
+use super::{MAX_REQUEST_BODY, v1};
 
 /// How long a non-streaming request may take, from connecting to the last byte of the reply.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -138,11 +138,7 @@ impl Response {
     /// empty, the status's reason).
     #[must_use]
     fn error_message(&self) -> String {
-        #[derive(serde::Deserialize)]
-        struct ErrorBody {
-            error: String,
-        }
-        if let Ok(ErrorBody { error }) = serde_json::from_slice(&self.body) {
+        if let Ok(v1::ErrorBody { error }) = serde_json::from_slice(&self.body) {
             return error;
         }
         let text = String::from_utf8_lossy(&self.body).trim().to_owned();

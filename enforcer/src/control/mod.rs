@@ -1,26 +1,31 @@
 //! The control API transport: HTTP/1.1 + JSON on a root-only Unix socket for the CLI (and
-//! `curl --unix-socket`), and the same server on TCP for Prometheus metrics. The routes are a
-//! [`Handler`]; this module moves requests and replies.
+//! `curl --unix-socket`), and the same server on TCP for Prometheus metrics. An API names its
+//! routes as an axum `Router` ([`Routes`]); this module accepts connections, gates and limits
+//! requests, and moves replies.
 //!
 //! ```text
 //! enforcer <cmd> --Client--> /run/enforcer/control.sock (0600, dir 0700)
 //!                              serve_unix: peer uid 0? --no--> 403, logged
-//!                                                     --yes-> Handler --> Reply (JSON, text, stream)
-//! Prometheus -----TCP------> serve_tcp --> Handler (Peer::Tcp)
+//!                                                     --yes-> Router --> Reply (JSON, text, stream)
+//! Prometheus -----TCP------> serve_tcp --> Router (Peer::Tcp)
 //! ```
 //!
-//! Both servers read the body whole (up to [`MAX_REQUEST_BODY`]), decode the query, run each
-//! connection in a task of its own, and on shutdown stop accepting, end open streams and let
-//! requests in flight finish.
+//! Both servers read the body whole (up to [`MAX_REQUEST_BODY`]) before a route sees it, decode
+//! queries strictly ([`Query`]), run each connection in a task of its own, and on shutdown stop
+//! accepting, end open streams and let requests in flight finish.
 #![forbid(unsafe_code)]
 
 mod body;
 mod client;
+mod middleware;
 mod query;
+mod reply;
 mod server;
 mod socket;
+pub mod v1;
 
 pub use client::{Client, ClientError, Lines, REQUEST_TIMEOUT, Response};
-pub use query::encode_query;
-pub use server::{Handler, MAX_REQUEST_BODY, Peer, Reply, Request, serve_tcp, serve_unix};
+pub use query::Query;
+pub use reply::Reply;
+pub use server::{MAX_REQUEST_BODY, Peer, Routes, serve_tcp, serve_unix};
 pub use socket::{ControlError, bind_control_socket};

@@ -22,6 +22,7 @@ use super::{Recorder, workloads::Registrar};
 use crate::{
     audit::{self, Entry},
     kernel::{Counter, EventKind, EventReader, KernelEvent, Maps},
+    policy::PolicySnapshot,
     report::report,
 };
 
@@ -34,7 +35,9 @@ pub(crate) struct EventPump {
     pub(crate) reader: EventReader,
     /// For the loss counter.
     pub(crate) maps: Arc<Mutex<Maps>>,
-    /// Identities and process facts.
+    /// The policy in force, for the identities that numbers in events stand for.
+    pub(crate) policy: PolicySnapshot,
+    /// Process facts, and the processes to register.
     pub(crate) registrar: Arc<Registrar>,
     /// Where records go.
     pub(crate) recorder: Recorder,
@@ -134,8 +137,8 @@ impl EventPump {
 
     /// The audit entry of a decision event.
     fn entry(&self, event: &KernelEvent) -> Entry {
-        let identities = self.registrar.identities();
-        let name = |number: u32| identities.id(number).map(ToString::to_string);
+        let in_force = self.policy.load();
+        let name = |number: u32| in_force.identities.id(number).map(ToString::to_string);
         let (event_kind, verdict, reason) = decision(event);
         let addr = |addr: std::net::SocketAddr| (addr.port() != 0).then(|| addr.to_string());
         let src = if event.kind == EventKind::Drop {

@@ -33,7 +33,7 @@ pub enum OwnCgroupError {
 
 /// Refuse `enroll` (a policy's enrolled cgroup paths) if it enrolls the cgroup this process
 /// runs in.
-pub(super) fn refuse_enrolling_the_daemon(enroll: &[String]) -> Result<(), OwnCgroupError> {
+pub(crate) fn refuse_enrolling_the_daemon(enroll: &[String]) -> Result<(), OwnCgroupError> {
     let text = std::fs::read_to_string(OWN_CGROUP_FILE)
         .map_err(|error| OwnCgroupError::Unknown(error.to_string()))?;
     let cgroup = parse_cgroup_v2(&text)

@@ -1,102 +1,54 @@
-//! Policy reload: validate -> diff -> (dry run stops here) -> atomic apply in the kernel ->
-//! the tunnel's view (closing open flows the new policy denies) -> re-registration of every
-//! enrolled process. A policy that fails validation changes nothing: the old one keeps
-//! enforcing.
+//! Policy reload: validate -> diff -> (dry run stops here) -> compile and atomic apply in the
+//! kernel -> publish the new snapshot (the tunnel, registrar, kernel sources and API see it at
+//! once) -> close the open flows it denies -> re-register every enrolled process. A policy
+//! that fails validation changes nothing: the old one keeps enforcing.
 #![forbid(unsafe_code)]
 
 use std::{
-    path::Path,
+    path::PathBuf,
     sync::{Arc, Mutex, PoisonError},
-    time::SystemTime,
 };
 
 use serde::Serialize;
-use sha2::{Digest as _, Sha256};
 
 use super::{
-    Daemon,
+    Recorder,
     own_cgroup::{OwnCgroupError, refuse_enrolling_the_daemon},
     workloads::Registrar,
 };
 use crate::{
-    attest::Identities,
     audit::{self, Entry},
     identity::TrustDomain,
     kernel::Maps,
     policy::{
-        Compiled, Diagnostic, IdentityNumbers, Policy, Severity,
+        Diagnostic, IdentityNumbers, InForce, Policy, PolicySnapshot, Severity,
         apply::{ApplyError, apply},
-        compile,
         diagnostic::render,
         diff::diff,
-        parse,
+        hash, parse,
     },
-    tunnel::{PolicyView, sources::KernelSources},
+    tunnel::Tunnel,
 };
 
-/// The policy in force and where it came from.
-#[derive(Debug)]
-pub(crate) struct Enforced {
-    /// The policy.
-    pub(crate) policy: Policy,
-    /// Its compilation (numbers, kernel table, version).
-    pub(crate) compiled: Compiled,
-    /// The file it was read from, or the embedded default's name.
-    pub(crate) name: String,
-    /// Its source text.
-    pub(crate) text: String,
-    /// SHA-256 of the source text.
-    pub(crate) hash: String,
-    /// When it was put in force.
-    pub(crate) since: SystemTime,
-}
-
-impl Enforced {
-    pub(crate) fn new(policy: Policy, compiled: Compiled, name: String, text: &str) -> Self {
-        Self {
-            policy,
-            compiled,
-            name,
-            hash: hash(text),
-            text: text.to_owned(),
-            since: SystemTime::now(),
-        }
-    }
-
-    /// Its version.
-    pub(crate) fn version(&self) -> u64 {
-        self.compiled.table.version
-    }
-}
-
-/// Compile `policy` as `version` (its IDs keep their `previous` numbers), program the kernel,
-/// and hand the policy's identities to the tunnel's sources and the registrar. Returns the
-/// compilation and the enrolled cgroups that do not exist yet.
-pub(super) fn put_in_force(
+/// Compile `policy` (read from `name` as `text`) as `version`, its IDs keeping their
+/// `previous` numbers, and program the kernel with it. Returns the compiled policy, ready to be
+/// published, and the enrolled cgroups that do not exist yet.
+pub(crate) fn compile_and_apply(
     maps: &Mutex<Maps>,
-    mount: &Path,
-    sources: &KernelSources,
-    registrar: &Registrar,
-    policy: &Policy,
+    mount: &std::path::Path,
+    (name, text): (&str, &str),
+    policy: Policy,
     previous: Option<&IdentityNumbers>,
     version: u64,
-) -> Result<(Compiled, Vec<String>), ApplyError> {
-    let compiled = compile(policy, previous, version);
+) -> Result<(InForce, Vec<String>), ApplyError> {
+    let in_force = InForce::compile(name, text, policy, previous, version);
     let applied = apply(
         &mut maps.lock().unwrap_or_else(PoisonError::into_inner),
-        policy,
-        &compiled,
+        &in_force.policy,
+        &in_force.compiled,
         mount,
     )?;
-    let identities = Arc::new(Identities::new(policy, &compiled.numbers));
-    sources.update(Arc::clone(&identities));
-    registrar.update(identities);
-    Ok((compiled, applied.missing_cgroups))
-}
-
-/// SHA-256 of a policy's text, in hex.
-fn hash(text: &str) -> String {
-    crate::attest::Sha256Digest(Sha256::digest(text.as_bytes()).into()).to_string()
+    Ok((in_force, applied.missing_cgroups))
 }
 
 /// Why a reload was refused; the old policy stays in force.
@@ -151,7 +103,26 @@ pub(crate) struct Outcome {
     pub(crate) closed: usize,
 }
 
-impl Daemon {
+/// Puts new policies in force: one at a time, in the documented order (validate, diff, program
+/// the kernel, publish the snapshot, close the flows it denies, re-register every process).
+pub(crate) struct Reloader {
+    /// The policy in force, published here.
+    pub(crate) policy: PolicySnapshot,
+    /// The kernel maps the policy is applied to.
+    pub(crate) maps: Arc<Mutex<Maps>>,
+    /// The cgroup2 mount enrolled paths are resolved below.
+    pub(crate) mount: PathBuf,
+    /// The tunnel, whose open flows the new policy may deny.
+    pub(crate) tunnel: Tunnel,
+    /// The registrar, which re-registers every enrolled process under the new policy.
+    pub(crate) registrar: Arc<Registrar>,
+    /// Where the reload record goes.
+    pub(crate) recorder: Recorder,
+    /// Held for the whole of a reload: one at a time.
+    pub(crate) one_at_a_time: Mutex<()>,
+}
+
+impl Reloader {
     /// Reload the policy from `text` (named `file` in diagnostics); a dry run only validates and
     /// diffs.
     pub(crate) fn reload(
@@ -176,8 +147,11 @@ impl Daemon {
 
     fn try_reload(&self, file: &str, text: &str, dry_run: bool) -> Result<Outcome, ReloadError> {
         let (policy, warnings) = parse(file, text.as_bytes()).map_err(ReloadError::Invalid)?;
-        // One reload at a time: the lock is held until the new policy is in force.
-        let mut current = self.enforced.lock().unwrap_or_else(PoisonError::into_inner);
+        let one = self
+            .one_at_a_time
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let current = self.policy.load();
         if policy.trust_domain != current.policy.trust_domain {
             return Err(ReloadError::TrustDomain {
                 file: file.to_owned(),
@@ -191,43 +165,51 @@ impl Daemon {
         })?;
         let previous_version = current.version();
         let version = previous_version + 1;
-        let changes: Vec<String> = diff(&current.policy, &policy)
-            .iter()
-            .map(ToString::to_string)
-            .collect();
-        let warnings: Vec<String> = warnings
-            .iter()
-            .filter(|d| d.severity == Severity::Warning)
-            .map(ToString::to_string)
-            .collect();
         let mut outcome = Outcome {
             applied: false,
             previous_version,
             version,
             hash: hash(text),
-            changes,
-            warnings,
+            changes: diff(&current.policy, &policy)
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            warnings: warnings
+                .iter()
+                .filter(|d| d.severity == Severity::Warning)
+                .map(ToString::to_string)
+                .collect(),
             missing_cgroups: Vec::new(),
             closed: 0,
         };
         if dry_run {
             return Ok(outcome);
         }
-        let (compiled, missing_cgroups) = put_in_force(
+        let (next, missing_cgroups) = compile_and_apply(
             &self.maps,
             &self.mount,
-            &self.sources,
-            &self.registrar,
-            &policy,
+            (file, text),
+            policy,
             Some(&current.compiled.numbers),
             version,
         )?;
-        outcome.closed = self.tunnel.reload(PolicyView::new(&policy, version));
+        self.policy.publish(next);
+        outcome.closed = self.tunnel.revoke_denied();
         outcome.applied = true;
         outcome.missing_cgroups = missing_cgroups;
-        *current = Arc::new(Enforced::new(policy, compiled, file.to_owned(), text));
-        drop(current);
+        drop(one);
         self.registrar.rescan();
+        self.record(file, &outcome);
+        Ok(outcome)
+    }
+
+    /// The log line and the audit record of a reload put in force.
+    fn record(&self, file: &str, outcome: &Outcome) {
+        let Outcome {
+            previous_version,
+            version,
+            ..
+        } = *outcome;
         tracing::info!(
             file,
             version,
@@ -251,6 +233,5 @@ impl Daemon {
                 "reload",
             )
         });
-        Ok(outcome)
     }
 }

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 use std::{
+    fmt,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -11,10 +12,12 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
+
 use crate::{
     audit::{Source, Verdict},
     identity::{CertificateAuthority, SpiffeId, SvidError, SvidIssuer, X509Svid},
-    metrics::{Exposition, Histogram, Kind},
+    metrics::{self, Histogram},
 };
 
 /// Counters and histograms of the daemon itself.
@@ -59,72 +62,82 @@ impl Telemetry {
     pub(crate) fn verdict(&self, source: Source, verdict: Verdict) {
         self.verdicts[source as usize][verdict as usize].fetch_add(1, Ordering::Relaxed);
     }
+}
 
-    /// Append the daemon's families to `out`.
-    pub(crate) fn export(&self, out: &mut Exposition) {
-        out.family(
-            "enforcer_verdicts_total",
-            Kind::Counter,
-            "Audit records by the component that decided and the verdict.",
-        );
-        for source in Source::ALL {
-            for verdict in Verdict::ALL {
+/// The daemon's own families, read at scrape time.
+impl Collector for Telemetry {
+    fn encode(&self, mut out: DescriptorEncoder) -> fmt::Result {
+        let out = &mut out;
+        let verdicts = Source::ALL.into_iter().flat_map(|source| {
+            Verdict::ALL.into_iter().filter_map(move |verdict| {
                 let count =
                     self.verdicts[source as usize][verdict as usize].load(Ordering::Relaxed);
-                if count > 0 {
-                    out.sample(
-                        "enforcer_verdicts_total",
-                        &[("source", source.as_str()), ("verdict", verdict.as_str())],
-                        count,
-                    );
-                }
-            }
-        }
-        out.counter(
+                (count > 0).then_some((
+                    [("source", source.as_str()), ("verdict", verdict.as_str())],
+                    count,
+                ))
+            })
+        });
+        metrics::labelled_counters(
+            out,
+            "enforcer_verdicts_total",
+            "Audit records by the component that decided and the verdict.",
+            verdicts,
+        )?;
+        metrics::counter(
+            out,
             "enforcer_attestations_total",
             "Process attestations by the registrar.",
             self.attest_seconds.count(),
-        )
-        .counter(
+        )?;
+        metrics::counter(
+            out,
             "enforcer_attestation_failures_total",
             "Attestations that failed (process gone, binary unreadable).",
             self.attest_failures.load(Ordering::Relaxed),
-        )
-        .histogram(
+        )?;
+        metrics::histogram(
+            out,
             "enforcer_attestation_seconds",
             "Time to attest one process.",
             &self.attest_seconds,
-        )
-        .counter(
+        )?;
+        metrics::counter(
+            out,
             "enforcer_svids_issued_total",
             "X.509-SVIDs issued by the node CA (first issuance and rotations).",
             self.issue_seconds.count() - self.issue_failures.load(Ordering::Relaxed),
-        )
-        .counter(
+        )?;
+        metrics::counter(
+            out,
             "enforcer_svid_issue_failures_total",
             "SVID issuances that failed.",
             self.issue_failures.load(Ordering::Relaxed),
-        )
-        .histogram(
+        )?;
+        metrics::histogram(
+            out,
             "enforcer_svid_issue_seconds",
             "Time to issue one SVID (key generation and signing).",
             &self.issue_seconds,
-        )
-        .counter(
+        )?;
+        metrics::counter(
+            out,
             "enforcer_policy_reloads_total",
             "Policy reloads applied.",
             self.reloads.load(Ordering::Relaxed),
-        )
-        .counter(
+        )?;
+        metrics::counter(
+            out,
             "enforcer_policy_reload_failures_total",
             "Policy reloads refused (invalid policy or failed apply).",
             self.reload_failures.load(Ordering::Relaxed),
-        )
-        .counter(
+        )?;
+        metrics::counter(
+            out,
             "enforcer_kernel_events_read_total",
             "Events read from the kernel's ring buffer.",
             self.kernel_events.load(Ordering::Relaxed),
-        );
+        )
     }
 }
 
@@ -167,9 +180,7 @@ mod tests {
         telemetry.attested(Duration::from_micros(300), true);
         telemetry.attested(Duration::from_micros(300), false);
         telemetry.reloaded(true);
-        let mut out = Exposition::default();
-        telemetry.export(&mut out);
-        let text = out.finish();
+        let text = metrics::exposition(telemetry);
         for line in [
             "enforcer_verdicts_total{source=\"kernel\",verdict=\"deny\"} 2\n",
             "enforcer_verdicts_total{source=\"inbound\",verdict=\"allow\"} 1\n",

@@ -14,20 +14,21 @@ use std::{
     net::SocketAddr,
     os::fd::AsFd as _,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::Instant,
 };
 
 use rustix::process::{Pid, PidfdFlags, PidfdGetfdFlags, pidfd_getfd, pidfd_open};
-use serde::Serialize;
 
 use super::{
     sockets::{self, Listener},
     telemetry::Telemetry,
 };
 use crate::{
-    attest::{Attestor, Identification, Identities, ProcessFacts},
+    attest::{Attestor, ProcessFacts},
+    identity::SpiffeId,
     kernel::{Maps, maps::ListenerOwner},
+    policy::{Identification, Identities, PolicySnapshot},
     report::report,
 };
 
@@ -36,7 +37,7 @@ use crate::{
 const MAX_DEPTH: usize = 16;
 
 /// One process of an enrolled cgroup, as `enforcer workloads` shows it.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct WorkloadInfo {
     /// Process id.
     pub(crate) pid: u32,
@@ -51,7 +52,7 @@ pub(crate) struct WorkloadInfo {
     /// Effective uid.
     pub(crate) uid: u32,
     /// The identity it was given.
-    pub(crate) spiffe_id: Option<String>,
+    pub(crate) spiffe_id: Option<SpiffeId>,
     /// The workload entry that matched (1-based, file order).
     pub(crate) entry: Option<usize>,
     /// `matched`, `unmatched`, `ambiguous` or `refused`.
@@ -61,7 +62,6 @@ pub(crate) struct WorkloadInfo {
     /// TCP addresses it listens on.
     pub(crate) listening: Vec<SocketAddr>,
     /// The image generation it was attested for.
-    #[serde(skip)]
     pub(crate) generation: u64,
 }
 
@@ -80,7 +80,7 @@ pub(crate) struct Registrar {
     attestor: Arc<Attestor>,
     maps: Arc<Mutex<Maps>>,
     mount: PathBuf,
-    identities: RwLock<Arc<Identities>>,
+    policy: PolicySnapshot,
     table: Mutex<BTreeMap<u32, WorkloadInfo>>,
     /// Listening sockets already adopted or found known to the kernel: (pid, inode).
     adopted: Mutex<HashSet<(u32, u64)>>,
@@ -88,48 +88,31 @@ pub(crate) struct Registrar {
 }
 
 impl Registrar {
-    /// A registrar writing to `maps`, resolving enrolled paths below `mount`.
+    /// A registrar writing to `maps`, resolving enrolled paths below `mount` and identities
+    /// in the policy in force.
     pub(crate) fn new(
         attestor: Arc<Attestor>,
         maps: Arc<Mutex<Maps>>,
         mount: PathBuf,
+        policy: PolicySnapshot,
         telemetry: Arc<Telemetry>,
     ) -> Self {
         Self {
             attestor,
             maps,
             mount,
-            identities: RwLock::new(Arc::default()),
+            policy,
             table: Mutex::new(BTreeMap::new()),
             adopted: Mutex::new(HashSet::new()),
             telemetry,
         }
     }
 
-    /// Take the identities of the policy now in force (then [`rescan`]).
-    ///
-    /// [`rescan`]: Self::rescan
-    pub(crate) fn update(&self, identities: Arc<Identities>) {
-        *self
-            .identities
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = identities;
-    }
-
-    /// The identities of the policy in force.
-    pub(crate) fn identities(&self) -> Arc<Identities> {
-        Arc::clone(
-            &self
-                .identities
-                .read()
-                .unwrap_or_else(PoisonError::into_inner),
-        )
-    }
-
     /// Register every process of every enrolled cgroup, and forget processes that left.
     /// Returns how many processes were seen.
     pub(crate) fn rescan(&self) -> usize {
-        let identities = self.identities();
+        let in_force = self.policy.load();
+        let identities = &in_force.identities;
         let mut pids = Vec::new();
         for path in &identities.enroll {
             collect_pids(&self.mount.join(path.trim_start_matches('/')), 0, &mut pids);
@@ -139,7 +122,7 @@ impl Registrar {
         // Stale services first: a listener waiting for its address takes it over in this scan.
         self.forget_stale_services();
         for &pid in &pids {
-            self.register_with(&identities, pid);
+            self.register_with(identities, pid);
         }
         self.table()
             .retain(|pid, _| pids.binary_search(pid).is_ok());
@@ -167,7 +150,7 @@ impl Registrar {
     /// Register one process (after the kernel reported it started listening, exec'd or moved
     /// to another cgroup).
     pub(crate) fn register(&self, pid: u32) {
-        self.register_with(&self.identities(), pid);
+        self.register_with(&self.policy.load().identities, pid);
     }
 
     /// Forget a process that exited.
@@ -249,7 +232,7 @@ impl Registrar {
                 pid,
                 exe = %info.exe,
                 cgroup = %info.cgroup,
-                id = info.spiffe_id.as_deref().unwrap_or("-"),
+                id = info.spiffe_id.as_ref().map_or("-", AsRef::as_ref),
                 listening = ?info.listening,
                 "workload registered"
             );
@@ -387,7 +370,7 @@ fn describe(
     generation: u64,
 ) -> WorkloadInfo {
     let (spiffe_id, entry, state) = match identification {
-        Identification::Matched { id, entry } => (Some(id.to_string()), Some(entry + 1), "matched"),
+        Identification::Matched { id, entry } => (Some(id.clone()), Some(entry + 1), "matched"),
         Identification::Unmatched => (None, None, "unmatched"),
         Identification::Ambiguous(_) => (None, None, "ambiguous"),
         Identification::Refused { entry, .. } => (None, Some(entry + 1), "refused"),
@@ -461,8 +444,9 @@ mod tests {
     use std::path::PathBuf;
 
     use super::{below, collect_pids, describe};
-    use crate::attest::{
-        ContainerInfo, Identification, LoadedCodeIssue, MappingProblem, ProcessFacts, Sha256Digest,
+    use crate::{
+        attest::{ContainerInfo, LoadedCodeIssue, MappingProblem, ProcessFacts, Sha256Digest},
+        policy::Identification,
     };
 
     #[test]

@@ -12,7 +12,7 @@ use std::{
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
+    KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
 };
 use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use x509_parser::prelude::{FromDer as _, GeneralName, X509Certificate};
@@ -20,6 +20,7 @@ use x509_parser::prelude::{FromDer as _, GeneralName, X509Certificate};
 use super::{
     pem::{self, PemError},
     spiffe_id::{SpiffeId, SpiffeIdError, TrustDomain},
+    x509::{asn1_to_system_time, random_serial, to_whole_seconds, uri_san},
 };
 
 /// Default validity of a root CA.
@@ -413,15 +414,10 @@ fn ca_params(
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(constraints);
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    params.serial_number = Some(super::svid::random_serial());
+    params.serial_number = Some(random_serial());
     params.not_before = not_before.into();
     params.not_after = not_after.into();
     Ok(params)
-}
-
-/// A URI SAN holding a SPIFFE ID (ASCII by construction, so rcgen's IA5 check passes).
-pub(crate) fn uri_san(id: &SpiffeId) -> Result<SanType, rcgen::Error> {
-    Ok(SanType::URI(id.as_str().to_owned().try_into()?))
 }
 
 /// The trust domain named by a CA certificate's single `spiffe://TD` URI SAN.
@@ -457,22 +453,6 @@ pub(crate) fn ca_trust_domain(
         return Err(no_td(format!("`{id}` has a path")));
     }
     Ok(id.trust_domain())
-}
-
-/// Converts an X.509 time (seconds since the epoch) to `SystemTime`.
-pub(crate) fn asn1_to_system_time(secs: i64) -> SystemTime {
-    match u64::try_from(secs) {
-        Ok(after) => SystemTime::UNIX_EPOCH + Duration::from_secs(after),
-        Err(_) => SystemTime::UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()),
-    }
-}
-
-/// Truncates to whole seconds, the precision X.509 times are encoded with.
-pub(crate) fn to_whole_seconds(t: SystemTime) -> SystemTime {
-    match t.duration_since(SystemTime::UNIX_EPOCH) {
-        Ok(d) => SystemTime::UNIX_EPOCH + Duration::from_secs(d.as_secs()),
-        Err(_) => t,
-    }
 }
 
 #[cfg(test)]

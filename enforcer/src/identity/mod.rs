@@ -9,7 +9,9 @@ pub mod pem;
 pub mod spiffe_id;
 pub mod store;
 pub mod svid;
+pub mod tls;
 pub mod verify;
+pub mod x509;
 
 pub use bundle::{BundleError, TrustBundle, TrustBundleSet};
 pub use ca::{CaError, CaKind, CertificateAuthority};
@@ -18,7 +20,8 @@ pub use pem::PemError;
 pub use spiffe_id::{SpiffeId, SpiffeIdError, TrustDomain};
 pub use store::{NodePki, StoreError, load_or_init};
 pub use svid::{SvidError, X509Svid};
+pub use tls::{client_config, server_config, server_config_with_resolver};
 pub use verify::{
     PeerAuthorizer, PeerRole, SpiffeClientVerifier, SpiffeServerVerifier, VerifyError,
-    client_config, peer_spiffe_id, server_config, server_config_with_resolver, verify_svid_chain,
+    peer_spiffe_id, verify_svid_chain,
 };

@@ -1,6 +1,7 @@
 //! X.509-SVID issuance and loading, per X509-SVID.md: exactly one URI SAN (the workload's
 //! SPIFFE ID), cA=false, critical `KeyUsage` with digitalSignature only, EKU serverAuth and
-//! clientAuth, a random serial, backdated by [`ca::BACKDATE`], never outliving its issuer.
+//! clientAuth, a random serial, backdated by [`ca::BACKDATE`](super::ca::BACKDATE), never
+//! outliving its issuer.
 
 use std::{
     path::Path,
@@ -10,17 +11,18 @@ use std::{
 
 use rcgen::{
     CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SerialNumber,
+    KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
 };
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use x509_parser::prelude::{FromDer as _, X509Certificate};
 
 use super::{
-    ca::{self, CaError, CertificateAuthority},
+    ca::{CaError, CertificateAuthority},
     pem::{self, PemError},
     spiffe_id::SpiffeId,
     verify::{self, VerifyError},
+    x509::{self, random_serial},
 };
 
 /// Default lifetime of a workload SVID.
@@ -84,8 +86,8 @@ pub struct X509Svid {
 }
 
 impl CertificateAuthority {
-    /// Issues an X.509-SVID for the workload `id`, valid from `now` minus [`ca::BACKDATE`] for
-    /// `ttl`, cut short at this CA's expiry.
+    /// Issues an X.509-SVID for the workload `id`, valid from `now` minus
+    /// [`ca::BACKDATE`](super::ca::BACKDATE) for `ttl`, cut short at this CA's expiry.
     pub fn issue_svid(
         &self,
         id: &SpiffeId,
@@ -109,7 +111,7 @@ impl CertificateAuthority {
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, self.trust_domain().as_str());
         params.distinguished_name = dn;
-        params.subject_alt_names = vec![ca::uri_san(id).map_err(generate("encode the URI SAN"))?];
+        params.subject_alt_names = vec![x509::uri_san(id).map_err(generate("encode the URI SAN"))?];
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
@@ -129,8 +131,8 @@ impl CertificateAuthority {
             spiffe_id: id.clone(),
             chain,
             key: PrivatePkcs8KeyDer::from(key.serialize_der()),
-            not_before: ca::to_whole_seconds(not_before),
-            not_after: ca::to_whole_seconds(not_after),
+            not_before: x509::to_whole_seconds(not_before),
+            not_after: x509::to_whole_seconds(not_after),
         })
     }
 }
@@ -190,7 +192,7 @@ impl X509Svid {
 
     /// The chain and signing key in the form rustls certificate resolvers hand out.
     pub fn certified_key(&self) -> Result<Arc<CertifiedKey>, rustls::Error> {
-        let provider = super::verify::provider();
+        let provider = x509::provider();
         Ok(Arc::new(CertifiedKey::from_der(
             self.chain.clone(),
             self.private_key(),
@@ -221,14 +223,6 @@ impl X509Svid {
     pub fn not_after(&self) -> SystemTime {
         self.not_after
     }
-}
-
-/// A random positive 128-bit serial number (RFC 5280 allows up to 20 octets).
-pub(crate) fn random_serial() -> SerialNumber {
-    let mut bytes: [u8; 16] = rand::random();
-    // Positive and without a leading zero octet, so the DER INTEGER keeps all 16 bytes.
-    bytes[0] = (bytes[0] & 0x7f) | 0x01;
-    SerialNumber::from_slice(&bytes)
 }
 
 #[cfg(test)]

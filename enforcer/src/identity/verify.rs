@@ -22,7 +22,7 @@ use rustls::{
     CertificateError, CommonState, DigitallySignedStruct, DistinguishedName, OtherError,
     PeerIncompatible, SignatureScheme,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
-    crypto::{CryptoProvider, WebPkiSupportedAlgorithms, ring},
+    crypto::{WebPkiSupportedAlgorithms, ring},
     server::danger::{ClientCertVerified, ClientCertVerifier},
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
@@ -30,9 +30,8 @@ use x509_parser::prelude::{FromDer as _, GeneralName, X509Certificate};
 
 use super::{
     bundle::TrustBundleSet,
-    ca::asn1_to_system_time,
     spiffe_id::{SpiffeId, SpiffeIdError, TrustDomain},
-    svid::X509Svid,
+    x509::asn1_to_system_time,
 };
 
 /// Why a peer's SVID was rejected.
@@ -265,12 +264,6 @@ impl PeerAuthorizer {
     }
 }
 
-/// The crypto provider for all identity TLS: ring, TLS 1.3 suites only.
-#[must_use]
-pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(ring::default_provider())
-}
-
 /// Signature algorithms used for chains and handshake signatures, taken once from ring.
 static ALGORITHMS: LazyLock<WebPkiSupportedAlgorithms> =
     LazyLock::new(|| ring::default_provider().signature_verification_algorithms);
@@ -462,48 +455,6 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.algorithms.supported_schemes()
     }
-}
-
-/// A TLS 1.3 server config presenting `svid` and requiring client SVIDs that verify against
-/// `bundles` and that `clients` allows.
-pub fn server_config(
-    svid: &X509Svid,
-    bundles: Arc<TrustBundleSet>,
-    clients: PeerAuthorizer,
-) -> Result<rustls::ServerConfig, rustls::Error> {
-    rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(Arc::new(SpiffeClientVerifier::new(bundles, clients)))
-        .with_single_cert(svid.chain().to_vec(), svid.private_key())
-}
-
-/// A TLS 1.3 server config that picks the certificate per connection with `resolver` (e.g.
-/// the SVID of the workload owning the destination port) and verifies clients as
-/// [`server_config`] does.
-pub fn server_config_with_resolver(
-    resolver: Arc<dyn rustls::server::ResolvesServerCert>,
-    bundles: Arc<TrustBundleSet>,
-    clients: PeerAuthorizer,
-) -> Result<rustls::ServerConfig, rustls::Error> {
-    Ok(rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(Arc::new(SpiffeClientVerifier::new(bundles, clients)))
-        .with_cert_resolver(resolver))
-}
-
-/// A TLS 1.3 client config presenting `svid` and accepting servers whose SVID verifies
-/// against `bundles` and that `servers` allows. The `ServerName` passed to rustls is not
-/// checked; any valid name (e.g. `spiffe`) will do.
-pub fn client_config(
-    svid: &X509Svid,
-    bundles: Arc<TrustBundleSet>,
-    servers: PeerAuthorizer,
-) -> Result<rustls::ClientConfig, rustls::Error> {
-    rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier::new(bundles, servers)))
-        .with_client_auth_cert(svid.chain().to_vec(), svid.private_key())
 }
 
 /// The SPIFFE ID of the peer of a connection whose handshake completed with one of this

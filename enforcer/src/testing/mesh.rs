@@ -19,10 +19,10 @@ use crate::{
         CacheConfig, CertificateAuthority, SpiffeId, SvidCache, SystemClock, TrustBundle,
         TrustBundleSet, TrustDomain,
     },
-    policy::{Policy, parse},
+    policy::{InForce, Policy, PolicySnapshot, parse},
     tunnel::{
-        FlowRecord, LocalWorkloads, Origin, OriginError, Origins, PolicyView, SvidSource, Tunnel,
-        TunnelConfig, TunnelParts, record::RecentRecords,
+        FlowRecord, LocalWorkloads, Origin, OriginError, Origins, SvidSource, Tunnel, TunnelConfig,
+        TunnelParts, record::RecentRecords,
     },
 };
 
@@ -157,26 +157,38 @@ pub struct MeshNode {
     pub workloads: Arc<TableWorkloads>,
     /// Client origins.
     pub origins: Arc<TableOrigins>,
+    /// The policy in force.
+    pub policy: PolicySnapshot,
     records: Arc<RecentRecords>,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl MeshNode {
-    /// Start a node named `name` on `listeners` with `policy` (version 1).
+    /// Start a node named `name` on `listeners` with the policy `text` (version 1).
     pub fn start(
         listeners: MeshListeners,
         name: &str,
         pki: &TestPki,
         svids: Arc<dyn SvidSource>,
-        policy: &Policy,
+        text: &str,
         config: TunnelConfig,
     ) -> Self {
         let workloads = Arc::new(TableWorkloads::default());
         let origins = Arc::new(TableOrigins::default());
         let records = Arc::new(RecentRecords::new(100_000));
-        let node_id: SpiffeId = format!("spiffe://{}/enforcer/node/{name}", policy.trust_domain)
-            .parse()
-            .expect("node id");
+        let policy = PolicySnapshot::new(InForce::compile(
+            POLICY_FILE,
+            text,
+            self::policy(text),
+            None,
+            1,
+        ));
+        let node_id: SpiffeId = format!(
+            "spiffe://{}/enforcer/node/{name}",
+            policy.load().policy.trust_domain
+        )
+        .parse()
+        .expect("node id");
         let tunnel = Tunnel::new(TunnelParts {
             config,
             node_id,
@@ -186,7 +198,7 @@ impl MeshNode {
             origins: Arc::clone(&origins) as Arc<dyn Origins>,
             records: Arc::clone(&records) as Arc<dyn crate::tunnel::RecordSink>,
             tags: Arc::new(crate::tunnel::Untagged),
-            policy: PolicyView::new(policy, 1),
+            policy: policy.clone(),
         })
         .expect("tunnel");
         let outbound = listeners.outbound.local_addr().expect("bound");
@@ -202,9 +214,25 @@ impl MeshNode {
             inbound,
             workloads,
             origins,
+            policy,
             records,
             tasks,
         }
+    }
+
+    /// Put the policy `text` in force as the next version, as a reload does, and close the
+    /// open flows it denies. Returns how many were closed.
+    #[must_use = "how many open flows were closed"]
+    pub fn reload(&self, text: &str) -> usize {
+        let current = self.policy.load();
+        self.policy.publish(InForce::compile(
+            POLICY_FILE,
+            text,
+            policy(text),
+            Some(&current.compiled.numbers),
+            current.version() + 1,
+        ));
+        self.tunnel.revoke_denied()
     }
 
     /// Connect to the outbound listener as a redirected client of identity `id` that asked
@@ -268,10 +296,13 @@ impl Drop for MeshNode {
     }
 }
 
+/// The file name test policies are read as.
+const POLICY_FILE: &str = "test-policy.toml";
+
 /// Parse `text` as a policy, panicking with the diagnostics if it is invalid.
 #[must_use]
 pub fn policy(text: &str) -> Policy {
-    parse("test-policy.toml", text.as_bytes())
+    parse(POLICY_FILE, text.as_bytes())
         .unwrap_or_else(|diagnostics| panic!("invalid test policy: {diagnostics:?}"))
         .0
 }

@@ -29,20 +29,21 @@ use tokio::{net::TcpListener, runtime::Runtime};
 
 use super::{Node, ScratchCgroup, ScratchDatapath, Spawn, Spawned, TestPki, report};
 use crate::{
-    attest::{AttestOptions, Attestor, Identification, Identities, Registry},
+    attest::{AttestOptions, Attestor},
+    daemon::{KernelSources, compile_and_apply},
     identity::SpiffeId,
     kernel::{
         Counter, DaemonConfig, ListenerSlot, Maps, cgroup::cgroup2_mount, netns::netns_cookie,
     },
-    policy::{Compiled, Policy, apply::apply, compile, parse},
+    policy::{Identification, InForce, Policy, PolicySnapshot, parse},
     tunnel::{
-        FlowRecord, LocalWorkloads, Origins, PolicyView, RecordSink, SocketTagger, Tunnel,
-        TunnelConfig, TunnelParts, record::RecentRecords, sources::KernelSources,
+        FlowRecord, LocalWorkloads, Origins, RecordSink, SocketTagger, Tunnel, TunnelConfig,
+        TunnelParts, record::RecentRecords,
     },
 };
 
 /// The outbound listener's port (on `127.0.0.1`) inside every node's namespace.
-pub const OUTBOUND_PORT: u16 = 15001;
+pub const OUTBOUND_PORT: u16 = crate::tunnel::config::DEFAULT_OUTBOUND_PORT;
 /// The inbound listener's port (on every address) inside every node's namespace.
 pub const INBOUND_PORT: u16 = crate::policy::model::DEFAULT_PEER_PORT;
 
@@ -66,11 +67,9 @@ pub struct TunnelNode {
     name: String,
     tunnel: Tunnel,
     records: Arc<RecentRecords>,
-    sources: Arc<KernelSources>,
     maps: Arc<Mutex<Maps>>,
     attestor: Attestor,
-    policy: Policy,
-    compiled: Compiled,
+    policy: PolicySnapshot,
     mount: PathBuf,
     scope_path: String,
     datapath: ScratchDatapath,
@@ -110,19 +109,23 @@ impl TunnelNode {
         let tags = datapath
             .socket_tags()
             .unwrap_or_else(|error| panic!("failed to open the socket tags: {}", report(&error)));
+        let text = policy(&scope_path);
+        let policy = PolicySnapshot::new(put_in_force(name, &maps, &mount, &text, None, 1));
         let sources = Arc::new(KernelSources::new(
             Arc::clone(&maps),
             tags,
             Arc::new(Attestor::new(AttestOptions::default())),
+            policy.clone(),
             OUTBOUND_PORT,
         ));
         sources.set_local_addrs(local_addrs);
-        let policy = parse_policy(&policy(&scope_path));
-        let compiled = compile(&policy, None, 1);
         let records = Arc::new(RecentRecords::new(10_000));
-        let node_id = format!("spiffe://{}/enforcer/node/{name}", policy.trust_domain)
-            .parse()
-            .unwrap_or_else(|error| panic!("node {name:?} makes no SPIFFE ID: {error}"));
+        let node_id = format!(
+            "spiffe://{}/enforcer/node/{name}",
+            policy.load().policy.trust_domain
+        )
+        .parse()
+        .unwrap_or_else(|error| panic!("node {name:?} makes no SPIFFE ID: {error}"));
         let tunnel = Tunnel::new(TunnelParts {
             config: TunnelConfig::default(),
             node_id,
@@ -132,26 +135,23 @@ impl TunnelNode {
             origins: Arc::clone(&sources) as Arc<dyn Origins>,
             records: Arc::clone(&records) as Arc<dyn RecordSink>,
             tags: Arc::clone(&sources) as Arc<dyn SocketTagger>,
-            policy: PolicyView::new(&policy, 1),
+            policy: policy.clone(),
         })
         .unwrap_or_else(|error| panic!("failed to build node {name}'s tunnel: {error}"));
-        let mut node = Self {
+        let node = Self {
             runtime: Some(runtime_in(link)),
             name: name.to_owned(),
             tunnel,
             records,
-            sources,
             maps,
             attestor: Attestor::new(AttestOptions::default()),
             policy,
-            compiled,
             mount,
             scope_path,
             datapath,
             scope,
             link: link.clone(),
         };
-        node.program();
         node.serve();
         node
     }
@@ -193,37 +193,21 @@ impl TunnelNode {
         }
     }
 
-    /// Program the kernel maps and the sources with the policy and compilation in force.
-    fn program(&mut self) {
-        let report = apply(&mut self.maps(), &self.policy, &self.compiled, &self.mount)
-            .unwrap_or_else(|error| {
-                panic!(
-                    "failed to apply node {}'s policy: {}",
-                    self.name,
-                    report(&error)
-                )
-            });
-        assert!(
-            report.missing_cgroups.is_empty(),
-            "node {}'s policy enrolls cgroups that do not exist: {:?}",
-            self.name,
-            report.missing_cgroups
-        );
-        self.sources.update(Arc::new(Identities::new(
-            &self.policy,
-            &self.compiled.numbers,
-        )));
-    }
-
     /// Reload the policy as the daemon does: compile `text` as the next version (keeping the
-    /// identity numbers), program the kernel, then put it in force in the tunnel, which closes
-    /// the open flows it denies. Returns how many flows were closed.
+    /// identity numbers), program the kernel, publish it, then have the tunnel close the open
+    /// flows it denies. Returns how many flows were closed.
     pub fn reload(&mut self, text: &str) -> usize {
-        let version = self.compiled.table.version + 1;
-        self.policy = parse_policy(text);
-        self.compiled = compile(&self.policy, Some(&self.compiled.numbers), version);
-        self.program();
-        self.tunnel.reload(PolicyView::new(&self.policy, version))
+        let current = self.policy.load();
+        let next = put_in_force(
+            &self.name,
+            &self.maps,
+            &self.mount,
+            text,
+            Some(&current.compiled.numbers),
+            current.version() + 1,
+        );
+        self.policy.publish(next);
+        self.tunnel.revoke_denied()
     }
 
     /// A builder that places `program` in `cgroup` (a child of [`scope`](Self::scope)) inside
@@ -244,7 +228,7 @@ impl TunnelNode {
             .attest_fresh(pid)
             .unwrap_or_else(|error| panic!("failed to attest pid {pid}: {}", report(&error)));
         let Identification::Matched { id, .. } =
-            Registry::new(self.policy.workloads.clone()).identify(&facts)
+            self.policy.load().identities.registry.identify(&facts)
         else {
             panic!(
                 "pid {pid} ({}, cgroup {}) matches no single workload entry of node {}",
@@ -287,7 +271,9 @@ impl TunnelNode {
     }
 
     fn number(&self, id: &SpiffeId) -> u32 {
-        self.compiled
+        self.policy
+            .load()
+            .identities
             .numbers
             .get(id)
             .unwrap_or_else(|| panic!("{id} has no identity number on node {}", self.name))
@@ -452,6 +438,32 @@ fn assert_in_netns(netns: &Path) {
         "a tunnel thread is not in {}",
         netns.display()
     );
+}
+
+/// Compile `text` as `version` (IDs keeping their `previous` numbers) and apply it to node
+/// `name`'s kernel maps, as the daemon does; every enrolled cgroup must exist.
+fn put_in_force(
+    name: &str,
+    maps: &Mutex<Maps>,
+    mount: &std::path::Path,
+    text: &str,
+    previous: Option<&crate::policy::IdentityNumbers>,
+    version: u64,
+) -> InForce {
+    let (in_force, missing) = compile_and_apply(
+        maps,
+        mount,
+        ("test-policy.toml", text),
+        parse_policy(text),
+        previous,
+        version,
+    )
+    .unwrap_or_else(|error| panic!("failed to apply node {name}'s policy: {}", report(&error)));
+    assert!(
+        missing.is_empty(),
+        "node {name}'s policy enrolls cgroups that do not exist: {missing:?}"
+    );
+    in_force
 }
 
 fn parse_policy(text: &str) -> Policy {

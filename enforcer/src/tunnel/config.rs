@@ -3,6 +3,15 @@
 
 use std::time::Duration;
 
+/// The redirect port: the kernel hands enrolled connections for it to the outbound listener.
+pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
+/// Default timeout of a TCP connect.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default timeout of the TLS plus HTTP/2 handshakes.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default idle time after which a flow is closed.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_hours(1);
+
 /// Settings of both tunnel sides of one node.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TunnelConfig {
@@ -40,10 +49,10 @@ pub struct TunnelConfig {
 impl Default for TunnelConfig {
     fn default() -> Self {
         Self {
-            connect_timeout: Duration::from_secs(5),
-            handshake_timeout: Duration::from_secs(10),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             keepalive: Some(Duration::from_mins(1)),
-            idle_timeout: Some(Duration::from_hours(1)),
+            idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             max_lifetime: None,
             pool_max_streams: 100,
             pool_idle_timeout: Duration::from_mins(1),

@@ -43,7 +43,7 @@ use super::{
     metrics::Metric,
     net::{self, Dial},
     new_record,
-    state::{LocalWorkloads, SvidSource},
+    state::{LocalWorkloads, SvidSource, off_worker},
     verdict,
 };
 use crate::identity::{SpiffeId, X509Svid, peer_spiffe_id};
@@ -246,9 +246,17 @@ async fn handle_connection(node: Arc<Node>, tcp: TcpStream, addr: SocketAddr) {
         }
     };
     let destination = hbone::parse_server_name(session.server_name()).ok();
-    let presented = destination
-        .filter(|&dst| at.may_name(dst))
-        .and_then(|dst| node.workloads.owner(dst));
+    let presented = match destination.filter(|&dst| at.may_name(dst)) {
+        Some(dst) => {
+            let workloads = Arc::clone(&node.workloads);
+            let Some(owner) = off_worker(move || workloads.owner(dst)).await else {
+                tracing::debug!(%dst, "the runtime is shutting down; connection dropped");
+                return;
+            };
+            owner
+        }
+        None => None,
+    };
     let client = Client {
         id,
         addr,
@@ -375,7 +383,12 @@ async fn handle_stream(
     if client.destination != Some(addr) {
         return refuse(&mut respond, Refusal::Misdirected, None, &dst);
     }
-    let Some(owner) = node.workloads.owner(addr) else {
+    let workloads = Arc::clone(&node.workloads);
+    let Some(owner) = off_worker(move || workloads.owner(addr)).await else {
+        tracing::debug!(%addr, "the runtime is shutting down; stream dropped");
+        return;
+    };
+    let Some(owner) = owner else {
         return refuse(&mut respond, Refusal::NoSuchWorkload, None, &dst);
     };
     dst.id = Some(owner.clone());

@@ -23,12 +23,11 @@ pub mod net;
 pub mod outbound;
 pub mod pool;
 pub mod record;
-pub mod sources;
 pub mod state;
 pub mod tracker;
 
 use std::{
-    sync::{Arc, PoisonError, RwLock, Weak},
+    sync::{Arc, Weak},
     time::SystemTime,
 };
 
@@ -43,9 +42,7 @@ pub use config::TunnelConfig;
 pub use hbone::Refusal;
 pub use metrics::{Metric, Metrics};
 pub use record::{FlowEvent, FlowRecord, Party, Reason, RecordSink, Side, Verdict};
-pub use state::{
-    LocalWorkloads, Origin, OriginError, Origins, PolicyView, SocketTagger, SvidSource, Untagged,
-};
+pub use state::{LocalWorkloads, Origin, OriginError, Origins, SocketTagger, SvidSource, Untagged};
 
 use self::{
     copy::{Ended, Limits, Outcome, Sink, Source, splice},
@@ -55,7 +52,7 @@ use self::{
 };
 use crate::{
     identity::{PeerAuthorizer, SpiffeId, TrustBundleSet, server_config_with_resolver},
-    policy::Decision,
+    policy::{Decision, PolicySnapshot, PolicyView},
 };
 
 /// Why a tunnel endpoint could not be built.
@@ -85,8 +82,8 @@ pub struct TunnelParts {
     pub records: Arc<dyn RecordSink>,
     /// How the tunnel's sockets make themselves known to the kernel.
     pub tags: Arc<dyn SocketTagger>,
-    /// The policy in force.
-    pub policy: PolicyView,
+    /// The policy in force, as the daemon publishes it.
+    pub policy: PolicySnapshot,
 }
 
 /// One node's tunnel: both listeners' shared state. Cheap to clone.
@@ -100,7 +97,7 @@ struct Node {
     origins: Arc<dyn Origins>,
     records: Arc<dyn RecordSink>,
     tags: Arc<dyn SocketTagger>,
-    policy: RwLock<Arc<PolicyView>>,
+    policy: PolicySnapshot,
     tracker: Arc<Tracker>,
     metrics: Arc<Metrics>,
     pool: Pool,
@@ -138,6 +135,7 @@ impl Tunnel {
                 parts.bundles,
                 Arc::clone(&metrics),
                 Arc::clone(&parts.tags),
+                Arc::new(pool::SystemMonotonicClock),
             ),
             config: parts.config,
             svids: parts.svids,
@@ -145,7 +143,7 @@ impl Tunnel {
             origins: parts.origins,
             records: parts.records,
             tags: parts.tags,
-            policy: RwLock::new(Arc::new(parts.policy)),
+            policy: parts.policy,
             tracker: Arc::new(Tracker::default()),
             metrics,
             tls_local,
@@ -179,22 +177,11 @@ impl Tunnel {
         inbound::serve_connection(Arc::clone(&self.0), io, client).await;
     }
 
-    /// Put `view` in force, then close every open flow it denies (each gets a close record
-    /// with reason `revoked`); returns how many were closed.
-    pub fn reload(&self, view: PolicyView) -> usize {
-        let view = Arc::new(view);
-        *self
-            .0
-            .policy
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = Arc::clone(&view);
-        self.0.tracker.revoke_denied(&view)
-    }
-
-    /// The policy in force.
-    #[must_use]
-    pub fn policy(&self) -> Arc<PolicyView> {
-        self.0.policy()
+    /// Close every open flow the policy in force denies (each gets a close record with reason
+    /// `revoked`); returns how many were closed. Called once a new policy is published.
+    #[must_use = "how many open flows were closed"]
+    pub fn revoke_denied(&self) -> usize {
+        self.0.tracker.revoke_denied(&self.0.policy())
     }
 
     /// The endpoint's counters.
@@ -225,8 +212,9 @@ impl Node {
         }
     }
 
+    /// The tunnel's view of the policy in force now: a flow decided under it keeps it.
     fn policy(&self) -> Arc<PolicyView> {
-        Arc::clone(&self.policy.read().unwrap_or_else(PoisonError::into_inner))
+        Arc::clone(&self.policy.load().view)
     }
 
     fn limits(&self) -> Limits {
@@ -262,6 +250,12 @@ impl Node {
             }
             _ => None,
         };
+        // A reload published after this flow was decided revoked only the flows tracked then:
+        // decide the tracked ones again under the policy in force now.
+        let current = self.policy();
+        if tracked.is_some() && current.version != open.policy_version {
+            self.tracker.revoke_denied(&current);
+        }
         self.metrics.inc(Metric::FlowsOpened);
         self.records.record(open.clone());
         let revoked = async {

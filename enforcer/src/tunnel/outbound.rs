@@ -1,7 +1,9 @@
 //! The outbound side: the listener the kernel redirects enrolled workloads' connections to.
 //!
 //! For each accepted connection: find who the client is and where it wanted to go
-//! ([`super::Origins`]), then route it:
+//! ([`super::Origins`]), and whether an enrolled workload of this node listens there
+//! ([`super::LocalWorkloads`]), in one task on the blocking pool (both read kernel maps, and the
+//! first may attest the client), then route it:
 //! 1. the destination is an enrolled workload of this node: authorize (source, destination,
 //!    port) and connect to it with a hop the kernel admits only to that workload's listener
 //!    (same-node flows get the same checks and records as tunnelled ones);
@@ -23,10 +25,10 @@ use super::{
     net::{self, Dial},
     new_record,
     pool::PoolError,
-    state::{Origin, OriginError, PolicyView},
+    state::{Origin, OriginError, off_worker},
     verdict,
 };
-use crate::{identity::SpiffeId, report::report};
+use crate::{identity::SpiffeId, policy::PolicyView, report::report};
 
 /// Accept redirected connections until the task is aborted.
 pub(super) async fn serve(node: Arc<Node>, listener: TcpListener) {
@@ -59,9 +61,19 @@ async fn handle(node: Arc<Node>, tcp: TcpStream, client: SocketAddr) {
             return;
         }
     };
-    let origin = match node.origins.origin(client, accepted_at) {
-        Ok(origin) => origin,
-        Err(error) => {
+    let lookup = Arc::clone(&node);
+    let found = off_worker(move || {
+        let origin = lookup.origins.origin(client, accepted_at)?;
+        let owner = lookup.workloads.owner(origin.dst);
+        Ok::<_, OriginError>((origin, owner))
+    });
+    let (origin, owner) = match found.await {
+        None => {
+            tracing::debug!(%client, "the runtime is shutting down; connection dropped");
+            return;
+        }
+        Some(Ok(found)) => found,
+        Some(Err(error)) => {
             tracing::info!(%client, error = %report(&error), "refusing an unidentified client");
             let (src, dst) = error.parties(client);
             let reason = match error {
@@ -88,7 +100,6 @@ async fn handle(node: Arc<Node>, tcp: TcpStream, client: SocketAddr) {
         origin,
         view,
     };
-    let owner = node.workloads.owner(flow.origin.dst);
     node.metrics.outbound_decision.observe(accepted.elapsed());
     if let Some(owner) = owner {
         local(&node, flow, tcp, owner).await;

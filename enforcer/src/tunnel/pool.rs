@@ -5,7 +5,9 @@
 //! certificate is chosen by the destination named in the TLS server name (see [`super::hbone`]),
 //! so one connection proves one destination workload's identity and carries only streams to
 //! that destination. Each carries at most `pool_max_streams` streams; one idle for
-//! `pool_idle_timeout` is closed, and one older than `pool_max_age` takes no new streams.
+//! `pool_idle_timeout` is closed, and one older than `pool_max_age` takes no new streams (and is
+//! closed once idle). Ages and idle times come from a [`MonotonicClock`], so tests drive them
+//! without sleeping.
 #![forbid(unsafe_code)]
 
 use std::{
@@ -137,6 +139,22 @@ struct Key {
     dst: SocketAddr,
 }
 
+/// A source of monotonic time for the pool.
+pub trait MonotonicClock: Send + Sync {
+    /// The current instant.
+    fn now(&self) -> Instant;
+}
+
+/// The system's monotonic clock.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemMonotonicClock;
+
+impl MonotonicClock for SystemMonotonicClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+}
+
 struct Conn {
     send: SendRequest<Bytes>,
     server_id: SpiffeId,
@@ -144,6 +162,8 @@ struct Conn {
     streams: AtomicUsize,
     idle_since: Mutex<Instant>,
     closed: Arc<AtomicBool>,
+    /// The pool's clock, read when the last stream's lease is returned.
+    clock: Arc<dyn MonotonicClock>,
 }
 
 impl Conn {
@@ -172,7 +192,7 @@ impl Drop for Lease {
                 .0
                 .idle_since
                 .lock()
-                .unwrap_or_else(PoisonError::into_inner) = Instant::now();
+                .unwrap_or_else(PoisonError::into_inner) = self.0.clock.now();
         }
     }
 }
@@ -185,8 +205,7 @@ struct Slot {
 }
 
 impl Slot {
-    fn lease(&self, config: &TunnelConfig) -> Option<(Arc<Conn>, Lease)> {
-        let now = Instant::now();
+    fn lease(&self, config: &TunnelConfig, now: Instant) -> Option<(Arc<Conn>, Lease)> {
         let conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
         conns
             .iter()
@@ -204,23 +223,27 @@ pub struct Pool {
     bundles: Arc<TrustBundleSet>,
     metrics: Arc<Metrics>,
     tags: Arc<dyn SocketTagger>,
+    clock: Arc<dyn MonotonicClock>,
     slots: Mutex<HashMap<Key, Arc<Slot>>>,
 }
 
 impl Pool {
-    /// An empty pool verifying servers against `bundles`, its sockets tagged by `tags`.
+    /// An empty pool verifying servers against `bundles`, its sockets tagged by `tags`, its
+    /// connections aged by `clock`.
     #[must_use]
     pub fn new(
         config: TunnelConfig,
         bundles: Arc<TrustBundleSet>,
         metrics: Arc<Metrics>,
         tags: Arc<dyn SocketTagger>,
+        clock: Arc<dyn MonotonicClock>,
     ) -> Self {
         Self {
             config,
             bundles,
             metrics,
             tags,
+            clock,
             slots: Mutex::new(HashMap::new()),
         }
     }
@@ -245,24 +268,25 @@ impl Pool {
                 .entry(key.clone())
                 .or_default(),
         );
-        let (conn, lease, reused) = if let Some((conn, lease)) = slot.lease(&self.config) {
-            (conn, lease, true)
-        } else {
-            let _dialing = slot.dialing.lock().await;
-            if let Some((conn, lease)) = slot.lease(&self.config) {
+        let (conn, lease, reused) =
+            if let Some((conn, lease)) = slot.lease(&self.config, self.clock.now()) {
                 (conn, lease, true)
             } else {
-                let conn = Arc::new(self.dial(svid, peer, dst).await?);
-                let lease = conn
-                    .try_lease(self.config.pool_max_streams.max(1))
-                    .expect("a new connection has room");
-                let mut conns = slot.conns.lock().unwrap_or_else(PoisonError::into_inner);
-                let now = Instant::now();
-                conns.retain(|c| c.usable(&self.config, now));
-                conns.push(Arc::clone(&conn));
-                (conn, lease, false)
-            }
-        };
+                let _dialing = slot.dialing.lock().await;
+                if let Some((conn, lease)) = slot.lease(&self.config, self.clock.now()) {
+                    (conn, lease, true)
+                } else {
+                    let conn = Arc::new(self.dial(svid, peer, dst).await?);
+                    let lease = conn
+                        .try_lease(self.config.pool_max_streams.max(1))
+                        .expect("a new connection has room");
+                    let mut conns = slot.conns.lock().unwrap_or_else(PoisonError::into_inner);
+                    let now = self.clock.now();
+                    conns.retain(|c| c.usable(&self.config, now));
+                    conns.push(Arc::clone(&conn));
+                    (conn, lease, false)
+                }
+            };
         if reused {
             self.metrics.inc(Metric::PoolReuses);
         }
@@ -293,7 +317,7 @@ impl Pool {
 
     /// Close connections idle for longer than the idle timeout, and forget empty keys.
     pub fn prune(&self) {
-        let now = Instant::now();
+        let now = self.clock.now();
         let idle_timeout = self.config.pool_idle_timeout;
         let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
         slots.retain(|_, slot| {
@@ -389,13 +413,15 @@ impl Pool {
             }
             driver_closed.store(true, Ordering::Release);
         });
+        let now = self.clock.now();
         Ok(Conn {
             send,
             server_id,
-            born: Instant::now(),
+            born: now,
             streams: AtomicUsize::new(0),
-            idle_since: Mutex::new(Instant::now()),
+            idle_since: Mutex::new(now),
             closed,
+            clock: Arc::clone(&self.clock),
         })
     }
 }
@@ -404,4 +430,174 @@ impl Pool {
 #[must_use]
 pub fn prune_interval(config: &TunnelConfig) -> Duration {
     (config.pool_idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(15))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tunnel::Untagged;
+
+    /// A clock that moves only when told to.
+    struct TestClock(Mutex<Instant>);
+
+    impl TestClock {
+        fn advance(&self, by: Duration) {
+            *self.0.lock().unwrap() += by;
+        }
+    }
+
+    impl MonotonicClock for TestClock {
+        fn now(&self) -> Instant {
+            *self.0.lock().unwrap()
+        }
+    }
+
+    const IDLE: Duration = Duration::from_mins(1);
+    const MAX_AGE: Duration = Duration::from_mins(30);
+    /// The smallest step the tests take.
+    const TICK: Duration = Duration::from_millis(1);
+
+    fn pool() -> (Arc<TestClock>, Pool) {
+        let clock = Arc::new(TestClock(Mutex::new(Instant::now())));
+        let config = TunnelConfig {
+            pool_idle_timeout: IDLE,
+            pool_max_age: MAX_AGE,
+            ..TunnelConfig::default()
+        };
+        let pool = Pool::new(
+            config,
+            Arc::new(TrustBundleSet::new()),
+            Arc::new(Metrics::default()),
+            Arc::new(Untagged),
+            Arc::clone(&clock) as Arc<dyn MonotonicClock>,
+        );
+        (clock, pool)
+    }
+
+    /// A pooled connection to `dst`, born now, over an in-memory HTTP/2 connection.
+    async fn pooled(pool: &Pool, dst: &str) -> Arc<Conn> {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let mut server = h2::server::handshake(server).await.unwrap();
+            while server.accept().await.is_some() {}
+        });
+        let (send, connection) = h2::client::handshake(client).await.unwrap();
+        tokio::spawn(connection);
+        let now = pool.clock.now();
+        let conn = Arc::new(Conn {
+            send,
+            server_id: "spiffe://example.org/api".parse().unwrap(),
+            born: now,
+            streams: AtomicUsize::new(0),
+            idle_since: Mutex::new(now),
+            closed: Arc::new(AtomicBool::new(false)),
+            clock: Arc::clone(&pool.clock),
+        });
+        let key = Key {
+            src: "spiffe://example.org/web".parse().unwrap(),
+            peer: "10.0.0.2:15008".parse().unwrap(),
+            dst: dst.parse().unwrap(),
+        };
+        let mut slots = pool.slots.lock().unwrap();
+        let slot = slots.entry(key).or_default();
+        slot.conns.lock().unwrap().push(Arc::clone(&conn));
+        conn
+    }
+
+    /// Whether `conn` is still in the pool.
+    fn pooled_still(pool: &Pool, conn: &Arc<Conn>) -> bool {
+        pool.slots.lock().unwrap().values().any(|slot| {
+            slot.conns
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|c| Arc::ptr_eq(c, conn))
+        })
+    }
+
+    #[tokio::test]
+    async fn a_connection_idle_past_the_timeout_is_pruned_and_a_fresh_one_kept() {
+        let (clock, pool) = pool();
+        let old = pooled(&pool, "10.0.0.2:8080").await;
+        clock.advance(IDLE / 2);
+        let fresh = pooled(&pool, "10.0.0.2:8081").await;
+        clock.advance((IDLE / 2).saturating_sub(TICK));
+        pool.prune();
+        assert_eq!(pool.connections(), 2, "nothing is idle for the timeout yet");
+        clock.advance(TICK);
+        pool.prune();
+        assert!(!pooled_still(&pool, &old), "the idle connection was kept");
+        assert!(
+            pooled_still(&pool, &fresh),
+            "the fresh connection was pruned"
+        );
+        assert_eq!(pool.connections(), 1);
+    }
+
+    #[tokio::test]
+    async fn idle_time_counts_from_the_last_stream_returned() {
+        let (clock, pool) = pool();
+        let conn = pooled(&pool, "10.0.0.2:8080").await;
+        let lease = conn.try_lease(1).expect("a free slot");
+        assert!(
+            conn.try_lease(1).is_none(),
+            "a full connection leased again"
+        );
+        clock.advance(IDLE * 2);
+        pool.prune();
+        assert!(pooled_still(&pool, &conn), "a busy connection was pruned");
+        drop(lease);
+        clock.advance(IDLE.saturating_sub(TICK));
+        pool.prune();
+        assert!(pooled_still(&pool, &conn), "pruned before its idle timeout");
+        clock.advance(TICK);
+        pool.prune();
+        assert_eq!(pool.connections(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_connection_past_its_maximum_age_takes_no_stream_and_is_pruned_once_idle() {
+        let (clock, pool) = pool();
+        let old = pooled(&pool, "10.0.0.2:8080").await;
+        let slot = pool
+            .slots
+            .lock()
+            .unwrap()
+            .values()
+            .next()
+            .map(Arc::clone)
+            .expect("pooled");
+        // Streams keep it from idling, but not from ageing.
+        let mut leases = Vec::new();
+        for _ in 0..4 {
+            clock.advance((MAX_AGE / 4).saturating_sub(TICK));
+            let (conn, lease) = slot
+                .lease(&pool.config, clock.now())
+                .expect("a young connection takes streams");
+            assert!(Arc::ptr_eq(&conn, &old));
+            leases.push(lease);
+        }
+        clock.advance(TICK * 4);
+        let fresh = pooled(&pool, "10.0.0.2:8081").await;
+        assert!(
+            slot.lease(&pool.config, clock.now()).is_none(),
+            "an over-age connection took a stream"
+        );
+        pool.prune();
+        assert!(
+            pooled_still(&pool, &old),
+            "a busy over-age connection was cut"
+        );
+        leases.clear();
+        pool.prune();
+        assert!(
+            !pooled_still(&pool, &old),
+            "the over-age connection was kept"
+        );
+        assert!(
+            pooled_still(&pool, &fresh),
+            "the fresh connection was pruned"
+        );
+        assert_eq!(pool.connections(), 1);
+    }
 }

@@ -2,22 +2,25 @@
 //! the kernel maps and attestation while in-process tests back them with tables: who a
 //! redirected client is ([`Origins`]), which local workload owns an address
 //! ([`LocalWorkloads`]), the SVIDs to present ([`SvidSource`]), how its sockets make
-//! themselves known to the kernel ([`SocketTagger`]), and the policy in force ([`PolicyView`]).
+//! themselves known to the kernel ([`SocketTagger`]); the policy in force is the one snapshot the
+//! daemon publishes ([`PolicySnapshot`](crate::policy::PolicySnapshot)).
+//!
+//! Where the calls run: [`Origins`] and [`LocalWorkloads`] may block (the daemon reads kernel
+//! maps behind a lock others hold for long, and attests processes), so the tunnel makes them on
+//! the blocking pool and its async workers only await them; the one exception is the owner
+//! lookup rustls makes inside an inbound handshake to pick the certificate (synchronously, once
+//! per new inbound connection). [`SocketTagger`] calls stay on the worker: each is one
+//! socket-storage write under a lock held for that write alone, cheaper than the hand-off to
+//! the pool. [`RecordSink::record`] must not block (the daemon's queues the record for a thread
+//! of its own).
+//!
+//! [`RecordSink::record`]: super::RecordSink::record
 #![forbid(unsafe_code)]
 
-use std::{
-    io,
-    net::{IpAddr, SocketAddr},
-    os::fd::BorrowedFd,
-    path::PathBuf,
-    sync::Arc,
-};
+use std::{io, net::SocketAddr, os::fd::BorrowedFd, path::PathBuf, sync::Arc};
 
 use super::record::Party;
-use crate::{
-    identity::{CacheError, Clock, SpiffeId, SvidCache, SvidIssuer, X509Svid},
-    policy::{Authorizer, Decision, Egress, Peer, Policy, Protocol},
-};
+use crate::identity::{CacheError, Clock, SpiffeId, SvidCache, SvidIssuer, X509Svid};
 
 /// Where the SVIDs presented on a workload's behalf come from.
 pub trait SvidSource: Send + Sync {
@@ -54,7 +57,8 @@ impl SocketTagger for Untagged {
     }
 }
 
-/// The enrolled workloads listening on this node.
+/// The enrolled workloads listening on this node. The daemon's answer reads kernel maps, so the
+/// tunnel asks from the blocking pool.
 pub trait LocalWorkloads: Send + Sync {
     /// The identity of the enrolled workload listening on `addr` (on that address, or on every
     /// address of this node), `None` when no enrolled workload does.
@@ -141,122 +145,28 @@ impl OriginError {
     }
 }
 
-/// Looks up the origin of redirected connections.
+/// Looks up the origin of redirected connections. The daemon's answer reads kernel maps and may
+/// attest the client (procfs reads, hashing its binary), so the tunnel asks from the blocking
+/// pool.
 pub trait Origins: Send + Sync {
     /// The origin of the connection the outbound listener accepted from `client`, on its local
     /// address `local` (the redirect address, for a redirected connection).
     fn origin(&self, client: SocketAddr, local: SocketAddr) -> Result<Origin, OriginError>;
 }
 
-/// The policy as the tunnel consults it: authorization, mesh peers, plaintext TCP egress, and
-/// the version stamped on every record.
-#[derive(Clone, Debug)]
-pub struct PolicyView {
-    /// The policy version.
-    pub version: u64,
-    authorizer: Authorizer,
-    peers: Vec<Peer>,
-    /// The TCP egress entries only: the tunnel routes TCP connections, and UDP and ICMP egress
-    /// is the kernel's alone.
-    egress: Vec<Egress>,
-}
-
-impl PolicyView {
-    /// The view of `policy` as version `version`.
-    #[must_use]
-    pub fn new(policy: &Policy, version: u64) -> Self {
-        Self {
-            version,
-            authorizer: Authorizer::new(policy),
-            peers: policy.peers.clone(),
-            egress: policy
-                .egress
-                .iter()
-                .filter(|egress| egress.protocol == Protocol::Tcp)
-                .cloned()
-                .collect(),
-        }
-    }
-
-    /// Decide the flow `src` -> `dst` on `port`.
-    #[must_use]
-    pub fn decide(&self, src: &SpiffeId, dst: &SpiffeId, port: u16) -> Decision {
-        self.authorizer.decide(src, dst, port)
-    }
-
-    /// The inbound tunnel address of the mesh peer at `ip`, if `ip` is one.
-    #[must_use]
-    pub fn peer(&self, ip: IpAddr) -> Option<SocketAddr> {
-        let ip = ip.to_canonical();
-        self.peers
-            .iter()
-            .find(|peer| peer.address.to_canonical() == ip)
-            .map(|peer| SocketAddr::new(peer.address, peer.port))
-    }
-
-    /// The first TCP egress entry (in file order) that permits plaintext to `dst`.
-    #[must_use]
-    pub fn egress(&self, dst: SocketAddr) -> Option<&Egress> {
-        self.egress
-            .iter()
-            .find(|egress| egress.ports.covers(dst.port()) && egress.contains(dst.ip()))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::policy::parse;
-
-    fn view(text: &str) -> PolicyView {
-        let (policy, _) = parse("t.toml", text.as_bytes()).unwrap_or_else(|d| panic!("{d:?}"));
-        PolicyView::new(&policy, 7)
-    }
-
-    #[test]
-    fn peers_and_egress_are_found() {
-        let view = view(
-            r#"
-trust_domain = "example.org"
-[[peer]]
-address = "10.0.0.2"
-[[peer]]
-address = "fd00::2"
-port = 16000
-[[egress]]
-cidr = "192.168.0.0/16"
-ports = [443]
-[[egress]]
-cidr = "0.0.0.0/0"
-ports = [53]
-[[egress]]
-cidr = "2001:db8::/32"
-protocol = "udp"
-ports = [53]
-[[egress]]
-cidr = "198.51.100.0/24"
-protocol = "icmp"
-"#,
-        );
-        assert_eq!(
-            view.peer("10.0.0.2".parse().unwrap()),
-            Some("10.0.0.2:15008".parse().unwrap())
-        );
-        assert_eq!(
-            view.peer("::ffff:10.0.0.2".parse().unwrap()),
-            Some("10.0.0.2:15008".parse().unwrap())
-        );
-        assert_eq!(
-            view.peer("fd00::2".parse().unwrap()),
-            Some("[fd00::2]:16000".parse().unwrap())
-        );
-        assert_eq!(view.peer("10.0.0.3".parse().unwrap()), None);
-        assert!(view.egress("192.168.4.5:443".parse().unwrap()).is_some());
-        assert!(view.egress("192.168.4.5:80".parse().unwrap()).is_none());
-        assert!(view.egress("8.8.8.8:53".parse().unwrap()).is_some());
-        // Covered by the udp and icmp entries, but they permit no TCP.
-        assert!(view.egress("[2001:db8::1]:53".parse().unwrap()).is_none());
-        assert!(view.egress("198.51.100.7:80".parse().unwrap()).is_none());
-        assert_eq!(view.version, 7);
+/// Runs `work` on the runtime's blocking pool, so that the async worker awaiting it stays free
+/// for other tasks: for calls into the traits above that may block. A panic in `work` resumes
+/// in the caller; `None` when the runtime shut down before `work` ran.
+pub(super) async fn off_worker<T, F>(work: F) -> Option<T>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    match tokio::task::spawn_blocking(work).await {
+        Ok(value) => Some(value),
+        Err(error) => match error.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(_) => None,
+        },
     }
 }

@@ -12,7 +12,7 @@ use std::{
 
 use tokio::sync::Notify;
 
-use super::state::PolicyView;
+use crate::policy::PolicyView;
 use crate::{identity::SpiffeId, policy::Decision};
 
 /// Why a tracked flow was told to close.

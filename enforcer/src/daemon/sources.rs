@@ -6,6 +6,15 @@
 //!   `connect()`; a process the daemon had not attested by then is attested now, and only if
 //!   it is still the process image that connected (no exec, no cgroup move since);
 //! - how the tunnel's sockets make themselves known: the daemon's socket tags.
+//!
+//! Locking: the maps sit behind one `std::sync::Mutex`, shared with the registrar and the
+//! policy reload, which hold it for long stretches (a reload writes the whole policy table
+//! under it; a rescan checks procfs for processes while holding it). The lookups here take it
+//! only around their own map syscalls, never while attesting, and the tunnel makes them from
+//! the blocking pool (see [`crate::tunnel::state`]): a long holder delays the connection that needs the
+//! maps, not an async worker (except in an inbound TLS handshake's certificate choice, which
+//! the TLS library makes synchronously). The socket tags are a handle of their own, with a lock
+//! held for one map write, and tagging runs on the worker.
 #![forbid(unsafe_code)]
 
 use std::{
@@ -17,12 +26,13 @@ use std::{
     sync::{Arc, Mutex, PoisonError, RwLock},
 };
 
-use super::state::{LocalWorkloads, Origin, OriginError, Origins, SocketTagger};
 use crate::{
-    attest::{Attestor, Identification, Identities},
+    attest::Attestor,
     identity::SpiffeId,
     kernel::{Maps, SocketTags},
+    policy::{Identification, PolicySnapshot},
     report::report,
+    tunnel::{LocalWorkloads, Origin, OriginError, Origins, SocketTagger},
 };
 
 /// Kernel- and attestation-backed [`LocalWorkloads`], [`Origins`] and [`SocketTagger`].
@@ -30,39 +40,32 @@ pub struct KernelSources {
     maps: Arc<Mutex<Maps>>,
     tags: SocketTags,
     attestor: Arc<Attestor>,
-    identities: RwLock<Arc<Identities>>,
+    policy: PolicySnapshot,
     local_addrs: RwLock<HashSet<IpAddr>>,
     redirect_port: u16,
 }
 
 impl KernelSources {
-    /// Sources reading `maps`, tagging with `tags` and attesting with `attestor` (shared with
-    /// the daemon's registrar, so both use one cache), for redirects to `redirect_port`; they
-    /// know no identity until [`KernelSources::update`] and no address of this node beyond
+    /// Sources reading `maps`, tagging with `tags`, attesting with `attestor` (shared with
+    /// the daemon's registrar, so both use one cache) and resolving identities in the policy in
+    /// force, for redirects to `redirect_port`; they know no address of this node beyond
     /// loopback until [`KernelSources::set_local_addrs`].
     #[must_use]
     pub fn new(
         maps: Arc<Mutex<Maps>>,
         tags: SocketTags,
         attestor: Arc<Attestor>,
+        policy: PolicySnapshot,
         redirect_port: u16,
     ) -> Self {
         Self {
             maps,
             tags,
             attestor,
-            identities: RwLock::new(Arc::default()),
+            policy,
             local_addrs: RwLock::new(HashSet::new()),
             redirect_port,
         }
-    }
-
-    /// Take the identities of a newly applied policy.
-    pub fn update(&self, identities: Arc<Identities>) {
-        *self
-            .identities
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = identities;
     }
 
     /// Take this node's current addresses.
@@ -72,15 +75,6 @@ impl KernelSources {
             .write()
             .unwrap_or_else(PoisonError::into_inner) =
             addrs.into_iter().map(|ip| ip.to_canonical()).collect();
-    }
-
-    fn identities(&self) -> Arc<Identities> {
-        Arc::clone(
-            &self
-                .identities
-                .read()
-                .unwrap_or_else(PoisonError::into_inner),
-        )
     }
 
     fn maps(&self) -> std::sync::MutexGuard<'_, Maps> {
@@ -164,7 +158,7 @@ impl KernelSources {
         if current() != Some(generation) {
             return Err(OriginError::Changed { pid, dst });
         }
-        match self.identities().registry.identify(&facts) {
+        match self.policy.load().identities.registry.identify(&facts) {
             Identification::Matched { id, .. } => Ok(id),
             Identification::Unmatched
             | Identification::Ambiguous(_)
@@ -180,7 +174,7 @@ impl KernelSources {
 impl LocalWorkloads for KernelSources {
     fn owner(&self, addr: SocketAddr) -> Option<SpiffeId> {
         let number = self.owner_number(addr)?;
-        self.identities().id(number).cloned()
+        self.policy.load().identities.id(number).cloned()
     }
 }
 
@@ -202,7 +196,9 @@ impl Origins for KernelSources {
             self.attest_unstamped(pid, original.generation, dst)?
         } else {
             // The identity the process held at connect(): an exec since never upgrades it.
-            self.identities()
+            self.policy
+                .load()
+                .identities
                 .id(original.src_id)
                 .cloned()
                 .ok_or_else(|| OriginError::NoIdentity {
@@ -224,12 +220,18 @@ impl Origins for KernelSources {
 
 impl SocketTagger for KernelSources {
     fn hop(&self, socket: BorrowedFd<'_>, owner: &SpiffeId) -> io::Result<()> {
-        let number = self.identities().numbers.get(owner).ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("{owner} has no identity number in the policy in force"),
-            )
-        })?;
+        let number = self
+            .policy
+            .load()
+            .identities
+            .numbers
+            .get(owner)
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("{owner} has no identity number in the policy in force"),
+                )
+            })?;
         self.tags
             .tag_hop(socket, number)
             .map_err(|error| io::Error::other(report(&error)))

@@ -7,7 +7,7 @@
 //!
 //! An entry that pins `unix:sha256` vouches for the binary image *and* for the code the
 //! dynamic loader maps into it. When such an entry is the one that matches but the process has
-//! [loaded-code issues](super::LoadedCodeIssue) (a loader variable such as `LD_PRELOAD` in its
+//! [loaded-code issues](crate::attest::LoadedCodeIssue) (a loader variable such as `LD_PRELOAD` in its
 //! initial environment, or an executable mapping of a file a non-root user could have
 //! written), the match is refused: no identity, with the issues as the reason. Entries without
 //! a `unix:sha256` selector never promised anything about loaded code and are not affected.
@@ -15,10 +15,10 @@
 
 use std::collections::HashMap;
 
-use super::{LoadedCodeIssue, ProcessFacts, Selector};
+use super::{IdentityNumbers, Policy, Workload};
 use crate::{
+    attest::{LoadedCodeIssue, ProcessFacts, Selector},
     identity::SpiffeId,
-    policy::{IdentityNumbers, Policy, Workload},
 };
 
 /// The result of matching a process against the registered entries.

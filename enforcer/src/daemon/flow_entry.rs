@@ -1,0 +1,187 @@
+//! The audit entry for a tunnel flow record. The conversion lives with the daemon, which feeds
+//! the tunnel's records to the audit trail, so that neither of the two imports the other.
+#![forbid(unsafe_code)]
+
+use std::time::Duration;
+
+use crate::{
+    audit::{Dst, Entry, Event, Source, Src, Verdict},
+    tunnel::{self, FlowEvent, FlowRecord, Party, Side},
+};
+
+/// The audit entry for the tunnel flow record `record`: sides become sources, the tunnel's
+/// verdicts the audit's, and counters are kept for close records only.
+pub(super) fn from_flow(record: &FlowRecord) -> Entry {
+    let closed = record.event == FlowEvent::Close;
+    let addr = |party: &Party| party.addr.map(|a| a.to_string());
+    let id = |party: &Party| party.id.as_ref().map(ToString::to_string);
+    Entry {
+        time: record.time,
+        source: match record.side {
+            Side::Outbound => Source::Outbound,
+            Side::Inbound => Source::Inbound,
+        },
+        event: match record.event {
+            FlowEvent::Open => Event::Open,
+            FlowEvent::Close => Event::Close,
+            FlowEvent::Deny => Event::Deny,
+        },
+        verdict: match record.verdict {
+            tunnel::Verdict::Allow => Verdict::Allow,
+            tunnel::Verdict::Deny => Verdict::Deny,
+            tunnel::Verdict::Audit => Verdict::Audit,
+        },
+        reason: record.reason.as_str().to_owned(),
+        rule: record.rule,
+        policy_version: record.policy_version,
+        src: Src {
+            spiffe_id: id(&record.src),
+            pid: record.src.pid,
+            exe: record.src.exe.as_ref().map(|p| p.display().to_string()),
+            sha256: None,
+            cgroup: None,
+            cgroup_id: record.src.cgroup_id,
+            addr: addr(&record.src),
+        },
+        dst: Dst {
+            spiffe_id: id(&record.dst),
+            addr: addr(&record.dst),
+        },
+        bytes_up: closed.then_some(record.bytes_up),
+        bytes_down: closed.then_some(record.bytes_down),
+        duration_ms: closed.then(|| millis(record.duration)),
+        lost: None,
+        detail: None,
+    }
+}
+
+/// Whole milliseconds, saturating.
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        net::SocketAddr,
+        path::PathBuf,
+        time::{Duration, SystemTime},
+    };
+
+    use super::*;
+    use crate::tunnel::{Reason, Refusal};
+
+    /// 2026-11-24T10:00:00.123456Z.
+    fn time() -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_micros(1_795_514_400_123_456)
+    }
+
+    fn flow(side: Side, event: FlowEvent) -> FlowRecord {
+        FlowRecord {
+            time: time(),
+            side,
+            event,
+            verdict: tunnel::Verdict::Allow,
+            reason: Reason::Finished,
+            rule: Some(3),
+            policy_version: 9,
+            src: Party {
+                id: Some("spiffe://td/web".parse().unwrap()),
+                addr: Some(SocketAddr::from(([10, 0, 0, 1], 40112))),
+                pid: Some(812),
+                cgroup_id: Some(77),
+                exe: Some(PathBuf::from("/usr/bin/curl")),
+            },
+            dst: Party {
+                id: Some("spiffe://td/db".parse().unwrap()),
+                addr: Some(SocketAddr::from(([10, 0, 0, 2], 5432))),
+                ..Party::default()
+            },
+            bytes_up: 1200,
+            bytes_down: 5300,
+            duration: Duration::from_micros(1_520_900),
+        }
+    }
+
+    #[test]
+    fn from_flow_maps_sides_events_verdicts_and_parties() {
+        let close = from_flow(&flow(Side::Outbound, FlowEvent::Close));
+        assert_eq!(
+            close,
+            Entry {
+                time: time(),
+                source: Source::Outbound,
+                event: Event::Close,
+                verdict: Verdict::Allow,
+                reason: "finished".to_owned(),
+                rule: Some(3),
+                policy_version: 9,
+                src: Src {
+                    spiffe_id: Some("spiffe://td/web".to_owned()),
+                    pid: Some(812),
+                    exe: Some("/usr/bin/curl".to_owned()),
+                    sha256: None,
+                    cgroup: None,
+                    cgroup_id: Some(77),
+                    addr: Some("10.0.0.1:40112".to_owned()),
+                },
+                dst: Dst {
+                    spiffe_id: Some("spiffe://td/db".to_owned()),
+                    addr: Some("10.0.0.2:5432".to_owned()),
+                },
+                bytes_up: Some(1200),
+                bytes_down: Some(5300),
+                duration_ms: Some(1520),
+                lost: None,
+                detail: None,
+            }
+        );
+
+        let open = from_flow(&flow(Side::Inbound, FlowEvent::Open));
+        assert_eq!((open.source, open.event), (Source::Inbound, Event::Open));
+        assert_eq!(
+            (open.bytes_up, open.bytes_down, open.duration_ms),
+            (None, None, None)
+        );
+
+        let mut refused = flow(Side::Inbound, FlowEvent::Deny);
+        refused.verdict = tunnel::Verdict::Deny;
+        refused.reason = Reason::Refused(Refusal::Denied);
+        let deny = from_flow(&refused);
+        assert_eq!((deny.event, deny.verdict), (Event::Deny, Verdict::Deny));
+        assert_eq!(deny.reason, Refusal::Denied.as_str());
+        assert_eq!(deny.bytes_up, None);
+
+        refused.verdict = tunnel::Verdict::Audit;
+        assert_eq!(from_flow(&refused).verdict, Verdict::Audit);
+    }
+
+    #[test]
+    fn the_inbound_no_route_deny_keeps_addresses_only() {
+        let mut inbound = flow(Side::Inbound, FlowEvent::Deny);
+        inbound.verdict = tunnel::Verdict::Deny;
+        inbound.reason = Reason::NoRoute;
+        inbound.rule = None;
+        inbound.src = Party {
+            addr: inbound.src.addr,
+            ..Party::default()
+        };
+        inbound.dst.id = None;
+        assert_eq!(
+            from_flow(&inbound),
+            Entry {
+                time: time(),
+                policy_version: 9,
+                src: Src {
+                    addr: Some("10.0.0.1:40112".to_owned()),
+                    ..Src::default()
+                },
+                dst: Dst {
+                    spiffe_id: None,
+                    addr: Some("10.0.0.2:5432".to_owned()),
+                },
+                ..Entry::new(Source::Inbound, Event::Deny, Verdict::Deny, "no-route")
+            }
+        );
+    }
+}

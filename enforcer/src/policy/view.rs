@@ -1,0 +1,121 @@
+//! The policy as the tunnel consults it: authorization between SPIFFE IDs, the mesh peers,
+//! plaintext TCP egress, and the version stamped on every record.
+#![forbid(unsafe_code)]
+
+use std::net::{IpAddr, SocketAddr};
+
+use super::{Authorizer, Decision, Egress, Peer, Policy, Protocol};
+use crate::identity::SpiffeId;
+
+/// The policy as the tunnel consults it: authorization, mesh peers, plaintext TCP egress, and
+/// the version stamped on every record.
+#[derive(Clone, Debug)]
+pub struct PolicyView {
+    /// The policy version.
+    pub version: u64,
+    authorizer: Authorizer,
+    peers: Vec<Peer>,
+    /// The TCP egress entries only: the tunnel routes TCP connections, and UDP and ICMP egress
+    /// is the kernel's alone.
+    egress: Vec<Egress>,
+}
+
+impl PolicyView {
+    /// The view of `policy` as version `version`.
+    #[must_use]
+    pub fn new(policy: &Policy, version: u64) -> Self {
+        Self {
+            version,
+            authorizer: Authorizer::new(policy),
+            peers: policy.peers.clone(),
+            egress: policy
+                .egress
+                .iter()
+                .filter(|egress| egress.protocol == Protocol::Tcp)
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// Decide the flow `src` -> `dst` on `port`.
+    #[must_use]
+    pub fn decide(&self, src: &SpiffeId, dst: &SpiffeId, port: u16) -> Decision {
+        self.authorizer.decide(src, dst, port)
+    }
+
+    /// The inbound tunnel address of the mesh peer at `ip`, if `ip` is one.
+    #[must_use]
+    pub fn peer(&self, ip: IpAddr) -> Option<SocketAddr> {
+        let ip = ip.to_canonical();
+        self.peers
+            .iter()
+            .find(|peer| peer.address.to_canonical() == ip)
+            .map(|peer| SocketAddr::new(peer.address, peer.port))
+    }
+
+    /// The first TCP egress entry (in file order) that permits plaintext to `dst`.
+    #[must_use]
+    pub fn egress(&self, dst: SocketAddr) -> Option<&Egress> {
+        self.egress
+            .iter()
+            .find(|egress| egress.ports.covers(dst.port()) && egress.contains(dst.ip()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::parse;
+
+    fn view(text: &str) -> PolicyView {
+        let (policy, _) = parse("t.toml", text.as_bytes()).unwrap_or_else(|d| panic!("{d:?}"));
+        PolicyView::new(&policy, 7)
+    }
+
+    #[test]
+    fn peers_and_egress_are_found() {
+        let view = view(
+            r#"
+trust_domain = "example.org"
+[[peer]]
+address = "10.0.0.2"
+[[peer]]
+address = "fd00::2"
+port = 16000
+[[egress]]
+cidr = "192.168.0.0/16"
+ports = [443]
+[[egress]]
+cidr = "0.0.0.0/0"
+ports = [53]
+[[egress]]
+cidr = "2001:db8::/32"
+protocol = "udp"
+ports = [53]
+[[egress]]
+cidr = "198.51.100.0/24"
+protocol = "icmp"
+"#,
+        );
+        assert_eq!(
+            view.peer("10.0.0.2".parse().unwrap()),
+            Some("10.0.0.2:15008".parse().unwrap())
+        );
+        assert_eq!(
+            view.peer("::ffff:10.0.0.2".parse().unwrap()),
+            Some("10.0.0.2:15008".parse().unwrap())
+        );
+        assert_eq!(
+            view.peer("fd00::2".parse().unwrap()),
+            Some("[fd00::2]:16000".parse().unwrap())
+        );
+        assert_eq!(view.peer("10.0.0.3".parse().unwrap()), None);
+        assert!(view.egress("192.168.4.5:443".parse().unwrap()).is_some());
+        assert!(view.egress("192.168.4.5:80".parse().unwrap()).is_none());
+        assert!(view.egress("8.8.8.8:53".parse().unwrap()).is_some());
+        // Covered by the udp and icmp entries, but they permit no TCP.
+        assert!(view.egress("[2001:db8::1]:53".parse().unwrap()).is_none());
+        assert!(view.egress("198.51.100.7:80".parse().unwrap()).is_none());
+        assert_eq!(view.version, 7);
+    }
+}
