@@ -685,7 +685,14 @@ fn enrollment_follows_the_cgroup_path() {
         ids.push(pinned.id());
         let mut first = Mesh::client(&mesh.a, Persona::Nobody, &pinned);
         let answer = first.ask(&format!("connect {} 9000", mesh.peers[1]));
-        assert!(answer.starts_with("ok "), "round {round}: {answer}");
+        // Redirected, the connection lands on A's daemon, which refuses it (no workload listens
+        // at B:9000) and resets it: on a loaded machine the reset can arrive before connect()
+        // returns (ECONNRESET). Plaintext would have reached B's listener: "ok" from there is
+        // told apart by the kernel's redirect record below.
+        assert!(
+            answer.starts_with("ok ") || answer == "err 104",
+            "round {round}: {answer}"
+        );
         let pid = first.pid();
         mesh.a
             .wait_for_record("the re-created cgroup's redirect", |r| {
