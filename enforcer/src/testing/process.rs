@@ -210,23 +210,37 @@ pub struct Spawned {
 impl Spawned {
     /// Waits until the announcing wrapper has `exec`ed the workload: the wrapper prints
     /// [`PLACED`] just before its last `exec`, so until then `/proc/<pid>` still describes the
-    /// wrapper shell (its command line carries [`WRAPPER_NAME`]). Returns early if the process
-    /// exits or after [`PLACEMENT_TIMEOUT`].
+    /// wrapper shell (its command line carries [`WRAPPER_NAME`]). Inside `exec` there is a
+    /// moment when `/proc/<pid>/exe` already names the new binary but the new image's command
+    /// line and environment are not set up yet (both read empty): that is still waiting. Returns
+    /// early if the process exits or after [`PLACEMENT_TIMEOUT`].
     fn wait_for_final_exec(&self) {
         let path = format!("/proc/{}/cmdline", self.pid());
         let deadline = Instant::now() + PLACEMENT_TIMEOUT;
         while Instant::now() < deadline {
             match std::fs::read(&path) {
                 Ok(cmdline)
-                    if cmdline
-                        .split(|&byte| byte == 0)
-                        .any(|arg| arg == WRAPPER_NAME.as_bytes()) =>
+                    if (cmdline.is_empty() && !self.exited())
+                        || cmdline
+                            .split(|&byte| byte == 0)
+                            .any(|arg| arg == WRAPPER_NAME.as_bytes()) =>
                 {
                     thread::sleep(Duration::from_millis(1));
                 }
                 _ => return,
             }
         }
+    }
+
+    /// Whether the process has exited (a zombie, or gone): its command line reads empty too.
+    fn exited(&self) -> bool {
+        std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))
+            .ok()
+            .and_then(|stat| {
+                let state = stat.rsplit_once(") ")?.1.chars().next()?;
+                Some(state == 'Z' || state == 'X')
+            })
+            .unwrap_or(true)
     }
 
     /// The process id, which is the workload's own: the wrappers `exec` it.
