@@ -136,7 +136,7 @@ pub enum AuditError {
 }
 
 /// Counters of the audit log since it was opened.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AuditStats {
     /// Records written (loss records included).
     pub written: u64,

@@ -51,5 +51,7 @@ mod verify;
 pub use chain::ChainError;
 pub use head::HeadError;
 pub use log::{AuditConfig, AuditError, AuditLog, AuditStats, PreviousRun};
+#[cfg(test)]
+pub(crate) use record::samples;
 pub use record::{AuditRecord, Dst, Entry, Event, RecordError, Source, Src, Verdict};
 pub use verify::{Finding, HeadCheck, VerifyError, VerifyReport, verify};

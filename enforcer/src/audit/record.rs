@@ -534,14 +534,45 @@ impl fmt::Display for AuditRecord {
 
 /// Entries and records for the tests of every audit module.
 #[cfg(test)]
-pub(super) mod samples {
+pub(crate) mod samples {
     use std::time::{Duration, SystemTime};
 
     use super::{Dst, Entry, Event, Source, Src, Verdict};
 
     /// 2026-11-24T10:00:00.123456Z.
-    pub(in crate::audit) fn time() -> SystemTime {
+    pub(crate) fn time() -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_micros(1_795_514_400_123_456)
+    }
+
+    /// The entry the daemon makes of an outbound flow's close record.
+    pub(crate) fn outbound_close() -> Entry {
+        Entry {
+            time: time(),
+            source: Source::Outbound,
+            event: Event::Close,
+            verdict: Verdict::Allow,
+            reason: "finished".to_owned(),
+            rule: Some(3),
+            policy_version: 9,
+            src: Src {
+                spiffe_id: Some("spiffe://td/web".to_owned()),
+                pid: Some(812),
+                exe: Some("/usr/bin/curl".to_owned()),
+                sha256: None,
+                cgroup: None,
+                cgroup_id: Some(77),
+                addr: Some("10.0.0.1:40112".to_owned()),
+            },
+            dst: Dst {
+                spiffe_id: Some("spiffe://td/db".to_owned()),
+                addr: Some("10.0.0.2:5432".to_owned()),
+            },
+            bytes_up: Some(1200),
+            bytes_down: Some(5300),
+            duration_ms: Some(1520),
+            lost: None,
+            detail: None,
+        }
     }
 
     /// A kernel deny of `web` (pid 812, curl) connecting to `db`, numbered `n` in its rule.
@@ -570,41 +601,13 @@ pub(super) mod samples {
 
 #[cfg(test)]
 mod tests {
-    use super::{samples::kernel_deny, *};
+    use super::{
+        samples::{kernel_deny, outbound_close},
+        *,
+    };
 
     fn record(entry: Entry) -> AuditRecord {
         AuditRecord::new(entry, 7, "node-a", "0".repeat(64))
-    }
-
-    /// The entry the daemon makes of an outbound flow's close record.
-    fn outbound_close() -> Entry {
-        Entry {
-            time: samples::time(),
-            source: Source::Outbound,
-            event: Event::Close,
-            verdict: Verdict::Allow,
-            reason: "finished".to_owned(),
-            rule: Some(3),
-            policy_version: 9,
-            src: Src {
-                spiffe_id: Some("spiffe://td/web".to_owned()),
-                pid: Some(812),
-                exe: Some("/usr/bin/curl".to_owned()),
-                sha256: None,
-                cgroup: None,
-                cgroup_id: Some(77),
-                addr: Some("10.0.0.1:40112".to_owned()),
-            },
-            dst: Dst {
-                spiffe_id: Some("spiffe://td/db".to_owned()),
-                addr: Some("10.0.0.2:5432".to_owned()),
-            },
-            bytes_up: Some(1200),
-            bytes_down: Some(5300),
-            duration_ms: Some(1520),
-            lost: None,
-            detail: None,
-        }
     }
 
     #[test]

@@ -405,7 +405,7 @@ mod tests {
                 kernel_events: 0,
                 audit_records: 1,
             },
-            audit: v1::AuditLog {
+            audit: crate::audit::AuditStats {
                 written: 10,
                 dropped: 1,
                 rotations: 0,

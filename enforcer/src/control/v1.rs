@@ -13,11 +13,14 @@
 //! | any, on failure | | [`ErrorBody`] |
 #![forbid(unsafe_code)]
 
-use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, str::FromStr};
+use std::{collections::BTreeMap, net::SocketAddr, str::FromStr};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::{audit::Verdict, identity::SpiffeId};
+use crate::{
+    audit::{AuditStats, Verdict},
+    identity::SpiffeId,
+};
 
 /// Whether denials are enforced or only recorded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,7 +67,7 @@ pub struct Status {
     /// What was lost.
     pub lost: Lost,
     /// The audit log's counters.
-    pub audit: AuditLog,
+    pub audit: AuditStats,
 }
 
 /// The policy part of [`Status`].
@@ -160,23 +163,6 @@ pub struct Lost {
     pub kernel_events: u64,
     /// Audit records dropped (writer queue full).
     pub audit_records: u64,
-}
-
-/// The audit part of [`Status`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuditLog {
-    /// Records written (loss records included).
-    pub written: u64,
-    /// Entries dropped.
-    pub dropped: u64,
-    /// Files rotated.
-    pub rotations: u64,
-    /// I/O errors met while writing.
-    pub write_errors: u64,
-    /// The current file.
-    pub path: PathBuf,
-    /// The seq of the newest record written (0 if there is none).
-    pub last_seq: u64,
 }
 
 /// `GET /v1/policy`: the policy in force.

@@ -459,14 +459,7 @@ fn status(daemon: &Api) -> v1::Status {
             kernel_events: lost_events,
             audit_records: audit.dropped,
         },
-        audit: v1::AuditLog {
-            written: audit.written,
-            dropped: audit.dropped,
-            rotations: audit.rotations,
-            write_errors: audit.write_errors,
-            path: audit.path,
-            last_seq: audit.last_seq,
-        },
+        audit,
     }
 }
 
@@ -736,14 +729,7 @@ mod tests {
                 kernel_events: 0,
                 audit_records: 0,
             },
-            audit: v1::AuditLog {
-                written: audit.written,
-                dropped: audit.dropped,
-                rotations: audit.rotations,
-                write_errors: audit.write_errors,
-                path: audit.path.clone(),
-                last_seq: audit.last_seq,
-            },
+            audit: audit.clone(),
         };
         let value = serde_json::to_value(&status).unwrap();
         assert_eq!(

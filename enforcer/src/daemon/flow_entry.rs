@@ -62,23 +62,17 @@ fn millis(duration: Duration) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        net::SocketAddr,
-        path::PathBuf,
-        time::{Duration, SystemTime},
-    };
+    use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
     use super::*;
-    use crate::tunnel::{Reason, Refusal};
-
-    /// 2026-11-24T10:00:00.123456Z.
-    fn time() -> SystemTime {
-        SystemTime::UNIX_EPOCH + Duration::from_micros(1_795_514_400_123_456)
-    }
+    use crate::{
+        audit::samples,
+        tunnel::{Reason, Refusal},
+    };
 
     fn flow(side: Side, event: FlowEvent) -> FlowRecord {
         FlowRecord {
-            time: time(),
+            time: samples::time(),
             side,
             event,
             verdict: tunnel::Verdict::Allow,
@@ -105,36 +99,10 @@ mod tests {
 
     #[test]
     fn from_flow_maps_sides_events_verdicts_and_parties() {
-        let close = from_flow(&flow(Side::Outbound, FlowEvent::Close));
+        // Exactly the entry the audit trail's own tests display.
         assert_eq!(
-            close,
-            Entry {
-                time: time(),
-                source: Source::Outbound,
-                event: Event::Close,
-                verdict: Verdict::Allow,
-                reason: "finished".to_owned(),
-                rule: Some(3),
-                policy_version: 9,
-                src: Src {
-                    spiffe_id: Some("spiffe://td/web".to_owned()),
-                    pid: Some(812),
-                    exe: Some("/usr/bin/curl".to_owned()),
-                    sha256: None,
-                    cgroup: None,
-                    cgroup_id: Some(77),
-                    addr: Some("10.0.0.1:40112".to_owned()),
-                },
-                dst: Dst {
-                    spiffe_id: Some("spiffe://td/db".to_owned()),
-                    addr: Some("10.0.0.2:5432".to_owned()),
-                },
-                bytes_up: Some(1200),
-                bytes_down: Some(5300),
-                duration_ms: Some(1520),
-                lost: None,
-                detail: None,
-            }
+            from_flow(&flow(Side::Outbound, FlowEvent::Close)),
+            samples::outbound_close()
         );
 
         let open = from_flow(&flow(Side::Inbound, FlowEvent::Open));
@@ -170,7 +138,7 @@ mod tests {
         assert_eq!(
             from_flow(&inbound),
             Entry {
-                time: time(),
+                time: samples::time(),
                 policy_version: 9,
                 src: Src {
                     addr: Some("10.0.0.1:40112".to_owned()),
