@@ -132,6 +132,12 @@ impl Transcript {
         }
     }
 
+    /// Whether the kernel panicked before the second stage announced itself: nothing of the
+    /// suites ran, so the boot itself failed.
+    pub(super) fn died_booting(&self) -> bool {
+        self.panic.is_some() && self.release.is_none()
+    }
+
     /// The verdict for this kernel once qemu has ended with `exit`.
     pub(super) fn verdict(&self, exit: &Exit) -> Verdict {
         let failed: Vec<String> = self
@@ -267,6 +273,16 @@ VMTEST-END
             verdict.problem.as_deref(),
             Some("kernel panic: Kernel panic - not syncing: Fatal exception in interrupt")
         );
+    }
+
+    #[test]
+    fn only_a_panic_before_the_suites_is_a_failed_boot() {
+        let early = "[    1.89] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI\n\
+                     [    1.89] Kernel panic - not syncing: Fatal exception in interrupt\n";
+        assert!(feed(early).died_booting());
+        let late = format!("VMTEST-BEGIN 6.12.0\nVMTEST-RUN datapath\n{early}");
+        assert!(!feed(&late).died_booting());
+        assert!(!feed("SeaBIOS\n").died_booting());
     }
 
     #[test]

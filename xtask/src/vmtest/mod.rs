@@ -54,6 +54,9 @@ const HOST_ONLY_SUITES: [&str; 10] = [
 /// rather than CI's own limit.
 pub(crate) const DEFAULT_TIMEOUT_MINUTES: u64 = 30;
 
+/// How many times one kernel is booted when it panics before the suites start.
+const BOOT_ATTEMPTS: u32 = 3;
+
 /// Builds the test executables, then boots each kernel in turn; fails unless every kernel
 /// passed. Returns the one-line tally.
 pub(crate) fn run(kernels: &[String], timeout: Duration) -> Result<String> {
@@ -109,11 +112,38 @@ fn boot(version: &str, suites: &[Suite], cache: &Path, timeout: Duration) -> Res
     let initramfs = run_dir.join("initramfs.cpio");
     initramfs::write(&kernel, &stage2, &initramfs)?;
 
-    let mut transcript = Transcript::default();
-    let exit = qemu::boot(&kernel, &initramfs, &run_dir, timeout, &mut transcript);
+    let verdict = boot_until_started(&kernel, &initramfs, &run_dir, timeout);
     fs::remove_dir_all(&run_dir)
         .with_context(|| format!("failed to remove {}", run_dir.display()))?;
-    Ok(transcript.verdict(&exit?))
+    verdict
+}
+
+/// Boots `kernel` until the guest starts the suites, at most [`BOOT_ATTEMPTS`] times. Only a
+/// kernel panic before the second stage began is tried again: under TCG the guest kernel
+/// sometimes dies patching its own text while it initialises (an `int3` Oops in early boot,
+/// seen on 6.12), before anything of ours ran. A panic once the suites started, like every
+/// other failure, is the kernel's verdict.
+fn boot_until_started(
+    kernel: &kernel::Kernel,
+    initramfs: &Path,
+    run_dir: &Path,
+    timeout: Duration,
+) -> Result<Verdict> {
+    let mut attempt = 1;
+    loop {
+        let mut transcript = Transcript::default();
+        let exit = qemu::boot(kernel, initramfs, run_dir, timeout, &mut transcript)?;
+        let verdict = transcript.verdict(&exit);
+        if !transcript.died_booting() || attempt == BOOT_ATTEMPTS {
+            return Ok(verdict);
+        }
+        attempt += 1;
+        eprintln!(
+            "vm-test: {}: the kernel died before the suites started ({verdict}); \
+             booting again, attempt {attempt} of {BOOT_ATTEMPTS}",
+            kernel.version
+        );
+    }
 }
 
 /// Writes `contents` to `path` with mode 0755.
