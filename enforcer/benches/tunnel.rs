@@ -53,7 +53,7 @@ use enforcer::{
     testing::{
         Netns, ScratchCgroup, ScratchDatapath, Spawn, Spawned, TestPki, connect_nodes, require_root,
     },
-    tunnel::{RecordSink, Tunnel, TunnelConfig, TunnelParts, record::LogSink},
+    tunnel::{LogSink, RecordSink, Tunnel, TunnelConfig, TunnelParts},
 };
 
 use common::median;

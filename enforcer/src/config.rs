@@ -14,7 +14,7 @@ use std::{
 
 use serde::{Deserialize, Deserializer};
 
-use crate::{policy::diagnostic::line_col, tunnel::config as tunnel};
+use crate::{policy::diagnostic::line_col, tunnel};
 
 /// The name diagnostics and `enforcer policy show` give the embedded default policy
 /// ([`crate::policy::DEFAULT_POLICY`]).

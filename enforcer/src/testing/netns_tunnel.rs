@@ -37,13 +37,13 @@ use crate::{
     },
     policy::{Identification, InForce, Policy, PolicySnapshot, parse},
     tunnel::{
-        FlowRecord, LocalWorkloads, Origins, RecordSink, SocketTagger, Tunnel, TunnelConfig,
-        TunnelParts, record::RecentRecords,
+        FlowRecord, LocalWorkloads, Origins, RecentRecords, RecordSink, SocketTagger, Tunnel,
+        TunnelConfig, TunnelParts,
     },
 };
 
 /// The outbound listener's port (on `127.0.0.1`) inside every node's namespace.
-pub const OUTBOUND_PORT: u16 = crate::tunnel::config::DEFAULT_OUTBOUND_PORT;
+pub const OUTBOUND_PORT: u16 = crate::tunnel::DEFAULT_OUTBOUND_PORT;
 /// The inbound listener's port (on every address) inside every node's namespace.
 pub const INBOUND_PORT: u16 = crate::policy::model::DEFAULT_PEER_PORT;
 

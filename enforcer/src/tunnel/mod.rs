@@ -14,17 +14,17 @@
 //! the new policy denies.
 #![forbid(unsafe_code)]
 
-pub mod config;
-pub mod copy;
-pub mod hbone;
-pub mod inbound;
-pub mod metrics;
-pub mod net;
-pub mod outbound;
-pub mod pool;
-pub mod record;
-pub mod state;
-pub mod tracker;
+mod config;
+mod copy;
+mod hbone;
+mod inbound;
+mod metrics;
+mod net;
+mod outbound;
+mod pool;
+mod record;
+mod state;
+mod tracker;
 
 use std::{
     sync::{Arc, Weak},
@@ -39,15 +39,21 @@ use tokio::{
 };
 
 pub use config::TunnelConfig;
-pub use hbone::Refusal;
+pub(crate) use config::{
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_OUTBOUND_PORT,
+};
+pub use hbone::{ALPN_H2, Refusal, server_name};
+pub use inbound::Client;
 pub use metrics::{Metric, Metrics};
-pub use record::{FlowEvent, FlowRecord, Party, Reason, RecordSink, Side, Verdict};
+pub use pool::{MonotonicClock, Pool, PoolError, SystemMonotonicClock, TunnelStream};
+pub use record::{
+    FlowEvent, FlowRecord, LogSink, Party, Reason, RecentRecords, RecordSink, Side, Verdict,
+};
 pub use state::{LocalWorkloads, Origin, OriginError, Origins, SocketTagger, SvidSource, Untagged};
 
 use self::{
     copy::{Ended, Limits, Outcome, Sink, Source, splice},
     inbound::{CertResolver, ClientAt, WorkloadCerts},
-    pool::Pool,
     tracker::{TrackedFlow, Tracker},
 };
 use crate::{

@@ -428,7 +428,7 @@ impl Pool {
 
 /// How long a pool's pruning task sleeps between rounds.
 #[must_use]
-pub fn prune_interval(config: &TunnelConfig) -> Duration {
+pub(super) fn prune_interval(config: &TunnelConfig) -> Duration {
     (config.pool_idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(15))
 }
 
