@@ -24,9 +24,9 @@ use super::{
 };
 
 /// File name of the published PEM bundle.
-pub const BUNDLE_PEM: &str = "bundle.pem";
+pub(crate) const BUNDLE_PEM: &str = "bundle.pem";
 /// File name of the published SPIFFE bundle JSON.
-pub const BUNDLE_JSON: &str = "bundle.json";
+pub(super) const BUNDLE_JSON: &str = "bundle.json";
 
 /// Why the state directory's PKI could not be loaded or created.
 #[derive(Debug, thiserror::Error)]

@@ -101,7 +101,7 @@ pub enum VerifyError {
 
 /// What a leaf certificate says about itself once it passed the X509-SVID leaf rules.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LeafFacts {
+pub(super) struct LeafFacts {
     /// The SPIFFE ID in its only URI SAN.
     pub spiffe_id: SpiffeId,
     /// Start of validity.
@@ -112,7 +112,7 @@ pub struct LeafFacts {
 
 /// Checks a leaf certificate against X509-SVID.md 5.2 and the profile rules, without chain or
 /// time checks.
-pub fn inspect_leaf(der: &CertificateDer<'_>) -> Result<LeafFacts, VerifyError> {
+pub(super) fn inspect_leaf(der: &CertificateDer<'_>) -> Result<LeafFacts, VerifyError> {
     let malformed = |e: &dyn std::fmt::Display| VerifyError::Malformed(e.to_string());
     let (_, cert) = X509Certificate::from_der(der).map_err(|e| malformed(&e))?;
     let uris: Vec<&str> = cert
