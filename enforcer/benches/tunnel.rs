@@ -46,9 +46,7 @@ use enforcer::{
     identity::{
         CacheConfig, CertificateAuthority, SpiffeId, SvidCache, SystemClock, TrustBundleSet,
     },
-    kernel::{
-        DaemonConfig, ListenerSlot, Maps, SocketTags, cgroup::cgroup2_mount, netns::netns_cookie,
-    },
+    kernel::{DaemonConfig, ListenerSlot, Maps, SocketTags, cgroup2_mount, netns_cookie},
     policy::{Compiled, InForce, Policy, PolicySnapshot, apply::apply, compile, parse},
     testing::{
         Netns, ScratchCgroup, ScratchDatapath, Spawn, Spawned, TestPki, connect_nodes, require_root,

@@ -9,7 +9,7 @@ use std::net::TcpListener;
 
 use enforcer::{
     attest::{AttestOptions, Attestor, cgroup_relative_path},
-    kernel::cgroup::cgroup2_mount,
+    kernel::cgroup2_mount,
     policy::{self, Compiled, Identification, Policy, Registry, apply::apply, compile},
     testing::{Client, ScratchCgroup, ScratchDatapath, require_root, serial},
 };

@@ -203,7 +203,7 @@ pub struct AttestOptions {
 impl Default for AttestOptions {
     fn default() -> Self {
         Self {
-            cgroup2_mount: crate::kernel::cgroup::cgroup2_mount().ok(),
+            cgroup2_mount: crate::kernel::cgroup2_mount().ok(),
             max_binary_bytes: DEFAULT_MAX_BINARY_BYTES,
             hash_cache_entries: DEFAULT_HASH_CACHE_ENTRIES,
             accounts: Accounts::load(),

@@ -32,9 +32,7 @@ use crate::{
     attest::{AttestOptions, Attestor},
     daemon::{KernelSources, compile_and_apply},
     identity::SpiffeId,
-    kernel::{
-        Counter, DaemonConfig, ListenerSlot, Maps, cgroup::cgroup2_mount, netns::netns_cookie,
-    },
+    kernel::{Counter, DaemonConfig, ListenerSlot, Maps, cgroup2_mount, netns_cookie},
     policy::{Identification, InForce, Policy, PolicySnapshot, parse},
     tunnel::{
         FlowRecord, LocalWorkloads, Origins, RecentRecords, RecordSink, SocketTagger, Tunnel,
