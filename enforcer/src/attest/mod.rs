@@ -35,11 +35,11 @@
 //! same-binary exec, and is for callers that know no generation.
 #![forbid(unsafe_code)]
 
-pub mod accounts;
-pub mod container;
-pub mod hash;
+mod accounts;
+mod container;
+mod hash;
 mod loaded;
-pub mod selector;
+mod selector;
 
 use std::{
     collections::HashMap,
@@ -62,6 +62,7 @@ pub use accounts::Accounts;
 pub use container::ContainerInfo;
 pub use hash::{ExeHasher, HashError, Sha256Digest};
 pub use loaded::{LoadedCodeIssue, MappingProblem, REFUSED_LOADER_VARIABLES};
+pub(crate) use selector::cgroup_path_problem;
 pub use selector::{Selector, SelectorError};
 
 /// Default cap on the size of a binary the attestor hashes (a guard against hashing huge files).

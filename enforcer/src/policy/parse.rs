@@ -45,7 +45,7 @@ use super::{
     },
 };
 use crate::{
-    attest::{Selector, selector::cgroup_path_problem},
+    attest::{Selector, cgroup_path_problem},
     identity::{SpiffeId, TrustDomain},
 };
 
