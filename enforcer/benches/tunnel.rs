@@ -47,7 +47,7 @@ use enforcer::{
         CacheConfig, CertificateAuthority, SpiffeId, SvidCache, SystemClock, TrustBundleSet,
     },
     kernel::{DaemonConfig, ListenerSlot, Maps, SocketTags, cgroup2_mount, netns_cookie},
-    policy::{Compiled, InForce, Policy, PolicySnapshot, apply::apply, compile, parse},
+    policy::{Compiled, InForce, Policy, PolicySnapshot, apply, compile, parse},
     testing::{
         Netns, ScratchCgroup, ScratchDatapath, Spawn, Spawned, TestPki, connect_nodes, require_root,
     },

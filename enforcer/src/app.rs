@@ -44,7 +44,7 @@ use crate::{
         CgroupError, DaemonConfig, Datapath, DatapathOptions, ListenerSlot, LoadError, Maps,
         MapsError, PROGRAMS, SocketTags, cgroup2_mount, netns_cookie,
     },
-    policy::{Diagnostic, Policy, PolicySnapshot, apply::ApplyError, diagnostic::render},
+    policy::{ApplyError, Diagnostic, Policy, PolicySnapshot, render},
     report::report,
     tunnel::{Tunnel, TunnelConfig, TunnelError, TunnelParts},
 };

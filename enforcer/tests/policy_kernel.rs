@@ -10,7 +10,7 @@ use std::net::TcpListener;
 use enforcer::{
     attest::{AttestOptions, Attestor, cgroup_relative_path},
     kernel::cgroup2_mount,
-    policy::{self, Compiled, Identification, Policy, Registry, apply::apply, compile},
+    policy::{self, Compiled, Identification, Policy, Registry, apply, compile},
     testing::{Client, ScratchCgroup, ScratchDatapath, require_root, serial},
 };
 

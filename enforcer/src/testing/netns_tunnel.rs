@@ -43,7 +43,7 @@ use crate::{
 /// The outbound listener's port (on `127.0.0.1`) inside every node's namespace.
 pub const OUTBOUND_PORT: u16 = crate::tunnel::DEFAULT_OUTBOUND_PORT;
 /// The inbound listener's port (on every address) inside every node's namespace.
-pub const INBOUND_PORT: u16 = crate::policy::model::DEFAULT_PEER_PORT;
+pub const INBOUND_PORT: u16 = crate::policy::DEFAULT_PEER_PORT;
 
 /// Worker threads of each node's runtime (the VMs the suite runs on have two cores).
 const WORKER_THREADS: usize = 2;
