@@ -11,7 +11,7 @@ mod own_cgroup;
 mod recorder;
 mod reload;
 mod run;
-pub(crate) mod sockets;
+mod sockets;
 mod sources;
 mod telemetry;
 mod upkeep;
@@ -29,6 +29,9 @@ pub(crate) use self::{
     upkeep::Upkeep,
     workloads::Registrar,
 };
+// The harness reads /proc/net/tcp the way the daemon does to wait for test listeners.
+#[cfg(feature = "testing")]
+pub(crate) use self::sockets::listeners;
 pub use self::{own_cgroup::OwnCgroupError, sources::KernelSources};
 use crate::identity::{SvidCache, SystemClock};
 

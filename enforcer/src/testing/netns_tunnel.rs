@@ -523,7 +523,7 @@ pub fn wait_for_listener(process: &Spawned, port: u16) {
 
 /// Whether the text of a `/proc/net/tcp` table has a listening socket on `port`.
 fn listens_on(table: &str, port: u16) -> bool {
-    crate::daemon::sockets::listeners(table)
+    crate::daemon::listeners(table)
         .iter()
         .any(|(addr, _)| addr.port() == port)
 }
