@@ -60,8 +60,9 @@ use rustix::{
 
 pub use accounts::Accounts;
 pub use container::ContainerInfo;
-pub use hash::{ExeHasher, HashError, Sha256Digest};
-pub use loaded::{LoadedCodeIssue, MappingProblem, REFUSED_LOADER_VARIABLES};
+pub(crate) use hash::ExeHasher;
+pub use hash::{DigestParseError, HashError, Sha256Digest};
+pub use loaded::{LoadedCodeIssue, MappingProblem};
 pub(crate) use selector::cgroup_path_problem;
 pub use selector::{Selector, SelectorError};
 

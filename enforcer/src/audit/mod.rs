@@ -50,6 +50,8 @@ mod verify;
 
 pub use chain::ChainError;
 pub use head::HeadError;
-pub use log::{AuditConfig, AuditError, AuditLog, AuditStats, PreviousRun};
-pub use record::{AuditRecord, Dst, Entry, Event, RecordError, Source, Src, Verdict};
+pub use log::AuditError;
+pub(crate) use log::{AuditConfig, AuditLog, AuditStats};
+pub(crate) use record::Entry;
+pub use record::{AuditRecord, Dst, Event, RecordError, Source, Src, Verdict};
 pub use verify::{Finding, HeadCheck, VerifyError, VerifyReport, verify};

@@ -29,10 +29,10 @@ pub(crate) use self::{
     upkeep::Upkeep,
     workloads::Registrar,
 };
+pub use self::{own_cgroup::OwnCgroupError, sources::KernelSources};
 // The harness reads /proc/net/tcp the way the daemon does to wait for test listeners.
 #[cfg(feature = "testing")]
 pub(crate) use self::sockets::listeners;
-pub use self::{own_cgroup::OwnCgroupError, sources::KernelSources};
 use crate::identity::{SvidCache, SystemClock};
 
 /// The SVIDs the daemon holds: issued by the node CA, counted in its telemetry.

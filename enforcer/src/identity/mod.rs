@@ -25,12 +25,10 @@ pub use pem::{
     write_public,
 };
 pub use spiffe_id::{SpiffeId, SpiffeIdError, TrustDomain};
-pub(crate) use store::BUNDLE_PEM;
-pub use store::{NodePki, StoreError, load_or_init};
+pub use store::StoreError;
+pub(crate) use store::{BUNDLE_PEM, load_or_init};
 pub use svid::{DEFAULT_SVID_TTL, SvidError, X509Svid};
-pub use tls::{client_config, server_config, server_config_with_resolver};
-pub use verify::{
-    PeerAuthorizer, PeerRole, SpiffeClientVerifier, SpiffeServerVerifier, VerifyError,
-    peer_spiffe_id, verify_svid_chain,
-};
+pub(crate) use tls::server_config_with_resolver;
+pub use tls::{client_config, server_config};
+pub use verify::{PeerAuthorizer, PeerRole, VerifyError, peer_spiffe_id, verify_svid_chain};
 pub use x509::provider;

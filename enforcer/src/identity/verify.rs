@@ -358,12 +358,12 @@ fn tls12_refused() -> Result<HandshakeSignatureValid, rustls::Error> {
 /// Server-side verifier of client SVIDs: mandatory client auth, SPIFFE rules, per-trust-domain
 /// anchors, then the [`PeerAuthorizer`].
 #[derive(Debug)]
-pub struct SpiffeClientVerifier(SpiffeVerifier);
+pub(super) struct SpiffeClientVerifier(SpiffeVerifier);
 
 impl SpiffeClientVerifier {
     /// A verifier trusting `bundles` and accepting the clients `authorizer` allows.
     #[must_use]
-    pub fn new(bundles: Arc<TrustBundleSet>, authorizer: PeerAuthorizer) -> Self {
+    pub(super) fn new(bundles: Arc<TrustBundleSet>, authorizer: PeerAuthorizer) -> Self {
         Self(SpiffeVerifier::new(bundles, authorizer))
     }
 }
@@ -410,12 +410,12 @@ impl ClientCertVerifier for SpiffeClientVerifier {
 /// Client-side verifier of server SVIDs: SPIFFE rules, per-trust-domain anchors, then the
 /// [`PeerAuthorizer`] in place of the DNS name check.
 #[derive(Debug)]
-pub struct SpiffeServerVerifier(SpiffeVerifier);
+pub(super) struct SpiffeServerVerifier(SpiffeVerifier);
 
 impl SpiffeServerVerifier {
     /// A verifier trusting `bundles` and accepting the servers `authorizer` allows.
     #[must_use]
-    pub fn new(bundles: Arc<TrustBundleSet>, authorizer: PeerAuthorizer) -> Self {
+    pub(super) fn new(bundles: Arc<TrustBundleSet>, authorizer: PeerAuthorizer) -> Self {
         Self(SpiffeVerifier::new(bundles, authorizer))
     }
 }

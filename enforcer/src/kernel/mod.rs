@@ -13,16 +13,18 @@ mod netns;
 mod tags;
 
 pub(crate) use addr::from_words;
-pub use bpffs::{ensure_bpffs, is_bpffs};
+pub use bpffs::{BpffsError, ensure_bpffs, is_bpffs};
+pub use btf::BtfError;
 pub use cgroup::{CgroupError, cgroup_id, cgroup2_mount};
-pub use enforcer_ebpf::{Counter, EventKind, PolicyMeta};
-pub use events::{EventReader, KernelEvent};
-pub use loader::{Datapath, DatapathOptions, LoadError};
+pub(crate) use enforcer_ebpf::PolicyMeta;
+pub use enforcer_ebpf::{Counter, EventKind};
+pub use events::{EventError, EventReader, KernelEvent};
+pub use features::{Feature, FeatureError, KernelVersion};
+pub use loader::{Datapath, DatapathOptions, LoadError, ProgramStats};
 pub(crate) use loader::{LSM, PROGRAMS, TRACEPOINTS};
-pub(crate) use maps::ListenerOwner;
 pub use maps::{
-    DaemonConfig, EgressEntry, IpProtocol, ListenerSlot, Maps, MapsError, Original, PolicyAction,
-    PolicyMode, PolicyRule, PolicyTable,
+    DaemonConfig, EgressEntry, IpProtocol, ListenerOwner, ListenerSlot, Maps, MapsError, Original,
+    PolicyAction, PolicyMode, PolicyRule, PolicyTable,
 };
 pub use netns::netns_cookie;
 pub use tags::SocketTags;

@@ -45,6 +45,7 @@ pub(crate) use config::{
 pub use hbone::{ALPN_H2, Refusal, server_name};
 pub use inbound::Client;
 pub use metrics::{Metric, Metrics};
+pub use net::ConnectError;
 pub use pool::{MonotonicClock, Pool, PoolError, SystemMonotonicClock, TunnelStream};
 pub use record::{
     FlowEvent, FlowRecord, LogSink, Party, Reason, RecentRecords, RecordSink, Side, Verdict,
