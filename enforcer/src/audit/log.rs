@@ -913,7 +913,7 @@ mod tests {
 
     use super::*;
     use crate::audit::{
-        ChainError, Event, Finding, HeadCheck, Source, Verdict, VerifyError, VerifyReport,
+        AuditVerifyError, ChainError, Event, Finding, HeadCheck, Source, Verdict, VerifyReport,
         record::samples::{self, kernel_deny},
         verify::verify,
     };
@@ -1079,7 +1079,7 @@ mod tests {
         fs::remove_file(&middle).unwrap();
         let newer = files::rotated(&dir.path().join("audit.jsonl"), 1);
         match verify(&log_files(dir.path()), &HeadCheck::Beside) {
-            Err(VerifyError::Record {
+            Err(AuditVerifyError::Record {
                 path,
                 line: 1,
                 problem: ChainError::BrokenLink { .. },
@@ -1187,7 +1187,7 @@ mod tests {
         );
 
         match verify(&log_files(dir.path()), &HeadCheck::Beside) {
-            Err(VerifyError::Record {
+            Err(AuditVerifyError::Record {
                 path,
                 line: 6,
                 problem: ChainError::Torn,

@@ -54,4 +54,4 @@ pub use log::AuditError;
 pub(crate) use log::{AuditConfig, AuditLog, AuditStats};
 pub(crate) use record::Entry;
 pub use record::{AuditRecord, Dst, Event, RecordError, Source, Src, Verdict};
-pub use verify::{Finding, HeadCheck, VerifyError, VerifyReport, verify};
+pub use verify::{AuditVerifyError, Finding, HeadCheck, VerifyReport, verify};

@@ -30,5 +30,5 @@ pub(crate) use store::{BUNDLE_PEM, load_or_init};
 pub use svid::{DEFAULT_SVID_TTL, SvidError, X509Svid};
 pub(crate) use tls::server_config_with_resolver;
 pub use tls::{client_config, server_config};
-pub use verify::{PeerAuthorizer, PeerRole, VerifyError, peer_spiffe_id, verify_svid_chain};
+pub use verify::{PeerAuthorizer, PeerRole, SvidVerifyError, peer_spiffe_id, verify_svid_chain};
 pub use x509::provider;

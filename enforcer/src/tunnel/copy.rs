@@ -233,7 +233,7 @@ pub(super) enum Ended {
 
 /// The end of a flow and what it carried.
 #[derive(Debug)]
-pub(super) struct Outcome {
+pub(super) struct SpliceOutcome {
     /// Why it ended.
     pub ended: Ended,
     /// Bytes from the client side to the destination side.
@@ -252,7 +252,7 @@ pub(super) async fn splice<CS, CK, SS, SK>(
     server: (SS, SK),
     limits: Limits,
     revoked: impl Future<Output = Revocation>,
-) -> Outcome
+) -> SpliceOutcome
 where
     CS: Source,
     CK: Sink,
@@ -286,7 +286,7 @@ where
         () = sleep_for(limits.lifetime) => Ended::Lifetime,
         revocation = revoked => Ended::Revoked(revocation),
     };
-    Outcome {
+    SpliceOutcome {
         ended,
         up: up.load(Ordering::Relaxed),
         down: down.load(Ordering::Relaxed),

@@ -48,12 +48,12 @@ pub use metrics::{Metric, Metrics};
 pub use net::ConnectError;
 pub use pool::{MonotonicClock, Pool, PoolError, SystemMonotonicClock, TunnelStream};
 pub use record::{
-    FlowEvent, FlowRecord, LogSink, Party, Reason, RecentRecords, RecordSink, Side, Verdict,
+    FlowEvent, FlowRecord, FlowVerdict, LogSink, Party, Reason, RecentRecords, RecordSink, Side,
 };
 pub use state::{LocalWorkloads, Origin, OriginError, Origins, SocketTagger, SvidSource, Untagged};
 
 use self::{
-    copy::{Ended, Limits, Outcome, Sink, Source, splice},
+    copy::{Ended, Limits, Sink, Source, SpliceOutcome, splice},
     inbound::{CertResolver, ClientAt, WorkloadCerts},
     tracker::{TrackedFlow, Tracker},
 };
@@ -244,7 +244,7 @@ impl Node {
         open: FlowRecord,
         client: (CS, CK),
         server: (SS, SK),
-    ) -> Outcome
+    ) -> SpliceOutcome
     where
         CS: Source,
         CK: Sink,
@@ -291,7 +291,7 @@ impl Node {
         close.reason = match (&outcome.ended, revocation) {
             (_, Some(revocation)) => {
                 self.metrics.inc(Metric::FlowsRevoked);
-                close.verdict = Verdict::Deny;
+                close.verdict = FlowVerdict::Deny;
                 close.rule = revocation.rule;
                 close.policy_version = revocation.policy_version;
                 Reason::Revoked
@@ -307,11 +307,11 @@ impl Node {
 }
 
 /// The record verdict of a decision.
-fn verdict(decision: Decision) -> Verdict {
+fn verdict(decision: Decision) -> FlowVerdict {
     match (decision.allowed, decision.audited) {
-        (true, false) => Verdict::Allow,
-        (true, true) => Verdict::Audit,
-        (false, _) => Verdict::Deny,
+        (true, false) => FlowVerdict::Allow,
+        (true, true) => FlowVerdict::Audit,
+        (false, _) => FlowVerdict::Deny,
     }
 }
 
@@ -319,7 +319,7 @@ fn verdict(decision: Decision) -> Verdict {
 fn new_record(
     side: Side,
     view: &PolicyView,
-    (verdict, reason, rule): (Verdict, Reason, Option<u32>),
+    (verdict, reason, rule): (FlowVerdict, Reason, Option<u32>),
     src: &Party,
     dst: &Party,
 ) -> FlowRecord {
