@@ -211,7 +211,7 @@ fn compile_and_diff() {
         let start = Instant::now();
         let first = compile(&old, None, 1);
         let second = compile(&new, Some(&first.numbers), 2);
-        let diff = policy::diff::diff(&old, &new);
+        let diff = policy::diff(&old, &new);
         black_box((second, diff));
         samples.push(start.elapsed());
     }

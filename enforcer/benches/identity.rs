@@ -22,9 +22,8 @@ use std::{
 };
 
 use enforcer::identity::{
-    CertificateAuthority, PeerAuthorizer, SpiffeId, TrustBundle, TrustBundleSet, X509Svid,
-    ca::DEFAULT_ROOT_VALIDITY, client_config, server_config, svid::DEFAULT_SVID_TTL,
-    x509::provider,
+    CertificateAuthority, DEFAULT_ROOT_VALIDITY, DEFAULT_SVID_TTL, PeerAuthorizer, SpiffeId,
+    TrustBundle, TrustBundleSet, X509Svid, client_config, provider, server_config,
 };
 use rcgen::{
     CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,

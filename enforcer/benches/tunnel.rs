@@ -46,14 +46,12 @@ use enforcer::{
     identity::{
         CacheConfig, CertificateAuthority, SpiffeId, SvidCache, SystemClock, TrustBundleSet,
     },
-    kernel::{
-        DaemonConfig, ListenerSlot, Maps, SocketTags, cgroup::cgroup2_mount, netns::netns_cookie,
-    },
-    policy::{Compiled, InForce, Policy, PolicySnapshot, apply::apply, compile, parse},
+    kernel::{DaemonConfig, ListenerSlot, Maps, SocketTags, cgroup2_mount, netns_cookie},
+    policy::{Compiled, InForce, Policy, PolicySnapshot, apply, compile, parse},
     testing::{
         Netns, ScratchCgroup, ScratchDatapath, Spawn, Spawned, TestPki, connect_nodes, require_root,
     },
-    tunnel::{RecordSink, Tunnel, TunnelConfig, TunnelParts, record::LogSink},
+    tunnel::{LogSink, RecordSink, Tunnel, TunnelConfig, TunnelParts},
 };
 
 use common::median;

@@ -41,13 +41,10 @@ use crate::{
         load_or_init,
     },
     kernel::{
-        DaemonConfig, Datapath, DatapathOptions, ListenerSlot, Maps, SocketTags,
-        cgroup::{CgroupError, cgroup2_mount},
-        loader::{LoadError, PROGRAMS},
-        maps::MapsError,
-        netns::netns_cookie,
+        CgroupError, DaemonConfig, Datapath, DatapathOptions, ListenerSlot, LoadError, Maps,
+        MapsError, PROGRAMS, SocketTags, cgroup2_mount, netns_cookie,
     },
-    policy::{Diagnostic, Policy, PolicySnapshot, apply::ApplyError, diagnostic::render},
+    policy::{ApplyError, Diagnostic, Policy, PolicySnapshot, render},
     report::report,
     tunnel::{Tunnel, TunnelConfig, TunnelError, TunnelParts},
 };

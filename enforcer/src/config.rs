@@ -14,7 +14,7 @@ use std::{
 
 use serde::{Deserialize, Deserializer};
 
-use crate::{policy::diagnostic::line_col, tunnel::config as tunnel};
+use crate::{policy::line_col, tunnel};
 
 /// The name diagnostics and `enforcer policy show` give the embedded default policy
 /// ([`crate::policy::DEFAULT_POLICY`]).
@@ -170,7 +170,7 @@ impl Default for TunnelSettings {
     fn default() -> Self {
         Self {
             outbound_port: tunnel::DEFAULT_OUTBOUND_PORT,
-            inbound_addr: SocketAddr::from(([0, 0, 0, 0], crate::policy::model::DEFAULT_PEER_PORT)),
+            inbound_addr: SocketAddr::from(([0, 0, 0, 0], crate::policy::DEFAULT_PEER_PORT)),
             connect_timeout: tunnel::DEFAULT_CONNECT_TIMEOUT,
             handshake_timeout: tunnel::DEFAULT_HANDSHAKE_TIMEOUT,
             idle_timeout: tunnel::DEFAULT_IDLE_TIMEOUT,

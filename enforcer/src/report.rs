@@ -21,7 +21,7 @@ mod tests {
 
     #[test]
     fn reports_the_error_chain() {
-        let error = crate::kernel::cgroup::CgroupError::Stat {
+        let error = crate::kernel::CgroupError::Stat {
             path: "/x".into(),
             source: std::io::Error::other("gone"),
         };

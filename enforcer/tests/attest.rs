@@ -91,7 +91,7 @@ fn facts_of_a_process_in_a_cgroup_and_namespace() {
     let sleep = fs::canonicalize(which("sleep")).unwrap();
     assert_eq!(facts.exe, sleep);
     assert_eq!(facts.sha256.to_string(), sha256sum(&sleep));
-    let mount = enforcer::kernel::cgroup::cgroup2_mount().unwrap();
+    let mount = enforcer::kernel::cgroup2_mount().unwrap();
     assert_eq!(
         Some(facts.cgroup.clone()),
         enforcer::attest::cgroup_relative_path(&mount, cgroup.path())

@@ -27,10 +27,7 @@ use enforcer::{
         Client, DaemonNode, Netns, Node, Persona, ScratchCgroup, Spawned, TestPki, connect_nodes,
         require_root, serial, wait_for_listener,
     },
-    tunnel::{
-        Refusal, TunnelConfig, Untagged,
-        pool::{Pool, PoolError, SystemMonotonicClock},
-    },
+    tunnel::{Pool, PoolError, Refusal, SystemMonotonicClock, TunnelConfig, Untagged},
 };
 use rustix::process::Signal;
 use tempfile::TempDir;

@@ -15,8 +15,7 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use enforcer::kernel::bpffs::{ensure_bpffs, is_bpffs};
-use enforcer::kernel::cgroup::{CgroupError, cgroup_id, cgroup2_mount};
+use enforcer::kernel::{CgroupError, cgroup_id, cgroup2_mount, ensure_bpffs, is_bpffs};
 use enforcer::testing::{
     Netns, Node, ScratchCgroup, Spawn, Spawned, connect_nodes, require_root, serial, unique_name,
 };

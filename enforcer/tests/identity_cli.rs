@@ -14,7 +14,7 @@ use std::{
 };
 
 use enforcer::{
-    identity::{TrustBundle, X509Svid, pem},
+    identity::{TrustBundle, X509Svid, encode_certificates, write_public},
     testing::{openssl, output_text, x509_text},
 };
 
@@ -129,7 +129,7 @@ fn init_issue_node_and_svid_write_files_openssl_verifies() {
     );
     assert_eq!(svid.chain().len(), 2, "leaf then intermediate");
     assert_eq!(
-        pem::encode_certificates(&svid.chain()[1..]),
+        encode_certificates(&svid.chain()[1..]),
         read("node/node.pem")
     );
     let ttl = svid
@@ -138,9 +138,9 @@ fn init_issue_node_and_svid_write_files_openssl_verifies() {
         .expect("order");
     assert_eq!(ttl.as_secs(), 31 * 60, "30m plus the 1m backdate");
 
-    pem::write_public(
+    write_public(
         &dir.join("web/leaf.pem"),
-        &pem::encode_certificates(&svid.chain()[..1]),
+        &encode_certificates(&svid.chain()[..1]),
     )
     .expect("write leaf");
     let out = openssl(

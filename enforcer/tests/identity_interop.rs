@@ -13,12 +13,9 @@ use std::{
 
 use enforcer::{
     identity::{
-        CertificateAuthority, TrustBundle, TrustBundleSet, X509Svid,
-        ca::{
-            DEFAULT_INTERMEDIATE_VALIDITY, DEFAULT_ROOT_VALIDITY, NODE_FILE_STEM, ROOT_FILE_STEM,
-        },
-        pem,
-        svid::DEFAULT_SVID_TTL,
+        CertificateAuthority, DEFAULT_INTERMEDIATE_VALIDITY, DEFAULT_ROOT_VALIDITY,
+        DEFAULT_SVID_TTL, NODE_FILE_STEM, ROOT_FILE_STEM, TrustBundle, TrustBundleSet, X509Svid,
+        encode_certificates, write_public,
     },
     testing::{openssl, output_text, x509_text},
 };
@@ -42,11 +39,11 @@ fn write_pki(dir: &Path) -> (CertificateAuthority, CertificateAuthority, X509Svi
     node.write(dir, NODE_FILE_STEM).expect("write node");
     leaf.write(dir, "leaf").expect("write leaf");
     let bundle = TrustBundle::new(td, vec![root.certificate().clone()]).expect("bundle");
-    pem::write_public(&dir.join("bundle.pem"), &bundle.to_pem()).expect("write bundle");
+    write_public(&dir.join("bundle.pem"), &bundle.to_pem()).expect("write bundle");
     // The leaf alone, for `openssl verify`, which reads only the first certificate.
-    pem::write_public(
+    write_public(
         &dir.join("leaf-only.pem"),
-        &pem::encode_certificates(&leaf.chain()[..1]),
+        &encode_certificates(&leaf.chain()[..1]),
     )
     .expect("write leaf only");
     (root, node, leaf)

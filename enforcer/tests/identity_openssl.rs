@@ -19,9 +19,9 @@ use std::{
 };
 
 use enforcer::identity::{
-    CertificateAuthority, PeerAuthorizer, SpiffeId, TrustBundle, TrustBundleSet, X509Svid,
-    ca::DEFAULT_ROOT_VALIDITY, client_config, peer_spiffe_id, pem, server_config,
-    svid::DEFAULT_SVID_TTL,
+    CertificateAuthority, DEFAULT_ROOT_VALIDITY, DEFAULT_SVID_TTL, PeerAuthorizer, SpiffeId,
+    TrustBundle, TrustBundleSet, X509Svid, client_config, encode_certificates, peer_spiffe_id,
+    server_config, write_private, write_public,
 };
 use rustls::{ClientConnection, ServerConnection, StreamOwned};
 use rustls_pki_types::ServerName;
@@ -58,12 +58,12 @@ impl Pki {
         };
         let (server, client) = (issue(SERVER_ID), issue(CLIENT_ID));
         let bundle = TrustBundle::new(td, vec![root.certificate().clone()]).expect("bundle");
-        pem::write_public(&dir.join("bundle.pem"), &bundle.to_pem()).expect("write");
-        pem::write_public(&dir.join("node.pem"), &node.chain_pem()).expect("write");
+        write_public(&dir.join("bundle.pem"), &bundle.to_pem()).expect("write");
+        write_public(&dir.join("node.pem"), &node.chain_pem()).expect("write");
         for (stem, svid) in [("server", &server), ("client", &client)] {
-            let leaf = pem::encode_certificates(&svid.chain()[..1]);
-            pem::write_public(&dir.join(format!("{stem}.pem")), &leaf).expect("write");
-            pem::write_private(&dir.join(format!("{stem}.key")), &svid.key_pem()).expect("write");
+            let leaf = encode_certificates(&svid.chain()[..1]);
+            write_public(&dir.join(format!("{stem}.pem")), &leaf).expect("write");
+            write_private(&dir.join(format!("{stem}.key")), &svid.key_pem()).expect("write");
         }
         let mut bundles = TrustBundleSet::new();
         bundles.insert(bundle);

@@ -10,8 +10,8 @@ use std::time::{Duration, SystemTime};
 
 use base64::{Engine as _, engine::general_purpose::STANDARD};
 use enforcer::identity::{
-    CertificateAuthority, SpiffeId, TrustBundle, TrustDomain, X509Svid, ca::DEFAULT_ROOT_VALIDITY,
-    pem, svid::DEFAULT_SVID_TTL,
+    CertificateAuthority, DEFAULT_ROOT_VALIDITY, DEFAULT_SVID_TTL, SpiffeId, TrustBundle,
+    TrustDomain, X509Svid, parse_certificates, parse_private_key,
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -37,8 +37,8 @@ fn concat(certs: &[CertificateDer<'_>]) -> Vec<u8> {
 
 /// Parses `svid` with the `spiffe` crate, from its PEM form as written to disk.
 fn parse_with_spiffe_crate(svid: &X509Svid) -> spiffe::X509Svid {
-    let chain = pem::parse_certificates(&svid.chain_pem(), "svid").expect("our PEM");
-    let key = pem::parse_private_key(&svid.key_pem(), "svid").expect("our key PEM");
+    let chain = parse_certificates(&svid.chain_pem(), "svid").expect("our PEM");
+    let key = parse_private_key(&svid.key_pem(), "svid").expect("our key PEM");
     spiffe::X509Svid::parse_from_der(&concat(&chain), key.secret_pkcs8_der())
         .unwrap_or_else(|e| panic!("spiffe crate rejects the SVID of {}: {e}", svid.spiffe_id()))
 }
@@ -85,7 +85,7 @@ fn spiffe_crate_reads_our_ca_certificates_as_trust_domain_ids() {
         assert_eq!(id.path(), "");
     }
     // And it refuses a CA certificate where a leaf belongs, as the X509-SVID rules say.
-    let key = pem::parse_private_key(&node.key_pem(), "node.key").expect("key");
+    let key = parse_private_key(&node.key_pem(), "node.key").expect("key");
     let err = spiffe::X509Svid::parse_from_der(node.certificate(), key.secret_pkcs8_der())
         .expect_err("a CA is not a leaf SVID");
     assert!(
@@ -106,7 +106,7 @@ fn spiffe_crate_parses_our_bundles_as_pem_and_json() {
 
     let from_pem = spiffe::X509Bundle::parse_from_der(
         td.clone(),
-        &concat(&pem::parse_certificates(&bundle.to_pem(), "bundle.pem").expect("PEM")),
+        &concat(&parse_certificates(&bundle.to_pem(), "bundle.pem").expect("PEM")),
     )
     .expect("spiffe crate parses the PEM bundle");
 

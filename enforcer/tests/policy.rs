@@ -279,7 +279,7 @@ fn bad_input_is_refused_cleanly() {
     let truncated = &demo[..demo.find("selectors = [").unwrap() + 20];
     assert!(policy::parse("p.toml", truncated.as_bytes()).is_err());
 
-    let huge = vec![b'#'; policy::parse::MAX_POLICY_BYTES + 1];
+    let huge = vec![b'#'; policy::MAX_POLICY_BYTES + 1];
     let got = policy::parse("p.toml", &huge).unwrap_err();
     assert!(got[0].message.contains("byte limit"), "{}", got[0]);
 
@@ -458,7 +458,7 @@ fn diff_lists_added_removed_and_changed() {
         .replace("selectors = [\"pid:4\"]", "selectors = [\"pid:5\"]")
         + "\n[[egress]]\ncidr = \"10.0.0.0/8\"\n";
     let new = parse(&new_text).unwrap();
-    let lines: Vec<String> = policy::diff::diff(&old, &new)
+    let lines: Vec<String> = policy::diff(&old, &new)
         .iter()
         .map(ToString::to_string)
         .collect();

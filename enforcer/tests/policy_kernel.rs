@@ -9,8 +9,8 @@ use std::net::TcpListener;
 
 use enforcer::{
     attest::{AttestOptions, Attestor, cgroup_relative_path},
-    kernel::cgroup::cgroup2_mount,
-    policy::{self, Compiled, Identification, Policy, Registry, apply::apply, compile},
+    kernel::cgroup2_mount,
+    policy::{self, Compiled, Identification, Policy, Registry, apply, compile},
     testing::{Client, ScratchCgroup, ScratchDatapath, require_root, serial},
 };
 

@@ -19,7 +19,7 @@ use enforcer::{
     identity::{CacheError, SpiffeId, X509Svid},
     testing::{MeshListeners, MeshNode, TestPki},
     tunnel::{
-        FlowEvent, FlowRecord, Metric, Reason, Refusal, Side, SvidSource, TunnelConfig, Verdict,
+        FlowEvent, FlowRecord, FlowVerdict, Metric, Reason, Refusal, Side, SvidSource, TunnelConfig,
     },
 };
 use sha2::{Digest, Sha256};
@@ -177,7 +177,7 @@ async fn allowed_flow_is_tunnelled_and_recorded_on_both_sides() {
         .a
         .wait_for_record(is(Side::Outbound, FlowEvent::Open))
         .await;
-    assert_eq!(open.verdict, Verdict::Allow);
+    assert_eq!(open.verdict, FlowVerdict::Allow);
     assert_eq!(open.rule, Some(1));
     assert_eq!(open.policy_version, 1);
     assert_eq!(open.src.id, Some(id("web")));
@@ -206,7 +206,7 @@ async fn flow_the_destination_denies_fails_fast_with_records_on_both_sides() {
     let a = mesh.a.wait_for_record(|r| r.event == FlowEvent::Deny).await;
     assert_eq!(
         (a.side, a.verdict, a.reason),
-        (Side::Outbound, Verdict::Deny, denied)
+        (Side::Outbound, FlowVerdict::Deny, denied)
     );
     let b = mesh.b.wait_for_record(|r| r.event == FlowEvent::Deny).await;
     assert_eq!((b.side, b.reason, b.rule), (Side::Inbound, denied, None));
@@ -541,7 +541,7 @@ async fn reload_closes_open_flows_the_new_policy_denies() {
         let close = node.wait_for_record(|r| r.event == FlowEvent::Close).await;
         assert_eq!(
             (close.reason, close.verdict, close.policy_version),
-            (Reason::Revoked, Verdict::Deny, 2)
+            (Reason::Revoked, FlowVerdict::Deny, 2)
         );
         assert_eq!(node.tunnel.metrics().get(Metric::FlowsRevoked), 1);
     }

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use enforcer::{
     identity::{PeerAuthorizer, SpiffeId, client_config},
     testing::{MeshListeners, MeshNode, TestPki},
-    tunnel::{Metric, Refusal, TunnelConfig, hbone, inbound::Client},
+    tunnel::{self, Client, Metric, Refusal, TunnelConfig},
 };
 use h2::client::SendRequest;
 use http::{Method, Request, StatusCode};
@@ -87,10 +87,10 @@ impl Target {
             .unwrap();
         let mut config =
             client_config(&svid, Arc::clone(&self.pki.bundles), PeerAuthorizer::Any).unwrap();
-        config.alpn_protocols = vec![hbone::ALPN_H2.to_vec()];
+        config.alpn_protocols = vec![tunnel::ALPN_H2.to_vec()];
         let tcp = TcpStream::connect(self.node.inbound).await.unwrap();
         TlsConnector::from(Arc::new(config))
-            .connect(hbone::server_name(dst), tcp)
+            .connect(tunnel::server_name(dst), tcp)
             .await
             .expect("TLS handshake as web")
     }

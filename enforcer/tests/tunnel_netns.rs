@@ -23,7 +23,7 @@ use enforcer::{
         Client, Netns, ScratchCgroup, Spawn, Spawned, TestPki, TunnelNode, connect_nodes,
         mesh_policy, require_root, serial,
     },
-    tunnel::{FlowEvent, FlowRecord, Reason, Refusal, Side, Verdict},
+    tunnel::{FlowEvent, FlowRecord, FlowVerdict, Reason, Refusal, Side},
 };
 use tempfile::TempDir;
 
@@ -239,7 +239,7 @@ fn the_allowed_identity_reaches_a_workload_on_another_node() {
         .wait_for_record(|r| is(r, (Side::Outbound, FlowEvent::Open), &web, &api, HTTP_PORT));
     assert_eq!(
         (outbound.verdict, outbound.reason, outbound.rule),
-        (Verdict::Allow, Reason::Policy, Some(1))
+        (FlowVerdict::Allow, Reason::Policy, Some(1))
     );
     assert_eq!(
         outbound.src.pid,
@@ -254,7 +254,7 @@ fn the_allowed_identity_reaches_a_workload_on_another_node() {
         .wait_for_record(|r| is(r, (Side::Inbound, FlowEvent::Open), &web, &api, HTTP_PORT));
     assert_eq!(
         (inbound.verdict, inbound.reason, inbound.rule),
-        (Verdict::Allow, Reason::Policy, Some(1))
+        (FlowVerdict::Allow, Reason::Policy, Some(1))
     );
     assert_eq!(
         inbound.src.addr.map(|addr| addr.ip()),
@@ -289,12 +289,12 @@ fn the_denied_identity_fails_fast() {
         .wait_for_record(|r| is(r, (Side::Inbound, FlowEvent::Deny), &db, &api, HTTP_PORT));
     assert_eq!(
         (inbound.verdict, inbound.reason, inbound.rule),
-        (Verdict::Deny, Reason::Refused(Refusal::Denied), Some(2))
+        (FlowVerdict::Deny, Reason::Refused(Refusal::Denied), Some(2))
     );
     let outbound = mesh.a.wait_for_record(|r| {
         r.side == Side::Outbound && r.event == FlowEvent::Deny && r.src.id.as_ref() == Some(&db)
     });
-    assert_eq!(outbound.verdict, Verdict::Deny);
+    assert_eq!(outbound.verdict, FlowVerdict::Deny);
     assert_eq!(outbound.reason, Reason::Refused(Refusal::Denied));
     assert_eq!(outbound.src.pid, Some(refused.pid));
     assert!(
@@ -363,7 +363,7 @@ fn a_same_node_flow_passes_the_local_tunnel() {
     let open = mesh
         .b
         .wait_for_record(|r| is(r, (Side::Outbound, FlowEvent::Open), &web, &api, HTTP_PORT));
-    assert_eq!((open.verdict, open.rule), (Verdict::Allow, Some(1)));
+    assert_eq!((open.verdict, open.rule), (FlowVerdict::Allow, Some(1)));
     assert_eq!(open.src.pid, Some(fetched.pid));
     assert!(
         mesh.b.records().iter().all(|r| r.side == Side::Outbound),
@@ -443,7 +443,7 @@ fn iperf3_runs_through_the_tunnel() {
     assert!(
         closed(&mesh.a, Side::Outbound)
             .iter()
-            .all(|r| r.verdict == Verdict::Allow && r.rule == Some(1)),
+            .all(|r| r.verdict == FlowVerdict::Allow && r.rule == Some(1)),
         "{:#?}",
         mesh.a.records()
     );
@@ -494,7 +494,7 @@ fn a_reload_closes_an_open_tunnelled_connection_it_denies() {
             revoked.rule,
             revoked.policy_version
         ),
-        (Verdict::Deny, Reason::Revoked, Some(1), 2)
+        (FlowVerdict::Deny, Reason::Revoked, Some(1), 2)
     );
     assert!(
         revoked.bytes_down < BIG_BYTES as u64,

@@ -19,7 +19,7 @@ use enforcer::{
     policy::{InForce, PolicySnapshot},
     testing::{TableOrigins, TableWorkloads, TestPki, test_policy},
     tunnel::{
-        Tunnel, TunnelConfig, TunnelParts, Untagged, inbound::Client, record::RecentRecords,
+        Tunnel, TunnelConfig, TunnelParts, Untagged, Client, RecentRecords,
     },
 };
 use http::{Method, Request};

@@ -22,7 +22,7 @@ pub struct ContainerInfo {
 
 /// Parse a cgroup path (or a whole `/proc/<pid>/cgroup` line).
 #[must_use]
-pub fn parse(cgroup: &str) -> ContainerInfo {
+pub(super) fn parse(cgroup: &str) -> ContainerInfo {
     // A v1 line is `hierarchy:controllers:path`; keep the path.
     let path = cgroup.splitn(3, ':').nth(2).unwrap_or(cgroup);
     let mut info = ContainerInfo::default();

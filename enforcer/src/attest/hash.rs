@@ -99,7 +99,7 @@ struct FileKey {
 
 /// Hashes binaries, refusing files above a size cap, and remembers results.
 #[derive(Debug)]
-pub struct ExeHasher {
+pub(crate) struct ExeHasher {
     max_bytes: u64,
     capacity: usize,
     cache: Mutex<HashMap<FileKey, Sha256Digest>>,
@@ -108,7 +108,7 @@ pub struct ExeHasher {
 impl ExeHasher {
     /// A hasher that refuses files above `max_bytes` and keeps at most `capacity` digests.
     #[must_use]
-    pub fn new(max_bytes: u64, capacity: usize) -> Self {
+    pub(crate) fn new(max_bytes: u64, capacity: usize) -> Self {
         Self {
             max_bytes,
             capacity: capacity.max(1),
@@ -117,7 +117,7 @@ impl ExeHasher {
     }
 
     /// The digest of `file`'s contents, from the cache when the file is unchanged.
-    pub fn digest(&self, file: &mut File) -> Result<Sha256Digest, HashError> {
+    pub(crate) fn digest(&self, file: &mut File) -> Result<Sha256Digest, HashError> {
         let meta = file.metadata().map_err(HashError::Stat)?;
         let key = FileKey {
             dev: meta.dev(),

@@ -34,7 +34,7 @@ use std::{collections::HashSet, ffi::OsStr, fmt, io, os::unix::ffi::OsStrExt as 
 
 /// Loader variables that name code to load or a place to look for it; a process started with
 /// any of them set (non-empty) has code its binary's hash does not vouch for.
-pub const REFUSED_LOADER_VARIABLES: [&str; 4] = [
+pub(super) const REFUSED_LOADER_VARIABLES: [&str; 4] = [
     "LD_PRELOAD",
     "LD_AUDIT",
     "LD_LIBRARY_PATH",

@@ -35,11 +35,11 @@
 //! same-binary exec, and is for callers that know no generation.
 #![forbid(unsafe_code)]
 
-pub mod accounts;
-pub mod container;
-pub mod hash;
+mod accounts;
+mod container;
+mod hash;
 mod loaded;
-pub mod selector;
+mod selector;
 
 use std::{
     collections::HashMap,
@@ -60,8 +60,10 @@ use rustix::{
 
 pub use accounts::Accounts;
 pub use container::ContainerInfo;
-pub use hash::{ExeHasher, HashError, Sha256Digest};
-pub use loaded::{LoadedCodeIssue, MappingProblem, REFUSED_LOADER_VARIABLES};
+pub(crate) use hash::ExeHasher;
+pub use hash::{DigestParseError, HashError, Sha256Digest};
+pub use loaded::{LoadedCodeIssue, MappingProblem};
+pub(crate) use selector::cgroup_path_problem;
 pub use selector::{Selector, SelectorError};
 
 /// Default cap on the size of a binary the attestor hashes (a guard against hashing huge files).
@@ -203,7 +205,7 @@ pub struct AttestOptions {
 impl Default for AttestOptions {
     fn default() -> Self {
         Self {
-            cgroup2_mount: crate::kernel::cgroup::cgroup2_mount().ok(),
+            cgroup2_mount: crate::kernel::cgroup2_mount().ok(),
             max_binary_bytes: DEFAULT_MAX_BINARY_BYTES,
             hash_cache_entries: DEFAULT_HASH_CACHE_ENTRIES,
             accounts: Accounts::load(),

@@ -93,7 +93,7 @@ fn cgroup_below(cgroup: &str, prefix: &str) -> bool {
 /// trailing `/`. `None` when it is one. Paths are compared (and, for enrollment, hashed in the
 /// kernel) as text, so any other spelling of a cgroup would silently match nothing.
 #[must_use]
-pub fn cgroup_path_problem(path: &str) -> Option<&'static str> {
+pub(crate) fn cgroup_path_problem(path: &str) -> Option<&'static str> {
     let Some(components) = path.strip_prefix('/') else {
         return Some("it is not an absolute path");
     };

@@ -53,7 +53,7 @@ const DROP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where the audit log goes and how much of it is kept.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AuditConfig {
+pub(crate) struct AuditConfig {
     /// The current file; rotated files are `<path>.1` (newest) to `<path>.<keep>`.
     pub path: PathBuf,
     /// The size at which the current file is rotated.
@@ -71,7 +71,7 @@ impl AuditConfig {
     /// A log at `path` rotated at `max_bytes` and keeping `keep` rotated files, with room for
     /// 10,000 records in memory and 65,536 waiting for the writer.
     #[must_use]
-    pub fn new(path: PathBuf, max_bytes: u64, keep: usize) -> Self {
+    pub(crate) fn new(path: PathBuf, max_bytes: u64, keep: usize) -> Self {
         Self {
             path,
             max_bytes,
@@ -137,7 +137,7 @@ pub enum AuditError {
 
 /// Counters of the audit log since it was opened.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct AuditStats {
+pub(crate) struct AuditStats {
     /// Records written (loss records included).
     pub written: u64,
     /// Entries dropped because the queue was full or the log was closed.
@@ -154,7 +154,7 @@ pub struct AuditStats {
 
 /// What the log held of the previous run when it opened, for the daemon's start record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PreviousRun {
+pub(crate) enum PreviousRun {
     /// No earlier records: the log starts with this run.
     None,
     /// The last record, seq `seq`, is the daemon's stop record: the previous run stopped cleanly.
@@ -231,7 +231,7 @@ impl fmt::Display for PreviousRun {
 
 /// The node's audit trail: a cheap handle to one writer thread.
 #[derive(Clone)]
-pub struct AuditLog(Arc<Inner>);
+pub(crate) struct AuditLog(Arc<Inner>);
 
 struct Inner {
     /// `None` once closed.
@@ -288,7 +288,7 @@ impl AuditLog {
     /// Opens the log at `config.path` for `node`, creating its directory (mode 0700), file and
     /// head (0600), checks the files on disk against the head, continues the chain, and starts
     /// the writer thread. Anything missing or damaged becomes a loss record, written first.
-    pub fn open(config: AuditConfig, node: &str) -> Result<Self, AuditError> {
+    pub(crate) fn open(config: AuditConfig, node: &str) -> Result<Self, AuditError> {
         for (setting, zero) in [
             ("max_bytes", config.max_bytes == 0),
             ("keep", config.keep == 0),
@@ -378,7 +378,7 @@ impl AuditLog {
 
     /// Queues `entry` for writing; never waits (it runs on the data path). If the queue is
     /// full, the entry is counted and a loss record reports the count.
-    pub fn submit(&self, entry: Entry) {
+    pub(crate) fn submit(&self, entry: Entry) {
         let shared = &self.0.shared;
         let sender = self.0.sender.read().unwrap_or_else(PoisonError::into_inner);
         let Some(sender) = sender.as_ref() else {
@@ -411,25 +411,27 @@ impl AuditLog {
 
     /// What the log held of the previous run when it opened.
     #[must_use]
-    pub fn previous_run(&self) -> PreviousRun {
+    pub(crate) fn previous_run(&self) -> PreviousRun {
         self.0.previous_run
     }
 
     /// The newest written records (at most `recent` of them), oldest first.
     #[must_use]
-    pub fn recent(&self) -> Vec<Arc<AuditRecord>> {
+    pub(crate) fn recent(&self) -> Vec<Arc<AuditRecord>> {
         lock(&self.0.shared.recent).iter().cloned().collect()
     }
 
     /// Every record from now on, as it is written (for `enforcer flows --follow`).
     #[must_use]
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<AuditRecord>> {
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Arc<AuditRecord>> {
         self.0.shared.follow.subscribe()
     }
 
     /// Waits up to `timeout` until everything submitted before the call is written and
     /// handed to the OS; false if that did not happen in time or an I/O error got in the way.
-    pub fn flush(&self, timeout: Duration) -> bool {
+    /// Only the tests wait on the writer this way.
+    #[cfg(test)]
+    pub(crate) fn flush(&self, timeout: Duration) -> bool {
         let shared = &self.0.shared;
         let target = shared.submitted.load(Ordering::SeqCst);
         let (progress, _) = shared
@@ -443,7 +445,7 @@ impl AuditLog {
 
     /// Counters since the log was opened.
     #[must_use]
-    pub fn stats(&self) -> AuditStats {
+    pub(crate) fn stats(&self) -> AuditStats {
         let shared = &self.0.shared;
         let progress = lock(&shared.progress);
         AuditStats {
@@ -458,7 +460,7 @@ impl AuditLog {
 
     /// Stops taking entries, lets the writer drain the queue, sync the file and end, waiting
     /// up to `timeout` for it. Later submissions are counted as dropped.
-    pub fn close(&self, timeout: Duration) {
+    pub(crate) fn close(&self, timeout: Duration) {
         self.0.close(timeout);
     }
 }
@@ -911,7 +913,7 @@ mod tests {
 
     use super::*;
     use crate::audit::{
-        ChainError, Event, Finding, HeadCheck, Source, Verdict, VerifyError, VerifyReport,
+        AuditVerifyError, ChainError, Event, Finding, HeadCheck, Source, Verdict, VerifyReport,
         record::samples::{self, kernel_deny},
         verify::verify,
     };
@@ -1077,7 +1079,7 @@ mod tests {
         fs::remove_file(&middle).unwrap();
         let newer = files::rotated(&dir.path().join("audit.jsonl"), 1);
         match verify(&log_files(dir.path()), &HeadCheck::Beside) {
-            Err(VerifyError::Record {
+            Err(AuditVerifyError::Record {
                 path,
                 line: 1,
                 problem: ChainError::BrokenLink { .. },
@@ -1185,7 +1187,7 @@ mod tests {
         );
 
         match verify(&log_files(dir.path()), &HeadCheck::Beside) {
-            Err(VerifyError::Record {
+            Err(AuditVerifyError::Record {
                 path,
                 line: 6,
                 problem: ChainError::Torn,

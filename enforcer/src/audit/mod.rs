@@ -50,8 +50,10 @@ mod verify;
 
 pub use chain::ChainError;
 pub use head::HeadError;
-pub use log::{AuditConfig, AuditError, AuditLog, AuditStats, PreviousRun};
+pub use log::AuditError;
+pub(crate) use log::{AuditConfig, AuditLog, AuditStats};
+pub(crate) use record::Entry;
 #[cfg(test)]
 pub(crate) use record::samples;
-pub use record::{AuditRecord, Dst, Entry, Event, RecordError, Source, Src, Verdict};
-pub use verify::{Finding, HeadCheck, VerifyError, VerifyReport, verify};
+pub use record::{AuditRecord, Dst, Event, RecordError, Source, Src, Verdict};
+pub use verify::{AuditVerifyError, Finding, HeadCheck, VerifyReport, verify};

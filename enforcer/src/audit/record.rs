@@ -267,7 +267,7 @@ pub struct Dst {
 
 /// What a producer submits to the audit log: a record without its place in the chain.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Entry {
+pub(crate) struct Entry {
     /// When the event happened.
     pub time: SystemTime,
     /// Who reports it.
@@ -301,7 +301,12 @@ pub struct Entry {
 impl Entry {
     /// An entry stamped now, with no parties, counters or detail.
     #[must_use]
-    pub fn new(source: Source, event: Event, verdict: Verdict, reason: impl Into<String>) -> Self {
+    pub(crate) fn new(
+        source: Source,
+        event: Event,
+        verdict: Verdict,
+        reason: impl Into<String>,
+    ) -> Self {
         Self {
             time: SystemTime::now(),
             source,
@@ -322,7 +327,7 @@ impl Entry {
 
     /// A daemon record that `lost` events or records were lost, and why.
     #[must_use]
-    pub fn loss(reason: impl Into<String>, lost: u64, detail: Option<String>) -> Self {
+    pub(crate) fn loss(reason: impl Into<String>, lost: u64, detail: Option<String>) -> Self {
         Self {
             lost: Some(lost),
             detail,

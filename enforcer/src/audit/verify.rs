@@ -3,7 +3,7 @@
 //! from the start beyond what rotation deleted, are missing from the log but not from the
 //! head.
 //!
-//! A stop at the first problem ([`VerifyError`]) is kept for damage that leaves the rest
+//! A stop at the first problem ([`AuditVerifyError`]) is kept for damage that leaves the rest
 //! unreadable (a malformed, edited, torn or misplaced line); what is missing at the ends, or
 //! a gap the daemon itself reported with an `audit-tail-cut` loss record, is a [`Finding`],
 //! collected while the walk goes on.
@@ -25,7 +25,7 @@ use crate::attest::Sha256Digest;
 
 /// Why a set of log files does not verify.
 #[derive(Debug, thiserror::Error)]
-pub enum VerifyError {
+pub enum AuditVerifyError {
     /// No file was given.
     #[error("no audit log files given")]
     NoFiles,
@@ -240,7 +240,7 @@ impl VerifyReport {
 /// Checks `files` (in any order: they are ordered by the seq of their first record) line by
 /// line and the chain across them, stopping at the first damaged line, then both ends of the
 /// chain against the head `head` names.
-pub fn verify(files: &[PathBuf], head: &HeadCheck) -> Result<VerifyReport, VerifyError> {
+pub fn verify(files: &[PathBuf], head: &HeadCheck) -> Result<VerifyReport, AuditVerifyError> {
     let head_path = match head {
         HeadCheck::Beside => Some(beside(files)?),
         HeadCheck::At(path) => Some(path.clone()),
@@ -293,13 +293,13 @@ pub fn verify(files: &[PathBuf], head: &HeadCheck) -> Result<VerifyReport, Verif
 }
 
 /// The head beside `files`, which must all be named after one log.
-fn beside(files: &[PathBuf]) -> Result<PathBuf, VerifyError> {
-    let (first, rest) = files.split_first().ok_or(VerifyError::NoFiles)?;
+fn beside(files: &[PathBuf]) -> Result<PathBuf, AuditVerifyError> {
+    let (first, rest) = files.split_first().ok_or(AuditVerifyError::NoFiles)?;
     let head = head::path_beside(first);
     for file in rest {
         let other = head::path_beside(file);
         if other != head {
-            return Err(VerifyError::Logs {
+            return Err(AuditVerifyError::Logs {
                 files: [first.clone(), file.clone()],
                 heads: [head, other],
             });
@@ -317,8 +317,8 @@ struct Lines {
 }
 
 impl Lines {
-    fn open(path: &Path) -> Result<Self, VerifyError> {
-        let file = File::open(path).map_err(|source| VerifyError::Read {
+    fn open(path: &Path) -> Result<Self, AuditVerifyError> {
+        let file = File::open(path).map_err(|source| AuditVerifyError::Read {
             path: path.to_owned(),
             source,
         })?;
@@ -331,12 +331,12 @@ impl Lines {
     }
 
     /// The next line's record and hash, once the line is checked on its own; `None` at the end.
-    fn next_record(&mut self) -> Result<Option<(AuditRecord, Sha256Digest)>, VerifyError> {
+    fn next_record(&mut self) -> Result<Option<(AuditRecord, Sha256Digest)>, AuditVerifyError> {
         self.line.clear();
         let len = self
             .reader
             .read_until(b'\n', &mut self.line)
-            .map_err(|source| VerifyError::Read {
+            .map_err(|source| AuditVerifyError::Read {
                 path: self.path.clone(),
                 source,
             })?;
@@ -352,8 +352,8 @@ impl Lines {
             .map_err(|problem| self.error(problem))
     }
 
-    fn error(&self, problem: ChainError) -> VerifyError {
-        VerifyError::Record {
+    fn error(&self, problem: ChainError) -> AuditVerifyError {
+        AuditVerifyError::Record {
             path: self.path.clone(),
             line: self.number,
             problem,
@@ -362,7 +362,7 @@ impl Lines {
 }
 
 /// The seq of the first record of `path`; `None` for an empty file.
-fn first_seq(path: &Path) -> Result<Option<u64>, VerifyError> {
+fn first_seq(path: &Path) -> Result<Option<u64>, AuditVerifyError> {
     Ok(Lines::open(path)?
         .next_record()?
         .map(|(record, _)| record.seq))
@@ -397,7 +397,7 @@ struct Walk {
 }
 
 impl Walk {
-    fn file(&mut self, path: &Path) -> Result<(), VerifyError> {
+    fn file(&mut self, path: &Path) -> Result<(), AuditVerifyError> {
         let mut lines = Lines::open(path)?;
         while let Some((record, hash)) = lines.next_record()? {
             self.follow(&record)
@@ -578,9 +578,9 @@ mod tests {
         head
     }
 
-    fn failure(result: Result<VerifyReport, VerifyError>) -> (PathBuf, u64, ChainError) {
+    fn failure(result: Result<VerifyReport, AuditVerifyError>) -> (PathBuf, u64, ChainError) {
         match result {
-            Err(VerifyError::Record {
+            Err(AuditVerifyError::Record {
                 path,
                 line,
                 problem,
@@ -765,7 +765,7 @@ mod tests {
         let missing = dir.path().join("missing.jsonl");
         assert!(matches!(
             verify(&[missing], &HeadCheck::Skip),
-            Err(VerifyError::Read { .. })
+            Err(AuditVerifyError::Read { .. })
         ));
     }
 
@@ -957,14 +957,14 @@ mod tests {
         fs::write(&head_path, "{}").unwrap();
         assert!(matches!(
             verify(&files, &HeadCheck::Beside),
-            Err(VerifyError::Head(HeadError::Malformed { .. }))
+            Err(AuditVerifyError::Head(HeadError::Malformed { .. }))
         ));
 
         let other_log = dir.path().join("other.jsonl");
         write_chain(&other_log, Head::GENESIS, 1);
         let mixed = [files[0].clone(), other_log.clone()];
         match verify(&mixed, &HeadCheck::Beside) {
-            Err(VerifyError::Logs { files, heads }) => {
+            Err(AuditVerifyError::Logs { files, heads }) => {
                 assert_eq!(files, mixed);
                 assert_eq!(heads, [head_path, dir.path().join("other.head")]);
             }
@@ -972,7 +972,7 @@ mod tests {
         }
         assert!(matches!(
             verify(&[], &HeadCheck::Beside),
-            Err(VerifyError::NoFiles)
+            Err(AuditVerifyError::NoFiles)
         ));
     }
 

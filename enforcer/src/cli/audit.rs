@@ -6,7 +6,7 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::Subcommand;
 
 use crate::{
-    audit::{self, HeadCheck, VerifyError, VerifyReport},
+    audit::{self, AuditVerifyError, HeadCheck, VerifyReport},
     report::report,
 };
 
@@ -61,7 +61,7 @@ impl AuditCommand {
 
 /// What `verify` prints: the summary, or `FAILED: <file>:<line>: <what is wrong>`, or one
 /// `FAILED: <what is missing>` line per failing finding; then `note: ...` lines.
-fn message(result: &Result<VerifyReport, VerifyError>) -> String {
+fn message(result: &Result<VerifyReport, AuditVerifyError>) -> String {
     let verified = match result {
         Ok(verified) => verified,
         Err(error) => return format!("FAILED: {}", report(error)),

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::Context as _;
 
-use crate::kernel::{Counter, Datapath, PolicyMeta, loader::LoadError};
+use crate::kernel::{Counter, Datapath, LoadError, PolicyMeta};
 
 /// Print the state of the datapath pinned in `pin_dir`.
 pub(super) fn status(pin_dir: &Path) -> anyhow::Result<()> {

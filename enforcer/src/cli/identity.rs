@@ -20,12 +20,9 @@ use clap::{Subcommand, ValueEnum};
 use x509_parser::time::ASN1Time;
 
 use crate::identity::{
-    CaKind, CertificateAuthority, PeerRole, SpiffeId, TrustBundle, TrustBundleSet, TrustDomain,
-    ca::{DEFAULT_INTERMEDIATE_VALIDITY, DEFAULT_ROOT_VALIDITY, NODE_FILE_STEM, ROOT_FILE_STEM},
-    pem,
-    store::BUNDLE_PEM,
-    svid::DEFAULT_SVID_TTL,
-    verify_svid_chain,
+    BUNDLE_PEM, CaKind, CertificateAuthority, DEFAULT_INTERMEDIATE_VALIDITY, DEFAULT_ROOT_VALIDITY,
+    DEFAULT_SVID_TTL, NODE_FILE_STEM, PeerRole, ROOT_FILE_STEM, SpiffeId, TrustBundle,
+    TrustBundleSet, TrustDomain, read_file, verify_svid_chain, write_private, write_public,
 };
 
 /// File name of an issued SVID's chain (leaf, then the node intermediate).
@@ -197,7 +194,7 @@ fn issue_node(ca_dir: &Path, node: &str, out: &Path, ttl: Duration) -> anyhow::R
     .with_context(|| format!("{}: unusable as a trust bundle", root_pem.display()))?;
     create_dir(out)?;
     intermediate.write(out, NODE_FILE_STEM)?;
-    pem::write_public(&out.join(BUNDLE_PEM), &bundle.to_pem())?;
+    write_public(&out.join(BUNDLE_PEM), &bundle.to_pem())?;
     println!(
         "wrote {}, {}.key and {BUNDLE_PEM}: node CA `{node}` for {}, valid until {}",
         out.join(format!("{NODE_FILE_STEM}.pem")).display(),
@@ -215,7 +212,7 @@ fn issue_svid(ca_dir: &Path, id: &SpiffeId, out: &Path, ttl: Duration) -> anyhow
     let bundle_path = ca_dir.join(BUNDLE_PEM);
     let bundle = TrustBundle::from_pem(
         node.trust_domain().clone(),
-        &pem::read_file(&bundle_path)?,
+        &read_file(&bundle_path)?,
         &bundle_path.display().to_string(),
     )?;
     let now = SystemTime::now();
@@ -232,9 +229,9 @@ fn issue_svid(ca_dir: &Path, id: &SpiffeId, out: &Path, ttl: Duration) -> anyhow
         )
     })?;
     create_dir(out)?;
-    pem::write_private(&out.join(SVID_KEY), &svid.key_pem())?;
-    pem::write_public(&out.join(SVID_PEM), &svid.chain_pem())?;
-    pem::write_public(&out.join(BUNDLE_PEM), &bundle.to_pem())?;
+    write_private(&out.join(SVID_KEY), &svid.key_pem())?;
+    write_public(&out.join(SVID_PEM), &svid.chain_pem())?;
+    write_public(&out.join(BUNDLE_PEM), &bundle.to_pem())?;
     println!(
         "wrote {}, {SVID_KEY} and {BUNDLE_PEM}: SVID {id}, valid until {}",
         out.join(SVID_PEM).display(),
@@ -249,7 +246,7 @@ fn show_bundle(format: BundleFormat, path: &Path) -> anyhow::Result<()> {
     } else {
         path.to_owned()
     };
-    let set = TrustBundleSet::from_pem(&pem::read_file(&file)?, &file.display().to_string())?;
+    let set = TrustBundleSet::from_pem(&read_file(&file)?, &file.display().to_string())?;
     let text = match (format, set.iter().collect::<Vec<_>>().as_slice()) {
         (BundleFormat::Pem, _) => set.to_pem(),
         (BundleFormat::Spiffe, [one]) => one.to_json()? + "\n",

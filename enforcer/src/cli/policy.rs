@@ -102,7 +102,7 @@ fn diff(old: &Path, new: &Path) -> ExitCode {
             }
         }
     }
-    let changes = policy::diff::diff(&loaded[0], &loaded[1]);
+    let changes = policy::diff(&loaded[0], &loaded[1]);
     for change in &changes {
         println!("{change}");
     }

@@ -22,7 +22,7 @@ mod query;
 mod reply;
 mod server;
 mod socket;
-pub mod v1;
+pub(crate) mod v1;
 
 pub use client::{Client, ClientError, Lines, REQUEST_TIMEOUT, Response};
 pub use query::Query;

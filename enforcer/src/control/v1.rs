@@ -25,7 +25,7 @@ use crate::{
 /// Whether denials are enforced or only recorded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Mode {
+pub(crate) enum Mode {
     /// Denied connections are refused.
     Enforce,
     /// Denied connections are let through and recorded.
@@ -34,7 +34,7 @@ pub enum Mode {
 
 /// `GET /v1/status`: the daemon, its datapath, listeners, workloads, SVIDs and counters.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Status {
+pub(crate) struct Status {
     /// The node's name.
     pub node: String,
     /// The node's own SPIFFE ID.
@@ -72,7 +72,7 @@ pub struct Status {
 
 /// The policy part of [`Status`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StatusPolicy {
+pub(crate) struct StatusPolicy {
     /// The version the daemon holds.
     pub version: u64,
     /// The version the kernel's active slot holds, if readable.
@@ -89,7 +89,7 @@ pub struct StatusPolicy {
 
 /// The datapath part of [`Status`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Datapath {
+pub(crate) struct Datapath {
     /// Where the maps and links are pinned.
     pub pin_dir: String,
     /// The cgroup the programs are attached to.
@@ -106,7 +106,7 @@ pub struct Datapath {
 
 /// One attached program.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Attachment {
+pub(crate) struct Attachment {
     /// The program's name.
     pub program: String,
     /// What it is attached to.
@@ -115,7 +115,7 @@ pub struct Attachment {
 
 /// The listeners part of [`Status`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Listeners {
+pub(crate) struct Listeners {
     /// The tunnel's outbound listeners.
     pub outbound: Vec<SocketAddr>,
     /// The tunnel's inbound listener.
@@ -128,7 +128,7 @@ pub struct Listeners {
 
 /// The workloads part of [`Status`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WorkloadCount {
+pub(crate) struct WorkloadCount {
     /// Registered processes.
     pub processes: usize,
     /// Those that hold an identity.
@@ -137,7 +137,7 @@ pub struct WorkloadCount {
 
 /// One SVID in [`Status`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SvidSummary {
+pub(crate) struct SvidSummary {
     /// Its SPIFFE ID.
     #[serde(with = "spiffe_id")]
     pub spiffe_id: SpiffeId,
@@ -149,7 +149,7 @@ pub struct SvidSummary {
 
 /// The counters part of [`Status`], by name.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Counters {
+pub(crate) struct Counters {
     /// The kernel datapath's counters.
     pub kernel: BTreeMap<String, u64>,
     /// The tunnel's counters.
@@ -158,7 +158,7 @@ pub struct Counters {
 
 /// The losses part of [`Status`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Lost {
+pub(crate) struct Lost {
     /// Kernel events lost (ring buffer full).
     pub kernel_events: u64,
     /// Audit records dropped (writer queue full).
@@ -167,7 +167,7 @@ pub struct Lost {
 
 /// `GET /v1/policy`: the policy in force.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Policy {
+pub(crate) struct Policy {
     /// Its version.
     pub version: u64,
     /// SHA-256 of its text.
@@ -184,7 +184,7 @@ pub struct Policy {
 
 /// The query of `POST /v1/policy` (the body is the policy text).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ReloadQuery {
+pub(crate) struct ReloadQuery {
     /// The name diagnostics give the text.
     pub file: Option<String>,
     /// Validate and diff only (`true` or `1`).
@@ -194,7 +194,7 @@ pub struct ReloadQuery {
 
 /// The reply of `POST /v1/policy`: what the reload did (or, for a dry run, would do).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ReloadOutcome {
+pub(crate) struct ReloadOutcome {
     /// Whether it was put in force (false for a dry run).
     pub applied: bool,
     /// The version in force before.
@@ -215,7 +215,7 @@ pub struct ReloadOutcome {
 
 /// The 422 reply of `POST /v1/policy` for a policy that does not validate.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Refusal {
+pub(crate) struct Refusal {
     /// What was wrong, and which version stays in force, with every diagnostic.
     pub error: String,
     /// One `file:line:col: severity: message` line per problem.
@@ -224,7 +224,7 @@ pub struct Refusal {
 
 /// One element of `GET /v1/workloads`: a registered process.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Workload {
+pub(crate) struct Workload {
     /// Process ID.
     pub pid: u32,
     /// Its binary.
@@ -252,7 +252,7 @@ pub struct Workload {
 
 /// The query of `GET /v1/flows`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FlowsQuery {
+pub(crate) struct FlowsQuery {
     /// Only records with this verdict.
     #[serde(
         default,
@@ -273,7 +273,7 @@ pub struct FlowsQuery {
 
 /// A line of `GET /v1/flows?follow=true` in place of records the follower fell behind on.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Lagged {
+pub(crate) struct Lagged {
     /// How many records were skipped.
     pub lagged: u64,
     /// Where they are.
@@ -282,14 +282,14 @@ pub struct Lagged {
 
 /// The query of `GET /v1/svid`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SvidQuery {
+pub(crate) struct SvidQuery {
     /// The SPIFFE ID of a local workload (parsed by the route, so its error names the ID).
     pub id: Option<String>,
 }
 
 /// `GET /v1/svid`: the current SVID of a local workload identity.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Svid {
+pub(crate) struct Svid {
     /// Its SPIFFE ID.
     #[serde(with = "spiffe_id")]
     pub spiffe_id: SpiffeId,
@@ -305,7 +305,7 @@ pub struct Svid {
 
 /// The body of every non-2xx reply (a [`Refusal`] adds diagnostics).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorBody {
+pub(crate) struct ErrorBody {
     /// What went wrong, for an operator.
     pub error: String,
 }

@@ -43,10 +43,7 @@ use crate::{
     audit::{AuditLog, AuditRecord, AuditStats},
     control::{Peer, Query, Reply, Routes, v1},
     identity::SpiffeId,
-    kernel::{
-        Counter, Maps, PolicyMeta,
-        loader::{LSM, PROGRAMS, TRACEPOINTS},
-    },
+    kernel::{Counter, LSM, Maps, PROGRAMS, PolicyMeta, TRACEPOINTS},
     metrics::{self, Histogram},
     policy::PolicySnapshot,
     tunnel::{Metric, Tunnel},

@@ -27,9 +27,9 @@ pub(super) fn from_flow(record: &FlowRecord) -> Entry {
             FlowEvent::Deny => Event::Deny,
         },
         verdict: match record.verdict {
-            tunnel::Verdict::Allow => Verdict::Allow,
-            tunnel::Verdict::Deny => Verdict::Deny,
-            tunnel::Verdict::Audit => Verdict::Audit,
+            tunnel::FlowVerdict::Allow => Verdict::Allow,
+            tunnel::FlowVerdict::Deny => Verdict::Deny,
+            tunnel::FlowVerdict::Audit => Verdict::Audit,
         },
         reason: record.reason.as_str().to_owned(),
         rule: record.rule,
@@ -75,7 +75,7 @@ mod tests {
             time: samples::time(),
             side,
             event,
-            verdict: tunnel::Verdict::Allow,
+            verdict: tunnel::FlowVerdict::Allow,
             reason: Reason::Finished,
             rule: Some(3),
             policy_version: 9,
@@ -113,21 +113,21 @@ mod tests {
         );
 
         let mut refused = flow(Side::Inbound, FlowEvent::Deny);
-        refused.verdict = tunnel::Verdict::Deny;
+        refused.verdict = tunnel::FlowVerdict::Deny;
         refused.reason = Reason::Refused(Refusal::Denied);
         let deny = from_flow(&refused);
         assert_eq!((deny.event, deny.verdict), (Event::Deny, Verdict::Deny));
         assert_eq!(deny.reason, Refusal::Denied.as_str());
         assert_eq!(deny.bytes_up, None);
 
-        refused.verdict = tunnel::Verdict::Audit;
+        refused.verdict = tunnel::FlowVerdict::Audit;
         assert_eq!(from_flow(&refused).verdict, Verdict::Audit);
     }
 
     #[test]
     fn the_inbound_no_route_deny_keeps_addresses_only() {
         let mut inbound = flow(Side::Inbound, FlowEvent::Deny);
-        inbound.verdict = tunnel::Verdict::Deny;
+        inbound.verdict = tunnel::FlowVerdict::Deny;
         inbound.reason = Reason::NoRoute;
         inbound.rule = None;
         inbound.src = Party {

@@ -11,7 +11,7 @@ mod own_cgroup;
 mod recorder;
 mod reload;
 mod run;
-pub(crate) mod sockets;
+mod sockets;
 mod sources;
 mod telemetry;
 mod upkeep;
@@ -30,6 +30,9 @@ pub(crate) use self::{
     workloads::Registrar,
 };
 pub use self::{own_cgroup::OwnCgroupError, sources::KernelSources};
+// The harness reads /proc/net/tcp the way the daemon does to wait for test listeners.
+#[cfg(feature = "testing")]
+pub(crate) use self::sockets::listeners;
 use crate::identity::{SvidCache, SystemClock};
 
 /// The SVIDs the daemon holds: issued by the node CA, counted in its telemetry.

@@ -21,11 +21,8 @@ use crate::{
     identity::TrustDomain,
     kernel::Maps,
     policy::{
-        Diagnostic, IdentityNumbers, InForce, Policy, PolicySnapshot, Severity,
-        apply::{ApplyError, apply},
-        diagnostic::render,
-        diff::diff,
-        hash, parse,
+        ApplyError, Diagnostic, IdentityNumbers, InForce, Policy, PolicySnapshot, Severity, apply,
+        diff, hash, parse, render,
     },
     tunnel::Tunnel,
 };

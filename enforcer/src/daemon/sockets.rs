@@ -8,7 +8,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
 };
 
-use crate::kernel::addr::from_words;
+use crate::kernel::from_words;
 
 /// The `st` column of a listening socket.
 const TCP_LISTEN: &str = "0A";

@@ -27,7 +27,7 @@ use super::{
 use crate::{
     attest::{Attestor, ProcessFacts},
     identity::SpiffeId,
-    kernel::{Maps, maps::ListenerOwner},
+    kernel::{ListenerOwner, Maps},
     policy::{Identification, Identities, PolicySnapshot},
     report::report,
 };

@@ -28,7 +28,7 @@ pub const DEFAULT_ROOT_VALIDITY: Duration = Duration::from_hours(365 * 24);
 /// Default validity of a node intermediate CA.
 pub const DEFAULT_INTERMEDIATE_VALIDITY: Duration = Duration::from_hours(30 * 24);
 /// How far before "now" issued certificates start, to absorb clock skew between nodes.
-pub const BACKDATE: Duration = Duration::from_mins(1);
+pub(super) const BACKDATE: Duration = Duration::from_mins(1);
 
 /// File name stem of the root CA in a state directory (`root.pem`, `root.key`).
 pub const ROOT_FILE_STEM: &str = "root";

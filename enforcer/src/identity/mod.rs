@@ -2,26 +2,33 @@
 //! cache and the rustls verifiers that enforce the SPIFFE rules on every mTLS handshake.
 #![forbid(unsafe_code)]
 
-pub mod bundle;
-pub mod ca;
-pub mod cache;
-pub mod pem;
-pub mod spiffe_id;
-pub mod store;
-pub mod svid;
-pub mod tls;
-pub mod verify;
-pub mod x509;
+mod bundle;
+mod ca;
+mod cache;
+mod pem;
+mod spiffe_id;
+mod store;
+mod svid;
+mod tls;
+mod verify;
+mod x509;
 
 pub use bundle::{BundleError, TrustBundle, TrustBundleSet};
-pub use ca::{CaError, CaKind, CertificateAuthority};
-pub use cache::{CacheConfig, CacheError, Clock, SvidCache, SvidIssuer, SystemClock};
-pub use pem::PemError;
-pub use spiffe_id::{SpiffeId, SpiffeIdError, TrustDomain};
-pub use store::{NodePki, StoreError, load_or_init};
-pub use svid::{SvidError, X509Svid};
-pub use tls::{client_config, server_config, server_config_with_resolver};
-pub use verify::{
-    PeerAuthorizer, PeerRole, SpiffeClientVerifier, SpiffeServerVerifier, VerifyError,
-    peer_spiffe_id, verify_svid_chain,
+pub use ca::{
+    CaError, CaKind, CertificateAuthority, DEFAULT_INTERMEDIATE_VALIDITY, DEFAULT_ROOT_VALIDITY,
+    NODE_FILE_STEM, ROOT_FILE_STEM,
 };
+pub use cache::{CacheConfig, CacheError, Clock, SvidCache, SvidIssuer, SystemClock};
+pub(crate) use pem::read_file;
+pub use pem::{
+    PemError, encode_certificates, parse_certificates, parse_private_key, write_private,
+    write_public,
+};
+pub use spiffe_id::{SpiffeId, SpiffeIdError, TrustDomain};
+pub use store::StoreError;
+pub(crate) use store::{BUNDLE_PEM, load_or_init};
+pub use svid::{DEFAULT_SVID_TTL, SvidError, X509Svid};
+pub(crate) use tls::server_config_with_resolver;
+pub use tls::{client_config, server_config};
+pub use verify::{PeerAuthorizer, PeerRole, SvidVerifyError, peer_spiffe_id, verify_svid_chain};
+pub use x509::provider;

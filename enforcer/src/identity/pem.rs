@@ -116,7 +116,7 @@ pub fn parse_private_key(input: &str, what: &str) -> Result<PrivatePkcs8KeyDer<'
 
 /// Encodes DER bytes as one PEM section with the given label (64-column base64 lines).
 #[must_use]
-pub fn encode(label: &str, der: &[u8]) -> String {
+pub(super) fn encode(label: &str, der: &[u8]) -> String {
     let body = base64::engine::general_purpose::STANDARD.encode(der);
     let mut out = format!("-----BEGIN {label}-----\n");
     for line in body.as_bytes().chunks(64) {
@@ -138,12 +138,12 @@ pub fn encode_certificates(certs: &[CertificateDer<'_>]) -> String {
 
 /// Encodes a PKCS#8 key as a `PRIVATE KEY` section.
 #[must_use]
-pub fn encode_private_key(key: &PrivatePkcs8KeyDer<'_>) -> String {
+pub(super) fn encode_private_key(key: &PrivatePkcs8KeyDer<'_>) -> String {
     encode("PRIVATE KEY", key.secret_pkcs8_der())
 }
 
 /// Reads a whole file as text, naming the file on error.
-pub fn read_file(path: &Path) -> Result<String, PemError> {
+pub(crate) fn read_file(path: &Path) -> Result<String, PemError> {
     fs::read_to_string(path).map_err(|source| PemError::Io {
         action: "read",
         path: path.to_owned(),

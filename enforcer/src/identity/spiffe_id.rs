@@ -13,9 +13,9 @@ use std::{fmt, str::FromStr};
 /// The scheme and separator every SPIFFE ID starts with.
 const PREFIX: &str = "spiffe://";
 /// Longest SPIFFE ID accepted, in bytes (SPIFFE-ID.md 2.3).
-pub const MAX_SPIFFE_ID_LEN: usize = 2048;
+pub(super) const MAX_SPIFFE_ID_LEN: usize = 2048;
 /// Longest trust domain name accepted, in bytes (the URI host limit of RFC 3986).
-pub const MAX_TRUST_DOMAIN_LEN: usize = 255;
+pub(super) const MAX_TRUST_DOMAIN_LEN: usize = 255;
 
 /// Why a SPIFFE ID or trust domain name was rejected, with the byte position where it applies.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

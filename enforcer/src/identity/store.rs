@@ -24,9 +24,9 @@ use super::{
 };
 
 /// File name of the published PEM bundle.
-pub const BUNDLE_PEM: &str = "bundle.pem";
+pub(crate) const BUNDLE_PEM: &str = "bundle.pem";
 /// File name of the published SPIFFE bundle JSON.
-pub const BUNDLE_JSON: &str = "bundle.json";
+pub(super) const BUNDLE_JSON: &str = "bundle.json";
 
 /// Why the state directory's PKI could not be loaded or created.
 #[derive(Debug, thiserror::Error)]
@@ -75,7 +75,7 @@ pub enum StoreError {
 
 /// What a node needs to issue SVIDs and verify peers of its own trust domain.
 #[derive(Debug)]
-pub struct NodePki {
+pub(crate) struct NodePki {
     /// The node's intermediate CA, which signs workload SVIDs.
     pub node: CertificateAuthority,
     /// The trust domain's bundle (the root certificate).
@@ -85,7 +85,7 @@ pub struct NodePki {
 /// Loads the node PKI from `dir`, creating the root and/or node CA that are missing, and
 /// renewing the node CA once half its validity has passed (when the root key is present).
 /// Writes `bundle.pem` and `bundle.json` on every call.
-pub fn load_or_init(
+pub(crate) fn load_or_init(
     dir: &Path,
     trust_domain: &TrustDomain,
     node_name: &str,

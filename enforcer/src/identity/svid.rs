@@ -21,7 +21,7 @@ use super::{
     ca::{CaError, CertificateAuthority},
     pem::{self, PemError},
     spiffe_id::SpiffeId,
-    verify::{self, VerifyError},
+    verify::{self, SvidVerifyError},
     x509::{self, random_serial},
 };
 
@@ -64,7 +64,7 @@ pub enum SvidError {
         what: String,
         /// The rule it breaks.
         #[source]
-        source: VerifyError,
+        source: SvidVerifyError,
     },
     /// The loaded private key is not a PKCS#8 P-256 key or does not match the leaf.
     #[error("{what}: private key is not the leaf's PKCS#8 ECDSA P-256 key")]

@@ -26,7 +26,7 @@ pub fn server_config(
 /// A TLS 1.3 server config that picks the certificate per connection with `resolver` (e.g.
 /// the SVID of the workload owning the destination port) and verifies clients as
 /// [`server_config`] does.
-pub fn server_config_with_resolver(
+pub(crate) fn server_config_with_resolver(
     resolver: Arc<dyn rustls::server::ResolvesServerCert>,
     bundles: Arc<TrustBundleSet>,
     clients: PeerAuthorizer,

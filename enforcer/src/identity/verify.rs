@@ -36,7 +36,7 @@ use super::{
 
 /// Why a peer's SVID was rejected.
 #[derive(Debug, thiserror::Error)]
-pub enum VerifyError {
+pub enum SvidVerifyError {
     /// The peer presented no certificate.
     #[error("peer presented no certificate")]
     EmptyChain,
@@ -101,7 +101,7 @@ pub enum VerifyError {
 
 /// What a leaf certificate says about itself once it passed the X509-SVID leaf rules.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LeafFacts {
+pub(super) struct LeafFacts {
     /// The SPIFFE ID in its only URI SAN.
     pub spiffe_id: SpiffeId,
     /// Start of validity.
@@ -112,8 +112,8 @@ pub struct LeafFacts {
 
 /// Checks a leaf certificate against X509-SVID.md 5.2 and the profile rules, without chain or
 /// time checks.
-pub fn inspect_leaf(der: &CertificateDer<'_>) -> Result<LeafFacts, VerifyError> {
-    let malformed = |e: &dyn std::fmt::Display| VerifyError::Malformed(e.to_string());
+pub(super) fn inspect_leaf(der: &CertificateDer<'_>) -> Result<LeafFacts, SvidVerifyError> {
+    let malformed = |e: &dyn std::fmt::Display| SvidVerifyError::Malformed(e.to_string());
     let (_, cert) = X509Certificate::from_der(der).map_err(|e| malformed(&e))?;
     let uris: Vec<&str> = cert
         .subject_alternative_name()
@@ -130,36 +130,36 @@ pub fn inspect_leaf(der: &CertificateDer<'_>) -> Result<LeafFacts, VerifyError> 
         })
         .unwrap_or_default();
     let [uri] = uris.as_slice() else {
-        return Err(VerifyError::UriSanCount(uris.len()));
+        return Err(SvidVerifyError::UriSanCount(uris.len()));
     };
-    let spiffe_id: SpiffeId = uri.parse().map_err(VerifyError::SpiffeId)?;
+    let spiffe_id: SpiffeId = uri.parse().map_err(SvidVerifyError::SpiffeId)?;
     if !spiffe_id.is_workload() {
-        return Err(VerifyError::NoPath(spiffe_id));
+        return Err(SvidVerifyError::NoPath(spiffe_id));
     }
     if cert
         .basic_constraints()
         .map_err(|e| malformed(&e))?
         .is_some_and(|bc| bc.value.ca)
     {
-        return Err(VerifyError::LeafIsCa);
+        return Err(SvidVerifyError::LeafIsCa);
     }
     let ku = cert
         .key_usage()
         .map_err(|e| malformed(&e))?
-        .ok_or(VerifyError::MissingKeyUsage)?;
+        .ok_or(SvidVerifyError::MissingKeyUsage)?;
     if !ku.critical {
-        return Err(VerifyError::KeyUsageNotCritical);
+        return Err(SvidVerifyError::KeyUsageNotCritical);
     }
     if !ku.value.digital_signature() {
-        return Err(VerifyError::NoDigitalSignature);
+        return Err(SvidVerifyError::NoDigitalSignature);
     }
     if ku.value.key_cert_sign() || ku.value.crl_sign() {
-        return Err(VerifyError::SigningKeyUsage);
+        return Err(SvidVerifyError::SigningKeyUsage);
     }
     if let Some(eku) = cert.extended_key_usage().map_err(|e| malformed(&e))?
         && !(eku.value.server_auth && eku.value.client_auth)
     {
-        return Err(VerifyError::ExtendedKeyUsage);
+        return Err(SvidVerifyError::ExtendedKeyUsage);
     }
     Ok(LeafFacts {
         spiffe_id,
@@ -184,8 +184,8 @@ pub fn verify_svid_chain(
     chain: &[CertificateDer<'_>],
     now: SystemTime,
     role: PeerRole,
-) -> Result<SpiffeId, VerifyError> {
-    let (leaf, intermediates) = chain.split_first().ok_or(VerifyError::EmptyChain)?;
+) -> Result<SpiffeId, SvidVerifyError> {
+    let (leaf, intermediates) = chain.split_first().ok_or(SvidVerifyError::EmptyChain)?;
     verify_leaf(bundles, leaf, intermediates, now, role)
 }
 
@@ -196,23 +196,23 @@ fn verify_leaf(
     intermediates: &[CertificateDer<'_>],
     now: SystemTime,
     role: PeerRole,
-) -> Result<SpiffeId, VerifyError> {
+) -> Result<SpiffeId, SvidVerifyError> {
     let facts = inspect_leaf(leaf)?;
     if now < facts.not_before {
-        return Err(VerifyError::NotYetValid {
+        return Err(SvidVerifyError::NotYetValid {
             not_before: facts.not_before,
         });
     }
     if now > facts.not_after {
-        return Err(VerifyError::Expired {
+        return Err(SvidVerifyError::Expired {
             not_after: facts.not_after,
         });
     }
     let trust_domain = facts.spiffe_id.trust_domain();
     let bundle = bundles
         .get(&trust_domain)
-        .ok_or_else(|| VerifyError::UnknownTrustDomain(trust_domain.clone()))?;
-    let chain_err = |source| VerifyError::Chain {
+        .ok_or_else(|| SvidVerifyError::UnknownTrustDomain(trust_domain.clone()))?;
+    let chain_err = |source| SvidVerifyError::Chain {
         trust_domain: trust_domain.clone(),
         source,
     };
@@ -279,20 +279,20 @@ fn system_time(now: UnixTime) -> SystemTime {
 }
 
 /// Maps a verification failure to the rustls error (and so the TLS alert) that fits it; the
-/// SPIFFE-specific ones travel as `CertificateError::Other` holding the [`VerifyError`].
-fn to_rustls(err: VerifyError) -> rustls::Error {
+/// SPIFFE-specific ones travel as `CertificateError::Other` holding the [`SvidVerifyError`].
+fn to_rustls(err: SvidVerifyError) -> rustls::Error {
     let cert_err = match err {
-        VerifyError::Expired { .. } => CertificateError::Expired,
-        VerifyError::NotYetValid { .. } => CertificateError::NotValidYet,
-        VerifyError::Chain {
+        SvidVerifyError::Expired { .. } => CertificateError::Expired,
+        SvidVerifyError::NotYetValid { .. } => CertificateError::NotValidYet,
+        SvidVerifyError::Chain {
             source: webpki::Error::UnknownIssuer,
             ..
         } => CertificateError::UnknownIssuer,
-        VerifyError::Chain {
+        SvidVerifyError::Chain {
             source: webpki::Error::InvalidSignatureForPublicKey,
             ..
         } => CertificateError::BadSignature,
-        VerifyError::Unauthorized(_) => CertificateError::ApplicationVerificationFailure,
+        SvidVerifyError::Unauthorized(_) => CertificateError::ApplicationVerificationFailure,
         other => CertificateError::Other(OtherError(Arc::new(other))),
     };
     rustls::Error::InvalidCertificate(cert_err)
@@ -334,7 +334,7 @@ impl SpiffeVerifier {
         if self.authorizer.allows(&id) {
             Ok(())
         } else {
-            Err(to_rustls(VerifyError::Unauthorized(id)))
+            Err(to_rustls(SvidVerifyError::Unauthorized(id)))
         }
     }
 
@@ -358,12 +358,12 @@ fn tls12_refused() -> Result<HandshakeSignatureValid, rustls::Error> {
 /// Server-side verifier of client SVIDs: mandatory client auth, SPIFFE rules, per-trust-domain
 /// anchors, then the [`PeerAuthorizer`].
 #[derive(Debug)]
-pub struct SpiffeClientVerifier(SpiffeVerifier);
+pub(super) struct SpiffeClientVerifier(SpiffeVerifier);
 
 impl SpiffeClientVerifier {
     /// A verifier trusting `bundles` and accepting the clients `authorizer` allows.
     #[must_use]
-    pub fn new(bundles: Arc<TrustBundleSet>, authorizer: PeerAuthorizer) -> Self {
+    pub(super) fn new(bundles: Arc<TrustBundleSet>, authorizer: PeerAuthorizer) -> Self {
         Self(SpiffeVerifier::new(bundles, authorizer))
     }
 }
@@ -410,12 +410,12 @@ impl ClientCertVerifier for SpiffeClientVerifier {
 /// Client-side verifier of server SVIDs: SPIFFE rules, per-trust-domain anchors, then the
 /// [`PeerAuthorizer`] in place of the DNS name check.
 #[derive(Debug)]
-pub struct SpiffeServerVerifier(SpiffeVerifier);
+pub(super) struct SpiffeServerVerifier(SpiffeVerifier);
 
 impl SpiffeServerVerifier {
     /// A verifier trusting `bundles` and accepting the servers `authorizer` allows.
     #[must_use]
-    pub fn new(bundles: Arc<TrustBundleSet>, authorizer: PeerAuthorizer) -> Self {
+    pub(super) fn new(bundles: Arc<TrustBundleSet>, authorizer: PeerAuthorizer) -> Self {
         Self(SpiffeVerifier::new(bundles, authorizer))
     }
 }
@@ -459,11 +459,11 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 
 /// The SPIFFE ID of the peer of a connection whose handshake completed with one of this
 /// module's verifiers (which already authenticated it).
-pub fn peer_spiffe_id(conn: &CommonState) -> Result<SpiffeId, VerifyError> {
+pub fn peer_spiffe_id(conn: &CommonState) -> Result<SpiffeId, SvidVerifyError> {
     let leaf = conn
         .peer_certificates()
         .and_then(<[_]>::first)
-        .ok_or(VerifyError::EmptyChain)?;
+        .ok_or(SvidVerifyError::EmptyChain)?;
     Ok(inspect_leaf(leaf)?.spiffe_id)
 }
 
@@ -550,7 +550,9 @@ mod tests {
     }
 
     /// Builds a leaf for `spiffe://example.org/web` with `edit` applied and verifies it.
-    fn verify_edited(edit: impl FnOnce(&mut CertificateParams)) -> Result<SpiffeId, VerifyError> {
+    fn verify_edited(
+        edit: impl FnOnce(&mut CertificateParams),
+    ) -> Result<SpiffeId, SvidVerifyError> {
         let pki = pki();
         let mut params = good_params("spiffe://example.org/web", pki.now);
         edit(&mut params);
@@ -580,7 +582,7 @@ mod tests {
         let pki = pki();
         let err =
             verify_svid_chain(&pki.bundles, &[], pki.now, PeerRole::Client).expect_err("empty");
-        assert!(matches!(err, VerifyError::EmptyChain), "{err:?}");
+        assert!(matches!(err, SvidVerifyError::EmptyChain), "{err:?}");
     }
 
     #[test]
@@ -590,7 +592,7 @@ mod tests {
                 vec![SanType::DnsName("web.example.org".try_into().expect("dns"))];
         })
         .expect_err("no URI SAN");
-        assert!(matches!(err, VerifyError::UriSanCount(0)), "{err:?}");
+        assert!(matches!(err, SvidVerifyError::UriSanCount(0)), "{err:?}");
     }
 
     #[test]
@@ -601,7 +603,7 @@ mod tests {
             ));
         })
         .expect_err("two URI SANs");
-        assert!(matches!(err, VerifyError::UriSanCount(2)), "{err:?}");
+        assert!(matches!(err, SvidVerifyError::UriSanCount(2)), "{err:?}");
     }
 
     #[test]
@@ -613,7 +615,7 @@ mod tests {
         })
         .expect_err("not spiffe");
         assert!(
-            matches!(err, VerifyError::SpiffeId(SpiffeIdError::WrongScheme)),
+            matches!(err, SvidVerifyError::SpiffeId(SpiffeIdError::WrongScheme)),
             "{err:?}"
         );
     }
@@ -626,7 +628,7 @@ mod tests {
             )];
         })
         .expect_err("no path");
-        assert!(matches!(err, VerifyError::NoPath(_)), "{err:?}");
+        assert!(matches!(err, SvidVerifyError::NoPath(_)), "{err:?}");
     }
 
     #[test]
@@ -635,13 +637,13 @@ mod tests {
             p.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         })
         .expect_err("CA leaf");
-        assert!(matches!(err, VerifyError::LeafIsCa), "{err:?}");
+        assert!(matches!(err, SvidVerifyError::LeafIsCa), "{err:?}");
     }
 
     #[test]
     fn rejects_a_leaf_without_key_usage() {
         let err = verify_edited(|p| p.key_usages.clear()).expect_err("no KU");
-        assert!(matches!(err, VerifyError::MissingKeyUsage), "{err:?}");
+        assert!(matches!(err, SvidVerifyError::MissingKeyUsage), "{err:?}");
     }
 
     #[test]
@@ -655,14 +657,20 @@ mod tests {
             p.custom_extensions.push(ku);
         })
         .expect_err("non-critical KU");
-        assert!(matches!(err, VerifyError::KeyUsageNotCritical), "{err:?}");
+        assert!(
+            matches!(err, SvidVerifyError::KeyUsageNotCritical),
+            "{err:?}"
+        );
     }
 
     #[test]
     fn rejects_a_key_usage_without_digital_signature() {
         let err = verify_edited(|p| p.key_usages = vec![KeyUsagePurpose::KeyEncipherment])
             .expect_err("no digitalSignature");
-        assert!(matches!(err, VerifyError::NoDigitalSignature), "{err:?}");
+        assert!(
+            matches!(err, SvidVerifyError::NoDigitalSignature),
+            "{err:?}"
+        );
     }
 
     #[test]
@@ -674,12 +682,12 @@ mod tests {
             ];
         })
         .expect_err("keyCertSign");
-        assert!(matches!(err, VerifyError::SigningKeyUsage), "{err:?}");
+        assert!(matches!(err, SvidVerifyError::SigningKeyUsage), "{err:?}");
         let err = verify_edited(|p| {
             p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::CrlSign];
         })
         .expect_err("cRLSign");
-        assert!(matches!(err, VerifyError::SigningKeyUsage), "{err:?}");
+        assert!(matches!(err, SvidVerifyError::SigningKeyUsage), "{err:?}");
     }
 
     #[test]
@@ -687,7 +695,7 @@ mod tests {
         let err =
             verify_edited(|p| p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth])
                 .expect_err("server only");
-        assert!(matches!(err, VerifyError::ExtendedKeyUsage), "{err:?}");
+        assert!(matches!(err, SvidVerifyError::ExtendedKeyUsage), "{err:?}");
     }
 
     #[test]
@@ -698,7 +706,7 @@ mod tests {
             p.not_after = (now - HOUR).into();
         })
         .expect_err("expired");
-        assert!(matches!(err, VerifyError::Expired { .. }), "{err:?}");
+        assert!(matches!(err, SvidVerifyError::Expired { .. }), "{err:?}");
     }
 
     #[test]
@@ -709,7 +717,10 @@ mod tests {
             p.not_after = (now + 2 * HOUR).into();
         })
         .expect_err("not yet valid");
-        assert!(matches!(err, VerifyError::NotYetValid { .. }), "{err:?}");
+        assert!(
+            matches!(err, SvidVerifyError::NotYetValid { .. }),
+            "{err:?}"
+        );
     }
 
     #[test]
@@ -724,7 +735,7 @@ mod tests {
         )
         .expect_err("unknown trust domain");
         assert!(
-            matches!(&err, VerifyError::UnknownTrustDomain(td) if td.as_str() == "unknown.org"),
+            matches!(&err, SvidVerifyError::UnknownTrustDomain(td) if td.as_str() == "unknown.org"),
             "{err:?}"
         );
     }
@@ -749,7 +760,7 @@ mod tests {
         assert!(
             matches!(
                 err,
-                VerifyError::Chain {
+                SvidVerifyError::Chain {
                     source: webpki::Error::InvalidSignatureForPublicKey,
                     ..
                 }
@@ -767,7 +778,7 @@ mod tests {
         assert!(
             matches!(
                 err,
-                VerifyError::Chain {
+                SvidVerifyError::Chain {
                     source: webpki::Error::UnknownIssuer,
                     ..
                 }
@@ -778,7 +789,7 @@ mod tests {
         let leaf_only = chain(&pki.node, &params)[..1].to_vec();
         let err = verify_svid_chain(&pki.bundles, &leaf_only, pki.now, PeerRole::Client)
             .expect_err("missing intermediate");
-        assert!(matches!(err, VerifyError::Chain { .. }), "{err:?}");
+        assert!(matches!(err, SvidVerifyError::Chain { .. }), "{err:?}");
     }
 
     #[test]
@@ -803,8 +814,8 @@ mod tests {
         };
         assert!(
             matches!(
-                inner.downcast_ref::<VerifyError>(),
-                Some(VerifyError::MissingKeyUsage)
+                inner.downcast_ref::<SvidVerifyError>(),
+                Some(SvidVerifyError::MissingKeyUsage)
             ),
             "{inner:?}"
         );

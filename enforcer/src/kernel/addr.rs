@@ -8,7 +8,7 @@ use enforcer_ebpf::SockKey;
 
 /// The kernel's word form of `ip`.
 #[must_use]
-pub fn to_words(ip: IpAddr) -> [u32; 4] {
+pub(super) fn to_words(ip: IpAddr) -> [u32; 4] {
     let v6 = match ip {
         IpAddr::V4(v4) => v4.to_ipv6_mapped(),
         IpAddr::V6(v6) => v6,
@@ -26,7 +26,7 @@ pub fn to_words(ip: IpAddr) -> [u32; 4] {
 
 /// The address behind a kernel word form; v4-mapped addresses come back as IPv4.
 #[must_use]
-pub fn from_words(words: [u32; 4]) -> IpAddr {
+pub(crate) fn from_words(words: [u32; 4]) -> IpAddr {
     let mut octets = [0u8; 16];
     for (chunk, word) in octets.chunks_exact_mut(4).zip(words) {
         chunk.copy_from_slice(&word.to_ne_bytes());
@@ -37,7 +37,7 @@ pub fn from_words(words: [u32; 4]) -> IpAddr {
 
 /// The kernel key for a socket address.
 #[must_use]
-pub fn sock_key(addr: SocketAddr) -> SockKey {
+pub(super) fn sock_key(addr: SocketAddr) -> SockKey {
     SockKey {
         addr: to_words(addr.ip()),
         port: addr.port(),
@@ -47,7 +47,7 @@ pub fn sock_key(addr: SocketAddr) -> SockKey {
 
 /// The socket address behind a kernel key.
 #[must_use]
-pub fn socket_addr(key: &SockKey) -> SocketAddr {
+pub(super) fn socket_addr(key: &SockKey) -> SocketAddr {
     SocketAddr::new(from_words(key.addr), key.port)
 }
 

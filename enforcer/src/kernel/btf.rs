@@ -14,7 +14,7 @@ use std::{collections::HashMap, path::Path};
 use enforcer_ebpf::Layout;
 
 /// Where the running kernel publishes its BTF.
-pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+pub(super) const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 /// `BTF_MAGIC`.
 const MAGIC: u16 = 0xeb9f;
@@ -61,7 +61,7 @@ pub enum BtfError {
 }
 
 /// The [`Layout`] of the running kernel.
-pub fn running_layout() -> Result<Layout, BtfError> {
+pub(super) fn running_layout() -> Result<Layout, BtfError> {
     let path = Path::new(VMLINUX_BTF);
     let data = std::fs::read(path).map_err(|source| BtfError::Read {
         path: path.display().to_string(),
@@ -71,7 +71,7 @@ pub fn running_layout() -> Result<Layout, BtfError> {
 }
 
 /// The [`Layout`] described by the BTF blob `data`.
-pub fn layout(data: &[u8]) -> Result<Layout, BtfError> {
+pub(super) fn layout(data: &[u8]) -> Result<Layout, BtfError> {
     let btf = Btf::parse(data)?;
     Ok(Layout {
         cgroup_kn: btf.member_offset("cgroup", "kn")?,

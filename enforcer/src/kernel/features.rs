@@ -24,7 +24,7 @@ const OSRELEASE: &str = "/proc/sys/kernel/osrelease";
 const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 /// The oldest kernel that has every [`Feature`]: the newest of their `since` releases.
-pub const MINIMUM_KERNEL: KernelVersion = KernelVersion::new(5, 10);
+pub(super) const MINIMUM_KERNEL: KernelVersion = KernelVersion::new(5, 10);
 
 /// A kernel release reduced to `major.minor`, the granularity at which features arrive.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -212,7 +212,7 @@ pub enum FeatureError {
 
 /// Checks that the running kernel has every feature; the error names the first one missing
 /// and the release that introduced it. Probing loads tiny programs, so it needs privileges.
-pub fn check_running() -> Result<(), FeatureError> {
+pub(super) fn check_running() -> Result<(), FeatureError> {
     let release = fs::read_to_string(OSRELEASE).map_err(FeatureError::Release)?;
     let release = release.trim();
     let version = KernelVersion::parse(release)
@@ -221,7 +221,7 @@ pub fn check_running() -> Result<(), FeatureError> {
 }
 
 /// Asks `has` about every feature in [`Feature::ALL`] order and fails on the first it lacks.
-pub fn check(
+pub(super) fn check(
     release: &str,
     mut has: impl FnMut(Feature) -> Result<bool, FeatureError>,
 ) -> Result<(), FeatureError> {

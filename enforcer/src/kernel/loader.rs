@@ -45,7 +45,7 @@ use super::{
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer-ebpf"));
 
 /// Every program an installation must have, in attach order; also the link pin names.
-pub const PROGRAMS: [&str; 12] = [
+pub(crate) const PROGRAMS: [&str; 12] = [
     program_names::CONNECT4,
     program_names::CONNECT6,
     program_names::SOCK_CREATE,
@@ -61,7 +61,7 @@ pub const PROGRAMS: [&str; 12] = [
 ];
 
 /// The programs that attach to BTF tracepoints, with their tracepoints.
-pub const TRACEPOINTS: [(&str, &str); 5] = [
+pub(crate) const TRACEPOINTS: [(&str, &str); 5] = [
     (program_names::EXEC, "sched_process_exec"),
     (program_names::EXIT, "sched_process_exit"),
     (program_names::CGROUP_MKDIR, "cgroup_mkdir"),
@@ -70,7 +70,7 @@ pub const TRACEPOINTS: [(&str, &str); 5] = [
 ];
 
 /// The optional LSM program and its hook: attached only where the BPF LSM runs.
-pub const LSM: (&str, &str) = (program_names::SOCKET_LSM, "socket_create");
+pub(crate) const LSM: (&str, &str) = (program_names::SOCKET_LSM, "socket_create");
 
 /// The kernel's list of active LSMs; the BPF LSM runs when it names `bpf`.
 const ACTIVE_LSMS: &str = "/sys/kernel/security/lsm";
@@ -351,7 +351,7 @@ impl Datapath {
 }
 
 /// How long [`Datapath::uninstall`] waits for the kernel to release unpinned links.
-pub const DETACH_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const DETACH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Wait until none of the programs `ids` is loaded any more.
 fn wait_until_unloaded(ids: &[u32]) -> Result<(), LoadError> {

@@ -1,22 +1,30 @@
 //! The kernel side: loading, attaching and pinning the eBPF programs, typed and validated
 //! access to their maps, and decoding of their events.
 
-pub mod addr;
-pub mod bpffs;
-pub mod btf;
-pub mod cgroup;
-pub mod events;
-pub mod features;
-pub mod loader;
-pub mod maps;
-pub mod netns;
-pub mod tags;
+mod addr;
+mod bpffs;
+mod btf;
+mod cgroup;
+mod events;
+mod features;
+mod loader;
+mod maps;
+mod netns;
+mod tags;
 
-pub use enforcer_ebpf::{Counter, EventKind, PolicyMeta};
-pub use events::{EventReader, KernelEvent};
-pub use loader::{Datapath, DatapathOptions};
+pub(crate) use addr::from_words;
+pub use bpffs::{BpffsError, ensure_bpffs, is_bpffs};
+pub use btf::BtfError;
+pub use cgroup::{CgroupError, cgroup_id, cgroup2_mount};
+pub(crate) use enforcer_ebpf::PolicyMeta;
+pub use enforcer_ebpf::{Counter, EventKind};
+pub use events::{EventError, EventReader, KernelEvent};
+pub use features::{Feature, FeatureError, KernelVersion};
+pub use loader::{Datapath, DatapathOptions, LoadError, ProgramStats};
+pub(crate) use loader::{LSM, PROGRAMS, TRACEPOINTS};
 pub use maps::{
-    DaemonConfig, EgressEntry, IpProtocol, ListenerSlot, Maps, Original, PolicyAction, PolicyMode,
-    PolicyRule, PolicyTable,
+    DaemonConfig, EgressEntry, IpProtocol, ListenerOwner, ListenerSlot, Maps, MapsError, Original,
+    PolicyAction, PolicyMode, PolicyRule, PolicyTable,
 };
+pub use netns::netns_cookie;
 pub use tags::SocketTags;

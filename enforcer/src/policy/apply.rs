@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use super::{compile::Compiled, model::Policy};
-use crate::kernel::{Maps, maps::MapsError};
+use crate::kernel::{Maps, MapsError};
 
 /// Errors of applying a policy to the kernel.
 #[derive(Debug, thiserror::Error)]
@@ -40,7 +40,7 @@ pub fn apply(
     let mut report = ApplyReport::default();
     let mut ids = Vec::new();
     for path in &policy.enroll {
-        match crate::kernel::cgroup::cgroup_id(&cgroup2_mount.join(path.trim_start_matches('/'))) {
+        match crate::kernel::cgroup_id(&cgroup2_mount.join(path.trim_start_matches('/'))) {
             Ok(id) => ids.push(id),
             Err(_) => report.missing_cgroups.push(path.clone()),
         }

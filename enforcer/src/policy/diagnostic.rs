@@ -43,7 +43,7 @@ impl fmt::Display for Diagnostic {
 
 /// Collects diagnostics for one source text.
 #[derive(Debug)]
-pub struct Diagnostics<'s> {
+pub(super) struct Diagnostics<'s> {
     file: String,
     source: &'s str,
     found: Vec<Diagnostic>,
@@ -52,7 +52,7 @@ pub struct Diagnostics<'s> {
 impl<'s> Diagnostics<'s> {
     /// A collector for `source`, read from `file`.
     #[must_use]
-    pub fn new(file: impl Into<String>, source: &'s str) -> Self {
+    pub(super) fn new(file: impl Into<String>, source: &'s str) -> Self {
         Self {
             file: file.into(),
             source,
@@ -61,12 +61,12 @@ impl<'s> Diagnostics<'s> {
     }
 
     /// Record an error at byte range `span`.
-    pub fn error(&mut self, span: &Range<usize>, message: impl Into<String>) {
+    pub(super) fn error(&mut self, span: &Range<usize>, message: impl Into<String>) {
         self.push(Severity::Error, span, message.into());
     }
 
     /// Record a warning at byte range `span`.
-    pub fn warning(&mut self, span: &Range<usize>, message: impl Into<String>) {
+    pub(super) fn warning(&mut self, span: &Range<usize>, message: impl Into<String>) {
         self.push(Severity::Warning, span, message.into());
     }
 
@@ -83,19 +83,19 @@ impl<'s> Diagnostics<'s> {
 
     /// The source text being checked.
     #[must_use]
-    pub fn source(&self) -> &'s str {
+    pub(super) fn source(&self) -> &'s str {
         self.source
     }
 
     /// Whether any error (not warning) was recorded.
     #[must_use]
-    pub fn has_errors(&self) -> bool {
+    pub(super) fn has_errors(&self) -> bool {
         self.found.iter().any(|d| d.severity == Severity::Error)
     }
 
     /// Everything recorded, in source order.
     #[must_use]
-    pub fn into_sorted(mut self) -> Vec<Diagnostic> {
+    pub(super) fn into_sorted(mut self) -> Vec<Diagnostic> {
         self.found.sort_by_key(|d| (d.line, d.col));
         self.found
     }
@@ -103,7 +103,7 @@ impl<'s> Diagnostics<'s> {
 
 /// `diagnostics`, one per line.
 #[must_use]
-pub fn render(diagnostics: &[Diagnostic]) -> String {
+pub(crate) fn render(diagnostics: &[Diagnostic]) -> String {
     diagnostics
         .iter()
         .map(ToString::to_string)
@@ -113,7 +113,7 @@ pub fn render(diagnostics: &[Diagnostic]) -> String {
 
 /// 1-based line and column (in characters) of byte `offset` in `source`.
 #[must_use]
-pub fn line_col(source: &str, offset: usize) -> (usize, usize) {
+pub(crate) fn line_col(source: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(source.len());
     let before = source.get(..offset).unwrap_or(source);
     let line = before.matches('\n').count() + 1;

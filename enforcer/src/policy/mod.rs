@@ -3,22 +3,26 @@
 //! userspace authorizer, the workload registry that gives attested processes their identity,
 //! and diffs between versions.
 
-pub mod apply;
-pub mod compile;
-pub mod diagnostic;
-pub mod diff;
-pub mod identities;
+mod apply;
+mod compile;
+mod diagnostic;
+mod diff;
+mod identities;
 mod in_force;
-pub mod model;
-pub mod parse;
+mod model;
+mod parse;
 mod view;
 
+pub use apply::{ApplyError, ApplyReport, apply};
 pub use compile::{Authorizer, Compiled, Decision, IdentityNumbers, compile};
 pub use diagnostic::{Diagnostic, Severity};
+pub(crate) use diagnostic::{line_col, render};
+pub use diff::{Change, diff};
 pub use identities::{Identification, Identities, Registry};
 pub use in_force::{InForce, PolicySnapshot, hash};
+pub(crate) use model::DEFAULT_PEER_PORT;
 pub use model::{Action, Egress, IdPattern, Mode, Peer, Policy, Ports, Protocol, Rule, Workload};
-pub use parse::{load, parse};
+pub use parse::{MAX_POLICY_BYTES, load, parse};
 pub use view::PolicyView;
 
 /// The embedded default policy (`policies/default.toml`): safe on any machine, it enrolls

@@ -263,4 +263,4 @@ pub struct Peer {
 }
 
 /// Default inbound port of the tunnel.
-pub const DEFAULT_PEER_PORT: u16 = 15008;
+pub(crate) const DEFAULT_PEER_PORT: u16 = 15008;

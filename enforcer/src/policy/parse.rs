@@ -45,7 +45,7 @@ use super::{
     },
 };
 use crate::{
-    attest::{Selector, selector::cgroup_path_problem},
+    attest::{Selector, cgroup_path_problem},
     identity::{SpiffeId, TrustDomain},
 };
 
@@ -657,7 +657,7 @@ fn port_value(value: &Value<'_>) -> Option<u16> {
 
 /// Parse a rule side: `spiffe://td/path` (exact), `spiffe://td/path/*` (prefix),
 /// `spiffe://td` or `spiffe://td/*` (whole trust domain).
-pub fn parse_pattern(text: &str) -> Result<IdPattern, String> {
+pub(super) fn parse_pattern(text: &str) -> Result<IdPattern, String> {
     let (base, wildcard) = match text.strip_suffix("/*") {
         Some(base) => (base, true),
         None => (text, false),
@@ -673,7 +673,7 @@ pub fn parse_pattern(text: &str) -> Result<IdPattern, String> {
 }
 
 /// Parse `address/prefix` (a bare address is a host route), rejecting host bits.
-pub fn parse_cidr(text: &str) -> Result<(IpAddr, u8), String> {
+pub(super) fn parse_cidr(text: &str) -> Result<(IpAddr, u8), String> {
     let (address, prefix) = match text.split_once('/') {
         Some((address, prefix)) => (address, Some(prefix)),
         None => (text, None),

@@ -8,7 +8,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::{report, unique_name};
-use crate::kernel::cgroup::{cgroup_id, cgroup2_mount};
+use crate::kernel::{cgroup_id, cgroup2_mount};
 
 /// How long to wait for processes in a cgroup to finish exiting before killing them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);

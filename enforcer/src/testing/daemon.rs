@@ -21,7 +21,7 @@ use tempfile::TempDir;
 use super::{Node, ScratchCgroup, Spawn, Spawned, datapath::BPFFS, report, unique_name};
 use crate::{
     audit::AuditRecord,
-    identity::{CertificateAuthority, ca::ROOT_FILE_STEM},
+    identity::{CertificateAuthority, ROOT_FILE_STEM},
     kernel::Datapath,
 };
 

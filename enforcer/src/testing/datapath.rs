@@ -9,7 +9,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::kernel::{DaemonConfig, Datapath, DatapathOptions, ListenerSlot, netns::netns_cookie};
+use crate::kernel::{DaemonConfig, Datapath, DatapathOptions, ListenerSlot, netns_cookie};
 
 use super::{Netns, ScratchCgroup, report, unique_name};
 

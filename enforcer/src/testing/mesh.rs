@@ -21,8 +21,8 @@ use crate::{
     },
     policy::{InForce, Policy, PolicySnapshot, parse},
     tunnel::{
-        FlowRecord, LocalWorkloads, Origin, OriginError, Origins, SvidSource, Tunnel, TunnelConfig,
-        TunnelParts, record::RecentRecords,
+        FlowRecord, LocalWorkloads, Origin, OriginError, Origins, RecentRecords, SvidSource,
+        Tunnel, TunnelConfig, TunnelParts,
     },
 };
 

@@ -32,20 +32,18 @@ use crate::{
     attest::{AttestOptions, Attestor},
     daemon::{KernelSources, compile_and_apply},
     identity::SpiffeId,
-    kernel::{
-        Counter, DaemonConfig, ListenerSlot, Maps, cgroup::cgroup2_mount, netns::netns_cookie,
-    },
+    kernel::{Counter, DaemonConfig, ListenerSlot, Maps, cgroup2_mount, netns_cookie},
     policy::{Identification, InForce, Policy, PolicySnapshot, parse},
     tunnel::{
-        FlowRecord, LocalWorkloads, Origins, RecordSink, SocketTagger, Tunnel, TunnelConfig,
-        TunnelParts, record::RecentRecords,
+        FlowRecord, LocalWorkloads, Origins, RecentRecords, RecordSink, SocketTagger, Tunnel,
+        TunnelConfig, TunnelParts,
     },
 };
 
 /// The outbound listener's port (on `127.0.0.1`) inside every node's namespace.
-pub const OUTBOUND_PORT: u16 = crate::tunnel::config::DEFAULT_OUTBOUND_PORT;
+pub const OUTBOUND_PORT: u16 = crate::tunnel::DEFAULT_OUTBOUND_PORT;
 /// The inbound listener's port (on every address) inside every node's namespace.
-pub const INBOUND_PORT: u16 = crate::policy::model::DEFAULT_PEER_PORT;
+pub const INBOUND_PORT: u16 = crate::policy::DEFAULT_PEER_PORT;
 
 /// Worker threads of each node's runtime (the VMs the suite runs on have two cores).
 const WORKER_THREADS: usize = 2;
@@ -525,7 +523,7 @@ pub fn wait_for_listener(process: &Spawned, port: u16) {
 
 /// Whether the text of a `/proc/net/tcp` table has a listening socket on `port`.
 fn listens_on(table: &str, port: u16) -> bool {
-    crate::daemon::sockets::listeners(table)
+    crate::daemon::listeners(table)
         .iter()
         .any(|(addr, _)| addr.port() == port)
 }

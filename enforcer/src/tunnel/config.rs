@@ -4,13 +4,13 @@
 use std::time::Duration;
 
 /// The redirect port: the kernel hands enrolled connections for it to the outbound listener.
-pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
+pub(crate) const DEFAULT_OUTBOUND_PORT: u16 = 15001;
 /// Default timeout of a TCP connect.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default timeout of the TLS plus HTTP/2 handshakes.
-pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default idle time after which a flow is closed.
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_hours(1);
+pub(crate) const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_hours(1);
 
 /// Settings of both tunnel sides of one node.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -35,13 +35,13 @@ const MAX_CHUNK: usize = 256 * 1024;
 const MIN_SPARE: usize = 4 * 1024;
 
 /// The reading end of one direction.
-pub trait Source {
+pub(super) trait Source {
     /// The next chunk of data, `None` at end of stream.
     fn next_chunk(&mut self) -> impl Future<Output = io::Result<Option<Bytes>>> + Send;
 }
 
 /// The writing end of one direction.
-pub trait Sink {
+pub(super) trait Sink {
     /// Write all of `chunk`.
     fn write_chunk(&mut self, chunk: Bytes) -> impl Future<Output = io::Result<()>> + Send;
     /// Signal end of stream (half-close) after everything written.
@@ -49,7 +49,7 @@ pub trait Sink {
 }
 
 /// Reads a TCP socket, keeping a buffer only while data is ready.
-pub struct TcpSource {
+pub(super) struct TcpSource {
     read: OwnedReadHalf,
     spare: Option<BytesMut>,
     chunk: usize,
@@ -58,7 +58,7 @@ pub struct TcpSource {
 impl TcpSource {
     /// Reads from `read`.
     #[must_use]
-    pub fn new(read: OwnedReadHalf) -> Self {
+    pub(super) fn new(read: OwnedReadHalf) -> Self {
         Self {
             read,
             spare: None,
@@ -101,13 +101,13 @@ impl Source for TcpSource {
 
 /// Both ends of a TCP socket.
 #[must_use]
-pub fn tcp_ends(stream: tokio::net::TcpStream) -> (TcpSource, TcpSink) {
+pub(super) fn tcp_ends(stream: tokio::net::TcpStream) -> (TcpSource, TcpSink) {
     let (read, write) = stream.into_split();
     (TcpSource::new(read), TcpSink(write))
 }
 
 /// Writes a TCP socket; finishing shuts down its sending side.
-pub struct TcpSink(pub OwnedWriteHalf);
+pub(super) struct TcpSink(pub OwnedWriteHalf);
 
 impl Sink for TcpSink {
     async fn write_chunk(&mut self, chunk: Bytes) -> io::Result<()> {
@@ -121,7 +121,7 @@ impl Sink for TcpSink {
 
 /// Reads an HTTP/2 stream's DATA frames, returning flow-control credit once the previous chunk
 /// was written on (so the window bounds what is buffered).
-pub struct H2Source {
+pub(super) struct H2Source {
     recv: RecvStream,
     unreleased: usize,
 }
@@ -129,7 +129,7 @@ pub struct H2Source {
 impl H2Source {
     /// Reads from `recv`.
     #[must_use]
-    pub fn new(recv: RecvStream) -> Self {
+    pub(super) fn new(recv: RecvStream) -> Self {
         Self {
             recv,
             unreleased: 0,
@@ -162,7 +162,7 @@ impl Source for H2Source {
 
 /// Writes DATA frames on an HTTP/2 stream as the peer's window allows; finishing sends
 /// `END_STREAM`.
-pub struct H2Sink(pub SendStream<Bytes>);
+pub(super) struct H2Sink(pub SendStream<Bytes>);
 
 impl Sink for H2Sink {
     async fn write_chunk(&mut self, mut chunk: Bytes) -> io::Result<()> {
@@ -203,7 +203,7 @@ fn h2_io(error: h2::Error) -> io::Error {
 
 /// Timeouts of a flow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Limits {
+pub(super) struct Limits {
     /// Close when nothing moved either way for this long.
     pub idle: Option<Duration>,
     /// Close when the flow has been open this long.
@@ -212,7 +212,7 @@ pub struct Limits {
 
 /// How a flow ended.
 #[derive(Debug)]
-pub enum Ended {
+pub(super) enum Ended {
     /// Both directions reached end of stream.
     Finished,
     /// Nothing moved for the idle timeout.
@@ -222,12 +222,18 @@ pub enum Ended {
     /// A policy reload revoked it.
     Revoked(Revocation),
     /// A read or write failed.
-    Error(io::Error),
+    Error(
+        #[expect(
+            dead_code,
+            reason = "nothing acts on the cause; it is kept for the outcome's Debug output"
+        )]
+        io::Error,
+    ),
 }
 
 /// The end of a flow and what it carried.
 #[derive(Debug)]
-pub struct Outcome {
+pub(super) struct SpliceOutcome {
     /// Why it ended.
     pub ended: Ended,
     /// Bytes from the client side to the destination side.
@@ -241,12 +247,12 @@ pub struct Outcome {
 /// Copy `client` to `server` and back until both directions end, a limit passes or `revoked`
 /// completes. End of stream on one side is passed on as a half-close to the other, and the
 /// opposite direction keeps flowing.
-pub async fn splice<CS, CK, SS, SK>(
+pub(super) async fn splice<CS, CK, SS, SK>(
     client: (CS, CK),
     server: (SS, SK),
     limits: Limits,
     revoked: impl Future<Output = Revocation>,
-) -> Outcome
+) -> SpliceOutcome
 where
     CS: Source,
     CK: Sink,
@@ -280,7 +286,7 @@ where
         () = sleep_for(limits.lifetime) => Ended::Lifetime,
         revocation = revoked => Ended::Revoked(revocation),
     };
-    Outcome {
+    SpliceOutcome {
         ended,
         up: up.load(Ordering::Relaxed),
         down: down.load(Ordering::Relaxed),

@@ -28,7 +28,7 @@ const MAX_AUTHORITY_LEN: usize = 64;
 
 /// A malformed server name or CONNECT request.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum HboneError {
+pub(super) enum HboneError {
     /// The TLS server name is missing.
     #[error("the TLS client hello names no destination (no server name)")]
     NoServerName,
@@ -150,7 +150,7 @@ pub fn server_name(dst: SocketAddr) -> ServerName<'static> {
 }
 
 /// The destination a TLS server name names.
-pub fn parse_server_name(name: Option<&str>) -> Result<SocketAddr, HboneError> {
+pub(super) fn parse_server_name(name: Option<&str>) -> Result<SocketAddr, HboneError> {
     let name = name.ok_or(HboneError::NoServerName)?;
     let bad = |reason| HboneError::ServerName {
         name: truncate(name),
@@ -182,7 +182,7 @@ pub fn parse_server_name(name: Option<&str>) -> Result<SocketAddr, HboneError> {
 
 /// The CONNECT request for `dst`.
 #[must_use]
-pub fn connect_request(dst: SocketAddr) -> Request<()> {
+pub(super) fn connect_request(dst: SocketAddr) -> Request<()> {
     Request::builder()
         .method(Method::CONNECT)
         .uri(dst.to_string())
@@ -192,7 +192,7 @@ pub fn connect_request(dst: SocketAddr) -> Request<()> {
 
 /// The destination of a CONNECT request, checked strictly: method CONNECT, no scheme or path,
 /// and an authority that is an IP literal (IPv6 in brackets) with a non-zero port.
-pub fn parse_connect(parts: &Parts) -> Result<SocketAddr, HboneError> {
+pub(super) fn parse_connect(parts: &Parts) -> Result<SocketAddr, HboneError> {
     if parts.method != Method::CONNECT {
         return Err(HboneError::Method(truncate(parts.method.as_str())));
     }
@@ -207,7 +207,7 @@ pub fn parse_connect(parts: &Parts) -> Result<SocketAddr, HboneError> {
 /// The size of a request's header list as HTTP/2 counts it (RFC 9113, 6.5.2): each field's
 /// name and value plus 32 octets, pseudo-header fields included.
 #[must_use]
-pub fn header_list_size(parts: &Parts) -> usize {
+pub(super) fn header_list_size(parts: &Parts) -> usize {
     const FIELD_OVERHEAD: usize = 32;
     let pseudo = [
         parts.method.as_str().len(),

@@ -37,7 +37,7 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 
 use super::{
-    Node, Party, Reason, Side, Verdict,
+    FlowVerdict, Node, Party, Reason, Side,
     copy::{H2Sink, H2Source, tcp_ends},
     hbone::{self, ALPN_H2, Refusal},
     metrics::Metric,
@@ -358,7 +358,7 @@ async fn handle_stream(
             node.deny(new_record(
                 Side::Inbound,
                 &view,
-                (Verdict::Deny, Reason::Refused(refusal), rule),
+                (FlowVerdict::Deny, Reason::Refused(refusal), rule),
                 &src,
                 dst,
             ));

@@ -14,17 +14,17 @@
 //! the new policy denies.
 #![forbid(unsafe_code)]
 
-pub mod config;
-pub mod copy;
-pub mod hbone;
-pub mod inbound;
-pub mod metrics;
-pub mod net;
-pub mod outbound;
-pub mod pool;
-pub mod record;
-pub mod state;
-pub mod tracker;
+mod config;
+mod copy;
+mod hbone;
+mod inbound;
+mod metrics;
+mod net;
+mod outbound;
+mod pool;
+mod record;
+mod state;
+mod tracker;
 
 use std::{
     sync::{Arc, Weak},
@@ -39,15 +39,22 @@ use tokio::{
 };
 
 pub use config::TunnelConfig;
-pub use hbone::Refusal;
+pub(crate) use config::{
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_OUTBOUND_PORT,
+};
+pub use hbone::{ALPN_H2, Refusal, server_name};
+pub use inbound::Client;
 pub use metrics::{Metric, Metrics};
-pub use record::{FlowEvent, FlowRecord, Party, Reason, RecordSink, Side, Verdict};
+pub use net::ConnectError;
+pub use pool::{MonotonicClock, Pool, PoolError, SystemMonotonicClock, TunnelStream};
+pub use record::{
+    FlowEvent, FlowRecord, FlowVerdict, LogSink, Party, Reason, RecentRecords, RecordSink, Side,
+};
 pub use state::{LocalWorkloads, Origin, OriginError, Origins, SocketTagger, SvidSource, Untagged};
 
 use self::{
-    copy::{Ended, Limits, Outcome, Sink, Source, splice},
+    copy::{Ended, Limits, Sink, Source, SpliceOutcome, splice},
     inbound::{CertResolver, ClientAt, WorkloadCerts},
-    pool::Pool,
     tracker::{TrackedFlow, Tracker},
 };
 use crate::{
@@ -237,7 +244,7 @@ impl Node {
         open: FlowRecord,
         client: (CS, CK),
         server: (SS, SK),
-    ) -> Outcome
+    ) -> SpliceOutcome
     where
         CS: Source,
         CK: Sink,
@@ -284,7 +291,7 @@ impl Node {
         close.reason = match (&outcome.ended, revocation) {
             (_, Some(revocation)) => {
                 self.metrics.inc(Metric::FlowsRevoked);
-                close.verdict = Verdict::Deny;
+                close.verdict = FlowVerdict::Deny;
                 close.rule = revocation.rule;
                 close.policy_version = revocation.policy_version;
                 Reason::Revoked
@@ -300,11 +307,11 @@ impl Node {
 }
 
 /// The record verdict of a decision.
-fn verdict(decision: Decision) -> Verdict {
+fn verdict(decision: Decision) -> FlowVerdict {
     match (decision.allowed, decision.audited) {
-        (true, false) => Verdict::Allow,
-        (true, true) => Verdict::Audit,
-        (false, _) => Verdict::Deny,
+        (true, false) => FlowVerdict::Allow,
+        (true, true) => FlowVerdict::Audit,
+        (false, _) => FlowVerdict::Deny,
     }
 }
 
@@ -312,7 +319,7 @@ fn verdict(decision: Decision) -> Verdict {
 fn new_record(
     side: Side,
     view: &PolicyView,
-    (verdict, reason, rule): (Verdict, Reason, Option<u32>),
+    (verdict, reason, rule): (FlowVerdict, Reason, Option<u32>),
     src: &Party,
     dst: &Party,
 ) -> FlowRecord {

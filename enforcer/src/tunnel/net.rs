@@ -17,7 +17,7 @@ use crate::identity::SpiffeId;
 
 /// What a connection the tunnel opens is for.
 #[derive(Clone, Copy, Debug)]
-pub enum Dial<'a> {
+pub(super) enum Dial<'a> {
     /// A hop to the local workload that holds this identity.
     Hop(&'a SpiffeId),
     /// A connection to a peer node or a plaintext egress destination.
@@ -77,7 +77,7 @@ impl ConnectError {
 /// Connect to `addr` within `timeout`, the socket tagged for the kernel by `tags` as `dial`
 /// says (a hop is also bound to `addr`'s IP first, see the module comment). Hops to local
 /// workloads pass no `keepalive`: the kernel reports a local peer's death at once.
-pub async fn connect(
+pub(super) async fn connect(
     addr: SocketAddr,
     dial: Dial<'_>,
     tags: &dyn SocketTagger,
@@ -113,7 +113,7 @@ pub async fn connect(
 /// Turn off Nagle (the tunnel forwards what it reads at once) and enable keepalive probes
 /// after `keepalive` of silence, on a connected socket or on a listener (whose accepted
 /// sockets inherit both, sparing a system call or five per connection).
-pub fn tune(socket: &impl AsFd, keepalive: Option<Duration>) -> io::Result<()> {
+pub(super) fn tune(socket: &impl AsFd, keepalive: Option<Duration>) -> io::Result<()> {
     let socket = SockRef::from(socket);
     socket.set_tcp_nodelay(true)?;
     if let Some(idle) = keepalive {
@@ -128,7 +128,7 @@ pub fn tune(socket: &impl AsFd, keepalive: Option<Duration>) -> io::Result<()> {
 }
 
 /// Close `stream` with a reset, so the peer sees a prompt failure rather than an orderly end.
-pub fn reset(stream: TcpStream) {
+pub(super) fn reset(stream: TcpStream) {
     // Best effort: if the option cannot be set the socket still closes, with a FIN.
     let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
     drop(stream);

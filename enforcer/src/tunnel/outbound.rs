@@ -19,7 +19,7 @@ use std::{net::SocketAddr, sync::Arc, time::Instant};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{
-    Node, Party, Reason, Side, Verdict,
+    FlowVerdict, Node, Party, Reason, Side,
     copy::{H2Sink, H2Source, tcp_ends},
     metrics::Metric,
     net::{self, Dial},
@@ -123,7 +123,7 @@ struct Flow {
 
 impl Flow {
     /// A record of this flow with `why` (verdict, reason, rule).
-    fn record(&self, why: (Verdict, Reason, Option<u32>)) -> super::FlowRecord {
+    fn record(&self, why: (FlowVerdict, Reason, Option<u32>)) -> super::FlowRecord {
         new_record(Side::Outbound, &self.view, why, &self.src, &self.dst)
     }
 
@@ -222,7 +222,7 @@ async fn plaintext(node: &Node, flow: Flow, tcp: TcpStream) {
             return flow.refuse(node, tcp, why);
         }
     };
-    let open = flow.record((Verdict::Allow, Reason::Egress, None));
+    let open = flow.record((FlowVerdict::Allow, Reason::Egress, None));
     node.run_flow(open, tcp_ends(tcp), tcp_ends(upstream)).await;
 }
 
@@ -240,7 +240,7 @@ fn refuse(
     node.deny(new_record(
         Side::Outbound,
         view,
-        (Verdict::Deny, reason, rule),
+        (FlowVerdict::Deny, reason, rule),
         src,
         dst,
     ));

@@ -34,7 +34,8 @@ use super::{
     state::SocketTagger,
 };
 use crate::identity::{
-    PeerAuthorizer, SpiffeId, TrustBundleSet, VerifyError, X509Svid, client_config, peer_spiffe_id,
+    PeerAuthorizer, SpiffeId, SvidVerifyError, TrustBundleSet, X509Svid, client_config,
+    peer_spiffe_id,
 };
 
 /// Why no stream to the destination could be opened.
@@ -86,7 +87,7 @@ pub enum PoolError {
         peer: SocketAddr,
         /// Why.
         #[source]
-        source: VerifyError,
+        source: SvidVerifyError,
     },
     /// HTTP/2 failed on the connection or the stream.
     #[error("HTTP/2 with peer {peer} failed")]
@@ -428,7 +429,7 @@ impl Pool {
 
 /// How long a pool's pruning task sleeps between rounds.
 #[must_use]
-pub fn prune_interval(config: &TunnelConfig) -> Duration {
+pub(super) fn prune_interval(config: &TunnelConfig) -> Duration {
     (config.pool_idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(15))
 }
 

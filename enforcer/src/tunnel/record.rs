@@ -35,7 +35,7 @@ pub enum FlowEvent {
 
 /// The policy's verdict on the flow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Verdict {
+pub enum FlowVerdict {
     /// Allowed by a rule (or by an egress entry).
     Allow,
     /// Refused.
@@ -135,7 +135,7 @@ pub struct FlowRecord {
     /// Open, close or deny.
     pub event: FlowEvent,
     /// The policy's verdict.
-    pub verdict: Verdict,
+    pub verdict: FlowVerdict,
     /// Why.
     pub reason: Reason,
     /// The deciding rule (file order, 1-based), `None` for the default deny or no rule.
@@ -247,7 +247,7 @@ mod tests {
             time: SystemTime::UNIX_EPOCH,
             side: Side::Outbound,
             event: FlowEvent::Deny,
-            verdict: Verdict::Deny,
+            verdict: FlowVerdict::Deny,
             reason: Reason::NoRoute,
             rule: None,
             policy_version: n,

@@ -17,7 +17,7 @@ use crate::{identity::SpiffeId, policy::Decision};
 
 /// Why a tracked flow was told to close.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Revocation {
+pub(super) struct Revocation {
     /// The policy version that denies it.
     pub policy_version: u64,
     /// The deciding rule, `None` for the default deny.
@@ -38,14 +38,19 @@ struct Entry {
 
 /// The open flows of one endpoint.
 #[derive(Default)]
-pub struct Tracker {
+pub(super) struct Tracker {
     next: AtomicU64,
     flows: Mutex<HashMap<u64, Entry>>,
 }
 
 impl Tracker {
     /// Track the flow `src` -> `dst` on `port` until the returned guard drops.
-    pub fn track(self: &Arc<Self>, src: &SpiffeId, dst: &SpiffeId, port: u16) -> TrackedFlow {
+    pub(super) fn track(
+        self: &Arc<Self>,
+        src: &SpiffeId,
+        dst: &SpiffeId,
+        port: u16,
+    ) -> TrackedFlow {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let shared = Arc::new(Shared {
             notify: Notify::new(),
@@ -72,7 +77,7 @@ impl Tracker {
 
     /// Tell every open flow that `view` denies to close; returns how many were told.
     /// Flows that audit mode would let through stay open.
-    pub fn revoke_denied(&self, view: &PolicyView) -> usize {
+    pub(super) fn revoke_denied(&self, view: &PolicyView) -> usize {
         let flows = self.flows.lock().unwrap_or_else(PoisonError::into_inner);
         let mut revoked = 0;
         for entry in flows.values() {
@@ -96,22 +101,16 @@ impl Tracker {
 
     /// How many flows are open.
     #[must_use]
-    pub fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.flows
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .len()
     }
-
-    /// Whether no flow is open.
-    #[must_use]
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// A tracked open flow; dropping it stops tracking.
-pub struct TrackedFlow {
+pub(super) struct TrackedFlow {
     tracker: Arc<Tracker>,
     id: u64,
     shared: Arc<Shared>,
@@ -119,7 +118,7 @@ pub struct TrackedFlow {
 
 impl TrackedFlow {
     /// Completes when a reload revokes the flow (at once if it already did).
-    pub async fn revoked(&self) -> Revocation {
+    pub(super) async fn revoked(&self) -> Revocation {
         loop {
             if let Some(revocation) = self.revocation() {
                 return revocation;
@@ -133,7 +132,7 @@ impl TrackedFlow {
     /// for another reason at the same moment (the peer's side of a revoked flow resets the
     /// stream, which can arrive first).
     #[must_use]
-    pub fn finish(self) -> Option<Revocation> {
+    pub(super) fn finish(self) -> Option<Revocation> {
         let shared = Arc::clone(&self.shared);
         // Dropping stops tracking under the tracker's lock, which a reload holds while it
         // revokes: once that lock is released, any revocation of this flow is visible.
@@ -146,7 +145,7 @@ impl TrackedFlow {
 
     /// The revocation, if the flow was revoked.
     #[must_use]
-    pub fn revocation(&self) -> Option<Revocation> {
+    pub(super) fn revocation(&self) -> Option<Revocation> {
         *self
             .shared
             .revocation
@@ -207,6 +206,6 @@ to = "spiffe://example.org/api"
         drop(to_db);
         assert_eq!(tracker.len(), 1);
         drop(to_api);
-        assert!(tracker.is_empty());
+        assert_eq!(tracker.len(), 0);
     }
 }
