@@ -24,8 +24,8 @@ use enforcer::{
     identity::SpiffeId,
     kernel::Maps,
     testing::{
-        Client, DaemonNode, Netns, Node, Persona, ScratchCgroup, Spawned, TestPki, connect_nodes,
-        require_root, serial, wait_for_listener,
+        DaemonNode, Netns, Node, Persona, ScratchCgroup, Spawned, TestPki, WorkloadClient,
+        connect_nodes, require_root, serial, wait_for_listener,
     },
     tunnel::{Pool, PoolError, Refusal, SystemMonotonicClock, TunnelConfig, Untagged},
 };
@@ -237,8 +237,8 @@ impl Mesh {
     }
 
     /// The test client as `persona` in `cgroup` of `node`.
-    fn client(node: &DaemonNode, persona: Persona, cgroup: &ScratchCgroup) -> Client {
-        Client::start_as(persona, Some(cgroup), Some(node.link().netns()))
+    fn client(node: &DaemonNode, persona: Persona, cgroup: &ScratchCgroup) -> WorkloadClient {
+        WorkloadClient::start_as(persona, Some(cgroup), Some(node.link().netns()))
     }
 
     /// How many records of `node` say `event` with `dst` as the destination identity.
@@ -252,7 +252,7 @@ impl Mesh {
 
 /// A plaintext connect of `client` to `addr` must be dropped: the client times out, and
 /// `node` (where `addr` listens) records the drop of this very attempt (by its source port).
-fn assert_dropped(node: &DaemonNode, client: &mut Client, addr: SocketAddr, extra: &str) {
+fn assert_dropped(node: &DaemonNode, client: &mut WorkloadClient, addr: SocketAddr, extra: &str) {
     let answer = client.ask(&format!("connect {} {} {extra}", addr.ip(), addr.port()));
     let port = answer
         .strip_prefix("err timeout ")
@@ -338,7 +338,7 @@ fn the_tunnel_is_never_a_relay() {
     let mesh = Mesh::on_links(&link_a, &link_b, "");
     // Plaintext listeners nobody enrolled: on C, on A (B must not send a tunnel back), and on
     // B's own loopback.
-    let mut behind = Client::start(None, Some(&ns_c));
+    let mut behind = WorkloadClient::start(None, Some(&ns_c));
     let mut on_a = Mesh::client(&mesh.a, Persona::Nobody, &mesh.a_guest);
     let mut on_b = Mesh::client(&mesh.b, Persona::Nobody, &mesh.b_guest);
     let mut open = [&mut behind, &mut on_a, &mut on_b];

@@ -6,7 +6,7 @@
 
 use std::{net::TcpListener, process::Command};
 
-use enforcer::testing::{Client, ScratchCgroup, ScratchDatapath, require_root, serial};
+use enforcer::testing::{ScratchCgroup, ScratchDatapath, WorkloadClient, require_root, serial};
 
 fn enforcer(args: &[&str]) -> (bool, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_enforcer"))
@@ -37,7 +37,7 @@ fn status_reports_and_uninstall_detaches_everything() {
     let connect = format!("connect 127.0.0.1 {}", server.local_addr().unwrap().port());
 
     // No outbound listener is configured: enrolled traffic fails closed.
-    let mut client = Client::start(Some(&app), None);
+    let mut client = WorkloadClient::start(Some(&app), None);
     assert_eq!(client.ask(&connect), "err 1");
 
     // No daemon answers: status says so, shows the pinned datapath, and exits 1.

@@ -1,4 +1,4 @@
-//! The control API transport end to end on a real Unix socket: round trips through `Client`,
+//! The control API transport end to end on a real Unix socket: round trips through `ControlClient`,
 //! streams, errors worded for an operator, the socket's modes, stale and foreign files at its
 //! path, the root-only gate (checked with curl as `nobody`) and shutdown.
 #![expect(
@@ -28,8 +28,8 @@ use axum::{
 use bytes::Bytes;
 use enforcer::{
     control::{
-        Client, ClientError, ControlError, MAX_REQUEST_BODY, Peer, Query, REQUEST_TIMEOUT, Reply,
-        Routes, bind_control_socket, serve_tcp, serve_unix,
+        Caller, ClientError, ControlClient, ControlError, MAX_REQUEST_BODY, Query, REQUEST_TIMEOUT,
+        Reply, Routes, bind_control_socket, serve_tcp, serve_unix,
     },
     testing::require_root,
 };
@@ -120,13 +120,13 @@ async fn nope(uri: Uri) -> Reply {
 async fn echo(
     method: Method,
     uri: Uri,
-    Extension(peer): Extension<Peer>,
+    Extension(peer): Extension<Caller>,
     Query(query): Query<Vec<(String, String)>>,
     body: Bytes,
 ) -> Reply {
     let peer = match peer {
-        Peer::Unix { uid, pid } => json!({ "uid": uid, "pid": pid }),
-        Peer::Tcp(address) => json!({ "tcp": address.to_string() }),
+        Caller::Unix { uid, pid } => json!({ "uid": uid, "pid": pid }),
+        Caller::Tcp(address) => json!({ "tcp": address.to_string() }),
     };
     Reply::json(json!({
         "method": method.as_str(),
@@ -164,8 +164,8 @@ impl Daemon {
         }
     }
 
-    fn client(&self) -> Client {
-        Client::new(&self.socket)
+    fn client(&self) -> ControlClient {
+        ControlClient::new(&self.socket)
     }
 
     fn calls(&self) -> usize {
@@ -418,7 +418,10 @@ async fn stale_socket_is_replaced() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("control.sock");
     drop(StdUnixListener::bind(&socket).unwrap());
-    let error = Client::new(&socket).get("/v1/echo").await.unwrap_err();
+    let error = ControlClient::new(&socket)
+        .get("/v1/echo")
+        .await
+        .unwrap_err();
     assert_eq!(
         error.to_string(),
         format!(
@@ -430,7 +433,7 @@ async fn stale_socket_is_replaced() {
     let listener = bind_control_socket(&socket).unwrap();
     let (stop, shutdown) = watch::channel(false);
     let served = tokio::spawn(serve_unix(listener, Arc::new(Echo::default()), shutdown));
-    assert!(Client::new(&socket).get("/v1/echo").await.is_ok());
+    assert!(ControlClient::new(&socket).get("/v1/echo").await.is_ok());
     assert_eq!(mode(&socket), 0o600);
     stop.send_replace(true);
     tokio::time::timeout(PROMPT, served).await.unwrap().unwrap();
@@ -484,7 +487,10 @@ async fn missing_socket_says_no_daemon_is_running() {
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("control.sock");
-    let error = Client::new(&socket).get("/v1/status").await.unwrap_err();
+    let error = ControlClient::new(&socket)
+        .get("/v1/status")
+        .await
+        .unwrap_err();
     assert!(matches!(error, ClientError::NotRunning { .. }), "{error:?}");
     assert_eq!(
         error.to_string(),

@@ -21,7 +21,7 @@ use enforcer::{
         Counter, EgressEntry, EventKind, EventReader, IpProtocol, KernelEvent, ListenerSlot,
         Original, PolicyAction, PolicyMode, PolicyRule, PolicyTable,
     },
-    testing::{Client, Persona, ScratchCgroup, ScratchDatapath, require_root, serial},
+    testing::{Persona, ScratchCgroup, ScratchDatapath, WorkloadClient, require_root, serial},
 };
 use enforcer_ebpf::reasons;
 use rustix::process::{Pid, PidfdFlags, PidfdGetfdFlags, pidfd_getfd, pidfd_open};
@@ -89,13 +89,13 @@ fn fixture_with(adjust: impl FnOnce(&mut enforcer::kernel::DatapathOptions)) -> 
 
 impl Fixture {
     /// A client as root in `cgroup`, inside the datapath's namespace.
-    fn client(&self, cgroup: &ScratchCgroup) -> Client {
+    fn client(&self, cgroup: &ScratchCgroup) -> WorkloadClient {
         self.client_as(Persona::Root, cgroup)
     }
 
     /// A client as `persona` in `cgroup`, inside the datapath's namespace.
-    fn client_as(&self, persona: Persona, cgroup: &ScratchCgroup) -> Client {
-        Client::start_as(persona, Some(cgroup), Some(self.datapath.netns()))
+    fn client_as(&self, persona: Persona, cgroup: &ScratchCgroup) -> WorkloadClient {
+        WorkloadClient::start_as(persona, Some(cgroup), Some(self.datapath.netns()))
     }
 
     /// Give `pid` identity `number` for its current image generation, as the daemon does.
@@ -189,9 +189,9 @@ fn egress(
 /// An enrolled server listening on loopback, owned by `SERVER_ID`, and an enrolled client
 /// attested as `CLIENT_ID`, under the policy `table(server port)`.
 struct KnownPair {
-    server: Client,
+    server: WorkloadClient,
     addr: SocketAddr,
-    client: Client,
+    client: WorkloadClient,
 }
 
 impl KnownPair {
@@ -226,7 +226,7 @@ fn listening_port(answer: &str) -> u16 {
 /// and return it with the original destination the kernel recorded for it.
 fn redirected(
     fx: &Fixture,
-    client: &mut Client,
+    client: &mut WorkloadClient,
     command: &str,
     listener: &TcpListener,
 ) -> (TcpStream, Original) {
@@ -487,7 +487,8 @@ fn the_redirect_port_reaches_the_daemons_listener_or_nothing() {
     let (daemon4, daemon6) = fx.datapath.netns().within(dual_listeners);
     let mut datapath = fx.datapath;
     drop((fx.outbound4, fx.outbound6));
-    let mut squatter = Client::start_as(Persona::Nobody, Some(&fx.other), Some(datapath.netns()));
+    let mut squatter =
+        WorkloadClient::start_as(Persona::Nobody, Some(&fx.other), Some(datapath.netns()));
     assert_eq!(
         squatter.ask(&format!("listen 127.0.0.1 {redirect_port}")),
         format!("listening {redirect_port}")
@@ -506,7 +507,7 @@ fn the_redirect_port_reaches_the_daemons_listener_or_nothing() {
     assert!(answer.starts_with("ok "), "{answer}");
     let conn = accept(&daemon4);
     assert_eq!(conn.local_addr().unwrap().port(), redirect_port);
-    let mut outsider = Client::start(Some(&fx.other), Some(datapath.netns()));
+    let mut outsider = WorkloadClient::start(Some(&fx.other), Some(datapath.netns()));
     let answer = outsider.ask(&format!("connect 127.0.0.1 {redirect_port}"));
     assert!(answer.starts_with("ok "), "{answer}");
     drop(accept(&daemon4));

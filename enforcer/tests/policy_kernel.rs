@@ -11,7 +11,7 @@ use enforcer::{
     attest::{AttestOptions, Attestor, cgroup_relative_path},
     kernel::cgroup2_mount,
     policy::{self, Compiled, Identification, Policy, Registry, apply, compile},
-    testing::{Client, ScratchCgroup, ScratchDatapath, require_root, serial},
+    testing::{ScratchCgroup, ScratchDatapath, WorkloadClient, require_root, serial},
 };
 
 /// The daemon's inbound port (nobody listens on it here).
@@ -94,12 +94,12 @@ fn a_policy_file_decides_connects_in_the_kernel_and_a_reload_flips_it() {
     assert!(report.missing_cgroups.is_empty(), "{report:?}");
 
     // Both workloads start after enrollment, so the listen hook records api's port.
-    let mut server = Client::start(Some(&api), Some(&netns));
+    let mut server = WorkloadClient::start(Some(&api), Some(&netns));
     assert_eq!(
         server.ask(&format!("listen 127.0.0.1 {port}")),
         format!("listening {port}")
     );
-    let mut client = Client::start(Some(&web), Some(&netns));
+    let mut client = WorkloadClient::start(Some(&web), Some(&netns));
     let attestor = Attestor::new(AttestOptions::default());
     let registry = Registry::new(denying.workloads.clone());
     for pid in [server.pid(), client.pid()] {

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use enforcer::{
     identity::{PeerAuthorizer, SpiffeId, client_config},
     testing::{MeshListeners, MeshNode, TestPki},
-    tunnel::{self, Client, Metric, Refusal, TunnelConfig},
+    tunnel::{self, InboundClient, Metric, Refusal, TunnelConfig},
 };
 use h2::client::SendRequest;
 use http::{Method, Request, StatusCode};
@@ -108,7 +108,7 @@ impl Target {
     async fn h2_from(&self, client: SocketAddr, dst: SocketAddr) -> SendRequest<Bytes> {
         let (ours, theirs) = tokio::io::duplex(64 * 1024);
         let tunnel = self.node.tunnel.clone();
-        let client = Client {
+        let client = InboundClient {
             id: id("web"),
             addr: client,
             destination: Some(dst),

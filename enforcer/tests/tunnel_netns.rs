@@ -20,7 +20,7 @@ use enforcer::{
     identity::SpiffeId,
     kernel::{Counter, EventKind},
     testing::{
-        Client, Netns, ScratchCgroup, Spawn, Spawned, TestPki, TunnelNode, connect_nodes,
+        Netns, ScratchCgroup, Spawn, Spawned, TestPki, TunnelNode, WorkloadClient, connect_nodes,
         mesh_policy, require_root, serial,
     },
     tunnel::{FlowEvent, FlowRecord, FlowVerdict, Reason, Refusal, Side},
@@ -373,7 +373,7 @@ fn a_same_node_flow_passes_the_local_tunnel() {
     assert!(mesh.a.records().is_empty(), "{:#?}", mesh.a.records());
 
     // A denied same-node pair whose identities the kernel knows is refused at connect().
-    let mut client = Client::start(
+    let mut client = WorkloadClient::start(
         Some(&mesh.b.scope().child("db")),
         Some(mesh.b.link().netns()),
     );

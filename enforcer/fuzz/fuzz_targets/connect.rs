@@ -19,7 +19,7 @@ use enforcer::{
     policy::{InForce, PolicySnapshot},
     testing::{TableOrigins, TableWorkloads, TestPki, test_policy},
     tunnel::{
-        Tunnel, TunnelConfig, TunnelParts, Untagged, Client, RecentRecords,
+        Tunnel, TunnelConfig, TunnelParts, Untagged, InboundClient, RecentRecords,
     },
 };
 use http::{Method, Request};
@@ -94,7 +94,7 @@ fuzz_target!(|data: &[u8]| {
 
 async fn serve(data: &[u8]) {
     let (client, server) = tokio::io::duplex(64 * 1024);
-    let info = Client {
+    let info = InboundClient {
         id: id("web"),
         addr: "127.0.0.1:40000".parse().unwrap(),
         destination: Some(TARGET.parse::<SocketAddr>().unwrap()),

@@ -8,20 +8,20 @@ use bytes::Bytes;
 
 use crate::{
     audit::{AuditRecord, Verdict},
-    control::{Client, ClientError, v1},
+    control::{ClientError, ControlClient, v1},
     identity::SpiffeId,
 };
 
 /// Run `work` with a client of `socket` on a single-threaded runtime.
 fn with_client<T>(
     socket: &Path,
-    work: impl AsyncFnOnce(&Client) -> anyhow::Result<T>,
+    work: impl AsyncFnOnce(&ControlClient) -> anyhow::Result<T>,
 ) -> anyhow::Result<T> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("failed to start the async runtime")?;
-    let client = Client::new(socket);
+    let client = ControlClient::new(socket);
     runtime.block_on(work(&client))
 }
 

@@ -114,7 +114,7 @@ pub enum ClientError {
 
 /// A client of the control socket; every request opens a connection of its own.
 #[derive(Debug, Clone)]
-pub struct Client {
+pub struct ControlClient {
     /// The control socket's path.
     socket: PathBuf,
 }
@@ -223,7 +223,7 @@ fn utf8(line: Vec<u8>) -> Result<String, ClientError> {
     String::from_utf8(line).map_err(|source| ClientError::NotUtf8 { source })
 }
 
-impl Client {
+impl ControlClient {
     /// A client of the control socket at `socket`.
     pub fn new(socket: impl Into<PathBuf>) -> Self {
         Self {
@@ -430,7 +430,7 @@ mod tests {
 
     #[test]
     fn connect_errors_are_worded_for_an_operator() {
-        let client = Client::new("/run/enforcer/control.sock");
+        let client = ControlClient::new("/run/enforcer/control.sock");
         let message = |kind: io::ErrorKind| client.connect_error(kind.into()).to_string();
         assert_eq!(
             message(io::ErrorKind::NotFound),

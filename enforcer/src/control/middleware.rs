@@ -24,7 +24,9 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::sync::watch;
 use tracing::{error, warn};
 
-use super::{MAX_REQUEST_BODY, Peer, Reply, body::UntilShutdown, reply::Streamed, server::stopped};
+use super::{
+    Caller, MAX_REQUEST_BODY, Reply, body::UntilShutdown, reply::Streamed, server::stopped,
+};
 
 /// `routes` behind every layer of this module; streams end when `shutdown` becomes true.
 pub(crate) fn around(routes: Router, shutdown: watch::Receiver<bool>) -> Router {
@@ -38,7 +40,7 @@ pub(crate) fn around(routes: Router, shutdown: watch::Receiver<bool>) -> Router 
 
 /// Refuses every request from a Unix peer other than root.
 async fn root_only(request: Request, next: Next) -> Response {
-    if let Some(&Peer::Unix { uid, pid }) = request.extensions().get::<Peer>()
+    if let Some(&Caller::Unix { uid, pid }) = request.extensions().get::<Caller>()
         && uid != 0
     {
         warn!(uid, pid, "refusing control requests from a non-root peer");
@@ -104,7 +106,7 @@ async fn end_streams_at_shutdown(
 /// Runs the rest in a task of its own, so a panic becomes a 500.
 async fn contain_panics(request: Request, next: Next) -> Response {
     let (method, path) = (request.method().clone(), request.uri().path().to_owned());
-    let peer = request.extensions().get::<Peer>().copied();
+    let peer = request.extensions().get::<Caller>().copied();
     match tokio::spawn(next.run(request)).await {
         Ok(response) => response,
         Err(error) => {

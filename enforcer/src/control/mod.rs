@@ -4,10 +4,10 @@
 //! requests, and moves replies.
 //!
 //! ```text
-//! enforcer <cmd> --Client--> /run/enforcer/control.sock (0600, dir 0700)
+//! enforcer <cmd> --ControlClient--> /run/enforcer/control.sock (0600, dir 0700)
 //!                              serve_unix: peer uid 0? --no--> 403, logged
 //!                                                     --yes-> Router --> Reply (JSON, text, stream)
-//! Prometheus -----TCP------> serve_tcp --> Router (Peer::Tcp)
+//! Prometheus -----TCP------> serve_tcp --> Router (Caller::Tcp)
 //! ```
 //!
 //! Both servers read the body whole (up to [`MAX_REQUEST_BODY`]) before a route sees it, decode
@@ -24,8 +24,8 @@ mod server;
 mod socket;
 pub(crate) mod v1;
 
-pub use client::{Client, ClientError, Lines, REQUEST_TIMEOUT, Response};
+pub use client::{ClientError, ControlClient, Lines, REQUEST_TIMEOUT, Response};
 pub use query::Query;
 pub use reply::Reply;
-pub use server::{MAX_REQUEST_BODY, Peer, Routes, serve_tcp, serve_unix};
+pub use server::{Caller, MAX_REQUEST_BODY, Routes, serve_tcp, serve_unix};
 pub use socket::{ControlError, bind_control_socket};

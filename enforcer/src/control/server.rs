@@ -1,6 +1,6 @@
 //! Serving HTTP/1.1 on the control socket and on the metrics listener: our own accept loop,
 //! one task per connection, each connection handed to the axum [`Router`] of a [`Routes`]
-//! (behind the layers of `middleware`) as its hyper service, with the connection's [`Peer`]
+//! (behind the layers of `middleware`) as its hyper service, with the connection's [`Caller`]
 //! as a request extension.
 //!
 //! The loop is ours rather than `axum::serve` because that has no header-read timeout (a
@@ -38,9 +38,9 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Who is on the other end of a connection; every request carries it as an extension
-/// (`axum::Extension<Peer>`).
+/// (`axum::Extension<Caller>`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Peer {
+pub enum Caller {
     /// A process on the control socket, by the credentials the kernel reports for it.
     Unix {
         /// The peer's user ID (0 for every request that reaches a route).
@@ -76,7 +76,7 @@ pub async fn serve_unix<R: Routes>(
 }
 
 /// Serves `api` on a TCP `listener` (metrics) until `shutdown` becomes true or its sender is
-/// dropped; there is no credential check, requests carry [`Peer::Tcp`].
+/// dropped; there is no credential check, requests carry [`Caller::Tcp`].
 pub async fn serve_tcp<R: Routes>(
     listener: TcpListener,
     api: Arc<R>,
@@ -85,7 +85,7 @@ pub async fn serve_tcp<R: Routes>(
     let app = middleware::around(api.routes(), shutdown.clone());
     accept_until_shutdown(
         || listener.accept(),
-        |(stream, address), connections| connections.spawn(stream, Peer::Tcp(address), &app),
+        |(stream, address), connections| connections.spawn(stream, Caller::Tcp(address), &app),
         shutdown,
     )
     .await;
@@ -132,7 +132,7 @@ fn admit_unix(stream: UnixStream, app: &Router, connections: &mut Connections) {
     };
     let uid = credentials.uid();
     let pid = credentials.pid().and_then(|pid| u32::try_from(pid).ok());
-    connections.spawn(stream, Peer::Unix { uid, pid }, app);
+    connections.spawn(stream, Caller::Unix { uid, pid }, app);
 }
 
 /// The open connections of one listener.
@@ -144,7 +144,7 @@ struct Connections {
 }
 
 impl Connections {
-    fn spawn<I>(&mut self, io: I, peer: Peer, app: &Router)
+    fn spawn<I>(&mut self, io: I, peer: Caller, app: &Router)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -178,7 +178,7 @@ fn reap(finished: Result<(), JoinError>) {
 
 /// Serves HTTP/1.1 on one connection until the client closes it or shutdown, when the request
 /// in flight (if any) is finished first.
-async fn serve_connection<I>(io: I, peer: Peer, app: Router, mut shutdown: watch::Receiver<bool>)
+async fn serve_connection<I>(io: I, peer: Caller, app: Router, mut shutdown: watch::Receiver<bool>)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {

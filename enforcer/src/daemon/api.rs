@@ -41,7 +41,7 @@ use super::{
 };
 use crate::{
     audit::{AuditLog, AuditRecord, AuditStats},
-    control::{Peer, Query, Reply, Routes, v1},
+    control::{Caller, Query, Reply, Routes, v1},
     identity::SpiffeId,
     kernel::{Counter, LSM, Maps, PROGRAMS, PolicyMeta, TRACEPOINTS},
     metrics::{self, Histogram},
@@ -130,9 +130,9 @@ async fn no_route(method: Method, uri: Uri) -> Reply {
     )
 }
 
-/// The metrics listener (a [`Peer::Tcp`]) serves `/metrics` and nothing else.
+/// The metrics listener (a [`Caller::Tcp`]) serves `/metrics` and nothing else.
 async fn only_metrics_over_tcp(request: Request, next: Next) -> Response {
-    if matches!(request.extensions().get::<Peer>(), Some(Peer::Tcp(_)))
+    if matches!(request.extensions().get::<Caller>(), Some(Caller::Tcp(_)))
         && request.uri().path() != "/metrics"
     {
         return Reply::error(StatusCode::NOT_FOUND, "only /metrics is served here").into_response();

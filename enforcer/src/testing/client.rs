@@ -66,11 +66,11 @@ impl Persona {
 }
 
 /// A running [`SCRIPT`] process.
-pub struct Client {
+pub struct WorkloadClient {
     process: Spawned,
 }
 
-impl Client {
+impl WorkloadClient {
     /// Start the client as root in `cgroup` (and `netns`, if given).
     #[must_use]
     pub fn start(cgroup: Option<&ScratchCgroup>, netns: Option<&Netns>) -> Self {

@@ -43,7 +43,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 pub use cgroup::ScratchCgroup;
-pub use client::{Client, Persona};
+pub use client::{Persona, WorkloadClient};
 pub use daemon::DaemonNode;
 pub use datapath::ScratchDatapath;
 pub use demo_policy::demo_policy;

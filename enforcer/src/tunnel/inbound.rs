@@ -55,7 +55,7 @@ const HEADER_HARD_LIMIT_FACTOR: u32 = 4;
 
 /// What the inbound side knows of an authenticated client connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Client {
+pub struct InboundClient {
     /// The client's SPIFFE ID, from its verified SVID.
     pub id: SpiffeId,
     /// The client's address.
@@ -257,7 +257,7 @@ async fn handle_connection(node: Arc<Node>, tcp: TcpStream, addr: SocketAddr) {
         }
         None => None,
     };
-    let client = Client {
+    let client = InboundClient {
         id,
         addr,
         destination,
@@ -268,7 +268,7 @@ async fn handle_connection(node: Arc<Node>, tcp: TcpStream, addr: SocketAddr) {
 
 /// Serve CONNECT streams of one authenticated connection: the HTTP/2 handshake bounded in time,
 /// and the connection closed once it has had no stream for the inbound idle timeout.
-pub(super) async fn serve_connection<IO>(node: Arc<Node>, io: IO, client: Client)
+pub(super) async fn serve_connection<IO>(node: Arc<Node>, io: IO, client: InboundClient)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -331,7 +331,7 @@ where
 /// Check one CONNECT, dial the workload, answer, and splice.
 async fn handle_stream(
     node: Arc<Node>,
-    client: Client,
+    client: InboundClient,
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
 ) {

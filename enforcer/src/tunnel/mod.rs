@@ -43,7 +43,7 @@ pub(crate) use config::{
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_OUTBOUND_PORT,
 };
 pub use hbone::{ALPN_H2, Refusal, server_name};
-pub use inbound::Client;
+pub use inbound::InboundClient;
 pub use metrics::{Metric, Metrics};
 pub use net::ConnectError;
 pub use pool::{MonotonicClock, Pool, PoolError, SystemMonotonicClock, TunnelStream};
@@ -177,7 +177,7 @@ impl Tunnel {
     /// `client_id`, whose TLS server name named `destination`, and for which the certificate
     /// of `presented` was shown. The inbound listener calls this after the TLS handshake; it
     /// is public so request handling can be fuzzed without TLS.
-    pub async fn serve_connection<IO>(&self, io: IO, client: inbound::Client)
+    pub async fn serve_connection<IO>(&self, io: IO, client: InboundClient)
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
