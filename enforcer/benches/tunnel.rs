@@ -943,7 +943,7 @@ fn node(args: &NodeArgs) {
         .with_max_level(tracing::Level::WARN)
         .init();
     let text = fs::read_to_string(&args.policy).expect("read the policy");
-    let policy = PolicySnapshot::new(InForce::compile(
+    let policy = PolicySnapshot::fixed(InForce::compile(
         args.policy.display().to_string(),
         text.as_str(),
         parse_policy(&text),

@@ -44,7 +44,7 @@ use crate::{
         CgroupError, DaemonConfig, Datapath, DatapathOptions, ListenerSlot, LoadError, Maps,
         MapsError, PROGRAMS, SocketTags, cgroup2_mount, netns_cookie,
     },
-    policy::{ApplyError, Diagnostic, Policy, PolicySnapshot, render},
+    policy::{ApplyError, Diagnostic, Policy, PolicyPublisher, PolicySnapshot, render},
     report::report,
     tunnel::{Tunnel, TunnelConfig, TunnelError, TunnelParts},
 };
@@ -161,7 +161,8 @@ async fn build(config: Config) -> Result<Running, AppError> {
     let datapath = install(&config)?;
     let bound = bind_tunnel_listeners(&config).await?;
     let (kernel, tags) = program_kernel(datapath, &config, &bound)?;
-    let policy = put_in_force(&kernel, source)?;
+    let publisher = put_in_force(&kernel, source)?;
+    let policy = publisher.snapshot();
     let telemetry = Arc::new(Telemetry::default());
     let (bundles, svids) = identity(&config, &trust_domain, started, &telemetry)?;
     let audit = open_audit(&config)?;
@@ -185,7 +186,7 @@ async fn build(config: Config) -> Result<Running, AppError> {
         control,
         metrics: bind_metrics(&node.config).await?,
     };
-    assemble(node, listeners, &kernel, parts, tunnel, svids, policy)
+    assemble(node, listeners, &kernel, parts, tunnel, svids, publisher)
 }
 
 /// The components built from the kernel and the policy, before the tunnel.
@@ -239,15 +240,16 @@ fn assemble(
     parts: Parts,
     tunnel: Tunnel,
     svids: Arc<Svids>,
-    policy: PolicySnapshot,
+    publisher: PolicyPublisher,
 ) -> Result<Running, AppError> {
     let Parts {
         sources,
         registrar,
         recorder,
     } = parts;
+    let policy = publisher.snapshot();
     let reloader = Arc::new(Reloader {
-        policy: policy.clone(),
+        publisher,
         maps: Arc::clone(&kernel.maps),
         mount: kernel.mount.clone(),
         tunnel: tunnel.clone(),
@@ -407,7 +409,7 @@ fn program_kernel(
 
 /// Compile the policy, apply it to the kernel and publish it as the first policy in force.
 /// Versions keep rising across restarts: every record names a distinct policy.
-fn put_in_force(kernel: &Kernel, source: Source) -> Result<PolicySnapshot, AppError> {
+fn put_in_force(kernel: &Kernel, source: Source) -> Result<PolicyPublisher, AppError> {
     let version = kernel.previous_version + 1;
     let (in_force, missing_cgroups) = daemon::compile_and_apply(
         &kernel.maps,
@@ -430,7 +432,7 @@ fn put_in_force(kernel: &Kernel, source: Source) -> Result<PolicySnapshot, AppEr
         rules = in_force.policy.rules.len(),
         "policy in force"
     );
-    Ok(PolicySnapshot::new(in_force))
+    Ok(PolicyPublisher::new(in_force))
 }
 
 /// The node CA (loaded or created) as an SVID cache, and the trust bundles.

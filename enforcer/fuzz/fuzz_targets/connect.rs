@@ -46,7 +46,7 @@ static TUNNEL: LazyLock<Tunnel> = LazyLock::new(|| {
         origins: Arc::new(TableOrigins::default()),
         records: Arc::new(RecentRecords::new(16)),
         tags: Arc::new(Untagged),
-        policy: PolicySnapshot::new(InForce::compile(
+        policy: PolicySnapshot::fixed(InForce::compile(
             "fuzz.toml",
             text,
             test_policy(text),

@@ -192,7 +192,7 @@ async fn reload(reloader: &Arc<Reloader>, file: String, body: Bytes, dry_run: bo
             format!("{file}: the policy is not UTF-8"),
         );
     };
-    let version = reloader.policy.load().version();
+    let version = reloader.publisher.load().version();
     let reloader = Arc::clone(reloader);
     let result = tokio::task::spawn_blocking(move || reloader.reload(&file, &text, dry_run)).await;
     match result {

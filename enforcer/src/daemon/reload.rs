@@ -21,7 +21,7 @@ use crate::{
     identity::TrustDomain,
     kernel::Maps,
     policy::{
-        ApplyError, Diagnostic, IdentityNumbers, InForce, Policy, PolicySnapshot, Severity, apply,
+        ApplyError, Diagnostic, IdentityNumbers, InForce, Policy, PolicyPublisher, Severity, apply,
         diff, hash, parse, render,
     },
     tunnel::Tunnel,
@@ -103,8 +103,8 @@ pub(crate) struct Outcome {
 /// Puts new policies in force: one at a time, in the documented order (validate, diff, program
 /// the kernel, publish the snapshot, close the flows it denies, re-register every process).
 pub(crate) struct Reloader {
-    /// The policy in force, published here.
-    pub(crate) policy: PolicySnapshot,
+    /// The policy in force, published here and nowhere else.
+    pub(crate) publisher: PolicyPublisher,
     /// The kernel maps the policy is applied to.
     pub(crate) maps: Arc<Mutex<Maps>>,
     /// The cgroup2 mount enrolled paths are resolved below.
@@ -148,7 +148,7 @@ impl Reloader {
             .one_at_a_time
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let current = self.policy.load();
+        let current = self.publisher.load();
         if policy.trust_domain != current.policy.trust_domain {
             return Err(ReloadError::TrustDomain {
                 file: file.to_owned(),
@@ -190,7 +190,7 @@ impl Reloader {
             Some(&current.compiled.numbers),
             version,
         )?;
-        self.policy.publish(next);
+        self.publisher.publish(next);
         outcome.closed = self.tunnel.revoke_denied();
         outcome.applied = true;
         outcome.missing_cgroups = missing_cgroups;

@@ -1,8 +1,8 @@
 //! The policy in force: one immutable, versioned snapshot ([`InForce`]) of everything derived
 //! from a policy file (its text and hash, its compilation, the tunnel's view, the identity
-//! registry), published through one handle ([`PolicySnapshot`]). The tunnel, the registrar,
-//! the kernel sources and the control API read it; a reload compiles, programs the kernel,
-//! then publishes once, so no reader ever sees half of two policies.
+//! registry), published by one [`PolicyPublisher`] to every reader's [`PolicySnapshot`]. The
+//! tunnel, the registrar, the kernel sources and the control API read it; a reload compiles,
+//! programs the kernel, then publishes once, so no reader ever sees half of two policies.
 #![forbid(unsafe_code)]
 
 use std::{sync::Arc, time::SystemTime};
@@ -72,15 +72,16 @@ pub fn hash(text: &str) -> String {
     Sha256Digest(Sha256::digest(text.as_bytes()).into()).to_string()
 }
 
-/// The one handle to the policy in force. Cheap to clone; every clone sees each publication.
+/// The one handle readers hold to the policy in force. Cheap to clone; every clone sees each
+/// publication of the [`PolicyPublisher`] it came from.
 #[derive(Clone)]
 pub struct PolicySnapshot(Arc<ArcSwap<InForce>>);
 
 impl PolicySnapshot {
-    /// A handle whose first policy in force is `first`.
+    /// A handle to `only`, which nothing will replace (tests, benchmarks, fixed nodes).
     #[must_use]
-    pub fn new(first: InForce) -> Self {
-        Self(Arc::new(ArcSwap::from_pointee(first)))
+    pub fn fixed(only: InForce) -> Self {
+        Self(Arc::new(ArcSwap::from_pointee(only)))
     }
 
     /// The policy in force now. A reader keeps the version it loaded for as long as it holds
@@ -89,10 +90,40 @@ impl PolicySnapshot {
     pub fn load(&self) -> Arc<InForce> {
         self.0.load_full()
     }
+}
+
+/// The one place a new policy is put in force: the daemon's reload owns it, and every reader
+/// holds a [`PolicySnapshot`] made from it.
+pub struct PolicyPublisher(PolicySnapshot);
+
+impl PolicyPublisher {
+    /// A publisher whose first policy in force is `first`.
+    #[must_use]
+    pub fn new(first: InForce) -> Self {
+        Self(PolicySnapshot::fixed(first))
+    }
+
+    /// A reader's handle.
+    #[must_use]
+    pub fn snapshot(&self) -> PolicySnapshot {
+        self.0.clone()
+    }
+
+    /// The policy in force now.
+    #[must_use]
+    pub fn load(&self) -> Arc<InForce> {
+        self.0.load()
+    }
 
     /// Put `next` in force for every reader at once.
     pub fn publish(&self, next: InForce) {
-        self.0.store(Arc::new(next));
+        self.0.0.store(Arc::new(next));
+    }
+}
+
+impl std::fmt::Debug for PolicyPublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("PolicyPublisher").field(&self.0).finish()
     }
 }
 
@@ -136,10 +167,10 @@ selectors = ["unix:uid:0"]
 
     #[test]
     fn a_reader_keeps_what_it_loaded_and_the_next_load_sees_the_publication() {
-        let snapshot = PolicySnapshot::new(in_force(1));
-        let other = snapshot.clone();
+        let publisher = PolicyPublisher::new(in_force(1));
+        let snapshot = publisher.snapshot();
         let held = snapshot.load();
-        other.publish(in_force(2));
+        publisher.publish(in_force(2));
         assert_eq!(held.version(), 1);
         assert_eq!(snapshot.load().version(), 2);
     }

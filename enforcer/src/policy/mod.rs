@@ -19,7 +19,7 @@ pub use diagnostic::{Diagnostic, Severity};
 pub(crate) use diagnostic::{line_col, render};
 pub use diff::{Change, diff};
 pub use identities::{Identification, Identities, Registry};
-pub use in_force::{InForce, PolicySnapshot, hash};
+pub use in_force::{InForce, PolicyPublisher, PolicySnapshot, hash};
 pub(crate) use model::DEFAULT_PEER_PORT;
 pub use model::{Action, Egress, IdPattern, Mode, Peer, Policy, Ports, Protocol, Rule, Workload};
 pub use parse::{MAX_POLICY_BYTES, load, parse};

@@ -19,7 +19,7 @@ use crate::{
         CacheConfig, CertificateAuthority, SpiffeId, SvidCache, SystemClock, TrustBundle,
         TrustBundleSet, TrustDomain,
     },
-    policy::{InForce, Policy, PolicySnapshot, parse},
+    policy::{InForce, Policy, PolicyPublisher, parse},
     tunnel::{
         FlowRecord, LocalWorkloads, Origin, OriginError, Origins, RecentRecords, SvidSource,
         Tunnel, TunnelConfig, TunnelParts,
@@ -157,8 +157,8 @@ pub struct MeshNode {
     pub workloads: Arc<TableWorkloads>,
     /// Client origins.
     pub origins: Arc<TableOrigins>,
-    /// The policy in force.
-    pub policy: PolicySnapshot,
+    /// Where the policy in force is published.
+    pub policy: PolicyPublisher,
     records: Arc<RecentRecords>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -176,7 +176,7 @@ impl MeshNode {
         let workloads = Arc::new(TableWorkloads::default());
         let origins = Arc::new(TableOrigins::default());
         let records = Arc::new(RecentRecords::new(100_000));
-        let policy = PolicySnapshot::new(InForce::compile(
+        let policy = PolicyPublisher::new(InForce::compile(
             POLICY_FILE,
             text,
             self::policy(text),
@@ -198,7 +198,7 @@ impl MeshNode {
             origins: Arc::clone(&origins) as Arc<dyn Origins>,
             records: Arc::clone(&records) as Arc<dyn crate::tunnel::RecordSink>,
             tags: Arc::new(crate::tunnel::Untagged),
-            policy: policy.clone(),
+            policy: policy.snapshot(),
         })
         .expect("tunnel");
         let outbound = listeners.outbound.local_addr().expect("bound");

@@ -33,7 +33,7 @@ use crate::{
     daemon::{KernelSources, compile_and_apply},
     identity::SpiffeId,
     kernel::{Counter, DaemonConfig, ListenerSlot, Maps, cgroup2_mount, netns_cookie},
-    policy::{Identification, InForce, Policy, PolicySnapshot, parse},
+    policy::{Identification, InForce, Policy, PolicyPublisher, parse},
     tunnel::{
         FlowRecord, LocalWorkloads, Origins, RecentRecords, RecordSink, SocketTagger, Tunnel,
         TunnelConfig, TunnelParts,
@@ -67,7 +67,7 @@ pub struct TunnelNode {
     records: Arc<RecentRecords>,
     maps: Arc<Mutex<Maps>>,
     attestor: Attestor,
-    policy: PolicySnapshot,
+    publisher: PolicyPublisher,
     mount: PathBuf,
     scope_path: String,
     datapath: ScratchDatapath,
@@ -108,7 +108,8 @@ impl TunnelNode {
             .socket_tags()
             .unwrap_or_else(|error| panic!("failed to open the socket tags: {}", report(&error)));
         let text = policy(&scope_path);
-        let policy = PolicySnapshot::new(put_in_force(name, &maps, &mount, &text, None, 1));
+        let publisher = PolicyPublisher::new(put_in_force(name, &maps, &mount, &text, None, 1));
+        let policy = publisher.snapshot();
         let sources = Arc::new(KernelSources::new(
             Arc::clone(&maps),
             tags,
@@ -133,7 +134,7 @@ impl TunnelNode {
             origins: Arc::clone(&sources) as Arc<dyn Origins>,
             records: Arc::clone(&records) as Arc<dyn RecordSink>,
             tags: Arc::clone(&sources) as Arc<dyn SocketTagger>,
-            policy: policy.clone(),
+            policy,
         })
         .unwrap_or_else(|error| panic!("failed to build node {name}'s tunnel: {error}"));
         let node = Self {
@@ -143,7 +144,7 @@ impl TunnelNode {
             records,
             maps,
             attestor: Attestor::new(AttestOptions::default()),
-            policy,
+            publisher,
             mount,
             scope_path,
             datapath,
@@ -195,7 +196,7 @@ impl TunnelNode {
     /// identity numbers), program the kernel, publish it, then have the tunnel close the open
     /// flows it denies. Returns how many flows were closed.
     pub fn reload(&mut self, text: &str) -> usize {
-        let current = self.policy.load();
+        let current = self.publisher.load();
         let next = put_in_force(
             &self.name,
             &self.maps,
@@ -204,7 +205,7 @@ impl TunnelNode {
             Some(&current.compiled.numbers),
             current.version() + 1,
         );
-        self.policy.publish(next);
+        self.publisher.publish(next);
         self.tunnel.revoke_denied()
     }
 
@@ -226,7 +227,7 @@ impl TunnelNode {
             .attest_fresh(pid)
             .unwrap_or_else(|error| panic!("failed to attest pid {pid}: {}", report(&error)));
         let Identification::Matched { id, .. } =
-            self.policy.load().identities.registry.identify(&facts)
+            self.publisher.load().identities.registry.identify(&facts)
         else {
             panic!(
                 "pid {pid} ({}, cgroup {}) matches no single workload entry of node {}",
@@ -269,7 +270,7 @@ impl TunnelNode {
     }
 
     fn number(&self, id: &SpiffeId) -> u32 {
-        self.policy
+        self.publisher
             .load()
             .identities
             .numbers
