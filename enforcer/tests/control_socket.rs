@@ -297,9 +297,11 @@ async fn error_replies_carry_the_servers_text() {
         "the daemon answered 404 Not Found: no route for /v1/nope"
     );
 
-    let (status, message) = status_error(client.get("/v1/echo?bad=%zz").await);
-    assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(message.contains("`%zz`"), "{message}");
+    for path in ["/v1/echo?bad=%zz", "/v1/lines?bad=%zz", "/v1/nope?%zz"] {
+        let (status, message) = status_error(client.get(path).await);
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}");
+        assert!(message.contains("`%zz`"), "{path}: {message}");
+    }
     daemon.stop().await;
 }
 

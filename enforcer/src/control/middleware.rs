@@ -2,13 +2,16 @@
 //!
 //! 1. `root_only`: a Unix peer other than root gets a JSON 403, logged; its request goes no
 //!    further (not even its body is read).
-//! 2. `read_body`: a declared `Content-Length` over [`MAX_REQUEST_BODY`] is a 413 before any
+//! 2. `checked_query`: a query string that does not decode (a bad `%` escape, bytes that are
+//!    not UTF-8) is a JSON 400 naming the component, on every route, whether or not the route
+//!    reads a query.
+//! 3. `read_body`: a declared `Content-Length` over [`MAX_REQUEST_BODY`] is a 413 before any
 //!    of the body is read; otherwise the body is read whole, and one that turns out longer is a
 //!    413 too. axum's `DefaultBodyLimit` (2 MB unless set) answers in plain text, so it is set
 //!    to the same limit and never fires on the whole body handed on.
-//! 3. `end_streams_at_shutdown`: a streamed reply ([`Streamed`]) ends when the server shuts
+//! 4. `end_streams_at_shutdown`: a streamed reply ([`Streamed`]) ends when the server shuts
 //!    down; a whole reply in flight is let finish.
-//! 4. `contain_panics`: the route runs in a task of its own, so a panic is a 500 and an error
+//! 5. `contain_panics`: the route runs in a task of its own, so a panic is a 500 and an error
 //!    in the log, and the server carries on.
 #![forbid(unsafe_code)]
 
@@ -25,7 +28,8 @@ use tokio::sync::watch;
 use tracing::{error, warn};
 
 use super::{
-    Caller, MAX_REQUEST_BODY, Reply, body::UntilShutdown, reply::Streamed, server::stopped,
+    Caller, MAX_REQUEST_BODY, Reply, body::UntilShutdown, query::check, reply::Streamed,
+    server::stopped,
 };
 
 /// `routes` behind every layer of this module; streams end when `shutdown` becomes true.
@@ -35,6 +39,7 @@ pub(crate) fn around(routes: Router, shutdown: watch::Receiver<bool>) -> Router 
         .layer(from_fn(contain_panics))
         .layer(from_fn_with_state(shutdown, end_streams_at_shutdown))
         .layer(from_fn(read_body))
+        .layer(from_fn(checked_query))
         .layer(from_fn(root_only))
 }
 
@@ -49,6 +54,14 @@ async fn root_only(request: Request, next: Next) -> Response {
             format_args!("the control socket is root-only (peer uid {uid})"),
         )
         .into_response();
+    }
+    next.run(request).await
+}
+
+/// Refuses a request whose query string does not decode.
+async fn checked_query(request: Request, next: Next) -> Response {
+    if let Err(error) = check(request.uri().query().unwrap_or_default()) {
+        return Reply::error(StatusCode::BAD_REQUEST, error).into_response();
     }
     next.run(request).await
 }

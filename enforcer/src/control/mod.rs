@@ -5,14 +5,15 @@
 //!
 //! ```text
 //! enforcer <cmd> --ControlClient--> /run/enforcer/control.sock (0600, dir 0700)
-//!                              serve_unix: peer uid 0? --no--> 403, logged
-//!                                                     --yes-> Router --> Reply (JSON, text, stream)
-//! Prometheus -----TCP------> serve_tcp --> Router (Caller::Tcp)
+//!                                   serve_unix: peer uid 0? --no--> 403, logged
+//!                                                          --yes-> Router --> Reply (JSON, text, stream)
+//! Prometheus -------TCP-----------> serve_tcp --> Router (Caller::Tcp)
 //! ```
 //!
-//! Both servers read the body whole (up to [`MAX_REQUEST_BODY`]) before a route sees it, decode
-//! queries strictly ([`Query`]), run each connection in a task of its own, and on shutdown stop
-//! accepting, end open streams and let requests in flight finish.
+//! Both servers refuse a query that does not decode strictly, on every route ([`Query`] decodes
+//! it for the routes that read one), read the body whole (up to [`MAX_REQUEST_BODY`]) before a
+//! route sees it, run each connection in a task of its own, and on shutdown stop accepting, end
+//! open streams and let requests in flight finish.
 #![forbid(unsafe_code)]
 
 mod body;

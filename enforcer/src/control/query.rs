@@ -53,7 +53,7 @@ pub(crate) enum QueryError {
 }
 
 /// Checks that every key and value of `query` (without the `?`) decodes to UTF-8.
-fn check(query: &str) -> Result<(), QueryError> {
+pub(super) fn check(query: &str) -> Result<(), QueryError> {
     query.split(['&', '=']).try_for_each(check_component)
 }
 
