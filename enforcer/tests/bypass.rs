@@ -900,6 +900,11 @@ fn the_audit_trail_says_what_happened_and_shows_what_was_cut() {
     mesh.a.wait_for_record("A's refusal of db", |r| {
         r.source.as_str() == "outbound" && r.verdict.as_str() == "deny"
     });
+    // The kernel's redirect records travel their own path (the event ring, then the pump),
+    // so they may land after the tunnel's.
+    mesh.a.wait_until("both redirect records", |node| {
+        node.flows(&["--verdict", "redirect"]).len() >= 2
+    });
     let redirects = mesh.a.flows(&["--verdict", "redirect"]);
     assert!(
         redirects.len() >= 2

@@ -11,9 +11,8 @@
 //! policy reload, which hold it for long stretches (a reload writes the whole policy table
 //! under it; a rescan checks procfs for processes while holding it). The lookups here take it
 //! only around their own map syscalls, never while attesting, and the tunnel makes them from
-//! the blocking pool (see [`crate::tunnel::state`]): a long holder delays the connection that needs the
-//! maps, not an async worker (except in an inbound TLS handshake's certificate choice, which
-//! the TLS library makes synchronously). The socket tags are a handle of their own, with a lock
+//! the blocking pool (see [`crate::tunnel::state`]): a long holder delays the connection that
+//! needs the maps, not an async worker. The socket tags are a handle of their own, with a lock
 //! held for one map write, and tagging runs on the worker.
 #![forbid(unsafe_code)]
 

@@ -18,7 +18,7 @@
 
 use std::{
     collections::HashMap,
-    fmt,
+    fmt, io,
     net::SocketAddr,
     sync::{Arc, Mutex, PoisonError},
 };
@@ -27,14 +27,15 @@ use bytes::Bytes;
 use h2::{RecvStream, server::SendResponse};
 use http::{Request, Response, StatusCode};
 use rustls::{
-    server::{ClientHello, ResolvesServerCert},
-    sign::CertifiedKey,
+    ServerConfig,
+    server::{Acceptor, ClientHello, ResolvesServerCert},
+    sign::{CertifiedKey, SingleCertAndKey},
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
 };
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::{LazyConfigAcceptor, server::TlsStream};
 
 use super::{
     FlowVerdict, Node, Party, Reason, Side,
@@ -150,46 +151,37 @@ impl fmt::Debug for WorkloadCerts {
     }
 }
 
-/// Picks the certificate for each handshake of the clients at one place (a TLS resolver never
-/// learns the client's address, so the tunnel keeps one per place): the SVID of the enrolled
-/// workload listening at the destination the TLS server name names, when such a client
-/// [may name](ClientAt::may_name) it, else the node's own SVID.
-pub(super) struct CertResolver {
-    certs: Arc<WorkloadCerts>,
-    clients: ClientAt,
-}
-
-impl CertResolver {
-    /// The resolver for clients at `clients`.
-    pub(super) fn new(certs: Arc<WorkloadCerts>, clients: ClientAt) -> Self {
-        Self { certs, clients }
+impl WorkloadCerts {
+    /// What a client at `at` whose hello named `destination` is shown: the enrolled workload
+    /// listening there, when such a client [may name](ClientAt::may_name) it (`None` for the
+    /// node's own SVID), and the signing key of that SVID (`None` when there is none to show,
+    /// which fails the handshake). Blocks: the owner lookup takes the kernel maps' lock and the
+    /// SVID may be issued now.
+    pub(super) fn choose(
+        &self,
+        at: ClientAt,
+        destination: Option<SocketAddr>,
+    ) -> (Option<SpiffeId>, Option<Arc<CertifiedKey>>) {
+        let owner = self.owner_named(at, destination);
+        let key = self.certified_key(owner.as_ref().unwrap_or(&self.node_id));
+        (owner, key)
     }
 
-    /// The workload whose SVID answers a client hello naming `server_name`; `None` for the
-    /// node's own.
-    fn owner(&self, server_name: Option<&str>) -> Option<SpiffeId> {
-        let dst = hbone::parse_server_name(server_name).ok()?;
-        if !self.clients.may_name(dst) {
-            return None;
-        }
-        self.certs.workloads.owner(dst)
+    fn owner_named(&self, at: ClientAt, destination: Option<SocketAddr>) -> Option<SpiffeId> {
+        let dst = destination.filter(|&dst| at.may_name(dst))?;
+        self.workloads.owner(dst)
     }
 }
 
-impl fmt::Debug for CertResolver {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CertResolver")
-            .field("certs", &self.certs)
-            .field("clients", &self.clients)
-            .finish()
-    }
-}
+/// The certificate resolver of the base inbound TLS configuration, which no handshake uses:
+/// each connection reads the client hello first, chooses its certificate off the async worker
+/// ([`WorkloadCerts::choose`]) and handshakes with a copy of the base presenting that one.
+#[derive(Debug)]
+pub(super) struct ChosenPerConnection;
 
-impl ResolvesServerCert for CertResolver {
-    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let owner = self.owner(hello.server_name());
-        self.certs
-            .certified_key(owner.as_ref().unwrap_or(&self.certs.node_id))
+impl ResolvesServerCert for ChosenPerConnection {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        None
     }
 }
 
@@ -216,8 +208,11 @@ pub(super) async fn serve(node: Arc<Node>, listener: TcpListener) {
 async fn handle_connection(node: Arc<Node>, tcp: TcpStream, addr: SocketAddr) {
     node.metrics.inc(Metric::InboundAccepted);
     let at = ClientAt::of(addr);
-    let acceptor = TlsAcceptor::from(Arc::clone(node.tls_server(at)));
-    let tls = match tokio::time::timeout(node.config.handshake_timeout, acceptor.accept(tcp)).await
+    let (tls, destination, presented) = match tokio::time::timeout(
+        node.config.handshake_timeout,
+        handshake(&node, tcp, at),
+    )
+    .await
     {
         Err(_) => {
             node.metrics.inc(Metric::InboundHandshakeTimeouts);
@@ -229,7 +224,7 @@ async fn handle_connection(node: Arc<Node>, tcp: TcpStream, addr: SocketAddr) {
             tracing::debug!(%addr, %error, "TLS handshake failed");
             return;
         }
-        Ok(Ok(tls)) => tls,
+        Ok(Ok(handshaken)) => handshaken,
     };
     let (_, session) = tls.get_ref();
     if session.alpn_protocol() != Some(ALPN_H2) {
@@ -245,18 +240,6 @@ async fn handle_connection(node: Arc<Node>, tcp: TcpStream, addr: SocketAddr) {
             return;
         }
     };
-    let destination = hbone::parse_server_name(session.server_name()).ok();
-    let presented = match destination.filter(|&dst| at.may_name(dst)) {
-        Some(dst) => {
-            let workloads = Arc::clone(&node.workloads);
-            let Some(owner) = off_worker(move || workloads.owner(dst)).await else {
-                tracing::debug!(%dst, "the runtime is shutting down; connection dropped");
-                return;
-            };
-            owner
-        }
-        None => None,
-    };
     let client = InboundClient {
         id,
         addr,
@@ -264,6 +247,27 @@ async fn handle_connection(node: Arc<Node>, tcp: TcpStream, addr: SocketAddr) {
         presented,
     };
     serve_connection(node, tls, client).await;
+}
+
+/// Reads the client hello, chooses the certificate its server name calls for (off the async
+/// worker), and completes the handshake presenting it. Returns the stream, the destination the
+/// server name named, and whose certificate was shown.
+async fn handshake(
+    node: &Node,
+    tcp: TcpStream,
+    at: ClientAt,
+) -> io::Result<(TlsStream<TcpStream>, Option<SocketAddr>, Option<SpiffeId>)> {
+    let start = LazyConfigAcceptor::new(Acceptor::default(), tcp).await?;
+    let destination = hbone::parse_server_name(start.client_hello().server_name()).ok();
+    let certs = Arc::clone(&node.certs);
+    let (presented, key) = off_worker(move || certs.choose(at, destination))
+        .await
+        .ok_or_else(|| io::Error::other("the runtime is shutting down"))?;
+    let key = key.ok_or_else(|| io::Error::other("no certificate to present"))?;
+    let mut config = ServerConfig::clone(&node.tls_server);
+    config.cert_resolver = Arc::new(SingleCertAndKey::from(key));
+    let tls = start.into_stream(Arc::new(config)).await?;
+    Ok((tls, destination, presented))
 }
 
 /// Serve CONNECT streams of one authenticated connection: the HTTP/2 handshake bounded in time,
@@ -449,7 +453,7 @@ mod tests {
 
     use rustls_pki_types::ServerName;
 
-    use super::{CertResolver, ClientAt, WorkloadCerts, hbone};
+    use super::{ClientAt, WorkloadCerts, hbone};
     use crate::{
         identity::{CacheError, SpiffeId, X509Svid},
         tunnel::state::{LocalWorkloads, SvidSource},
@@ -528,30 +532,38 @@ mod tests {
     #[test]
     fn a_server_name_another_node_may_not_name_is_answered_without_an_owner_lookup() {
         let workloads = Arc::new(Everywhere::default());
-        let certs = Arc::new(WorkloadCerts::new(
+        let certs = WorkloadCerts::new(
             "spiffe://example.org/enforcer/node/b".parse().unwrap(),
             Arc::new(NoSvids),
             Arc::clone(&workloads) as Arc<dyn LocalWorkloads>,
-        ));
-        let remote = CertResolver::new(Arc::clone(&certs), ClientAt::Elsewhere);
-        let local = CertResolver::new(certs, ClientAt::ThisNode);
-        let name = |dst: &str| {
+        );
+        let named = |dst: &str| {
             let ServerName::DnsName(name) = hbone::server_name(addr(dst)) else {
                 panic!("not a DNS name")
             };
-            name.as_ref().to_owned()
+            hbone::parse_server_name(Some(name.as_ref())).ok()
         };
         for dst in LOOPBACK_AND_UNSPECIFIED {
-            assert_eq!(remote.owner(Some(&name(dst))), None, "{dst}");
+            assert_eq!(
+                certs.owner_named(ClientAt::Elsewhere, named(dst)),
+                None,
+                "{dst}"
+            );
         }
         assert_eq!(
             workloads.0.load(Ordering::SeqCst),
             0,
             "an owner was looked up"
         );
-        assert_eq!(remote.owner(Some(&name("10.0.0.2:8080"))), Some(api()));
-        assert_eq!(local.owner(Some(&name("127.0.0.1:8080"))), Some(api()));
-        assert_eq!(local.owner(Some(&name("0.0.0.0:8080"))), None);
+        let remote = certs.owner_named(ClientAt::Elsewhere, named("10.0.0.2:8080"));
+        assert_eq!(remote, Some(api()));
+        let local = certs.owner_named(ClientAt::ThisNode, named("127.0.0.1:8080"));
+        assert_eq!(local, Some(api()));
+        assert_eq!(
+            certs.owner_named(ClientAt::ThisNode, named("0.0.0.0:8080")),
+            None
+        );
+        assert_eq!(certs.owner_named(ClientAt::ThisNode, None), None);
         assert_eq!(workloads.0.load(Ordering::SeqCst), 2);
     }
 }

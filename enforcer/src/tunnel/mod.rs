@@ -54,7 +54,7 @@ pub use state::{LocalWorkloads, Origin, OriginError, Origins, SocketTagger, Svid
 
 use self::{
     copy::{Ended, Limits, Sink, Source, SpliceOutcome, splice},
-    inbound::{CertResolver, ClientAt, WorkloadCerts},
+    inbound::{ChosenPerConnection, WorkloadCerts},
     tracker::{TrackedFlow, Tracker},
 };
 use crate::{
@@ -108,11 +108,11 @@ struct Node {
     tracker: Arc<Tracker>,
     metrics: Arc<Metrics>,
     pool: Pool,
-    /// The inbound TLS configuration for clients that connect over loopback (this node's own
-    /// network namespace), which may name loopback destinations.
-    tls_local: Arc<ServerConfig>,
-    /// The inbound TLS configuration for every other client.
-    tls_remote: Arc<ServerConfig>,
+    /// The certificates inbound handshakes present.
+    certs: Arc<WorkloadCerts>,
+    /// The inbound TLS configuration, copied for each connection with the certificate chosen
+    /// for it.
+    tls_server: Arc<ServerConfig>,
 }
 
 impl Tunnel {
@@ -124,18 +124,12 @@ impl Tunnel {
             Arc::clone(&parts.svids),
             Arc::clone(&parts.workloads),
         ));
-        let tls_server = |clients: ClientAt| -> Result<Arc<ServerConfig>, TunnelError> {
-            let resolver = CertResolver::new(Arc::clone(&certs), clients);
-            let mut config = server_config_with_resolver(
-                Arc::new(resolver),
-                Arc::clone(&parts.bundles),
-                PeerAuthorizer::Any,
-            )?;
-            config.alpn_protocols = vec![hbone::ALPN_H2.to_vec()];
-            Ok(Arc::new(config))
-        };
-        let tls_local = tls_server(ClientAt::ThisNode)?;
-        let tls_remote = tls_server(ClientAt::Elsewhere)?;
+        let mut tls_server = server_config_with_resolver(
+            Arc::new(ChosenPerConnection),
+            Arc::clone(&parts.bundles),
+            PeerAuthorizer::Any,
+        )?;
+        tls_server.alpn_protocols = vec![hbone::ALPN_H2.to_vec()];
         Ok(Self(Arc::new(Node {
             pool: Pool::new(
                 parts.config.clone(),
@@ -153,8 +147,8 @@ impl Tunnel {
             policy: parts.policy,
             tracker: Arc::new(Tracker::default()),
             metrics,
-            tls_local,
-            tls_remote,
+            certs,
+            tls_server: Arc::new(tls_server),
         })))
     }
 
@@ -211,14 +205,6 @@ impl Tunnel {
 }
 
 impl Node {
-    /// The inbound TLS configuration for a client at `client`.
-    fn tls_server(&self, client: ClientAt) -> &Arc<ServerConfig> {
-        match client {
-            ClientAt::ThisNode => &self.tls_local,
-            ClientAt::Elsewhere => &self.tls_remote,
-        }
-    }
-
     /// The tunnel's view of the policy in force now: a flow decided under it keeps it.
     fn policy(&self) -> Arc<PolicyView> {
         Arc::clone(&self.policy.load().view)

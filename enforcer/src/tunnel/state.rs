@@ -7,9 +7,9 @@
 //!
 //! Where the calls run: [`Origins`] and [`LocalWorkloads`] may block (the daemon reads kernel
 //! maps behind a lock others hold for long, and attests processes), so the tunnel makes them on
-//! the blocking pool and its async workers only await them; the one exception is the owner
-//! lookup rustls makes inside an inbound handshake to pick the certificate (synchronously, once
-//! per new inbound connection). [`SocketTagger`] calls stay on the worker: each is one
+//! the blocking pool and its async workers only await them, the inbound handshake's choice of
+//! certificate included (the client hello is read first, the owner looked up and the SVID
+//! fetched on the pool, then the handshake completes). [`SocketTagger`] calls stay on the worker: each is one
 //! socket-storage write under a lock held for that write alone, cheaper than the hand-off to
 //! the pool. [`RecordSink::record`] must not block (the daemon's queues the record for a thread
 //! of its own).
