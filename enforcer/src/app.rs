@@ -143,7 +143,11 @@ struct Source {
 /// What start-up learns of the kernel side before the policy is applied.
 struct Kernel {
     datapath: Datapath,
+    /// The maps as the registrar, the event reader and reloads write and read them.
     maps: Arc<Mutex<Maps>>,
+    /// A handle of the same maps for the tunnel's lookups alone, so that they never wait for
+    /// the long holders of `maps` (a reload, a rescan).
+    lookups: Arc<Mutex<Maps>>,
     mount: PathBuf,
     scope: PathBuf,
     previous_version: u64,
@@ -209,7 +213,7 @@ impl Parts {
             ..AttestOptions::default()
         }));
         let sources = Arc::new(KernelSources::new(
-            Arc::clone(&kernel.maps),
+            Arc::clone(&kernel.lookups),
             tags,
             Arc::clone(&attestor),
             policy.clone(),
@@ -397,9 +401,11 @@ fn program_kernel(
             .map_err(io_error("namespace cookie of the inbound listener"))?,
     })?;
     let tags = datapath.socket_tags()?;
+    let lookups = Maps::open(&datapath.pin_dir().join("maps"))?;
     let kernel = Kernel {
         datapath,
         maps: Arc::new(Mutex::new(maps)),
+        lookups: Arc::new(Mutex::new(lookups)),
         mount,
         scope,
         previous_version,

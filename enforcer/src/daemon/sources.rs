@@ -7,13 +7,14 @@
 //!   it is still the process image that connected (no exec, no cgroup move since);
 //! - how the tunnel's sockets make themselves known: the daemon's socket tags.
 //!
-//! Locking: the maps sit behind one `std::sync::Mutex`, shared with the registrar and the
-//! policy reload, which hold it for long stretches (a reload writes the whole policy table
-//! under it; a rescan checks procfs for processes while holding it). The lookups here take it
-//! only around their own map syscalls, never while attesting, and the tunnel makes them from
-//! the blocking pool (see [`crate::tunnel::state`]): a long holder delays the connection that
-//! needs the maps, not an async worker. The socket tags are a handle of their own, with a lock
-//! held for one map write, and tagging runs on the worker.
+//! Locking: the sources read the kernel maps through a handle of their own, whose lock only
+//! these lookups take, each for a few map syscalls; the daemon's other handle, which the
+//! registrar and the policy reload hold for long stretches (a reload writes the whole policy
+//! table under it), is never theirs to wait for. So an owner lookup answers at once, and the
+//! tunnel makes it on its async worker; the origin, which may attest a process (procfs reads,
+//! hashing a binary), comes from the blocking pool (see [`crate::tunnel::state`]). The socket
+//! tags are a handle of their own too, with a lock held for one map write, and tagging runs on
+//! the worker.
 #![forbid(unsafe_code)]
 
 use std::{
@@ -45,7 +46,8 @@ pub struct KernelSources {
 }
 
 impl KernelSources {
-    /// Sources reading `maps`, tagging with `tags`, attesting with `attestor` (shared with
+    /// Sources reading `maps` (a handle no one else holds for long: see the module docs),
+    /// tagging with `tags`, attesting with `attestor` (shared with
     /// the daemon's registrar, so both use one cache) and resolving identities in the policy in
     /// force, for redirects to `redirect_port`; they know no address of this node beyond
     /// loopback until [`KernelSources::set_local_addrs`].

@@ -91,13 +91,16 @@ impl TunnelNode {
         let scope_path = scope.policy_path();
         let datapath = ScratchDatapath::install_in(&scope, link.netns(), |_| {});
         let maps_dir = datapath.pin_dir().join("maps");
-        let mut maps = Maps::open(&maps_dir).unwrap_or_else(|error| {
-            panic!(
-                "failed to open the maps in {}: {}",
-                maps_dir.display(),
-                report(&error)
-            )
-        });
+        let open_maps = || {
+            Maps::open(&maps_dir).unwrap_or_else(|error| {
+                panic!(
+                    "failed to open the maps in {}: {}",
+                    maps_dir.display(),
+                    report(&error)
+                )
+            })
+        };
+        let mut maps = open_maps();
         let local_addrs = [link.addr4().into(), link.addr6().into()];
         maps.replace_local_addrs(&local_addrs)
             .unwrap_or_else(|error| {
@@ -110,8 +113,9 @@ impl TunnelNode {
         let text = policy(&scope_path);
         let publisher = PolicyPublisher::new(put_in_force(name, &maps, &mount, &text, None, 1));
         let policy = publisher.snapshot();
+        // The lookups' own handle, as the daemon's (see `KernelSources`).
         let sources = Arc::new(KernelSources::new(
-            Arc::clone(&maps),
+            Arc::new(Mutex::new(open_maps())),
             tags,
             Arc::new(Attestor::new(AttestOptions::default())),
             policy.clone(),

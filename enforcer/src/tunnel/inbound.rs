@@ -387,12 +387,7 @@ async fn handle_stream(
     if client.destination != Some(addr) {
         return refuse(&mut respond, Refusal::Misdirected, None, &dst);
     }
-    let workloads = Arc::clone(&node.workloads);
-    let Some(owner) = off_worker(move || workloads.owner(addr)).await else {
-        tracing::debug!(%addr, "the runtime is shutting down; stream dropped");
-        return;
-    };
-    let Some(owner) = owner else {
+    let Some(owner) = node.workloads.owner(addr) else {
         return refuse(&mut respond, Refusal::NoSuchWorkload, None, &dst);
     };
     dst.id = Some(owner.clone());

@@ -5,14 +5,20 @@
 //! themselves known to the kernel ([`SocketTagger`]); the policy in force is the one snapshot the
 //! daemon publishes ([`PolicySnapshot`](crate::policy::PolicySnapshot)).
 //!
-//! Where the calls run: [`Origins`] and [`LocalWorkloads`] may block (the daemon reads kernel
-//! maps behind a lock others hold for long, and attests processes), so the tunnel makes them on
-//! the blocking pool and its async workers only await them, the inbound handshake's choice of
-//! certificate included (the client hello is read first, the owner looked up and the SVID
-//! fetched on the pool, then the handshake completes). [`SocketTagger`] calls stay on the worker: each is one
-//! socket-storage write under a lock held for that write alone, cheaper than the hand-off to
-//! the pool. [`RecordSink::record`] must not block (the daemon's queues the record for a thread
-//! of its own).
+//! Where the calls run:
+//! - [`Origins`] may block (the daemon may attest the process: procfs reads, hashing its
+//!   binary), so the tunnel asks it on the blocking pool and its async worker only awaits.
+//! - [`LocalWorkloads`] must answer without blocking (the daemon's reads a few kernel maps
+//!   through a handle whose lock no one holds for long), and the tunnel asks it on the worker,
+//!   once per CONNECT stream.
+//! - [`SvidSource`] answers from its cache and issues an SVID on a miss (key generation: tens
+//!   of microseconds, once per identity and rotation). The inbound handshake asks it on the
+//!   pool, together with the owner lookup that picks the certificate; the outbound side asks on
+//!   the worker, once per flow.
+//! - [`SocketTagger`] calls stay on the worker: each is one socket-storage write under a lock
+//!   held for that write alone, cheaper than the hand-off to the pool.
+//! - [`RecordSink::record`] must not block (the daemon's queues the record for a thread of its
+//!   own).
 //!
 //! [`RecordSink::record`]: super::RecordSink::record
 #![forbid(unsafe_code)]
@@ -57,8 +63,8 @@ impl SocketTagger for Untagged {
     }
 }
 
-/// The enrolled workloads listening on this node. The daemon's answer reads kernel maps, so the
-/// tunnel asks from the blocking pool.
+/// The enrolled workloads listening on this node. The tunnel asks on its async workers, so an
+/// answer must not block: a few map lookups under a lock no one holds for long, at most.
 pub trait LocalWorkloads: Send + Sync {
     /// The identity of the enrolled workload listening on `addr` (on that address, or on every
     /// address of this node), `None` when no enrolled workload does.
