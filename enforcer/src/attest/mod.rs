@@ -261,6 +261,13 @@ impl Attestor {
         self.attest_cached(pid, Some(generation))
     }
 
+    /// The cached facts of image `generation` of `pid`, if the cache holds them and they still
+    /// hold; never a fresh attestation (a poll of the cached pidfd and a `stat` of the binary's
+    /// link, nothing read, nothing hashed).
+    pub fn cached_for(&self, pid: u32, generation: u64) -> Option<ProcessFacts> {
+        self.cached(pid, Some(generation))
+    }
+
     fn attest_cached(
         &self,
         pid: u32,

@@ -29,7 +29,7 @@ use std::{
 use crate::{
     attest::Attestor,
     identity::SpiffeId,
-    kernel::{Maps, SocketTags},
+    kernel::{Maps, Original, SocketTags},
     policy::{Identification, PolicySnapshot},
     report::report,
     tunnel::{LocalWorkloads, Origin, OriginError, Origins, SocketTagger},
@@ -126,6 +126,16 @@ impl KernelSources {
         maps.identity(service.tgid).ok().flatten()
     }
 
+    /// The kernel's record of the redirected connection from `client`, which arrived at `local`.
+    /// Only a connection the kernel steered to the redirect address was redirected; one made
+    /// to the listener's own address is not, whatever its peer address says.
+    fn redirect(&self, client: SocketAddr, local: SocketAddr) -> Option<Original> {
+        if local.port() != self.redirect_port {
+            return None;
+        }
+        self.maps().original(client).ok().flatten()
+    }
+
     /// The binary `pid` runs now, for records (from the attestation cache for its current
     /// image).
     fn exe_of(&self, pid: u32) -> Option<PathBuf> {
@@ -181,16 +191,8 @@ impl LocalWorkloads for KernelSources {
 
 impl Origins for KernelSources {
     fn origin(&self, client: SocketAddr, local: SocketAddr) -> Result<Origin, OriginError> {
-        // Only a connection the kernel steered to the redirect address was redirected; one
-        // made to the listener's own address is not, whatever its peer address says.
-        if local.port() != self.redirect_port {
-            return Err(OriginError::NotRedirected(client));
-        }
         let original = self
-            .maps()
-            .original(client)
-            .ok()
-            .flatten()
+            .redirect(client, local)
             .ok_or(OriginError::NotRedirected(client))?;
         let (pid, dst) = (original.tgid, original.dst);
         let id = if original.src_id == 0 {
@@ -208,14 +210,29 @@ impl Origins for KernelSources {
                     exe: self.exe_of(pid).unwrap_or_default(),
                 })?
         };
-        let exe = self.exe_of(pid);
-        Ok(Origin {
-            dst,
-            pid,
-            cgroup_id: original.cgroup_id,
-            exe,
-            id,
-        })
+        Ok(origin(&original, id, self.exe_of(pid)))
+    }
+
+    fn origin_at_once(&self, client: SocketAddr, local: SocketAddr) -> Option<Origin> {
+        let original = self.redirect(client, local)?;
+        if original.src_id == 0 {
+            return None;
+        }
+        let id = self.policy.load().identities.id(original.src_id).cloned()?;
+        let generation = self.maps().generation(original.tgid).ok()?;
+        let facts = self.attestor.cached_for(original.tgid, generation)?;
+        Some(origin(&original, id, Some(facts.exe)))
+    }
+}
+
+/// The origin of the redirect `original`, whose client is `id` and runs `exe`.
+fn origin(original: &Original, id: SpiffeId, exe: Option<PathBuf>) -> Origin {
+    Origin {
+        dst: original.dst,
+        pid: original.tgid,
+        cgroup_id: original.cgroup_id,
+        exe,
+        id,
     }
 }
 

@@ -61,18 +61,18 @@ async fn handle(node: Arc<Node>, tcp: TcpStream, client: SocketAddr) {
             return;
         }
     };
-    let lookup = Arc::clone(&node);
-    let found = off_worker(move || {
-        let origin = lookup.origins.origin(client, accepted_at)?;
-        let owner = lookup.workloads.owner(origin.dst);
-        Ok::<_, OriginError>((origin, owner))
-    });
-    let (origin, owner) = match found.await {
+    let found = if let Some(origin) = node.origins.origin_at_once(client, accepted_at) {
+        Some(Ok(origin))
+    } else {
+        let origins = Arc::clone(&node.origins);
+        off_worker(move || origins.origin(client, accepted_at)).await
+    };
+    let origin = match found {
         None => {
             tracing::debug!(%client, "the runtime is shutting down; connection dropped");
             return;
         }
-        Some(Ok(found)) => found,
+        Some(Ok(origin)) => origin,
         Some(Err(error)) => {
             tracing::info!(%client, error = %report(&error), "refusing an unidentified client");
             let (src, dst) = error.parties(client);
@@ -85,6 +85,7 @@ async fn handle(node: Arc<Node>, tcp: TcpStream, client: SocketAddr) {
             return refuse(&node, &view, tcp, (reason, None), &src, &dst);
         }
     };
+    let owner = node.workloads.owner(origin.dst);
     let flow = Flow {
         src: Party {
             id: Some(origin.id.clone()),

@@ -6,8 +6,10 @@
 //! daemon publishes ([`PolicySnapshot`](crate::policy::PolicySnapshot)).
 //!
 //! Where the calls run:
-//! - [`Origins`] may block (the daemon may attest the process: procfs reads, hashing its
-//!   binary), so the tunnel asks it on the blocking pool and its async worker only awaits.
+//! - [`Origins::origin`] may block (the daemon may attest the process: procfs reads, hashing
+//!   its binary), so the tunnel asks it on the blocking pool and its async worker only awaits;
+//!   first it asks [`Origins::origin_at_once`], which answers on the worker only what needs no
+//!   attestation (the common case: a client the daemon attested before it connected).
 //! - [`LocalWorkloads`] must answer without blocking (the daemon's reads a few kernel maps
 //!   through a handle whose lock no one holds for long), and the tunnel asks it on the worker,
 //!   once per CONNECT stream.
@@ -158,6 +160,15 @@ pub trait Origins: Send + Sync {
     /// The origin of the connection the outbound listener accepted from `client`, on its local
     /// address `local` (the redirect address, for a redirected connection).
     fn origin(&self, client: SocketAddr, local: SocketAddr) -> Result<Origin, OriginError>;
+
+    /// The same origin when it can be told without blocking (the daemon's: the kernel stamped
+    /// the client's identity at `connect()` and its binary is in the attestation cache), else
+    /// `None`, and the tunnel asks [`Origins::origin`] from the blocking pool. An answer here
+    /// must be the one [`Origins::origin`] would give; a refusal is always left to it.
+    fn origin_at_once(&self, client: SocketAddr, local: SocketAddr) -> Option<Origin> {
+        let _ = (client, local);
+        None
+    }
 }
 
 /// Runs `work` on the runtime's blocking pool, so that the async worker awaiting it stays free
