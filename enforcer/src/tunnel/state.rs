@@ -27,6 +27,8 @@
 
 use std::{io, net::SocketAddr, os::fd::BorrowedFd, path::PathBuf, sync::Arc};
 
+use tokio::runtime::RuntimeFlavor;
+
 use super::record::Party;
 use crate::identity::{CacheError, Clock, SpiffeId, SvidCache, SvidIssuer, X509Svid};
 
@@ -171,14 +173,19 @@ pub trait Origins: Send + Sync {
     }
 }
 
-/// Runs `work` on the runtime's blocking pool, so that the async worker awaiting it stays free
-/// for other tasks: for calls into the traits above that may block. A panic in `work` resumes
-/// in the caller; `None` when the runtime shut down before `work` ran.
+/// Runs `work` where it may block without stalling the runtime's other tasks: on a
+/// multi-thread runtime in place (`block_in_place`: this thread hands its queue of tasks to
+/// another and carries on with `work`, so the caller waits for no hand-off), else on the
+/// blocking pool. A panic in `work` resumes in the caller; `None` when the runtime shut down
+/// before `work` ran.
 pub(super) async fn off_worker<T, F>(work: F) -> Option<T>
 where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
 {
+    if tokio::runtime::Handle::current().runtime_flavor() == RuntimeFlavor::MultiThread {
+        return Some(tokio::task::block_in_place(work));
+    }
     match tokio::task::spawn_blocking(work).await {
         Ok(value) => Some(value),
         Err(error) => match error.try_into_panic() {
