@@ -12,7 +12,7 @@
 //! registrar and the policy reload hold for long stretches (a reload writes the whole policy
 //! table under it), is never theirs to wait for. So an owner lookup answers at once, and the
 //! tunnel makes it on its async worker; the origin, which may attest a process (procfs reads,
-//! hashing a binary), comes from the blocking pool (see [`crate::tunnel::state`]). The socket
+//! hashing a binary), is asked off the worker (see [`crate::tunnel::state`]). The socket
 //! tags are a handle of their own too, with a lock held for one map write, and tagging runs on
 //! the worker.
 #![forbid(unsafe_code)]

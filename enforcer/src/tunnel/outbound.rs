@@ -1,9 +1,9 @@
 //! The outbound side: the listener the kernel redirects enrolled workloads' connections to.
 //!
 //! For each accepted connection: find who the client is and where it wanted to go
-//! ([`super::Origins`]), and whether an enrolled workload of this node listens there
-//! ([`super::LocalWorkloads`]), in one task on the blocking pool (both read kernel maps, and the
-//! first may attest the client), then route it:
+//! ([`super::Origins`]: off the async worker when the client must be attested now), and
+//! whether an enrolled workload of this node listens there ([`super::LocalWorkloads`]), then
+//! route it:
 //! 1. the destination is an enrolled workload of this node: authorize (source, destination,
 //!    port) and connect to it with a hop the kernel admits only to that workload's listener
 //!    (same-node flows get the same checks and records as tunnelled ones);

@@ -5,20 +5,20 @@
 //! themselves known to the kernel ([`SocketTagger`]); the policy in force is the one snapshot the
 //! daemon publishes ([`PolicySnapshot`](crate::policy::PolicySnapshot)).
 //!
-//! Where the calls run:
+//! Where the calls run ("off the worker": see [`off_worker`]):
 //! - [`Origins::origin`] may block (the daemon may attest the process: procfs reads, hashing
-//!   its binary), so the tunnel asks it on the blocking pool and its async worker only awaits;
-//!   first it asks [`Origins::origin_at_once`], which answers on the worker only what needs no
-//!   attestation (the common case: a client the daemon attested before it connected).
+//!   its binary), so the tunnel asks it off the worker; first it asks
+//!   [`Origins::origin_at_once`], which answers on the worker only what needs no attestation
+//!   (the common case: a client the daemon attested before it connected).
 //! - [`LocalWorkloads`] must answer without blocking (the daemon's reads a few kernel maps
 //!   through a handle whose lock no one holds for long), and the tunnel asks it on the worker,
 //!   once per CONNECT stream.
 //! - [`SvidSource`] answers from its cache and issues an SVID on a miss (key generation: tens
-//!   of microseconds, once per identity and rotation). The inbound handshake asks it on the
-//!   pool, together with the owner lookup that picks the certificate; the outbound side asks on
-//!   the worker, once per flow.
+//!   of microseconds, once per identity and rotation). The inbound handshake asks it off the
+//!   worker, together with the owner lookup that picks the certificate; the outbound side asks
+//!   on the worker, once per flow.
 //! - [`SocketTagger`] calls stay on the worker: each is one socket-storage write under a lock
-//!   held for that write alone, cheaper than the hand-off to the pool.
+//!   held for that write alone, cheaper than moving off the worker.
 //! - [`RecordSink::record`] must not block (the daemon's queues the record for a thread of its
 //!   own).
 //!
@@ -165,7 +165,7 @@ pub trait Origins: Send + Sync {
 
     /// The same origin when it can be told without blocking (the daemon's: the kernel stamped
     /// the client's identity at `connect()` and its binary is in the attestation cache), else
-    /// `None`, and the tunnel asks [`Origins::origin`] from the blocking pool. An answer here
+    /// `None`, and the tunnel asks [`Origins::origin`] off the worker. An answer here
     /// must be the one [`Origins::origin`] would give; a refusal is always left to it.
     fn origin_at_once(&self, client: SocketAddr, local: SocketAddr) -> Option<Origin> {
         let _ = (client, local);
