@@ -47,10 +47,10 @@ pub struct KernelSources {
 
 impl KernelSources {
     /// Sources reading `maps` (a handle no one else holds for long: see the module docs),
-    /// tagging with `tags`, attesting with `attestor` (shared with
-    /// the daemon's registrar, so both use one cache) and resolving identities in the policy in
-    /// force, for redirects to `redirect_port`; they know no address of this node beyond
-    /// loopback until [`KernelSources::set_local_addrs`].
+    /// tagging with `tags`, attesting with `attestor` (shared with the daemon's registrar, so
+    /// both use one cache) and resolving identities in the policy in force, for redirects to
+    /// `redirect_port`; they know no address of this node beyond loopback until
+    /// [`KernelSources::set_local_addrs`].
     #[must_use]
     pub fn new(
         maps: Arc<Mutex<Maps>>,

@@ -155,8 +155,7 @@ impl WorkloadCerts {
     /// What a client at `at` whose hello named `destination` is shown: the enrolled workload
     /// listening there, when such a client [may name](ClientAt::may_name) it (`None` for the
     /// node's own SVID), and the signing key of that SVID (`None` when there is none to show,
-    /// which fails the handshake). Blocks: the owner lookup takes the kernel maps' lock and the
-    /// SVID may be issued now.
+    /// which fails the handshake). May block: the SVID may be issued now.
     pub(super) fn choose(
         &self,
         at: ClientAt,
