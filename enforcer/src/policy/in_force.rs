@@ -94,6 +94,7 @@ impl PolicySnapshot {
 
 /// The one place a new policy is put in force: the daemon's reload owns it, and every reader
 /// holds a [`PolicySnapshot`] made from it.
+#[derive(Debug)]
 pub struct PolicyPublisher(PolicySnapshot);
 
 impl PolicyPublisher {
@@ -118,12 +119,6 @@ impl PolicyPublisher {
     /// Put `next` in force for every reader at once.
     pub fn publish(&self, next: InForce) {
         self.0.0.store(Arc::new(next));
-    }
-}
-
-impl std::fmt::Debug for PolicyPublisher {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("PolicyPublisher").field(&self.0).finish()
     }
 }
 
