@@ -24,7 +24,7 @@ const OSRELEASE: &str = "/proc/sys/kernel/osrelease";
 const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 /// The oldest kernel that has every [`Feature`]: the newest of their `since` releases.
-pub(super) const MINIMUM_KERNEL: KernelVersion = KernelVersion::new(5, 10);
+pub(super) const MINIMUM_KERNEL: KernelVersion = KernelVersion::new(5, 15);
 
 /// A kernel release reduced to `major.minor`, the granularity at which features arrive.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -91,12 +91,18 @@ pub enum Feature {
     SkLookup,
     /// `bpf_sk_storage_get` from `cgroup/sock_create` (tagging enrolled processes' sockets).
     SocketStorageInCgroupSock,
+    /// `bpf_get_netns_cookie` from the connect and bind hooks: which network namespace (which
+    /// container) an address belongs to.
+    NetnsCookieInSockAddr,
+    /// `bpf_get_netns_cookie` from `sock_ops`: listeners and redirected sockets recorded with
+    /// their network namespace.
+    NetnsCookieInSockOps,
 }
 
 impl Feature {
     /// Every feature, oldest first: the order they are probed in, so the one reported
     /// missing is the oldest the kernel lacks.
-    pub const ALL: [Self; 15] = [
+    pub const ALL: [Self; 17] = [
         Self::CgroupSkb,
         Self::SockOps,
         Self::CgroupSockAddr,
@@ -109,9 +115,11 @@ impl Feature {
         Self::BtfTracepoint,
         Self::AncestorCgroupInSockAddr,
         Self::CgroupLink,
+        Self::NetnsCookieInSockAddr,
         Self::RingBuffer,
         Self::SkLookup,
         Self::SocketStorageInCgroupSock,
+        Self::NetnsCookieInSockOps,
     ];
 
     /// What the feature is, as an operator would search for it.
@@ -137,6 +145,8 @@ impl Feature {
             Self::SocketStorageInCgroupSock => {
                 "bpf_sk_storage_get in cgroup socket-creation programs"
             }
+            Self::NetnsCookieInSockAddr => "bpf_get_netns_cookie in cgroup connect hooks",
+            Self::NetnsCookieInSockOps => "bpf_get_netns_cookie in sock_ops programs",
         }
     }
 
@@ -154,10 +164,13 @@ impl Feature {
             | Self::SocketStorageInCgroupSkb
             | Self::SocketLookupInCgroupSkb => KernelVersion::new(5, 2),
             Self::BtfTracepoint => KernelVersion::new(5, 5),
-            Self::AncestorCgroupInSockAddr | Self::CgroupLink => KernelVersion::new(5, 7),
+            Self::AncestorCgroupInSockAddr | Self::CgroupLink | Self::NetnsCookieInSockAddr => {
+                KernelVersion::new(5, 7)
+            }
             Self::RingBuffer => KernelVersion::new(5, 8),
             Self::SkLookup => KernelVersion::new(5, 9),
             Self::SocketStorageInCgroupSock => KernelVersion::new(5, 10),
+            Self::NetnsCookieInSockOps => KernelVersion::new(5, 15),
         }
     }
 }
@@ -282,6 +295,13 @@ fn probe(feature: Feature, version: KernelVersion) -> Result<bool, FeatureError>
         Feature::SocketStorageInCgroupSock => {
             helper(ProgramType::CgroupSock, BpfHelper::BPF_FUNC_sk_storage_get)
         }
+        Feature::NetnsCookieInSockAddr => helper(
+            ProgramType::CgroupSockAddr,
+            BpfHelper::BPF_FUNC_get_netns_cookie,
+        ),
+        Feature::NetnsCookieInSockOps => {
+            helper(ProgramType::SockOps, BpfHelper::BPF_FUNC_get_netns_cookie)
+        }
     }
 }
 
@@ -358,7 +378,7 @@ mod tests {
         assert_eq!(
             error.to_string(),
             "kernel 5.4.0-150-generic lacks BTF tracepoints (tp_btf, BPF_PROG_TYPE_TRACING), \
-             which Linux 5.5 introduced; enforcer needs Linux 5.10 or newer"
+             which Linux 5.5 introduced; enforcer needs Linux 5.15 or newer"
         );
     }
 
@@ -372,7 +392,7 @@ mod tests {
         assert_eq!(
             error.to_string(),
             "kernel 6.1.0-56-cloud-amd64 lacks BPF ring buffer (BPF_MAP_TYPE_RINGBUF), \
-             which Linux 5.8 introduced; enforcer needs Linux 5.10 or newer"
+             which Linux 5.8 introduced; enforcer needs Linux 5.15 or newer"
         );
     }
 
