@@ -28,15 +28,22 @@ pub mod map_names {
     /// Process image generations: tgid (`u32`) -> `u64`, rewritten on exec, exit and a move
     /// between cgroups, so an identity attested for an older image never applies to a newer.
     pub const GENERATIONS: &str = "ENF_GENERATIONS";
-    /// Listening sockets of enrolled processes: [`crate::SockKey`] -> [`crate::Service`].
+    /// Listening sockets of enrolled processes: [`crate::NsSockKey`] -> [`crate::Service`].
     pub const SERVICES: &str = "ENF_SERVICES";
     /// Ports that may have an entry in [`map_names::SERVICES`] (`u32` per port, non-zero =
     /// maybe): an array lookup that spares the hash lookups for the common miss. Never cleared
     /// by the kernel; a stale hint only costs the hash lookup.
     pub const SERVICE_PORTS: &str = "ENF_SERVICE_PORTS";
-    /// This node's own addresses (16-byte address -> `u32`), besides loopback: a wildcard
-    /// service owns a destination only when the destination is one of them.
+    /// This node's own addresses, besides loopback, each with the cookie of the network
+    /// namespace it is configured in (16-byte address -> `u64`): the host's addresses and
+    /// every served container's. A wildcard service owns a destination only when the
+    /// destination is an address of the service's own namespace.
     pub const LOCAL_ADDRS: &str = "ENF_LOCAL_ADDRS";
+    /// The network namespaces the daemon serves, by cookie (`u64` -> `u32`, non-zero): the
+    /// daemon's own and every enrolled container's where its listeners are up. An enrolled
+    /// `connect()` is redirected only in one of them (elsewhere nothing of the daemon's
+    /// listens on the redirect address), and the daemon's ports there are its alone.
+    pub const NETNS: &str = "ENF_NETNS";
     /// Socket storage of enrolled processes' sockets: [`crate::SockTag`], cloned to accepted
     /// sockets.
     pub const SOCKS: &str = "ENF_SOCKS";
@@ -54,11 +61,13 @@ pub mod map_names {
     pub const POLICY_SLOT: &str = "ENF_POLICY_SLOT";
     /// Plaintext egress LPM trie: [`crate::EgressKey`] -> [`crate::EgressRule`].
     pub const EGRESS: &str = "ENF_EGRESS";
-    /// Mesh peers (16-byte address -> `u32`): connections to them always go to the tunnel.
+    /// The mesh's networks, an LPM trie over 16-byte addresses (`u32` values): each peer's
+    /// address and the workload networks behind it. Connections there always go to the tunnel.
     pub const PEERS: &str = "ENF_PEERS";
     /// Redirected sockets by cookie, between `connect()` and establishment.
     pub const ORIG_BY_COOKIE: &str = "ENF_ORIG_BY_COOKIE";
-    /// Redirected sockets by the client's local address, for the outbound listener.
+    /// Redirected sockets by the client's network namespace and local address
+    /// ([`crate::NsSockKey`]), for the outbound listener of that namespace.
     pub const ORIG_BY_TUPLE: &str = "ENF_ORIG_BY_TUPLE";
     /// Scratch space for cgroup paths (per-CPU, one [`crate::PathBuf`]).
     pub const PATH_SCRATCH: &str = "ENF_PATH_SCRATCH";
@@ -96,6 +105,10 @@ pub mod program_names {
     pub const CGROUP_RMDIR: &str = "enf_cgroup_rmdir";
     /// `lsm/socket_create` (only where the kernel runs the BPF LSM).
     pub const SOCKET_LSM: &str = "enf_socket_lsm";
+    /// `cgroup/bind4`.
+    pub const BIND4: &str = "enf_bind4";
+    /// `cgroup/bind6`.
+    pub const BIND6: &str = "enf_bind6";
 }
 
 /// Identity number meaning "not attested (yet)".
@@ -167,8 +180,8 @@ pub struct Config {
     /// The tunnel's inbound port (host byte order): `sk_lookup` hands connections to it, on
     /// any local address, to the daemon's inbound listener, or refuses them. Zero: none.
     pub inbound_port: u16,
-    /// The cookie of the daemon's network namespace: enrolled processes may make sockets only
-    /// there (elsewhere nothing the daemon does reaches them). Zero: not checked.
+    /// The cookie of the daemon's own network namespace, where `sk_lookup` keeps its ports
+    /// its own; in every other served namespace the bind hooks do. Zero: none yet.
     pub netns_cookie: u64,
 }
 
@@ -216,6 +229,19 @@ pub struct SockKey {
     pub port: u16,
     /// Always zero.
     pub pad: u16,
+}
+
+/// A [`SockKey`] in one network namespace: the key of the tables that hold addresses, since
+/// every container has its own `127.0.0.1` and two of them may listen on the same address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NsSockKey {
+    /// The network namespace's cookie (`bpf_get_netns_cookie`, `SO_NETNS_COOKIE`).
+    pub netns: u64,
+    /// The address and port.
+    pub addr: SockKey,
+    /// Always zero.
+    pub pad: u32,
 }
 
 /// A listening socket of an enrolled process: who owns a destination address and port. Its
@@ -463,9 +489,12 @@ pub mod reasons {
     /// listener's owner pass through this socket only when its own owner holds the same
     /// identity.
     pub const SHARED: u32 = 8;
-    /// A socket an enrolled process tried to make outside the daemon's network namespace,
-    /// where neither redirects nor the daemon's hops reach it.
+    /// An enrolled `connect()` in a network namespace the daemon does not serve (yet): no
+    /// listener of the daemon's is there to take it.
     pub const NAMESPACE: u32 = 9;
+    /// A bind to one of the daemon's ports in a namespace it serves (or by an enrolled
+    /// process anywhere): those ports are the daemon's.
+    pub const RESERVED_PORT: u32 = 10;
 }
 
 /// One record in the event ring buffer.
@@ -560,6 +589,8 @@ pub enum Counter {
     Unlisten = 21,
     /// Enrolled cgroups removed (their ids forgotten).
     Unenrolled = 22,
+    /// Binds to the daemon's ports refused (see [`reasons::RESERVED_PORT`]).
+    ReservedPort = 23,
 }
 
 impl Counter {
@@ -567,7 +598,7 @@ impl Counter {
     pub const COUNT: u32 = 32;
 
     /// Every counter, in index order.
-    pub const ALL: [Self; 23] = [
+    pub const ALL: [Self; 24] = [
         Self::Connect,
         Self::PassDaemon,
         Self::PassUnenrolled,
@@ -591,6 +622,7 @@ impl Counter {
         Self::Moved,
         Self::Unlisten,
         Self::Unenrolled,
+        Self::ReservedPort,
     ];
 
     /// A short `snake_case` name for logs and metrics.
@@ -620,6 +652,7 @@ impl Counter {
             Self::Moved => "moved",
             Self::Unlisten => "unlisten",
             Self::Unenrolled => "unenrolled",
+            Self::ReservedPort => "reserved_port",
         }
     }
 }
@@ -629,7 +662,7 @@ mod pod {
     //! `aya::Pod` for the shared types: each is `#[repr(C)]`, `Copy`, has no implicit padding
     //! and every bit pattern is a valid value.
     use super::{
-        Config, DaemonTag, EgressKey, EgressRule, Event, IdentityEntry, Layout, OrigDst,
+        Config, DaemonTag, EgressKey, EgressRule, Event, IdentityEntry, Layout, NsSockKey, OrigDst,
         PolicyEntry, PolicyKey, PolicyMeta, Service, SockKey, SockTag,
     };
 
@@ -641,6 +674,8 @@ mod pod {
     unsafe impl aya::Pod for IdentityEntry {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SockKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for NsSockKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Service {}
     // SAFETY: as above.
@@ -666,14 +701,15 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::{
-        Config, DaemonTag, Event, IdentityEntry, Layout, OrigDst, PolicyKey, Service, SockKey,
-        SockTag, path_hash,
+        Config, DaemonTag, Event, IdentityEntry, Layout, NsSockKey, OrigDst, PolicyKey, Service,
+        SockKey, SockTag, path_hash,
     };
     use core::mem::size_of;
 
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<SockKey>(), 20);
+        assert_eq!(size_of::<NsSockKey>(), 8 + 20 + 4);
         assert_eq!(size_of::<PolicyKey>(), 12);
         assert_eq!(size_of::<Config>(), 32);
         assert_eq!(size_of::<Layout>(), 24);

@@ -1,8 +1,9 @@
 //! enforcer's eBPF programs. Each program entry point is thin: it calls a `try_*` function in
 //! its module and maps the result to the hook's return code. The logic lives in small modules:
 //! `maps` (definitions), `state` (reads of them), `emit` (events and counters), `enroll` (is
-//! this cgroup enrolled?), `connect`, `sockets` (creation), `sockops` (listeners, redirected
-//! sockets), `steer` (`sk_lookup`), `ingress`, `egress`, `lifecycle` (exec, exit, cgroups).
+//! this cgroup enrolled?), `connect`, `bind` (the daemon's ports), `sockets` (creation),
+//! `sockops` (listeners, redirected sockets), `steer` (`sk_lookup`), `ingress`, `egress`,
+//! `lifecycle` (exec, exit, cgroups).
 //!
 //! On the host (clippy, `cargo test`) this binary is empty: the programs only exist for
 //! `bpfel-unknown-none`, where `enforcer/build.rs` builds them with aya-build.

@@ -27,6 +27,7 @@ mod common;
 use std::{
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsFd as _,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -307,13 +308,15 @@ impl Server {
         let thread = {
             let stop = Arc::clone(&stop);
             let listener = Arc::clone(&v4);
+            let netns = enforcer::kernel::netns_cookie(v4.as_fd()).expect("namespace cookie");
             thread::spawn(move || {
                 let datapath = pins.map(|pins| Datapath::adopt(&pins).expect("adopt"));
                 while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {
                         Ok((mut stream, peer)) => {
                             if let Some(datapath) = &datapath {
-                                let _original = datapath.maps().original(peer).expect("lookup");
+                                let _original =
+                                    datapath.maps().original(netns, peer).expect("lookup");
                             }
                             let _ = stream.write_all(b"x");
                         }

@@ -42,7 +42,7 @@ use std::{
 
 use enforcer::{
     attest::{AttestOptions, Attestor, cgroup_relative_path},
-    daemon::KernelSources,
+    daemon::{KernelSources, Namespaces},
     identity::{
         CacheConfig, CertificateAuthority, SpiffeId, SvidCache, SystemClock, TrustBundleSet,
     },
@@ -51,7 +51,7 @@ use enforcer::{
     testing::{
         Netns, ScratchCgroup, ScratchDatapath, Spawn, Spawned, TestPki, connect_nodes, require_root,
     },
-    tunnel::{LogSink, RecordSink, Tunnel, TunnelConfig, TunnelParts},
+    tunnel::{LogSink, Namespace, RecordSink, Tunnel, TunnelConfig, TunnelParts},
 };
 
 use common::median;
@@ -984,17 +984,20 @@ fn node(args: &NodeArgs) {
             netns_cookie: netns_cookie(inbound.as_fd()).expect("read the namespace cookie"),
         })
         .expect("set the daemon config");
-        let local = args.inbound.ip();
-        maps.replace_local_addrs(&[local])
+        let home = enforcer::kernel::Netns::current().expect("open the node's namespace");
+        let local = [(args.inbound.ip(), home.cookie())];
+        maps.replace_local_addrs(&local)
+            .and_then(|()| maps.replace_served(&[home.cookie()]))
             .expect("set the node's address");
+        let namespaces = Arc::new(Namespaces::new(home));
+        namespaces.set_addrs(local);
         let sources = Arc::new(KernelSources::new(
             Arc::new(Mutex::new(maps)),
             tags,
             Arc::new(Attestor::new(AttestOptions::default())),
             policy.clone(),
-            OUTBOUND_PORT,
+            (namespaces, OUTBOUND_PORT),
         ));
-        sources.set_local_addrs([local]);
         let tunnel = Tunnel::new(TunnelParts {
             config: TunnelConfig {
                 pool_max_age: args.pool_max_age,
@@ -1012,8 +1015,8 @@ fn node(args: &NodeArgs) {
             policy,
         })
         .expect("build the tunnel");
-        let _outbound = tunnel.serve_outbound(outbound);
-        let _inbound = tunnel.serve_inbound(inbound);
+        let _outbound = tunnel.serve_outbound(outbound, Namespace::HOME);
+        let _inbound = tunnel.serve_inbound(inbound, Namespace::HOME);
         println!("ready");
         std::future::pending::<()>().await;
     });

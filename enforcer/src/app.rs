@@ -33,8 +33,9 @@ use crate::{
     config::{Config, EMBEDDED_POLICY_NAME},
     control,
     daemon::{
-        self, Api, DaemonError, EventPump, KernelSources, Listeners, MeteredIssuer, NodeFacts,
-        OwnCgroupError, Recorder, Registrar, Reloader, Running, Svids, Telemetry, Upkeep,
+        self, Api, DaemonError, EventPump, KernelSources, Listeners, MeteredIssuer,
+        NamespaceServer, Namespaces, NodeFacts, OwnCgroupError, Recorder, Registrar, Reloader,
+        Running, Svids, Telemetry, Upkeep,
     },
     identity::{
         CacheConfig, SpiffeId, StoreError, SvidCache, SystemClock, TrustBundleSet, TrustDomain,
@@ -42,7 +43,7 @@ use crate::{
     },
     kernel::{
         CgroupError, DaemonConfig, Datapath, DatapathOptions, ListenerSlot, LoadError, Maps,
-        MapsError, PROGRAMS, SocketTags, cgroup2_mount, netns_cookie,
+        MapsError, Netns, PROGRAMS, SocketTags, cgroup2_mount,
     },
     policy::{ApplyError, Diagnostic, Policy, PolicyPublisher, PolicySnapshot, render},
     report::report,
@@ -148,6 +149,8 @@ struct Kernel {
     /// A handle of the same maps for the tunnel's lookups alone, so that they never wait for
     /// the long holders of `maps` (a reload, a rescan).
     lookups: Arc<Mutex<Maps>>,
+    /// The network namespaces served: this daemon's own, and its workloads'.
+    namespaces: Arc<Namespaces>,
     mount: PathBuf,
     scope: PathBuf,
     previous_version: u64,
@@ -217,11 +220,11 @@ impl Parts {
             tags,
             Arc::clone(&attestor),
             policy.clone(),
-            config.tunnel.outbound_port,
+            (Arc::clone(&kernel.namespaces), config.tunnel.outbound_port),
         ));
         let registrar = Arc::new(Registrar::new(
             attestor,
-            Arc::clone(&kernel.maps),
+            (Arc::clone(&kernel.maps), Arc::clone(&kernel.namespaces)),
             kernel.mount.clone(),
             policy.clone(),
             Arc::clone(&telemetry),
@@ -280,9 +283,18 @@ fn assemble(
         recorder: recorder.clone(),
         lost_file: node.config.state_dir.join("kernel-lost-events"),
     };
+    let namespaces = Arc::new(NamespaceServer::new(
+        Arc::clone(&kernel.namespaces),
+        Arc::clone(&registrar),
+        tunnel.clone(),
+        (Arc::clone(&kernel.maps), sources),
+        (
+            node.config.tunnel.outbound_port,
+            node.config.tunnel.inbound_addr.port(),
+        ),
+    ));
     let upkeep = Arc::new(Upkeep {
-        maps: Arc::clone(&kernel.maps),
-        sources,
+        namespaces,
         registrar,
         svids,
     });
@@ -369,6 +381,7 @@ fn program_kernel(
 ) -> Result<(Kernel, SocketTags), AppError> {
     let mut maps = Maps::open(&datapath.pin_dir().join("maps"))?;
     let previous_version = maps.active_policy()?.version;
+    let home = Netns::current().map_err(io_error("the daemon's own network namespace"))?;
     // Identity numbers are this run's (file order of the policy it compiles): the ones an
     // earlier run left would stamp connections with other workloads' identities. Until the
     // first scan, enrolled processes are attested when they connect.
@@ -397,15 +410,20 @@ fn program_kernel(
         }),
         outbound_port: config.tunnel.outbound_port,
         inbound_port: config.tunnel.inbound_addr.port(),
-        netns_cookie: netns_cookie(bound.inbound.as_fd())
-            .map_err(io_error("namespace cookie of the inbound listener"))?,
+        netns_cookie: home.cookie(),
     })?;
+    // Served from now on: this namespace, and (until the first scan finds which are still
+    // there) the workload namespaces an earlier run served, whose ports the bind hooks keep.
+    let mut served = maps.served();
+    served.push(home.cookie());
+    maps.replace_served(&served)?;
     let tags = datapath.socket_tags()?;
     let lookups = Maps::open(&datapath.pin_dir().join("maps"))?;
     let kernel = Kernel {
         datapath,
         maps: Arc::new(Mutex::new(maps)),
         lookups: Arc::new(Mutex::new(lookups)),
+        namespaces: Arc::new(Namespaces::new(home)),
         mount,
         scope,
         previous_version,

@@ -240,7 +240,7 @@ fn redirected(
     let original = fx
         .datapath
         .maps()
-        .original(peer)
+        .original(fx.datapath.netns_cookie(), peer)
         .unwrap()
         .unwrap_or_else(|| panic!("{command}: no original destination recorded for {peer}"));
     (conn, original)
@@ -359,7 +359,7 @@ fn audit_mode_lets_a_denied_flow_through_and_flags_it() {
     let original = fx
         .datapath
         .maps()
-        .original(conn.peer_addr().unwrap())
+        .original(fx.datapath.netns_cookie(), conn.peer_addr().unwrap())
         .unwrap()
         .expect("audited flow is redirected and recorded");
     assert_eq!(original.dst, pair.addr);
@@ -401,7 +401,11 @@ fn redirected_connect_lands_on_the_listener_which_recovers_the_original_destinat
     drop(conn);
     let gone = (0..200).any(|_| {
         std::thread::sleep(Duration::from_millis(10));
-        fx.datapath.maps().original(peer).unwrap().is_none()
+        fx.datapath
+            .maps()
+            .original(fx.datapath.netns_cookie(), peer)
+            .unwrap()
+            .is_none()
     });
     assert!(gone, "the record of {peer} outlived its socket");
 }
@@ -627,16 +631,21 @@ fn services_are_listening_sockets_recorded_at_listen_and_removed_at_close() {
             .maps()
             .services()
             .into_iter()
-            .filter(|(_, service)| service.tgid == pid)
-            .map(|(addr, _)| addr)
+            .filter(|(_, _, service)| service.tgid == pid)
+            .map(|(_, addr, _)| addr)
             .collect()
     };
 
-    // Binds record nothing: a privileged port, a port in use, a free port, 50 of them.
+    // Binds record nothing: a privileged port, the daemon's port (refused: it is reserved
+    // for the daemon), a free port, 50 of them.
     assert_eq!(workload.ask("bind 127.0.0.1 80"), "err 13");
+    assert_eq!(workload.ask(&format!("bind 127.0.0.1 {}", fx.port)), EPERM);
+    let refused = wait_event(&mut reader, "DENY reserved port", |e| {
+        e.kind == EventKind::Deny && e.reason == reasons::RESERVED_PORT
+    });
     assert_eq!(
-        workload.ask(&format!("bind 127.0.0.1 {}", fx.port)),
-        "err 98"
+        (refused.tgid, refused.src.port()),
+        (workload.pid(), fx.port)
     );
     for _ in 0..50 {
         assert!(workload.ask("bind 127.0.0.1 0").starts_with("bound "));
@@ -797,7 +806,7 @@ fn inbound_datagrams_reach_an_enrolled_workload_only_from_permitted_destinations
 }
 
 #[test]
-fn plaintext_egress_never_covers_a_local_listener_or_a_mesh_peer() {
+fn plaintext_egress_never_covers_a_local_listener_a_mesh_peer_or_its_networks() {
     let _serial = serial();
     let mut fx = fixture();
     let mut reader = events(&fx.datapath);
@@ -805,7 +814,9 @@ fn plaintext_egress_never_covers_a_local_listener_or_a_mesh_peer() {
     let maps = fx.datapath.maps_mut();
     maps.replace_egress(&[egress(Ipv4Addr::UNSPECIFIED, 0, IpProtocol::Tcp, None)])
         .unwrap();
-    maps.replace_peers(&[peer]).unwrap();
+    // The peer's own address, and the workload network behind it (its containers).
+    let peer_net: IpAddr = Ipv4Addr::new(10, 88, 2, 0).into();
+    maps.replace_peers(&[(peer, 32), (peer_net, 24)]).unwrap();
     let mut server = fx.client(&fx.app);
     let port = listening_port(&server.ask("listen 127.0.0.1 0"));
     let mut client = fx.client(&fx.app);
@@ -813,6 +824,8 @@ fn plaintext_egress_never_covers_a_local_listener_or_a_mesh_peer() {
     // A mesh peer and a local listener go to the tunnel, whatever egress says.
     let (_conn, original) = redirected(&fx, &mut client, "connect 10.77.0.2 443", &fx.outbound4);
     assert_eq!(original.dst.ip(), peer);
+    let (_conn, original) = redirected(&fx, &mut client, "connect 10.88.2.7 80", &fx.outbound4);
+    assert_eq!(original.dst, "10.88.2.7:80".parse::<SocketAddr>().unwrap());
     let (_conn, original) = redirected(
         &fx,
         &mut client,
@@ -1100,7 +1113,7 @@ fn a_listener_recorded_before_attestation_takes_its_owners_identity_when_atteste
     let recorded = fx
         .datapath
         .maps()
-        .service(addr)
+        .service(fx.datapath.netns_cookie(), addr)
         .unwrap()
         .expect("listen recorded the port");
     assert_eq!(recorded.tgid, server.pid());
@@ -1136,13 +1149,14 @@ fn sockets_the_datapath_cannot_follow_are_refused_to_enrolled_processes() {
     });
     assert_eq!((refused.reason, refused.protocol), (reasons::PROTOCOL, 262));
 
-    // Any socket in a network namespace other than the daemon's: nothing there reaches the
-    // daemon, so nothing there would be decided.
-    assert_eq!(workload.ask("tcp"), "ok");
+    // A network namespace the daemon does not serve: sockets are made there (a container's
+    // processes start before the daemon serves its namespace), but a connect fails closed,
+    // since no listener of the daemon's is there to take it.
     assert_eq!(workload.ask("unshare_net"), "ok");
-    assert_eq!(workload.ask("tcp"), EPERM);
-    let refused = wait_event(&mut reader, "DENY namespace", |e| {
-        e.kind == EventKind::Deny && e.reason == reasons::NAMESPACE
+    assert_eq!(workload.ask("tcp"), "ok");
+    assert_eq!(workload.ask("connect 127.0.0.1 8080"), EPERM);
+    let refused = wait_event(&mut reader, "NO_LISTENER namespace", |e| {
+        e.kind == EventKind::NoListener && e.reason == reasons::NAMESPACE
     });
     assert_eq!(refused.tgid, workload.pid());
     assert_eq!(outsider.ask("unshare_net"), "ok");
@@ -1168,7 +1182,7 @@ fn an_enrolled_socket_stays_enrolled_in_an_unenrolled_process() {
     let original = fx
         .datapath
         .maps()
-        .original(conn.peer_addr().unwrap())
+        .original(fx.datapath.netns_cookie(), conn.peer_addr().unwrap())
         .unwrap()
         .expect("a redirect record");
     assert_eq!(original.dst, target);
@@ -1318,16 +1332,26 @@ fn the_first_listener_keeps_a_shared_address() {
     let owner = fx
         .datapath
         .maps()
-        .service(addr)
+        .service(fx.datapath.netns_cookie(), addr)
         .unwrap()
         .expect("a service");
     assert_eq!(owner.tgid, first.pid());
     // The second closing leaves the first's record alone; the first closing removes it.
     assert_eq!(second.ask("close_listeners"), closed_untouched(1));
     assert_eq!(
-        fx.datapath.maps().service(addr).unwrap().map(|s| s.tgid),
+        fx.datapath
+            .maps()
+            .service(fx.datapath.netns_cookie(), addr)
+            .unwrap()
+            .map(|s| s.tgid),
         Some(first.pid())
     );
     assert_eq!(first.ask("close_listeners"), closed_untouched(1));
-    assert_eq!(fx.datapath.maps().service(addr).unwrap(), None);
+    assert_eq!(
+        fx.datapath
+            .maps()
+            .service(fx.datapath.netns_cookie(), addr)
+            .unwrap(),
+        None
+    );
 }

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use enforcer::{
     identity::{PeerAuthorizer, SpiffeId, client_config},
     testing::{MeshListeners, MeshNode, TestPki},
-    tunnel::{self, InboundClient, Metric, Refusal, TunnelConfig},
+    tunnel::{self, InboundClient, Metric, Namespace, Refusal, TunnelConfig},
 };
 use h2::client::SendRequest;
 use http::{Method, Request, StatusCode};
@@ -113,6 +113,7 @@ impl Target {
             addr: client,
             destination: Some(dst),
             presented: Some(id("api")),
+            netns: Namespace::HOME,
         };
         tokio::spawn(async move { tunnel.serve_connection(theirs, client).await });
         let (send, connection) = h2::client::handshake(ours).await.unwrap();

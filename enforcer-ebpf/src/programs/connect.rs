@@ -2,10 +2,18 @@
 //!
 //! TCP of an enrolled process is refused when policy denies the pair, passes as plaintext
 //! egress only to a destination that is neither a local workload nor a mesh peer, and is
-//! otherwise redirected to the daemon. Every other protocol (UDP, ping sockets) passes only
+//! otherwise redirected to the daemon's outbound listener on the loopback of the process's own
+//! network namespace, or refused when the daemon does not serve that namespace (yet). Which
+//! local workload a destination is comes from the namespace the destination address belongs
+//! to: loopback is the caller's own, any other local address the namespace it is configured in
+//! (the host's, or a container's). Every other protocol (UDP, ping sockets) passes only
 //! where an egress entry for that protocol permits it.
 
-use aya_ebpf::{EbpfContext as _, helpers::bpf_get_socket_cookie, programs::SockAddrContext};
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::{bpf_get_socket_cookie, generated::bpf_get_netns_cookie},
+    programs::SockAddrContext,
+};
 use enforcer_ebpf::{
     Counter, Event, EventKind, OrigDst, PolicyEntry, PolicyMeta, SockKey, UNKNOWN_IDENTITY, reasons,
 };
@@ -17,8 +25,8 @@ use super::{
     maps::ORIG_BY_COOKIE,
     state::{
         AF_INET, AF_INET6, IPPROTO_TCP, active_policy, config, current_tgid, daemon_tag,
-        egress_rule, generation_of, identity_at, identity_at_since, is_mapped, is_peer, mapped,
-        policy_entry, port_from_be, read_words, service_at, sock_tag,
+        egress_rule, generation_of, identity_at, identity_at_since, is_mapped, is_peer, is_served,
+        mapped, policy_entry, port_from_be, read_words, service_at, sock_tag,
     },
 };
 
@@ -129,7 +137,9 @@ fn decide(ctx: &SockAddrContext, dst: &SockKey, family: u32, protocol: u32) -> D
 
     let generation = generation_of(tgid);
     let src_id = identity_at(tgid, generation);
-    let service = service_at(dst);
+    // SAFETY: the context pointer is valid; the helper reads the socket's namespace.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let service = service_at(netns, dst);
     let dst_id = service.map_or(UNKNOWN_IDENTITY, |service| {
         identity_at_since(service.tgid, service.generation)
     });
@@ -169,6 +179,13 @@ fn decide(ctx: &SockAddrContext, dst: &SockKey, family: u32, protocol: u32) -> D
     }
 
     let cfg = config();
+    if !is_served(netns) {
+        // Nothing of the daemon's listens on this namespace's loopback (yet): fail closed.
+        count(Counter::NoListener);
+        event.reason = reasons::NAMESPACE;
+        emit(EventKind::NoListener, event);
+        return Decision::Refuse;
+    }
     let Some(target) = redirect_target(&cfg, family, &dst.addr) else {
         count(Counter::NoListener);
         emit(EventKind::NoListener, event);

@@ -14,8 +14,8 @@ use aya_ebpf::{
 };
 use enforcer_ebpf::{
     Config, DEFAULT_RING_BYTES, DEFAULT_TABLE_ENTRIES, DaemonTag, EgressKey, EgressRule,
-    IdentityEntry, LISTENER_SLOTS, Layout, OrigDst, PathBuf, PolicyEntry, PolicyKey, PolicyMeta,
-    Service, SockKey, SockTag,
+    IdentityEntry, LISTENER_SLOTS, Layout, NsSockKey, OrigDst, PathBuf, PolicyEntry, PolicyKey,
+    PolicyMeta, Service, SockTag,
 };
 
 #[map(name = "ENF_CONFIG")]
@@ -38,13 +38,16 @@ pub(crate) static IDENTITIES: HashMap<u32, IdentityEntry> =
 pub(crate) static GENERATIONS: LruHashMap<u32, u64> = LruHashMap::pinned(DEFAULT_TABLE_ENTRIES, 0);
 
 #[map(name = "ENF_SERVICES")]
-pub(crate) static SERVICES: HashMap<SockKey, Service> = HashMap::pinned(DEFAULT_TABLE_ENTRIES, 0);
+pub(crate) static SERVICES: HashMap<NsSockKey, Service> = HashMap::pinned(DEFAULT_TABLE_ENTRIES, 0);
 
 #[map(name = "ENF_SERVICE_PORTS")]
 pub(crate) static SERVICE_PORTS: Array<u32> = Array::pinned(65_536, 0);
 
 #[map(name = "ENF_LOCAL_ADDRS")]
-pub(crate) static LOCAL_ADDRS: HashMap<[u32; 4], u32> = HashMap::pinned(1024, 0);
+pub(crate) static LOCAL_ADDRS: HashMap<[u32; 4], u64> = HashMap::pinned(4096, 0);
+
+#[map(name = "ENF_NETNS")]
+pub(crate) static NETNS: HashMap<u64, u32> = HashMap::pinned(4096, 0);
 
 #[map(name = "ENF_LISTENERS")]
 pub(crate) static LISTENERS: SockMap = SockMap::pinned(LISTENER_SLOTS, 0);
@@ -67,14 +70,14 @@ pub(crate) static POLICY_SLOT: Array<u32> = Array::pinned(1, 0);
 pub(crate) static EGRESS: LpmTrie<EgressKey, EgressRule> = LpmTrie::pinned(4096, 0);
 
 #[map(name = "ENF_PEERS")]
-pub(crate) static PEERS: HashMap<[u32; 4], u32> = HashMap::pinned(1024, 0);
+pub(crate) static PEERS: LpmTrie<[u32; 4], u32> = LpmTrie::pinned(1024, 0);
 
 #[map(name = "ENF_ORIG_BY_COOKIE")]
 pub(crate) static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> =
     LruHashMap::pinned(DEFAULT_TABLE_ENTRIES, 0);
 
 #[map(name = "ENF_ORIG_BY_TUPLE")]
-pub(crate) static ORIG_BY_TUPLE: LruHashMap<SockKey, OrigDst> =
+pub(crate) static ORIG_BY_TUPLE: LruHashMap<NsSockKey, OrigDst> =
     LruHashMap::pinned(DEFAULT_TABLE_ENTRIES, 0);
 
 #[map(name = "ENF_PATH_SCRATCH")]

@@ -4,6 +4,7 @@
 //! value pointers the verifier tracks, so each program must be one function after inlining.
 #![expect(clippy::inline_always, reason = "see the module comment")]
 
+mod bind;
 mod connect;
 mod egress;
 mod emit;
@@ -28,7 +29,7 @@ const REFUSE: i32 = 0;
     reason = "the aya macros hand each program its context by value"
 )]
 mod entry {
-    use super::{connect, egress, ingress, lifecycle, sockets, sockops, steer};
+    use super::{bind, connect, egress, ingress, lifecycle, sockets, sockops, steer};
     use aya_ebpf::{
         macros::{
             btf_tracepoint, cgroup_skb, cgroup_sock, cgroup_sock_addr, lsm, sk_lookup, sock_ops,
@@ -47,6 +48,16 @@ mod entry {
     #[cgroup_sock_addr(connect6)]
     pub(crate) fn enf_connect6(ctx: SockAddrContext) -> i32 {
         connect::try_connect6(&ctx)
+    }
+
+    #[cgroup_sock_addr(bind4)]
+    pub(crate) fn enf_bind4(ctx: SockAddrContext) -> i32 {
+        bind::try_bind4(&ctx)
+    }
+
+    #[cgroup_sock_addr(bind6)]
+    pub(crate) fn enf_bind6(ctx: SockAddrContext) -> i32 {
+        bind::try_bind6(&ctx)
     }
 
     #[cgroup_sock(sock_create)]

@@ -3,23 +3,20 @@
 //! `cgroup/sock_create` tags every IPv4/IPv6 socket an enrolled process creates with its
 //! creator (tgid, cgroup, image generation), which is how the other programs know the socket
 //! is an enrolled workload's, and refuses raw sockets outright (they could forge any packet)
-//! and MPTCP sockets (their subflows are sockets the kernel makes untagged), and any socket
-//! outside the daemon's network namespace (no redirect or hop of the daemon reaches it). A
-//! socket that cannot be tagged is refused too (fail closed). `lsm/socket_create`, where the kernel runs
+//! and MPTCP sockets (their subflows are sockets the kernel makes untagged). Sockets are made
+//! in any network namespace: a container's own is served by the daemon's listeners there, and
+//! until it is, the connect hooks refuse its redirects. A socket that cannot be tagged is
+//! refused too (fail closed). `lsm/socket_create`, where the kernel runs
 //! the BPF LSM, refuses packet sockets (`AF_PACKET`), which no socket hook sees.
 
-use aya_ebpf::{
-    EbpfContext as _,
-    helpers::generated::bpf_get_netns_cookie,
-    programs::{LsmContext, SockContext},
-};
+use aya_ebpf::programs::{LsmContext, SockContext};
 use enforcer_ebpf::{Counter, Event, EventKind, SockTag, reasons};
 
 use super::{
     PROCEED, REFUSE,
     emit::{count, emit},
     enroll::current_enrolled_cgroup,
-    state::{SOCK_RAW, active_policy, config, current_tgid, generation_of, tag_sock},
+    state::{SOCK_RAW, active_policy, current_tgid, generation_of, tag_sock},
 };
 
 /// `AF_PACKET`.
@@ -39,12 +36,6 @@ pub(crate) fn try_sock_create(ctx: &SockContext) -> i32 {
         unsafe { ((*ctx.sock).family, (*ctx.sock).type_, (*ctx.sock).protocol) };
     if kind == SOCK_RAW {
         refuse(cgroup_id, tgid, family, protocol, reasons::RAW_SOCKET);
-        return REFUSE;
-    }
-    let daemon_netns = config().netns_cookie;
-    // SAFETY: the context pointer is the program's own.
-    if daemon_netns != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != daemon_netns {
-        refuse(cgroup_id, tgid, family, protocol, reasons::NAMESPACE);
         return REFUSE;
     }
     if protocol == IPPROTO_MPTCP {

@@ -1,8 +1,8 @@
 //! `sock_ops`: the life of sockets the datapath tracks.
 //!
-//! - a redirected socket, once established, has its record re-keyed by the client's local
-//!   address and port (what the outbound listener sees as the peer); the record goes when the
-//!   socket closes;
+//! - a redirected socket, once established, has its record re-keyed by the client's network
+//!   namespace and local address and port (what the outbound listener of that namespace sees
+//!   as the peer); the record goes when the socket closes;
 //! - a socket of an enrolled process that starts listening becomes a service: protected (only
 //!   the daemon's hops may reach it, see `ingress`), recorded by address so connects and the
 //!   daemon can find its owner, and removed again when it stops listening. The first listener
@@ -16,10 +16,10 @@ use aya_ebpf::{
         BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE, BPF_TCP_LISTEN,
     },
-    helpers::bpf_get_socket_cookie,
+    helpers::{bpf_get_socket_cookie, generated::bpf_get_netns_cookie},
     programs::SockOpsContext,
 };
-use enforcer_ebpf::{Counter, Event, EventKind, Service, SockKey, SockTag, reasons};
+use enforcer_ebpf::{Counter, Event, EventKind, NsSockKey, Service, SockKey, SockTag, reasons};
 
 use super::{
     emit::{count, emit},
@@ -45,19 +45,24 @@ pub(crate) fn on_sock_ops(ctx: &SockOpsContext) {
     }
 }
 
-/// The socket's local address and port (an unspecified address is its family's any-address:
-/// `::ffff:0.0.0.0` for IPv4, `::` for IPv6).
+/// The socket's network namespace and local address and port (an unspecified address is its
+/// family's any-address: `::ffff:0.0.0.0` for IPv4, `::` for IPv6).
 #[inline(always)]
-fn local_key(ctx: &SockOpsContext) -> SockKey {
+fn local_key(ctx: &SockOpsContext) -> NsSockKey {
     let addr = if ctx.family() == AF_INET {
         mapped(ctx.local_ip4())
     } else {
         // SAFETY: the context pointer is valid for the whole program run.
         unsafe { read_words(&raw const (*ctx.ops).local_ip6) }
     };
-    SockKey {
-        addr,
-        port: host_port(ctx.local_port()),
+    NsSockKey {
+        // SAFETY: the context pointer is valid; the helper reads the socket's namespace.
+        netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        addr: SockKey {
+            addr,
+            port: host_port(ctx.local_port()),
+            pad: 0,
+        },
         pad: 0,
     }
 }
@@ -135,7 +140,7 @@ fn listen(ctx: &SockOpsContext) {
         generation: owner.generation,
     };
     watch_close(ctx);
-    hint_service_port(key.port);
+    hint_service_port(key.addr.port);
     let (_, meta) = active_policy();
     let mut event = Event {
         cookie,
@@ -143,7 +148,7 @@ fn listen(ctx: &SockOpsContext) {
         policy_version: meta.version,
         tgid: owner.tgid,
         src_id: identity_of(owner.tgid),
-        src: key,
+        src: key.addr,
         family: ctx.family(),
         protocol: IPPROTO_TCP,
         ..Event::default()

@@ -7,13 +7,13 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use enforcer_ebpf::{
-    Config, DaemonTag, EgressKey, IdentityEntry, Layout, PolicyEntry, PolicyKey, PolicyMeta,
-    Service, SockKey, SockTag, UNKNOWN_IDENTITY,
+    Config, DaemonTag, EgressKey, IdentityEntry, Layout, NsSockKey, PolicyEntry, PolicyKey,
+    PolicyMeta, Service, SockKey, SockTag, UNKNOWN_IDENTITY,
 };
 
 use super::maps::{
-    CONFIG, DAEMON_SOCKS, EGRESS, GENERATIONS, IDENTITIES, LAYOUT, LOCAL_ADDRS, PEERS, POLICY_0,
-    POLICY_1, POLICY_META, POLICY_SLOT, SERVICE_PORTS, SERVICES, SOCKS,
+    CONFIG, DAEMON_SOCKS, EGRESS, GENERATIONS, IDENTITIES, LAYOUT, LOCAL_ADDRS, NETNS, PEERS,
+    POLICY_0, POLICY_1, POLICY_META, POLICY_SLOT, SERVICE_PORTS, SERVICES, SOCKS,
 };
 
 /// `AF_INET`.
@@ -148,37 +148,62 @@ pub(crate) fn identity_at_since(tgid: u32, generation: u64) -> u32 {
     }
 }
 
-/// Whether `addr` is one of this node's addresses: loopback, or one the daemon listed.
+/// Whether `addr` is a loopback address (`127.0.0.0/8` or `::1`).
 #[inline(always)]
-pub(crate) fn is_local(addr: &[u32; 4]) -> bool {
+fn is_loopback(addr: &[u32; 4]) -> bool {
     let loopback4 = is_mapped(addr) && u32::from_be(addr[3]) >> 24 == 127;
     let loopback6 = addr[0] == 0 && addr[1] == 0 && addr[2] == 0 && addr[3] == 1_u32.to_be();
-    loopback4 || loopback6 || LOCAL_ADDRS.get_ptr(addr).is_some()
+    loopback4 || loopback6
 }
 
-/// The listening socket that owns `key`, only ever at one of this node's own addresses (a
-/// socket bound elsewhere, e.g. with `IP_FREEBIND`, owns nothing): the exact (address, port)
-/// entry first, then the any-address entry of the address's family, then (for IPv4) the IPv6
-/// any-address entry, which dual-stack listeners hold. The port hint array answers the common
-/// "nobody" without touching the hash map.
+/// The network namespace in which `addr` is a local address, seen from namespace `own`:
+/// loopback is `own`'s; any other address is the namespace the daemon listed it for (the
+/// host's, or a served container's); `None` when it is no address of this node.
 #[inline(always)]
-pub(crate) fn service_at(key: &SockKey) -> Option<Service> {
-    if !service_port_hinted(key.port) || !is_local(&key.addr) {
+pub(crate) fn netns_of(own: u64, addr: &[u32; 4]) -> Option<u64> {
+    if is_loopback(addr) {
+        return Some(own);
+    }
+    let netns = LOCAL_ADDRS.get_ptr(addr)?;
+    // SAFETY: the pointer comes from a successful lookup and points to a u64 map value.
+    Some(unsafe { *netns })
+}
+
+/// Whether the daemon serves network namespace `netns` (its listeners are there).
+#[inline(always)]
+pub(crate) fn is_served(netns: u64) -> bool {
+    NETNS.get_ptr(netns).is_some()
+}
+
+/// The listening socket that owns `key` as reached from namespace `own`, only ever at one of
+/// this node's own addresses, in the namespace that address belongs to (a socket bound
+/// elsewhere, e.g. with `IP_FREEBIND`, owns nothing): the exact (address, port) entry first,
+/// then the any-address entry of the address's family, then (for IPv4) the IPv6 any-address
+/// entry, which dual-stack listeners hold. The port hint array answers the common "nobody"
+/// without touching the hash maps.
+#[inline(always)]
+pub(crate) fn service_at(own: u64, key: &SockKey) -> Option<Service> {
+    if !service_port_hinted(key.port) {
         return None;
     }
-    let mut probe = *key;
+    let netns = netns_of(own, &key.addr)?;
+    let mut probe = NsSockKey {
+        netns,
+        addr: *key,
+        pad: 0,
+    };
     if let Some(found) = SERVICES.get_ptr(probe) {
         // SAFETY: the pointer comes from a successful lookup and points to a Service value.
         return Some(unsafe { *found });
     }
     if is_mapped(&key.addr) {
-        probe.addr = mapped(0);
+        probe.addr.addr = mapped(0);
         if let Some(found) = SERVICES.get_ptr(probe) {
             // SAFETY: as above.
             return Some(unsafe { *found });
         }
     }
-    probe.addr = [0; 4];
+    probe.addr.addr = [0; 4];
     let found = SERVICES.get_ptr(probe)?;
     // SAFETY: as above.
     Some(unsafe { *found })
@@ -199,10 +224,13 @@ pub(crate) fn hint_service_port(port: u16) {
     }
 }
 
-/// Whether `addr` is a mesh peer's (its connections always go to the tunnel).
+/// Whether `addr` is a mesh peer's or in a peer's workload networks (its connections always
+/// go to the tunnel).
 #[inline(always)]
 pub(crate) fn is_peer(addr: &[u32; 4]) -> bool {
-    PEERS.get_ptr(addr).is_some()
+    PEERS
+        .get(aya_ebpf::maps::lpm_trie::Key::new(128, *addr))
+        .is_some()
 }
 
 /// The egress rule that permits plaintext `protocol` to `addr` on `port`, if any: the

@@ -19,7 +19,7 @@ use enforcer::{
     policy::{InForce, PolicySnapshot},
     testing::{TableOrigins, TableWorkloads, TestPki, test_policy},
     tunnel::{
-        Tunnel, TunnelConfig, TunnelParts, Untagged, InboundClient, RecentRecords,
+        InboundClient, Namespace, RecentRecords, Tunnel, TunnelConfig, TunnelParts, Untagged,
     },
 };
 use http::{Method, Request};
@@ -99,6 +99,7 @@ async fn serve(data: &[u8]) {
         addr: "127.0.0.1:40000".parse().unwrap(),
         destination: Some(TARGET.parse::<SocketAddr>().unwrap()),
         presented: Some(id("api")),
+        netns: Namespace::HOME,
     };
     let tunnel = TUNNEL.clone();
     let served = tokio::spawn(async move { tunnel.serve_connection(server, info).await });

@@ -225,6 +225,7 @@ fn decision(event: &KernelEvent) -> (audit::Event, audit::Verdict, &'static str)
         ),
         (EventKind::Audit, _) => (audit::Event::Audit, audit::Verdict::Audit, "policy"),
         (EventKind::Egress, _) => (audit::Event::Egress, audit::Verdict::Allow, "egress"),
+        (EventKind::NoListener, reasons::NAMESPACE) => refused("namespace-not-served"),
         (EventKind::NoListener, _) => refused("no-listener"),
         (EventKind::Drop, reasons::MISDELIVERED) => {
             (audit::Event::Drop, audit::Verdict::Drop, "misdelivered")
@@ -236,7 +237,7 @@ fn decision(event: &KernelEvent) -> (audit::Event, audit::Verdict, &'static str)
         (_, reasons::PROTOCOL) => refused("protocol"),
         (_, reasons::RAW_SOCKET) => refused("raw-socket"),
         (_, reasons::TABLE_FULL) => refused("table-full"),
-        (_, reasons::NAMESPACE) => refused("namespace"),
+        (_, reasons::RESERVED_PORT) => refused("reserved-port"),
         _ => refused("policy"),
     }
 }
@@ -308,7 +309,15 @@ mod tests {
         assert_eq!(reason(EventKind::Deny, reasons::PROTOCOL), "protocol");
         assert_eq!(reason(EventKind::Deny, reasons::RAW_SOCKET), "raw-socket");
         assert_eq!(reason(EventKind::Listen, reasons::TABLE_FULL), "table-full");
-        assert_eq!(reason(EventKind::Deny, reasons::NAMESPACE), "namespace");
+        assert_eq!(
+            reason(EventKind::NoListener, reasons::NAMESPACE),
+            "namespace-not-served"
+        );
+        assert_eq!(reason(EventKind::NoListener, 0), "no-listener");
+        assert_eq!(
+            reason(EventKind::Deny, reasons::RESERVED_PORT),
+            "reserved-port"
+        );
         assert_eq!(reason(EventKind::Drop, reasons::BYPASS), "bypass");
         assert_eq!(
             reason(EventKind::Drop, reasons::MISDELIVERED),

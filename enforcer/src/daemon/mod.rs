@@ -6,6 +6,7 @@
 mod api;
 mod events;
 mod flow_entry;
+mod namespaces;
 mod node;
 mod own_cgroup;
 mod recorder;
@@ -20,6 +21,7 @@ mod workloads;
 pub(crate) use self::{
     api::Api,
     events::EventPump,
+    namespaces::NamespaceServer,
     node::NodeFacts,
     own_cgroup::refuse_enrolling_the_daemon,
     recorder::Recorder,
@@ -29,7 +31,7 @@ pub(crate) use self::{
     upkeep::Upkeep,
     workloads::Registrar,
 };
-pub use self::{own_cgroup::OwnCgroupError, sources::KernelSources};
+pub use self::{namespaces::Namespaces, own_cgroup::OwnCgroupError, sources::KernelSources};
 // The harness reads /proc/net/tcp the way the daemon does to wait for test listeners.
 #[cfg(feature = "testing")]
 pub(crate) use self::sockets::listeners;

@@ -16,14 +16,14 @@ use tokio::{
 };
 
 use super::{
-    DaemonError, Recorder, api::Api, events::EventPump, events::EventThread, node::NodeFacts,
-    reload::Reloader, upkeep::Upkeep,
+    DaemonError, Recorder, api::Api, events::EventPump, events::EventThread,
+    namespaces::NamespaceServer, node::NodeFacts, reload::Reloader, upkeep::Upkeep,
 };
 use crate::{
     audit::{self, Entry},
     control,
     policy::PolicySnapshot,
-    tunnel::Tunnel,
+    tunnel::{Namespace, Tunnel},
 };
 
 /// How often SVIDs due for rotation are renewed.
@@ -86,7 +86,7 @@ pub(crate) async fn serve(daemon: Running) -> Result<(), DaemonError> {
         policy,
     } = daemon;
     let seen = upkeep.scan();
-    let serving = start_serving(listeners, events, &tunnel, api)?;
+    let serving = start_serving(listeners, events, (&tunnel, &upkeep), api)?;
     record_lifecycle(
         &recorder,
         &policy,
@@ -95,7 +95,7 @@ pub(crate) async fn serve(daemon: Running) -> Result<(), DaemonError> {
     );
     announce(&node, seen);
     wait_for_stop(&node, &upkeep, &reloader).await?;
-    let left = drain(&serving, &tunnel, node.config.drain_timeout).await;
+    let left = drain(&serving, (&tunnel, &upkeep), node.config.drain_timeout).await;
     shut_down(serving, &node).await;
     let flushing = recorder.clone();
     let _ = tokio::task::spawn_blocking(move || flushing.flush(Duration::from_secs(5))).await;
@@ -117,7 +117,7 @@ pub(crate) async fn serve(daemon: Running) -> Result<(), DaemonError> {
 fn start_serving(
     listeners: Listeners,
     events: EventPump,
-    tunnel: &Tunnel,
+    (tunnel, upkeep): (&Tunnel, &Upkeep),
     api: Arc<Api>,
 ) -> Result<Serving, DaemonError> {
     let events =
@@ -125,9 +125,12 @@ fn start_serving(
     let mut accepting: Vec<_> = listeners
         .outbound
         .into_iter()
-        .map(|listener| tunnel.serve_outbound(listener))
+        .map(|listener| tunnel.serve_outbound(listener, Namespace::HOME))
         .collect();
-    accepting.push(tunnel.serve_inbound(listeners.inbound));
+    accepting.push(tunnel.serve_inbound(listeners.inbound, Namespace::HOME));
+    accepting.push(tokio::spawn(follow_namespaces(Arc::clone(
+        &upkeep.namespaces,
+    ))));
     let (stop, stopped) = watch::channel(false);
     let control = tokio::spawn(control::serve_unix(
         listeners.control,
@@ -144,6 +147,17 @@ fn start_serving(
         events,
         stop,
     })
+}
+
+/// Serve the network namespaces of registered workloads as they come and go: each change the
+/// registrar reports brings the served set in line (off the async workers).
+async fn follow_namespaces(server: Arc<NamespaceServer>) {
+    let changed = server.changed();
+    loop {
+        changed.notified().await;
+        let server = Arc::clone(&server);
+        let _ = tokio::task::spawn_blocking(move || server.reconcile()).await;
+    }
 }
 
 /// Answer signals and ticks until SIGTERM or SIGINT.
@@ -181,10 +195,15 @@ async fn wait_for_stop(
 
 /// Stop accepting (new redirects now fail closed) and let open flows finish until `timeout`.
 /// Returns how many were still open.
-async fn drain(serving: &Serving, tunnel: &Tunnel, timeout: Duration) -> usize {
+async fn drain(
+    serving: &Serving,
+    (tunnel, upkeep): (&Tunnel, &Upkeep),
+    timeout: Duration,
+) -> usize {
     for task in &serving.accepting {
         task.abort();
     }
+    upkeep.namespaces.close_all();
     let _ = serving.stop.send(true);
     let deadline = Instant::now() + timeout;
     while tunnel.open_flows() > 0 && Instant::now() < deadline {

@@ -18,21 +18,23 @@
 #![forbid(unsafe_code)]
 
 use std::{
-    collections::HashSet,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::BorrowedFd,
     path::PathBuf,
-    sync::{Arc, Mutex, PoisonError, RwLock},
+    sync::{Arc, Mutex, PoisonError},
 };
 
+use tokio::net::TcpSocket;
+
+use super::namespaces::Namespaces;
 use crate::{
     attest::Attestor,
     identity::SpiffeId,
     kernel::{Maps, Original, SocketTags},
     policy::{Identification, PolicySnapshot},
     report::report,
-    tunnel::{LocalWorkloads, Origin, OriginError, Origins, SocketTagger},
+    tunnel::{LocalOwner, LocalWorkloads, Namespace, Origin, OriginError, Origins, SocketTagger},
 };
 
 /// Kernel- and attestation-backed [`LocalWorkloads`], [`Origins`] and [`SocketTagger`].
@@ -41,72 +43,53 @@ pub struct KernelSources {
     tags: SocketTags,
     attestor: Arc<Attestor>,
     policy: PolicySnapshot,
-    local_addrs: RwLock<HashSet<IpAddr>>,
+    namespaces: Arc<Namespaces>,
     redirect_port: u16,
 }
 
 impl KernelSources {
     /// Sources reading `maps` (a handle no one else holds for long: see the module docs),
     /// tagging with `tags`, attesting with `attestor` (shared with the daemon's registrar, so
-    /// both use one cache) and resolving identities in the policy in force, for redirects to
-    /// `redirect_port`; they know no address of this node beyond loopback until
-    /// [`KernelSources::set_local_addrs`].
+    /// both use one cache), resolving identities in the policy in force and addresses in the
+    /// served `namespaces`, for redirects to `redirect_port`.
     #[must_use]
     pub fn new(
         maps: Arc<Mutex<Maps>>,
         tags: SocketTags,
         attestor: Arc<Attestor>,
         policy: PolicySnapshot,
-        redirect_port: u16,
+        (namespaces, redirect_port): (Arc<Namespaces>, u16),
     ) -> Self {
         Self {
             maps,
             tags,
             attestor,
             policy,
-            local_addrs: RwLock::new(HashSet::new()),
+            namespaces,
             redirect_port,
         }
-    }
-
-    /// Take this node's current addresses.
-    pub fn set_local_addrs(&self, addrs: impl IntoIterator<Item = IpAddr>) {
-        *self
-            .local_addrs
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) =
-            addrs.into_iter().map(|ip| ip.to_canonical()).collect();
     }
 
     fn maps(&self) -> std::sync::MutexGuard<'_, Maps> {
         self.maps.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Whether `ip` is one of this node's addresses.
-    fn is_local(&self, ip: IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        ip.is_loopback()
-            || self
-                .local_addrs
-                .read()
-                .unwrap_or_else(PoisonError::into_inner)
-                .contains(&ip)
-    }
-
     /// The identity number of the process that owns the listening socket at `addr` now, as
-    /// the kernel finds it: only at one of this node's own addresses, the exact entry first,
-    /// then the any-address entry of the address's family, then (for IPv4) the dual-stack
-    /// `::` entry; and only while the owner is still the image that took the socket.
-    fn owner_number(&self, addr: SocketAddr) -> Option<u32> {
+    /// the kernel finds it from namespace `from`: only at one of this node's own addresses, in
+    /// the namespace that address belongs to, the exact entry first, then the any-address
+    /// entry of the address's family, then (for IPv4) the dual-stack `::` entry; and only
+    /// while the owner is still the image that took the socket. Also returns that namespace.
+    fn owner_number(&self, from: Namespace, addr: SocketAddr) -> Option<(u32, u64)> {
         let ip = addr.ip().to_canonical();
-        if ip.is_unspecified() || !self.is_local(ip) {
+        if ip.is_unspecified() {
             return None;
         }
+        let netns = self.namespaces.netns_of(from, ip)?;
         let maps = self.maps();
         if !maps.port_hinted(addr.port()).unwrap_or(true) {
             return None;
         }
-        let lookup = |ip: IpAddr| match maps.service(SocketAddr::new(ip, addr.port())) {
+        let lookup = |ip: IpAddr| match maps.service(netns, SocketAddr::new(ip, addr.port())) {
             Ok(found) => found,
             Err(error) => {
                 tracing::warn!(%addr, error = %report(&error), "service lookup failed");
@@ -123,17 +106,24 @@ impl KernelSources {
         if maps.generation(service.tgid).ok()? != service.generation {
             return None;
         }
-        maps.identity(service.tgid).ok().flatten()
+        Some((maps.identity(service.tgid).ok().flatten()?, netns))
     }
 
-    /// The kernel's record of the redirected connection from `client`, which arrived at `local`.
-    /// Only a connection the kernel steered to the redirect address was redirected; one made
-    /// to the listener's own address is not, whatever its peer address says.
-    fn redirect(&self, client: SocketAddr, local: SocketAddr) -> Option<Original> {
+    /// The kernel's record of the redirected connection from `client`, which arrived at `local`
+    /// in namespace `netns`. Only a connection the kernel steered to the redirect address was
+    /// redirected; one made to the listener's own address is not, whatever its peer address
+    /// says.
+    fn redirect(
+        &self,
+        netns: Namespace,
+        client: SocketAddr,
+        local: SocketAddr,
+    ) -> Option<Original> {
         if local.port() != self.redirect_port {
             return None;
         }
-        self.maps().original(client).ok().flatten()
+        let netns = self.namespaces.cookie(netns);
+        self.maps().original(netns, client).ok().flatten()
     }
 
     /// The binary `pid` runs now, for records (from the attestation cache for its current
@@ -183,16 +173,25 @@ impl KernelSources {
 }
 
 impl LocalWorkloads for KernelSources {
-    fn owner(&self, addr: SocketAddr) -> Option<SpiffeId> {
-        let number = self.owner_number(addr)?;
-        self.policy.load().identities.id(number).cloned()
+    fn owner(&self, from: Namespace, addr: SocketAddr) -> Option<LocalOwner> {
+        let (number, netns) = self.owner_number(from, addr)?;
+        let id = self.policy.load().identities.id(number).cloned()?;
+        Some(LocalOwner {
+            id,
+            netns: Namespace(netns),
+        })
     }
 }
 
 impl Origins for KernelSources {
-    fn origin(&self, client: SocketAddr, local: SocketAddr) -> Result<Origin, OriginError> {
+    fn origin(
+        &self,
+        netns: Namespace,
+        client: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<Origin, OriginError> {
         let original = self
-            .redirect(client, local)
+            .redirect(netns, client, local)
             .ok_or(OriginError::NotRedirected(client))?;
         let (pid, dst) = (original.tgid, original.dst);
         let id = if original.src_id == 0 {
@@ -213,8 +212,13 @@ impl Origins for KernelSources {
         Ok(origin(&original, id, self.exe_of(pid)))
     }
 
-    fn origin_at_once(&self, client: SocketAddr, local: SocketAddr) -> Option<Origin> {
-        let original = self.redirect(client, local)?;
+    fn origin_at_once(
+        &self,
+        netns: Namespace,
+        client: SocketAddr,
+        local: SocketAddr,
+    ) -> Option<Origin> {
+        let original = self.redirect(netns, client, local)?;
         if original.src_id == 0 {
             return None;
         }
@@ -259,5 +263,9 @@ impl SocketTagger for KernelSources {
         self.tags
             .tag_daemon(socket)
             .map_err(|error| io::Error::other(report(&error)))
+    }
+
+    fn socket_in(&self, netns: Namespace, addr: SocketAddr) -> io::Result<TcpSocket> {
+        self.namespaces.socket_in(netns, addr)
     }
 }

@@ -9,7 +9,7 @@
 #![forbid(unsafe_code)]
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     fs,
     net::SocketAddr,
     os::fd::AsFd as _,
@@ -19,8 +19,10 @@ use std::{
 };
 
 use rustix::process::{Pid, PidfdFlags, PidfdGetfdFlags, pidfd_getfd, pidfd_open};
+use tokio::sync::Notify;
 
 use super::{
+    namespaces::Namespaces,
     sockets::{self, Listener},
     telemetry::Telemetry,
 };
@@ -63,6 +65,8 @@ pub(crate) struct WorkloadInfo {
     pub(crate) listening: Vec<SocketAddr>,
     /// The image generation it was attested for.
     pub(crate) generation: u64,
+    /// The inode of its network namespace.
+    pub(crate) netns: u64,
 }
 
 /// Where a process comes from, as audit records name it.
@@ -79,12 +83,15 @@ pub(crate) struct Provenance {
 pub(crate) struct Registrar {
     attestor: Arc<Attestor>,
     maps: Arc<Mutex<Maps>>,
+    namespaces: Arc<Namespaces>,
     mount: PathBuf,
     policy: PolicySnapshot,
     table: Mutex<BTreeMap<u32, WorkloadInfo>>,
     /// Listening sockets already adopted or found known to the kernel: (pid, inode).
     adopted: Mutex<HashSet<(u32, u64)>>,
     telemetry: Arc<Telemetry>,
+    /// Woken when the set of network namespaces the registered processes live in changes.
+    namespaces_changed: Arc<Notify>,
 }
 
 impl Registrar {
@@ -92,7 +99,7 @@ impl Registrar {
     /// in the policy in force.
     pub(crate) fn new(
         attestor: Arc<Attestor>,
-        maps: Arc<Mutex<Maps>>,
+        (maps, namespaces): (Arc<Mutex<Maps>>, Arc<Namespaces>),
         mount: PathBuf,
         policy: PolicySnapshot,
         telemetry: Arc<Telemetry>,
@@ -100,12 +107,29 @@ impl Registrar {
         Self {
             attestor,
             maps,
+            namespaces,
             mount,
             policy,
             table: Mutex::new(BTreeMap::new()),
             adopted: Mutex::new(HashSet::new()),
             telemetry,
+            namespaces_changed: Arc::new(Notify::new()),
         }
+    }
+
+    /// Woken whenever the set of network namespaces the registered processes live in changes
+    /// (see [`Registrar::namespaces`]).
+    pub(crate) fn namespaces_changed(&self) -> Arc<Notify> {
+        Arc::clone(&self.namespaces_changed)
+    }
+
+    /// The network namespaces (by inode) the registered processes live in, each with one of
+    /// its processes.
+    pub(crate) fn namespaces(&self) -> HashMap<u64, u32> {
+        self.table()
+            .values()
+            .map(|info| (info.netns, info.pid))
+            .collect()
     }
 
     /// Register every process of every enrolled cgroup, and forget processes that left.
@@ -124,8 +148,12 @@ impl Registrar {
         for &pid in &pids {
             self.register_with(identities, pid);
         }
+        let before = self.namespaces().len();
         self.table()
             .retain(|pid, _| pids.binary_search(pid).is_ok());
+        if self.namespaces().len() != before {
+            self.namespaces_changed.notify_one();
+        }
         self.adopted()
             .retain(|(pid, _)| pids.binary_search(pid).is_ok());
         self.forget_identities_outside(&pids, &identities.enroll);
@@ -156,8 +184,18 @@ impl Registrar {
     /// Forget a process that exited.
     pub(crate) fn forget(&self, pid: u32) {
         self.attestor.forget(pid);
-        self.table().remove(&pid);
+        self.remove(pid);
         self.adopted().retain(|&(owner, _)| owner != pid);
+    }
+
+    /// Take `pid` out of the table; the last process of a namespace wakes the namespace server.
+    fn remove(&self, pid: u32) {
+        let mut table = self.table();
+        if let Some(info) = table.remove(&pid)
+            && !table.values().any(|other| other.netns == info.netns)
+        {
+            self.namespaces_changed.notify_one();
+        }
     }
 
     /// A process that exec'd or moved: its cached attestation describes its old image.
@@ -203,7 +241,7 @@ impl Registrar {
             Err(error) => {
                 self.telemetry.attested(started.elapsed(), false);
                 tracing::debug!(pid, error = %report(&error), "attestation failed");
-                self.table().remove(&pid);
+                self.remove(pid);
                 return;
             }
         };
@@ -223,10 +261,13 @@ impl Registrar {
             cgroup_id: facts.cgroup_id.unwrap_or_default(),
             generation,
         };
-        self.adopt_listeners(holder, &listeners);
+        self.adopt_listeners(holder, facts.netns, &listeners);
         let listening = listeners.iter().map(|listener| listener.addr).collect();
         let info = describe(&facts, &identification, listening, generation);
         let mut table = self.table();
+        if !table.values().any(|other| other.netns == info.netns) {
+            self.namespaces_changed.notify_one();
+        }
         if table.get(&pid) != Some(&info) {
             tracing::info!(
                 pid,
@@ -270,8 +311,10 @@ impl Registrar {
     /// does. A socket whose address another listener holds (a shared `SO_REUSEPORT`
     /// group) is protected and tried again at the next scan, so it takes the address over once
     /// the holder is gone.
-    fn adopt_listeners(&self, holder: ListenerOwner, listeners: &[Listener]) {
+    fn adopt_listeners(&self, holder: ListenerOwner, netns: u64, listeners: &[Listener]) {
         let pid = holder.tgid;
+        // Until its namespace is served, a listener seen once counts as settled.
+        let cookie = self.namespaces.cookie_of_inode(netns);
         self.adopted().retain(|&(owner, inode)| {
             owner != pid || listeners.iter().any(|listener| listener.inode == inode)
         });
@@ -279,17 +322,20 @@ impl Registrar {
             // Nothing to do while the address's service has a valid owner, and this socket is
             // either that owner's own or was looked at before.
             let seen = self.adopted().contains(&(pid, listener.inode));
-            let settled = {
-                let maps = self.maps();
-                maps.service(listener.addr)
-                    .ok()
-                    .flatten()
-                    .filter(|service| {
-                        maps.generation(service.tgid).ok() == Some(service.generation)
-                    })
-                    .is_some_and(|service| {
-                        service.tgid == pid && service.generation == holder.generation || seen
-                    })
+            let settled = match cookie {
+                Some(cookie) => {
+                    let maps = self.maps();
+                    maps.service(cookie, listener.addr)
+                        .ok()
+                        .flatten()
+                        .filter(|service| {
+                            maps.generation(service.tgid).ok() == Some(service.generation)
+                        })
+                        .is_some_and(|service| {
+                            service.tgid == pid && service.generation == holder.generation || seen
+                        })
+                }
+                None => seen,
             };
             if !settled {
                 match self.adopt(holder, listener) {
@@ -335,16 +381,16 @@ impl Registrar {
     /// closes; one the daemon adopted, or one a child inherited, is removed here, and whoever
     /// still listens there is adopted again by the scan that follows).
     fn forget_stale_services(&self) {
-        let stale: Vec<(SocketAddr, u64)> = self
+        let stale: Vec<(u64, SocketAddr, u64)> = self
             .maps()
             .services()
             .into_iter()
-            .filter(|(_, service)| !Path::new(&format!("/proc/{}", service.tgid)).exists())
-            .map(|(addr, service)| (addr, service.cookie))
+            .filter(|(_, _, service)| !Path::new(&format!("/proc/{}", service.tgid)).exists())
+            .map(|(netns, addr, service)| (netns, addr, service.cookie))
             .collect();
         let mut maps = self.maps();
-        for (addr, cookie) in stale {
-            if let Err(error) = maps.remove_service(addr, cookie) {
+        for (netns, addr, cookie) in stale {
+            if let Err(error) = maps.remove_service(netns, addr, cookie) {
                 tracing::warn!(%addr, error = %report(&error), "failed to forget a stale service");
             }
         }
@@ -398,6 +444,7 @@ fn describe(
         reason,
         listening,
         generation,
+        netns: facts.netns,
     }
 }
 

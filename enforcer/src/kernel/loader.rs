@@ -45,9 +45,11 @@ use super::{
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer-ebpf"));
 
 /// Every program an installation must have, in attach order; also the link pin names.
-pub(crate) const PROGRAMS: [&str; 12] = [
+pub(crate) const PROGRAMS: [&str; 14] = [
     program_names::CONNECT4,
     program_names::CONNECT6,
+    program_names::BIND4,
+    program_names::BIND6,
     program_names::SOCK_CREATE,
     program_names::SOCK_OPS,
     program_names::INGRESS,
@@ -427,17 +429,7 @@ fn load_and_attach(options: &DatapathOptions) -> Result<(), LoadError> {
     // The tracepoints read kernel structures at these offsets: set them before they run.
     Maps::open(&maps)?.set_layout(&running_layout()?)?;
 
-    for name in [program_names::CONNECT4, program_names::CONNECT6] {
-        let program: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-        program.load().map_err(program_error(name, "load"))?;
-        let id = program
-            .attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(program_error(name, "attach"))?;
-        let link = program
-            .take_link(id)
-            .map_err(program_error(name, "take link"))?;
-        pin(FdLink::try_from(link), name, &links)?;
-    }
+    attach_sock_addr(&mut ebpf, &cgroup, &links)?;
 
     let name = program_names::SOCK_CREATE;
     let sock_create: &mut CgroupSock = program(&mut ebpf, name)?;
@@ -515,6 +507,27 @@ fn load_and_attach(options: &DatapathOptions) -> Result<(), LoadError> {
 }
 
 /// Load and attach the LSM program and pin its link.
+/// Attach the connect and bind hooks to `cgroup` and pin their links in `links`.
+fn attach_sock_addr(ebpf: &mut Ebpf, cgroup: &File, links: &Path) -> Result<(), LoadError> {
+    for name in [
+        program_names::CONNECT4,
+        program_names::CONNECT6,
+        program_names::BIND4,
+        program_names::BIND6,
+    ] {
+        let program: &mut CgroupSockAddr = program(ebpf, name)?;
+        program.load().map_err(program_error(name, "load"))?;
+        let id = program
+            .attach(cgroup, CgroupAttachMode::Single)
+            .map_err(program_error(name, "attach"))?;
+        let link = program
+            .take_link(id)
+            .map_err(program_error(name, "take link"))?;
+        pin(FdLink::try_from(link), name, links)?;
+    }
+    Ok(())
+}
+
 fn attach_lsm(ebpf: &mut Ebpf, btf: &Btf, links: &Path) -> Result<(), LoadError> {
     let (name, hook) = LSM;
     let program: &mut Lsm = program(ebpf, name)?;

@@ -18,12 +18,15 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
 };
 use enforcer_ebpf::{
-    Config, Counter, EgressKey, EgressRule, IdentityEntry, Layout, MAX_PATH_BYTES, OrigDst,
-    PolicyEntry, PolicyKey, PolicyMeta, Service, SockKey, SockTag, UNKNOWN_IDENTITY, map_names,
+    Config, Counter, EgressKey, EgressRule, IdentityEntry, Layout, MAX_PATH_BYTES, NsSockKey,
+    OrigDst, PolicyEntry, PolicyKey, PolicyMeta, Service, SockTag, UNKNOWN_IDENTITY, map_names,
     path_hash,
 };
 
-use super::addr::{sock_key, socket_addr, to_words};
+use super::{
+    addr::{sock_key, socket_addr, to_words},
+    netns::netns_cookie,
+};
 
 /// The map update flag that refuses to replace an existing entry.
 const BPF_NOEXIST: u64 = 1;
@@ -105,9 +108,9 @@ pub struct DaemonConfig {
     pub outbound_port: u16,
     /// The tunnel's inbound port, the daemon's on every local address.
     pub inbound_port: u16,
-    /// The cookie of the daemon's network namespace ([`super::netns::netns_cookie`]), where
-    /// enrolled processes must stay; `None` where the kernel does not name namespaces.
-    pub netns_cookie: Option<u64>,
+    /// The cookie of the daemon's own network namespace ([`super::netns::netns_cookie`]),
+    /// where `sk_lookup` keeps the two ports the daemon's.
+    pub netns_cookie: u64,
 }
 
 impl DaemonConfig {
@@ -144,7 +147,7 @@ impl DaemonConfig {
             outbound_ip6: self.outbound_v6.map_or([0; 4], |v6| to_words(v6.into())),
             outbound_port: self.outbound_port,
             inbound_port: self.inbound_port,
-            netns_cookie: self.netns_cookie.unwrap_or(0),
+            netns_cookie: self.netns_cookie,
         })
     }
 }
@@ -348,17 +351,18 @@ pub struct Maps {
     enroll_paths: HashMap<MapData, u64, u32>,
     identities: HashMap<MapData, u32, IdentityEntry>,
     generations: HashMap<MapData, u32, u64>,
-    services: HashMap<MapData, SockKey, Service>,
+    services: HashMap<MapData, NsSockKey, Service>,
     service_ports: Array<MapData, u32>,
-    local_addrs: HashMap<MapData, [u32; 4], u32>,
+    local_addrs: HashMap<MapData, [u32; 4], u64>,
+    netns: HashMap<MapData, u64, u32>,
     socks: SkStorage<MapData, SockTag>,
     listeners: SockMap<MapData>,
-    peers: HashMap<MapData, [u32; 4], u32>,
+    peers: LpmTrie<MapData, [u32; 4], u32>,
     policy: [HashMap<MapData, PolicyKey, PolicyEntry>; 2],
     policy_meta: Array<MapData, PolicyMeta>,
     policy_slot: Array<MapData, u32>,
     egress: LpmTrie<MapData, EgressKey, EgressRule>,
-    orig_by_tuple: HashMap<MapData, SockKey, OrigDst>,
+    orig_by_tuple: HashMap<MapData, NsSockKey, OrigDst>,
     counters: PerCpuArray<MapData, u64>,
 }
 
@@ -390,6 +394,7 @@ impl Maps {
             services: open_pinned(dir, map_names::SERVICES)?,
             service_ports: open_pinned(dir, map_names::SERVICE_PORTS)?,
             local_addrs: open_pinned(dir, map_names::LOCAL_ADDRS)?,
+            netns: open_pinned(dir, map_names::NETNS)?,
             socks: open_pinned(dir, map_names::SOCKS)?,
             listeners: open_pinned(dir, map_names::LISTENERS)?,
             peers: open_pinned(dir, map_names::PEERS)?,
@@ -549,10 +554,12 @@ impl Maps {
         if addr.port() == 0 {
             return Err(MapsError::invalid(what(), "port 0"));
         }
-        let cookie = socket_cookie(socket).map_err(|source| MapsError::Socket {
+        let socket_error = |source| MapsError::Socket {
             what: what(),
             source,
-        })?;
+        };
+        let cookie = socket_cookie(socket).map_err(socket_error)?;
+        let netns = netns_cookie(socket).map_err(socket_error)?;
         let current = match self.socks.get(&socket, 0) {
             Ok(tag) => Some(tag),
             Err(MapError::KeyNotFound) => None,
@@ -586,8 +593,8 @@ impl Maps {
             .map_err(kernel(map_names::SERVICE_PORTS, || {
                 format!("hint port {}", addr.port())
             }))?;
-        let key = sock_key(addr);
-        let flags = match self.service(addr)? {
+        let key = ns_key(netns, addr);
+        let flags = match self.service(netns, addr)? {
             Some(recorded) if recorded.cookie == cookie => 0,
             _ => BPF_NOEXIST,
         };
@@ -618,50 +625,138 @@ impl Maps {
             }))
     }
 
-    /// The listening socket recorded at exactly `addr` (`0.0.0.0` and `::` are each their own
-    /// family's any-address entry), if any.
-    pub fn service(&self, addr: SocketAddr) -> Result<Option<Service>, MapsError> {
-        lookup(&self.services, &sock_key(addr), map_names::SERVICES, || {
-            format!("service {addr}")
-        })
+    /// The listening socket recorded at exactly `addr` in network namespace `netns` (`0.0.0.0`
+    /// and `::` are each their own family's any-address entry), if any.
+    pub fn service(&self, netns: u64, addr: SocketAddr) -> Result<Option<Service>, MapsError> {
+        lookup(
+            &self.services,
+            &ns_key(netns, addr),
+            map_names::SERVICES,
+            || format!("service {addr} in namespace {netns}"),
+        )
     }
 
-    /// Every recorded service: (address, listening socket).
+    /// Every recorded service: (network namespace, address, listening socket).
     #[must_use]
-    pub fn services(&self) -> Vec<(SocketAddr, Service)> {
+    pub fn services(&self) -> Vec<(u64, SocketAddr, Service)> {
         self.services
             .iter()
             .filter_map(Result::ok)
-            .map(|(key, service)| (socket_addr(&key), service))
+            .map(|(key, service)| (key.netns, socket_addr(&key.addr), service))
             .collect()
     }
 
-    /// Forget the service at `addr`, if it is still the socket `cookie`.
-    pub fn remove_service(&mut self, addr: SocketAddr, cookie: u64) -> Result<(), MapsError> {
+    /// Forget the service at `addr` in `netns`, if it is still the socket `cookie`.
+    pub fn remove_service(
+        &mut self,
+        netns: u64,
+        addr: SocketAddr,
+        cookie: u64,
+    ) -> Result<(), MapsError> {
         if self
-            .service(addr)?
+            .service(netns, addr)?
             .is_some_and(|service| service.cookie == cookie)
         {
             remove_if_present(
                 &mut self.services,
-                &sock_key(addr),
+                &ns_key(netns, addr),
                 map_names::SERVICES,
-                || format!("remove service {addr}"),
+                || format!("remove service {addr} in namespace {netns}"),
             )?;
         }
         Ok(())
     }
 
-    /// Make `addrs` this node's own addresses (besides loopback, which always is): a wildcard
-    /// listener owns a destination only at one of them.
-    pub fn replace_local_addrs(&mut self, addrs: &[IpAddr]) -> Result<(), MapsError> {
-        replace_addr_set(&mut self.local_addrs, addrs, map_names::LOCAL_ADDRS)
+    /// Make `addrs` this node's own addresses (besides loopback, which always is), each with
+    /// the network namespace it is configured in: a wildcard listener owns a destination only
+    /// at an address of its own namespace. New entries first, then stale ones removed.
+    pub fn replace_local_addrs(&mut self, addrs: &[(IpAddr, u64)]) -> Result<(), MapsError> {
+        let name = map_names::LOCAL_ADDRS;
+        for &(addr, netns) in addrs {
+            self.local_addrs
+                .insert(to_words(addr), netns, 0)
+                .map_err(kernel(name, || format!("add {addr}")))?;
+        }
+        let keep: HashSet<[u32; 4]> = addrs.iter().map(|&(addr, _)| to_words(addr)).collect();
+        let stale: Vec<[u32; 4]> = self
+            .local_addrs
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|words| !keep.contains(words))
+            .collect();
+        for words in stale {
+            remove_if_present(&mut self.local_addrs, &words, name, || {
+                "remove a stale address".into()
+            })?;
+        }
+        Ok(())
     }
 
-    /// Make `addrs` the mesh peers: connections to them always go to the tunnel, never as
-    /// plaintext egress.
-    pub fn replace_peers(&mut self, addrs: &[IpAddr]) -> Result<(), MapsError> {
-        replace_addr_set(&mut self.peers, addrs, map_names::PEERS)
+    /// Make `served` the network namespaces the daemon serves (its listeners are there):
+    /// enrolled connects are redirected only in them, and their daemon ports are the daemon's.
+    /// New entries first, then stale ones removed.
+    pub fn replace_served(&mut self, served: &[u64]) -> Result<(), MapsError> {
+        let name = map_names::NETNS;
+        for &netns in served {
+            if netns == 0 {
+                return Err(MapsError::invalid("served namespace", "cookie 0"));
+            }
+            self.netns
+                .insert(netns, 1, 0)
+                .map_err(kernel(name, || format!("serve namespace {netns}")))?;
+        }
+        let stale: Vec<u64> = self
+            .netns
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|netns| !served.contains(netns))
+            .collect();
+        for netns in stale {
+            remove_if_present(&mut self.netns, &netns, name, || {
+                format!("stop serving namespace {netns}")
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The network namespaces the kernel counts as served.
+    #[must_use]
+    pub fn served(&self) -> Vec<u64> {
+        self.netns.keys().filter_map(Result::ok).collect()
+    }
+
+    /// Make `networks` the mesh's (peers' addresses and the workload networks behind them):
+    /// connections there always go to the tunnel, never as plaintext egress. New entries
+    /// first, then stale ones removed.
+    pub fn replace_peers(&mut self, networks: &[(IpAddr, u8)]) -> Result<(), MapsError> {
+        let name = map_names::PEERS;
+        let mut keep = Vec::with_capacity(networks.len());
+        for &(network, prefix_len) in networks {
+            let key = peer_key(network, prefix_len)?;
+            self.peers.insert(&key, 1, 0).map_err(kernel(name, || {
+                format!("peer network {network}/{prefix_len}")
+            }))?;
+            keep.push((key.prefix_len(), key.data()));
+        }
+        let stale: Vec<Key<[u32; 4]>> = self
+            .peers
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| !keep.contains(&(key.prefix_len(), key.data())))
+            .collect();
+        for key in stale {
+            match self.peers.remove(&key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(source) => {
+                    return Err(MapsError::Kernel {
+                        map: name,
+                        operation: "remove a stale peer network".into(),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Hand connections of `slot` to `listener` (the daemon's own listening socket).
@@ -841,13 +936,14 @@ impl Maps {
     }
 
     /// The original destination and source of an accepted redirected connection, keyed by the
-    /// peer address the outbound listener sees.
-    pub fn original(&self, peer: SocketAddr) -> Result<Option<Original>, MapsError> {
+    /// network namespace of the outbound listener that accepted it and the peer address it
+    /// sees.
+    pub fn original(&self, netns: u64, peer: SocketAddr) -> Result<Option<Original>, MapsError> {
         lookup(
             &self.orig_by_tuple,
-            &sock_key(peer),
+            &ns_key(netns, peer),
             map_names::ORIG_BY_TUPLE,
-            || format!("original destination of {peer}"),
+            || format!("original destination of {peer} in namespace {netns}"),
         )
         .map(|found| found.map(Original::from))
     }
@@ -865,6 +961,21 @@ impl Maps {
 
 /// The LPM key of an egress entry, rejecting bad prefixes, networks with host bits set and
 /// ports where the protocol has none.
+/// The trie key of the peer network `network/prefix_len` (IPv4 as its v4-mapped IPv6 form).
+fn peer_key(network: IpAddr, prefix_len: u8) -> Result<Key<[u32; 4]>, MapsError> {
+    let (max, offset) = match network {
+        IpAddr::V4(_) => (32, 96),
+        IpAddr::V6(_) => (128, 0),
+    };
+    if prefix_len > max {
+        return Err(MapsError::invalid(
+            format!("peer network {network}/{prefix_len}"),
+            format!("prefix longer than {max} bits"),
+        ));
+    }
+    Ok(Key::new(u32::from(prefix_len) + offset, to_words(network)))
+}
+
 fn egress_key(entry: &EgressEntry) -> Result<Key<EgressKey>, MapsError> {
     let EgressEntry {
         network,
@@ -920,26 +1031,13 @@ fn egress_key(entry: &EgressEntry) -> Result<Key<EgressKey>, MapsError> {
     ))
 }
 
-/// Make the address set `map` (16-byte address -> 1) hold exactly `addrs`.
-fn replace_addr_set(
-    map: &mut HashMap<MapData, [u32; 4], u32>,
-    addrs: &[IpAddr],
-    name: &'static str,
-) -> Result<(), MapsError> {
-    let keep: HashSet<[u32; 4]> = addrs.iter().map(|&addr| to_words(addr)).collect();
-    for (addr, words) in addrs.iter().zip(addrs.iter().map(|&addr| to_words(addr))) {
-        map.insert(words, 1, 0)
-            .map_err(kernel(name, || format!("add {addr}")))?;
+/// The key of `addr` in network namespace `netns`.
+fn ns_key(netns: u64, addr: SocketAddr) -> NsSockKey {
+    NsSockKey {
+        netns,
+        addr: sock_key(addr),
+        pad: 0,
     }
-    let stale: Vec<[u32; 4]> = map
-        .keys()
-        .filter_map(Result::ok)
-        .filter(|words| !keep.contains(words))
-        .collect();
-    for words in stale {
-        remove_if_present(map, &words, name, || "remove a stale address".into())?;
-    }
-    Ok(())
 }
 
 /// The kernel's cookie of `socket` (`SO_COOKIE`).
@@ -1098,7 +1196,7 @@ mod tests {
             outbound_v6: None,
             outbound_port: 15001,
             inbound_port: 15008,
-            netns_cookie: None,
+            netns_cookie: 1,
         };
         assert!(good.validate().is_ok());
         let bad = DaemonConfig {

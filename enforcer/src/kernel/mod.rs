@@ -26,5 +26,5 @@ pub use maps::{
     DaemonConfig, EgressEntry, IpProtocol, ListenerOwner, ListenerSlot, Maps, MapsError, Original,
     PolicyAction, PolicyMode, PolicyRule, PolicyTable,
 };
-pub use netns::netns_cookie;
+pub use netns::{Netns, netns_cookie};
 pub use tags::SocketTags;

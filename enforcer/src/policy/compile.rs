@@ -159,8 +159,9 @@ pub struct Compiled {
     pub table: PolicyTable,
     /// Plaintext egress permissions, one per (entry, port).
     pub egress: Vec<EgressEntry>,
-    /// Addresses of the mesh peers: flows to them always go through the tunnel.
-    pub peers: Vec<std::net::IpAddr>,
+    /// The mesh's networks: each peer's address (as a full-length network) and its workload
+    /// networks (`cidrs`); flows to them always go through the tunnel.
+    pub peers: Vec<(std::net::IpAddr, u8)>,
 }
 
 /// Compile `policy` as version `version`, keeping the identity numbers of `previous`.
@@ -255,7 +256,15 @@ pub fn compile(policy: &Policy, previous: Option<&IdentityNumbers>, version: u64
             rules,
         },
         egress,
-        peers: policy.peers.iter().map(|peer| peer.address).collect(),
+        peers: policy
+            .peers
+            .iter()
+            .flat_map(|peer| {
+                let full = if peer.address.is_ipv4() { 32 } else { 128 };
+                std::iter::once((peer.address, full))
+                    .chain(peer.cidrs.iter().map(|net| (net.network, net.prefix_len)))
+            })
+            .collect(),
     }
 }
 
@@ -366,7 +375,7 @@ address = "192.0.2.10"
         );
         assert_eq!(
             compiled.peers,
-            ["192.0.2.10".parse::<std::net::IpAddr>().unwrap()]
+            [("192.0.2.10".parse::<std::net::IpAddr>().unwrap(), 32)]
         );
     }
 }

@@ -87,12 +87,8 @@ pub fn diff(old: &Policy, new: &Policy) -> Vec<Change> {
     );
     set_changes(
         &mut changes,
-        old.peers
-            .iter()
-            .map(|p| format!("peer {}:{}", p.address, p.port)),
-        new.peers
-            .iter()
-            .map(|p| format!("peer {}:{}", p.address, p.port)),
+        old.peers.iter().map(peer_line),
+        new.peers.iter().map(peer_line),
     );
     set_changes(
         &mut changes,
@@ -100,6 +96,25 @@ pub fn diff(old: &Policy, new: &Policy) -> Vec<Change> {
         new.enroll.iter().map(|c| format!("enroll {c}")),
     );
     changes
+}
+
+/// A peer as the diff names it: address, port, and the workload networks behind it.
+fn peer_line(peer: &super::Peer) -> String {
+    let cidrs: Vec<String> = peer
+        .cidrs
+        .iter()
+        .map(|net| format!("{}/{}", net.network, net.prefix_len))
+        .collect();
+    if cidrs.is_empty() {
+        format!("peer {}:{}", peer.address, peer.port)
+    } else {
+        format!(
+            "peer {}:{} cidrs {}",
+            peer.address,
+            peer.port,
+            cidrs.join(",")
+        )
+    }
 }
 
 fn set_changes(

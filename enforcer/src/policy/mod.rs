@@ -21,7 +21,9 @@ pub use diff::{Change, diff};
 pub use identities::{Identification, Identities, Registry};
 pub use in_force::{InForce, PolicyPublisher, PolicySnapshot, hash};
 pub(crate) use model::DEFAULT_PEER_PORT;
-pub use model::{Action, Egress, IdPattern, Mode, Peer, Policy, Ports, Protocol, Rule, Workload};
+pub use model::{
+    Action, Egress, IdPattern, Mode, Network, Peer, Policy, Ports, Protocol, Rule, Workload,
+};
 pub use parse::{MAX_POLICY_BYTES, load, parse};
 pub use view::PolicyView;
 

@@ -204,8 +204,29 @@ pub struct Egress {
 }
 
 impl Egress {
-    /// Whether `ip` lies in this entry's network. Only the same address family matches, and
-    /// an IPv4-mapped IPv6 address (or network) counts as the IPv4 one, as in the tunnel.
+    /// Whether `ip` lies in this entry's network (see [`Network::contains`]).
+    #[must_use]
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        Network {
+            network: self.network,
+            prefix_len: self.prefix_len,
+        }
+        .contains(ip)
+    }
+}
+
+/// A network: an address with its host bits zero, and a prefix length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Network {
+    /// The network address.
+    pub network: IpAddr,
+    /// Prefix length.
+    pub prefix_len: u8,
+}
+
+impl Network {
+    /// Whether `ip` lies in this network. Only the same address family matches, and an
+    /// IPv4-mapped IPv6 address (or network) counts as the IPv4 one, as in the tunnel.
     #[must_use]
     pub fn contains(&self, ip: IpAddr) -> bool {
         let (network, prefix_len) = match self.network {
@@ -260,6 +281,26 @@ pub struct Peer {
     pub address: IpAddr,
     /// Its inbound tunnel port.
     pub port: u16,
+    /// The workload addresses it serves (its containers' and pods' networks): a destination
+    /// there is tunnelled to the peer's inbound listener at the destination's own address.
+    pub cidrs: Vec<Network>,
+}
+
+impl Peer {
+    /// Where the tunnel dials for a destination at `ip`, when this peer serves it: the peer's
+    /// own inbound listener for its address, the inbound port at `ip` itself for an address of
+    /// its `cidrs` (the listener in that workload's namespace).
+    #[must_use]
+    pub fn dial_for(&self, ip: IpAddr) -> Option<std::net::SocketAddr> {
+        let ip = ip.to_canonical();
+        if self.address.to_canonical() == ip {
+            Some(std::net::SocketAddr::new(self.address, self.port))
+        } else if self.cidrs.iter().any(|net| net.contains(ip)) {
+            Some(std::net::SocketAddr::new(ip, self.port))
+        } else {
+            None
+        }
+    }
 }
 
 /// Default inbound port of the tunnel.

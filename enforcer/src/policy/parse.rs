@@ -27,6 +27,7 @@
 //! [[peer]]
 //! address = "192.0.2.10"
 //! port = 15008
+//! cidrs = ["10.88.2.0/24"]             # its workloads' addresses (containers, pods)
 //! ```
 #![forbid(unsafe_code)]
 
@@ -40,8 +41,8 @@ use toml::{
 use super::{
     diagnostic::{Diagnostic, Diagnostics},
     model::{
-        Action, DEFAULT_PEER_PORT, Egress, IdPattern, Mode, Peer, Policy, Ports, Protocol, Rule,
-        Workload,
+        Action, DEFAULT_PEER_PORT, Egress, IdPattern, Mode, Network, Peer, Policy, Ports, Protocol,
+        Rule, Workload,
     },
 };
 use crate::{
@@ -533,7 +534,7 @@ impl Parser<'_, '_> {
 
     /// A `[[peer]]` entry, with the span of its `address` (where errors about it point).
     fn peer(&mut self, table: &DeTable<'_>, span: &Range<usize>) -> Option<(Peer, Range<usize>)> {
-        self.keys(table, "[[peer]]", &["address", "port"]);
+        self.keys(table, "[[peer]]", &["address", "port", "cidrs"]);
         let value = self.required(table, "address", "[[peer]]", span)?;
         let address: Option<IpAddr> = self.parsed(value, "peer address");
         let port = match table.get("port") {
@@ -547,13 +548,46 @@ impl Parser<'_, '_> {
                 port
             }
         };
+        let cidrs = self.networks(table.get("cidrs"), "cidrs");
         Some((
             Peer {
                 address: address?,
                 port: port?,
+                cidrs: cidrs?,
             },
             value.span(),
         ))
+    }
+
+    /// An optional array of networks (`["10.88.2.0/24", "fd88:2::/64"]`); `None` when an
+    /// entry is invalid (each is reported).
+    fn networks(&mut self, value: Option<&Value<'_>>, what: &str) -> Option<Vec<Network>> {
+        let Some(value) = value else {
+            return Some(Vec::new());
+        };
+        let array = self.array(value, what)?;
+        let mut networks = Vec::new();
+        let mut valid = true;
+        for item in array {
+            let Some(text) = self.string(item, what) else {
+                valid = false;
+                continue;
+            };
+            match parse_cidr(text) {
+                Ok((network, prefix_len)) => networks.push(Network {
+                    network,
+                    prefix_len,
+                }),
+                Err(error) => {
+                    self.diagnostics.error(
+                        &item.span(),
+                        format!("invalid {what} entry `{text}`: {error}"),
+                    );
+                    valid = false;
+                }
+            }
+        }
+        valid.then_some(networks)
     }
 
     /// Report each `[[peer]]` whose address an earlier one already names (IPv4-mapped IPv6
@@ -561,8 +595,26 @@ impl Parser<'_, '_> {
     /// address, so a second entry would be silently ignored.
     fn duplicate_peers(&mut self, peers: &[(Peer, Range<usize>)]) {
         let mut first: HashMap<IpAddr, (IpAddr, usize)> = HashMap::new();
+        let mut networks: Vec<(Network, usize)> = Vec::new();
         for (peer, span) in peers {
             let line = super::diagnostic::line_col(self.diagnostics.source(), span.start).0;
+            for net in &peer.cidrs {
+                // A destination must lead to one node: no two peers' networks may overlap.
+                if let Some((other, other_line)) = networks
+                    .iter()
+                    .find(|(other, _)| other.contains(net.network) || net.contains(other.network))
+                {
+                    self.diagnostics.error(
+                        span,
+                        format!(
+                            "peer networks overlap: {}/{} and {}/{} of the [[peer]] at line \
+                             {other_line} (a destination must lead to one node)",
+                            net.network, net.prefix_len, other.network, other.prefix_len
+                        ),
+                    );
+                }
+            }
+            networks.extend(peer.cidrs.iter().map(|&net| (net, line)));
             if let Some(&(address, first_line)) = first.get(&peer.address.to_canonical()) {
                 self.diagnostics.error(
                     span,
@@ -737,6 +789,30 @@ mod tests {
             Ok(_) => panic!("expected errors in:\n{text}"),
             Err(diagnostics) => diagnostics.iter().map(ToString::to_string).collect(),
         }
+    }
+
+    #[test]
+    fn peer_networks_are_checked_and_must_not_overlap() {
+        let bad = errors("[[peer]]\naddress = \"10.0.0.2\"\ncidrs = [\"10.88.2.1/24\", 7]\n");
+        assert!(
+            bad.iter().any(|e| e.contains("p.toml:")
+                && e.contains("invalid cidrs entry `10.88.2.1/24`: host bits are set")),
+            "{bad:?}"
+        );
+        assert!(
+            bad.iter().any(|e| e.contains("cidrs: expected a string")),
+            "{bad:?}"
+        );
+        let overlap = errors(
+            "[[peer]]\naddress = \"10.0.0.2\"\ncidrs = [\"10.88.0.0/16\"]\n\
+             [[peer]]\naddress = \"10.0.0.3\"\ncidrs = [\"10.88.3.0/24\"]\n",
+        );
+        assert!(
+            overlap.iter().any(|e| e.contains(
+                "peer networks overlap: 10.88.3.0/24 and 10.88.0.0/16 of the [[peer]] at line"
+            )),
+            "{overlap:?}"
+        );
     }
 
     #[test]

@@ -43,14 +43,20 @@ impl PolicyView {
         self.authorizer.decide(src, dst, port)
     }
 
-    /// The inbound tunnel address of the mesh peer at `ip`, if `ip` is one.
+    /// Where the tunnel dials for a destination at `ip`: the inbound address of the mesh peer
+    /// at `ip`, or the inbound port at `ip` itself when a peer's `cidrs` hold it (a peer's own
+    /// address wins over another's networks).
     #[must_use]
     pub fn peer(&self, ip: IpAddr) -> Option<SocketAddr> {
         let ip = ip.to_canonical();
-        self.peers
+        let by_address = self
+            .peers
             .iter()
-            .find(|peer| peer.address.to_canonical() == ip)
-            .map(|peer| SocketAddr::new(peer.address, peer.port))
+            .find(|peer| peer.address.to_canonical() == ip);
+        by_address
+            .into_iter()
+            .chain(&self.peers)
+            .find_map(|peer| peer.dial_for(ip))
     }
 
     /// The first TCP egress entry (in file order) that permits plaintext to `dst`.
@@ -70,6 +76,34 @@ mod tests {
     fn view(text: &str) -> PolicyView {
         let (policy, _) = parse("t.toml", text.as_bytes()).unwrap_or_else(|d| panic!("{d:?}"));
         PolicyView::new(&policy, 7)
+    }
+
+    #[test]
+    fn a_destination_in_a_peers_networks_is_dialled_at_its_own_address() {
+        let view = view(
+            r#"
+trust_domain = "example.org"
+[[peer]]
+address = "10.0.0.2"
+cidrs = ["10.88.2.0/24", "fd88:2::/64"]
+[[peer]]
+address = "10.88.2.1"
+port = 16000
+"#,
+        );
+        let dial = |ip: &str| view.peer(ip.parse().unwrap());
+        assert_eq!(dial("10.88.2.7"), Some("10.88.2.7:15008".parse().unwrap()));
+        assert_eq!(
+            dial("::ffff:10.88.2.7"),
+            Some("10.88.2.7:15008".parse().unwrap())
+        );
+        assert_eq!(
+            dial("fd88:2::9"),
+            Some("[fd88:2::9]:15008".parse().unwrap())
+        );
+        // A peer's own address wins over another peer's networks.
+        assert_eq!(dial("10.88.2.1"), Some("10.88.2.1:16000".parse().unwrap()));
+        assert_eq!(dial("10.88.3.7"), None);
     }
 
     #[test]

@@ -81,15 +81,27 @@ impl ScratchDatapath {
         &self.netns
     }
 
+    /// The cookie of [`netns`](Self::netns), as the kernel's tables name it.
+    #[must_use]
+    pub fn netns_cookie(&self) -> u64 {
+        self.netns.within(|| {
+            crate::kernel::Netns::current()
+                .unwrap_or_else(|error| panic!("failed to open the test namespace: {error}"))
+                .cookie()
+        })
+    }
+
     /// Make `v4` and `v6` (listening sockets in [`netns`](Self::netns)) the daemon's outbound
     /// listeners: enrolled connects are redirected to `127.0.0.1:port` and `[::1]:port`, and
-    /// the kernel hands those to them. `inbound_port` is reserved for the daemon too.
+    /// the kernel hands those to them; the namespace counts as served. `inbound_port` is
+    /// reserved for the daemon too.
     pub fn serve_on_loopback(
         &mut self,
         port: u16,
         inbound_port: u16,
         (v4, v6): (&TcpListener, &TcpListener),
     ) {
+        let cookie = netns_cookie(v4.as_fd()).expect("read the namespace cookie");
         let maps = self.maps_mut();
         let configured = maps
             .set_listener(ListenerSlot::Outbound4, v4.as_fd())
@@ -100,9 +112,10 @@ impl ScratchDatapath {
                     outbound_v6: Some(Ipv6Addr::LOCALHOST),
                     outbound_port: port,
                     inbound_port,
-                    netns_cookie: netns_cookie(v4.as_fd()).expect("read the namespace cookie"),
+                    netns_cookie: cookie,
                 })
-            });
+            })
+            .and_then(|()| maps.replace_served(&[cookie]));
         configured.unwrap_or_else(|error| panic!("failed to configure: {}", report(&error)));
     }
 

@@ -21,8 +21,8 @@ use crate::{
     },
     policy::{InForce, Policy, PolicyPublisher, parse},
     tunnel::{
-        FlowRecord, LocalWorkloads, Origin, OriginError, Origins, RecentRecords, SvidSource,
-        Tunnel, TunnelConfig, TunnelParts,
+        FlowRecord, LocalOwner, LocalWorkloads, Namespace, Origin, OriginError, Origins,
+        RecentRecords, SvidSource, Tunnel, TunnelConfig, TunnelParts,
     },
 };
 
@@ -89,12 +89,17 @@ impl TableWorkloads {
 }
 
 impl LocalWorkloads for TableWorkloads {
-    fn owner(&self, addr: SocketAddr) -> Option<SpiffeId> {
-        self.0
+    fn owner(&self, _from: Namespace, addr: SocketAddr) -> Option<LocalOwner> {
+        let id = self
+            .0
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .get(&addr)
-            .cloned()
+            .cloned()?;
+        Some(LocalOwner {
+            id,
+            netns: Namespace::HOME,
+        })
     }
 }
 
@@ -103,7 +108,12 @@ impl LocalWorkloads for TableWorkloads {
 pub struct TableOrigins(RwLock<HashMap<SocketAddr, Origin>>);
 
 impl Origins for TableOrigins {
-    fn origin(&self, client: SocketAddr, _local: SocketAddr) -> Result<Origin, OriginError> {
+    fn origin(
+        &self,
+        _netns: Namespace,
+        client: SocketAddr,
+        _local: SocketAddr,
+    ) -> Result<Origin, OriginError> {
         self.0
             .read()
             .unwrap_or_else(PoisonError::into_inner)
@@ -204,8 +214,8 @@ impl MeshNode {
         let outbound = listeners.outbound.local_addr().expect("bound");
         let inbound = listeners.inbound_addr();
         let tasks = vec![
-            tunnel.serve_outbound(listeners.outbound),
-            tunnel.serve_inbound(listeners.inbound),
+            tunnel.serve_outbound(listeners.outbound, Namespace::HOME),
+            tunnel.serve_inbound(listeners.inbound, Namespace::HOME),
         ];
         Self {
             tunnel,

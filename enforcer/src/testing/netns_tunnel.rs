@@ -30,13 +30,13 @@ use tokio::{net::TcpListener, runtime::Runtime};
 use super::{Node, ScratchCgroup, ScratchDatapath, Spawn, Spawned, TestPki, report};
 use crate::{
     attest::{AttestOptions, Attestor},
-    daemon::{KernelSources, compile_and_apply},
+    daemon::{KernelSources, Namespaces, compile_and_apply},
     identity::SpiffeId,
-    kernel::{Counter, DaemonConfig, ListenerSlot, Maps, cgroup2_mount, netns_cookie},
+    kernel::{Counter, DaemonConfig, ListenerSlot, Maps, Netns, cgroup2_mount, netns_cookie},
     policy::{Identification, InForce, Policy, PolicyPublisher, parse},
     tunnel::{
-        FlowRecord, LocalWorkloads, Origins, RecentRecords, RecordSink, SocketTagger, Tunnel,
-        TunnelConfig, TunnelParts,
+        FlowRecord, LocalWorkloads, Namespace, Origins, RecentRecords, RecordSink, SocketTagger,
+        Tunnel, TunnelConfig, TunnelParts,
     },
 };
 
@@ -66,6 +66,8 @@ pub struct TunnelNode {
     tunnel: Tunnel,
     records: Arc<RecentRecords>,
     maps: Arc<Mutex<Maps>>,
+    /// The cookie of the node's network namespace.
+    netns_cookie: u64,
     attestor: Attestor,
     publisher: PolicyPublisher,
     mount: PathBuf,
@@ -100,12 +102,24 @@ impl TunnelNode {
                 )
             })
         };
+        let runtime = runtime_in(link);
+        let home = runtime
+            .block_on(runtime.spawn(async { Netns::current() }))
+            .expect("the namespace probe task")
+            .unwrap_or_else(|error| panic!("failed to open node {name}'s namespace: {error}"));
         let mut maps = open_maps();
-        let local_addrs = [link.addr4().into(), link.addr6().into()];
+        let local_addrs = [
+            (link.addr4().into(), home.cookie()),
+            (link.addr6().into(), home.cookie()),
+        ];
         maps.replace_local_addrs(&local_addrs)
+            .and_then(|()| maps.replace_served(&[home.cookie()]))
             .unwrap_or_else(|error| {
                 panic!("failed to list node {name}'s addresses: {}", report(&error))
             });
+        let netns_cookie = home.cookie();
+        let namespaces = Arc::new(Namespaces::new(home));
+        namespaces.set_addrs(local_addrs);
         let maps = Arc::new(Mutex::new(maps));
         let tags = datapath
             .socket_tags()
@@ -119,9 +133,8 @@ impl TunnelNode {
             tags,
             Arc::new(Attestor::new(AttestOptions::default())),
             policy.clone(),
-            OUTBOUND_PORT,
+            (namespaces, OUTBOUND_PORT),
         ));
-        sources.set_local_addrs(local_addrs);
         let records = Arc::new(RecentRecords::new(10_000));
         let node_id = format!(
             "spiffe://{}/enforcer/node/{name}",
@@ -142,11 +155,12 @@ impl TunnelNode {
         })
         .unwrap_or_else(|error| panic!("failed to build node {name}'s tunnel: {error}"));
         let node = Self {
-            runtime: Some(runtime_in(link)),
+            runtime: Some(runtime),
             name: name.to_owned(),
             tunnel,
             records,
             maps,
+            netns_cookie,
             attestor: Attestor::new(AttestOptions::default()),
             publisher,
             mount,
@@ -188,8 +202,8 @@ impl TunnelNode {
                     panic!("failed to configure node {name}: {}", report(&error))
                 });
             drop(maps);
-            tunnel.serve_outbound(outbound);
-            tunnel.serve_inbound(inbound);
+            tunnel.serve_outbound(outbound, Namespace::HOME);
+            tunnel.serve_inbound(inbound, Namespace::HOME);
         });
         if let Err(error) = runtime.block_on(serving) {
             std::panic::resume_unwind(error.into_panic());
@@ -260,9 +274,10 @@ impl TunnelNode {
         let wildcard = SocketAddr::new(IpAddr::from([0, 0, 0, 0]), addr.port());
         let maps = self.maps();
         let recorded = [addr, wildcard].into_iter().find_map(|key| {
-            maps.service(key).unwrap_or_else(|error| {
-                panic!("failed to look up service {key}: {}", report(&error))
-            })
+            maps.service(self.netns_cookie, key)
+                .unwrap_or_else(|error| {
+                    panic!("failed to look up service {key}: {}", report(&error))
+                })
         });
         assert!(
             recorded.is_some_and(|service| service.tgid == server.pid()),

@@ -44,7 +44,7 @@ use super::{
     metrics::Metric,
     net::{self, Dial},
     new_record,
-    state::{LocalWorkloads, SvidSource, off_worker},
+    state::{LocalOwner, LocalWorkloads, Namespace, SvidSource, off_worker},
     verdict,
 };
 use crate::identity::{SpiffeId, X509Svid, peer_spiffe_id};
@@ -66,6 +66,9 @@ pub struct InboundClient {
     /// Whose certificate was shown: the workload owning `destination`, `None` when the node's
     /// own SVID was shown.
     pub presented: Option<SpiffeId>,
+    /// The network namespace of the listener that accepted the connection (destinations are
+    /// looked up as seen from there).
+    pub netns: Namespace,
 }
 
 /// Where an inbound client connected from, which bounds the destinations it may name.
@@ -159,16 +162,24 @@ impl WorkloadCerts {
     pub(super) fn choose(
         &self,
         at: ClientAt,
+        netns: Namespace,
         destination: Option<SocketAddr>,
     ) -> (Option<SpiffeId>, Option<Arc<CertifiedKey>>) {
-        let owner = self.owner_named(at, destination);
+        let owner = self
+            .owner_named(at, netns, destination)
+            .map(|owner| owner.id);
         let key = self.certified_key(owner.as_ref().unwrap_or(&self.node_id));
         (owner, key)
     }
 
-    fn owner_named(&self, at: ClientAt, destination: Option<SocketAddr>) -> Option<SpiffeId> {
+    fn owner_named(
+        &self,
+        at: ClientAt,
+        netns: Namespace,
+        destination: Option<SocketAddr>,
+    ) -> Option<LocalOwner> {
         let dst = destination.filter(|&dst| at.may_name(dst))?;
-        self.workloads.owner(dst)
+        self.workloads.owner(netns, dst)
     }
 }
 
@@ -184,15 +195,15 @@ impl ResolvesServerCert for ChosenPerConnection {
     }
 }
 
-/// Accept peers' connections until the task is aborted.
-pub(super) async fn serve(node: Arc<Node>, listener: TcpListener) {
+/// Accept peers' connections, on a listener of namespace `netns`, until the task is aborted.
+pub(super) async fn serve(node: Arc<Node>, listener: TcpListener, netns: Namespace) {
     if let Err(error) = net::tune(&listener, node.config.keepalive) {
         tracing::warn!(%error, "failed to tune the inbound listener");
     }
     loop {
         match listener.accept().await {
             Ok((tcp, addr)) => {
-                tokio::spawn(handle_connection(Arc::clone(&node), tcp, addr));
+                tokio::spawn(handle_connection(Arc::clone(&node), tcp, addr, netns));
             }
             Err(error) => {
                 // Out of descriptors or similar: back off rather than spin.
@@ -204,12 +215,12 @@ pub(super) async fn serve(node: Arc<Node>, listener: TcpListener) {
 }
 
 /// TLS handshake (bounded in time), then HTTP/2.
-async fn handle_connection(node: Arc<Node>, tcp: TcpStream, addr: SocketAddr) {
+async fn handle_connection(node: Arc<Node>, tcp: TcpStream, addr: SocketAddr, netns: Namespace) {
     node.metrics.inc(Metric::InboundAccepted);
     let at = ClientAt::of(addr);
     let (tls, destination, presented) = match tokio::time::timeout(
         node.config.handshake_timeout,
-        handshake(&node, tcp, at),
+        handshake(&node, tcp, at, netns),
     )
     .await
     {
@@ -244,6 +255,7 @@ async fn handle_connection(node: Arc<Node>, tcp: TcpStream, addr: SocketAddr) {
         addr,
         destination,
         presented,
+        netns,
     };
     serve_connection(node, tls, client).await;
 }
@@ -255,11 +267,12 @@ async fn handshake(
     node: &Node,
     tcp: TcpStream,
     at: ClientAt,
+    netns: Namespace,
 ) -> io::Result<(TlsStream<TcpStream>, Option<SocketAddr>, Option<SpiffeId>)> {
     let start = LazyConfigAcceptor::new(Acceptor::default(), tcp).await?;
     let destination = hbone::parse_server_name(start.client_hello().server_name()).ok();
     let certs = Arc::clone(&node.certs);
-    let (presented, key) = off_worker(move || certs.choose(at, destination))
+    let (presented, key) = off_worker(move || certs.choose(at, netns, destination))
         .await
         .ok_or_else(|| io::Error::other("the runtime is shutting down"))?;
     let key = key.ok_or_else(|| io::Error::other("no certificate to present"))?;
@@ -386,15 +399,15 @@ async fn handle_stream(
     if client.destination != Some(addr) {
         return refuse(&mut respond, Refusal::Misdirected, None, &dst);
     }
-    let Some(owner) = node.workloads.owner(addr) else {
+    let Some(owner) = node.workloads.owner(client.netns, addr) else {
         return refuse(&mut respond, Refusal::NoSuchWorkload, None, &dst);
     };
-    dst.id = Some(owner.clone());
-    if client.presented.as_ref() != Some(&owner) {
+    dst.id = Some(owner.id.clone());
+    if client.presented.as_ref() != Some(&owner.id) {
         // The certificate shown was not this workload's (it started listening meanwhile).
         return refuse(&mut respond, Refusal::Misdirected, None, &dst);
     }
-    let decision = view.decide(&client.id, &owner, addr.port());
+    let decision = view.decide(&client.id, &owner.id, addr.port());
     if !decision.allowed {
         return refuse(&mut respond, Refusal::Denied, decision.rule, &dst);
     }
@@ -450,7 +463,7 @@ mod tests {
     use super::{ClientAt, WorkloadCerts, hbone};
     use crate::{
         identity::{CacheError, SpiffeId, X509Svid},
-        tunnel::state::{LocalWorkloads, SvidSource},
+        tunnel::state::{LocalOwner, LocalWorkloads, Namespace, SvidSource},
     };
 
     fn addr(text: &str) -> SocketAddr {
@@ -466,9 +479,12 @@ mod tests {
     struct Everywhere(AtomicUsize);
 
     impl LocalWorkloads for Everywhere {
-        fn owner(&self, _addr: SocketAddr) -> Option<SpiffeId> {
+        fn owner(&self, _from: Namespace, _addr: SocketAddr) -> Option<LocalOwner> {
             self.0.fetch_add(1, Ordering::SeqCst);
-            Some(api())
+            Some(LocalOwner {
+                id: api(),
+                netns: Namespace::HOME,
+            })
         }
     }
 
@@ -539,7 +555,7 @@ mod tests {
         };
         for dst in LOOPBACK_AND_UNSPECIFIED {
             assert_eq!(
-                certs.owner_named(ClientAt::Elsewhere, named(dst)),
+                certs.owner_named(ClientAt::Elsewhere, Namespace::HOME, named(dst)),
                 None,
                 "{dst}"
             );
@@ -549,15 +565,18 @@ mod tests {
             0,
             "an owner was looked up"
         );
-        let remote = certs.owner_named(ClientAt::Elsewhere, named("10.0.0.2:8080"));
-        assert_eq!(remote, Some(api()));
-        let local = certs.owner_named(ClientAt::ThisNode, named("127.0.0.1:8080"));
-        assert_eq!(local, Some(api()));
+        let home = Namespace::HOME;
+        let owner = |at, dst| certs.owner_named(at, home, dst).map(|owner| owner.id);
         assert_eq!(
-            certs.owner_named(ClientAt::ThisNode, named("0.0.0.0:8080")),
-            None
+            owner(ClientAt::Elsewhere, named("10.0.0.2:8080")),
+            Some(api())
         );
-        assert_eq!(certs.owner_named(ClientAt::ThisNode, None), None);
+        assert_eq!(
+            owner(ClientAt::ThisNode, named("127.0.0.1:8080")),
+            Some(api())
+        );
+        assert_eq!(owner(ClientAt::ThisNode, named("0.0.0.0:8080")), None);
+        assert_eq!(owner(ClientAt::ThisNode, None), None);
         assert_eq!(workloads.0.load(Ordering::SeqCst), 2);
     }
 }

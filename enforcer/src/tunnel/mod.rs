@@ -50,7 +50,10 @@ pub use pool::{MonotonicClock, Pool, PoolError, SystemMonotonicClock, TunnelStre
 pub use record::{
     FlowEvent, FlowRecord, FlowVerdict, LogSink, Party, Reason, RecentRecords, RecordSink, Side,
 };
-pub use state::{LocalWorkloads, Origin, OriginError, Origins, SocketTagger, SvidSource, Untagged};
+pub use state::{
+    LocalOwner, LocalWorkloads, Namespace, Origin, OriginError, Origins, SocketTagger, SvidSource,
+    Untagged,
+};
 
 use self::{
     copy::{Ended, Limits, Sink, Source, SpliceOutcome, splice},
@@ -113,6 +116,8 @@ struct Node {
     /// The inbound TLS configuration, copied for each connection with the certificate chosen
     /// for it.
     tls_server: Arc<ServerConfig>,
+    /// Whether the pool's pruning task runs.
+    pruning: std::sync::atomic::AtomicBool,
 }
 
 impl Tunnel {
@@ -149,22 +154,29 @@ impl Tunnel {
             metrics,
             certs,
             tls_server: Arc::new(tls_server),
+            pruning: std::sync::atomic::AtomicBool::new(false),
         })))
     }
 
-    /// Serve redirected connections accepted on `listener` (the outbound side) until the
-    /// task is aborted; also prunes idle pooled connections.
-    pub fn serve_outbound(&self, listener: TcpListener) -> JoinHandle<()> {
-        let node = Arc::clone(&self.0);
-        let weak = Arc::downgrade(&self.0);
-        tokio::spawn(prune_pool(weak, pool::prune_interval(&node.config)));
-        tokio::spawn(outbound::serve(node, listener))
+    /// Serve redirected connections accepted on `listener`, a socket of namespace `netns`
+    /// (the outbound side), until the task is aborted. The first call also starts pruning
+    /// idle pooled connections, for as long as the tunnel lives.
+    pub fn serve_outbound(&self, listener: TcpListener, netns: Namespace) -> JoinHandle<()> {
+        if !self
+            .0
+            .pruning
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            let interval = pool::prune_interval(&self.0.config);
+            tokio::spawn(prune_pool(Arc::downgrade(&self.0), interval));
+        }
+        tokio::spawn(outbound::serve(Arc::clone(&self.0), listener, netns))
     }
 
-    /// Serve peers' tunnel connections accepted on `listener` (the inbound side) until the
-    /// task is aborted.
-    pub fn serve_inbound(&self, listener: TcpListener) -> JoinHandle<()> {
-        tokio::spawn(inbound::serve(Arc::clone(&self.0), listener))
+    /// Serve peers' tunnel connections accepted on `listener`, a socket of namespace `netns`
+    /// (the inbound side), until the task is aborted.
+    pub fn serve_inbound(&self, listener: TcpListener, netns: Namespace) -> JoinHandle<()> {
+        tokio::spawn(inbound::serve(Arc::clone(&self.0), listener, netns))
     }
 
     /// Serve HTTP/2 CONNECT requests on `io`, a connection whose client already proved

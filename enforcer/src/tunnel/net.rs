@@ -10,16 +10,18 @@
 use std::{io, net::SocketAddr, os::fd::AsFd, time::Duration};
 
 use socket2::{SockRef, TcpKeepalive};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
-use super::{hbone::Refusal, state::SocketTagger};
-use crate::identity::SpiffeId;
+use super::{
+    hbone::Refusal,
+    state::{LocalOwner, Namespace, SocketTagger},
+};
 
 /// What a connection the tunnel opens is for.
 #[derive(Clone, Copy, Debug)]
 pub(super) enum Dial<'a> {
-    /// A hop to the local workload that holds this identity.
-    Hop(&'a SpiffeId),
+    /// A hop to this local workload, made in its network namespace.
+    Hop(&'a LocalOwner),
     /// A connection to a peer node or a plaintext egress destination.
     Out,
 }
@@ -85,9 +87,9 @@ pub(super) async fn connect(
     keepalive: Option<Duration>,
 ) -> Result<TcpStream, ConnectError> {
     let socket_err = |source| ConnectError::Socket { addr, source };
-    let socket = match addr {
-        SocketAddr::V4(_) => TcpSocket::new_v4(),
-        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    let socket = match dial {
+        Dial::Hop(owner) => tags.socket_in(owner.netns, addr),
+        Dial::Out => tags.socket_in(Namespace::HOME, addr),
     }
     .map_err(socket_err)?;
     match dial {
@@ -98,7 +100,7 @@ pub(super) async fn connect(
                     Some(libc::EADDRNOTAVAIL) => ConnectError::NotLocal { addr },
                     _ => socket_err(error),
                 })?;
-            tags.hop(socket.as_fd(), owner).map_err(socket_err)?;
+            tags.hop(socket.as_fd(), &owner.id).map_err(socket_err)?;
         }
         Dial::Out => tags.own(socket.as_fd()).map_err(socket_err)?,
     }

@@ -25,13 +25,14 @@ use super::{
     net::{self, Dial},
     new_record,
     pool::PoolError,
-    state::{Origin, OriginError, off_worker},
+    state::{LocalOwner, Namespace, Origin, OriginError, off_worker},
     verdict,
 };
-use crate::{identity::SpiffeId, policy::PolicyView, report::report};
+use crate::{policy::PolicyView, report::report};
 
-/// Accept redirected connections until the task is aborted.
-pub(super) async fn serve(node: Arc<Node>, listener: TcpListener) {
+/// Accept redirected connections, on a listener of namespace `netns`, until the task is
+/// aborted.
+pub(super) async fn serve(node: Arc<Node>, listener: TcpListener, netns: Namespace) {
     // Accepted sockets inherit TCP_NODELAY; clients are local, so no keepalive.
     if let Err(error) = net::tune(&listener, None) {
         tracing::warn!(%error, "failed to tune the outbound listener");
@@ -39,7 +40,7 @@ pub(super) async fn serve(node: Arc<Node>, listener: TcpListener) {
     loop {
         match listener.accept().await {
             Ok((tcp, client)) => {
-                tokio::spawn(handle(Arc::clone(&node), tcp, client));
+                tokio::spawn(handle(Arc::clone(&node), tcp, client, netns));
             }
             Err(error) => {
                 tracing::warn!(%error, "outbound accept failed");
@@ -49,8 +50,8 @@ pub(super) async fn serve(node: Arc<Node>, listener: TcpListener) {
     }
 }
 
-/// One redirected connection: who, where, then the route.
-async fn handle(node: Arc<Node>, tcp: TcpStream, client: SocketAddr) {
+/// One redirected connection, accepted in namespace `netns`: who, where, then the route.
+async fn handle(node: Arc<Node>, tcp: TcpStream, client: SocketAddr, netns: Namespace) {
     node.metrics.inc(Metric::OutboundAccepted);
     let accepted = Instant::now();
     let view = node.policy();
@@ -61,11 +62,11 @@ async fn handle(node: Arc<Node>, tcp: TcpStream, client: SocketAddr) {
             return;
         }
     };
-    let found = if let Some(origin) = node.origins.origin_at_once(client, accepted_at) {
+    let found = if let Some(origin) = node.origins.origin_at_once(netns, client, accepted_at) {
         Some(Ok(origin))
     } else {
         let origins = Arc::clone(&node.origins);
-        off_worker(move || origins.origin(client, accepted_at)).await
+        off_worker(move || origins.origin(netns, client, accepted_at)).await
     };
     let origin = match found {
         None => {
@@ -85,7 +86,7 @@ async fn handle(node: Arc<Node>, tcp: TcpStream, client: SocketAddr) {
             return refuse(&node, &view, tcp, (reason, None), &src, &dst);
         }
     };
-    let owner = node.workloads.owner(origin.dst);
+    let owner = node.workloads.owner(netns, origin.dst);
     let flow = Flow {
         src: Party {
             id: Some(origin.id.clone()),
@@ -134,11 +135,12 @@ impl Flow {
     }
 }
 
-/// Same node: authorize, then connect to the workload with a hop tagged for its identity.
-async fn local(node: &Node, mut flow: Flow, tcp: TcpStream, owner: SpiffeId) {
+/// Same node: authorize, then connect to the workload with a hop tagged for its identity,
+/// made in the workload's network namespace.
+async fn local(node: &Node, mut flow: Flow, tcp: TcpStream, owner: LocalOwner) {
     let dst = flow.origin.dst;
-    flow.dst.id = Some(owner.clone());
-    let decision = flow.view.decide(&flow.origin.id, &owner, dst.port());
+    flow.dst.id = Some(owner.id.clone());
+    let decision = flow.view.decide(&flow.origin.id, &owner.id, dst.port());
     if !decision.allowed {
         return flow.refuse(node, tcp, (Reason::Policy, decision.rule));
     }

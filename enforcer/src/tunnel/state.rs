@@ -27,7 +27,7 @@
 
 use std::{io, net::SocketAddr, os::fd::BorrowedFd, path::PathBuf, sync::Arc};
 
-use tokio::runtime::RuntimeFlavor;
+use tokio::{net::TcpSocket, runtime::RuntimeFlavor};
 
 use super::record::Party;
 use crate::identity::{CacheError, Clock, SpiffeId, SvidCache, SvidIssuer, X509Svid};
@@ -44,6 +44,26 @@ impl<C: Clock, I: SvidIssuer> SvidSource for SvidCache<C, I> {
     }
 }
 
+/// A network namespace the tunnel serves, named by its cookie as the kernel names it: the
+/// node's own, or a container's, where the daemon's listeners and hops live (see
+/// [`crate::kernel::Netns`]). In-process tests use [`Namespace::HOME`] throughout.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Namespace(pub u64);
+
+impl Namespace {
+    /// The namespace of the tunnel's own threads (for backends that know no other).
+    pub const HOME: Self = Self(0);
+}
+
+/// An enrolled local workload, as [`LocalWorkloads::owner`] finds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalOwner {
+    /// Its identity.
+    pub id: SpiffeId,
+    /// The network namespace its listener lives in, where a hop to it must be made.
+    pub netns: Namespace,
+}
+
 /// How the sockets the tunnel opens make themselves known to the kernel, before they connect.
 pub trait SocketTagger: Send + Sync {
     /// `socket` is a hop to the local workload that holds `owner`: the kernel lets it reach
@@ -51,6 +71,16 @@ pub trait SocketTagger: Send + Sync {
     fn hop(&self, socket: BorrowedFd<'_>, owner: &SpiffeId) -> io::Result<()>;
     /// `socket` goes to a peer node or a plaintext egress destination.
     fn own(&self, socket: BorrowedFd<'_>) -> io::Result<()>;
+
+    /// A new TCP socket for `addr`'s family, made in network namespace `netns` (a hop to a
+    /// workload is made in the workload's own). Must not block. By default: here.
+    fn socket_in(&self, netns: Namespace, addr: SocketAddr) -> io::Result<TcpSocket> {
+        let _ = netns;
+        match addr {
+            SocketAddr::V4(_) => TcpSocket::new_v4(),
+            SocketAddr::V6(_) => TcpSocket::new_v6(),
+        }
+    }
 }
 
 /// A [`SocketTagger`] for endpoints without a kernel datapath (in-process tests): tags nothing.
@@ -70,9 +100,10 @@ impl SocketTagger for Untagged {
 /// The enrolled workloads listening on this node. The tunnel asks on its async workers, so an
 /// answer must not block: a few map lookups under a lock no one holds for long, at most.
 pub trait LocalWorkloads: Send + Sync {
-    /// The identity of the enrolled workload listening on `addr` (on that address, or on every
-    /// address of this node), `None` when no enrolled workload does.
-    fn owner(&self, addr: SocketAddr) -> Option<SpiffeId>;
+    /// The enrolled workload listening on `addr` (on that address, or on every address of its
+    /// namespace) as reached from namespace `from` (loopback is `from`'s own), `None` when no
+    /// enrolled workload does.
+    fn owner(&self, from: Namespace, addr: SocketAddr) -> Option<LocalOwner>;
 }
 
 /// Who a redirected client is and where it wanted to go.
@@ -159,16 +190,27 @@ impl OriginError {
 /// attest the client (procfs reads, hashing its binary), so the tunnel asks from the blocking
 /// pool.
 pub trait Origins: Send + Sync {
-    /// The origin of the connection the outbound listener accepted from `client`, on its local
-    /// address `local` (the redirect address, for a redirected connection).
-    fn origin(&self, client: SocketAddr, local: SocketAddr) -> Result<Origin, OriginError>;
+    /// The origin of the connection the outbound listener of namespace `netns` accepted from
+    /// `client`, on its local address `local` (the redirect address, for a redirected
+    /// connection).
+    fn origin(
+        &self,
+        netns: Namespace,
+        client: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<Origin, OriginError>;
 
     /// The same origin when it can be told without blocking (the daemon's: the kernel stamped
     /// the client's identity at `connect()` and its binary is in the attestation cache), else
     /// `None`, and the tunnel asks [`Origins::origin`] off the worker. An answer here
     /// must be the one [`Origins::origin`] would give; a refusal is always left to it.
-    fn origin_at_once(&self, client: SocketAddr, local: SocketAddr) -> Option<Origin> {
-        let _ = (client, local);
+    fn origin_at_once(
+        &self,
+        netns: Namespace,
+        client: SocketAddr,
+        local: SocketAddr,
+    ) -> Option<Origin> {
+        let _ = (netns, client, local);
         None
     }
 }
