@@ -249,6 +249,12 @@ pub struct Src {
     /// Its cgroup id.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cgroup_id: Option<u64>,
+    /// The container it runs in, when its cgroup path names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+    /// The Kubernetes pod it belongs to, when its cgroup path names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
     /// Its address, `ip:port`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub addr: Option<String>,
@@ -260,6 +266,13 @@ pub struct Dst {
     /// Its SPIFFE ID, when known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub spiffe_id: Option<String>,
+    /// The container of the workload listening there, when it runs on the recording node
+    /// and its cgroup path names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+    /// The Kubernetes pod of that workload, when its cgroup path names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
     /// Its address, `ip:port`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub addr: Option<String>,
@@ -567,10 +580,12 @@ pub(crate) mod samples {
                 cgroup: None,
                 cgroup_id: Some(77),
                 addr: Some("10.0.0.1:40112".to_owned()),
+                ..Src::default()
             },
             dst: Dst {
                 spiffe_id: Some("spiffe://td/db".to_owned()),
                 addr: Some("10.0.0.2:5432".to_owned()),
+                ..Dst::default()
             },
             bytes_up: Some(1200),
             bytes_down: Some(5300),
@@ -594,10 +609,12 @@ pub(crate) mod samples {
                 cgroup: Some("/kubepods/web".to_owned()),
                 cgroup_id: Some(4242),
                 addr: Some("10.0.0.1:40112".to_owned()),
+                ..Src::default()
             },
             dst: Dst {
                 spiffe_id: Some("spiffe://td/db".to_owned()),
                 addr: Some("10.0.0.2:5432".to_owned()),
+                ..Dst::default()
             },
             ..Entry::new(Source::Kernel, Event::Deny, Verdict::Deny, "policy")
         }
@@ -735,6 +752,7 @@ mod tests {
             dst: Dst {
                 spiffe_id: None,
                 addr: Some("10.0.0.2:5432".to_owned()),
+                ..Dst::default()
             },
             ..Entry::new(Source::Inbound, Event::Deny, Verdict::Deny, "no-route")
         };

@@ -227,8 +227,8 @@ fn render_workloads(workloads: &[v1::Workload]) -> String {
     let exe_width = width(|w| &w.exe, "EXE");
     let cgroup_width = width(|w| &w.cgroup, "CGROUP");
     let mut out = format!(
-        "{:>7}  {:<exe_width$}  {:<12}  {:<cgroup_width$}  {:<5}  SPIFFE ID\n",
-        "PID", "EXE", "SHA256", "CGROUP", "ENTRY"
+        "{:>7}  {:<exe_width$}  {:<12}  {:<cgroup_width$}  {:<12}  {:<5}  SPIFFE ID\n",
+        "PID", "EXE", "SHA256", "CGROUP", "CONTAINER", "ENTRY"
     );
     for w in workloads {
         let identity = match (&w.spiffe_id, &w.reason) {
@@ -236,9 +236,13 @@ fn render_workloads(workloads: &[v1::Workload]) -> String {
             (None, Some(reason)) => format!("({}: {reason})", w.state),
             (None, None) => format!("({})", w.state),
         };
+        let container = w
+            .container_id
+            .as_deref()
+            .map_or("-", |id| id.get(..12).unwrap_or(id));
         writeln!(
             out,
-            "{:>7}  {:<exe_width$}  {:<12}  {:<cgroup_width$}  {:<5}  {identity}",
+            "{:>7}  {:<exe_width$}  {:<12}  {:<cgroup_width$}  {container:<12}  {:<5}  {identity}",
             w.pid,
             w.exe,
             w.sha256.get(..12).unwrap_or_default(),
@@ -503,6 +507,9 @@ mod tests {
                 state: state.to_owned(),
                 reason: reason.map(str::to_owned),
                 listening: vec!["127.0.0.1:8080".parse().unwrap()],
+                container_id: (pid == 10).then(|| "0123456789ab".repeat(5) + "cdef"),
+                pod_uid: None,
+                netns: 4_026_531_840,
             };
         let workloads = vec![
             workload(10, Some("spiffe://example.org/ns/web"), "matched", None),
@@ -511,10 +518,10 @@ mod tests {
         ];
         assert_eq!(
             render_workloads(&round_trip(&workloads)),
-            "    PID  EXE               SHA256        CGROUP         ENTRY  SPIFFE ID\n\
-             \x20    10  /usr/bin/python3  001122334455  /enforcer/web  1      spiffe://example.org/ns/web\n\
-             \x20    11  /usr/bin/python3  001122334455  /enforcer/web  -      (refused: owned by uid 1000)\n\
-             \x20    12  /usr/bin/python3  001122334455  /enforcer/web  -      (unmatched)\n"
+            "    PID  EXE               SHA256        CGROUP         CONTAINER     ENTRY  SPIFFE ID\n\
+             \x20    10  /usr/bin/python3  001122334455  /enforcer/web  0123456789ab  1      spiffe://example.org/ns/web\n\
+             \x20    11  /usr/bin/python3  001122334455  /enforcer/web  -             -      (refused: owned by uid 1000)\n\
+             \x20    12  /usr/bin/python3  001122334455  /enforcer/web  -             -      (unmatched)\n"
         );
     }
 

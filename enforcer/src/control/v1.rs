@@ -248,6 +248,12 @@ pub(crate) struct Workload {
     pub reason: Option<String>,
     /// TCP addresses it listens on.
     pub listening: Vec<SocketAddr>,
+    /// The container it runs in, when its cgroup path names one.
+    pub container_id: Option<String>,
+    /// The Kubernetes pod it belongs to, when its cgroup path names one.
+    pub pod_uid: Option<String>,
+    /// The inode of its network namespace (`/proc/<pid>/ns/net`).
+    pub netns: u64,
 }
 
 /// The query of `GET /v1/flows`.

@@ -181,6 +181,9 @@ fn workloads(daemon: &Api) -> Vec<v1::Workload> {
             state: w.state.to_owned(),
             reason: w.reason,
             listening: w.listening,
+            container_id: w.container.container_id,
+            pod_uid: w.container.pod_uid,
+            netns: w.netns,
         })
         .collect()
 }
@@ -889,6 +892,9 @@ mod tests {
             state: "matched".to_owned(),
             reason: None,
             listening: Vec::new(),
+            container_id: None,
+            pod_uid: None,
+            netns: 4_026_531_840,
         };
         let value = serde_json::to_value(&workload).unwrap();
         assert_eq!(
@@ -904,7 +910,10 @@ mod tests {
                 "entry",
                 "state",
                 "reason",
-                "listening"
+                "listening",
+                "container_id",
+                "pod_uid",
+                "netns"
             ])
         );
         assert_eq!(value["spiffe_id"], "spiffe://example.org/ns/web");

@@ -148,17 +148,17 @@ impl EventPump {
                 ..audit::Src::default()
             }
         } else {
-            let (exe, sha256, cgroup) = match self.registrar.provenance(event.tgid) {
-                Some(known) => (Some(known.exe), Some(known.sha256), Some(known.cgroup)),
-                None => (None, None, None),
-            };
+            let known = self.registrar.provenance(event.tgid);
+            let container = known.as_ref().map(|known| known.container.clone());
             audit::Src {
                 spiffe_id: name(event.src_id),
                 pid: Some(event.tgid),
-                exe,
-                sha256,
-                cgroup,
+                exe: known.as_ref().map(|known| known.exe.clone()),
+                sha256: known.as_ref().map(|known| known.sha256.clone()),
+                cgroup: known.map(|known| known.cgroup),
                 cgroup_id: Some(event.cgroup_id),
+                container_id: container.as_ref().and_then(|c| c.container_id.clone()),
+                pod_uid: container.and_then(|c| c.pod_uid),
                 addr: addr(event.src),
             }
         };
@@ -170,6 +170,7 @@ impl EventPump {
             dst: audit::Dst {
                 spiffe_id: name(event.dst_id),
                 addr: addr(event.dst),
+                ..audit::Dst::default()
             },
             ..Entry::new(audit::Source::Kernel, event_kind, verdict, reason)
         }

@@ -42,10 +42,12 @@ pub(super) fn from_flow(record: &FlowRecord) -> Entry {
             cgroup: None,
             cgroup_id: record.src.cgroup_id,
             addr: addr(&record.src),
+            ..Src::default()
         },
         dst: Dst {
             spiffe_id: id(&record.dst),
             addr: addr(&record.dst),
+            ..Dst::default()
         },
         bytes_up: closed.then_some(record.bytes_up),
         bytes_down: closed.then_some(record.bytes_down),
@@ -147,6 +149,7 @@ mod tests {
                 dst: Dst {
                     spiffe_id: None,
                     addr: Some("10.0.0.2:5432".to_owned()),
+                    ..Dst::default()
                 },
                 ..Entry::new(Source::Inbound, Event::Deny, Verdict::Deny, "no-route")
             }

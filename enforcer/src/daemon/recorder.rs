@@ -181,7 +181,8 @@ impl FlowWriter {
         }
     }
 
-    /// `record` with its client's provenance, when the client runs on this node.
+    /// `record` with the provenance of its ends that run on this node: the client's binary
+    /// hash, cgroup, container and pod; the destination workload's container and pod.
     fn write(&self, record: &FlowRecord) {
         let mut entry = super::flow_entry::from_flow(record);
         if let Some(known) = record
@@ -191,6 +192,16 @@ impl FlowWriter {
         {
             entry.src.sha256 = Some(known.sha256);
             entry.src.cgroup = Some(known.cgroup);
+            entry.src.container_id = known.container.container_id;
+            entry.src.pod_uid = known.container.pod_uid;
+        }
+        if let Some(known) = record
+            .dst
+            .pid
+            .and_then(|pid| self.registrar.provenance(pid))
+        {
+            entry.dst.container_id = known.container.container_id;
+            entry.dst.pod_uid = known.container.pod_uid;
         }
         write(&self.audit, &self.telemetry, entry);
     }

@@ -78,8 +78,9 @@ impl KernelSources {
     /// the kernel finds it from namespace `from`: only at one of this node's own addresses, in
     /// the namespace that address belongs to, the exact entry first, then the any-address
     /// entry of the address's family, then (for IPv4) the dual-stack `::` entry; and only
-    /// while the owner is still the image that took the socket. Also returns that namespace.
-    fn owner_number(&self, from: Namespace, addr: SocketAddr) -> Option<(u32, u64)> {
+    /// while the owner is still the image that took the socket. Also returns that namespace
+    /// and the owner's pid.
+    fn owner_number(&self, from: Namespace, addr: SocketAddr) -> Option<(u32, u64, u32)> {
         let ip = addr.ip().to_canonical();
         if ip.is_unspecified() {
             return None;
@@ -106,7 +107,11 @@ impl KernelSources {
         if maps.generation(service.tgid).ok()? != service.generation {
             return None;
         }
-        Some((maps.identity(service.tgid).ok().flatten()?, netns))
+        Some((
+            maps.identity(service.tgid).ok().flatten()?,
+            netns,
+            service.tgid,
+        ))
     }
 
     /// The kernel's record of the redirected connection from `client`, which arrived at `local`
@@ -174,11 +179,12 @@ impl KernelSources {
 
 impl LocalWorkloads for KernelSources {
     fn owner(&self, from: Namespace, addr: SocketAddr) -> Option<LocalOwner> {
-        let (number, netns) = self.owner_number(from, addr)?;
+        let (number, netns, pid) = self.owner_number(from, addr)?;
         let id = self.policy.load().identities.id(number).cloned()?;
         Some(LocalOwner {
             id,
             netns: Namespace(netns),
+            pid: Some(pid),
         })
     }
 }

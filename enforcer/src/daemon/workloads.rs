@@ -27,7 +27,7 @@ use super::{
     telemetry::Telemetry,
 };
 use crate::{
-    attest::{Attestor, ProcessFacts},
+    attest::{Attestor, ContainerInfo, ProcessFacts},
     identity::SpiffeId,
     kernel::{ListenerOwner, Maps},
     policy::{Identification, Identities, PolicySnapshot},
@@ -67,6 +67,8 @@ pub(crate) struct WorkloadInfo {
     pub(crate) generation: u64,
     /// The inode of its network namespace.
     pub(crate) netns: u64,
+    /// The container it runs in and the pod it belongs to, from its cgroup path.
+    pub(crate) container: ContainerInfo,
 }
 
 /// Where a process comes from, as audit records name it.
@@ -77,6 +79,8 @@ pub(crate) struct Provenance {
     pub(crate) sha256: String,
     /// cgroup v2 path.
     pub(crate) cgroup: String,
+    /// The container it runs in and the pod it belongs to, from its cgroup path.
+    pub(crate) container: ContainerInfo,
 }
 
 /// Attests and registers the processes of enrolled cgroups.
@@ -217,6 +221,7 @@ impl Registrar {
                 exe: info.exe.clone(),
                 sha256: info.sha256.clone(),
                 cgroup: info.cgroup.clone(),
+                container: info.container.clone(),
             });
         }
         let generation = self.maps().generation(pid).ok()?;
@@ -225,6 +230,7 @@ impl Registrar {
             exe: facts.exe.display().to_string(),
             sha256: facts.sha256.to_string(),
             cgroup: facts.cgroup,
+            container: facts.container,
         })
     }
 
@@ -445,6 +451,7 @@ fn describe(
         listening,
         generation,
         netns: facts.netns,
+        container: facts.container.clone(),
     }
 }
 

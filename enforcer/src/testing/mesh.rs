@@ -99,6 +99,7 @@ impl LocalWorkloads for TableWorkloads {
         Some(LocalOwner {
             id,
             netns: Namespace::HOME,
+            pid: None,
         })
     }
 }

@@ -403,6 +403,7 @@ async fn handle_stream(
         return refuse(&mut respond, Refusal::NoSuchWorkload, None, &dst);
     };
     dst.id = Some(owner.id.clone());
+    dst.pid = owner.pid;
     if client.presented.as_ref() != Some(&owner.id) {
         // The certificate shown was not this workload's (it started listening meanwhile).
         return refuse(&mut respond, Refusal::Misdirected, None, &dst);
@@ -484,6 +485,7 @@ mod tests {
             Some(LocalOwner {
                 id: api(),
                 netns: Namespace::HOME,
+                pid: None,
             })
         }
     }

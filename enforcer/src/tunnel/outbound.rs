@@ -140,6 +140,7 @@ impl Flow {
 async fn local(node: &Node, mut flow: Flow, tcp: TcpStream, owner: LocalOwner) {
     let dst = flow.origin.dst;
     flow.dst.id = Some(owner.id.clone());
+    flow.dst.pid = owner.pid;
     let decision = flow.view.decide(&flow.origin.id, &owner.id, dst.port());
     if !decision.allowed {
         return flow.refuse(node, tcp, (Reason::Policy, decision.rule));

@@ -117,7 +117,8 @@ pub struct Party {
     pub id: Option<SpiffeId>,
     /// Its address.
     pub addr: Option<SocketAddr>,
-    /// Its process (client side only, on the client's node).
+    /// Its process, when it runs on the recording node: the client's, or the one listening
+    /// at the destination.
     pub pid: Option<u32>,
     /// Its cgroup id (client side only, on the client's node).
     pub cgroup_id: Option<u64>,

@@ -62,6 +62,8 @@ pub struct LocalOwner {
     pub id: SpiffeId,
     /// The network namespace its listener lives in, where a hop to it must be made.
     pub netns: Namespace,
+    /// The process that owns the listener, when known (for records).
+    pub pid: Option<u32>,
 }
 
 /// How the sockets the tunnel opens make themselves known to the kernel, before they connect.
