@@ -255,6 +255,16 @@ fn assemble(
         recorder,
     } = parts;
     let policy = publisher.snapshot();
+    let namespaces = Arc::new(NamespaceServer::new(
+        Arc::clone(&kernel.namespaces),
+        Arc::clone(&registrar),
+        tunnel.clone(),
+        (Arc::clone(&kernel.maps), sources),
+        (
+            node.config.tunnel.outbound_port,
+            node.config.tunnel.inbound_addr.port(),
+        ),
+    ));
     let reloader = Arc::new(Reloader {
         publisher,
         maps: Arc::clone(&kernel.maps),
@@ -274,6 +284,7 @@ fn assemble(
         svids: Arc::clone(&svids),
         tunnel: tunnel.clone(),
         maps: Arc::clone(&kernel.maps),
+        namespaces: Arc::clone(&namespaces),
     });
     let events = EventPump {
         reader: kernel.datapath.events()?,
@@ -283,16 +294,6 @@ fn assemble(
         recorder: recorder.clone(),
         lost_file: node.config.state_dir.join("kernel-lost-events"),
     };
-    let namespaces = Arc::new(NamespaceServer::new(
-        Arc::clone(&kernel.namespaces),
-        Arc::clone(&registrar),
-        tunnel.clone(),
-        (Arc::clone(&kernel.maps), sources),
-        (
-            node.config.tunnel.outbound_port,
-            node.config.tunnel.inbound_addr.port(),
-        ),
-    ));
     let upkeep = Arc::new(Upkeep {
         namespaces,
         registrar,

@@ -84,10 +84,11 @@ fn render_status(status: &v1::Status) -> String {
     let listed =
         |address: Option<SocketAddr>| address.map_or_else(|| "-".to_owned(), |a| a.to_string());
     line(format!(
-        "listeners outbound {} inbound {} metrics {}",
+        "listeners outbound {} inbound {} metrics {}; {} workload namespaces served",
         serde_json::to_string(&listeners.outbound).unwrap_or_default(),
         listeners.inbound,
-        listed(listeners.metrics)
+        listed(listeners.metrics),
+        listeners.namespaces.len()
     ));
     line(format!(
         "workloads {} processes, {} with an identity; {} open flows",
@@ -390,6 +391,7 @@ mod tests {
                 inbound: "0.0.0.0:15008".parse().unwrap(),
                 control: "/run/enforcer/control.sock".to_owned(),
                 metrics: None,
+                namespaces: Vec::new(),
             },
             workloads: v1::WorkloadCount {
                 processes: 2,
@@ -429,7 +431,7 @@ mod tests {
              datapath /sys/fs/cgroup/unified/enforcer in /sys/fs/bpf/enforcer (adopted from a previous run)\n\
              packet sockets of enrolled processes: NOT refused (the kernel does not run the BPF LSM program)\n\
              \x20 connect4       cgroup /sys/fs/cgroup/unified/enforcer\n\
-             listeners outbound [\"127.0.0.1:15001\"] inbound 0.0.0.0:15008 metrics -\n\
+             listeners outbound [\"127.0.0.1:15001\"] inbound 0.0.0.0:15008 metrics -; 0 workload namespaces served\n\
              workloads 2 processes, 1 with an identity; 4 open flows\n\
              \x20 svid spiffe://example.org/ns/web expires 2026-11-24T11:00:00Z (in 3500s)\n\
              lost kernel events 0, dropped audit records 1\n\

@@ -124,6 +124,18 @@ pub(crate) struct Listeners {
     pub control: String,
     /// The metrics listener, if any.
     pub metrics: Option<SocketAddr>,
+    /// The workloads' network namespaces where the tunnel's listeners are up (besides the
+    /// daemon's own).
+    pub namespaces: Vec<ServedNamespace>,
+}
+
+/// A workload network namespace the daemon serves, in [`Listeners`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct ServedNamespace {
+    /// Its inode (what `/proc/<pid>/ns/net` links to).
+    pub inode: u64,
+    /// Its cookie, as the kernel's tables name it.
+    pub cookie: u64,
 }
 
 /// The workloads part of [`Status`].

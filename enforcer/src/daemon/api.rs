@@ -34,6 +34,7 @@ use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
 
 use super::{
     Svids,
+    namespaces::NamespaceServer,
     node::NodeFacts,
     reload::{Outcome, ReloadError, Reloader},
     telemetry::Telemetry,
@@ -72,6 +73,8 @@ pub(crate) struct Api {
     pub(crate) tunnel: Tunnel,
     /// The kernel's counters and active policy slot.
     pub(crate) maps: Arc<Mutex<Maps>>,
+    /// The workload namespaces served.
+    pub(crate) namespaces: Arc<NamespaceServer>,
 }
 
 impl Routes for Api {
@@ -447,6 +450,12 @@ fn status(daemon: &Api) -> v1::Status {
             inbound: daemon.node.inbound,
             control: daemon.node.config.control_socket.display().to_string(),
             metrics: daemon.node.config.metrics_addr,
+            namespaces: daemon
+                .namespaces
+                .served()
+                .into_iter()
+                .map(|(inode, cookie)| v1::ServedNamespace { inode, cookie })
+                .collect(),
         },
         workloads: v1::WorkloadCount {
             processes: workloads.len(),
@@ -710,6 +719,7 @@ mod tests {
                 inbound: "0.0.0.0:15008".parse().unwrap(),
                 control: String::new(),
                 metrics: None,
+                namespaces: Vec::new(),
             },
             workloads: v1::WorkloadCount {
                 processes: 0,
@@ -783,7 +793,7 @@ mod tests {
         );
         assert_eq!(
             keys(&value["listeners"]),
-            set(&["outbound", "inbound", "control", "metrics"])
+            set(&["outbound", "inbound", "control", "metrics", "namespaces"])
         );
         assert_eq!(
             keys(&value["workloads"]),

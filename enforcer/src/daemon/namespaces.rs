@@ -229,6 +229,17 @@ impl NamespaceServer {
         self.refresh();
     }
 
+    /// The workload namespaces served: (inode, cookie), by inode.
+    pub(crate) fn served(&self) -> Vec<(u64, u64)> {
+        let mut served: Vec<(u64, u64)> = self
+            .serving()
+            .iter()
+            .map(|(&inode, served)| (inode, served.netns.cookie()))
+            .collect();
+        served.sort_unstable();
+        served
+    }
+
     /// Woken when the registrar's set of namespaces changes.
     pub(crate) fn changed(&self) -> Arc<tokio::sync::Notify> {
         self.registrar.namespaces_changed()
