@@ -27,7 +27,7 @@ use enforcer::{
         DaemonNode, Netns, Node, Persona, ScratchCgroup, Spawned, TestPki, WorkloadClient,
         connect_nodes, require_root, serial, wait_for_listener,
     },
-    tunnel::{Pool, PoolError, Refusal, SystemMonotonicClock, TunnelConfig, Untagged},
+    tunnel::{Placement, Pool, PoolError, Refusal, SystemMonotonicClock, TunnelConfig, Untagged},
 };
 use rustix::process::Signal;
 use tempfile::TempDir;
@@ -393,11 +393,16 @@ fn the_tunnel_is_never_a_relay() {
             );
             let mut outcomes = Vec::new();
             for dst in destinations {
-                outcomes.push(match pool.open(&svid, inbound, dst).await {
-                    Ok(stream) => Ok(stream.server_id),
-                    Err(PoolError::Refused { refusal, .. }) => Err(format!("{refusal:?}")),
-                    Err(other) => Err(format!("{other}")),
-                });
+                outcomes.push(
+                    match pool
+                        .open(&svid, (inbound, dst), &Placement::default())
+                        .await
+                    {
+                        Ok(stream) => Ok(stream.server_id),
+                        Err(PoolError::Refused { refusal, .. }) => Err(format!("{refusal:?}")),
+                        Err(other) => Err(format!("{other}")),
+                    },
+                );
             }
             outcomes
         })

@@ -41,13 +41,15 @@ pub(super) fn from_flow(record: &FlowRecord) -> Entry {
             sha256: None,
             cgroup: None,
             cgroup_id: record.src.cgroup_id,
+            container_id: record.src.placement.container_id.clone(),
+            pod_uid: record.src.placement.pod_uid.clone(),
             addr: addr(&record.src),
-            ..Src::default()
         },
         dst: Dst {
             spiffe_id: id(&record.dst),
+            container_id: record.dst.placement.container_id.clone(),
+            pod_uid: record.dst.placement.pod_uid.clone(),
             addr: addr(&record.dst),
-            ..Dst::default()
         },
         bytes_up: closed.then_some(record.bytes_up),
         bytes_down: closed.then_some(record.bytes_down),
@@ -87,6 +89,7 @@ mod tests {
                 pid: Some(812),
                 cgroup_id: Some(77),
                 exe: Some(PathBuf::from("/usr/bin/curl")),
+                ..Party::default()
             },
             dst: Party {
                 id: Some("spiffe://td/db".parse().unwrap()),

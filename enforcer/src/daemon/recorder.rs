@@ -182,7 +182,9 @@ impl FlowWriter {
     }
 
     /// `record` with the provenance of its ends that run on this node: the client's binary
-    /// hash, cgroup, container and pod; the destination workload's container and pod.
+    /// hash, cgroup, container and pod; the destination workload's container and pod (the
+    /// registrar's word wins over what the tunnel learned, which for the far end is the other
+    /// node's).
     fn write(&self, record: &FlowRecord) {
         let mut entry = super::flow_entry::from_flow(record);
         if let Some(known) = record

@@ -29,12 +29,15 @@ use tokio::net::TcpSocket;
 
 use super::namespaces::Namespaces;
 use crate::{
-    attest::Attestor,
+    attest::{Attestor, ContainerInfo},
     identity::SpiffeId,
     kernel::{Maps, Original, SocketTags},
     policy::{Identification, PolicySnapshot},
     report::report,
-    tunnel::{LocalOwner, LocalWorkloads, Namespace, Origin, OriginError, Origins, SocketTagger},
+    tunnel::{
+        LocalOwner, LocalWorkloads, Namespace, Origin, OriginError, Origins, Placement,
+        SocketTagger,
+    },
 };
 
 /// Kernel- and attestation-backed [`LocalWorkloads`], [`Origins`] and [`SocketTagger`].
@@ -78,9 +81,9 @@ impl KernelSources {
     /// the kernel finds it from namespace `from`: only at one of this node's own addresses, in
     /// the namespace that address belongs to, the exact entry first, then the any-address
     /// entry of the address's family, then (for IPv4) the dual-stack `::` entry; and only
-    /// while the owner is still the image that took the socket. Also returns that namespace
-    /// and the owner's pid.
-    fn owner_number(&self, from: Namespace, addr: SocketAddr) -> Option<(u32, u64, u32)> {
+    /// while the owner is still the image that took the socket. Also returns that namespace,
+    /// the owner's pid and its image generation.
+    fn owner_number(&self, from: Namespace, addr: SocketAddr) -> Option<(u32, u64, u32, u64)> {
         let ip = addr.ip().to_canonical();
         if ip.is_unspecified() {
             return None;
@@ -107,11 +110,8 @@ impl KernelSources {
         if maps.generation(service.tgid).ok()? != service.generation {
             return None;
         }
-        Some((
-            maps.identity(service.tgid).ok().flatten()?,
-            netns,
-            service.tgid,
-        ))
+        let number = maps.identity(service.tgid).ok().flatten()?;
+        Some((number, netns, service.tgid, service.generation))
     }
 
     /// The kernel's record of the redirected connection from `client`, which arrived at `local`
@@ -131,14 +131,14 @@ impl KernelSources {
         self.maps().original(netns, client).ok().flatten()
     }
 
-    /// The binary `pid` runs now, for records (from the attestation cache for its current
-    /// image).
-    fn exe_of(&self, pid: u32) -> Option<PathBuf> {
+    /// The binary `pid` runs now and where, for records (from the attestation cache for its
+    /// current image).
+    fn exe_of(&self, pid: u32) -> Option<(PathBuf, Placement)> {
         let generation = self.maps().generation(pid).ok()?;
         self.attestor
             .attest_for(pid, generation)
             .ok()
-            .map(|facts| facts.exe)
+            .map(|facts| (facts.exe, placement(&facts.container)))
     }
 
     /// Attest `pid` now for the connection it made as image `generation`: only while that is
@@ -179,12 +179,18 @@ impl KernelSources {
 
 impl LocalWorkloads for KernelSources {
     fn owner(&self, from: Namespace, addr: SocketAddr) -> Option<LocalOwner> {
-        let (number, netns, pid) = self.owner_number(from, addr)?;
+        let (number, netns, pid, generation) = self.owner_number(from, addr)?;
         let id = self.policy.load().identities.id(number).cloned()?;
+        let placement = self
+            .attestor
+            .cached_for(pid, generation)
+            .map(|facts| placement(&facts.container))
+            .unwrap_or_default();
         Some(LocalOwner {
             id,
             netns: Namespace(netns),
             pid: Some(pid),
+            placement,
         })
     }
 }
@@ -212,7 +218,7 @@ impl Origins for KernelSources {
                 .ok_or_else(|| OriginError::NoIdentity {
                     pid,
                     dst,
-                    exe: self.exe_of(pid).unwrap_or_default(),
+                    exe: self.exe_of(pid).unwrap_or_default().0,
                 })?
         };
         Ok(origin(&original, id, self.exe_of(pid)))
@@ -231,18 +237,31 @@ impl Origins for KernelSources {
         let id = self.policy.load().identities.id(original.src_id).cloned()?;
         let generation = self.maps().generation(original.tgid).ok()?;
         let facts = self.attestor.cached_for(original.tgid, generation)?;
-        Some(origin(&original, id, Some(facts.exe)))
+        let place = placement(&facts.container);
+        Some(origin(&original, id, Some((facts.exe, place))))
     }
 }
 
-/// The origin of the redirect `original`, whose client is `id` and runs `exe`.
-fn origin(original: &Original, id: SpiffeId, exe: Option<PathBuf>) -> Origin {
+/// The origin of the redirect `original`, whose client is `id` and runs `exe` (where).
+fn origin(original: &Original, id: SpiffeId, exe: Option<(PathBuf, Placement)>) -> Origin {
+    let (exe, placement) = exe.map_or((None, Placement::default()), |(exe, placement)| {
+        (Some(exe), placement)
+    });
     Origin {
         dst: original.dst,
         pid: original.tgid,
         cgroup_id: original.cgroup_id,
         exe,
         id,
+        placement,
+    }
+}
+
+/// A container and pod as the tunnel's records name them.
+fn placement(container: &ContainerInfo) -> Placement {
+    Placement {
+        container_id: container.container_id.clone(),
+        pod_uid: container.pod_uid.clone(),
     }
 }
 

@@ -21,7 +21,7 @@ use crate::{
     },
     policy::{InForce, Policy, PolicyPublisher, parse},
     tunnel::{
-        FlowRecord, LocalOwner, LocalWorkloads, Namespace, Origin, OriginError, Origins,
+        FlowRecord, LocalOwner, LocalWorkloads, Namespace, Origin, OriginError, Origins, Placement,
         RecentRecords, SvidSource, Tunnel, TunnelConfig, TunnelParts,
     },
 };
@@ -100,6 +100,7 @@ impl LocalWorkloads for TableWorkloads {
             id,
             netns: Namespace::HOME,
             pid: None,
+            placement: Placement::default(),
         })
     }
 }
@@ -268,6 +269,7 @@ impl MeshNode {
                     cgroup_id: 0,
                     exe: None,
                     id: id.clone(),
+                    placement: Placement::default(),
                 },
             );
         let stream = socket.connect(self.outbound).await?;

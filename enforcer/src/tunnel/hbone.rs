@@ -14,8 +14,12 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
-use http::{Method, Request, StatusCode, request::Parts};
+use http::{
+    HeaderMap, HeaderValue, Method, Request, StatusCode, header::HeaderName, request::Parts,
+};
 use rustls_pki_types::{DnsName, ServerName};
+
+use super::record::Placement;
 
 /// The ALPN protocol both ends require.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -180,14 +184,78 @@ pub(super) fn parse_server_name(name: Option<&str>) -> Result<SocketAddr, HboneE
     Ok(SocketAddr::new(ip, port))
 }
 
-/// The CONNECT request for `dst`.
+/// The header in which each end tells the other where its workload runs (the client's in the
+/// CONNECT request, the destination's in the `200`): `container=<id>; pod=<uid>`, either part
+/// left out when unknown. Informational: what the other node says, for its records.
+pub(super) const PLACEMENT: HeaderName = HeaderName::from_static("enforcer-placement");
+
+/// Longest container id or pod uid accepted in [`PLACEMENT`].
+const PLACEMENT_PART: usize = 64;
+
+/// The CONNECT request for `dst`, from a client that runs at `placement`.
 #[must_use]
-pub(super) fn connect_request(dst: SocketAddr) -> Request<()> {
-    Request::builder()
+pub(super) fn connect_request(dst: SocketAddr, placement: &Placement) -> Request<()> {
+    let mut request = Request::builder()
         .method(Method::CONNECT)
-        .uri(dst.to_string())
+        .uri(dst.to_string());
+    if let Some(value) = placement_value(placement) {
+        request = request.header(PLACEMENT, value);
+    }
+    request
         .body(())
         .expect("an IP literal and port is a valid authority")
+}
+
+/// The [`PLACEMENT`] value for `placement`; `None` when it names nothing.
+#[must_use]
+pub(super) fn placement_value(placement: &Placement) -> Option<HeaderValue> {
+    let parts: Vec<String> = [
+        ("container", &placement.container_id),
+        ("pod", &placement.pod_uid),
+    ]
+    .into_iter()
+    .filter_map(|(key, value)| {
+        value
+            .as_deref()
+            .filter(|value| placement_part_ok(value))
+            .map(|value| format!("{key}={value}"))
+    })
+    .collect();
+    (!parts.is_empty()).then(|| {
+        HeaderValue::from_str(&parts.join("; ")).expect("checked characters make a valid value")
+    })
+}
+
+/// The placement the other end reported in `headers`; parts that are not well formed (ids are
+/// hex digits, dashes and underscores, at most 64 characters) are left out.
+#[must_use]
+pub(super) fn parse_placement(headers: &HeaderMap) -> Placement {
+    let mut placement = Placement::default();
+    let Some(value) = headers.get(PLACEMENT).and_then(|v| v.to_str().ok()) else {
+        return placement;
+    };
+    for part in value.split(';') {
+        let Some((key, value)) = part.trim().split_once('=') else {
+            continue;
+        };
+        if !placement_part_ok(value) {
+            continue;
+        }
+        match key {
+            "container" => placement.container_id = Some(value.to_owned()),
+            "pod" => placement.pod_uid = Some(value.to_owned()),
+            _ => {}
+        }
+    }
+    placement
+}
+
+fn placement_part_ok(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= PLACEMENT_PART
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() || b == b'-' || b == b'_')
 }
 
 /// The destination of a CONNECT request, checked strictly: method CONNECT, no scheme or path,
@@ -353,9 +421,47 @@ mod tests {
     fn connect_requests_round_trip() {
         for dst in ["10.0.0.2:8080", "[fd00::2]:443"] {
             let dst: SocketAddr = dst.parse().unwrap();
-            let (parts, ()) = connect_request(dst).into_parts();
+            let (parts, ()) = connect_request(dst, &Placement::default()).into_parts();
             assert_eq!(parse_connect(&parts), Ok(dst));
+            assert!(parts.headers.get(PLACEMENT).is_none());
         }
+    }
+
+    #[test]
+    fn placements_round_trip_and_bad_parts_are_left_out() {
+        let placement = Placement {
+            container_id: Some("ab".repeat(32)),
+            pod_uid: Some("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0".to_owned()),
+        };
+        let (parts, ()) = connect_request("10.0.0.2:80".parse().unwrap(), &placement).into_parts();
+        assert_eq!(parse_placement(&parts.headers), placement);
+        let only_pod = Placement {
+            container_id: None,
+            ..placement.clone()
+        };
+        let value = placement_value(&only_pod).unwrap();
+        assert_eq!(value, "pod=0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0");
+        let mut headers = HeaderMap::new();
+        for bad in [
+            "container=zz; pod=",
+            "container=../../etc",
+            "pod",
+            &format!("container={}", "a".repeat(65)),
+        ] {
+            headers.insert(PLACEMENT, HeaderValue::from_str(bad).unwrap());
+            assert_eq!(parse_placement(&headers), Placement::default(), "{bad}");
+        }
+        headers.insert(
+            PLACEMENT,
+            HeaderValue::from_static("container=abc; x=1; pod=zz"),
+        );
+        assert_eq!(
+            parse_placement(&headers),
+            Placement {
+                container_id: Some("abc".to_owned()),
+                pod_uid: None,
+            }
+        );
     }
 
     #[test]

@@ -38,7 +38,7 @@ use tokio::{
 use tokio_rustls::{LazyConfigAcceptor, server::TlsStream};
 
 use super::{
-    FlowVerdict, Node, Party, Reason, Side,
+    FlowVerdict, Node, Party, Placement, Reason, Side,
     copy::{H2Sink, H2Source, tcp_ends},
     hbone::{self, ALPN_H2, Refusal},
     metrics::Metric,
@@ -356,6 +356,7 @@ async fn handle_stream(
     let src = Party {
         id: Some(client.id.clone()),
         addr: Some(client.addr),
+        placement: hbone::parse_placement(&parts.headers),
         ..Party::default()
     };
     let mut dst = Party::default();
@@ -404,6 +405,7 @@ async fn handle_stream(
     };
     dst.id = Some(owner.id.clone());
     dst.pid = owner.pid;
+    dst.placement = owner.placement.clone();
     if client.presented.as_ref() != Some(&owner.id) {
         // The certificate shown was not this workload's (it started listening meanwhile).
         return refuse(&mut respond, Refusal::Misdirected, None, &dst);
@@ -427,11 +429,7 @@ async fn handle_stream(
             return refuse(&mut respond, error.refusal(), decision.rule, &dst);
         }
     };
-    let response = Response::builder()
-        .status(StatusCode::OK)
-        .body(())
-        .expect("a status-only response is valid");
-    let Ok(send) = respond.send_response(response, false) else {
+    let Ok(send) = respond.send_response(connected(&owner.placement), false) else {
         return;
     };
     let open = new_record(
@@ -449,6 +447,17 @@ async fn handle_stream(
     .await;
 }
 
+/// The `200` of a CONNECT whose workload runs at `placement` (told to the client's node).
+fn connected(placement: &Placement) -> Response<()> {
+    let mut response = Response::builder().status(StatusCode::OK);
+    if let Some(value) = hbone::placement_value(placement) {
+        response = response.header(hbone::PLACEMENT, value);
+    }
+    response
+        .body(())
+        .expect("a status with a checked header is a valid response")
+}
+
 #[cfg(test)]
 mod tests {
     use std::{
@@ -461,7 +470,7 @@ mod tests {
 
     use rustls_pki_types::ServerName;
 
-    use super::{ClientAt, WorkloadCerts, hbone};
+    use super::{ClientAt, Placement, WorkloadCerts, hbone};
     use crate::{
         identity::{CacheError, SpiffeId, X509Svid},
         tunnel::state::{LocalOwner, LocalWorkloads, Namespace, SvidSource},
@@ -486,6 +495,7 @@ mod tests {
                 id: api(),
                 netns: Namespace::HOME,
                 pid: None,
+                placement: Placement::default(),
             })
         }
     }

@@ -48,7 +48,8 @@ pub use metrics::{Metric, Metrics};
 pub use net::ConnectError;
 pub use pool::{MonotonicClock, Pool, PoolError, SystemMonotonicClock, TunnelStream};
 pub use record::{
-    FlowEvent, FlowRecord, FlowVerdict, LogSink, Party, Reason, RecentRecords, RecordSink, Side,
+    FlowEvent, FlowRecord, FlowVerdict, LogSink, Party, Placement, Reason, RecentRecords,
+    RecordSink, Side,
 };
 pub use state::{
     LocalOwner, LocalWorkloads, Namespace, Origin, OriginError, Origins, SocketTagger, SvidSource,

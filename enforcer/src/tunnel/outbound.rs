@@ -94,6 +94,7 @@ async fn handle(node: Arc<Node>, tcp: TcpStream, client: SocketAddr, netns: Name
             pid: Some(origin.pid),
             cgroup_id: Some(origin.cgroup_id),
             exe: origin.exe.clone(),
+            placement: origin.placement.clone(),
         },
         dst: Party {
             addr: Some(origin.dst),
@@ -141,6 +142,7 @@ async fn local(node: &Node, mut flow: Flow, tcp: TcpStream, owner: LocalOwner) {
     let dst = flow.origin.dst;
     flow.dst.id = Some(owner.id.clone());
     flow.dst.pid = owner.pid;
+    flow.dst.placement = owner.placement.clone();
     let decision = flow.view.decide(&flow.origin.id, &owner.id, dst.port());
     if !decision.allowed {
         return flow.refuse(node, tcp, (Reason::Policy, decision.rule));
@@ -177,7 +179,8 @@ async fn tunnel(node: &Node, mut flow: Flow, tcp: TcpStream, peer: SocketAddr) {
             return flow.refuse(node, tcp, (Reason::NoSvid, None));
         }
     };
-    let stream = match Box::pin(node.pool.open(&svid, peer, dst)).await {
+    let opening = node.pool.open(&svid, (peer, dst), &flow.origin.placement);
+    let stream = match Box::pin(opening).await {
         Ok(stream) => stream,
         Err(error) => {
             tracing::info!(%peer, %dst, error = %report(&error), "tunnel refused");
@@ -189,6 +192,7 @@ async fn tunnel(node: &Node, mut flow: Flow, tcp: TcpStream, peer: SocketAddr) {
         }
     };
     flow.dst.id = Some(stream.server_id.clone());
+    flow.dst.placement = stream.placement.clone();
     let decision = flow
         .view
         .decide(&flow.origin.id, &stream.server_id, dst.port());

@@ -31,6 +31,7 @@ use super::{
     hbone::{self, ALPN_H2, Refusal},
     metrics::{Metric, Metrics},
     net::{self, ConnectError, Dial},
+    record::Placement,
     state::SocketTagger,
 };
 use crate::identity::{
@@ -130,6 +131,8 @@ pub struct TunnelStream {
     pub server_id: SpiffeId,
     /// Whether the stream rode an existing connection.
     pub reused: bool,
+    /// Where the destination workload runs, as the server's node reported it.
+    pub placement: Placement,
     _lease: Lease,
 }
 
@@ -250,12 +253,13 @@ impl Pool {
     }
 
     /// Open a CONNECT stream to `dst` through the peer node at `peer`, as the workload whose
-    /// SVID is `svid`, reusing a pooled connection when one has room.
+    /// SVID is `svid` and which runs at `placement`, reusing a pooled connection when one has
+    /// room.
     pub async fn open(
         &self,
         svid: &X509Svid,
-        peer: SocketAddr,
-        dst: SocketAddr,
+        (peer, dst): (SocketAddr, SocketAddr),
+        placement: &Placement,
     ) -> Result<TunnelStream, PoolError> {
         let key = Key {
             src: svid.spiffe_id().clone(),
@@ -294,7 +298,7 @@ impl Pool {
         let http2 = |source| PoolError::Http2 { peer, source };
         let mut send = conn.send.clone().ready().await.map_err(http2)?;
         let (response, stream) = send
-            .send_request(hbone::connect_request(dst), false)
+            .send_request(hbone::connect_request(dst, placement), false)
             .map_err(http2)?;
         let response = tokio::time::timeout(self.config.handshake_timeout, response)
             .await
@@ -309,6 +313,7 @@ impl Pool {
         }
         Ok(TunnelStream {
             send: stream,
+            placement: hbone::parse_placement(response.headers()),
             recv: response.into_body(),
             server_id: conn.server_id.clone(),
             reused,

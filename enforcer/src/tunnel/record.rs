@@ -124,6 +124,18 @@ pub struct Party {
     pub cgroup_id: Option<u64>,
     /// Its binary (client side only, on the client's node).
     pub exe: Option<PathBuf>,
+    /// The container and pod it runs in: from attestation on its own node, and as the other
+    /// node reported it (in the CONNECT request or its answer) on the far one.
+    pub placement: Placement,
+}
+
+/// Where a workload runs: its container and pod, when its cgroup path names them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Placement {
+    /// The container id (64 hex digits).
+    pub container_id: Option<String>,
+    /// The Kubernetes pod uid.
+    pub pod_uid: Option<String>,
 }
 
 /// One record of a flow.

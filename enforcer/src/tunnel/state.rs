@@ -29,7 +29,7 @@ use std::{io, net::SocketAddr, os::fd::BorrowedFd, path::PathBuf, sync::Arc};
 
 use tokio::{net::TcpSocket, runtime::RuntimeFlavor};
 
-use super::record::Party;
+use super::record::{Party, Placement};
 use crate::identity::{CacheError, Clock, SpiffeId, SvidCache, SvidIssuer, X509Svid};
 
 /// Where the SVIDs presented on a workload's behalf come from.
@@ -64,6 +64,8 @@ pub struct LocalOwner {
     pub netns: Namespace,
     /// The process that owns the listener, when known (for records).
     pub pid: Option<u32>,
+    /// The container and pod it runs in, when known.
+    pub placement: Placement,
 }
 
 /// How the sockets the tunnel opens make themselves known to the kernel, before they connect.
@@ -121,6 +123,8 @@ pub struct Origin {
     pub exe: Option<PathBuf>,
     /// The client's attested identity.
     pub id: SpiffeId,
+    /// The container and pod it runs in, when known.
+    pub placement: Placement,
 }
 
 /// Why a redirected client has no [`Origin`].
