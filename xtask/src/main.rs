@@ -35,8 +35,8 @@ enum Task {
     /// Build the workspace; enforcer's build script builds the eBPF object with the nightly.
     Build,
     /// Run every test tier: fmt, clippy, unit tests, privileged integration tests (root), then
-    /// those suites under qemu on Debian's 6.1 and 6.12 kernels, except the host-only ones
-    /// (see vm-tests/README.md).
+    /// those suites under qemu on Debian's 6.1 and 6.12 kernels, except the host-only ones, and
+    /// bullseye's 5.10, which must refuse the datapath (see vm-tests/README.md).
     Test {
         /// Stop after the unit tests (local iteration only; refused when CI is set).
         #[arg(long)]
@@ -48,7 +48,7 @@ enum Task {
     /// Boot Debian cloud kernels under qemu (TCG) and run the privileged suites in each, except
     /// the host-only ones (root; see vm-tests/README.md).
     VmTest {
-        /// Kernel series to boot, e.g. 6.1 or 6.12 (repeatable); default 6.1 and 6.12.
+        /// Kernel series to boot, e.g. 5.10, 6.1 or 6.12 (repeatable); default all three.
         #[arg(long = "kernel", value_name = "VERSION", value_parser = vmtest::parse_version)]
         kernels: Vec<String>,
         /// Wall-clock limit per kernel, in minutes; qemu is killed when it passes.

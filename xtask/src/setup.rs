@@ -16,8 +16,9 @@ const BPF_LINKER_SERIES: (u64, u64) = (0, 13);
 /// Debian packages the privileged tests and the demo use as workloads and tools (stunnel4 is
 /// the TLS peer of the tunnel interop tests), and what `vm-test` boots kernels with: qemu
 /// (with its virtiofsd), a static busybox for the initramfs, dpkg-deb and xz to unpack
-/// kernel packages.
-const PACKAGES: [&str; 14] = [
+/// kernel packages, and Debian's archive keyring, which the isolated apt for bullseye's kernel
+/// trusts.
+const PACKAGES: [&str; 15] = [
     "iproute2",
     "bpftool",
     "python3",
@@ -32,6 +33,7 @@ const PACKAGES: [&str; 14] = [
     "busybox-static",
     "dpkg",
     "xz-utils",
+    "debian-archive-keyring",
 ];
 
 /// Checks every prerequisite and installs the missing ones.

@@ -1,7 +1,8 @@
 //! `cargo xtask test`: every tier in order — formatting, clippy (host, and the eBPF programs
 //! for the BPF target), the module layering (`cargo xtask layers`), unit tests, the privileged integration tests (root) on the host
 //! kernel, then the same suites except the host-only ones under qemu on Debian's 6.1 and 6.12
-//! kernels (`vm-test`; `HOST_ONLY_SUITES` in `vmtest` says which stay on the host).
+//! kernels, and the kernel-support suite alone on bullseye's 5.10, below the minimum (`vm-test`;
+//! `HOST_ONLY_SUITES` in `vmtest` says which stay on the host).
 //! A tier that cannot run fails; it never looks like a pass.
 
 use std::env;

@@ -9,7 +9,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::kernel::{DaemonConfig, Datapath, DatapathOptions, ListenerSlot, netns_cookie};
+use crate::kernel::{
+    DaemonConfig, Datapath, DatapathOptions, ListenerSlot, LoadError, netns_cookie,
+};
 
 use super::{Netns, ScratchCgroup, report, unique_name};
 
@@ -47,18 +49,28 @@ impl ScratchDatapath {
         netns: &Netns,
         adjust: impl FnOnce(&mut DatapathOptions),
     ) -> Self {
+        Self::try_install_in(scope, netns, adjust)
+            .unwrap_or_else(|error| panic!("failed to install the datapath: {}", report(&error)))
+    }
+
+    /// [`install_in`](Self::install_in), returning the loader's error instead of panicking:
+    /// for tests that expect a kernel to refuse the datapath.
+    pub fn try_install_in(
+        scope: &ScratchCgroup,
+        netns: &Netns,
+        adjust: impl FnOnce(&mut DatapathOptions),
+    ) -> Result<Self, LoadError> {
         let pin_dir = Path::new(BPFFS).join(unique_name("pins"));
         let mut options = DatapathOptions::new(&pin_dir, scope.path());
         options.netns = netns.path();
         adjust(&mut options);
-        let datapath = Datapath::install(&options)
-            .unwrap_or_else(|error| panic!("failed to install the datapath: {}", report(&error)));
-        Self {
+        let datapath = Datapath::install(&options)?;
+        Ok(Self {
             datapath: Some(datapath),
             pin_dir,
             netns: netns.clone(),
             _scope: scope.clone(),
-        }
+        })
     }
 
     /// Close every handle this process holds (as a daemon that exits would) and re-adopt the

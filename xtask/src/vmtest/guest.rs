@@ -2,18 +2,29 @@
 //! host's root, and the reading of its serial console into one verdict per kernel.
 //!
 //! The script frames its output with sentinel lines (`VMTEST-BEGIN`, `VMTEST-SUITE`,
-//! `VMTEST-END`, `VMTEST-ERROR`); libtest's own `test result:` lines give the counts.
+//! `VMTEST-END`, `VMTEST-ERROR`); libtest's own `test result:` lines give the counts. The
+//! support suite, run with `--nocapture`, adds `VMTEST-ACCEPTED <release>` or
+//! `VMTEST-REFUSED <feature>`.
 
 use std::fmt::{self, Write as _};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::kernel::Kernel;
-use super::shell_quote;
+use super::{SUPPORT_SUITE, shell_quote};
 use crate::test::{Counts, parse_result};
 
 /// What the kernel prints when it panics.
 const PANIC: &str = "Kernel panic - not syncing";
+
+/// What the support suite must have seen of the datapath on a kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Support {
+    /// Installed: the kernel is at least the minimum.
+    Accepted,
+    /// Refused for a missing feature: the kernel is older than the minimum.
+    Refused,
+}
 
 /// A privileged test executable built on the host.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,7 +38,8 @@ pub(crate) struct Suite {
 /// The second stage, run as process 1 in the guest: mount what the suite expects (proc, sysfs,
 /// devtmpfs, cgroup2, bpffs, debugfs, tmpfs on `/run`), make the kernel's modules loadable,
 /// bring up loopback, run every suite one test at a time from `package_dir` (with the tests
-/// ignored on hosts whose kernel lacks what they need, such as the BPF LSM), and power off.
+/// ignored on hosts whose kernel lacks what they need, such as the BPF LSM; the support suite
+/// with its output shown, for its verdict line), and power off.
 pub(super) fn stage2_script(kernel: &Kernel, suites: &[Suite], package_dir: &Path) -> String {
     let mut script = format!(
         "#!/bin/sh\n\
@@ -59,9 +71,14 @@ pub(super) fn stage2_script(kernel: &Kernel, suites: &[Suite], package_dir: &Pat
         package = shell_quote(&package_dir.to_string_lossy()),
     );
     for suite in suites {
+        let show_output = if suite.name == SUPPORT_SUITE {
+            " --nocapture"
+        } else {
+            ""
+        };
         writeln!(
             script,
-            "suite {} {}",
+            "suite {} {}{show_output}",
             shell_quote(&suite.name),
             shell_quote(&suite.path.to_string_lossy())
         )
@@ -97,6 +114,10 @@ pub(super) struct Transcript {
     error: Option<String>,
     /// The kernel's panic line.
     panic: Option<String>,
+    /// The support suite found the datapath installs (`VMTEST-ACCEPTED`).
+    accepted: bool,
+    /// The feature the support suite saw the datapath refused for (`VMTEST-REFUSED`).
+    refused: Option<String>,
 }
 
 impl Transcript {
@@ -125,6 +146,8 @@ impl Transcript {
                 }
             }
             "VMTEST-END" => self.ended = true,
+            "VMTEST-ACCEPTED" => self.accepted = true,
+            "VMTEST-REFUSED" => self.refused = Some(rest.to_owned()),
             "VMTEST-ERROR" => {
                 self.error.get_or_insert_with(|| rest.to_owned());
             }
@@ -138,8 +161,9 @@ impl Transcript {
         self.panic.is_some() && self.release.is_none()
     }
 
-    /// The verdict for this kernel once qemu has ended with `exit`.
-    pub(super) fn verdict(&self, exit: &Exit) -> Verdict {
+    /// The verdict for this kernel once qemu has ended with `exit`, when the support suite
+    /// should have seen `support`.
+    pub(super) fn verdict(&self, exit: &Exit, support: Support) -> Verdict {
         let failed: Vec<String> = self
             .suites
             .iter()
@@ -174,12 +198,38 @@ impl Transcript {
         } else if self.counts.passed == 0 {
             Some("no tests ran; a tier that did not run is not a pass".to_owned())
         } else {
-            None
+            self.support_problem(support)
         };
         Verdict {
             release: self.release.clone(),
             counts: self.counts.clone(),
+            refused: self.refused.clone(),
             problem,
+        }
+    }
+
+    /// Why the support suite's report does not match `support`, if it does not.
+    fn support_problem(&self, support: Support) -> Option<String> {
+        let (minimum_major, minimum_minor) = super::MINIMUM_KERNEL;
+        match (support, self.accepted, &self.refused) {
+            (Support::Accepted, true, None) | (Support::Refused, false, Some(_)) => None,
+            (Support::Accepted, _, Some(feature)) => Some(format!(
+                "{SUPPORT_SUITE} saw the datapath refused for lacking {feature}, on a kernel \
+                 vm-test takes to be at least Linux {minimum_major}.{minimum_minor}"
+            )),
+            (Support::Refused, true, _) => Some(format!(
+                "{SUPPORT_SUITE} saw the datapath install on a kernel older than Linux \
+                 {minimum_major}.{minimum_minor}, which vm-test expects refused; if the \
+                 enforcer's minimum changed, change MINIMUM_KERNEL in xtask/src/vmtest/mod.rs"
+            )),
+            (support, ..) => Some(format!(
+                "{SUPPORT_SUITE} reported neither VMTEST-ACCEPTED nor VMTEST-REFUSED \
+                 (expected {})",
+                match support {
+                    Support::Accepted => "VMTEST-ACCEPTED",
+                    Support::Refused => "VMTEST-REFUSED",
+                }
+            )),
         }
     }
 }
@@ -199,15 +249,22 @@ pub(crate) struct Verdict {
     pub(crate) release: Option<String>,
     /// The tests' counts.
     pub(crate) counts: Counts,
+    /// The feature the datapath was refused for, on a kernel below the minimum.
+    pub(crate) refused: Option<String>,
     /// Why the kernel did not pass; `None` when it passed.
     pub(crate) problem: Option<String>,
 }
 
 impl fmt::Display for Verdict {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.problem {
-            None => write!(f, "ok, {}", self.counts),
-            Some(problem) => write!(f, "FAILED, {}: {problem}", self.counts),
+        match (&self.problem, &self.refused) {
+            (None, None) => write!(f, "ok, {}", self.counts),
+            (None, Some(feature)) => write!(
+                f,
+                "ok, refused as expected (lacks {feature}), {}",
+                self.counts
+            ),
+            (Some(problem), _) => write!(f, "FAILED, {}: {problem}", self.counts),
         }
     }
 }
@@ -242,22 +299,100 @@ VMTEST-SUITE datapath exit=0
 VMTEST-RUN cli
 test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 1.00s
 VMTEST-SUITE cli exit=0
+VMTEST-RUN kernel_support
+running 1 test
+test the_datapath_installs_or_is_refused_for_the_first_missing_feature ... VMTEST-ACCEPTED 6.1.0-56-cloud-amd64
+ok
+test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 2.00s
+VMTEST-SUITE kernel_support exit=0
 VMTEST-END
 [   99.1] reboot: Power down
 ";
 
+    /// A kernel below the minimum: the support suite alone, refused.
+    const REFUSED: &str = "\
+VMTEST-BEGIN 5.10.0-32-cloud-amd64
+VMTEST-RUN kernel_support
+running 1 test
+test the_datapath_installs_or_is_refused_for_the_first_missing_feature ... kernel_support: \
+Datapath::install refused: kernel 5.10.0-32-cloud-amd64 lacks bpf_get_netns_cookie in sock_ops \
+programs, which Linux 5.15 introduced; enforcer needs Linux 5.15 or newer
+VMTEST-REFUSED bpf_get_netns_cookie in sock_ops programs
+ok
+test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.00s
+VMTEST-SUITE kernel_support exit=0
+VMTEST-END
+";
+
     #[test]
     fn a_complete_run_passes_with_its_counts() {
-        let verdict = feed(PASSING).verdict(&powered_off());
+        let verdict = feed(PASSING).verdict(&powered_off(), Support::Accepted);
         assert_eq!(verdict.problem, None);
         assert_eq!(verdict.release.as_deref(), Some("6.1.0-56-cloud-amd64"));
-        assert_eq!(verdict.to_string(), "ok, 5 passed, 1 ignored in 2 suites");
+        assert_eq!(verdict.to_string(), "ok, 6 passed, 1 ignored in 3 suites");
+    }
+
+    #[test]
+    fn a_kernel_below_the_minimum_passes_only_when_refused() {
+        let verdict = feed(REFUSED).verdict(&powered_off(), Support::Refused);
+        assert_eq!(verdict.problem, None);
+        assert_eq!(
+            verdict.to_string(),
+            "ok, refused as expected (lacks bpf_get_netns_cookie in sock_ops programs), \
+             1 passed in 1 suites"
+        );
+        let verdict = feed(PASSING).verdict(&powered_off(), Support::Refused);
+        assert!(
+            verdict
+                .problem
+                .as_deref()
+                .is_some_and(|problem| problem.contains(
+                    "saw the datapath install on a kernel \
+                                                         older than Linux 5.15"
+                )),
+            "{verdict}"
+        );
+    }
+
+    #[test]
+    fn a_refusal_on_a_supported_kernel_fails_it() {
+        let verdict = feed(REFUSED).verdict(&powered_off(), Support::Accepted);
+        assert_eq!(
+            verdict.problem.as_deref(),
+            Some(
+                "kernel_support saw the datapath refused for lacking bpf_get_netns_cookie in \
+                 sock_ops programs, on a kernel vm-test takes to be at least Linux 5.15"
+            )
+        );
+    }
+
+    #[test]
+    fn a_support_suite_without_its_line_is_not_a_pass() {
+        let silent = PASSING.replace("VMTEST-ACCEPTED 6.1.0-56-cloud-amd64", "");
+        let verdict = feed(&silent).verdict(&powered_off(), Support::Accepted);
+        assert_eq!(
+            verdict.problem.as_deref(),
+            Some(
+                "kernel_support reported neither VMTEST-ACCEPTED nor VMTEST-REFUSED (expected VMTEST-ACCEPTED)"
+            )
+        );
+        let silent = REFUSED.replace(
+            "VMTEST-REFUSED bpf_get_netns_cookie in sock_ops programs",
+            "",
+        );
+        let verdict = feed(&silent).verdict(&powered_off(), Support::Refused);
+        assert_eq!(
+            verdict.problem.as_deref(),
+            Some(
+                "kernel_support reported neither VMTEST-ACCEPTED nor VMTEST-REFUSED (expected VMTEST-REFUSED)"
+            )
+        );
     }
 
     #[test]
     fn a_failing_suite_fails_the_kernel() {
         let lines = PASSING.replace("VMTEST-SUITE cli exit=0", "VMTEST-SUITE cli exit=101");
-        let verdict = feed(&lines).verdict(&powered_off());
+        let verdict = feed(&lines).verdict(&powered_off(), Support::Accepted);
         assert_eq!(
             verdict.problem.as_deref(),
             Some("failed suites: cli (exit 101)")
@@ -268,7 +403,8 @@ VMTEST-END
     fn a_panic_is_reported_with_its_reason() {
         let lines = "VMTEST-BEGIN 6.1.0\nVMTEST-RUN datapath\n\
                      [   12.0] Kernel panic - not syncing: Fatal exception in interrupt\n";
-        let verdict = feed(lines).verdict(&Exit::Exited(ExitStatus::from_raw(0)));
+        let verdict =
+            feed(lines).verdict(&Exit::Exited(ExitStatus::from_raw(0)), Support::Accepted);
         assert_eq!(
             verdict.problem.as_deref(),
             Some("kernel panic: Kernel panic - not syncing: Fatal exception in interrupt")
@@ -288,7 +424,8 @@ VMTEST-END
     #[test]
     fn a_timeout_names_the_suite_that_hung() {
         let lines = "VMTEST-BEGIN 6.1.0\nVMTEST-RUN datapath\n";
-        let verdict = feed(lines).verdict(&Exit::TimedOut(Duration::from_mins(30)));
+        let verdict =
+            feed(lines).verdict(&Exit::TimedOut(Duration::from_mins(30)), Support::Accepted);
         assert_eq!(
             verdict.problem.as_deref(),
             Some("timed out after 30m00s while running datapath")
@@ -298,17 +435,19 @@ VMTEST-END
     #[test]
     fn a_setup_error_and_an_early_stop_are_failures() {
         let verdict = feed("VMTEST-ERROR initramfs: insmod lib/modules/virtiofs.ko\n")
-            .verdict(&powered_off());
+            .verdict(&powered_off(), Support::Accepted);
         assert_eq!(
             verdict.problem.as_deref(),
             Some("guest initramfs: insmod lib/modules/virtiofs.ko")
         );
-        let verdict = feed("VMTEST-BEGIN 6.1.0\nVMTEST-RUN cli\n").verdict(&powered_off());
+        let verdict =
+            feed("VMTEST-BEGIN 6.1.0\nVMTEST-RUN cli\n").verdict(&powered_off(), Support::Accepted);
         assert_eq!(
             verdict.problem.as_deref(),
             Some("the guest stopped during cli (qemu exited with exit status: 0)")
         );
-        let verdict = feed("SeaBIOS\n").verdict(&Exit::Exited(ExitStatus::from_raw(256)));
+        let verdict =
+            feed("SeaBIOS\n").verdict(&Exit::Exited(ExitStatus::from_raw(256)), Support::Accepted);
         assert_eq!(
             verdict.problem.as_deref(),
             Some("the guest never started the suites (qemu exited with exit status: 1)")
@@ -317,7 +456,8 @@ VMTEST-END
 
     #[test]
     fn a_run_without_tests_is_not_a_pass() {
-        let verdict = feed("VMTEST-BEGIN 6.1.0\nVMTEST-END\n").verdict(&powered_off());
+        let verdict =
+            feed("VMTEST-BEGIN 6.1.0\nVMTEST-END\n").verdict(&powered_off(), Support::Accepted);
         assert_eq!(
             verdict.problem.as_deref(),
             Some("no tests ran; a tier that did not run is not a pass")
@@ -329,9 +469,9 @@ VMTEST-END
         let verdict = feed(
             "VMTEST-BEGIN 6.1.0\n[ 3.2] random: crng initVMTEST-RUN x\n\
              test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out\n\
-             VMTEST-SUITE x exit=0\nVMTEST-END\n",
+             [ 3.3] randomVMTEST-ACCEPTED 6.1.0\nVMTEST-SUITE x exit=0\nVMTEST-END\n",
         )
-        .verdict(&powered_off());
+        .verdict(&powered_off(), Support::Accepted);
         assert_eq!(verdict.problem, None);
     }
 
@@ -352,6 +492,10 @@ VMTEST-END
                 name: "cli".to_owned(),
                 path: PathBuf::from("/t/debug/deps/cli-2"),
             },
+            Suite {
+                name: "kernel_support".to_owned(),
+                path: PathBuf::from("/t/debug/deps/kernel_support-3"),
+            },
         ];
         let script = stage2_script(&kernel, &suites, Path::new("/w/enforcer"));
         assert!(script.contains("mount -t cgroup2 cgroup2 /sys/fs/cgroup"));
@@ -362,6 +506,7 @@ VMTEST-END
         assert!(script.contains("cd /w/enforcer ||"));
         assert!(script.ends_with(
             "suite datapath /t/debug/deps/datapath-1\nsuite cli /t/debug/deps/cli-2\n\
+             suite kernel_support /t/debug/deps/kernel_support-3 --nocapture\n\
              echo VMTEST-END\n/bin/busybox poweroff -f\n"
         ));
     }

@@ -1,11 +1,14 @@
-//! Debian cloud kernels: which package a version names, downloading it once into the cache,
-//! and unpacking it with a `modules.dep` so modules can be loaded in dependency order.
+//! Debian cloud kernels: which package a version names (from the machine's apt, or for a
+//! series only another release carries, from an isolated apt; see [`super::apt`]),
+//! downloading it once into the cache, and unpacking it with a `modules.dep` so modules can be
+//! loaded in dependency order.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail, ensure};
 
+use super::apt::Apt;
 use crate::cmd;
 
 /// One kernel ready to boot: its image and its module tree, unpacked in the cache.
@@ -21,21 +24,23 @@ pub(crate) struct Kernel {
     pub(crate) modules: PathBuf,
 }
 
-/// Finds the cloud kernel package for `version`, downloads it into `cache` unless an earlier
-/// run did, and unpacks it there.
+/// Finds the cloud kernel package for `version`, downloads it into `cache/kernels` unless an
+/// earlier run did, and unpacks it there (an isolated apt, when one is needed, lives in
+/// `cache/apt-<release>`).
 pub(crate) fn fetch(version: &str, cache: &Path) -> Result<Kernel> {
-    let package = image_package(version)?;
+    let apt = Apt::for_series(version, cache)?;
+    let package = image_package(&apt, version)?;
     let release = package
         .strip_prefix("linux-image-")
         .expect("image_package returns linux-image-*")
         .to_owned();
-    let dir = cache.join(&release);
+    let dir = cache.join("kernels").join(&release);
     let tree = dir.join("tree");
     let complete = dir.join("complete");
     if complete.exists() {
         eprintln!("vm-test: {package} is cached in {}", dir.display());
     } else {
-        unpack(&package, &release, &dir, &tree)?;
+        unpack(&apt, &package, &release, &dir, &tree)?;
         fs::write(&complete, "")
             .with_context(|| format!("failed to write {}", complete.display()))?;
     }
@@ -57,17 +62,17 @@ pub(crate) fn fetch(version: &str, cache: &Path) -> Result<Kernel> {
 
 /// Downloads (unless a `.deb` is already there) and unpacks `package` into `tree`, then
 /// writes the `modules.dep` that the package leaves to its install scripts.
-fn unpack(package: &str, release: &str, dir: &Path, tree: &Path) -> Result<()> {
+fn unpack(apt: &Apt, package: &str, release: &str, dir: &Path, tree: &Path) -> Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
     let deb = if let Some(deb) = find_deb(dir, package)? {
         deb
     } else {
         cmd::run(
-            cmd::new("apt-get")
+            apt.command("apt-get")
                 .args(["download", package])
                 .current_dir(dir),
         )
-        .with_context(|| format!("failed to download {package} (try `apt-get update`)"))?;
+        .with_context(|| format!("failed to download {package} ({})", apt.refresh_hint()))?;
         find_deb(dir, package)?.with_context(|| {
             format!(
                 "apt-get download left no {package}_*.deb in {}",
@@ -98,14 +103,14 @@ fn find_deb(dir: &Path, package: &str) -> Result<Option<PathBuf>> {
 
 /// The versioned image package for `version`: what `linux-image-<version>-cloud-amd64`
 /// (Debian's meta-package for a non-default series) or else `linux-image-cloud-amd64` (the
-/// release's default series) currently depends on.
-fn image_package(version: &str) -> Result<String> {
+/// release's default series) currently depends on, in the package lists of `apt`.
+fn image_package(apt: &Apt, version: &str) -> Result<String> {
     let metas = [
         format!("linux-image-{version}-cloud-amd64"),
         "linux-image-cloud-amd64".to_owned(),
     ];
     for meta in &metas {
-        let Some(depends) = cmd::probe(cmd::new("apt-cache").args(["depends", meta])) else {
+        let Some(depends) = cmd::probe(apt.command("apt-cache").args(["depends", meta])) else {
             continue;
         };
         if let Some(package) = image_dependency(&depends).filter(|p| is_series(p, version)) {
@@ -114,10 +119,10 @@ fn image_package(version: &str) -> Result<String> {
     }
     bail!(
         "no Debian cloud kernel {version}: neither {} nor {} depends on a linux-image-{version}.* \
-         package (`apt-cache search linux-image-.*cloud` lists what this machine's apt sources \
-         offer; run `apt-get update` if the lists are empty)",
+         package (`apt-cache search linux-image-.*cloud` lists what the apt sources offer; {})",
         metas[0],
-        metas[1]
+        metas[1],
+        apt.refresh_hint()
     )
 }
 
@@ -156,6 +161,11 @@ mod tests {
             image_dependency(depends),
             Some("linux-image-6.12.117+deb12-cloud-amd64")
         );
+        let depends = "linux-image-cloud-amd64\n  Depends: linux-image-5.10.0-32-cloud-amd64\n";
+        assert_eq!(
+            image_dependency(depends),
+            Some("linux-image-5.10.0-32-cloud-amd64")
+        );
         assert_eq!(image_dependency("foo\n  Depends: libc6\n"), None);
         assert_eq!(image_dependency(""), None);
     }
@@ -167,5 +177,8 @@ mod tests {
         assert!(!is_series("linux-image-6.12.117+deb12-cloud-amd64", "6.1"));
         assert!(!is_series("linux-image-6.1.0-56-cloud-amd64", "6.12"));
         assert!(!is_series("linux-image-6.1.0-56-cloud-amd64", "5.1"));
+        assert!(is_series("linux-image-5.10.0-35-cloud-amd64", "5.10"));
+        assert!(!is_series("linux-image-5.10.0-35-cloud-amd64", "5.1"));
+        assert!(!is_series("linux-image-5.10.0-35-cloud-amd64", "6.1"));
     }
 }

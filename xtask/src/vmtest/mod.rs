@@ -5,7 +5,14 @@
 //! read-only through virtiofs (with a tmpfs overlay for writes), so the executables, their
 //! shared libraries and the workload tools (python3, curl, iperf3, ip) are the host's own. Only
 //! the kernel and its modules come from the downloaded package. See `vm-tests/README.md`.
+//!
+//! A kernel series older than the enforcer's minimum ([`MINIMUM_KERNEL`]) cannot carry the
+//! datapath, so the suites would only fail there. Such a kernel runs [`SUPPORT_SUITE`] alone,
+//! and passes only when that suite passed having seen the datapath refused (its
+//! `VMTEST-REFUSED <feature>` line); every other kernel runs the whole set, and the same suite
+//! must report the datapath accepted (`VMTEST-ACCEPTED`).
 
+mod apt;
 mod guest;
 mod initramfs;
 mod kernel;
@@ -20,12 +27,22 @@ use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 
 use crate::{cmd, root};
-use guest::{Suite, Transcript, Verdict};
+use guest::{Suite, Support, Transcript, Verdict};
 
-/// The kernels `vm-test` and the vm tier of `cargo xtask test` boot when none is named: Debian
-/// bookworm's default cloud kernel and the newer series bookworm also carries (a few minutes
-/// each under TCG on two cores).
-pub(crate) const DEFAULT_KERNELS: [&str; 2] = ["6.1", "6.12"];
+/// The kernels `vm-test` and the vm tier of `cargo xtask test` boot when none is named:
+/// Debian bullseye's cloud kernel, below the minimum (a minute or two: it boots to be
+/// refused), then bookworm's default cloud kernel and the newer series bookworm also carries
+/// (a quarter of an hour each under TCG on two cores).
+pub(crate) const DEFAULT_KERNELS: [&str; 3] = ["5.10", "6.1", "6.12"];
+
+/// The enforcer's minimum kernel (`MINIMUM_KERNEL` in `enforcer/src/kernel/features.rs`), as
+/// `(major, minor)`: older series run only [`SUPPORT_SUITE`] and must be refused. Should the two
+/// drift apart, a kernel between them fails its run with a message that says so.
+const MINIMUM_KERNEL: (u32, u32) = (5, 15);
+
+/// The suite that says whether the running kernel carries the datapath: it installs it, or
+/// sees it refused for the first feature the release predates, and prints which.
+pub(crate) const SUPPORT_SUITE: &str = "kernel_support";
 
 /// Suites left to the host tier: the identity suites and the in-process tunnel suites run in
 /// one process on loopback and load nothing into the kernel (see "Which suites" in
@@ -67,7 +84,16 @@ pub(crate) fn run(kernels: &[String], timeout: Duration) -> Result<String> {
     let mut results = Vec::new();
     for version in kernels {
         let started = Instant::now();
-        let verdict = boot(version, &suites, &cache, timeout)?;
+        let support = expected_support(version);
+        let to_run = suites_for(support, &suites)?;
+        if support == Support::Refused {
+            eprintln!(
+                "vm-test: {version} is older than Linux {}.{}: it runs {SUPPORT_SUITE} alone \
+                 and must refuse the datapath",
+                MINIMUM_KERNEL.0, MINIMUM_KERNEL.1
+            );
+        }
+        let verdict = boot(version, &to_run, support, &cache, timeout)?;
         let took = minutes(started.elapsed());
         let release = verdict.release.clone().unwrap_or_else(|| version.clone());
         eprintln!("vm-test: {version} ({release}): {verdict} [{took}]");
@@ -92,10 +118,43 @@ pub(crate) fn run(kernels: &[String], timeout: Duration) -> Result<String> {
         .join("; "))
 }
 
+/// What the support suite must report on kernel series `version`: refused below the minimum.
+fn expected_support(version: &str) -> Support {
+    let series = version
+        .split_once('.')
+        .and_then(|(major, minor)| Some((major.parse().ok()?, minor.parse().ok()?)));
+    match series {
+        Some(series) if series < MINIMUM_KERNEL => Support::Refused,
+        _ => Support::Accepted,
+    }
+}
+
+/// The suites a kernel runs: all of `built` when it should carry the datapath, only
+/// [`SUPPORT_SUITE`] when it should refuse it.
+fn suites_for(support: Support, built: &[Suite]) -> Result<Vec<Suite>> {
+    let suites: Vec<Suite> = built
+        .iter()
+        .filter(|suite| support == Support::Accepted || suite.name == SUPPORT_SUITE)
+        .cloned()
+        .collect();
+    ensure!(
+        suites.iter().any(|suite| suite.name == SUPPORT_SUITE),
+        "the integration suite {SUPPORT_SUITE} (enforcer/tests/{SUPPORT_SUITE}.rs) was not built; \
+         it is what tells whether a kernel carries the datapath"
+    );
+    Ok(suites)
+}
+
 /// Fetches and boots one kernel, writing its initramfs and second stage into a fresh run
 /// directory under the cache, which is removed afterwards.
-fn boot(version: &str, suites: &[Suite], cache: &Path, timeout: Duration) -> Result<Verdict> {
-    let kernel = kernel::fetch(version, &cache.join("kernels"))?;
+fn boot(
+    version: &str,
+    suites: &[Suite],
+    support: Support,
+    cache: &Path,
+    timeout: Duration,
+) -> Result<Verdict> {
+    let kernel = kernel::fetch(version, cache)?;
     let run_dir = cache.join("run").join(&kernel.release);
     if run_dir.exists() {
         fs::remove_dir_all(&run_dir)
@@ -112,7 +171,7 @@ fn boot(version: &str, suites: &[Suite], cache: &Path, timeout: Duration) -> Res
     let initramfs = run_dir.join("initramfs.cpio");
     initramfs::write(&kernel, &stage2, &initramfs)?;
 
-    let verdict = boot_until_started(&kernel, &initramfs, &run_dir, timeout);
+    let verdict = boot_until_started(&kernel, &initramfs, &run_dir, support, timeout);
     fs::remove_dir_all(&run_dir)
         .with_context(|| format!("failed to remove {}", run_dir.display()))?;
     verdict
@@ -127,13 +186,14 @@ fn boot_until_started(
     kernel: &kernel::Kernel,
     initramfs: &Path,
     run_dir: &Path,
+    support: Support,
     timeout: Duration,
 ) -> Result<Verdict> {
     let mut attempt = 1;
     loop {
         let mut transcript = Transcript::default();
         let exit = qemu::boot(kernel, initramfs, run_dir, timeout, &mut transcript)?;
-        let verdict = transcript.verdict(&exit);
+        let verdict = transcript.verdict(&exit, support);
         if !transcript.died_booting() || attempt == BOOT_ATTEMPTS {
             return Ok(verdict);
         }
@@ -297,6 +357,7 @@ mod tests {
             "policy",
             "policy_kernel",
             "tunnel_netns",
+            SUPPORT_SUITE,
             "a_new_suite",
         ] {
             assert!(runs_in_guest(name), "{name}");
@@ -304,6 +365,40 @@ mod tests {
         for name in ["identity_cli", "identity_tls", "tunnel", "tunnel_bad_input"] {
             assert!(!runs_in_guest(name), "{name}");
         }
+    }
+
+    fn suite(name: &str) -> Suite {
+        Suite {
+            name: name.to_owned(),
+            path: PathBuf::from(format!("/t/debug/deps/{name}-1")),
+        }
+    }
+
+    #[test]
+    fn series_below_the_minimum_must_be_refused() {
+        assert_eq!(expected_support("5.10"), Support::Refused);
+        assert_eq!(expected_support("4.19"), Support::Refused);
+        for accepted in ["5.15", "6.1", "6.12", "10.0"] {
+            assert_eq!(expected_support(accepted), Support::Accepted, "{accepted}");
+        }
+    }
+
+    #[test]
+    fn a_refused_kernel_runs_the_support_suite_alone() {
+        let built = [suite("datapath"), suite(SUPPORT_SUITE), suite("cli")];
+        let names = |suites: Vec<Suite>| -> Vec<String> {
+            suites.into_iter().map(|suite| suite.name).collect()
+        };
+        assert_eq!(
+            names(suites_for(Support::Refused, &built).unwrap()),
+            [SUPPORT_SUITE]
+        );
+        assert_eq!(
+            names(suites_for(Support::Accepted, &built).unwrap()),
+            ["datapath", SUPPORT_SUITE, "cli"]
+        );
+        let error = suites_for(Support::Refused, &built[..1]).unwrap_err();
+        assert!(error.to_string().contains("was not built"), "{error}");
     }
 
     #[test]
