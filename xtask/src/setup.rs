@@ -14,11 +14,11 @@ use crate::{cmd, root};
 const BPF_LINKER_SERIES: (u64, u64) = (0, 13);
 
 /// Debian packages the privileged tests and the demo use as workloads and tools (stunnel4 is
-/// the TLS peer of the tunnel interop tests), and what `vm-test` boots kernels with: qemu
-/// (with its virtiofsd), a static busybox for the initramfs, dpkg-deb and xz to unpack
-/// kernel packages, and Debian's archive keyring, which the isolated apt for bullseye's kernel
-/// trusts.
-const PACKAGES: [&str; 15] = [
+/// the TLS peer of the tunnel interop tests, runc the OCI runtime of the container tests),
+/// and what `vm-test` boots kernels with: qemu (with its virtiofsd), a static busybox for the
+/// initramfs, dpkg-deb and xz to unpack kernel packages, and Debian's archive keyring, which
+/// the isolated apt for bullseye's kernel trusts.
+const PACKAGES: [&str; 16] = [
     "iproute2",
     "bpftool",
     "python3",
@@ -34,6 +34,7 @@ const PACKAGES: [&str; 15] = [
     "dpkg",
     "xz-utils",
     "debian-archive-keyring",
+    "runc",
 ];
 
 /// Checks every prerequisite and installs the missing ones.
