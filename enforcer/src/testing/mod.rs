@@ -28,6 +28,7 @@
 
 mod cgroup;
 mod client;
+mod container;
 mod daemon;
 mod datapath;
 mod demo_policy;
@@ -44,6 +45,10 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 pub use cgroup::ScratchCgroup;
 pub use client::{Persona, WorkloadClient};
+pub use container::{
+    CgroupLayout, Container, ContainerBuilder, ContainerProcess, Pod, PodNetwork,
+    cgroup_hierarchies, route_pod_networks,
+};
 pub use daemon::DaemonNode;
 pub use datapath::ScratchDatapath;
 pub use demo_policy::demo_policy;
