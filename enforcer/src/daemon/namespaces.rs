@@ -22,7 +22,7 @@ use std::{
     collections::{HashMap, HashSet},
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::AsFd as _,
+    os::{fd::AsFd as _, unix::fs::MetadataExt as _},
     sync::{Arc, Mutex, PoisonError, RwLock},
 };
 
@@ -185,11 +185,18 @@ impl NamespaceServer {
     /// a thread that may block briefly, inside the runtime (the listeners join its reactor).
     pub(crate) fn reconcile(&self) {
         let home = self.namespaces.home().inode();
+        // The host's own namespace (pid 1's) is a workload namespace only to a daemon that
+        // lives elsewhere, and that one must never take the host's ports: a process seen there
+        // is on its way into its container (a runtime's init before it joins the pod's
+        // namespace).
+        let host = std::fs::metadata("/proc/1/ns/net")
+            .map(|meta| meta.ino())
+            .ok();
         let wanted: HashMap<u64, u32> = self
             .registrar
             .namespaces()
             .into_iter()
-            .filter(|&(inode, _)| inode != home)
+            .filter(|&(inode, _)| inode != home && Some(inode) != host)
             .collect();
         {
             let mut serving = self.serving();
@@ -352,6 +359,9 @@ impl NamespaceServer {
         if addr.is_ipv6() {
             socket.set_only_v6(v6_only)?;
         }
+        // As every server does: connections of an earlier run waiting out TIME_WAIT on the
+        // port do not keep a restarted daemon from listening.
+        socket.set_reuse_address(true)?;
         self.sources.own(socket.as_fd())?;
         socket.bind(&SockAddr::from(addr))?;
         socket.listen(BACKLOG)?;

@@ -17,7 +17,8 @@
 //! - there is no image: the rootfs is an empty directory with the host's `/usr`, `/lib`,
 //!   `/lib64`, `/bin`, `/sbin` and `/etc` bind-mounted read-only (those that are symlinks on
 //!   the host, as on merged-`/usr` Debian, become the same symlinks), so the host's `python3`,
-//!   `curl` and `sh` run inside;
+//!   `curl` and `sh` run inside; over those go the container's own `/etc/hosts`,
+//!   `/etc/hostname` and `/etc/resolv.conf`, as a runtime writes them;
 //! - runc keeps its state in a directory of the container's own (`runc --root`), so tests
 //!   never see, nor collide with, containers of a system runc.
 //!
@@ -52,7 +53,7 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::fs::{self, File};
-use std::io;
+use std::io::{self, Write as _};
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{PermissionsExt as _, symlink};
@@ -72,8 +73,8 @@ use crate::kernel::cgroup2_mount;
 use crate::report::report;
 
 /// How long starting a container, an exec'd process or a listener, or stopping a container,
-/// may take before the harness gives up.
-const TIMEOUT: Duration = Duration::from_secs(10);
+/// may take before the harness gives up: runc and python take seconds under qemu's TCG.
+const TIMEOUT: Duration = Duration::from_secs(30);
 /// Pause between polls.
 const POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// The host directories bind-mounted read-only into every container (or recreated as the
@@ -142,28 +143,30 @@ impl PodNetwork {
             0 => NEXT_SUBNET.fetch_add(1, Ordering::Relaxed),
             subnet => subnet,
         };
-        let name = bridge_name(std::process::id(), subnet);
-        ip(node, &["link", "add", &name, "type", "bridge"]);
-        let bridge = Bridge {
+        let bridge = Arc::new(Bridge {
             node: node.clone(),
-            name,
+            name: bridge_name(std::process::id(), subnet),
             subnet,
             next_host: AtomicU8::new(2),
             routes: Mutex::new(Vec::new()),
-        };
-        let gateway4 = format!("{}/24", bridge.addr4(1));
-        let gateway6 = format!("{}/64", bridge.addr6(1));
-        ip(node, &["addr", "add", &gateway4, "dev", &bridge.name]);
+        });
+        let name = &bridge.name;
         ip(
             node,
-            &["-6", "addr", "add", &gateway6, "dev", &bridge.name, "nodad"],
+            &[
+                format!("link add {name} type bridge"),
+                format!("addr add {}/24 dev {name}", bridge.addr4(1)),
+                format!("addr add {}/64 dev {name} nodad", bridge.addr6(1)),
+                format!("link set {name} up"),
+            ],
         );
-        ip(node, &["link", "set", &bridge.name, "up"]);
-        node.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-        node.run(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
-        Self {
-            bridge: Arc::new(bridge),
-        }
+        node.run(&[
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+        ]);
+        Self { bridge }
     }
 
     /// The node namespace the bridge lives in.
@@ -238,49 +241,22 @@ impl PodNetwork {
                 network: self.clone(),
             }),
         };
-        let node = self.node();
         ip(
-            node,
-            &["link", "set", &pod.inner.host_veth, "master", self.bridge()],
-        );
-        ip(node, &["link", "set", &pod.inner.host_veth, "up"]);
-        let netns = pod.netns();
-        ip(
-            netns,
-            &["addr", "add", &format!("{}/24", pod.addr4()), "dev", "eth0"],
+            self.node(),
+            &[format!(
+                "link set {} master {} up",
+                pod.host_veth(),
+                self.bridge()
+            )],
         );
         ip(
-            netns,
+            pod.netns(),
             &[
-                "-6",
-                "addr",
-                "add",
-                &format!("{}/64", pod.addr6()),
-                "dev",
-                "eth0",
-                "nodad",
-            ],
-        );
-        ip(netns, &["link", "set", "eth0", "up"]);
-        ip(
-            netns,
-            &[
-                "route",
-                "add",
-                "default",
-                "via",
-                &self.gateway4().to_string(),
-            ],
-        );
-        ip(
-            netns,
-            &[
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
-                &self.gateway6().to_string(),
+                format!("addr add {}/24 dev eth0", pod.addr4()),
+                format!("addr add {}/64 dev eth0 nodad", pod.addr6()),
+                "link set eth0 up".to_owned(),
+                format!("route add default via {}", self.gateway4()),
+                format!("route add ::/0 via {}", self.gateway6()),
             ],
         );
         pod
@@ -325,8 +301,8 @@ struct Bridge {
     subnet: u8,
     /// The host part of the next pod's addresses.
     next_host: AtomicU8,
-    /// `ip route` arguments of the routes added in the node, for deleting them.
-    routes: Mutex<Vec<[String; 3]>>,
+    /// The routes added in the node (`<destination> via <gateway>`), for deleting them.
+    routes: Mutex<Vec<String>>,
 }
 
 impl Bridge {
@@ -339,11 +315,12 @@ impl Bridge {
     }
 
     fn add_route(&self, destination: &str, via: &str) {
-        ip(&self.node, &["route", "add", destination, "via", via]);
+        let route = format!("{destination} via {via}");
+        ip(&self.node, &[format!("route add {route}")]);
         self.routes
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .push([destination.to_owned(), "via".to_owned(), via.to_owned()]);
+            .push(route);
     }
 }
 
@@ -351,17 +328,16 @@ impl Drop for Bridge {
     /// Deletes the routes and the bridge, warning instead of panicking, which could abort an
     /// unwinding test.
     fn drop(&mut self) {
-        let routes = std::mem::take(
-            self.routes
-                .get_mut()
-                .unwrap_or_else(PoisonError::into_inner),
-        );
-        for route in routes {
-            let mut args = vec!["route", "del"];
-            args.extend(route.iter().map(String::as_str));
-            warn_unless_ok(&self.node, &args);
-        }
-        warn_unless_ok(&self.node, &["link", "del", &self.name]);
+        let routes = self
+            .routes
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut commands: Vec<String> = routes
+            .iter()
+            .map(|route| format!("route del {route}"))
+            .collect();
+        commands.push(format!("link del {}", self.name));
+        ip_or_warn(&self.node, &commands);
     }
 }
 
@@ -425,7 +401,10 @@ struct PodInner {
 impl Drop for PodInner {
     /// Deletes the veth pair by its end on the bridge (its `eth0` end goes with it).
     fn drop(&mut self) {
-        warn_unless_ok(self.network.node(), &["link", "del", &self.host_veth]);
+        ip_or_warn(
+            self.network.node(),
+            &[format!("link del {}", self.host_veth)],
+        );
     }
 }
 
@@ -543,7 +522,9 @@ impl ContainerBuilder {
         let runc_root = bundle.path().join("runc");
         fs::create_dir(&runc_root)
             .unwrap_or_else(|error| panic!("failed to create {}: {error}", runc_root.display()));
-        let config = self.config(&id, &relative, &make_rootfs(bundle.path()));
+        let symlinks = make_rootfs(bundle.path());
+        let etc_files = write_etc_files(bundle.path(), hostname(&id), &self.pod);
+        let config = self.config(&id, &relative, &symlinks, &etc_files);
         let config_path = bundle.path().join("config.json");
         let text = serde_json::to_string_pretty(&config).expect("a JSON value serializes");
         fs::write(&config_path, text)
@@ -570,8 +551,15 @@ impl ContainerBuilder {
     }
 
     /// The OCI runtime configuration (`config.json`) of container `id`, whose cgroup is
-    /// `cgroups_path` and whose rootfs holds `symlinks` (so binds are made only of the rest).
-    fn config(&self, id: &str, cgroups_path: &str, symlinks: &[&str]) -> Value {
+    /// `cgroups_path`, whose rootfs holds `symlinks` (so binds are made only of the rest of
+    /// [`HOST_DIRS`]), and which sees `etc_files` (destination, source) over the host's.
+    fn config(
+        &self,
+        id: &str,
+        cgroups_path: &str,
+        symlinks: &[&str],
+        etc_files: &[(&str, PathBuf)],
+    ) -> Value {
         let mut env = vec![CONTAINER_PATH.to_owned()];
         env.extend(self.env.iter().cloned());
         let capabilities: &[&str] = if self.uid == 0 {
@@ -601,6 +589,12 @@ impl ContainerBuilder {
                                    "options": ["rbind", "ro", "nosuid", "nodev"]}));
             }
         }
+        for (destination, source) in etc_files {
+            mounts.push(
+                json!({"destination": destination, "type": "bind", "source": source,
+                               "options": ["rbind", "ro", "nosuid", "nodev"]}),
+            );
+        }
         json!({
             "ociVersion": "1.0.2",
             "process": {
@@ -617,7 +611,7 @@ impl ContainerBuilder {
                 "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
             },
             "root": {"path": "rootfs", "readonly": false},
-            "hostname": &id[..12],
+            "hostname": hostname(id),
             "mounts": mounts,
             "linux": {
                 "cgroupsPath": cgroups_path,
@@ -637,8 +631,8 @@ impl ContainerBuilder {
 }
 
 /// A container run by `runc` in a [`Pod`], its cgroup below a [`ScratchCgroup`]. Dropping it
-/// kills it (`runc kill`, `runc delete --force`), removes the cgroup directories runc leaves,
-/// and its bundle and runc state; it keeps its pod and parent cgroup alive until then.
+/// kills it (`runc delete --force`), removes the cgroup directories runc leaves, and its
+/// bundle and runc state; it keeps its pod and parent cgroup alive until then.
 ///
 /// Its init process's stdout and stderr go to files in the bundle ([`stdout`](Self::stdout),
 /// [`stderr`](Self::stderr)), and so do runc's own messages when it starts the container.
@@ -892,9 +886,12 @@ impl Container {
     fn run_detached(&mut self) {
         let stdout = self.create_log("stdout");
         let stderr = self.create_log("stderr");
+        let pid_file = self.bundle().join("init.pid");
         let mut command = self.runc();
         command
-            .args(["run", "--detach", "--bundle"])
+            .args(["run", "--detach", "--pid-file"])
+            .arg(&pid_file)
+            .arg("--bundle")
             .arg(self.bundle())
             .arg(&self.id)
             .stdin(Stdio::null())
@@ -906,10 +903,13 @@ impl Container {
         if !status.success() {
             self.fail(&format!("did not start ({status})"));
         }
-        let pid = self.state()["pid"].as_u64().unwrap_or(0);
-        self.pid = u32::try_from(pid).unwrap_or(0);
+        let pid = fs::read_to_string(&pid_file).unwrap_or_default();
+        self.pid = pid.trim().parse().unwrap_or(0);
         self.start_time = start_time(self.pid).unwrap_or_else(|| {
-            self.fail(&format!("has no init process (runc state names pid {pid})"))
+            self.fail(&format!(
+                "has no init process ({} says {pid:?})",
+                pid_file.display()
+            ))
         });
         self.wait_for_command();
         let placed = cgroup_v2_path(self.pid);
@@ -975,10 +975,11 @@ impl Container {
 
 impl Drop for Container {
     /// Kills and deletes the container, warning instead of panicking, which could abort an
-    /// unwinding test. The fields then remove the cgroup directories, bundle and state.
+    /// unwinding test. `runc delete --force` sends init SIGKILL and waits for it to exit, as
+    /// `runc kill` and a wait would, then deletes (a runc call costs seconds under qemu's TCG;
+    /// a container that never started is no error). The fields then remove the cgroup
+    /// directories, the bundle and runc's state.
     fn drop(&mut self) {
-        // Fails when the container already stopped or never started: delete says the rest.
-        let _ = self.runc().args(["kill", &self.id, "KILL"]).output();
         match self.runc().args(["delete", "--force", &self.id]).output() {
             Ok(output) if output.status.success() => {}
             Ok(output) => eprintln!(
@@ -1191,6 +1192,50 @@ fn make_rootfs(bundle: &Path) -> Vec<&'static str> {
     symlinks
 }
 
+/// A container's host name: the first 12 digits of its id, as docker names it.
+fn hostname(id: &str) -> &str {
+    &id[..12]
+}
+
+/// Writes the container's own `/etc/hosts` (naming `hostname` with the pod's addresses, as
+/// docker and the kubelet write it), `/etc/hostname` and `/etc/resolv.conf` into the bundle,
+/// and returns (destination, source) for each file the host's `/etc` has, so the bind mount
+/// has a mount point in the read-only `/etc`.
+///
+/// The pod networks have no DNS server, so `resolv.conf` names the pod's own loopback, where
+/// nothing answers: a lookup fails at once instead of waiting for the host's resolver, which
+/// the pod cannot reach. Python's `http.server`, which looks up its own name, needs both.
+fn write_etc_files(bundle: &Path, hostname: &str, pod: &Pod) -> Vec<(&'static str, PathBuf)> {
+    let files = [
+        (
+            "/etc/hosts",
+            format!(
+                "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n\
+                 {}\t{hostname}\n{}\t{hostname}\n",
+                pod.addr4(),
+                pod.addr6()
+            ),
+        ),
+        ("/etc/hostname", format!("{hostname}\n")),
+        (
+            "/etc/resolv.conf",
+            "# No DNS server on the test pod network: lookups fail at once.\n\
+             nameserver 127.0.0.1\n"
+                .to_owned(),
+        ),
+    ];
+    files
+        .into_iter()
+        .filter(|(destination, _)| Path::new(destination).exists())
+        .map(|(destination, text)| {
+            let source = bundle.join(format!("etc-{}", &destination["/etc/".len()..]));
+            fs::write(&source, text)
+                .unwrap_or_else(|error| panic!("failed to write {}: {error}", source.display()));
+            (destination, source)
+        })
+        .collect()
+}
+
 /// The cgroup v2 path of `pid` (the `0::` line of `/proc/<pid>/cgroup`).
 fn cgroup_v2_path(pid: u32) -> Option<String> {
     let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
@@ -1252,31 +1297,58 @@ fn pod_veth_name() -> String {
     name
 }
 
-/// Runs `ip -n <netns> <args>`, panicking with its stderr if it fails.
-fn ip(netns: &Netns, args: &[&str]) {
-    run_checked(Command::new("ip").args(["-n", netns.name()]).args(args));
+/// Runs the `ip` `commands` (without the leading `ip`) in `netns`, panicking with the
+/// failing command and its error if one fails.
+fn ip(netns: &Netns, commands: &[String]) {
+    ip_batch(netns, commands, false).unwrap_or_else(|error| panic!("{error}"));
 }
 
-/// Runs `ip -n <netns> <args>`, warning if it fails: for `Drop`.
-fn warn_unless_ok(netns: &Netns, args: &[&str]) {
-    match Command::new("ip")
-        .args(["-n", netns.name()])
-        .args(args)
-        .output()
-    {
-        Ok(output) if output.status.success() => {}
-        Ok(output) => eprintln!(
-            "warning: `ip -n {} {}` failed ({}): {}",
-            netns.name(),
-            args.join(" "),
+/// Runs every one of the `ip` `commands` in `netns` even if some fail, warning about those:
+/// for `Drop`.
+fn ip_or_warn(netns: &Netns, commands: &[String]) {
+    if let Err(error) = ip_batch(netns, commands, true) {
+        eprintln!("warning: {error}");
+    }
+}
+
+/// Runs `commands` through one `ip -n <netns> -batch -`: one process for all of them, which
+/// counts under qemu's TCG, where each process start takes a good part of a second. With
+/// `force`, `ip` goes on after a failing command.
+fn ip_batch(netns: &Netns, commands: &[String], force: bool) -> Result<(), String> {
+    let mut command = Command::new("ip");
+    command.args(["-n", netns.name()]);
+    if force {
+        command.arg("-force");
+    }
+    command
+        .args(["-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let describe = || format!("`ip -n {} -batch -` of {commands:?}", netns.name());
+    let mut child = command
+        .spawn()
+        .map_err(|error| format!("failed to run {}: {error}", describe()))?;
+    let script = commands.join("\n") + "\n";
+    let written = child
+        .stdin
+        .take()
+        .expect("stdin is piped")
+        .write_all(script.as_bytes());
+    let output = child
+        .wait_with_output()
+        .map_err(|error| format!("failed to wait for {}: {error}", describe()))?;
+    match (written, output.status.success()) {
+        (Ok(()), true) => Ok(()),
+        (written, _) => Err(format!(
+            "{} failed ({}{}): {}",
+            describe(),
             output.status,
+            written
+                .err()
+                .map_or(String::new(), |error| format!(", stdin: {error}")),
             String::from_utf8_lossy(&output.stderr).trim()
-        ),
-        Err(error) => eprintln!(
-            "warning: failed to run `ip -n {} {}`: {error}",
-            netns.name(),
-            args.join(" ")
-        ),
+        )),
     }
 }
 

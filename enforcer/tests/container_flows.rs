@@ -1,0 +1,533 @@
+//! Containers as workloads: real `runc` containers, each in its own network namespace on a
+//! CNI-style pod network (bridge + veth), inside two node namespaces joined by veth, with one
+//! real `enforcer run` per node. Each daemon serves the namespaces its containers live in, the
+//! way it serves its own; every check goes through what a container does (`runc exec` of
+//! curl or python) and what an operator sees (the CLI).
+#![expect(
+    unused_crate_dependencies,
+    reason = "integration tests use the library, not every dependency"
+)]
+
+use std::{
+    collections::BTreeSet,
+    fmt::Write as _,
+    fs,
+    net::{IpAddr, SocketAddr},
+    os::unix::fs::MetadataExt as _,
+    path::Path,
+    process::Output,
+    time::{Duration, Instant},
+};
+
+use enforcer::{
+    audit::AuditRecord,
+    testing::{
+        Container, DaemonNode, Netns, Node, PodNetwork, ScratchCgroup, TestPki, connect_nodes,
+        require_root, route_pod_networks, serial,
+    },
+};
+use rustix::process::Signal;
+
+const TD: &str = "pods.test";
+/// The port the containers' servers listen on.
+const PORT: u16 = 8080;
+/// The tunnel's inbound port (the daemon's default).
+const INBOUND_PORT: u16 = 15008;
+/// How long a container's namespace may take to be served or released.
+const SERVE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A server answering every GET with the container's hostname (its id's first 12 digits),
+/// bound to the address given as its argument (`::` takes IPv4 too).
+const HOSTNAME_SERVER: &str = r#"
+import http.server, socket, sys
+class Hostname(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = socket.gethostname().encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+class Server(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+Server((sys.argv[1], 8080), Hostname).serve_forever()
+"#;
+
+/// `web` may reach `api`; `db` may not; `x` and `y` each reach themselves; `host` (a process
+/// of the node itself) and `api` reach each other.
+const RULES: &str = r#"
+[[allow]]
+from = "spiffe://pods.test/web"
+to = "spiffe://pods.test/api"
+ports = [8080]
+
+[[deny]]
+from = "spiffe://pods.test/db"
+to = "spiffe://pods.test/api"
+
+[[allow]]
+from = "spiffe://pods.test/x"
+to = "spiffe://pods.test/x"
+
+[[allow]]
+from = "spiffe://pods.test/y"
+to = "spiffe://pods.test/y"
+
+[[allow]]
+from = "spiffe://pods.test/host"
+to = "spiffe://pods.test/api"
+
+[[allow]]
+from = "spiffe://pods.test/api"
+to = "spiffe://pods.test/host"
+"#;
+
+/// The workloads: one cgroup below the scope each (containers go below theirs).
+const WORKLOADS: [&str; 6] = ["web", "db", "api", "x", "y", "host"];
+
+fn binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_enforcer"))
+}
+
+fn id(name: &str) -> String {
+    format!("spiffe://{TD}/{name}")
+}
+
+/// A node's policy: its scope enrolled, one workload per cgroup below it, the other node as a
+/// mesh peer serving its pod network, then `rules`.
+fn policy(scope: &str, peer: IpAddr, peer_pods: &PodNetwork, rules: &str) -> String {
+    let mut text = format!("trust_domain = \"{TD}\"\nenroll = [\"{scope}\"]\n");
+    for name in WORKLOADS {
+        let _ = write!(
+            text,
+            "[[workload]]\nid = \"{}\"\nselectors = [\"cgroup:path:{scope}/{name}\"]\n",
+            id(name)
+        );
+    }
+    let _ = write!(
+        text,
+        "[[peer]]\naddress = \"{peer}\"\nport = {INBOUND_PORT}\ncidrs = [\"{}\", \"{}\"]\n",
+        peer_pods.subnet4(),
+        peer_pods.subnet6()
+    );
+    text.push_str(rules);
+    text
+}
+
+/// One node: its daemon, its pod network and the workload cgroups below its scope.
+struct PodNode {
+    daemon: DaemonNode,
+    pods: PodNetwork,
+    cgroups: Vec<(&'static str, ScratchCgroup)>,
+}
+
+impl PodNode {
+    fn cgroup(&self, name: &str) -> &ScratchCgroup {
+        &self
+            .cgroups
+            .iter()
+            .find(|(n, _)| *n == name)
+            .unwrap_or_else(|| panic!("no workload cgroup {name}"))
+            .1
+    }
+
+    /// A container of workload `name` in a pod of its own, running `args` (default: sleep),
+    /// once the daemon serves its network namespace.
+    fn container(&self, name: &str, args: &[&str]) -> Container {
+        let pod = self.pods.attach(name);
+        let mut builder = Container::builder(&pod, self.cgroup(name));
+        if !args.is_empty() {
+            builder = builder.args(args.iter().copied());
+        }
+        let container = builder.start();
+        self.wait_served(&container);
+        container
+    }
+
+    /// A container of workload `name` whose server answers with its hostname on `bind`.
+    fn server(&self, name: &str, bind: &str) -> Container {
+        let container = self.container(name, &["python3", "-c", HOSTNAME_SERVER, bind]);
+        container.wait_for_listener(PORT);
+        container
+    }
+
+    /// The inodes of the workload namespaces the daemon serves now.
+    fn served(&self) -> BTreeSet<u64> {
+        let status: serde_json::Value =
+            serde_json::from_str(&self.daemon.cli_ok(&["status", "--json"])).expect("status");
+        status["listeners"]["namespaces"]
+            .as_array()
+            .expect("a namespaces list")
+            .iter()
+            .map(|ns| ns["inode"].as_u64().expect("an inode"))
+            .collect()
+    }
+
+    fn wait_served(&self, container: &Container) {
+        let inode = netns_inode(container.pid());
+        wait(
+            &format!("{}'s namespace to be served", container.id()),
+            || self.served().contains(&inode),
+        );
+    }
+}
+
+/// Two nodes with routed pod networks; node `a` only, when the test needs one.
+struct Cluster {
+    a: PodNode,
+    b: PodNode,
+    _link: (Node, Node),
+}
+
+impl Cluster {
+    fn new(rules: &str) -> Self {
+        require_root();
+        let link = connect_nodes(&Netns::new("pnode-a"), &Netns::new("pnode-b"));
+        let pods_a = PodNetwork::new(link.0.netns());
+        let pods_b = PodNetwork::new(link.1.netns());
+        route_pod_networks(&pods_a, &pods_b, &link);
+        let pki = TestPki::new(TD);
+        let (addr_a, addr_b) = (IpAddr::from(link.0.addr4()), IpAddr::from(link.1.addr4()));
+        let daemon_a = DaemonNode::start(binary(), &link.0, "a", &pki.root, |scope| {
+            policy(scope, addr_b, &pods_b, rules)
+        });
+        let daemon_b = DaemonNode::start(binary(), &link.1, "b", &pki.root, |scope| {
+            policy(scope, addr_a, &pods_a, rules)
+        });
+        let node = |daemon: DaemonNode, pods: PodNetwork| {
+            let cgroups = WORKLOADS
+                .iter()
+                .map(|&name| (name, daemon.scope().child(name)))
+                .collect();
+            PodNode {
+                daemon,
+                pods,
+                cgroups,
+            }
+        };
+        Self {
+            a: node(daemon_a, pods_a),
+            b: node(daemon_b, pods_b),
+            _link: link,
+        }
+    }
+}
+
+/// `curl` inside `container` (a new process of its cgroup and namespaces): its output.
+fn curl(container: &Container, url: &str) -> Output {
+    container.exec(&[
+        "curl",
+        "-sS",
+        "--connect-timeout",
+        "3",
+        "--max-time",
+        "10",
+        url,
+    ])
+}
+
+fn url(addr: impl Into<IpAddr>) -> String {
+    format!("http://{}/", SocketAddr::new(addr.into(), PORT))
+}
+
+fn assert_answered_by(node: &PodNode, output: &Output, server: &Container) {
+    assert!(
+        output.status.success(),
+        "curl failed ({}): {}\nnode {}'s denials: {:#?}\nits log:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr),
+        node.daemon.link().netns().name(),
+        node.daemon.flows(&["--verdict", "deny"]),
+        node.daemon.log()
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        server.id()[..12],
+        "the wrong server answered"
+    );
+}
+
+fn assert_refused(output: &Output) {
+    assert!(
+        !output.status.success(),
+        "curl succeeded: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    assert!(output.stdout.is_empty(), "no byte may arrive");
+}
+
+fn netns_inode(pid: u32) -> u64 {
+    fs::metadata(format!("/proc/{pid}/ns/net"))
+        .unwrap_or_else(|error| panic!("pid {pid} has no network namespace: {error}"))
+        .ino()
+}
+
+fn wait(what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + SERVE_TIMEOUT;
+    while !ready() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The open record of an allowed flow from `src` to `dst` (container ids), as `node` wrote it.
+fn flow_between(node: &PodNode, side: &str, src: &Container, dst: &Container) -> AuditRecord {
+    node.daemon.wait_for_record(
+        &format!("an allowed {side} flow {} -> {}", src.id(), dst.id()),
+        |r| {
+            r.source.as_str() == side
+                && r.verdict.as_str() == "allow"
+                && r.src.container_id.as_deref() == Some(src.id())
+                && r.dst.container_id.as_deref() == Some(dst.id())
+        },
+    )
+}
+
+#[test]
+fn containers_on_one_node_reach_each_other_as_policy_says() {
+    let _serial = serial();
+    let cluster = Cluster::new(RULES);
+    let a = &cluster.a;
+    let api = a.server("api", "::");
+    let web = a.container("web", &[]);
+    let db = a.container("db", &[]);
+
+    assert_answered_by(a, &curl(&web, &url(api.addr4())), &api);
+    assert_answered_by(a, &curl(&web, &url(api.addr6())), &api);
+    let record = flow_between(a, "outbound", &web, &api);
+    assert_eq!(record.src.spiffe_id.as_deref(), Some(id("web").as_str()));
+    assert_eq!(record.dst.spiffe_id.as_deref(), Some(id("api").as_str()));
+
+    assert_refused(&curl(&db, &url(api.addr4())));
+    a.daemon.wait_for_record("db's refusal", |r| {
+        r.verdict.as_str() == "deny"
+            && r.src.container_id.as_deref() == Some(db.id())
+            && r.dst.spiffe_id.as_deref() == Some(id("api").as_str())
+    });
+    let workloads = a.daemon.cli_ok(&["workloads"]);
+    assert!(workloads.contains(&web.id()[..12]), "{workloads}");
+}
+
+#[test]
+fn a_container_and_a_host_process_reach_each_other() {
+    let _serial = serial();
+    let cluster = Cluster::new(RULES);
+    let a = &cluster.a;
+    let api = a.server("api", "0.0.0.0");
+    let node_addr = a.daemon.link().addr4();
+    let host_server = a
+        .daemon
+        .spawn(a.cgroup("host"), "python3")
+        .args(["-c", HOSTNAME_SERVER])
+        .arg(node_addr.to_string())
+        .spawn();
+    enforcer::testing::wait_for_listener(&host_server, PORT);
+
+    // Host process -> container.
+    let mut fetch = a
+        .daemon
+        .spawn(a.cgroup("host"), "curl")
+        .args(["-sS", "--max-time", "10"])
+        .arg(url(api.addr4()))
+        .spawn();
+    let status = fetch
+        .wait_timeout(Duration::from_secs(30))
+        .expect("curl hung");
+    assert!(
+        status.success(),
+        "host -> container failed: {}",
+        fetch.stderr()
+    );
+    assert_eq!(
+        fetch.read_line(Duration::from_secs(1)).as_deref(),
+        Some(&api.id()[..12])
+    );
+    // Container -> host process (its hostname is the node's: it shares the host's uts).
+    let output = curl(&api, &url(node_addr));
+    assert!(
+        output.status.success(),
+        "container -> host failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    a.daemon.wait_for_record("api -> host", |r| {
+        r.verdict.as_str() == "allow"
+            && r.src.container_id.as_deref() == Some(api.id())
+            && r.dst.spiffe_id.as_deref() == Some(id("host").as_str())
+    });
+}
+
+#[test]
+fn two_containers_on_the_same_address_and_port_never_collide() {
+    let _serial = serial();
+    let cluster = Cluster::new(RULES);
+    let a = &cluster.a;
+    // Each listens on its own loopback, and the next pair on every address: same keys but
+    // for the namespace.
+    let x = a.server("x", "127.0.0.1");
+    let y = a.server("y", "127.0.0.1");
+    assert_answered_by(a, &curl(&x, "http://127.0.0.1:8080/"), &x);
+    assert_answered_by(a, &curl(&y, "http://127.0.0.1:8080/"), &y);
+    let x_any = a.server("x", "0.0.0.0");
+    let y_any = a.server("y", "0.0.0.0");
+    assert_answered_by(a, &curl(&x_any, &url(x_any.addr4())), &x_any);
+    assert_answered_by(a, &curl(&y_any, &url(y_any.addr4())), &y_any);
+    // x may not reach y.
+    assert_refused(&curl(&x_any, &url(y_any.addr4())));
+}
+
+#[test]
+fn plaintext_to_a_container_is_dropped_and_its_daemon_ports_are_reserved() {
+    let _serial = serial();
+    let cluster = Cluster::new(RULES);
+    let a = &cluster.a;
+    let api = a.server("api", "0.0.0.0");
+    // From the node itself, unenrolled.
+    let mut bypass = a
+        .daemon
+        .spawn(&ScratchCgroup::new("outside"), "curl")
+        .args(["-sS", "--connect-timeout", "2", "--max-time", "3"])
+        .arg(url(api.addr4()))
+        .spawn();
+    let status = bypass
+        .wait_timeout(Duration::from_secs(20))
+        .expect("curl hung");
+    assert!(
+        !status.success(),
+        "plaintext from the node reached the container"
+    );
+    // From a container nobody enrolled (a sibling of the scope).
+    let outsider_cgroup = ScratchCgroup::new("outsider");
+    let outsider = Container::builder(&a.pods.attach("outsider"), &outsider_cgroup).start();
+    assert_refused(&curl(&outsider, &url(api.addr4())));
+    a.daemon
+        .wait_for_record("the drop of plaintext to api", |r| {
+            r.verdict.as_str() == "drop" && r.dst.addr == Some(format!("{}:{PORT}", api.addr4()))
+        });
+
+    // A workload may not take the daemon's ports in its namespace.
+    for port in [15001, INBOUND_PORT] {
+        let bind = api.exec(&[
+            "python3",
+            "-c",
+            &format!("import socket; socket.socket().bind(('0.0.0.0', {port}))"),
+        ]);
+        assert!(!bind.status.success(), "a workload bound port {port}");
+        assert!(
+            String::from_utf8_lossy(&bind.stderr).contains("PermissionError"),
+            "{}",
+            String::from_utf8_lossy(&bind.stderr)
+        );
+    }
+    a.daemon.wait_for_record("the reserved-port refusal", |r| {
+        r.reason == "reserved-port" && r.src.container_id.as_deref() == Some(api.id())
+    });
+}
+
+#[test]
+fn a_container_that_exits_releases_its_namespace_and_leaks_nothing() {
+    let _serial = serial();
+    let cluster = Cluster::new(RULES);
+    let a = &cluster.a;
+    let fds = || {
+        fs::read_dir(format!("/proc/{}/fd", a.daemon.pid()))
+            .expect("the daemon's fds")
+            .count()
+    };
+    // One cycle first: whatever the daemon opens once (SVIDs, pools) is not a leak.
+    drop(a.container("web", &[]));
+    wait("the namespace to be released", || a.served().is_empty());
+    let before = fds();
+    for _ in 0..20 {
+        let web = a.container("web", &[]);
+        let inode = netns_inode(web.pid());
+        drop(web);
+        wait("the namespace to be released", || {
+            !a.served().contains(&inode)
+        });
+    }
+    assert!(a.served().is_empty());
+    let after = fds();
+    assert!(
+        after <= before,
+        "the daemon holds {after} descriptors after 20 containers, {before} before"
+    );
+}
+
+#[test]
+fn containers_on_two_nodes_go_through_mtls_and_both_trails_name_both() {
+    let _serial = serial();
+    let cluster = Cluster::new(RULES);
+    let (a, b) = (&cluster.a, &cluster.b);
+    let api = b.server("api", "0.0.0.0");
+    let web = a.container("web", &[]);
+    let db = a.container("db", &[]);
+
+    assert_answered_by(a, &curl(&web, &url(api.addr4())), &api);
+    let outbound = flow_between(a, "outbound", &web, &api);
+    let inbound = flow_between(b, "inbound", &web, &api);
+    assert_eq!(outbound.dst.spiffe_id, inbound.dst.spiffe_id);
+    assert_eq!(inbound.src.spiffe_id.as_deref(), Some(id("web").as_str()));
+
+    assert_refused(&curl(&db, &url(api.addr4())));
+    a.daemon.wait_for_record("db's refusal", |r| {
+        r.verdict.as_str() == "deny" && r.src.container_id.as_deref() == Some(db.id())
+    });
+}
+
+#[test]
+fn the_daemon_restarted_serves_running_containers_again_and_a_killed_one_fails_closed() {
+    let _serial = serial();
+    let mut cluster = Cluster::new(RULES);
+    let api = cluster.a.server("api", "0.0.0.0");
+    let web = cluster.a.container("web", &[]);
+    assert_answered_by(&cluster.a, &curl(&web, &url(api.addr4())), &api);
+
+    cluster.a.daemon.signal(Signal::KILL);
+    cluster.a.daemon.wait(Duration::from_secs(10));
+    assert_refused(&curl(&web, &url(api.addr4())));
+
+    cluster.a.daemon.restart();
+    cluster.a.wait_served(&web);
+    cluster.a.wait_served(&api);
+    assert_answered_by(&cluster.a, &curl(&web, &url(api.addr4())), &api);
+}
+
+#[test]
+fn a_reload_closes_an_open_container_flow_the_new_policy_denies() {
+    let _serial = serial();
+    let cluster = Cluster::new(RULES);
+    let a = &cluster.a;
+    let api = a.server("api", "0.0.0.0");
+    let web = a.container("web", &[]);
+    // A connection that stays open: a python client that connects, then waits.
+    let client = web.spawn_exec(&[
+        "python3",
+        "-c",
+        &format!(
+            "import socket, time\ns = socket.create_connection(('{}', {PORT}))\n\
+             print('connected', flush=True)\ntime.sleep(60)",
+            api.addr4()
+        ),
+    ]);
+    flow_between(a, "outbound", &web, &api);
+    let denied = RULES.replace(
+        "[[allow]]\nfrom = \"spiffe://pods.test/web\"",
+        "[[deny]]\nfrom = \"spiffe://pods.test/web\"",
+    );
+    let file = a.daemon.dir().join("next.toml");
+    let (peer, peer_pods) = (cluster.b.daemon.link().addr4(), &cluster.b.pods);
+    fs::write(
+        &file,
+        policy(a.daemon.scope_path(), peer.into(), peer_pods, &denied),
+    )
+    .expect("write the next policy");
+    let reloaded = a
+        .daemon
+        .cli_ok(&["policy", "reload", file.to_str().expect("a UTF-8 path")]);
+    assert!(reloaded.contains("version"), "{reloaded}");
+    a.daemon.wait_for_record("the revocation", |r| {
+        r.reason == "revoked" && r.src.container_id.as_deref() == Some(web.id())
+    });
+    drop(client);
+}
