@@ -22,8 +22,8 @@ use std::{
 use enforcer::{
     audit::AuditRecord,
     testing::{
-        Container, DaemonNode, Netns, Node, PodNetwork, ScratchCgroup, TestPki, connect_nodes,
-        require_root, route_pod_networks, serial,
+        CgroupLayout, Container, DaemonNode, Netns, Node, PodNetwork, ScratchCgroup, TestPki,
+        connect_nodes, require_root, route_pod_networks, serial,
     },
 };
 use rustix::process::Signal;
@@ -530,4 +530,64 @@ fn a_reload_closes_an_open_container_flow_the_new_policy_denies() {
         r.reason == "revoked" && r.src.container_id.as_deref() == Some(web.id())
     });
     drop(client);
+}
+
+#[test]
+fn container_and_pod_selectors_match_the_runtimes_cgroup_paths() {
+    let _serial = serial();
+    let cluster = Cluster::new(RULES);
+    let a = &cluster.a;
+    // `other` has no entry: these containers get an identity only from the selectors below.
+    let other = a.daemon.scope().child("other");
+    let layouts = [
+        CgroupLayout::Docker,
+        CgroupLayout::DockerCgroupfs,
+        CgroupLayout::Podman,
+        CgroupLayout::Kubernetes,
+        CgroupLayout::KubernetesCgroupfs,
+    ];
+    let containers: Vec<Container> = layouts
+        .iter()
+        .map(|&layout| {
+            Container::builder(&a.pods.attach("sel"), &other)
+                .layout(layout)
+                .start()
+        })
+        .collect();
+    let mut entries = String::new();
+    for (n, container) in containers.iter().enumerate() {
+        let selector = if n < 3 {
+            format!("container:id:{}", container.id())
+        } else {
+            format!("k8s:pod-uid:{}", container.pod().uid())
+        };
+        let _ = write!(
+            entries,
+            "[[workload]]\nid = \"{}\"\nselectors = [\"{selector}\"]\n",
+            id(&format!("selected-{n}"))
+        );
+    }
+    let file = a.daemon.dir().join("selectors.toml");
+    let (peer, peer_pods) = (cluster.b.daemon.link().addr4(), &cluster.b.pods);
+    let text = policy(a.daemon.scope_path(), peer.into(), peer_pods, RULES);
+    let (head, rest) = text.split_at(text.find("[[peer]]").expect("a peer entry"));
+    fs::write(&file, format!("{head}{entries}{rest}")).expect("write the policy");
+    let reloaded = a
+        .daemon
+        .cli_ok(&["policy", "reload", file.to_str().expect("a UTF-8 path")]);
+    assert!(reloaded.contains("version"), "{reloaded}");
+    for (n, container) in containers.iter().enumerate() {
+        let wanted = id(&format!("selected-{n}"));
+        a.daemon
+            .wait_until(&format!("{:?} to be {wanted}", layouts[n]), |node| {
+                let workloads: serde_json::Value =
+                    serde_json::from_str(&node.cli_ok(&["workloads", "--json"]))
+                        .expect("workloads");
+                workloads.as_array().expect("a list").iter().any(|w| {
+                    w["pid"].as_u64() == Some(u64::from(container.pid()))
+                        && w["spiffe_id"].as_str() == Some(wanted.as_str())
+                        && w["container_id"].as_str() == Some(container.id())
+                })
+            });
+    }
 }
