@@ -1,6 +1,6 @@
 //! `cargo xtask bench [NAME...]`: the enforcer crate's benchmarks, each a `harness = false`
-//! program that prints its own figures. `hooks` attaches eBPF programs and `tunnel` also
-//! creates network namespaces, so both need root; `attest` (its own child processes) and
+//! program that prints its own figures. `hooks` attaches eBPF programs, and `tunnel` and
+//! `containers` also create network namespaces (and containers), so they need root; `attest` (its own child processes) and
 //! `identity` (in-process certificates and TLS) do not.
 
 use anyhow::Result;
@@ -20,6 +20,9 @@ pub(crate) enum Bench {
     /// Throughput, latency, connection rate and memory of the mTLS tunnel between two network
     /// namespaces, against direct TCP and stunnel4 (needs root).
     Tunnel,
+    /// Containers served by the daemon: time to listeners, memory and descriptors per
+    /// namespace, and container-to-container throughput against host-to-host (needs root).
+    Containers,
 }
 
 impl Bench {
@@ -30,12 +33,13 @@ impl Bench {
             Self::Attest => "attest",
             Self::Identity => "identity",
             Self::Tunnel => "tunnel",
+            Self::Containers => "containers",
         }
     }
 
     /// Whether the benchmark touches kernel state and so needs root.
     fn needs_root(self) -> bool {
-        matches!(self, Self::Hooks | Self::Tunnel)
+        matches!(self, Self::Hooks | Self::Tunnel | Self::Containers)
     }
 }
 
