@@ -477,6 +477,7 @@ impl fmt::Display for SrcText<'_> {
             (None, Some(exe)) => parts.push(format!("[{}]", Clean(&exe))),
             (None, None) => {}
         }
+        parts.extend(container_text(src.container_id.as_deref()));
         if let Some(addr) = &src.addr {
             parts.push(Clean(addr).to_string());
         }
@@ -484,18 +485,27 @@ impl fmt::Display for SrcText<'_> {
     }
 }
 
-/// `spiffe://td/db 10.0.0.2:5432`, leaving out what is unknown; `-` if nothing is.
+/// `spiffe://td/db [container 0123456789ab] 10.0.0.2:5432`, leaving out what is unknown; `-`
+/// if nothing is.
 struct DstText<'a>(&'a Dst);
 
 impl fmt::Display for DstText<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let parts: Vec<String> = [&self.0.spiffe_id, &self.0.addr]
-            .into_iter()
-            .flatten()
-            .map(|text| Clean(text).to_string())
+        let dst = self.0;
+        let mut parts: Vec<String> = dst
+            .spiffe_id
+            .iter()
+            .map(|id| Clean(id).to_string())
             .collect();
+        parts.extend(container_text(dst.container_id.as_deref()));
+        parts.extend(dst.addr.iter().map(|addr| Clean(addr).to_string()));
         write_parts(f, &parts)
     }
+}
+
+/// `[container 0123456789ab]` (the id's first 12 digits, as docker shows it), if any.
+fn container_text(id: Option<&str>) -> Option<String> {
+    id.map(|id| format!("[container {}]", Clean(id.get(..12).unwrap_or(id))))
 }
 
 fn write_parts(f: &mut fmt::Formatter<'_>, parts: &[String]) -> fmt::Result {
@@ -741,6 +751,15 @@ mod tests {
             "2026-11-24T10:00:00.123456Z node-a outbound close ALLOW spiffe://td/web [pid 812 curl] \
              10.0.0.1:40112 -> spiffe://td/db 10.0.0.2:5432 rule 3 v9 finished up 1200B down 5300B \
              1520ms"
+        );
+        let mut contained = outbound_close();
+        contained.src.container_id = Some("0123456789ab".repeat(5) + "cdef");
+        contained.dst.container_id = Some("fedcba987654".to_owned() + &"0".repeat(52));
+        assert_eq!(
+            record(contained).to_string(),
+            "2026-11-24T10:00:00.123456Z node-a outbound close ALLOW spiffe://td/web [pid 812 curl] \
+             [container 0123456789ab] 10.0.0.1:40112 -> spiffe://td/db [container fedcba987654] \
+             10.0.0.2:5432 rule 3 v9 finished up 1200B down 5300B 1520ms"
         );
         let inbound = Entry {
             time: samples::time(),
