@@ -2,8 +2,9 @@
 //!
 //! Two network namespaces joined by a veth link are nodes A and B; each gets a scope cgroup and
 //! a real `enforcer run` daemon enforcing `policies/demo.toml`, filled in for that node. `api`
-//! (python3's `http.server`) serves on B; on A, `web` (a copy of curl, pinned by its SHA-256)
-//! and `db` (curl) call it. The demo shows an allowed call through the mTLS tunnel, a denied
+//! (a python3 HTTP server) serves on B in a container run by runc, in its own network namespace
+//! on B's pod network, as a CNI plugin wires one; on A, `web` (a copy of curl, pinned by its
+//! SHA-256) and `db` (curl) call it. The demo shows an allowed call through the mTLS tunnel, a denied
 //! one, a plaintext bypass from an unenrolled process, an impostor binary swapped in at web's
 //! path, the audit trail (`enforcer flows`), and a policy reload through the CLI that flips
 //! web's decision.
@@ -30,8 +31,8 @@ use enforcer::{
     attest::Sha256Digest,
     audit::{AuditRecord, Event, Verdict},
     testing::{
-        DaemonNode, Netns, ScratchCgroup, Spawn, Spawned, TestPki, connect_nodes, demo_policy,
-        require_root, wait_for_listener,
+        Container, DaemonNode, Netns, PodNetwork, ScratchCgroup, Spawn, TestPki, connect_nodes,
+        demo_policy, require_root, route_pod_networks,
     },
 };
 use sha2::{Digest as _, Sha256};
@@ -43,6 +44,20 @@ const TD: &str = "demo.enforcer.local";
 const API_PORT: u16 = 8080;
 /// What `api` serves.
 const HELLO: &str = "hello from api";
+/// `api`: an HTTP server answering every GET with its argument (the demo gives [`HELLO`]).
+const API_PY: &str = r#"
+import http.server, sys
+class Hello(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = (sys.argv[1] + "\n").encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("0.0.0.0", 8080), Hello).serve_forever()
+"#;
 /// Debian's curl and python3, which `cargo xtask setup` installs: real binaries (not shims
 /// such as pyenv's), so copies of them run.
 const CURL: &str = "/usr/bin/curl";
@@ -71,7 +86,13 @@ fn main() -> ExitCode {
     // Every guard is dropped when `run` returns (or unwinds): processes, daemons, pins,
     // cgroups, namespaces, files. What they should have removed is checked after.
     let made = run(&mut problems);
-    let left = made.still_there();
+    // A killed container's init is reaped by the host's init, a moment after runc returns.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut left = made.still_there();
+    while !left.is_empty() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+        left = made.still_there();
+    }
     if left.is_empty() {
         println!(
             "cleaned up: daemons stopped, programs detached, namespaces and cgroups removed \
@@ -146,15 +167,18 @@ fn run(problems: &mut Vec<String>) -> Made {
 
 /// The two nodes, their workload cgroups and the scratch files.
 struct Demo {
-    // The server first: it goes before the cgroups and daemons.
-    server: Spawned,
+    // The server first: it goes before the cgroups, daemons and pod networks.
+    server: Container,
     web: ScratchCgroup,
     db: ScratchCgroup,
     /// A cgroup outside node A's scope, so not enrolled.
     outside: ScratchCgroup,
     a: DaemonNode,
     b: DaemonNode,
+    _pods: (PodNetwork, PodNetwork),
     peers: [Ipv4Addr; 2],
+    /// Node B's pod network, which node A's policy routes to B.
+    pods_b: String,
     /// The web client's binary.
     web_client: PathBuf,
     /// What the policy pins web's binary to: the SHA-256 of the curl copy.
@@ -166,28 +190,27 @@ impl Demo {
     fn start() -> Self {
         let binary = enforcer_binary();
         let scratch = TempDir::new().expect("scratch directory");
-        let site = scratch.path().join("site");
-        fs::create_dir(&site).expect("create the site directory");
         fs::create_dir(scratch.path().join("bin")).expect("create the bin directory");
-        fs::write(site.join("hello.txt"), format!("{HELLO}\n")).expect("write hello.txt");
         let web_client = scratch.path().join("bin").join("web-client");
         let web_sha256 = install(CURL, &web_client);
 
-        let (link_a, link_b) = connect_nodes(&Netns::new("demo-a"), &Netns::new("demo-b"));
+        let link = connect_nodes(&Netns::new("demo-a"), &Netns::new("demo-b"));
+        let pods = (
+            PodNetwork::new(link.0.netns()),
+            PodNetwork::new(link.1.netns()),
+        );
+        route_pod_networks(&pods.0, &pods.1, &link);
+        let (link_a, link_b) = link;
         let peers = [link_a.addr4(), link_b.addr4()];
+        let pods_b = pods.1.subnet4();
         let pki = TestPki::new(TD);
-        let policy = |scope: &str| demo_policy(scope, peers, web_sha256);
+        let policy = |scope: &str| demo_policy(scope, (peers, &pods_b), web_sha256);
         let a = DaemonNode::start(&binary, &link_a, "a", &pki.root, policy);
         let b = DaemonNode::start(&binary, &link_b, "b", &pki.root, policy);
-        let server = b
-            .spawn(&b.scope().child("api"), PYTHON)
-            .args(["-m", "http.server", "--bind"])
-            .arg(link_b.addr4().to_string())
-            .arg("--directory")
-            .arg(&site)
-            .arg(API_PORT.to_string())
-            .spawn();
-        wait_for_listener(&server, API_PORT);
+        let server = Container::builder(&pods.1.attach("api"), &b.scope().child("api"))
+            .args(["python3", "-c", API_PY, HELLO])
+            .start();
+        server.wait_for_listener(API_PORT);
         let api = format!("\"{}\"", id("api"));
         b.wait_until("node b to give the api server its identity", |b| {
             b.cli_ok(&["workloads", "--json"]).contains(&api)
@@ -199,7 +222,9 @@ impl Demo {
             outside: ScratchCgroup::new("demo-outside"),
             a,
             b,
+            _pods: pods,
             peers,
+            pods_b,
             web_client,
             web_sha256,
             scratch,
@@ -217,8 +242,10 @@ impl Demo {
             short(self.web_sha256)
         );
         println!(
-            "  node b {}  api: python3 -m http.server {API_PORT}",
-            self.peers[1]
+            "  node b {}  api: python3 HTTP server :{API_PORT} in runc container {} (pod {})",
+            self.peers[1],
+            &self.server.id()[..12],
+            self.server.addr4()
         );
         println!();
     }
@@ -247,7 +274,7 @@ impl Demo {
     }
 
     fn url(&self) -> String {
-        format!("http://{}:{API_PORT}/hello.txt", self.peers[1])
+        format!("http://{}:{API_PORT}/hello.txt", self.server.addr4())
     }
 
     /// `program` (a curl) fetching api's page from `cgroup` of node A, in an empty environment:
@@ -326,7 +353,11 @@ impl Demo {
         outcome(problems, "   v1: web -> api:8080", &seen, true, "");
         let [a, b] = [&self.a, &self.b].map(|node| {
             let file = node.dir().join("demo-v2.toml");
-            let policy = deny_web(&demo_policy(node.scope_path(), self.peers, self.web_sha256));
+            let policy = deny_web(&demo_policy(
+                node.scope_path(),
+                (self.peers, &self.pods_b),
+                self.web_sha256,
+            ));
             fs::write(&file, policy).expect("write the changed policy");
             node.cli_ok(&["policy", "reload", &file.to_string_lossy()])
         });

@@ -233,6 +233,7 @@ fn containers_run_in_their_own_pods_and_serve_over_the_bridge() {
     let web = web_server(&web_pod, &scope, CgroupLayout::Docker);
     let client = Container::builder(&client_pod, &scope)
         .user(65534, 65534)
+        .env("GREETING", "hello")
         .start();
 
     let web_netns = ns_inode(format!("/proc/{}/ns/net", web.pid()));
@@ -297,9 +298,11 @@ fn containers_run_in_their_own_pods_and_serve_over_the_bridge() {
         );
     }
     assert_eq!(
-        client.exec_stdout(&["id", "-u"]).trim(),
-        "65534",
-        "exec runs as the container's user"
+        client
+            .exec_stdout(&["sh", "-c", "echo $(id -u) $GREETING"])
+            .trim(),
+        "65534 hello",
+        "exec runs as the container's user, with its environment"
     );
 
     web.kill();

@@ -36,7 +36,10 @@ const HEAD: &str = "trust_domain = \"example.org\"\n";
 fn filled_demo() -> String {
     let filled = demo_policy(
         "/enforcer-demo",
-        [Ipv4Addr::new(192, 0, 2, 1), Ipv4Addr::new(192, 0, 2, 2)],
+        (
+            [Ipv4Addr::new(192, 0, 2, 1), Ipv4Addr::new(192, 0, 2, 2)],
+            "10.88.2.0/24",
+        ),
         Sha256Digest([0; 32]),
     );
     assert!(

@@ -9,15 +9,21 @@ use crate::attest::Sha256Digest;
 const TEMPLATE: &str = include_str!("../../../policies/demo.toml");
 
 /// The template filled in for a node with scope cgroup `scope`, mesh peers `peers` (node A,
-/// node B) and web's binary pinned to `web_sha256`. Comment lines stay as they are (they name
+/// node B), node B's pod network `pods_b` (`10.88.2.0/24`) and web's binary pinned to
+/// `web_sha256`. Comment lines stay as they are (they name
 /// the placeholders); panics if the template no longer uses a placeholder or uses an unknown
 /// one.
 #[must_use]
-pub fn demo_policy(scope: &str, peers: [Ipv4Addr; 2], web_sha256: Sha256Digest) -> String {
+pub fn demo_policy(
+    scope: &str,
+    (peers, pods_b): ([Ipv4Addr; 2], &str),
+    web_sha256: Sha256Digest,
+) -> String {
     let values = [
         ("@SCOPE@", scope.to_owned()),
         ("@NODE_A@", peers[0].to_string()),
         ("@NODE_B@", peers[1].to_string()),
+        ("@PODS_B@", pods_b.to_owned()),
         ("@WEB_SHA256@", web_sha256.to_string()),
     ];
     let is_comment = |line: &str| line.trim_start().starts_with('#');
