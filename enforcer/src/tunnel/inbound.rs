@@ -203,6 +203,8 @@ pub(super) async fn serve(node: Arc<Node>, listener: TcpListener, netns: Namespa
     loop {
         match listener.accept().await {
             Ok((tcp, addr)) => {
+                // A dual-stack listener (a workload namespace's) sees IPv4 peers v4-mapped.
+                let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
                 tokio::spawn(handle_connection(Arc::clone(&node), tcp, addr, netns));
             }
             Err(error) => {
