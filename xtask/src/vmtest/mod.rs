@@ -50,11 +50,13 @@ pub(crate) const SUPPORT_SUITE: &str = "kernel_support";
 /// (`tunnel` moves a gibibyte through TLS); `control_socket` is a Unix-socket HTTP server
 /// that loads nothing either; `daemon` and `bypass` drive the same kernel paths as `datapath`
 /// and `tunnel_netns` through two real (debug-built) daemons and their CLI, and under TCG the
-/// six tests of `daemon` alone took five minutes per kernel, doubling the tier. Every other
+/// six tests of `daemon` alone took five minutes per kernel, doubling the tier;
+/// `container_flows` is the same two-daemon shape with runc containers on each node. Every other
 /// suite runs in the guest, including `datapath` (every program and hook, attacked the same
 /// ways) and `tunnel_netns` (the tunnel over the real datapath), and any suite added later.
-const HOST_ONLY_SUITES: [&str; 10] = [
+const HOST_ONLY_SUITES: [&str; 11] = [
     "bypass",
+    "container_flows",
     "control_socket",
     "daemon",
     "identity_cli",
