@@ -401,8 +401,10 @@ fn plaintext_to_a_container_is_dropped_and_its_daemon_ports_are_reserved() {
     let outsider = Container::builder(&a.pods.attach("outsider"), &outsider_cgroup).start();
     assert_refused(&curl(&outsider, &url(api.addr4())));
     a.daemon
-        .wait_for_record("the drop of plaintext to api", |r| {
-            r.verdict.as_str() == "drop" && r.dst.addr == Some(format!("{}:{PORT}", api.addr4()))
+        .wait_for_record("the drop of plaintext to api, naming its container", |r| {
+            r.verdict.as_str() == "drop"
+                && r.dst.addr == Some(format!("{}:{PORT}", api.addr4()))
+                && r.dst.container_id.as_deref() == Some(api.id())
         });
 
     // A workload may not take the daemon's ports in its namespace.

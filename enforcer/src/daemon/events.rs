@@ -141,8 +141,18 @@ impl EventPump {
         let name = |number: u32| in_force.identities.id(number).map(ToString::to_string);
         let (event_kind, verdict, reason) = decision(event);
         let addr = |addr: std::net::SocketAddr| (addr.port() != 0).then(|| addr.to_string());
+        let mut dst = audit::Dst {
+            spiffe_id: name(event.dst_id),
+            addr: addr(event.dst),
+            ..audit::Dst::default()
+        };
         let src = if event.kind == EventKind::Drop {
-            // The sender of a dropped packet is remote or unenrolled: only its address.
+            // The receiver of a dropped packet is the local socket of cgroup `cgroup_id`; its
+            // sender is remote or unenrolled: only its address.
+            if let Some(container) = self.registrar.container_of_cgroup(event.cgroup_id) {
+                dst.container_id = container.container_id;
+                dst.pod_uid = container.pod_uid;
+            }
             audit::Src {
                 addr: addr(event.src),
                 ..audit::Src::default()
@@ -167,11 +177,7 @@ impl EventPump {
             rule: (event.rule != 0).then_some(event.rule),
             policy_version: event.policy_version,
             src,
-            dst: audit::Dst {
-                spiffe_id: name(event.dst_id),
-                addr: addr(event.dst),
-                ..audit::Dst::default()
-            },
+            dst,
             ..Entry::new(audit::Source::Kernel, event_kind, verdict, reason)
         }
     }

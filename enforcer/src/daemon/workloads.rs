@@ -234,6 +234,15 @@ impl Registrar {
         })
     }
 
+    /// The container and pod of the registered processes in cgroup `cgroup_id` (the owner of
+    /// a socket the kernel reported by its cgroup), if any is registered.
+    pub(crate) fn container_of_cgroup(&self, cgroup_id: u64) -> Option<ContainerInfo> {
+        self.table()
+            .values()
+            .find(|info| info.cgroup_id == Some(cgroup_id))
+            .map(|info| info.container.clone())
+    }
+
     fn register_with(&self, identities: &Identities, pid: u32) {
         let started = Instant::now();
         // The generation before attesting: an identity written for it is void if the process
