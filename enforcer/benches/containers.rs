@@ -8,7 +8,10 @@
 //!   containers served, against none, per namespace;
 //! - **throughput**: iperf3 from a container on node A to a container on node B, against the
 //!   same between two host processes of the same nodes, both through the tunnel, in
-//!   alternating rounds of the same run.
+//!   alternating rounds of the same run;
+//! - **latency**: 1-byte request/response round trips on one connection (a python3 client and
+//!   echo server, the same on both paths), container -> container against host -> host, in
+//!   alternating rounds: the p50 the container path adds.
 #![expect(
     unused_crate_dependencies,
     reason = "a benchmark program uses the library, not every dependency"
@@ -39,6 +42,35 @@ const READY_SAMPLES: usize = 20;
 const SERVED_CONTAINERS: usize = 50;
 const ROUNDS: usize = 3;
 const IPERF_SECONDS: &str = "4";
+const ECHO_PORT: u16 = 7000;
+/// An echo server: `python3 -c ECHO <address> <port>`.
+const ECHO: &str = "import socket, sys
+s = socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(8)
+while True:
+    c, _ = s.accept()
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    while d := c.recv(64):
+        c.sendall(d)
+    c.close()
+";
+/// `python3 -c ROUND_TRIPS <address> <port>`: 200 warm-up and 2,000 timed 1-byte round trips
+/// on one connection; prints the p50 and p99 in microseconds.
+const ROUND_TRIPS: &str = "import socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+t = []
+for _ in range(2200):
+    start = time.perf_counter_ns()
+    s.sendall(b'x')
+    if s.recv(1) != b'x':
+        sys.exit('echo mismatch')
+    t.append(time.perf_counter_ns() - start)
+t = sorted(t[200:])
+print(t[len(t) // 2] / 1e3, t[len(t) * 99 // 100] / 1e3)
+";
 
 fn policy(scope: &str, peer: IpAddr, peer_pods: &PodNetwork) -> String {
     let mut text = format!("trust_domain = \"{TD}\"\nenroll = [\"{scope}\"]\n");
@@ -75,7 +107,7 @@ fn main() {
     println!("enforcer bench containers: runc containers, one daemon per node namespace");
     ready(&a, &pods_a);
     footprint(&a, &pods_a);
-    throughput((&a, &pods_a), (&b, &pods_b), addr_b);
+    across_nodes((&a, &pods_a), (&b, &pods_b), addr_b);
 }
 
 /// Time from a container's start to its outbound listener.
@@ -158,8 +190,9 @@ fn bits_per_second(json: &str) -> f64 {
         .unwrap_or_else(|| panic!("no throughput in iperf3's report: {json}"))
 }
 
-/// Container -> container against host -> host, both across the nodes through the tunnel.
-fn throughput(a: (&DaemonNode, &PodNetwork), b: (&DaemonNode, &PodNetwork), host_b: IpAddr) {
+/// Container -> container against host -> host, both across the nodes through the tunnel:
+/// throughput, then latency.
+fn across_nodes(a: (&DaemonNode, &PodNetwork), b: (&DaemonNode, &PodNetwork), host_b: IpAddr) {
     let (client_cg, server_cg) = (a.0.scope().child("client"), b.0.scope().child("server"));
     let server = Container::builder(&b.1.attach("srv"), &server_cg)
         .args(["iperf3", "-s", "-p", &PORT.to_string()])
@@ -211,4 +244,53 @@ fn throughput(a: (&DaemonNode, &PodNetwork), b: (&DaemonNode, &PodNetwork), host
          {hosts:.2?}; ratio {:.2}",
         container / host
     );
+
+    let _echo = server.spawn_exec(&["python3", "-c", ECHO, "0.0.0.0", &ECHO_PORT.to_string()]);
+    server.wait_for_listener(ECHO_PORT);
+    let host_echo =
+        b.0.spawn(&server_cg, "python3")
+            .args([
+                "-c",
+                ECHO,
+                &host_b.to_string(),
+                &(ECHO_PORT + 1).to_string(),
+            ])
+            .spawn();
+    wait_for_listener(&host_echo, ECHO_PORT + 1);
+    let (mut containers, mut hosts) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        let answer = client.exec_stdout(&[
+            "python3",
+            "-c",
+            ROUND_TRIPS,
+            &server.addr4().to_string(),
+            &ECHO_PORT.to_string(),
+        ]);
+        containers.push(round_trip_p50(&answer));
+        let host =
+            a.0.spawn(host_client_cg, "python3")
+                .args(["-c", ROUND_TRIPS, &host_b.to_string()])
+                .arg((ECHO_PORT + 1).to_string())
+                .spawn();
+        let answer = host
+            .read_line(Duration::from_mins(1))
+            .unwrap_or_else(|| panic!("no round trips; stderr:\n{}", host.stderr()));
+        hosts.push(round_trip_p50(&answer));
+    }
+    let (container, host) = (median(&containers), median(&hosts));
+    println!(
+        "  latency across nodes through the tunnel, 1-byte round trips, {ROUNDS} alternating \
+         rounds: container -> container p50 {container:.0} us {containers:.0?}, host -> host \
+         p50 {host:.0} us {hosts:.0?}; the container path adds {:.0} us",
+        container - host
+    );
+}
+
+/// The p50 (microseconds) of a `ROUND_TRIPS` answer.
+fn round_trip_p50(answer: &str) -> f64 {
+    answer
+        .split_whitespace()
+        .next()
+        .and_then(|p50| p50.parse().ok())
+        .unwrap_or_else(|| panic!("bad round-trip answer {answer:?}"))
 }
