@@ -20,6 +20,7 @@ use std::{
 };
 
 use enforcer::{
+    attest::Sha256Digest,
     audit::AuditRecord,
     testing::{
         CgroupLayout, Container, DaemonNode, Netns, Node, PodNetwork, ScratchCgroup, TestPki,
@@ -27,6 +28,7 @@ use enforcer::{
     },
 };
 use rustix::process::Signal;
+use sha2::{Digest as _, Sha256};
 
 const TD: &str = "pods.test";
 /// The port the containers' servers listen on.
@@ -81,10 +83,20 @@ to = "spiffe://pods.test/api"
 [[allow]]
 from = "spiffe://pods.test/api"
 to = "spiffe://pods.test/host"
+
+[[allow]]
+from = "spiffe://pods.test/pinned"
+to = "spiffe://pods.test/api"
+ports = [8080]
 "#;
 
 /// The workloads: one cgroup below the scope each (containers go below theirs).
-const WORKLOADS: [&str; 6] = ["web", "db", "api", "x", "y", "host"];
+const WORKLOADS: [&str; 7] = ["web", "db", "api", "x", "y", "host", "pinned"];
+/// The workload that is also pinned by binary: a copy of [`CURL`] at `/client` in its
+/// container.
+const PINNED: &str = "pinned";
+/// Debian's curl (`cargo xtask setup` installs it), the binary `pinned` is pinned to.
+const CURL: &str = "/usr/bin/curl";
 
 fn binary() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_enforcer"))
@@ -101,9 +113,15 @@ fn policy(scope: &str, peer: IpAddr, peer_pods: &PodNetwork, rules: &str) -> Str
     for name in WORKLOADS {
         let _ = write!(
             text,
-            "[[workload]]\nid = \"{}\"\nselectors = [\"cgroup:path:{scope}/{name}\"]\n",
+            "[[workload]]\nid = \"{}\"\nselectors = [\"cgroup:path:{scope}/{name}\"",
             id(name)
         );
+        if name == PINNED {
+            let curl = fs::read(CURL).unwrap_or_else(|error| panic!("{CURL}: {error}"));
+            let digest = Sha256Digest(Sha256::digest(curl).into());
+            let _ = write!(text, ", \"unix:sha256:{digest}\"");
+        }
+        text.push_str("]\n");
     }
     let _ = write!(
         text,
@@ -216,7 +234,12 @@ impl Cluster {
 
 /// `curl` inside `container` (a new process of its cgroup and namespaces): its output.
 fn curl(container: &Container, url: &str) -> Output {
-    container.exec(&[
+    container.exec(&curl_args(url))
+}
+
+/// A curl command line that gives up within seconds.
+fn curl_args(url: &str) -> [&str; 7] {
+    [
         "curl",
         "-sS",
         "--connect-timeout",
@@ -224,7 +247,7 @@ fn curl(container: &Container, url: &str) -> Output {
         "--max-time",
         "10",
         url,
-    ])
+    ]
 }
 
 fn url(addr: impl Into<IpAddr>) -> String {
@@ -474,6 +497,47 @@ fn containers_on_two_nodes_go_through_mtls_and_both_trails_name_both() {
     assert_refused(&curl(&db, &url(api.addr4())));
     a.daemon.wait_for_record("db's refusal", |r| {
         r.verdict.as_str() == "deny" && r.src.container_id.as_deref() == Some(db.id())
+    });
+}
+
+#[test]
+fn a_binary_swapped_inside_a_container_loses_its_identity() {
+    let _serial = serial();
+    let cluster = Cluster::new(RULES);
+    let (a, b) = (&cluster.a, &cluster.b);
+    let api = b.server("api", "0.0.0.0");
+    let pinned = a.container(PINNED, &[]);
+    let client = pinned.bundle().join("rootfs/client");
+    let install = |source: &str| {
+        let staged = client.with_extension("new");
+        fs::copy(source, &staged).unwrap_or_else(|error| panic!("copy {source}: {error}"));
+        fs::rename(&staged, &client).expect("swap the client binary");
+    };
+    install(CURL);
+    let target = url(api.addr4());
+    let mut args = curl_args(&target);
+    args[0] = "/client";
+    assert_answered_by(a, &pinned.exec(&args), &api);
+
+    // Same path, same cgroup, same container: another binary.
+    install("/usr/bin/python3");
+    let impostor = pinned.exec(&[
+        "/client",
+        "-c",
+        &format!(
+            "import urllib.request\nprint(urllib.request.urlopen('{}', timeout=10).read())",
+            url(api.addr4())
+        ),
+    ]);
+    assert!(
+        !impostor.status.success(),
+        "the impostor was answered: {}",
+        String::from_utf8_lossy(&impostor.stdout)
+    );
+    a.daemon.wait_for_record("the impostor's refusal", |r| {
+        r.verdict.as_str() == "deny"
+            && r.reason == "no-identity"
+            && r.src.container_id.as_deref() == Some(pinned.id())
     });
 }
 
