@@ -260,6 +260,7 @@ fn assemble(
         Arc::clone(&registrar),
         tunnel.clone(),
         (Arc::clone(&kernel.maps), sources),
+        policy.clone(),
         (
             node.config.tunnel.outbound_port,
             node.config.tunnel.inbound_addr.port(),

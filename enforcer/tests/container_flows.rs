@@ -24,7 +24,7 @@ use enforcer::{
     audit::AuditRecord,
     testing::{
         CgroupLayout, Container, DaemonNode, Netns, Node, PodNetwork, ScratchCgroup, TestPki,
-        connect_nodes, require_root, route_pod_networks, serial,
+        connect_nodes, require_root, route_pod_networks, serial, wait_for_listener,
     },
 };
 use rustix::process::Signal;
@@ -88,7 +88,24 @@ to = "spiffe://pods.test/host"
 from = "spiffe://pods.test/pinned"
 to = "spiffe://pods.test/api"
 ports = [8080]
+
+[[egress]]
+cidr = "0.0.0.0/0"
+ports = [9000]
 "#;
+/// The port plaintext egress is permitted to (anywhere outside the mesh).
+const EGRESS_PORT: u16 = 9000;
+/// A server that answers one connection with the address it came from, then exits: `python3
+/// -c PEER_ECHO <address> <port>`.
+const PEER_ECHO: &str = "import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(1)
+c, (ip, _) = s.accept()
+c.sendall(ip.encode())
+c.close()
+";
 
 /// The workloads: one cgroup below the scope each (containers go below theirs).
 const WORKLOADS: [&str; 7] = ["web", "db", "api", "x", "y", "host", "pinned"];
@@ -106,9 +123,10 @@ fn id(name: &str) -> String {
     format!("spiffe://{TD}/{name}")
 }
 
-/// A node's policy: its scope enrolled, one workload per cgroup below it, the other node as a
-/// mesh peer serving its pod network, then `rules`.
-fn policy(scope: &str, peer: IpAddr, peer_pods: &PodNetwork, rules: &str) -> String {
+/// A node's policy: its scope enrolled, one workload per cgroup below it, both nodes as mesh
+/// peers serving their pod networks (the same peers in every node's policy, the node itself
+/// among them), then `rules`.
+fn policy(scope: &str, nodes: [(IpAddr, &PodNetwork); 2], rules: &str) -> String {
     let mut text = format!("trust_domain = \"{TD}\"\nenroll = [\"{scope}\"]\n");
     for name in WORKLOADS {
         let _ = write!(
@@ -123,12 +141,14 @@ fn policy(scope: &str, peer: IpAddr, peer_pods: &PodNetwork, rules: &str) -> Str
         }
         text.push_str("]\n");
     }
-    let _ = write!(
-        text,
-        "[[peer]]\naddress = \"{peer}\"\nport = {INBOUND_PORT}\ncidrs = [\"{}\", \"{}\"]\n",
-        peer_pods.subnet4(),
-        peer_pods.subnet6()
-    );
+    for (address, pods) in nodes {
+        let _ = write!(
+            text,
+            "[[peer]]\naddress = \"{address}\"\nport = {INBOUND_PORT}\ncidrs = [\"{}\", \"{}\"]\n",
+            pods.subnet4(),
+            pods.subnet6()
+        );
+    }
     text.push_str(rules);
     text
 }
@@ -199,6 +219,17 @@ struct Cluster {
 }
 
 impl Cluster {
+    /// Node `a`'s policy with `rules`: like every node's, it names both nodes as peers (one
+    /// policy file for the whole mesh).
+    fn policy_of_a(&self, rules: &str) -> String {
+        let (a, b) = (&self.a, &self.b);
+        let nodes = [
+            (IpAddr::from(a.daemon.link().addr4()), &a.pods),
+            (IpAddr::from(b.daemon.link().addr4()), &b.pods),
+        ];
+        policy(a.daemon.scope_path(), nodes, rules)
+    }
+
     fn new(rules: &str) -> Self {
         require_root();
         let link = connect_nodes(&Netns::new("pnode-a"), &Netns::new("pnode-b"));
@@ -207,11 +238,12 @@ impl Cluster {
         route_pod_networks(&pods_a, &pods_b, &link);
         let pki = TestPki::new(TD);
         let (addr_a, addr_b) = (IpAddr::from(link.0.addr4()), IpAddr::from(link.1.addr4()));
+        let nodes = [(addr_a, &pods_a), (addr_b, &pods_b)];
         let daemon_a = DaemonNode::start(binary(), &link.0, "a", &pki.root, |scope| {
-            policy(scope, addr_b, &pods_b, rules)
+            policy(scope, nodes, rules)
         });
         let daemon_b = DaemonNode::start(binary(), &link.1, "b", &pki.root, |scope| {
-            policy(scope, addr_a, &pods_a, rules)
+            policy(scope, nodes, rules)
         });
         let node = |daemon: DaemonNode, pods: PodNetwork| {
             let cgroups = WORKLOADS
@@ -235,6 +267,15 @@ impl Cluster {
 /// `curl` inside `container` (a new process of its cgroup and namespaces): its output.
 fn curl(container: &Container, url: &str) -> Output {
     container.exec(&curl_args(url))
+}
+
+/// Put a copy of `source` at `/client` in `container`, replacing what was there (a new inode,
+/// as an image update or an attacker's swap makes).
+fn install_client(container: &Container, source: &str) {
+    let client = container.bundle().join("rootfs/client");
+    let staged = client.with_extension("new");
+    fs::copy(source, &staged).unwrap_or_else(|error| panic!("copy {source}: {error}"));
+    fs::rename(&staged, &client).expect("swap the client binary");
 }
 
 /// A curl command line that gives up within seconds.
@@ -507,20 +548,14 @@ fn a_binary_swapped_inside_a_container_loses_its_identity() {
     let (a, b) = (&cluster.a, &cluster.b);
     let api = b.server("api", "0.0.0.0");
     let pinned = a.container(PINNED, &[]);
-    let client = pinned.bundle().join("rootfs/client");
-    let install = |source: &str| {
-        let staged = client.with_extension("new");
-        fs::copy(source, &staged).unwrap_or_else(|error| panic!("copy {source}: {error}"));
-        fs::rename(&staged, &client).expect("swap the client binary");
-    };
-    install(CURL);
+    install_client(&pinned, CURL);
     let target = url(api.addr4());
     let mut args = curl_args(&target);
     args[0] = "/client";
     assert_answered_by(a, &pinned.exec(&args), &api);
 
     // Same path, same cgroup, same container: another binary.
-    install("/usr/bin/python3");
+    install_client(&pinned, "/usr/bin/python3");
     let impostor = pinned.exec(&[
         "/client",
         "-c",
@@ -539,6 +574,132 @@ fn a_binary_swapped_inside_a_container_loses_its_identity() {
             && r.reason == "no-identity"
             && r.src.container_id.as_deref() == Some(pinned.id())
     });
+}
+
+#[test]
+fn the_daemons_plaintext_dial_for_a_container_stays_in_its_namespace() {
+    let _serial = serial();
+    let cluster = Cluster::new(RULES);
+    let a = &cluster.a;
+    // An unenrolled server on the node's own loopback, outside the mesh: the plaintext egress
+    // entry covers its port.
+    let mut host_server = a
+        .daemon
+        .spawn(&ScratchCgroup::new("egress-server"), "python3")
+        .args(["-c", PEER_ECHO, "127.0.0.1", &EGRESS_PORT.to_string()])
+        .spawn();
+    wait_for_listener(&host_server, EGRESS_PORT);
+    // In a container: a listener of no identity (python3 where only the pinned curl is
+    // `pinned`) on the same port of the container's own loopback, and a client of identity
+    // `pinned`. The kernel redirects the client (the destination is a local listener); the
+    // daemon finds no identity there and falls back to the egress entry.
+    let pinned = a.container(PINNED, &[]);
+    install_client(&pinned, CURL);
+    let _nobody = pinned.spawn_exec(&[
+        "python3",
+        "-c",
+        PEER_ECHO,
+        "127.0.0.1",
+        &EGRESS_PORT.to_string(),
+    ]);
+    pinned.wait_for_listener(EGRESS_PORT);
+    let target = format!("http://127.0.0.1:{EGRESS_PORT}/");
+    let mut args = curl_args(&target);
+    args[0] = "/client";
+    let output = pinned.exec(&args);
+    assert!(
+        !output.status.success(),
+        "the container's client was answered: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    // The dial was made in the container's namespace, where the ingress hook protects the
+    // listener of no identity from it: refused, and the node's loopback was never reached.
+    let record = a
+        .daemon
+        .wait_for_record("the client's egress attempt", |r| {
+            r.source.as_str() == "outbound"
+                && r.src.container_id.as_deref() == Some(pinned.id())
+                && r.dst.addr.as_deref() == Some(&format!("127.0.0.1:{EGRESS_PORT}"))
+        });
+    assert_eq!(record.verdict.as_str(), "deny", "{record:?}");
+    assert!(
+        host_server
+            .wait_timeout(Duration::from_millis(100))
+            .is_none(),
+        "the node's loopback server answered a container's connection"
+    );
+}
+
+#[test]
+fn a_workload_namespace_never_takes_an_address_it_does_not_own() {
+    let _serial = serial();
+    let cluster = Cluster::new(RULES);
+    let (a, b) = (&cluster.a, &cluster.b);
+    let api_a = a.server("api", "0.0.0.0");
+    let api_b = b.server("api", "0.0.0.0");
+    let web = a.container("web", &[]);
+    // A server that configures the address of another container on its node, of a container
+    // on the peer node, and of the node itself (as its root could, given CAP_NET_ADMIN).
+    let squatter = a.server("y", "0.0.0.0");
+    let stolen = [
+        IpAddr::from(api_a.addr4()),
+        IpAddr::from(api_b.addr4()),
+        IpAddr::from(a.daemon.link().addr4()),
+    ];
+    for ip in stolen {
+        squatter
+            .pod()
+            .netns()
+            .run(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "lo"]);
+    }
+    a.daemon
+        .wait_until("the daemon to refuse the three addresses", |daemon| {
+            let log = daemon.log();
+            stolen
+                .iter()
+                .all(|ip| log.contains(&format!("ip={ip} refused=")))
+        });
+    // The peer's container is still the peer's; the address two containers configure is
+    // nobody's: refused, never the squatter's.
+    assert_answered_by(a, &curl(&web, &url(api_b.addr4())), &api_b);
+    assert_refused(&curl(&web, &url(api_a.addr4())));
+}
+
+#[test]
+fn a_network_namespace_made_without_the_nodes_root_is_never_served() {
+    let _serial = serial();
+    let cluster = Cluster::new(RULES);
+    let a = &cluster.a;
+    let api = a.server("api", "0.0.0.0");
+    // An enrolled process escapes into a network namespace of its own, in a user namespace
+    // of its own (what any user can do where unprivileged user namespaces are allowed).
+    let escapee = a
+        .daemon
+        .spawn(a.cgroup("x"), "unshare")
+        .args(["-Urn", "sh", "-c"])
+        .arg(format!(
+            "curl -sS --max-time 3 {} >/dev/null 2>&1; echo \"exit=$?\"; sleep 30",
+            url(api.addr4())
+        ))
+        .spawn();
+    let line = escapee
+        .read_line(Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("no answer; stderr:\n{}", escapee.stderr()));
+    assert_ne!(
+        line, "exit=0",
+        "a connect from the escaped namespace went through"
+    );
+    a.daemon.wait_until("the refusal to serve it", |daemon| {
+        daemon.log().contains("belongs to another user namespace")
+    });
+    a.daemon
+        .wait_for_record("the connect refused as not served", |r| {
+            r.reason == "namespace-not-served"
+        });
+    assert!(
+        !a.served().contains(&netns_inode(escapee.pid())),
+        "the daemon serves the escaped namespace"
+    );
 }
 
 #[test]
@@ -582,12 +743,7 @@ fn a_reload_closes_an_open_container_flow_the_new_policy_denies() {
         "[[deny]]\nfrom = \"spiffe://pods.test/web\"",
     );
     let file = a.daemon.dir().join("next.toml");
-    let (peer, peer_pods) = (cluster.b.daemon.link().addr4(), &cluster.b.pods);
-    fs::write(
-        &file,
-        policy(a.daemon.scope_path(), peer.into(), peer_pods, &denied),
-    )
-    .expect("write the next policy");
+    fs::write(&file, cluster.policy_of_a(&denied)).expect("write the next policy");
     let reloaded = a
         .daemon
         .cli_ok(&["policy", "reload", file.to_str().expect("a UTF-8 path")]);
@@ -634,8 +790,7 @@ fn container_and_pod_selectors_match_the_runtimes_cgroup_paths() {
         );
     }
     let file = a.daemon.dir().join("selectors.toml");
-    let (peer, peer_pods) = (cluster.b.daemon.link().addr4(), &cluster.b.pods);
-    let text = policy(a.daemon.scope_path(), peer.into(), peer_pods, RULES);
+    let text = cluster.policy_of_a(RULES);
     let (head, rest) = text.split_at(text.find("[[peer]]").expect("a peer entry"));
     fs::write(&file, format!("{head}{entries}{rest}")).expect("write the policy");
     let reloaded = a

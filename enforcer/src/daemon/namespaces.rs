@@ -23,7 +23,7 @@ use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::{fd::AsFd as _, unix::fs::MetadataExt as _},
-    sync::{Arc, Mutex, PoisonError, RwLock},
+    sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock},
 };
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
@@ -32,6 +32,7 @@ use tokio::{net::TcpListener, net::TcpSocket, task::JoinHandle};
 use super::{sources::KernelSources, workloads::Registrar};
 use crate::{
     kernel::{Maps, Netns},
+    policy::PolicySnapshot,
     report::report,
     tunnel::{Namespace, SocketTagger as _, Tunnel},
 };
@@ -156,8 +157,13 @@ pub(crate) struct NamespaceServer {
     sources: Arc<KernelSources>,
     /// The redirect port and the inbound port.
     ports: (u16, u16),
+    /// The policy in force (its peers' networks are never a workload namespace's addresses).
+    policy: PolicySnapshot,
     /// Served namespaces by inode.
     serving: Mutex<HashMap<u64, Served>>,
+    /// What was already warned about, by namespace inode (and the address concerned): a
+    /// namespace refused for good, an address claim ignored. Pruned as namespaces go.
+    warned: Mutex<HashSet<(u64, Option<IpAddr>)>>,
 }
 
 impl NamespaceServer {
@@ -167,6 +173,7 @@ impl NamespaceServer {
         registrar: Arc<Registrar>,
         tunnel: Tunnel,
         (maps, sources): (Arc<Mutex<Maps>>, Arc<KernelSources>),
+        policy: PolicySnapshot,
         ports: (u16, u16),
     ) -> Self {
         Self {
@@ -176,12 +183,15 @@ impl NamespaceServer {
             maps,
             sources,
             ports,
+            policy,
             serving: Mutex::default(),
+            warned: Mutex::default(),
         }
     }
 
     /// Serve exactly the namespaces the registrar's workloads live in (besides the daemon's
-    /// own), then refresh every namespace's addresses and the kernel's served set. Runs on
+    /// own), then refresh every namespace's addresses and tell the kernel which namespaces
+    /// are served, all under one lock (two reconciles never undo each other's work). Runs on
     /// a thread that may block briefly, inside the runtime (the listeners join its reactor).
     pub(crate) fn reconcile(&self) {
         let home = self.namespaces.home().inode();
@@ -198,8 +208,8 @@ impl NamespaceServer {
             .into_iter()
             .filter(|&(inode, _)| inode != home && Some(inode) != host)
             .collect();
+        let mut serving = self.serving();
         {
-            let mut serving = self.serving();
             let gone: Vec<u64> = serving
                 .keys()
                 .filter(|inode| !wanted.contains_key(inode))
@@ -224,7 +234,18 @@ impl NamespaceServer {
                         );
                         serving.insert(inode, served);
                     }
-                    Err(error) => tracing::warn!(
+                    Err(ServeError::ForeignUserNamespace) => {
+                        if self.first_warning(inode, None) {
+                            tracing::warn!(
+                                pid,
+                                netns = inode,
+                                "a workload's network namespace belongs to another user \
+                                 namespace (an unprivileged unshare, a rootless runtime): never \
+                                 served; its connects fail closed"
+                            );
+                        }
+                    }
+                    Err(ServeError::Io(error)) => tracing::warn!(
                         pid,
                         netns = inode,
                         %error,
@@ -233,7 +254,14 @@ impl NamespaceServer {
                 }
             }
         }
-        self.refresh();
+        self.warned()
+            .retain(|(inode, _)| wanted.contains_key(inode));
+        self.refresh_addrs(&serving);
+        let mut cookies: Vec<u64> = serving.values().map(|s| s.netns.cookie()).collect();
+        cookies.push(self.namespaces.home().cookie());
+        if let Err(error) = self.maps().replace_served(&cookies) {
+            tracing::warn!(error = %report(&error), "failed to tell the kernel the served namespaces");
+        }
     }
 
     /// The workload namespaces served: (inode, cookie), by inode.
@@ -261,9 +289,21 @@ impl NamespaceServer {
         }
     }
 
-    /// Learn every served namespace's addresses, and tell the kernel which namespaces are
-    /// served and which address is whose.
+    /// Learn this node's and every served namespace's addresses, and tell the kernel which
+    /// address is whose. The kernel's served set is left as it is: at a restart, it still
+    /// holds the namespaces the earlier run served, whose ports the bind hooks keep until the
+    /// first reconcile.
     pub(crate) fn refresh(&self) {
+        let serving = self.serving();
+        self.refresh_addrs(&serving);
+    }
+
+    /// [`refresh`](Self::refresh), with the served namespaces locked. An address belongs to
+    /// the node when the node has it, else to the one workload namespace that configures it;
+    /// one that two workload namespaces configure, or that lies in another node's networks, is
+    /// nobody's (connects to it are not local, and plaintext there meets the ingress hook):
+    /// a workload that configures another's address takes nothing.
+    fn refresh_addrs(&self, serving: &HashMap<u64, Served>) {
         let home = self.namespaces.home();
         let mut addrs: HashMap<IpAddr, u64> = HashMap::new();
         match local_addrs() {
@@ -273,30 +313,54 @@ impl NamespaceServer {
                 return;
             }
         }
-        let served: Vec<Arc<Netns>> = self
-            .serving()
+        let served: Vec<Arc<Netns>> = serving
             .values()
             .map(|served| Arc::clone(&served.netns))
             .collect();
+        let mut claims: HashMap<IpAddr, Vec<&Netns>> = HashMap::new();
         for netns in &served {
             match netns.run(home, local_addrs) {
-                Ok(Ok(found)) => addrs.extend(found.into_iter().map(|ip| (ip, netns.cookie()))),
+                Ok(Ok(found)) => {
+                    for ip in found {
+                        claims.entry(ip).or_default().push(netns);
+                    }
+                }
                 Ok(Err(error)) | Err(error) => {
                     tracing::warn!(cookie = netns.cookie(), %error, "failed to list a served namespace's addresses");
                 }
             }
         }
-        let mut cookies: Vec<u64> = served.iter().map(|netns| netns.cookie()).collect();
-        cookies.push(home.cookie());
+        let view = Arc::clone(&self.policy.load().view);
+        let node_has = addrs.clone();
+        for (ip, claimers) in claims {
+            let refused = if node_has.contains_key(&ip) {
+                "the node's own"
+            } else if view
+                .peer_of(ip)
+                .is_some_and(|peer| !node_has.contains_key(&peer.to_canonical()))
+            {
+                // (One policy serves the whole mesh: the peer that is this node is not one.)
+                "in a peer's networks"
+            } else if let [only] = claimers[..] {
+                addrs.insert(ip, only.cookie());
+                continue;
+            } else {
+                "configured in another workload namespace too: nobody's"
+            };
+            for netns in claimers {
+                if self.first_warning(netns.inode(), Some(ip)) {
+                    tracing::warn!(
+                        netns = netns.inode(),
+                        %ip,
+                        refused,
+                        "a workload namespace configures an address that is not its own; ignored"
+                    );
+                }
+            }
+        }
         let table: Vec<(IpAddr, u64)> = addrs.iter().map(|(&ip, &netns)| (ip, netns)).collect();
-        {
-            let mut maps = self.maps.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Err(error) = maps.replace_local_addrs(&table) {
-                tracing::warn!(error = %report(&error), "failed to give the kernel the node's addresses");
-            }
-            if let Err(error) = maps.replace_served(&cookies) {
-                tracing::warn!(error = %report(&error), "failed to tell the kernel the served namespaces");
-            }
+        if let Err(error) = self.maps().replace_local_addrs(&table) {
+            tracing::warn!(error = %report(&error), "failed to give the kernel the node's addresses");
         }
         self.namespaces.set_addrs(addrs);
         self.namespaces.table_mut().served = served
@@ -305,15 +369,25 @@ impl NamespaceServer {
             .collect();
     }
 
+    /// Whether `(inode, ip)` is warned about for the first time (and remember it).
+    fn first_warning(&self, inode: u64, ip: Option<IpAddr>) -> bool {
+        self.warned().insert((inode, ip))
+    }
+
     /// Bring the listeners up in the namespace of `pid`, whose inode the registrar saw as
     /// `inode`.
-    fn serve(&self, pid: u32, inode: u64) -> io::Result<Served> {
+    fn serve(&self, pid: u32, inode: u64) -> Result<Served, ServeError> {
         let home = self.namespaces.home();
         let netns = Arc::new(Netns::of_process(pid, home)?);
         if netns.inode() != inode {
-            return Err(io::Error::other(format!(
-                "pid {pid} left network namespace {inode}"
-            )));
+            return Err(
+                io::Error::other(format!("pid {pid} left network namespace {inode}")).into(),
+            );
+        }
+        // A namespace that another user namespace owns was made without the node's root
+        // (`unshare -Urn`, a rootless runtime): whoever made it configures its addresses.
+        if netns.owner_user_namespace()? != std::fs::metadata("/proc/self/ns/user")?.ino() {
+            return Err(ServeError::ForeignUserNamespace);
         }
         let (outbound_port, inbound_port) = self.ports;
         let listeners = netns.run(home, || -> io::Result<Vec<(bool, TcpListener)>> {
@@ -382,9 +456,28 @@ impl NamespaceServer {
         );
     }
 
-    fn serving(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Served>> {
+    fn serving(&self) -> MutexGuard<'_, HashMap<u64, Served>> {
         self.serving.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    fn warned(&self) -> MutexGuard<'_, HashSet<(u64, Option<IpAddr>)>> {
+        self.warned.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn maps(&self) -> MutexGuard<'_, Maps> {
+        self.maps.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Why a workload namespace is not served.
+#[derive(Debug, thiserror::Error)]
+enum ServeError {
+    /// It belongs to a user namespace other than the daemon's.
+    #[error("the namespace belongs to another user namespace")]
+    ForeignUserNamespace,
+    /// Entering it or making the listeners failed.
+    #[error(transparent)]
+    Io(#[from] io::Error),
 }
 
 /// The addresses of the calling thread's namespace, loopback left out.

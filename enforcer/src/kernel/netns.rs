@@ -7,7 +7,7 @@
 use std::{
     fs::File,
     io,
-    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
     os::unix::fs::MetadataExt as _,
 };
 
@@ -78,6 +78,19 @@ impl Netns {
     #[must_use]
     pub const fn cookie(&self) -> u64 {
         self.cookie
+    }
+
+    /// The inode of the user namespace that owns this namespace (`NS_GET_USERNS`).
+    pub fn owner_user_namespace(&self) -> io::Result<u64> {
+        // SAFETY: `file` is an open namespace descriptor for the whole call; the ioctl takes
+        // no argument and returns a new descriptor or -1.
+        let fd = unsafe { libc::ioctl(self.file.as_raw_fd(), libc::NS_GET_USERNS) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the kernel just returned `fd`, open and owned by nobody else.
+        let owner = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        Ok(owner.metadata()?.ino())
     }
 
     /// Run `work` on the calling thread inside this namespace, then move the thread back to

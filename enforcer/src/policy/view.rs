@@ -59,6 +59,20 @@ impl PolicyView {
             .find_map(|peer| peer.dial_for(ip))
     }
 
+    /// The address of the mesh peer `ip` belongs to: the peer at `ip`, else the one whose
+    /// `cidrs` hold it.
+    #[must_use]
+    pub fn peer_of(&self, ip: IpAddr) -> Option<IpAddr> {
+        let ip = ip.to_canonical();
+        let at = |peer: &&Peer| peer.address.to_canonical() == ip;
+        let serves = |peer: &&Peer| peer.cidrs.iter().any(|net| net.contains(ip));
+        self.peers
+            .iter()
+            .find(at)
+            .or_else(|| self.peers.iter().find(serves))
+            .map(|peer| peer.address)
+    }
+
     /// The first TCP egress entry (in file order) that permits plaintext to `dst`.
     #[must_use]
     pub fn egress(&self, dst: SocketAddr) -> Option<&Egress> {
@@ -104,6 +118,12 @@ port = 16000
         // A peer's own address wins over another peer's networks.
         assert_eq!(dial("10.88.2.1"), Some("10.88.2.1:16000".parse().unwrap()));
         assert_eq!(dial("10.88.3.7"), None);
+
+        let peer_of = |ip: &str| view.peer_of(ip.parse().unwrap());
+        assert_eq!(peer_of("10.88.2.7"), Some("10.0.0.2".parse().unwrap()));
+        assert_eq!(peer_of("fd88:2::9"), Some("10.0.0.2".parse().unwrap()));
+        assert_eq!(peer_of("10.88.2.1"), Some("10.88.2.1".parse().unwrap()));
+        assert_eq!(peer_of("10.88.3.7"), None);
     }
 
     #[test]

@@ -22,8 +22,10 @@ use super::{
 pub(super) enum Dial<'a> {
     /// A hop to this local workload, made in its network namespace.
     Hop(&'a LocalOwner),
-    /// A connection to a peer node or a plaintext egress destination.
-    Out,
+    /// A connection made in this namespace: to a peer node from the node's own
+    /// ([`Namespace::HOME`]), to a plaintext egress destination from the client's, so it
+    /// leaves with the client's own routes and addresses and its loopback is its own.
+    Out(Namespace),
 }
 
 /// Why a connection could not be made.
@@ -89,7 +91,7 @@ pub(super) async fn connect(
     let socket_err = |source| ConnectError::Socket { addr, source };
     let socket = match dial {
         Dial::Hop(owner) => tags.socket_in(owner.netns, addr),
-        Dial::Out => tags.socket_in(Namespace::HOME, addr),
+        Dial::Out(netns) => tags.socket_in(netns, addr),
     }
     .map_err(socket_err)?;
     match dial {
@@ -102,7 +104,7 @@ pub(super) async fn connect(
                 })?;
             tags.hop(socket.as_fd(), &owner.id).map_err(socket_err)?;
         }
-        Dial::Out => tags.own(socket.as_fd()).map_err(socket_err)?,
+        Dial::Out(_) => tags.own(socket.as_fd()).map_err(socket_err)?,
     }
     let stream = tokio::time::timeout(timeout, socket.connect(addr))
         .await

@@ -110,7 +110,7 @@ async fn handle(node: Arc<Node>, tcp: TcpStream, client: SocketAddr, netns: Name
         tunnel(&node, flow, tcp, peer).await;
     } else if let Some(egress) = flow.view.egress(flow.origin.dst) {
         tracing::debug!(dst = %flow.origin.dst, %egress, "plaintext egress");
-        plaintext(&node, flow, tcp).await;
+        plaintext(&node, flow, tcp, netns).await;
     } else {
         flow.refuse(&node, tcp, (Reason::NoRoute, None));
     }
@@ -211,13 +211,13 @@ async fn tunnel(node: &Node, mut flow: Flow, tcp: TcpStream, peer: SocketAddr) {
     .await;
 }
 
-/// Permitted plaintext egress: connect directly.
-async fn plaintext(node: &Node, flow: Flow, tcp: TcpStream) {
+/// Permitted plaintext egress: connect directly, from the client's namespace `netns`.
+async fn plaintext(node: &Node, flow: Flow, tcp: TcpStream, netns: Namespace) {
     let dst = flow.origin.dst;
     let config = &node.config;
     let connecting = Box::pin(net::connect(
         dst,
-        Dial::Out,
+        Dial::Out(netns),
         node.tags.as_ref(),
         config.connect_timeout,
         config.keepalive,

@@ -32,7 +32,7 @@ use super::{
     metrics::{Metric, Metrics},
     net::{self, ConnectError, Dial},
     record::Placement,
-    state::SocketTagger,
+    state::{Namespace, SocketTagger},
 };
 use crate::identity::{
     PeerAuthorizer, SpiffeId, SvidVerifyError, TrustBundleSet, X509Svid, client_config,
@@ -371,7 +371,7 @@ impl Pool {
         let started = Instant::now();
         let tcp = net::connect(
             peer,
-            Dial::Out,
+            Dial::Out(Namespace::HOME),
             self.tags.as_ref(),
             config.connect_timeout,
             config.keepalive,
