@@ -524,25 +524,40 @@ async fn egress_passes_in_plaintext_and_other_destinations_have_no_route() {
 async fn reload_closes_open_flows_the_new_policy_denies() {
     let mesh = mesh(MeshSpec::default()).await;
     let api = echo_workload(&mesh, "api").await;
-    let mut client = mesh.a.connect(&id("web"), api).await.unwrap();
-    client.write_all(b"ping").await.unwrap();
-    let mut buf = [0u8; 4];
-    client.read_exact(&mut buf).await.unwrap();
-    assert_eq!(mesh.a.tunnel.open_flows(), 1);
-
     let deny_all = format!("trust_domain = \"{TD}\"\n");
-    assert_eq!(mesh.b.reload(&deny_all), 1);
-    assert_eq!(mesh.a.reload(&deny_all), 1);
-    let read = tokio::time::timeout(PROMPT, client.read(&mut buf))
-        .await
-        .expect("the revoked flow closes");
-    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    // Each node in turn revokes an open flow: its own end closes as revoked, and the other
+    // end then closes as the stream ends (one flow each, so no reload races the other's).
     for node in [&mesh.a, &mesh.b] {
-        let close = node.wait_for_record(|r| r.event == FlowEvent::Close).await;
+        let mut client = mesh.a.connect(&id("web"), api).await.unwrap();
+        client.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        client.read_exact(&mut buf).await.unwrap();
+        assert_eq!(node.tunnel.open_flows(), 1);
+
+        let allowed = node.policy_text();
+        assert_eq!(node.reload(&deny_all), 1);
+        let read = tokio::time::timeout(PROMPT, client.read(&mut buf))
+            .await
+            .expect("the revoked flow closes");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        let close = node
+            .wait_for_record(|r| r.event == FlowEvent::Close && r.reason == Reason::Revoked)
+            .await;
         assert_eq!(
-            (close.reason, close.verdict, close.policy_version),
-            (Reason::Revoked, FlowVerdict::Deny, 2)
+            (close.verdict, close.policy_version),
+            (FlowVerdict::Deny, 2)
         );
         assert_eq!(node.tunnel.metrics().get(Metric::FlowsRevoked), 1);
+        assert_eq!(node.reload(&allowed), 0);
+        // The far end has closed too before the next round counts open flows.
+        for end in [&mesh.a, &mesh.b] {
+            tokio::time::timeout(PROMPT, async {
+                while end.tunnel.open_flows() > 0 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+            .await
+            .expect("both ends of the revoked flow close");
+        }
     }
 }

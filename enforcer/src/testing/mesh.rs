@@ -232,6 +232,12 @@ impl MeshNode {
         }
     }
 
+    /// The text of the policy in force.
+    #[must_use]
+    pub fn policy_text(&self) -> String {
+        self.policy.load().text.clone()
+    }
+
     /// Put the policy `text` in force as the next version, as a reload does, and close the
     /// open flows it denies. Returns how many were closed.
     #[must_use = "how many open flows were closed"]
