@@ -171,6 +171,7 @@ impl KernelSources {
             | Identification::Refused { .. } => Err(OriginError::NoIdentity {
                 pid,
                 dst,
+                placement: placement(&facts.container),
                 exe: facts.exe,
             }),
         }
@@ -215,10 +216,14 @@ impl Origins for KernelSources {
                 .identities
                 .id(original.src_id)
                 .cloned()
-                .ok_or_else(|| OriginError::NoIdentity {
-                    pid,
-                    dst,
-                    exe: self.exe_of(pid).unwrap_or_default().0,
+                .ok_or_else(|| {
+                    let (exe, placement) = self.exe_of(pid).unwrap_or_default();
+                    OriginError::NoIdentity {
+                        pid,
+                        dst,
+                        exe,
+                        placement,
+                    }
                 })?
         };
         Ok(origin(&original, id, self.exe_of(pid)))

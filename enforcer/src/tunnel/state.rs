@@ -161,6 +161,8 @@ pub enum OriginError {
         pid: u32,
         /// Its binary.
         exe: PathBuf,
+        /// The container and pod it runs in, when known.
+        placement: Placement,
         /// Where it connected.
         dst: SocketAddr,
     },
@@ -171,17 +173,23 @@ impl OriginError {
     /// record named it) and the original destination (when known).
     #[must_use]
     pub fn parties(&self, client: SocketAddr) -> (Party, Party) {
-        let (pid, exe, dst) = match self {
-            Self::NotRedirected(_) => (None, None, None),
+        let (pid, exe, placement, dst) = match self {
+            Self::NotRedirected(_) => (None, None, Placement::default(), None),
             Self::Attest { pid, dst, .. } | Self::Changed { pid, dst } => {
-                (Some(*pid), None, Some(*dst))
+                (Some(*pid), None, Placement::default(), Some(*dst))
             }
-            Self::NoIdentity { pid, exe, dst } => (Some(*pid), Some(exe.clone()), Some(*dst)),
+            Self::NoIdentity {
+                pid,
+                exe,
+                placement,
+                dst,
+            } => (Some(*pid), Some(exe.clone()), placement.clone(), Some(*dst)),
         };
         let src = Party {
             addr: Some(client),
             pid,
             exe,
+            placement,
             ..Party::default()
         };
         let dst = Party {
