@@ -30,14 +30,12 @@ use std::{
 
 use common::median;
 use enforcer::testing::{
-    Container, DaemonNode, Netns, PodNetwork, ScratchCgroup, TestPki, connect_nodes, require_root,
+    Container, DaemonNode, Netns, OUTBOUND_PORT, PodNetwork, TestPki, connect_nodes, require_root,
     route_pod_networks, wait_for_listener,
 };
 
 const TD: &str = "bench.containers";
 const PORT: u16 = 5201;
-/// `127.0.0.1:15001`, listening, as `/proc/net/tcp` writes it.
-const OUTBOUND_LISTENING: &str = "0100007F:3A99 00000000:0000 0A";
 const READY_SAMPLES: usize = 20;
 const SERVED_CONTAINERS: usize = 50;
 const ROUNDS: usize = 3;
@@ -117,15 +115,7 @@ fn ready(node: &DaemonNode, pods: &PodNetwork) {
     for n in 0..READY_SAMPLES {
         let container = Container::builder(&pods.attach(&format!("ready{n}")), &idle).start();
         let started = Instant::now();
-        let table = format!("/proc/{}/net/tcp", container.pid());
-        while !fs::read_to_string(&table).is_ok_and(|text| text.contains(OUTBOUND_LISTENING)) {
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "the daemon never served container {}",
-                container.id()
-            );
-            std::thread::sleep(Duration::from_micros(500));
-        }
+        wait_served(&container, Duration::from_micros(500));
         samples.push(started.elapsed().as_secs_f64() * 1e3);
     }
     samples.sort_by(f64::total_cmp);
@@ -136,6 +126,22 @@ fn ready(node: &DaemonNode, pods: &PodNetwork) {
         samples[samples.len() - 1],
         samples[0]
     );
+}
+
+/// Wait, polling every `poll`, until the daemon's outbound listener (`127.0.0.1`, the
+/// redirect port) is up in `container`'s namespace, as its `/proc/<pid>/net/tcp` shows it.
+fn wait_served(container: &Container, poll: Duration) {
+    let listening = format!("0100007F:{OUTBOUND_PORT:04X} 00000000:0000 0A");
+    let table = format!("/proc/{}/net/tcp", container.pid());
+    let started = Instant::now();
+    while !fs::read_to_string(&table).is_ok_and(|text| text.contains(&listening)) {
+        assert!(
+            started.elapsed() < Duration::from_mins(1),
+            "the daemon never served container {}",
+            container.id()
+        );
+        std::thread::sleep(poll);
+    }
 }
 
 /// The daemon's RSS (KiB) and open descriptors.
@@ -161,12 +167,7 @@ fn footprint(node: &DaemonNode, pods: &PodNetwork) {
         .map(|n| Container::builder(&pods.attach(&format!("idle{n}")), &idle).start())
         .collect();
     for container in &containers {
-        let table = format!("/proc/{}/net/tcp", container.pid());
-        let started = Instant::now();
-        while !fs::read_to_string(&table).is_ok_and(|text| text.contains(OUTBOUND_LISTENING)) {
-            assert!(started.elapsed() < Duration::from_mins(1), "not served");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_served(container, Duration::from_millis(5));
     }
     std::thread::sleep(Duration::from_secs(1));
     let (rss1, fds1) = usage(node);
@@ -199,8 +200,11 @@ fn across_nodes(a: (&DaemonNode, &PodNetwork), b: (&DaemonNode, &PodNetwork), ho
         .start();
     server.wait_for_listener(PORT);
     let client = Container::builder(&a.1.attach("cli"), &client_cg).start();
+    // The host processes of the same workloads: in child cgroups (runc may enable controllers
+    // on the containers' parents, which then hold no process of their own).
+    let (host_client_cg, host_server_cg) = (client_cg.child("host"), server_cg.child("host"));
     let host_server =
-        b.0.spawn(&server_cg, "iperf3")
+        b.0.spawn(&host_server_cg, "iperf3")
             .args([
                 "-s",
                 "-B",
@@ -210,7 +214,6 @@ fn across_nodes(a: (&DaemonNode, &PodNetwork), b: (&DaemonNode, &PodNetwork), ho
             ])
             .spawn();
     wait_for_listener(&host_server, PORT + 1);
-    let host_client_cg: &ScratchCgroup = &client_cg;
     let mut containers = Vec::new();
     let mut hosts = Vec::new();
     for _ in 0..ROUNDS {
@@ -227,7 +230,7 @@ fn across_nodes(a: (&DaemonNode, &PodNetwork), b: (&DaemonNode, &PodNetwork), ho
         containers.push(bits_per_second(&String::from_utf8_lossy(&output.stdout)) / 1e9);
         let report = tempfile::NamedTempFile::new().expect("a report file");
         let mut host =
-            a.0.spawn(host_client_cg, "iperf3")
+            a.0.spawn(&host_client_cg, "iperf3")
                 .args(["-c", &host_b.to_string(), "-p", &(PORT + 1).to_string()])
                 .args(["-t", IPERF_SECONDS, "-J", "--logfile"])
                 .arg(report.path())
@@ -248,7 +251,7 @@ fn across_nodes(a: (&DaemonNode, &PodNetwork), b: (&DaemonNode, &PodNetwork), ho
     let _echo = server.spawn_exec(&["python3", "-c", ECHO, "0.0.0.0", &ECHO_PORT.to_string()]);
     server.wait_for_listener(ECHO_PORT);
     let host_echo =
-        b.0.spawn(&server_cg, "python3")
+        b.0.spawn(&host_server_cg, "python3")
             .args([
                 "-c",
                 ECHO,
@@ -268,7 +271,7 @@ fn across_nodes(a: (&DaemonNode, &PodNetwork), b: (&DaemonNode, &PodNetwork), ho
         ]);
         containers.push(round_trip_p50(&answer));
         let host =
-            a.0.spawn(host_client_cg, "python3")
+            a.0.spawn(&host_client_cg, "python3")
                 .args(["-c", ROUND_TRIPS, &host_b.to_string()])
                 .arg((ECHO_PORT + 1).to_string())
                 .spawn();

@@ -274,7 +274,7 @@ impl Demo {
     }
 
     fn url(&self) -> String {
-        format!("http://{}:{API_PORT}/hello.txt", self.server.addr4())
+        format!("http://{}:{API_PORT}/", self.server.addr4())
     }
 
     /// `program` (a curl) fetching api's page from `cgroup` of node A, in an empty environment:

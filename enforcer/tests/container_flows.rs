@@ -13,18 +13,18 @@ use std::{
     fmt::Write as _,
     fs,
     net::{IpAddr, SocketAddr},
-    os::unix::fs::MetadataExt as _,
     path::Path,
     process::Output,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use enforcer::{
     attest::Sha256Digest,
     audit::AuditRecord,
     testing::{
-        CgroupLayout, Container, DaemonNode, Netns, Node, PodNetwork, ScratchCgroup, TestPki,
-        connect_nodes, require_root, route_pod_networks, serial, wait_for_listener,
+        CgroupLayout, Container, DaemonNode, INBOUND_PORT, Netns, Node, OUTBOUND_PORT, PodNetwork,
+        ScratchCgroup, TestPki, connect_nodes, ns_inode, require_root, route_pod_networks, serial,
+        wait_for_listener,
     },
 };
 use rustix::process::Signal;
@@ -33,10 +33,6 @@ use sha2::{Digest as _, Sha256};
 const TD: &str = "pods.test";
 /// The port the containers' servers listen on.
 const PORT: u16 = 8080;
-/// The tunnel's inbound port (the daemon's default).
-const INBOUND_PORT: u16 = 15008;
-/// How long a container's namespace may take to be served or released.
-const SERVE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A server answering every GET with the container's hostname (its id's first 12 digits),
 /// bound to the address given as its argument (`::` takes IPv4 too).
@@ -174,11 +170,9 @@ impl PodNode {
     /// once the daemon serves its network namespace.
     fn container(&self, name: &str, args: &[&str]) -> Container {
         let pod = self.pods.attach(name);
-        let mut builder = Container::builder(&pod, self.cgroup(name));
-        if !args.is_empty() {
-            builder = builder.args(args.iter().copied());
-        }
-        let container = builder.start();
+        let container = Container::builder(&pod, self.cgroup(name))
+            .args(args.iter().copied())
+            .start();
         self.wait_served(&container);
         container
     }
@@ -204,14 +198,14 @@ impl PodNode {
 
     fn wait_served(&self, container: &Container) {
         let inode = netns_inode(container.pid());
-        wait(
+        self.daemon.wait_until(
             &format!("{}'s namespace to be served", container.id()),
-            || self.served().contains(&inode),
+            |_| self.served().contains(&inode),
         );
     }
 }
 
-/// Two nodes with routed pod networks; node `a` only, when the test needs one.
+/// Two nodes with routed pod networks, one daemon each (most tests use node `a` alone).
 struct Cluster {
     a: PodNode,
     b: PodNode,
@@ -321,18 +315,9 @@ fn assert_refused(output: &Output) {
     assert!(output.stdout.is_empty(), "no byte may arrive");
 }
 
+/// The inode of process `pid`'s network namespace.
 fn netns_inode(pid: u32) -> u64 {
-    fs::metadata(format!("/proc/{pid}/ns/net"))
-        .unwrap_or_else(|error| panic!("pid {pid} has no network namespace: {error}"))
-        .ino()
-}
-
-fn wait(what: &str, mut ready: impl FnMut() -> bool) {
-    let deadline = Instant::now() + SERVE_TIMEOUT;
-    while !ready() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    ns_inode(format!("/proc/{pid}/ns/net"))
 }
 
 /// The open record of an allowed flow from `src` to `dst` (container ids), as `node` wrote it.
@@ -472,7 +457,7 @@ fn plaintext_to_a_container_is_dropped_and_its_daemon_ports_are_reserved() {
         });
 
     // A workload may not take the daemon's ports in its namespace.
-    for port in [15001, INBOUND_PORT] {
+    for port in [OUTBOUND_PORT, INBOUND_PORT] {
         let bind = api.exec(&[
             "python3",
             "-c",
@@ -502,13 +487,14 @@ fn a_container_that_exits_releases_its_namespace_and_leaks_nothing() {
     };
     // One cycle first: whatever the daemon opens once (SVIDs, pools) is not a leak.
     drop(a.container("web", &[]));
-    wait("the namespace to be released", || a.served().is_empty());
+    a.daemon
+        .wait_until("the namespace to be released", |_| a.served().is_empty());
     let before = fds();
     for _ in 0..20 {
         let web = a.container("web", &[]);
         let inode = netns_inode(web.pid());
         drop(web);
-        wait("the namespace to be released", || {
+        a.daemon.wait_until("the namespace to be released", |_| {
             !a.served().contains(&inode)
         });
     }
@@ -711,7 +697,11 @@ fn the_daemon_restarted_serves_running_containers_again_and_a_killed_one_fails_c
     assert_answered_by(&cluster.a, &curl(&web, &url(api.addr4())), &api);
 
     cluster.a.daemon.signal(Signal::KILL);
-    cluster.a.daemon.wait(Duration::from_secs(10));
+    cluster
+        .a
+        .daemon
+        .wait(Duration::from_secs(10))
+        .expect("the killed daemon exited");
     assert_refused(&curl(&web, &url(api.addr4())));
 
     cluster.a.daemon.restart();
@@ -727,16 +717,25 @@ fn a_reload_closes_an_open_container_flow_the_new_policy_denies() {
     let a = &cluster.a;
     let api = a.server("api", "0.0.0.0");
     let web = a.container("web", &[]);
-    // A connection that stays open: a python client that connects, then waits.
+    // A connection that stays open: a python client that connects, then waits for the far
+    // end to close it (the server never writes first).
     let client = web.spawn_exec(&[
         "python3",
         "-c",
         &format!(
-            "import socket, time\ns = socket.create_connection(('{}', {PORT}))\n\
-             print('connected', flush=True)\ntime.sleep(60)",
+            "import socket\ns = socket.create_connection(('{}', {PORT}))\n\
+             print('connected', flush=True)\ns.settimeout(60)\n\
+             try:\n    print('closed' if s.recv(1) == b'' else 'data', flush=True)\n\
+             except ConnectionResetError:\n    print('closed', flush=True)",
             api.addr4()
         ),
     ]);
+    assert_eq!(
+        client.read_line(Duration::from_secs(20)).as_deref(),
+        Some("connected"),
+        "{}",
+        client.stderr()
+    );
     flow_between(a, "outbound", &web, &api);
     let denied = RULES.replace(
         "[[allow]]\nfrom = \"spiffe://pods.test/web\"",
@@ -751,7 +750,12 @@ fn a_reload_closes_an_open_container_flow_the_new_policy_denies() {
     a.daemon.wait_for_record("the revocation", |r| {
         r.reason == "revoked" && r.src.container_id.as_deref() == Some(web.id())
     });
-    drop(client);
+    assert_eq!(
+        client.read_line(Duration::from_secs(20)).as_deref(),
+        Some("closed"),
+        "{}",
+        client.stderr()
+    );
 }
 
 #[test]

@@ -9,9 +9,8 @@
 )]
 
 use std::fs;
-use std::os::unix::fs::MetadataExt;
 use std::panic::{self, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -19,7 +18,7 @@ use std::time::{Duration, Instant};
 use enforcer::attest::{AttestOptions, Attestor, ProcessFacts};
 use enforcer::testing::{
     CgroupLayout, Container, Netns, Pod, PodNetwork, ScratchCgroup, cgroup_hierarchies,
-    connect_nodes, require_root, route_pod_networks, serial,
+    connect_nodes, ns_inode, require_root, route_pod_networks, serial,
 };
 
 /// Generous bound for anything that should happen "at once" on a loaded CI machine, or in
@@ -80,14 +79,6 @@ fn assert_served(output: &Output, what: &str) {
         output.status,
         String::from_utf8_lossy(&output.stderr).trim()
     );
-}
-
-/// The inode of the namespace file at `path` (`/proc/<pid>/ns/<kind>` or a bind mount of one).
-fn ns_inode(path: impl AsRef<Path>) -> u64 {
-    let path = path.as_ref();
-    fs::metadata(path)
-        .unwrap_or_else(|error| panic!("failed to stat {}: {error}", path.display()))
-        .ino()
 }
 
 /// Attests `container`'s init process as the daemon would.
@@ -522,7 +513,12 @@ fn a_panicking_test_leaves_nothing_behind() {
         panic!("deliberate panic with a live container");
     }));
 
-    assert!(outcome.is_err());
+    // The panic is the deliberate one, after everything was made (not a failure on the way).
+    let payload = outcome.expect_err("the test body panics");
+    assert_eq!(
+        payload.downcast_ref::<&str>(),
+        Some(&"deliberate panic with a live container")
+    );
     footprint.assert_gone();
     let node_path = node_path.expect("the node was created");
     assert!(!node_path.exists(), "{} left behind", node_path.display());

@@ -17,8 +17,8 @@ use super::{
     emit::{count, emit},
     enroll::current_enrolled_cgroup,
     state::{
-        AF_INET, AF_INET6, active_policy, config, current_tgid, daemon_tag, is_served, mapped,
-        port_from_be, read_words, sock_tag,
+        AF_INET, AF_INET6, IPPROTO_TCP, active_policy, config, current_tgid, daemon_tag, is_served,
+        mapped, port_from_be, read_words, sock_tag,
     },
 };
 
@@ -86,7 +86,7 @@ fn decide(ctx: &SockAddrContext, local: &SockKey, family: u32) -> i32 {
             reason: reasons::RESERVED_PORT,
             src: *local,
             family,
-            protocol: super::state::IPPROTO_TCP,
+            protocol: IPPROTO_TCP,
             ..Event::default()
         },
     );

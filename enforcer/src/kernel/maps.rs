@@ -24,7 +24,7 @@ use enforcer_ebpf::{
 };
 
 use super::{
-    addr::{sock_key, socket_addr, to_words},
+    addr::{from_words, sock_key, socket_addr, to_words},
     netns::netns_cookie,
 };
 
@@ -671,52 +671,29 @@ impl Maps {
     /// the network namespace it is configured in: a wildcard listener owns a destination only
     /// at an address of its own namespace. New entries first, then stale ones removed.
     pub fn replace_local_addrs(&mut self, addrs: &[(IpAddr, u64)]) -> Result<(), MapsError> {
-        let name = map_names::LOCAL_ADDRS;
-        for &(addr, netns) in addrs {
-            self.local_addrs
-                .insert(to_words(addr), netns, 0)
-                .map_err(kernel(name, || format!("add {addr}")))?;
-        }
-        let keep: HashSet<[u32; 4]> = addrs.iter().map(|&(addr, _)| to_words(addr)).collect();
-        let stale: Vec<[u32; 4]> = self
-            .local_addrs
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|words| !keep.contains(words))
+        let entries: Vec<([u32; 4], u64)> = addrs
+            .iter()
+            .map(|&(addr, netns)| (to_words(addr), netns))
             .collect();
-        for words in stale {
-            remove_if_present(&mut self.local_addrs, &words, name, || {
-                "remove a stale address".into()
-            })?;
-        }
-        Ok(())
+        replace_entries(
+            &mut self.local_addrs,
+            &entries,
+            map_names::LOCAL_ADDRS,
+            |&words| format!("address {}", from_words(words)),
+        )
     }
 
     /// Make `served` the network namespaces the daemon serves (its listeners are there):
     /// enrolled connects are redirected only in them, and their daemon ports are the daemon's.
     /// New entries first, then stale ones removed.
     pub fn replace_served(&mut self, served: &[u64]) -> Result<(), MapsError> {
-        let name = map_names::NETNS;
-        for &netns in served {
-            if netns == 0 {
-                return Err(MapsError::invalid("served namespace", "cookie 0"));
-            }
-            self.netns
-                .insert(netns, 1, 0)
-                .map_err(kernel(name, || format!("serve namespace {netns}")))?;
+        if served.contains(&0) {
+            return Err(MapsError::invalid("served namespace", "cookie 0"));
         }
-        let stale: Vec<u64> = self
-            .netns
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|netns| !served.contains(netns))
-            .collect();
-        for netns in stale {
-            remove_if_present(&mut self.netns, &netns, name, || {
-                format!("stop serving namespace {netns}")
-            })?;
-        }
-        Ok(())
+        let entries: Vec<(u64, u32)> = served.iter().map(|&netns| (netns, 1)).collect();
+        replace_entries(&mut self.netns, &entries, map_names::NETNS, |netns| {
+            format!("served namespace {netns}")
+        })
     }
 
     /// The network namespaces the kernel counts as served.
@@ -959,8 +936,6 @@ impl Maps {
     }
 }
 
-/// The LPM key of an egress entry, rejecting bad prefixes, networks with host bits set and
-/// ports where the protocol has none.
 /// The trie key of the peer network `network/prefix_len` (IPv4 as its v4-mapped IPv6 form).
 fn peer_key(network: IpAddr, prefix_len: u8) -> Result<Key<[u32; 4]>, MapsError> {
     let (max, offset) = match network {
@@ -976,6 +951,8 @@ fn peer_key(network: IpAddr, prefix_len: u8) -> Result<Key<[u32; 4]>, MapsError>
     Ok(Key::new(u32::from(prefix_len) + offset, to_words(network)))
 }
 
+/// The LPM key of an egress entry, rejecting bad prefixes, networks with host bits set and
+/// ports where the protocol has none.
 fn egress_key(entry: &EgressEntry) -> Result<Key<EgressKey>, MapsError> {
     let EgressEntry {
         network,
@@ -1076,6 +1053,33 @@ fn lookup<K: aya::Pod, V: aya::Pod>(
         Err(MapError::KeyNotFound) => Ok(None),
         Err(source) => Err(kernel(name, what)(source)),
     }
+}
+
+/// Make `map` hold exactly `entries`: every entry written first (a lookup meanwhile finds the
+/// old value or the new one, never nothing), then the keys not among them removed. `describe`
+/// names a key in errors.
+fn replace_entries<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    entries: &[(K, V)],
+    name: &'static str,
+    describe: impl Fn(&K) -> String,
+) -> Result<(), MapsError> {
+    for (key, value) in entries {
+        map.insert(key, value, 0)
+            .map_err(kernel(name, || format!("write {}", describe(key))))?;
+    }
+    let keep: HashSet<K> = entries.iter().map(|&(key, _)| key).collect();
+    let stale: Vec<K> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|key| !keep.contains(key))
+        .collect();
+    for key in stale {
+        remove_if_present(map, &key, name, || {
+            format!("remove stale {}", describe(&key))
+        })?;
+    }
+    Ok(())
 }
 
 fn remove_if_present<K: aya::Pod, V: aya::Pod>(

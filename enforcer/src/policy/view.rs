@@ -48,21 +48,17 @@ impl PolicyView {
     /// address wins over another's networks).
     #[must_use]
     pub fn peer(&self, ip: IpAddr) -> Option<SocketAddr> {
-        let ip = ip.to_canonical();
-        let by_address = self
-            .peers
-            .iter()
-            .find(|peer| peer.address.to_canonical() == ip);
-        by_address
-            .into_iter()
-            .chain(&self.peers)
-            .find_map(|peer| peer.dial_for(ip))
+        self.peer_serving(ip)?.dial_for(ip)
     }
 
-    /// The address of the mesh peer `ip` belongs to: the peer at `ip`, else the one whose
-    /// `cidrs` hold it.
+    /// The address of the mesh peer `ip` belongs to (see [`peer`](Self::peer)).
     #[must_use]
     pub fn peer_of(&self, ip: IpAddr) -> Option<IpAddr> {
+        self.peer_serving(ip).map(|peer| peer.address)
+    }
+
+    /// The peer at `ip`, else the first whose `cidrs` hold it.
+    fn peer_serving(&self, ip: IpAddr) -> Option<&Peer> {
         let ip = ip.to_canonical();
         let at = |peer: &&Peer| peer.address.to_canonical() == ip;
         let serves = |peer: &&Peer| peer.cidrs.iter().any(|net| net.contains(ip));
@@ -70,7 +66,6 @@ impl PolicyView {
             .iter()
             .find(at)
             .or_else(|| self.peers.iter().find(serves))
-            .map(|peer| peer.address)
     }
 
     /// The first TCP egress entry (in file order) that permits plaintext to `dst`.

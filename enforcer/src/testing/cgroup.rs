@@ -129,7 +129,7 @@ impl Drop for CgroupDir {
 }
 
 /// Removes the cgroup at `path`, retrying while it is busy for up to `timeout`.
-fn remove_within(path: &Path, timeout: Duration) -> io::Result<()> {
+pub(super) fn remove_within(path: &Path, timeout: Duration) -> io::Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         match fs::remove_dir(path) {

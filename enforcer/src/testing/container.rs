@@ -68,7 +68,9 @@ use rustix::process::{Pid, PidfdFlags, Signal, pidfd_open, pidfd_send_signal};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
+use super::cgroup::remove_within;
 use super::{Netns, Node, ScratchCgroup, Spawn, Spawned, next_serial, run_checked, unique_name};
+use crate::attest::parse_cgroup_v2;
 use crate::kernel::cgroup2_mount;
 use crate::report::report;
 
@@ -1118,24 +1120,11 @@ impl Drop for CreatedDir {
     /// Removes the directory, retrying while it is busy (runc may be finishing), warning
     /// instead of panicking, which could abort an unwinding test.
     fn drop(&mut self) {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            match fs::remove_dir(&self.path) {
-                Ok(()) => return,
-                Err(error) if error.kind() == io::ErrorKind::NotFound => return,
-                Err(error)
-                    if error.kind() == io::ErrorKind::ResourceBusy && Instant::now() < deadline =>
-                {
-                    thread::sleep(POLL_INTERVAL);
-                }
-                Err(error) => {
-                    eprintln!(
-                        "warning: failed to remove cgroup {}: {error}",
-                        self.path.display()
-                    );
-                    return;
-                }
-            }
+        if let Err(error) = remove_within(&self.path, TIMEOUT) {
+            eprintln!(
+                "warning: failed to remove cgroup {}: {error}",
+                self.path.display()
+            );
         }
     }
 }
@@ -1238,10 +1227,7 @@ fn write_etc_files(bundle: &Path, hostname: &str, pod: &Pod) -> Vec<(&'static st
 
 /// The cgroup v2 path of `pid` (the `0::` line of `/proc/<pid>/cgroup`).
 fn cgroup_v2_path(pid: u32) -> Option<String> {
-    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    text.lines()
-        .find_map(|line| line.strip_prefix("0::"))
-        .map(str::to_owned)
+    parse_cgroup_v2(&fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?)
 }
 
 /// The start time of `pid` (field 22 of `/proc/<pid>/stat`).

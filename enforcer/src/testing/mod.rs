@@ -55,7 +55,7 @@ pub use demo_policy::demo_policy;
 pub use mesh::{
     MeshListeners, MeshNode, TableOrigins, TableWorkloads, TestPki, policy as test_policy,
 };
-pub use netns::{Netns, Node, connect_nodes};
+pub use netns::{Netns, Node, connect_nodes, ns_inode};
 pub use netns_tunnel::{INBOUND_PORT, OUTBOUND_PORT, TunnelNode, mesh_policy, wait_for_listener};
 pub use openssl::{openssl, output_text, x509_text};
 pub use process::{Spawn, Spawned};

@@ -3,6 +3,7 @@
 use std::fs::File;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsFd as _;
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -153,6 +154,15 @@ impl Node {
     pub fn addr6(&self) -> Ipv6Addr {
         self.addr6
     }
+}
+
+/// The inode of the namespace file at `path` (`/proc/<pid>/ns/<kind>`, or a bind mount of
+/// one): what tells two namespaces apart.
+pub fn ns_inode(path: impl AsRef<Path>) -> u64 {
+    let path = path.as_ref();
+    std::fs::metadata(path)
+        .unwrap_or_else(|error| panic!("failed to stat {}: {error}", path.display()))
+        .ino()
 }
 
 /// Joins `a` and `b` with a veth pair and returns both ends, addressed and up.

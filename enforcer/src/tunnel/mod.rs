@@ -27,7 +27,10 @@ mod state;
 mod tracker;
 
 use std::{
-    sync::{Arc, Weak},
+    sync::{
+        Arc, Weak,
+        atomic::{AtomicBool, Ordering},
+    },
     time::SystemTime,
 };
 
@@ -118,7 +121,7 @@ struct Node {
     /// for it.
     tls_server: Arc<ServerConfig>,
     /// Whether the pool's pruning task runs.
-    pruning: std::sync::atomic::AtomicBool,
+    pruning: AtomicBool,
 }
 
 impl Tunnel {
@@ -155,7 +158,7 @@ impl Tunnel {
             metrics,
             certs,
             tls_server: Arc::new(tls_server),
-            pruning: std::sync::atomic::AtomicBool::new(false),
+            pruning: AtomicBool::new(false),
         })))
     }
 
@@ -163,11 +166,7 @@ impl Tunnel {
     /// (the outbound side), until the task is aborted. The first call also starts pruning
     /// idle pooled connections, for as long as the tunnel lives.
     pub fn serve_outbound(&self, listener: TcpListener, netns: Namespace) -> JoinHandle<()> {
-        if !self
-            .0
-            .pruning
-            .swap(true, std::sync::atomic::Ordering::Relaxed)
-        {
+        if !self.0.pruning.swap(true, Ordering::Relaxed) {
             let interval = pool::prune_interval(&self.0.config);
             tokio::spawn(prune_pool(Arc::downgrade(&self.0), interval));
         }

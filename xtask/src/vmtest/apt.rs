@@ -210,7 +210,7 @@ fn os_codename(os_release: &str) -> Option<&str> {
 }
 
 /// One apt source, from either format.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 struct Source {
     types: Vec<String>,
     uris: Vec<String>,

@@ -30,9 +30,9 @@ use crate::{cmd, root};
 use guest::{Suite, Support, Transcript, Verdict};
 
 /// The kernels `vm-test` and the vm tier of `cargo xtask test` boot when none is named:
-/// Debian bullseye's cloud kernel, below the minimum (a minute or two: it boots to be
+/// Debian bullseye's cloud kernel, below the minimum (seconds once fetched: it boots to be
 /// refused), then bookworm's default cloud kernel and the newer series bookworm also carries
-/// (a quarter of an hour each under TCG on two cores).
+/// (about ten minutes each under TCG on two cores, on a quiet machine).
 pub(crate) const DEFAULT_KERNELS: [&str; 3] = ["5.10", "6.1", "6.12"];
 
 /// The enforcer's minimum kernel (`MINIMUM_KERNEL` in `enforcer/src/kernel/features.rs`), as
@@ -68,8 +68,8 @@ const HOST_ONLY_SUITES: [&str; 11] = [
     "tunnel_bad_input",
 ];
 
-/// The default wall-clock limit per kernel, in minutes: about twice a normal run (13 to 16
-/// minutes under TCG), and small enough that a hung guest fails CI with this tier's message
+/// The default wall-clock limit per kernel, in minutes: about twice a run on a loaded machine
+/// (10 to 16 minutes under TCG), and small enough that a hung guest fails CI with this tier's message
 /// rather than CI's own limit.
 pub(crate) const DEFAULT_TIMEOUT_MINUTES: u64 = 30;
 
