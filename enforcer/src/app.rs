@@ -9,10 +9,11 @@
 //!    tell the kernel the ports (from then on they are this daemon's, whoever else binds
 //!    them); forget the identities an earlier run left;
 //! 5. compile the policy, apply it to the kernel, publish it as the one snapshot in force;
-//! 6. load or create the node CA;
+//! 6. load or create the node CA and the trust domain's JWT key;
 //! 7. open the audit log;
-//! 8. build the registrar, the tunnel, the kernel event reader and the control API, whose
-//!    first scan and serving (step 9) are the run loop's.
+//! 8. build the registrar, the tunnel, the kernel event reader, the control API and the
+//!    Workload API (its socket bound), whose first scan and serving (step 9) are the run
+//!    loop's.
 //!
 //! The pinned datapath stays attached when the daemon stops or dies, so enrolled workloads
 //! cannot connect anywhere but through a running daemon.
@@ -22,10 +23,13 @@ use std::{
     os::{fd::AsFd as _, unix::fs::DirBuilderExt as _},
     path::PathBuf,
     sync::{Arc, Mutex},
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
-use tokio::net::TcpListener;
+use tokio::{
+    net::{TcpListener, UnixListener},
+    sync::watch,
+};
 
 use crate::{
     attest::{AttestOptions, Attestor},
@@ -33,13 +37,13 @@ use crate::{
     config::{Config, EMBEDDED_POLICY_NAME},
     control,
     daemon::{
-        self, Api, DaemonError, EventPump, KernelSources, Listeners, MeteredIssuer,
-        NamespaceServer, Namespaces, NodeFacts, OwnCgroupError, Recorder, Registrar, Reloader,
-        Running, Svids, Telemetry, Upkeep,
+        self, Api, ApiCallers, ApiFigures, DaemonError, EventPump, KernelSources, Listeners,
+        MeteredIssuer, NamespaceServer, Namespaces, NodeCredentials, NodeFacts, OwnCgroupError,
+        Recorder, Registrar, Reloader, Running, Svids, Telemetry, Upkeep,
     },
     identity::{
-        CacheConfig, SpiffeId, StoreError, SvidCache, SystemClock, TrustBundleSet, TrustDomain,
-        load_or_init,
+        CacheConfig, JwtAuthority, JwtError, SpiffeId, StoreError, SvidCache, SystemClock,
+        TrustBundleSet, TrustDomain, load_or_init,
     },
     kernel::{
         CgroupError, DaemonConfig, Datapath, DatapathOptions, ListenerSlot, LoadError, Maps,
@@ -48,6 +52,7 @@ use crate::{
     policy::{ApplyError, Diagnostic, Policy, PolicyPublisher, PolicySnapshot, render},
     report::report,
     tunnel::{Tunnel, TunnelConfig, TunnelError, TunnelParts},
+    workload_api::{self, ApiMetrics, Changes, Limits, WorkloadApi, WorkloadApiError},
 };
 
 /// Why the daemon could not start (or stopped with an error).
@@ -83,6 +88,12 @@ pub enum AppError {
     /// The CA could not be loaded or created.
     #[error("failed to load the node CA")]
     Pki(#[from] StoreError),
+    /// The trust domain's JWT signing key could not be loaded or created.
+    #[error("failed to load the JWT signing key")]
+    Jwt(#[from] JwtError),
+    /// The Workload API socket could not be bound.
+    #[error("failed to open the Workload API socket")]
+    WorkloadApi(#[from] WorkloadApiError),
     /// The tunnel could not be built.
     #[error("failed to build the tunnel")]
     Tunnel(#[from] TunnelError),
@@ -122,8 +133,12 @@ fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> AppError 
 
 /// Run the daemon with `config` until it is told to stop.
 pub fn run(config: Config) -> Result<(), AppError> {
+    limit_malloc_arenas();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        // Blocking work (procfs, hashing, map syscalls, signing) queues rather than grow the
+        // pool without bound: every thread costs a stack and a malloc arena.
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
         .thread_name("enforcer")
         .enable_all()
         .build()
@@ -133,6 +148,23 @@ pub fn run(config: Config) -> Result<(), AppError> {
         Ok(daemon::serve(running).await?)
     })
 }
+
+/// glibc's malloc gives threads that allocate at once arenas of their own, up to eight per
+/// core, and keeps what each one grew to: the blocking pool's threads (a thousand Workload API
+/// streams looking again after a rotation) would hold megabytes that way. Two arenas serve
+/// the two async workers and the pool.
+#[cfg(target_env = "gnu")]
+fn limit_malloc_arenas() {
+    // SAFETY: mallopt only sets an allocator parameter, and runs before the runtime starts
+    // any thread.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+/// Other C libraries have no such arenas.
+#[cfg(not(target_env = "gnu"))]
+fn limit_malloc_arenas() {}
 
 /// A policy as read: where from, its text, and what it says.
 struct Source {
@@ -171,10 +203,25 @@ async fn build(config: Config) -> Result<Running, AppError> {
     let publisher = put_in_force(&kernel, source)?;
     let policy = publisher.snapshot();
     let telemetry = Arc::new(Telemetry::default());
-    let (bundles, svids) = identity(&config, &trust_domain, started, &telemetry)?;
+    let changes = Changes::default();
+    let (bundles, svids, jwt) = identity(&config, &trust_domain, started, (&telemetry, &changes))?;
     let audit = open_audit(&config)?;
     let parts = Parts::new(&config, &kernel, tags, &policy, (telemetry, audit))?;
-    let tunnel = build_tunnel(&config, node_id.clone(), bundles, &svids, &parts, &policy)?;
+    let bundles = Arc::new(bundles);
+    let tunnel = build_tunnel(&config, node_id.clone(), &bundles, &svids, &parts, &policy)?;
+    let (stop, stopped) = watch::channel(false);
+    let served_api = build_workload_api(
+        (&config, changes),
+        &parts,
+        &policy,
+        NodeCredentials::new(
+            Arc::clone(&svids),
+            bundles,
+            jwt,
+            config.identity.jwt_svid_ttl,
+        ),
+        stopped,
+    )?;
     let node = Arc::new(NodeFacts {
         trust_domain,
         node_id,
@@ -192,8 +239,72 @@ async fn build(config: Config) -> Result<Running, AppError> {
         inbound: bound.inbound,
         control,
         metrics: bind_metrics(&node.config).await?,
+        workload_api: served_api.listener,
     };
-    assemble(node, listeners, &kernel, parts, tunnel, svids, publisher)
+    assemble(
+        (node, listeners, stop),
+        &kernel,
+        parts,
+        tunnel,
+        (svids, served_api.figures, served_api.changes),
+        publisher,
+    )
+}
+
+/// The most threads blocking work runs on at once.
+const MAX_BLOCKING_THREADS: usize = 32;
+
+/// How often a Workload API stream looks again with no change reported: kernel events can be
+/// lost (a full ring buffer), and a process attested as refused may be refused no longer.
+const STREAM_RECHECK: Duration = Duration::from_secs(10);
+
+/// The Workload API as built: its service and socket (when enabled), and where the daemon
+/// reports changes to its streams.
+struct ServedApi {
+    listener: Option<(UnixListener, WorkloadApi)>,
+    figures: Option<ApiFigures>,
+    changes: Changes,
+}
+
+/// The Workload API service answering from attestation and the node's credentials, its socket
+/// bound, when the configuration enables it.
+fn build_workload_api(
+    (config, changes): (&Config, Changes),
+    parts: &Parts,
+    policy: &PolicySnapshot,
+    credentials: NodeCredentials,
+    stopped: watch::Receiver<bool>,
+) -> Result<ServedApi, AppError> {
+    let settings = &config.workload_api;
+    if !settings.enabled {
+        return Ok(ServedApi {
+            listener: None,
+            figures: None,
+            changes,
+        });
+    }
+    let callers = ApiCallers::new(
+        Arc::clone(&parts.attestor),
+        Arc::clone(&parts.lookups),
+        policy.clone(),
+        parts.recorder.clone(),
+    );
+    let limits = Limits::new(settings.max_streams_per_caller, settings.max_streams);
+    let counters = Arc::new(ApiMetrics::default());
+    let api = WorkloadApi::new(
+        (Arc::new(callers), Arc::new(credentials)),
+        changes.clone(),
+        (Arc::clone(&limits), Arc::clone(&counters)),
+        STREAM_RECHECK,
+        stopped,
+    );
+    let listener = workload_api::bind(&settings.socket)?;
+    tracing::info!(socket = %settings.socket.display(), "Workload API socket bound");
+    Ok(ServedApi {
+        listener: Some((listener, api)),
+        figures: Some(ApiFigures { counters, limits }),
+        changes,
+    })
 }
 
 /// The components built from the kernel and the policy, before the tunnel.
@@ -201,6 +312,10 @@ struct Parts {
     sources: Arc<KernelSources>,
     registrar: Arc<Registrar>,
     recorder: Recorder,
+    /// The attestor the registrar, the tunnel's sources and the Workload API share.
+    attestor: Arc<Attestor>,
+    /// The kernel maps handle of quick lookups.
+    lookups: Arc<Mutex<Maps>>,
 }
 
 impl Parts {
@@ -223,7 +338,7 @@ impl Parts {
             (Arc::clone(&kernel.namespaces), config.tunnel.outbound_port),
         ));
         let registrar = Arc::new(Registrar::new(
-            attestor,
+            Arc::clone(&attestor),
             (Arc::clone(&kernel.maps), Arc::clone(&kernel.namespaces)),
             kernel.mount.clone(),
             policy.clone(),
@@ -235,24 +350,26 @@ impl Parts {
             sources,
             registrar,
             recorder,
+            attestor,
+            lookups: Arc::clone(&kernel.lookups),
         })
     }
 }
 
 /// The running daemon's handles, each component given only what it reads.
 fn assemble(
-    node: Arc<NodeFacts>,
-    listeners: Listeners,
+    (node, listeners, stop): (Arc<NodeFacts>, Listeners, watch::Sender<bool>),
     kernel: &Kernel,
     parts: Parts,
     tunnel: Tunnel,
-    svids: Arc<Svids>,
+    (svids, workload_figures, changes): (Arc<Svids>, Option<ApiFigures>, Changes),
     publisher: PolicyPublisher,
 ) -> Result<Running, AppError> {
     let Parts {
         sources,
         registrar,
         recorder,
+        ..
     } = parts;
     let policy = publisher.snapshot();
     let namespaces = Arc::new(NamespaceServer::new(
@@ -273,6 +390,7 @@ fn assemble(
         tunnel: tunnel.clone(),
         registrar: Arc::clone(&registrar),
         recorder: recorder.clone(),
+        changes: changes.clone(),
         one_at_a_time: Mutex::default(),
     });
     let api = Arc::new(Api {
@@ -286,6 +404,7 @@ fn assemble(
         tunnel: tunnel.clone(),
         maps: Arc::clone(&kernel.maps),
         namespaces: Arc::clone(&namespaces),
+        workload_figures,
     });
     let events = EventPump {
         reader: kernel.datapath.events()?,
@@ -294,6 +413,7 @@ fn assemble(
         registrar: Arc::clone(&registrar),
         recorder: recorder.clone(),
         lost_file: node.config.state_dir.join("kernel-lost-events"),
+        changes: changes.clone(),
     };
     let upkeep = Arc::new(Upkeep {
         namespaces,
@@ -310,6 +430,7 @@ fn assemble(
         api,
         recorder,
         policy,
+        stop,
     })
 }
 
@@ -461,26 +582,37 @@ fn put_in_force(kernel: &Kernel, source: Source) -> Result<PolicyPublisher, AppE
     Ok(PolicyPublisher::new(in_force))
 }
 
-/// The node CA (loaded or created) as an SVID cache, and the trust bundles.
+/// The node CA (loaded or created) as an SVID cache, the trust bundles, and the trust domain's
+/// JWT signing key (loaded or created).
 fn identity(
     config: &Config,
     trust_domain: &TrustDomain,
     now: SystemTime,
-    telemetry: &Arc<Telemetry>,
-) -> Result<(TrustBundleSet, Arc<Svids>), AppError> {
+    (telemetry, changes): (&Arc<Telemetry>, &Changes),
+) -> Result<(TrustBundleSet, Arc<Svids>, JwtAuthority), AppError> {
     let pki = load_or_init(&config.ca_dir(), trust_domain, &config.node_name, now)?;
     tracing::info!(ca_dir = %config.ca_dir().display(), %trust_domain, "node CA ready");
+    let (jwt, created) = JwtAuthority::load_or_create(&config.ca_dir(), trust_domain)?;
+    if created {
+        tracing::warn!(
+            ca_dir = %config.ca_dir().display(),
+            kid = jwt.kid(),
+            "created the trust domain's JWT signing key (jwt.key): give every node of the trust domain the same file, or JWT-SVIDs minted here do not validate there"
+        );
+    }
     let mut bundles = TrustBundleSet::new();
     bundles.insert(pki.bundle);
     let svids = Arc::new(SvidCache::new(
         SystemClock,
         MeteredIssuer {
             ca: pki.node,
+            ttl: config.identity.svid_ttl,
             telemetry: Arc::clone(telemetry),
+            changes: changes.clone(),
         },
         CacheConfig::default(),
     ));
-    Ok((bundles, svids))
+    Ok((bundles, svids, jwt))
 }
 
 /// The audit log.
@@ -499,7 +631,7 @@ fn open_audit(config: &Config) -> Result<AuditLog, AppError> {
 fn build_tunnel(
     config: &Config,
     node_id: SpiffeId,
-    bundles: TrustBundleSet,
+    bundles: &Arc<TrustBundleSet>,
     svids: &Arc<Svids>,
     parts: &Parts,
     policy: &PolicySnapshot,
@@ -512,7 +644,7 @@ fn build_tunnel(
             ..TunnelConfig::default()
         },
         node_id,
-        bundles: Arc::new(bundles),
+        bundles: Arc::clone(bundles),
         svids: Arc::clone(svids) as _,
         workloads: Arc::clone(&parts.sources) as _,
         origins: Arc::clone(&parts.sources) as _,

@@ -83,6 +83,8 @@ pub struct Config {
     pub identity: IdentityConfig,
     /// The audit trail.
     pub audit: AuditSettings,
+    /// The SPIFFE Workload API.
+    pub workload_api: WorkloadApiSettings,
 }
 
 /// `[kernel]`: where the eBPF programs attach and pin.
@@ -118,12 +120,38 @@ pub struct TunnelSettings {
 }
 
 /// `[identity]`: the CA and SVIDs.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct IdentityConfig {
-    /// The CA directory (`root.pem`, `root.key`, `node.pem`, `node.key`); missing files are
-    /// created. Default `<state_dir>/ca`.
+    /// The CA directory (`root.pem`, `root.key`, `node.pem`, `node.key`, `jwt.key`); missing
+    /// files are created. Default `<state_dir>/ca`.
     pub ca_dir: Option<PathBuf>,
+    /// How long an X.509-SVID is valid; it is rotated at half its life. Default `1h`; at
+    /// least `1s`.
+    #[serde(deserialize_with = "lifetime")]
+    pub svid_ttl: Duration,
+    /// How long a JWT-SVID is valid. Default `5m`; at least `1s`.
+    #[serde(deserialize_with = "lifetime")]
+    pub jwt_svid_ttl: Duration,
+}
+
+/// `[workload_api]`: the SPIFFE Workload API socket.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkloadApiSettings {
+    /// Whether the daemon serves it. Default `true`.
+    pub enabled: bool,
+    /// The Unix socket (`/path` or `unix:///path`), created 0666: attestation is the gate.
+    /// A TCP address is refused: a caller there cannot be attested. Default
+    /// `/run/enforcer/public/api.sock`.
+    #[serde(deserialize_with = "unix_socket")]
+    pub socket: PathBuf,
+    /// Streams (and connections) one caller process may hold open. Default 64; at least 1.
+    #[serde(deserialize_with = "at_least_one")]
+    pub max_streams_per_caller: usize,
+    /// Streams (and connections) all callers together may hold open. Default 4096; at least 1.
+    #[serde(deserialize_with = "at_least_one")]
+    pub max_streams: usize,
 }
 
 /// `[audit]`: the hash-chained audit log.
@@ -153,6 +181,28 @@ impl Default for Config {
             tunnel: TunnelSettings::default(),
             identity: IdentityConfig::default(),
             audit: AuditSettings::default(),
+            workload_api: WorkloadApiSettings::default(),
+        }
+    }
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self {
+            ca_dir: None,
+            svid_ttl: crate::identity::DEFAULT_SVID_TTL,
+            jwt_svid_ttl: crate::identity::DEFAULT_JWT_SVID_TTL,
+        }
+    }
+}
+
+impl Default for WorkloadApiSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            socket: PathBuf::from(crate::workload_api::DEFAULT_SOCKET),
+            max_streams_per_caller: 64,
+            max_streams: 4096,
         }
     }
 }
@@ -258,6 +308,32 @@ fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::E
         .map_err(|error| serde::de::Error::custom(format!("bad duration {text:?}: {error}")))
 }
 
+/// A duration of at least one second (a certificate or token lives whole seconds).
+fn lifetime<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    let value = duration(deserializer)?;
+    if value < Duration::from_secs(1) {
+        return Err(serde::de::Error::custom(format!(
+            "{value:?} is too short: a lifetime is at least 1s"
+        )));
+    }
+    Ok(value)
+}
+
+/// A count of at least one.
+fn at_least_one<'de, D: Deserializer<'de>>(deserializer: D) -> Result<usize, D::Error> {
+    let value = usize::deserialize(deserializer)?;
+    if value == 0 {
+        return Err(serde::de::Error::custom("must be at least 1"));
+    }
+    Ok(value)
+}
+
+/// A Unix socket path, written `/path` or `unix:///path`.
+fn unix_socket<'de, D: Deserializer<'de>>(deserializer: D) -> Result<PathBuf, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    crate::workload_api::socket_path(&text).map_err(serde::de::Error::custom)
+}
+
 /// A socket address, or `""` for none.
 fn optional_addr<'de, D: Deserializer<'de>>(
     deserializer: D,
@@ -311,10 +387,17 @@ handshake_timeout = "2s"
 idle_timeout = "5m"
 [identity]
 ca_dir = "/ca"
+svid_ttl = "20s"
+jwt_svid_ttl = "1m"
 [audit]
 path = "/a.jsonl"
 max_bytes = 1000
 keep = 2
+[workload_api]
+enabled = false
+socket = "unix:///run/x/api.sock"
+max_streams_per_caller = 3
+max_streams = 9
 "#;
         let config = Config::parse("c.toml", text).expect("parse");
         assert_eq!(config.node_name, "a");
@@ -329,6 +412,45 @@ keep = 2
         assert_eq!(config.ca_dir(), Path::new("/ca"));
         assert_eq!(config.audit_path(), Path::new("/a.jsonl"));
         assert_eq!(config.audit.keep, 2);
+        assert_eq!(config.identity.svid_ttl, Duration::from_secs(20));
+        assert_eq!(config.identity.jwt_svid_ttl, Duration::from_mins(1));
+        assert!(!config.workload_api.enabled);
+        assert_eq!(config.workload_api.socket, Path::new("/run/x/api.sock"));
+        assert_eq!(config.workload_api.max_streams_per_caller, 3);
+        assert_eq!(config.workload_api.max_streams, 9);
+    }
+
+    #[test]
+    fn lifetimes_and_limits_that_cannot_work_are_refused_with_their_location() {
+        for (text, at) in [
+            ("[identity]\nsvid_ttl = \"0s\"\n", "c.toml:2:12: "),
+            ("[identity]\njwt_svid_ttl = \"500ms\"\n", "c.toml:2:16: "),
+            ("[workload_api]\nmax_streams = 0\n", "c.toml:2:15: "),
+            (
+                "[workload_api]\nmax_streams_per_caller = 0\n",
+                "c.toml:2:26: ",
+            ),
+        ] {
+            let error = Config::parse("c.toml", text).expect_err(text).to_string();
+            assert!(error.starts_with(at), "{text:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn a_workload_api_endpoint_that_cannot_tell_who_calls_is_refused() {
+        for socket in [
+            "tcp://127.0.0.1:8081",
+            "127.0.0.1:8081",
+            "relative/api.sock",
+        ] {
+            let text = format!("[workload_api]\nsocket = \"{socket}\"\n");
+            let error = Config::parse("c.toml", &text).expect_err(socket);
+            let text = error.to_string();
+            assert!(
+                text.starts_with("c.toml:2:10: ") && text.contains("must be a Unix socket"),
+                "{socket}: {text}"
+            );
+        }
     }
 
     #[test]

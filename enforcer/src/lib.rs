@@ -21,6 +21,7 @@ pub mod report;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod tunnel;
+pub mod workload_api;
 
 // The `spiffe` dev-dependency serves tests/identity_spiffe_crate.rs (interop with code nobody
 // here wrote); naming it keeps the library's own test build from calling it unused.

@@ -401,11 +401,11 @@ async fn malformed_requests_do_not_stop_the_server() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn socket_is_0600_in_a_0700_directory() {
+async fn socket_is_0600_in_a_directory_others_may_pass_but_not_list() {
     require_root();
     let daemon = Daemon::start();
     assert_eq!(mode(&daemon.socket), 0o600);
-    assert_eq!(mode(daemon.socket.parent().unwrap()), 0o700);
+    assert_eq!(mode(daemon.socket.parent().unwrap()), 0o711);
     let leftovers: Vec<_> = fs::read_dir(daemon.socket.parent().unwrap())
         .unwrap()
         .map(|entry| entry.unwrap().file_name())

@@ -121,9 +121,10 @@ fn assert_daemon_refuses(refusal: &str) {
         format!(
             "node_name = \"support\"\nstate_dir = \"{state}\"\ncontrol_socket = \"{socket}\"\n\
              metrics_addr = \"\"\n[kernel]\npin_dir = \"/sys/fs/bpf/{pins}\"\n\
-             scope_cgroup = \"{scope}\"\n",
+             scope_cgroup = \"{scope}\"\n[workload_api]\nsocket = \"{api}\"\n",
             state = dir.path().join("state").display(),
             socket = dir.path().join("control.sock").display(),
+            api = dir.path().join("api.sock").display(),
             pins = unique_name("support-daemon"),
             scope = scope.policy_path(),
         ),

@@ -1,6 +1,7 @@
 //! `cargo xtask bench [NAME...]`: the enforcer crate's benchmarks, each a `harness = false`
-//! program that prints its own figures. `hooks` attaches eBPF programs, and `tunnel` and
-//! `containers` also create network namespaces (and containers), so they need root; `attest` (its own child processes) and
+//! program that prints its own figures. `hooks` attaches eBPF programs, and `tunnel`,
+//! `containers` and `workload-api` also create network namespaces (and containers, or a daemon
+//! serving the Workload API), so they need root; `attest` (its own child processes) and
 //! `identity` (in-process certificates and TLS) do not.
 
 use anyhow::Result;
@@ -23,6 +24,9 @@ pub(crate) enum Bench {
     /// Containers served by the daemon: time to listeners, memory and descriptors per
     /// namespace, and container-to-container throughput against host-to-host (needs root).
     Containers,
+    /// The SPIFFE Workload API served by a daemon: first-message latency for cached and
+    /// first-time callers, 1,000 streams through a rotation, JWT-SVID validation (needs root).
+    WorkloadApi,
 }
 
 impl Bench {
@@ -34,12 +38,16 @@ impl Bench {
             Self::Identity => "identity",
             Self::Tunnel => "tunnel",
             Self::Containers => "containers",
+            Self::WorkloadApi => "workload_api",
         }
     }
 
     /// Whether the benchmark touches kernel state and so needs root.
     fn needs_root(self) -> bool {
-        matches!(self, Self::Hooks | Self::Tunnel | Self::Containers)
+        matches!(
+            self,
+            Self::Hooks | Self::Tunnel | Self::Containers | Self::WorkloadApi
+        )
     }
 }
 

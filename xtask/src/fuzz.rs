@@ -27,6 +27,10 @@ pub(crate) enum Target {
     Policy,
     /// HTTP/2 CONNECT requests and raw frames on the tunnel's inbound side.
     Connect,
+    /// JWT-SVID validation of arbitrary tokens.
+    Jwt,
+    /// The Workload API's rewriting of HTTP/2 header blocks (`:authority`).
+    WorkloadHeaders,
 }
 
 impl Target {
@@ -37,6 +41,8 @@ impl Target {
             Self::BundleJson => "bundle_json",
             Self::Policy => "policy",
             Self::Connect => "connect",
+            Self::Jwt => "jwt",
+            Self::WorkloadHeaders => "workload_headers",
         }
     }
 }

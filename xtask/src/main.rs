@@ -29,8 +29,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Task {
-    /// Install what is missing: nightly toolchain, rust-src, bpf-linker, Debian test tools
-    /// (idempotent; a second run does nothing).
+    /// Install what is missing: nightly toolchain, rust-src, bpf-linker, Debian test tools,
+    /// the pyspiffe venv (idempotent; a second run does nothing).
     Setup,
     /// Build the workspace; enforcer's build script builds the eBPF object with the nightly.
     Build,

@@ -1,10 +1,12 @@
 //! `cargo xtask setup`: the idempotent toolchain bootstrap. Every step checks first and acts
 //! only when something is missing, so a second run changes nothing.
 
+use std::ffi::OsStr;
 use std::fmt;
 use std::fs;
-use std::os::unix::fs::symlink;
+use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use anyhow::{Context, Result, bail, ensure};
 
@@ -14,14 +16,16 @@ use crate::{cmd, root};
 const BPF_LINKER_SERIES: (u64, u64) = (0, 13);
 
 /// Debian packages the privileged tests and the demo use as workloads and tools (stunnel4 is
-/// the TLS peer of the tunnel interop tests, runc the OCI runtime of the container tests),
-/// and what `vm-test` boots kernels with: qemu (with its virtiofsd), a static busybox for the
-/// initramfs, dpkg-deb and xz to unpack kernel packages, and Debian's archive keyring, which
-/// the isolated apt for bullseye's kernel trusts.
-const PACKAGES: [&str; 16] = [
+/// the TLS peer of the tunnel interop tests, runc the OCI runtime of the container tests,
+/// python3-venv builds the venv that pyspiffe runs in), and what `vm-test` boots kernels with:
+/// qemu (with its virtiofsd), a static busybox for the initramfs, dpkg-deb and xz to unpack
+/// kernel packages, and Debian's archive keyring, which the isolated apt for bullseye's kernel
+/// trusts.
+const PACKAGES: [&str; 17] = [
     "iproute2",
     "bpftool",
     "python3",
+    "python3-venv",
     "curl",
     "iperf3",
     "openssl",
@@ -37,6 +41,19 @@ const PACKAGES: [&str; 16] = [
     "runc",
 ];
 
+/// The venv holding pyspiffe, the SPIFFE project's Python Workload API client that the Workload
+/// API tests run as a client nobody here wrote. It lives outside the checkout, readable and
+/// executable by every user, because the tests run it as root and as an unprivileged uid (and
+/// root's home is 0700). The enforcer tests name the same path.
+const PYSPIFFE_VENV: &str = "/opt/enforcer-tests/pyspiffe";
+
+/// The pyspiffe release (the Python package `spiffe`) the venv holds: the newest that installs on
+/// bookworm's Python 3.11. Its dependencies are whatever pip resolves for it.
+const PYSPIFFE_VERSION: &str = "0.3.2";
+
+/// Debian's interpreter, which every user can run (unlike a pyenv under root's home).
+const SYSTEM_PYTHON: &str = "/usr/bin/python3";
+
 /// Checks every prerequisite and installs the missing ones.
 pub(crate) fn run() -> Result<()> {
     let mut installed = Vec::new();
@@ -44,6 +61,7 @@ pub(crate) fn run() -> Result<()> {
     rust_src(&mut installed)?;
     bpf_linker(&mut installed)?;
     packages(&mut installed)?;
+    pyspiffe(&mut installed)?;
     if installed.is_empty() {
         eprintln!("setup: nothing to do");
     } else {
@@ -223,6 +241,76 @@ fn missing_packages() -> Result<Vec<&'static str>> {
         .collect())
 }
 
+/// pyspiffe at [`PYSPIFFE_VERSION`] in the venv at [`PYSPIFFE_VENV`], built with Debian's
+/// python3. Anything else there (no venv, a broken one, another version) is replaced by a
+/// fresh venv, so no stale dependency survives a version change.
+fn pyspiffe(installed: &mut Vec<String>) -> Result<()> {
+    let venv = Path::new(PYSPIFFE_VENV);
+    match pyspiffe_version(venv) {
+        Some(version) if version == PYSPIFFE_VERSION => {
+            eprintln!("ok: pyspiffe {version} in {}", venv.display());
+            return Ok(());
+        }
+        Some(version) => eprintln!("missing: pyspiffe {PYSPIFFE_VERSION} (found {version})"),
+        None => eprintln!("missing: pyspiffe {PYSPIFFE_VERSION} in {}", venv.display()),
+    }
+    root::require(&format!("creating {} needs root", venv.display()))?;
+    let parent = venv.parent().expect("the venv path has a parent");
+    fs::create_dir_all(parent).with_context(|| format!("failed to create {}", parent.display()))?;
+    fs::set_permissions(parent, fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("failed to make {} world-readable", parent.display()))?;
+    if venv.symlink_metadata().is_ok() {
+        eprintln!("removing {}", venv.display());
+        fs::remove_dir_all(venv).with_context(|| format!("failed to remove {}", venv.display()))?;
+    }
+    cmd::run(
+        umask_022(SYSTEM_PYTHON)
+            .args(["-I", "-m", "venv"])
+            .arg(venv),
+    )?;
+    let requirement = format!("spiffe=={PYSPIFFE_VERSION}");
+    cmd::run(umask_022(venv.join("bin/python")).args([
+        "-I",
+        "-m",
+        "pip",
+        "install",
+        "--no-cache-dir",
+        &requirement,
+    ]))?;
+    match pyspiffe_version(venv) {
+        Some(version) if version == PYSPIFFE_VERSION => {
+            eprintln!("ok: pyspiffe {version} in {}", venv.display());
+            installed.push(format!("pyspiffe {version}"));
+            Ok(())
+        }
+        other => bail!(
+            "installed {requirement} in {} but `import spiffe` there now reports {}",
+            venv.display(),
+            other.unwrap_or_else(|| "an error".to_owned())
+        ),
+    }
+}
+
+/// The pyspiffe version that the venv's python imports (isolated: not from the current
+/// directory or `PYTHONPATH`), or `None` when the venv, its python or the import is missing or
+/// broken.
+fn pyspiffe_version(venv: &Path) -> Option<String> {
+    let check = "import importlib.metadata, spiffe; print(importlib.metadata.version('spiffe'))";
+    let out = cmd::probe(Command::new(venv.join("bin/python")).args(["-I", "-c", check]))?;
+    Some(out.trim().to_owned())
+}
+
+/// A command running `program` (add its arguments) under umask 022, so every file it creates
+/// is world-readable whatever the caller's umask; through `sh`, as std cannot set a child's
+/// umask without unsafe code.
+fn umask_022(program: impl AsRef<OsStr>) -> Command {
+    let mut command = cmd::new("sh");
+    command
+        .args(["-c", "umask 022 && exec \"$@\"", "sh"])
+        .arg(program);
+    command
+}
+
 /// Whether `dpkg-query -W -f='${Package} ${Status}\n'` output reports `package` installed.
 fn is_installed(package: &str, dpkg_output: &str) -> bool {
     dpkg_output.lines().any(|line| {
@@ -345,6 +433,14 @@ mod tests {
         assert!(!is_installed("kmod", output));
         assert!(!is_installed("iperf3", output));
         assert!(!is_installed("iproute", output));
+    }
+
+    #[test]
+    fn umask_022_applies_to_the_program() {
+        let out =
+            cmd::output(umask_022("sh").args(["-c", "umask; echo \"$0\" \"$1\"", "a b", "c"]))
+                .unwrap();
+        assert_eq!(out, "0022\na b c\n");
     }
 
     #[test]

@@ -58,11 +58,20 @@ pub enum Source {
     Inbound,
     /// The daemon itself: start, stop, reload, and losses of records.
     Daemon,
+    /// The SPIFFE Workload API: a caller refused.
+    #[serde(rename = "workload-api")]
+    WorkloadApi,
 }
 
 impl Source {
     /// Every source.
-    pub const ALL: [Self; 4] = [Self::Kernel, Self::Outbound, Self::Inbound, Self::Daemon];
+    pub const ALL: [Self; 5] = [
+        Self::Kernel,
+        Self::Outbound,
+        Self::Inbound,
+        Self::Daemon,
+        Self::WorkloadApi,
+    ];
 
     /// The name used in JSON and on the command line.
     #[must_use]
@@ -72,6 +81,7 @@ impl Source {
             Self::Outbound => "outbound",
             Self::Inbound => "inbound",
             Self::Daemon => "daemon",
+            Self::WorkloadApi => "workload-api",
         }
     }
 }

@@ -90,6 +90,10 @@ fn render_status(status: &v1::Status) -> String {
         listed(listeners.metrics),
         listeners.namespaces.len()
     ));
+    line(listeners.workload_api.as_ref().map_or_else(
+        || "workload api off".to_owned(),
+        |api| format!("workload api {} ({} streams open)", api.socket, api.streams),
+    ));
     line(format!(
         "workloads {} processes, {} with an identity; {} open flows",
         status.workloads.processes, status.workloads.with_identity, status.open_flows
@@ -392,6 +396,7 @@ mod tests {
                 control: "/run/enforcer/control.sock".to_owned(),
                 metrics: None,
                 namespaces: Vec::new(),
+                workload_api: None,
             },
             workloads: v1::WorkloadCount {
                 processes: 2,
@@ -432,6 +437,7 @@ mod tests {
              packet sockets of enrolled processes: NOT refused (the kernel does not run the BPF LSM program)\n\
              \x20 connect4       cgroup /sys/fs/cgroup/unified/enforcer\n\
              listeners outbound [\"127.0.0.1:15001\"] inbound 0.0.0.0:15008 metrics -; 0 workload namespaces served\n\
+             workload api off\n\
              workloads 2 processes, 1 with an identity; 4 open flows\n\
              \x20 svid spiffe://example.org/ns/web expires 2026-11-24T11:00:00Z (in 3500s)\n\
              lost kernel events 0, dropped audit records 1\n\

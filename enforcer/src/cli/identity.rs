@@ -1,10 +1,10 @@
 //! `enforcer ca ...`, `enforcer svid ...` and `enforcer bundle ...`: an operator's PKI on disk.
 //!
-//! `ca init` makes the trust domain's root, `ca issue-node` a node intermediate below it (and
-//! the bundle beside it), `svid issue` a workload SVID from that node CA, and `bundle show`
-//! prints a bundle as PEM or SPIFFE bundle JSON. The files are the ones the daemon's state
-//! directory holds (`root.pem`, `node.pem`, `bundle.pem`, ...), so a directory made here can
-//! be handed to the daemon as is.
+//! `ca init` makes the trust domain's root and its JWT-SVID signing key, `ca issue-node` a
+//! node intermediate below the root (and the bundle beside it), `svid issue` a workload SVID
+//! from that node CA, and `bundle show` prints a bundle as PEM or SPIFFE bundle JSON. The files
+//! are the ones the daemon's state directory holds (`root.pem`, `jwt.key`, `node.pem`,
+//! `bundle.pem`, ...), so a directory made here can be handed to the daemon as is.
 
 use std::{
     fs,
@@ -21,8 +21,9 @@ use x509_parser::time::ASN1Time;
 
 use crate::identity::{
     BUNDLE_PEM, CaKind, CertificateAuthority, DEFAULT_INTERMEDIATE_VALIDITY, DEFAULT_ROOT_VALIDITY,
-    DEFAULT_SVID_TTL, NODE_FILE_STEM, PeerRole, ROOT_FILE_STEM, SpiffeId, TrustBundle,
-    TrustBundleSet, TrustDomain, read_file, verify_svid_chain, write_private, write_public,
+    DEFAULT_SVID_TTL, JWT_KEY_FILE, JwtAuthority, NODE_FILE_STEM, PeerRole, ROOT_FILE_STEM,
+    SpiffeId, TrustBundle, TrustBundleSet, TrustDomain, read_file, verify_svid_chain,
+    write_private, write_public,
 };
 
 /// File name of an issued SVID's chain (leaf, then the node intermediate).
@@ -35,12 +36,14 @@ const MAX_NODE_NAME_LEN: usize = 64;
 /// `enforcer ca ...`.
 #[derive(Debug, Subcommand)]
 pub enum CaCommand {
-    /// Create a self-signed root CA for a trust domain: DIR/root.pem and DIR/root.key (0600).
+    /// Create a self-signed root CA for a trust domain, DIR/root.pem and DIR/root.key (0600),
+    /// and its JWT-SVID signing key DIR/jwt.key (0600; an existing one is kept).
     Init {
         /// The trust domain, e.g. `example.org`.
         #[arg(long)]
         trust_domain: TrustDomain,
-        /// Where to write the root; created (0700) if missing. Existing roots are kept.
+        /// Where to write the root and JWT key; created (0700) if missing. An existing root is
+        /// refused, an existing jwt.key kept.
         #[arg(long)]
         dir: PathBuf,
         /// Validity, e.g. `365d`, `12h` (units s, m, h, d) [default: 365d].
@@ -151,6 +154,9 @@ impl BundleCommand {
     }
 }
 
+/// Creates the root CA and, unless DIR/jwt.key exists (then it is checked and kept), the JWT
+/// signing key. Refuses to replace a root; writes the root last, so a bad jwt.key stops the
+/// command before any root is written.
 fn ca_init(trust_domain: &TrustDomain, dir: &Path, ttl: Duration) -> anyhow::Result<()> {
     for stem in ["pem", "key"] {
         let path = dir.join(format!("{ROOT_FILE_STEM}.{stem}"));
@@ -163,6 +169,9 @@ fn ca_init(trust_domain: &TrustDomain, dir: &Path, ttl: Duration) -> anyhow::Res
     let root = CertificateAuthority::new_root(trust_domain, ttl, SystemTime::now())
         .context("failed to create the root CA")?;
     create_dir(dir)?;
+    let jwt_key = dir.join(JWT_KEY_FILE);
+    let (jwt, created) = JwtAuthority::load_or_create(dir, trust_domain)
+        .context("failed to load or create the JWT-SVID signing key")?;
     root.write(dir, ROOT_FILE_STEM)?;
     println!(
         "wrote {} and {}.key: root CA {}, valid until {}",
@@ -170,6 +179,13 @@ fn ca_init(trust_domain: &TrustDomain, dir: &Path, ttl: Duration) -> anyhow::Res
         ROOT_FILE_STEM,
         trust_domain.id(),
         display_time(root.not_after())
+    );
+    let action = if created { "wrote" } else { "kept existing" };
+    println!(
+        "{action} {}: JWT-SVID signing key for {}, kid {}",
+        jwt_key.display(),
+        trust_domain.id(),
+        jwt.kid()
     );
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! Command-line interface of the `enforcer` binary: one module per area.
 
+mod api;
 mod audit;
 mod control;
 mod datapath;
@@ -8,10 +9,11 @@ mod policy;
 
 use std::{path::PathBuf, process::ExitCode};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand, parser::ValueSource};
 
 use crate::config::DEFAULT_PIN_DIR;
 
+pub use api::{ApiCommand, FetchKind, ValidateKind};
 pub use audit::AuditCommand;
 pub use identity::{BundleCommand, BundleFormat, CaCommand, SvidCommand};
 pub use policy::PolicyCommand;
@@ -26,7 +28,8 @@ pub struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "ENFORCER_LOG_FORMAT")]
     pub log_format: LogFormat,
-    /// The daemon's control socket.
+    /// The daemon's control socket. For `enforcer api`: the Workload API socket (when not
+    /// given here: `SPIFFE_ENDPOINT_SOCKET`, else `/run/enforcer/public/api.sock`).
     #[arg(long, global = true, default_value = crate::config::DEFAULT_CONTROL_SOCKET, env = "ENFORCER_SOCKET")]
     pub socket: PathBuf,
     /// What to do.
@@ -116,6 +119,13 @@ pub enum Command {
         #[command(subcommand)]
         command: BundleCommand,
     },
+    /// Call the SPIFFE Workload API as this process: fetch SVIDs, validate JWT-SVIDs, watch
+    /// rotations.
+    Api {
+        /// What to call.
+        #[command(subcommand)]
+        command: ApiCommand,
+    },
     /// Detach every program and remove every pin of the datapath.
     Uninstall {
         /// The daemon's bpffs directory.
@@ -127,7 +137,12 @@ pub enum Command {
 /// Entry point of the binary.
 #[must_use]
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(error) => error.exit(),
+    };
+    let socket_given = matches.value_source("socket") == Some(ValueSource::CommandLine);
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
@@ -138,7 +153,7 @@ pub fn main() -> ExitCode {
         LogFormat::Human => logs.init(),
         LogFormat::Json => logs.json().init(),
     }
-    match run(cli.command, &cli.socket) {
+    match run(cli.command, &cli.socket, socket_given) {
         Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");
@@ -147,7 +162,9 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn run(command: Command, socket: &std::path::Path) -> anyhow::Result<ExitCode> {
+/// Runs `command`; `socket` is the `--socket` value, `socket_given` whether the command line
+/// named it (for `api`, which otherwise reads `SPIFFE_ENDPOINT_SOCKET`).
+fn run(command: Command, socket: &std::path::Path, socket_given: bool) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run { config } => {
             let config = crate::config::Config::load(config.as_deref())?;
@@ -195,6 +212,7 @@ fn run(command: Command, socket: &std::path::Path) -> anyhow::Result<ExitCode> {
         Command::Svid { command } => command.run(socket),
         Command::Bundle { command } => command.run().map(|()| ExitCode::SUCCESS),
         Command::Uninstall { pin_dir } => datapath::uninstall(&pin_dir).map(|()| ExitCode::SUCCESS),
+        Command::Api { command } => command.run(socket_given.then_some(socket)),
     }
 }
 

@@ -4,7 +4,7 @@
 //! requests, and moves replies.
 //!
 //! ```text
-//! enforcer <cmd> --ControlClient--> /run/enforcer/control.sock (0600, dir 0700)
+//! enforcer <cmd> --ControlClient--> /run/enforcer/control.sock (0600, dir 0711)
 //!                                   serve_unix: peer uid 0? --no--> 403, logged
 //!                                                          --yes-> Router --> Reply (JSON, text, stream)
 //! Prometheus -------TCP-----------> serve_tcp --> Router (Caller::Tcp)
@@ -29,4 +29,5 @@ pub use client::{ClientError, ControlClient, Lines, REQUEST_TIMEOUT, Response};
 pub use query::Query;
 pub use reply::Reply;
 pub use server::{Caller, MAX_REQUEST_BODY, Routes, serve_tcp, serve_unix};
+pub(crate) use socket::bind_socket;
 pub use socket::{ControlError, bind_control_socket};

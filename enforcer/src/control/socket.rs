@@ -1,6 +1,7 @@
-//! Binding the control socket: the parent directory created private, a stale socket from a
-//! crash replaced, a live daemon's socket or any other file left alone, and a socket that is
-//! never reachable with a mode looser than 0600.
+//! Binding the daemon's Unix sockets (the control socket, and the Workload API's): the parent
+//! directory created with the mode asked for, a stale socket from a crash replaced, a live
+//! daemon's socket or any other file left alone, and a socket that is never reachable with
+//! another mode than the one asked for (0600 for the control socket).
 #![forbid(unsafe_code)]
 
 use std::{
@@ -23,7 +24,7 @@ pub enum ControlError {
         path: PathBuf,
     },
     /// The missing parent directory could not be created.
-    #[error("failed to create the control socket directory {}", .path.display())]
+    #[error("failed to create the socket directory {}", .path.display())]
     CreateDir {
         /// The directory.
         path: PathBuf,
@@ -44,7 +45,7 @@ pub enum ControlError {
         path: PathBuf,
     },
     /// What is at the path could not be checked, or a stale socket could not be removed.
-    #[error("failed to replace the stale control socket {}", .path.display())]
+    #[error("failed to replace the stale socket {}", .path.display())]
     Stale {
         /// The socket path.
         path: PathBuf,
@@ -53,7 +54,7 @@ pub enum ControlError {
         source: io::Error,
     },
     /// Binding the socket, or moving it into place, failed.
-    #[error("failed to bind the control socket {}", .path.display())]
+    #[error("failed to bind the socket {}", .path.display())]
     Bind {
         /// The socket path.
         path: PathBuf,
@@ -63,11 +64,22 @@ pub enum ControlError {
     },
 }
 
-/// Binds the control socket at `path` with mode 0600, creating its parent directory (0700) if
+/// Binds the control socket at `path` with mode 0600, creating its parent directory (0711) if
 /// missing and replacing a stale socket nobody answers on. Must be called within a tokio
 /// runtime. The listener's `local_addr` names the private staging path it was bound at, which
 /// no longer exists; `path` is where clients connect.
 pub fn bind_control_socket(path: &Path) -> Result<tokio::net::UnixListener, ControlError> {
+    bind_socket(path, 0o600, 0o711)
+}
+
+/// Binds a Unix socket at `path` with mode `mode`, creating its parent directory with mode
+/// `dir_mode` if missing and replacing a stale socket nobody answers on; see
+/// [`bind_control_socket`].
+pub(crate) fn bind_socket(
+    path: &Path,
+    mode: u32,
+    dir_mode: u32,
+) -> Result<tokio::net::UnixListener, ControlError> {
     let bad_path = || ControlError::BadPath {
         path: path.to_owned(),
     };
@@ -76,16 +88,17 @@ pub fn bind_control_socket(path: &Path) -> Result<tokio::net::UnixListener, Cont
         .parent()
         .filter(|parent| !parent.as_os_str().is_empty())
         .ok_or_else(bad_path)?;
-    create_private_dir(parent)?;
+    create_dir(parent, dir_mode)?;
     remove_stale(path)?;
 
     // A socket file is created by bind() with mode 0777 minus the umask, and connect() needs
     // write permission on it, so binding at `path` and then chmod-ing would leave a window in
-    // which anyone could connect whenever `parent` is not private. Setting a umask first is no
-    // cure: it is per process, and the daemon's other threads create files meanwhile. So the
-    // socket is bound in a fresh 0700 staging directory nobody else can enter, set to 0600
-    // there, and only then hard-linked to `path`; link() fails rather than replace a file that
-    // appeared at `path` since the check above.
+    // which anyone could connect whenever `parent` is not private, and a chmod by path follows
+    // whatever another user swapped in there meanwhile. Setting a umask first is no cure: it
+    // is per process, and the daemon's other threads create files meanwhile. So the socket is
+    // bound in a fresh 0700 staging directory nobody else can enter, set to `mode` there, and
+    // only then hard-linked to `path`; link() fails rather than replace a file that appeared
+    // at `path` since the check above.
     let bind_err = |source| ControlError::Bind {
         path: path.to_owned(),
         source,
@@ -96,7 +109,7 @@ pub fn bind_control_socket(path: &Path) -> Result<tokio::net::UnixListener, Cont
     let staging = Staging::create(parent.join(staging_name)).map_err(bind_err)?;
     let staged = staging.dir.join(name);
     let listener = UnixListener::bind(&staged).map_err(bind_err)?;
-    fs::set_permissions(&staged, fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+    fs::set_permissions(&staged, fs::Permissions::from_mode(mode)).map_err(bind_err)?;
     fs::hard_link(&staged, path).map_err(bind_err)?;
     drop(staging);
 
@@ -104,9 +117,12 @@ pub fn bind_control_socket(path: &Path) -> Result<tokio::net::UnixListener, Cont
     tokio::net::UnixListener::from_std(listener).map_err(bind_err)
 }
 
-/// Creates `dir` (and missing ancestors) with mode 0700 if it does not exist; an existing
-/// directory is left as it is.
-fn create_private_dir(dir: &Path) -> Result<(), ControlError> {
+/// Creates `dir` (and missing ancestors) with mode `mode` if it does not exist; an existing
+/// directory is left as it is. The control socket's is 0711: others may pass through it but
+/// not list it, since the default Workload API socket lives below it
+/// (`/run/enforcer/public/api.sock`), and the control socket beside it is 0600 and answers only
+/// uid 0 whatever the directory's mode.
+fn create_dir(dir: &Path, mode: u32) -> Result<(), ControlError> {
     if dir.is_dir() {
         return Ok(());
     }
@@ -116,11 +132,11 @@ fn create_private_dir(dir: &Path) -> Result<(), ControlError> {
     };
     fs::DirBuilder::new()
         .recursive(true)
-        .mode(0o700)
+        .mode(mode)
         .create(dir)
         .map_err(create_err)?;
-    // The umask may have cleared bits of 0o700; set it exactly.
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(create_err)
+    // The umask may have cleared bits of `mode`; set it exactly.
+    fs::set_permissions(dir, fs::Permissions::from_mode(mode)).map_err(create_err)
 }
 
 /// Removes a socket at `path` that nobody answers on; fails if a daemon answers there or if

@@ -127,6 +127,17 @@ pub(crate) struct Listeners {
     /// The workloads' network namespaces where the tunnel's listeners are up (besides the
     /// daemon's own).
     pub namespaces: Vec<ServedNamespace>,
+    /// The SPIFFE Workload API, when served.
+    pub workload_api: Option<WorkloadApiStatus>,
+}
+
+/// The SPIFFE Workload API in [`Listeners`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct WorkloadApiStatus {
+    /// Its Unix socket.
+    pub socket: String,
+    /// Streams open now.
+    pub streams: usize,
 }
 
 /// A workload network namespace the daemon serves, in [`Listeners`].

@@ -48,6 +48,7 @@ use crate::{
     metrics::{self, Histogram},
     policy::PolicySnapshot,
     tunnel::{Metric, Tunnel},
+    workload_api::{ApiMetrics, Limits},
 };
 
 /// Records `flows` returns without `limit`.
@@ -75,6 +76,17 @@ pub(crate) struct Api {
     pub(crate) maps: Arc<Mutex<Maps>>,
     /// The workload namespaces served.
     pub(crate) namespaces: Arc<NamespaceServer>,
+    /// The Workload API's counters and limits, when it is served.
+    pub(crate) workload_figures: Option<ApiFigures>,
+}
+
+/// What `/metrics` reports of the Workload API.
+#[derive(Clone, Debug)]
+pub(crate) struct ApiFigures {
+    /// Its counters.
+    pub(crate) counters: Arc<ApiMetrics>,
+    /// Its limits, which count the streams open.
+    pub(crate) limits: Arc<Limits>,
 }
 
 impl Routes for Api {
@@ -456,6 +468,13 @@ fn status(daemon: &Api) -> v1::Status {
                 .into_iter()
                 .map(|(inode, cookie)| v1::ServedNamespace { inode, cookie })
                 .collect(),
+            workload_api: daemon
+                .workload_figures
+                .as_ref()
+                .map(|figures| v1::WorkloadApiStatus {
+                    socket: daemon.node.config.workload_api.socket.display().to_string(),
+                    streams: figures.limits.open_streams(),
+                }),
         },
         workloads: v1::WorkloadCount {
             processes: workloads.len(),
@@ -494,6 +513,8 @@ struct Scrape {
     audit: AuditStats,
     /// The daemon's own counters and histograms.
     telemetry: Arc<Telemetry>,
+    /// The Workload API's counters and limits, when it is served.
+    workload_api: Option<ApiFigures>,
 }
 
 impl Scrape {
@@ -509,6 +530,7 @@ impl Scrape {
             policy_version: daemon.policy.load().version(),
             audit: daemon.audit.stats(),
             telemetry: Arc::clone(&daemon.telemetry),
+            workload_api: daemon.workload_figures.clone(),
         }
     }
 }
@@ -574,6 +596,9 @@ impl Collector for Scrape {
             "Audit records dropped because the writer queue was full (each drop is itself recorded as a loss).",
             self.audit.dropped,
         )?;
+        if let Some(api) = &self.workload_api {
+            api.counters.encode(families, api.limits.open_streams())?;
+        }
         self.telemetry.encode(out)
     }
 }
@@ -608,6 +633,8 @@ mod tests {
             policy_version: 1,
             audit: audit_stats(),
             telemetry: Arc::new(telemetry),
+            // Its families are newer than the fixture; `workload_api::metrics` tests them.
+            workload_api: None,
         }
     }
 
@@ -720,6 +747,10 @@ mod tests {
                 control: String::new(),
                 metrics: None,
                 namespaces: Vec::new(),
+                workload_api: Some(v1::WorkloadApiStatus {
+                    socket: "/run/enforcer/public/api.sock".to_owned(),
+                    streams: 0,
+                }),
             },
             workloads: v1::WorkloadCount {
                 processes: 0,
@@ -793,7 +824,14 @@ mod tests {
         );
         assert_eq!(
             keys(&value["listeners"]),
-            set(&["outbound", "inbound", "control", "metrics", "namespaces"])
+            set(&[
+                "outbound",
+                "inbound",
+                "control",
+                "metrics",
+                "namespaces",
+                "workload_api"
+            ])
         );
         assert_eq!(
             keys(&value["workloads"]),

@@ -24,6 +24,7 @@ use crate::{
     kernel::{Counter, EventKind, EventReader, KernelEvent, Maps},
     policy::PolicySnapshot,
     report::report,
+    workload_api::Changes,
 };
 
 /// Longest wait for the ring buffer before the loss counter is checked again.
@@ -43,6 +44,9 @@ pub(crate) struct EventPump {
     pub(crate) recorder: Recorder,
     /// Where the loss counter already reported is kept across restarts.
     pub(crate) lost_file: PathBuf,
+    /// Where an exec, exit or move is reported (Workload API streams of the process look
+    /// again).
+    pub(crate) changes: Changes,
 }
 
 /// The running reader thread; [`stop`](Self::stop) ends it.
@@ -118,8 +122,14 @@ impl EventPump {
                 self.registrar.register(event.tgid);
             }
             EventKind::Listen => self.registrar.register(event.tgid),
-            EventKind::Exec | EventKind::Move => self.registrar.reattest(event.tgid),
-            EventKind::Exit => self.registrar.forget(event.tgid),
+            EventKind::Exec | EventKind::Move => {
+                self.registrar.reattest(event.tgid);
+                self.changes.process(event.tgid);
+            }
+            EventKind::Exit => {
+                self.registrar.forget(event.tgid);
+                self.changes.process(event.tgid);
+            }
             EventKind::Enroll => {
                 tracing::info!(
                     cgroup_id = event.cgroup_id,

@@ -16,10 +16,11 @@ mod sockets;
 mod sources;
 mod telemetry;
 mod upkeep;
+mod workload_api;
 mod workloads;
 
 pub(crate) use self::{
-    api::Api,
+    api::{Api, ApiFigures},
     events::EventPump,
     namespaces::NamespaceServer,
     node::NodeFacts,
@@ -29,6 +30,7 @@ pub(crate) use self::{
     run::{Listeners, Running, serve},
     telemetry::{MeteredIssuer, Telemetry},
     upkeep::Upkeep,
+    workload_api::{ApiCallers, NodeCredentials},
     workloads::Registrar,
 };
 pub use self::{namespaces::Namespaces, own_cgroup::OwnCgroupError, sources::KernelSources};

@@ -25,6 +25,7 @@ use crate::{
         diff, hash, parse, render,
     },
     tunnel::Tunnel,
+    workload_api::Changes,
 };
 
 /// Compile `policy` (read from `name` as `text`) as `version`, its IDs keeping their
@@ -115,6 +116,8 @@ pub(crate) struct Reloader {
     pub(crate) registrar: Arc<Registrar>,
     /// Where the reload record goes.
     pub(crate) recorder: Recorder,
+    /// Where a reload is reported (Workload API streams look again).
+    pub(crate) changes: Changes,
     /// Held for the whole of a reload: one at a time.
     pub(crate) one_at_a_time: Mutex<()>,
 }
@@ -196,6 +199,7 @@ impl Reloader {
         outcome.missing_cgroups = missing_cgroups;
         drop(one);
         self.registrar.rescan();
+        self.changes.everything();
         self.record(file, &outcome);
         Ok(outcome)
     }

@@ -1,11 +1,11 @@
 //! The run loop of a built daemon: start serving (a first scan, the kernel event reader, the
-//! tunnel's listeners, the control API), then answer signals and ticks until SIGTERM or SIGINT
+//! tunnel's listeners, the control API, the Workload API), then answer signals and ticks until SIGTERM or SIGINT
 //! (SIGHUP reloads the policy file), then drain open flows with a deadline and shut down.
 #![forbid(unsafe_code)]
 
 use std::{
     sync::Arc,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use tokio::{
@@ -23,11 +23,18 @@ use crate::{
     audit::{self, Entry},
     control,
     policy::PolicySnapshot,
+    report::report,
     tunnel::{Namespace, Tunnel},
+    workload_api::{self, WorkloadApi},
 };
 
-/// How often SVIDs due for rotation are renewed.
+/// The longest wait between two looks for SVIDs due for rotation (each look also waits for
+/// the earliest rotation time the cache names).
 const SVID_REFRESH_INTERVAL: Duration = Duration::from_secs(10);
+/// The shortest wait between two looks, so a renewal that keeps failing does not spin.
+const SVID_REFRESH_MIN: Duration = Duration::from_millis(100);
+/// How long the Workload API's clients get to close their connections at the stop.
+const WORKLOAD_API_GRACE: Duration = Duration::from_secs(2);
 
 /// The daemon's bound listeners, registered with the kernel, not yet serving.
 pub(crate) struct Listeners {
@@ -39,6 +46,8 @@ pub(crate) struct Listeners {
     pub(crate) control: UnixListener,
     /// The metrics listener, when configured.
     pub(crate) metrics: Option<TcpListener>,
+    /// The Workload API socket and service, when enabled.
+    pub(crate) workload_api: Option<(UnixListener, WorkloadApi)>,
 }
 
 /// A built daemon: every component, wired, with its listeners bound.
@@ -61,6 +70,8 @@ pub(crate) struct Running {
     pub(crate) recorder: Recorder,
     /// The policy in force.
     pub(crate) policy: PolicySnapshot,
+    /// Turned true at shutdown: the control API and the Workload API end their streams.
+    pub(crate) stop: watch::Sender<bool>,
 }
 
 /// What serves while the loop runs, stopped in order at the end.
@@ -68,6 +79,7 @@ struct Serving {
     accepting: Vec<JoinHandle<()>>,
     control: JoinHandle<()>,
     metrics: Option<JoinHandle<()>>,
+    workload_api: Option<JoinHandle<()>>,
     events: EventThread,
     stop: watch::Sender<bool>,
 }
@@ -84,9 +96,10 @@ pub(crate) async fn serve(daemon: Running) -> Result<(), DaemonError> {
         api,
         recorder,
         policy,
+        stop,
     } = daemon;
     let seen = upkeep.scan();
-    let serving = start_serving(listeners, events, (&tunnel, &upkeep), api)?;
+    let serving = start_serving(listeners, events, (&tunnel, &upkeep), api, stop)?;
     record_lifecycle(
         &recorder,
         &policy,
@@ -119,6 +132,7 @@ fn start_serving(
     events: EventPump,
     (tunnel, upkeep): (&Tunnel, &Upkeep),
     api: Arc<Api>,
+    stop: watch::Sender<bool>,
 ) -> Result<Serving, DaemonError> {
     let events =
         EventThread::start(events).map_err(DaemonError::io("failed to start the event reader"))?;
@@ -131,7 +145,15 @@ fn start_serving(
     accepting.push(tokio::spawn(follow_namespaces(Arc::clone(
         &upkeep.namespaces,
     ))));
-    let (stop, stopped) = watch::channel(false);
+    let stopped = stop.subscribe();
+    let workload_api = listeners.workload_api.map(|(listener, service)| {
+        let stopped = stopped.clone();
+        tokio::spawn(async move {
+            if let Err(error) = workload_api::serve(listener, service, stopped).await {
+                tracing::error!(error = %report(&error), "the Workload API stopped");
+            }
+        })
+    });
     let control = tokio::spawn(control::serve_unix(
         listeners.control,
         Arc::clone(&api),
@@ -144,6 +166,7 @@ fn start_serving(
         accepting,
         control,
         metrics,
+        workload_api,
         events,
         stop,
     })
@@ -175,8 +198,8 @@ async fn wait_for_stop(
         stream(SignalKind::hangup())?,
     );
     let mut rescan = tokio::time::interval(node.config.rescan_interval);
-    let mut refresh = tokio::time::interval(SVID_REFRESH_INTERVAL);
     loop {
+        let refresh = tokio::time::sleep(next_rotation(upkeep));
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: draining"); return Ok(()); }
             _ = int.recv() => { tracing::info!("SIGINT: draining"); return Ok(()); }
@@ -185,12 +208,26 @@ async fn wait_for_stop(
                 let upkeep = Arc::clone(upkeep);
                 let _ = tokio::task::spawn_blocking(move || upkeep.scan()).await;
             }
-            _ = refresh.tick() => {
+            () = refresh => {
                 let upkeep = Arc::clone(upkeep);
                 let _ = tokio::task::spawn_blocking(move || upkeep.rotate()).await;
             }
         }
     }
+}
+
+/// How long until the SVID cache's earliest rotation, within [`SVID_REFRESH_MIN`] and
+/// [`SVID_REFRESH_INTERVAL`].
+fn next_rotation(upkeep: &Upkeep) -> Duration {
+    upkeep
+        .svids
+        .next_deadline()
+        .map_or(SVID_REFRESH_INTERVAL, |deadline| {
+            deadline
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO)
+        })
+        .clamp(SVID_REFRESH_MIN, SVID_REFRESH_INTERVAL)
 }
 
 /// Stop accepting (new redirects now fail closed) and let open flows finish until `timeout`.
@@ -227,6 +264,28 @@ async fn shut_down(serving: Serving, node: &NodeFacts) {
     let _ = std::fs::remove_file(&node.config.control_socket);
     if let Some(metrics) = serving.metrics {
         let _ = metrics.await;
+    }
+    if let Some(mut workload_api) = serving.workload_api {
+        // Its streams end at the stop; a client that holds its connection open (or reads
+        // nothing) does not hold the daemon.
+        if tokio::time::timeout(WORKLOAD_API_GRACE, &mut workload_api)
+            .await
+            .is_err()
+        {
+            workload_api.abort();
+            tracing::warn!(
+                grace = ?WORKLOAD_API_GRACE,
+                "Workload API connections still open at the stop were cut"
+            );
+        }
+        if let Some(socket) = node
+            .config
+            .workload_api
+            .enabled
+            .then_some(&node.config.workload_api.socket)
+        {
+            let _ = std::fs::remove_file(socket);
+        }
     }
     serving.events.stop();
 }

@@ -18,6 +18,7 @@ use crate::{
     audit::{Source, Verdict},
     identity::{CertificateAuthority, SpiffeId, SvidError, SvidIssuer, X509Svid},
     metrics::{self, Histogram},
+    workload_api::Changes,
 };
 
 /// Counters and histograms of the daemon itself.
@@ -141,21 +142,30 @@ impl Collector for Telemetry {
     }
 }
 
-/// The node CA as an [`SvidIssuer`] that counts and times every issuance.
+/// The node CA as an [`SvidIssuer`] that counts and times every issuance, and reports each new
+/// SVID to the Workload API's streams (rotated by the cache's schedule or on demand, they all
+/// look again).
 pub(crate) struct MeteredIssuer {
     /// The node's intermediate CA.
     pub(crate) ca: CertificateAuthority,
+    /// How long each SVID is valid.
+    pub(crate) ttl: Duration,
     /// Where the figures go.
     pub(crate) telemetry: Arc<Telemetry>,
+    /// Where a new SVID is reported.
+    pub(crate) changes: Changes,
 }
 
 impl SvidIssuer for MeteredIssuer {
     fn issue(&self, id: &SpiffeId, now: SystemTime) -> Result<X509Svid, SvidError> {
         let started = Instant::now();
-        let result = self.ca.issue(id, now);
+        let result = self.ca.issue_svid(id, self.ttl, now);
         self.telemetry.issue_seconds.observe(started.elapsed());
         match &result {
-            Ok(_) => tracing::info!(%id, "issued an SVID"),
+            Ok(_) => {
+                tracing::info!(%id, "issued an SVID");
+                self.changes.everything();
+            }
             Err(_) => {
                 self.telemetry
                     .issue_failures

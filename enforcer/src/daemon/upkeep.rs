@@ -29,11 +29,17 @@ impl Upkeep {
         seen
     }
 
-    /// Renew the SVIDs due for rotation.
+    /// Renew the SVIDs due for rotation (the issuer reports each new one to the Workload
+    /// API's streams).
     pub(crate) fn rotate(&self) {
-        for (id, error) in self.svids.refresh_due() {
+        let refreshed = self.svids.refresh_due();
+        for (id, error) in refreshed.failed {
             tracing::warn!(%id, error = %report(&error), "SVID rotation failed");
         }
+        tracing::debug!(
+            renewed = refreshed.renewed,
+            "SVIDs due for rotation renewed"
+        );
     }
 
     /// Issue (or keep) the SVID of every identity a registered process holds.

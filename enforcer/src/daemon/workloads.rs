@@ -466,7 +466,7 @@ fn describe(
 
 /// Whether process `pid` is now in a cgroup at or below one of `enroll` (paths from the
 /// cgroup v2 root, like `/proc/<pid>/cgroup` gives them).
-fn in_enrolled_cgroup(pid: u32, enroll: &[String]) -> bool {
+pub(super) fn in_enrolled_cgroup(pid: u32, enroll: &[String]) -> bool {
     let Ok(text) = fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
         return false;
     };
@@ -476,7 +476,7 @@ fn in_enrolled_cgroup(pid: u32, enroll: &[String]) -> bool {
 }
 
 /// Whether cgroup `path` is `entry` or below it (whole components: `/a/bc` is not below `/a/b`).
-fn below(path: &str, entry: &str) -> bool {
+pub(super) fn below(path: &str, entry: &str) -> bool {
     path.strip_prefix(entry)
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }

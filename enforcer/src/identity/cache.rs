@@ -109,6 +109,15 @@ struct Entry {
     last_used: SystemTime,
 }
 
+/// What [`SvidCache::refresh_due`] did.
+#[derive(Debug, Default)]
+pub struct Refreshed {
+    /// SVIDs replaced by new ones.
+    pub renewed: usize,
+    /// Identities that still have no valid SVID, and why.
+    pub failed: Vec<(SpiffeId, CacheError)>,
+}
+
 /// SVIDs by identity, renewed on demand and by [`SvidCache::refresh_due`].
 pub struct SvidCache<C, I> {
     clock: C,
@@ -147,21 +156,26 @@ impl<C: Clock, I: SvidIssuer> SvidCache<C, I> {
         self.refresh_entry(id, entry, now)
     }
 
-    /// Renews every SVID whose rotation time has passed (and whose backoff is over); returns
-    /// the identities that still have no valid SVID. A background task calls this at
-    /// [`SvidCache::next_deadline`].
-    pub fn refresh_due(&self) -> Vec<(SpiffeId, CacheError)> {
+    /// Renews every SVID whose rotation time has passed (and whose backoff is over). A
+    /// background task calls this at [`SvidCache::next_deadline`].
+    pub fn refresh_due(&self) -> Refreshed {
         let now = self.clock.now();
         let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut failed = Vec::new();
+        let mut refreshed = Refreshed::default();
         for (id, entry) in entries.iter_mut() {
-            if now >= entry.rotate_at
-                && let Err(e) = self.refresh_entry(id, entry, now)
-            {
-                failed.push((id.clone(), e));
+            if now < entry.rotate_at {
+                continue;
+            }
+            let before = entry.svid.clone();
+            match self.refresh_entry(id, entry, now) {
+                Ok(svid) if before.is_none_or(|before| !Arc::ptr_eq(&before, &svid)) => {
+                    refreshed.renewed += 1;
+                }
+                Ok(_) => {}
+                Err(error) => refreshed.failed.push((id.clone(), error)),
             }
         }
-        failed
+        refreshed
     }
 
     /// The earliest time something in the cache needs renewing, if anything is cached.
@@ -223,7 +237,7 @@ impl<C: Clock, I: SvidIssuer> SvidCache<C, I> {
         }
         match self.issuer.issue(id, now) {
             Ok(svid) => {
-                entry.rotate_at = self.rotation_time(&svid);
+                entry.rotate_at = self.rotation_time(&svid, now);
                 entry.failures = 0;
                 entry.retry_at = None;
                 let svid = Arc::new(svid);
@@ -243,11 +257,14 @@ impl<C: Clock, I: SvidIssuer> SvidCache<C, I> {
         }
     }
 
-    /// `rotate_at` of the lifetime, moved by a random +/-`jitter` fraction of that point.
-    fn rotation_time(&self, svid: &X509Svid) -> SystemTime {
+    /// `rotate_at` of the lifetime left at issuance (`issued` to `not_after`: the 60 s of
+    /// backdating are not life the SVID has ahead of it, and would make a short-lived SVID due
+    /// at once), moved by a random +/-`jitter` fraction of that point.
+    fn rotation_time(&self, svid: &X509Svid, issued: SystemTime) -> SystemTime {
+        let start = issued.max(svid.not_before());
         let lifetime = svid
             .not_after()
-            .duration_since(svid.not_before())
+            .duration_since(start)
             .unwrap_or(Duration::ZERO);
         let jitter = self.config.jitter.abs();
         let factor = if jitter > 0.0 {
@@ -256,7 +273,7 @@ impl<C: Clock, I: SvidIssuer> SvidCache<C, I> {
             0.0
         };
         let point = lifetime.mul_f64((self.config.rotate_at * (1.0 + factor)).clamp(0.0, 1.0));
-        svid.not_before() + point
+        start + point
     }
 
     /// Backoff after `failures` consecutive failures: initial * 2^(failures-1), capped.
@@ -353,16 +370,48 @@ mod tests {
     fn rotates_at_half_life_within_jitter() {
         let (clock, issuer, cache) = setup(CacheConfig::default());
         let first = cache.get(&id("web")).expect("issued");
-        // Lifetime is 1 h + 60 s backdating; the rotation point is 50% +/- 10% of it from
-        // not_before (start - 60 s): between 1587 s and 1953 s after start.
-        clock.advance(Duration::from_secs(1580));
+        // The life ahead at issuance is 1 h (the 60 s of backdating are behind it); the rotation
+        // point is 50% +/- 10% of it from issuance: between 1620 s and 1980 s after start.
+        clock.advance(Duration::from_secs(1610));
         assert!(Arc::ptr_eq(&first, &cache.get(&id("web")).expect("cached")));
         assert_eq!(issuer.attempts.load(Ordering::SeqCst), 1);
-        clock.advance(Duration::from_secs(1960 - 1580));
+        clock.advance(Duration::from_secs(1990 - 1610));
         let second = cache.get(&id("web")).expect("rotated");
         assert!(!Arc::ptr_eq(&first, &second));
         assert_eq!(issuer.attempts.load(Ordering::SeqCst), 2);
         assert_eq!(cache.len(), 1);
+    }
+
+    /// Issues SVIDs valid for ten seconds through the test issuer's CA.
+    struct ShortLived(Arc<FlakyIssuer>);
+
+    impl SvidIssuer for ShortLived {
+        fn issue(&self, id: &SpiffeId, now: SystemTime) -> Result<X509Svid, SvidError> {
+            self.0.ca.issue_svid(id, Duration::from_secs(10), now)
+        }
+    }
+
+    #[test]
+    fn a_short_lived_svid_rotates_at_half_its_life_not_at_once() {
+        let (clock, issuer, _) = setup(CacheConfig::default());
+        let config = CacheConfig {
+            jitter: 0.0,
+            ..CacheConfig::default()
+        };
+        let cache = SvidCache::new(Arc::clone(&clock), ShortLived(issuer), config);
+        let first = cache.get(&id("web")).expect("issued");
+        assert_eq!(
+            cache.next_deadline().expect("one entry"),
+            clock.now() + Duration::from_secs(5)
+        );
+        clock.advance(Duration::from_secs(4));
+        assert_eq!(cache.refresh_due().renewed, 0, "not due yet");
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(cache.refresh_due().renewed, 1, "due at half its life");
+        assert!(!Arc::ptr_eq(
+            &first,
+            &cache.get(&id("web")).expect("renewed")
+        ));
     }
 
     #[test]
@@ -466,11 +515,13 @@ mod tests {
         let (clock, issuer, cache) = setup(config);
         let first = cache.get(&id("web")).expect("issued");
         let deadline = cache.next_deadline().expect("one entry");
-        assert_eq!(deadline, first.not_before() + Duration::from_secs(1830));
-        assert!(cache.refresh_due().is_empty());
+        assert_eq!(deadline, first.not_before() + Duration::from_mins(31));
+        let refreshed = cache.refresh_due();
+        assert_eq!((refreshed.renewed, refreshed.failed.len()), (0, 0));
         assert_eq!(issuer.attempts.load(Ordering::SeqCst), 1);
         clock.advance(deadline.duration_since(clock.now()).expect("future"));
-        assert!(cache.refresh_due().is_empty());
+        let refreshed = cache.refresh_due();
+        assert_eq!((refreshed.renewed, refreshed.failed.len()), (1, 0));
         assert_eq!(issuer.attempts.load(Ordering::SeqCst), 2);
         assert!(!Arc::ptr_eq(
             &first,

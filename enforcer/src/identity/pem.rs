@@ -138,7 +138,7 @@ pub fn encode_certificates(certs: &[CertificateDer<'_>]) -> String {
 
 /// Encodes a PKCS#8 key as a `PRIVATE KEY` section.
 #[must_use]
-pub(super) fn encode_private_key(key: &PrivatePkcs8KeyDer<'_>) -> String {
+pub fn encode_private_key(key: &PrivatePkcs8KeyDer<'_>) -> String {
     encode("PRIVATE KEY", key.secret_pkcs8_der())
 }
 

@@ -21,7 +21,7 @@ use tempfile::TempDir;
 use super::{Node, ScratchCgroup, Spawn, Spawned, datapath::BPFFS, report, unique_name};
 use crate::{
     audit::AuditRecord,
-    identity::{CertificateAuthority, ROOT_FILE_STEM},
+    identity::{CertificateAuthority, JWT_KEY_FILE, ROOT_FILE_STEM, write_private},
     kernel::Datapath,
 };
 
@@ -31,6 +31,16 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
 /// Pause between polls.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// What a node is given besides its policy.
+#[derive(Clone, Debug, Default)]
+pub struct NodeSetup {
+    /// TOML appended to the node's configuration (whole tables: it follows `[kernel]`).
+    pub config: String,
+    /// The trust domain's JWT signing key (PKCS#8 PEM), put in the node's CA directory as
+    /// `jwt.key`, so that nodes given the same key validate each other's JWT-SVIDs.
+    pub jwt_key: Option<String>,
+}
 
 /// One node running the real daemon.
 pub struct DaemonNode {
@@ -45,6 +55,7 @@ pub struct DaemonNode {
     scope: ScratchCgroup,
     scope_path: String,
     link: Node,
+    setup: NodeSetup,
 }
 
 impl DaemonNode {
@@ -59,7 +70,19 @@ impl DaemonNode {
         root: &CertificateAuthority,
         policy: impl FnOnce(&str) -> String,
     ) -> Self {
-        Self::start_with(binary, link, name, root, None, policy)
+        Self::start_with(binary, link, name, root, None, NodeSetup::default(), policy)
+    }
+
+    /// [`start`](Self::start), with `setup` added to the node's configuration and CA files.
+    pub fn start_set_up(
+        binary: &Path,
+        link: &Node,
+        name: &str,
+        root: &CertificateAuthority,
+        setup: NodeSetup,
+        policy: impl FnOnce(&str) -> String,
+    ) -> Self {
+        Self::start_with(binary, link, name, root, None, setup, policy)
     }
 
     /// [`start`](Self::start), with the daemon in the cgroup `home` instead of the caller's.
@@ -71,7 +94,15 @@ impl DaemonNode {
         home: &ScratchCgroup,
         policy: impl FnOnce(&str) -> String,
     ) -> Self {
-        Self::start_with(binary, link, name, root, Some(home.clone()), policy)
+        Self::start_with(
+            binary,
+            link,
+            name,
+            root,
+            Some(home.clone()),
+            NodeSetup::default(),
+            policy,
+        )
     }
 
     fn start_with(
@@ -80,6 +111,7 @@ impl DaemonNode {
         name: &str,
         root: &CertificateAuthority,
         home: Option<ScratchCgroup>,
+        setup: NodeSetup,
         policy: impl FnOnce(&str) -> String,
     ) -> Self {
         let scope = ScratchCgroup::new(name);
@@ -89,6 +121,10 @@ impl DaemonNode {
         fs::create_dir_all(&ca_dir).expect("CA directory");
         root.write(&ca_dir, ROOT_FILE_STEM)
             .unwrap_or_else(|error| panic!("failed to write the root CA: {}", report(&error)));
+        if let Some(key) = &setup.jwt_key {
+            write_private(&ca_dir.join(JWT_KEY_FILE), key)
+                .unwrap_or_else(|error| panic!("failed to write the JWT key: {}", report(&error)));
+        }
         let mut node = Self {
             name: name.to_owned(),
             binary: binary.to_owned(),
@@ -99,6 +135,7 @@ impl DaemonNode {
             scope,
             scope_path,
             link: link.clone(),
+            setup,
         };
         node.write_policy(&policy(&node.scope_path));
         node.write_config();
@@ -106,11 +143,22 @@ impl DaemonNode {
         node
     }
 
+    /// The node's configuration; its Workload API socket is in the node's directory unless
+    /// the setup names one (every node would otherwise claim the default path).
     fn write_config(&self) {
+        let extra = if self.setup.config.contains("[workload_api]") {
+            self.setup.config.clone()
+        } else {
+            format!(
+                "{}\n[workload_api]\nsocket = \"{}\"\n",
+                self.setup.config,
+                self.dir.path().join("api.sock").display()
+            )
+        };
         let config = format!(
             "node_name = \"{name}\"\nstate_dir = \"{state}\"\npolicy = \"{policy}\"\n\
              control_socket = \"{socket}\"\ndrain_timeout = \"20s\"\nrescan_interval = \"500ms\"\n\
-             [kernel]\npin_dir = \"{pins}\"\nscope_cgroup = \"{scope}\"\n",
+             [kernel]\npin_dir = \"{pins}\"\nscope_cgroup = \"{scope}\"\n{extra}",
             name = self.name,
             state = self.dir.path().join("state").display(),
             policy = self.policy_path().display(),

@@ -37,6 +37,7 @@ mod netns;
 mod netns_tunnel;
 mod openssl;
 mod process;
+mod workload_api;
 
 use std::fs;
 use std::process::Command;
@@ -49,7 +50,7 @@ pub use container::{
     CgroupLayout, Container, ContainerBuilder, ContainerProcess, Pod, PodNetwork,
     cgroup_hierarchies, route_pod_networks,
 };
-pub use daemon::DaemonNode;
+pub use daemon::{DaemonNode, NodeSetup};
 pub use datapath::ScratchDatapath;
 pub use demo_policy::demo_policy;
 pub use mesh::{
@@ -59,6 +60,9 @@ pub use netns::{Netns, Node, connect_nodes, ns_inode};
 pub use netns_tunnel::{INBOUND_PORT, OUTBOUND_PORT, TunnelNode, mesh_policy, wait_for_listener};
 pub use openssl::{openssl, output_text, x509_text};
 pub use process::{Spawn, Spawned};
+pub use workload_api::{
+    HandedConnection, PYSPIFFE_VENV, PublicDir, SYSTEM_PYTHON, as_uid, pyspiffe_python,
+};
 
 use crate::report::report;
 

@@ -51,10 +51,12 @@ pub(crate) const SUPPORT_SUITE: &str = "kernel_support";
 /// that loads nothing either; `daemon` and `bypass` drive the same kernel paths as `datapath`
 /// and `tunnel_netns` through two real (debug-built) daemons and their CLI, and under TCG the
 /// six tests of `daemon` alone took five minutes per kernel, doubling the tier;
-/// `container_flows` is the same two-daemon shape with runc containers on each node. Every other
+/// `container_flows` is the same two-daemon shape with runc containers on each node;
+/// `workload_api` is a daemon's Unix-socket gRPC service driven by pyspiffe, whose venv
+/// setup puts on the host, and it adds nothing to the datapath the guest suites test. Every other
 /// suite runs in the guest, including `datapath` (every program and hook, attacked the same
 /// ways) and `tunnel_netns` (the tunnel over the real datapath), and any suite added later.
-const HOST_ONLY_SUITES: [&str; 11] = [
+const HOST_ONLY_SUITES: [&str; 12] = [
     "bypass",
     "container_flows",
     "control_socket",
@@ -66,6 +68,7 @@ const HOST_ONLY_SUITES: [&str; 11] = [
     "identity_tls",
     "tunnel",
     "tunnel_bad_input",
+    "workload_api",
 ];
 
 /// The default wall-clock limit per kernel, in minutes: about twice a run on a loaded machine
