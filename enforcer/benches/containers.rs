@@ -30,8 +30,8 @@ use std::{
 
 use common::median;
 use enforcer::testing::{
-    Container, DaemonNode, Netns, OUTBOUND_PORT, PodNetwork, TestPki, connect_nodes, require_root,
-    route_pod_networks, wait_for_listener,
+    Container, DaemonNode, Netns, OUTBOUND_PORT, PodNetwork, TestPki, connect_nodes, fd_count,
+    require_root, route_pod_networks, rss_kib, wait_for_listener,
 };
 
 const TD: &str = "bench.containers";
@@ -146,16 +146,7 @@ fn wait_served(container: &Container, poll: Duration) {
 
 /// The daemon's RSS (KiB) and open descriptors.
 fn usage(node: &DaemonNode) -> (u64, usize) {
-    let status = fs::read_to_string(format!("/proc/{}/status", node.pid())).expect("status");
-    let rss = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS");
-    let fds = fs::read_dir(format!("/proc/{}/fd", node.pid()))
-        .expect("fds")
-        .count();
-    (rss, fds)
+    (rss_kib(node.pid()), fd_count(node.pid()))
 }
 
 /// RSS and descriptors per served namespace.

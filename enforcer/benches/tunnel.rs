@@ -49,7 +49,8 @@ use enforcer::{
     kernel::{DaemonConfig, ListenerSlot, Maps, SocketTags, cgroup2_mount, netns_cookie},
     policy::{Compiled, InForce, Policy, PolicySnapshot, apply, compile, parse},
     testing::{
-        Netns, ScratchCgroup, ScratchDatapath, Spawn, Spawned, TestPki, connect_nodes, require_root,
+        Netns, ScratchCgroup, ScratchDatapath, Spawn, Spawned, TestPki, connect_nodes,
+        require_root, rss_kib,
     },
     tunnel::{LogSink, Namespace, RecordSink, Tunnel, TunnelConfig, TunnelParts},
 };
@@ -708,16 +709,6 @@ fn parse_latency(answer: &str) -> (f64, f64) {
             .unwrap_or_else(|| panic!("bad latency answer {answer:?}"))
     };
     (field("p50"), field("p99"))
-}
-
-/// The resident set size of `pid`, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no VmRSS for pid {pid}"))
 }
 
 /// A client run, printing one answer line:

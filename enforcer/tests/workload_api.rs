@@ -22,7 +22,8 @@ use enforcer::{
     identity::{JwtAuthority, SpiffeId},
     testing::{
         DaemonNode, Netns, Node, NodeSetup, PublicDir, SYSTEM_PYTHON, ScratchCgroup, Spawn,
-        Spawned, TestPki, as_uid, connect_nodes, openssl, output_text, require_root, serial,
+        Spawned, TestPki, as_uid, connect_nodes, fd_count, openssl, output_text, require_root,
+        rss_kib, serial,
     },
     workload_api::{
         self,
@@ -817,25 +818,6 @@ for _ in range(rounds):
     for s in held:
         s.close()
 "#;
-
-fn fd_count(pid: u32) -> usize {
-    fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(Iterator::count)
-        .unwrap_or_default()
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status.lines().find_map(|line| {
-                line.strip_prefix("VmRSS:")
-                    .and_then(|rest| rest.split_whitespace().next())
-                    .and_then(|kib| kib.parse().ok())
-            })
-        })
-        .unwrap_or_default()
-}
 
 #[test]
 fn a_jwt_svid_minted_on_one_node_validates_on_another_and_nothing_else_does() {

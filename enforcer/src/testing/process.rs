@@ -357,3 +357,23 @@ fn collect(mut stderr: ChildStderr, text: &Mutex<Vec<u8>>) {
             .extend_from_slice(&buffer[..read]);
     }
 }
+
+/// The resident set size of process `pid`, in KiB (`VmRSS` of `/proc/<pid>/status`).
+#[must_use]
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|error| panic!("read the status of pid {pid}: {error}"));
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS for pid {pid}"))
+}
+
+/// How many descriptors process `pid` holds open.
+#[must_use]
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap_or_else(|error| panic!("list the descriptors of pid {pid}: {error}"))
+        .count()
+}
