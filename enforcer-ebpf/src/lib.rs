@@ -69,6 +69,13 @@ pub mod map_names {
     /// Redirected sockets by the client's network namespace and local address
     /// ([`crate::NsSockKey`]), for the outbound listener of that namespace.
     pub const ORIG_BY_TUPLE: &str = "ENF_ORIG_BY_TUPLE";
+    /// Same-node connections authorized in the kernel, by the client socket's cookie
+    /// ([`crate::KernelFlow`]), from `connect()` until the client socket closes.
+    pub const KERNEL_FLOWS: &str = "ENF_KERNEL_FLOWS";
+    /// The addresses of those connections ([`crate::FlowKey`] -> client socket cookie), from
+    /// the moment the client's SYN is built until the client socket closes: what the ingress
+    /// hook admits to a protected listener besides the daemon's hops.
+    pub const ADMITTED: &str = "ENF_ADMITTED";
     /// Scratch space for cgroup paths (per-CPU, one [`crate::PathBuf`]).
     pub const PATH_SCRATCH: &str = "ENF_PATH_SCRATCH";
     /// Per-CPU counters, indexed by [`crate::Counter`].
@@ -183,6 +190,17 @@ pub struct Config {
     /// The cookie of the daemon's own network namespace, where `sk_lookup` keeps its ports
     /// its own; in every other served namespace the bind hooks do. Zero: none yet.
     pub netns_cookie: u64,
+    /// `FLAG_*` bits.
+    pub flags: u32,
+    /// Always zero.
+    pub pad: u32,
+}
+
+impl Config {
+    /// Same-node connections between known workloads that policy allows go direct,
+    /// authorized in the kernel ([`map_names::KERNEL_FLOWS`]); set only by a daemon that can
+    /// close such a connection when a reload denies it.
+    pub const FLAG_KERNEL_FLOWS: u32 = 1;
 }
 
 /// Byte offsets of the kernel structure members the tracepoints read, found in the running
@@ -415,6 +433,62 @@ pub struct OrigDst {
     pub pad: u16,
 }
 
+/// A same-node connection the connect hook authorized in the kernel: it goes direct, and the
+/// ingress hook admits its handshake to the destination's listener
+/// ([`map_names::KERNEL_FLOWS`], by the client socket's cookie).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelFlow {
+    /// Socket cookie of the client socket.
+    pub cookie: u64,
+    /// cgroup id of the connecting process.
+    pub cgroup_id: u64,
+    /// Version of the policy that allowed it.
+    pub policy_version: u64,
+    /// `bpf_ktime_get_ns()` at `connect()`, then at establishment.
+    pub since_ns: u64,
+    /// The client socket's network namespace (where the daemon closes it).
+    pub netns: u64,
+    /// cgroup id of the process whose listener the destination is: only a listener of that
+    /// cgroup admits the connection.
+    pub dst_cgroup: u64,
+    /// The client's local address and port, once the SYN is built (zero before).
+    pub local: SockKey,
+    /// The destination.
+    pub dst: SockKey,
+    /// tgid of the connecting process.
+    pub tgid: u32,
+    /// Source identity number.
+    pub src_id: u32,
+    /// Destination identity number.
+    pub dst_id: u32,
+    /// The allowing rule's number.
+    pub rule: u32,
+    /// Address family of the client socket (`AF_INET` or `AF_INET6`).
+    pub family: u16,
+    /// [`KernelFlow::CONNECTING`] or [`KernelFlow::ESTABLISHED`].
+    pub state: u16,
+    /// Always zero.
+    pub pad: u32,
+}
+
+impl KernelFlow {
+    /// Between `connect()` and the handshake's end.
+    pub const CONNECTING: u16 = 0;
+    /// The handshake completed (an open event was sent).
+    pub const ESTABLISHED: u16 = 1;
+}
+
+/// The addresses of one connection, as its packets carry them ([`map_names::ADMITTED`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// The client's address and port.
+    pub src: SockKey,
+    /// The server's.
+    pub dst: SockKey,
+}
+
 /// Kinds of [`Event`].
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -442,6 +516,10 @@ pub enum EventKind {
     Move = 10,
     /// A cgroup was created at an enrolled path and enrolled at once.
     Enroll = 11,
+    /// A same-node connection authorized in the kernel completed its handshake.
+    FlowOpen = 12,
+    /// A same-node connection authorized in the kernel closed (bytes and duration set).
+    FlowClose = 13,
 }
 
 impl EventKind {
@@ -460,6 +538,8 @@ impl EventKind {
             9 => Self::NoListener,
             10 => Self::Move,
             11 => Self::Enroll,
+            12 => Self::FlowOpen,
+            13 => Self::FlowClose,
             _ => return None,
         })
     }
@@ -529,6 +609,12 @@ pub struct Event {
     pub family: u32,
     /// IP protocol number (6 for TCP), zero for process events.
     pub protocol: u32,
+    /// For a flow close: bytes the client sent that the server acknowledged.
+    pub bytes_up: u64,
+    /// For a flow close: bytes the client received.
+    pub bytes_down: u64,
+    /// For a flow close: nanoseconds from the handshake's end to the close.
+    pub duration_ns: u64,
 }
 
 /// A cgroup path as the tracepoints copy it, NUL-terminated ([`map_names::PATH_SCRATCH`]).
@@ -591,6 +677,10 @@ pub enum Counter {
     Unenrolled = 22,
     /// Binds to the daemon's ports refused (see [`reasons::RESERVED_PORT`]).
     ReservedPort = 23,
+    /// Same-node connections authorized in the kernel (they go direct).
+    KernelFlow = 24,
+    /// Handshake packets of those admitted by the ingress hook.
+    Admitted = 25,
 }
 
 impl Counter {
@@ -598,7 +688,7 @@ impl Counter {
     pub const COUNT: u32 = 32;
 
     /// Every counter, in index order.
-    pub const ALL: [Self; 24] = [
+    pub const ALL: [Self; 26] = [
         Self::Connect,
         Self::PassDaemon,
         Self::PassUnenrolled,
@@ -623,6 +713,8 @@ impl Counter {
         Self::Unlisten,
         Self::Unenrolled,
         Self::ReservedPort,
+        Self::KernelFlow,
+        Self::Admitted,
     ];
 
     /// A short `snake_case` name for logs and metrics.
@@ -653,6 +745,8 @@ impl Counter {
             Self::Unlisten => "unlisten",
             Self::Unenrolled => "unenrolled",
             Self::ReservedPort => "reserved_port",
+            Self::KernelFlow => "kernel_flow",
+            Self::Admitted => "admitted",
         }
     }
 }
@@ -662,8 +756,8 @@ mod pod {
     //! `aya::Pod` for the shared types: each is `#[repr(C)]`, `Copy`, has no implicit padding
     //! and every bit pattern is a valid value.
     use super::{
-        Config, DaemonTag, EgressKey, EgressRule, Event, IdentityEntry, Layout, NsSockKey, OrigDst,
-        PolicyEntry, PolicyKey, PolicyMeta, Service, SockKey, SockTag,
+        Config, DaemonTag, EgressKey, EgressRule, Event, FlowKey, IdentityEntry, KernelFlow,
+        Layout, NsSockKey, OrigDst, PolicyEntry, PolicyKey, PolicyMeta, Service, SockKey, SockTag,
     };
 
     // SAFETY: see the module comment; each type is plain integers with explicit padding.
@@ -696,13 +790,17 @@ mod pod {
     unsafe impl aya::Pod for OrigDst {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Event {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for KernelFlow {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FlowKey {}
 }
 
 #[cfg(test)]
 mod tests {
     use super::{
-        Config, DaemonTag, Event, IdentityEntry, Layout, NsSockKey, OrigDst, PolicyKey, Service,
-        SockKey, SockTag, path_hash,
+        Config, DaemonTag, Event, FlowKey, IdentityEntry, KernelFlow, Layout, NsSockKey, OrigDst,
+        PolicyKey, Service, SockKey, SockTag, path_hash,
     };
     use core::mem::size_of;
 
@@ -711,14 +809,16 @@ mod tests {
         assert_eq!(size_of::<SockKey>(), 20);
         assert_eq!(size_of::<NsSockKey>(), 8 + 20 + 4);
         assert_eq!(size_of::<PolicyKey>(), 12);
-        assert_eq!(size_of::<Config>(), 32);
+        assert_eq!(size_of::<Config>(), 40);
         assert_eq!(size_of::<Layout>(), 24);
         assert_eq!(size_of::<IdentityEntry>(), 16);
         assert_eq!(size_of::<Service>(), 32);
         assert_eq!(size_of::<SockTag>(), 24);
         assert_eq!(size_of::<DaemonTag>(), 8);
         assert_eq!(size_of::<OrigDst>(), 3 * 8 + 20 + 4 * 4 + 4);
-        assert_eq!(size_of::<Event>(), 4 * 8 + 6 * 4 + 2 * 20 + 2 * 4);
+        assert_eq!(size_of::<Event>(), 4 * 8 + 6 * 4 + 2 * 20 + 2 * 4 + 3 * 8);
+        assert_eq!(size_of::<KernelFlow>(), 6 * 8 + 2 * 20 + 4 * 4 + 2 * 2 + 4);
+        assert_eq!(size_of::<FlowKey>(), 2 * 20);
     }
 
     #[test]

@@ -973,6 +973,7 @@ fn node(args: &NodeArgs) {
             outbound_port: OUTBOUND_PORT,
             inbound_port: args.inbound.port(),
             netns_cookie: netns_cookie(inbound.as_fd()).expect("read the namespace cookie"),
+            kernel_flows: false,
         })
         .expect("set the daemon config");
         let home = enforcer::kernel::Netns::current().expect("open the node's namespace");

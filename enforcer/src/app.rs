@@ -37,9 +37,9 @@ use crate::{
     config::{Config, EMBEDDED_POLICY_NAME},
     control,
     daemon::{
-        self, Api, ApiCallers, ApiFigures, DaemonError, EventPump, KernelSources, Listeners,
-        MeteredIssuer, NamespaceServer, Namespaces, NodeCredentials, NodeFacts, OwnCgroupError,
-        Recorder, Registrar, Reloader, Running, Svids, Telemetry, Upkeep,
+        self, Api, ApiCallers, ApiFigures, DaemonError, EventPump, KernelFlows, KernelSources,
+        Listeners, MeteredIssuer, NamespaceServer, Namespaces, NodeCredentials, NodeFacts,
+        OwnCgroupError, Recorder, Registrar, Reloader, Running, Svids, Telemetry, Upkeep,
     },
     identity::{
         CacheConfig, JwtAuthority, JwtError, SpiffeId, StoreError, SvidCache, SystemClock,
@@ -186,6 +186,10 @@ struct Kernel {
     mount: PathBuf,
     scope: PathBuf,
     previous_version: u64,
+    /// The same-node flows the kernel authorizes.
+    direct: Arc<KernelFlows>,
+    /// Whether allowed same-node flows go direct ([`same_node_direct`]).
+    same_node_direct: bool,
 }
 
 /// Build and bind every component, in start-up order (see the module docs).
@@ -228,6 +232,7 @@ async fn build(config: Config) -> Result<Running, AppError> {
         started,
         adopted: !kernel.datapath.attached_now(),
         refuses_packet_sockets: kernel.datapath.refuses_packet_sockets(),
+        same_node_direct: kernel.same_node_direct,
         outbound: bound.outbound_addrs,
         inbound: bound.inbound_addr,
         mount: kernel.mount.clone(),
@@ -388,6 +393,7 @@ fn assemble(
         maps: Arc::clone(&kernel.maps),
         mount: kernel.mount.clone(),
         tunnel: tunnel.clone(),
+        kernel_flows: Arc::clone(&kernel.direct),
         registrar: Arc::clone(&registrar),
         recorder: recorder.clone(),
         changes: changes.clone(),
@@ -414,11 +420,13 @@ fn assemble(
         recorder: recorder.clone(),
         lost_file: node.config.state_dir.join("kernel-lost-events"),
         changes: changes.clone(),
+        kernel_flows: Arc::clone(&kernel.direct),
     };
     let upkeep = Arc::new(Upkeep {
         namespaces,
         registrar,
         svids,
+        kernel_flows: Arc::clone(&kernel.direct),
     });
     Ok(Running {
         node,
@@ -522,6 +530,7 @@ fn program_kernel(
         SocketAddr::V6(_) => ListenerSlot::Inbound6,
     };
     maps.set_listener(inbound_slot, bound.inbound.as_fd())?;
+    let direct = same_node_direct(config);
     maps.set_config(&DaemonConfig {
         outbound_v4: addrs.iter().find_map(|a| match a {
             SocketAddr::V4(a) => Some(*a.ip()),
@@ -534,6 +543,7 @@ fn program_kernel(
         outbound_port: config.tunnel.outbound_port,
         inbound_port: config.tunnel.inbound_addr.port(),
         netns_cookie: home.cookie(),
+        kernel_flows: direct,
     })?;
     // Served from now on: this namespace, and (until the first scan finds which are still
     // there) the workload namespaces an earlier run served, whose ports the bind hooks keep.
@@ -542,16 +552,47 @@ fn program_kernel(
     maps.replace_served(&served)?;
     let tags = datapath.socket_tags()?;
     let lookups = Maps::open(&datapath.pin_dir().join("maps"))?;
+    let maps = Arc::new(Mutex::new(maps));
+    let namespaces = Arc::new(Namespaces::new(home));
+    let kernel_flows = Arc::new(KernelFlows::new(Arc::clone(&maps), Arc::clone(&namespaces)));
+    // Their identity numbers were the earlier run's: closed, as a restart ends tunnelled flows.
+    let closed = kernel_flows.close_all();
+    if closed > 0 {
+        tracing::info!(
+            closed,
+            "closed the same-node connections an earlier run authorized"
+        );
+    }
     let kernel = Kernel {
         datapath,
-        maps: Arc::new(Mutex::new(maps)),
+        maps,
         lookups: Arc::new(Mutex::new(lookups)),
-        namespaces: Arc::new(Namespaces::new(home)),
+        namespaces,
         mount,
         scope,
         previous_version,
+        direct: kernel_flows,
+        same_node_direct: direct,
     };
     Ok((kernel, tags))
+}
+
+/// Whether same-node flows go direct, authorized in the kernel: configured, and the kernel
+/// can close one a reload denies.
+fn same_node_direct(config: &Config) -> bool {
+    if !config.kernel.same_node_direct {
+        tracing::info!("same-node flows go through the daemon ([kernel] same_node_direct = false)");
+        return false;
+    }
+    if KernelFlows::supported() {
+        tracing::info!("same-node flows that policy allows go direct, authorized in the kernel");
+        true
+    } else {
+        tracing::warn!(
+            "this kernel cannot close a socket on request (CONFIG_INET_DIAG_DESTROY): same-node flows go through the daemon, which can close them when a reload denies them"
+        );
+        false
+    }
 }
 
 /// Compile the policy, apply it to the kernel and publish it as the first policy in force.

@@ -96,6 +96,10 @@ pub struct KernelConfig {
     /// The cgroup the hooks attach to, relative to the cgroup v2 mount: they see every process
     /// below it, and act only on enrolled ones. Default `/` (the whole node).
     pub scope_cgroup: String,
+    /// Same-node connections between known workloads that policy allows go direct, authorized
+    /// in the kernel, where the kernel can close one a reload denies
+    /// (`CONFIG_INET_DIAG_DESTROY`); `false` sends them through the daemon. Default `true`.
+    pub same_node_direct: bool,
 }
 
 /// `[tunnel]`: the listeners and their timeouts.
@@ -212,6 +216,7 @@ impl Default for KernelConfig {
         Self {
             pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
             scope_cgroup: "/".to_owned(),
+            same_node_direct: true,
         }
     }
 }
@@ -379,6 +384,7 @@ rescan_interval = "250ms"
 [kernel]
 pin_dir = "/sys/fs/bpf/x"
 scope_cgroup = "/x"
+same_node_direct = false
 [tunnel]
 outbound_port = 1
 inbound_addr = "10.0.0.1:2"
@@ -404,6 +410,7 @@ max_streams = 9
         assert_eq!(config.metrics_addr, None);
         assert_eq!(config.rescan_interval, Duration::from_millis(250));
         assert_eq!(config.kernel.scope_cgroup, "/x");
+        assert!(!config.kernel.same_node_direct);
         assert_eq!(
             config.tunnel.inbound_addr,
             "10.0.0.1:2".parse().expect("addr")

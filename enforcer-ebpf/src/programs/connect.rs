@@ -8,21 +8,28 @@
 //! to: loopback is the caller's own, any other local address the namespace it is configured in
 //! (the host's, or a container's). Every other protocol (UDP, ping sockets) passes only
 //! where an egress entry for that protocol permits it.
+//!
+//! A same-node connection between two known workloads that policy allows (not in audit mode)
+//! goes direct when the daemon turned kernel flows on: it is recorded as a [`KernelFlow`] by
+//! the client socket's cookie, `sock_ops` records its addresses when the SYN is built, and
+//! the ingress hook admits exactly that handshake to the destination's listener. Nothing is
+//! encrypted or proxied: both ends are on this node, and the kernel knows both identities.
 
 use aya_ebpf::{
     EbpfContext as _,
-    helpers::{bpf_get_socket_cookie, generated::bpf_get_netns_cookie},
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, generated::bpf_get_netns_cookie},
     programs::SockAddrContext,
 };
 use enforcer_ebpf::{
-    Counter, Event, EventKind, OrigDst, PolicyEntry, PolicyMeta, SockKey, UNKNOWN_IDENTITY, reasons,
+    Config, Counter, Event, EventKind, KernelFlow, OrigDst, PolicyEntry, PolicyMeta, Service,
+    SockKey, UNKNOWN_IDENTITY, reasons,
 };
 
 use super::{
     PROCEED, REFUSE,
     emit::{count, emit},
     enroll::current_enrolled_cgroup,
-    maps::ORIG_BY_COOKIE,
+    maps::{KERNEL_FLOWS, ORIG_BY_COOKIE},
     state::{
         AF_INET, AF_INET6, IPPROTO_TCP, active_policy, config, current_tgid, daemon_tag,
         egress_rule, generation_of, identity_at, identity_at_since, is_mapped, is_peer, is_served,
@@ -146,6 +153,7 @@ fn decide(ctx: &SockAddrContext, dst: &SockKey, family: u32, protocol: u32) -> D
     event.src_id = src_id;
     event.dst_id = dst_id;
 
+    let cfg = config();
     let mut audit_rule = 0;
     if src_id != UNKNOWN_IDENTITY && dst_id != UNKNOWN_IDENTITY {
         // Both ends are known: policy decides here, before any packet leaves. No entry means
@@ -164,6 +172,11 @@ fn decide(ctx: &SockAddrContext, dst: &SockKey, family: u32, protocol: u32) -> D
                 emit(EventKind::Deny, event);
                 return Decision::Refuse;
             }
+        } else if meta.mode == PolicyMeta::MODE_ENFORCE
+            && let Some(service) = service
+            && direct(&cfg, &event, &service, netns)
+        {
+            return Decision::Proceed;
         }
     }
 
@@ -178,39 +191,85 @@ fn decide(ctx: &SockAddrContext, dst: &SockKey, family: u32, protocol: u32) -> D
         return Decision::Proceed;
     }
 
-    let cfg = config();
+    redirect(&mut event, &cfg, netns, generation, audit_rule)
+}
+
+/// Remember where the connection was going and send it to the outbound listener of its own
+/// namespace; refuse it when nothing of the daemon's can take it.
+#[inline(always)]
+fn redirect(
+    event: &mut Event,
+    cfg: &Config,
+    netns: u64,
+    generation: u64,
+    audit_rule: u32,
+) -> Decision {
     if !is_served(netns) {
         // Nothing of the daemon's listens on this namespace's loopback (yet): fail closed.
         count(Counter::NoListener);
         event.reason = reasons::NAMESPACE;
-        emit(EventKind::NoListener, event);
+        emit(EventKind::NoListener, *event);
         return Decision::Refuse;
     }
-    let Some(target) = redirect_target(&cfg, family, &dst.addr) else {
+    let Some(target) = redirect_target(cfg, event.family, &event.dst.addr) else {
         count(Counter::NoListener);
-        emit(EventKind::NoListener, event);
+        emit(EventKind::NoListener, *event);
         return Decision::Refuse;
     };
     let orig = OrigDst {
-        cookie,
-        cgroup_id,
+        cookie: event.cookie,
+        cgroup_id: event.cgroup_id,
         generation,
-        dst: *dst,
-        tgid,
-        src_id,
-        dst_id,
+        dst: event.dst,
+        tgid: event.tgid,
+        src_id: event.src_id,
+        dst_id: event.dst_id,
         rule: audit_rule,
-        family: if family == AF_INET { 2 } else { 10 },
+        family: if event.family == AF_INET { 2 } else { 10 },
         pad: 0,
     };
-    if ORIG_BY_COOKIE.insert(cookie, orig, 0).is_err() {
+    if ORIG_BY_COOKIE.insert(event.cookie, orig, 0).is_err() {
         // Without the record the listener cannot route the connection: fail closed.
         count(Counter::TableFull);
         return Decision::Refuse;
     }
     count(Counter::Redirect);
-    emit(EventKind::Redirect, event);
+    emit(EventKind::Redirect, *event);
     Decision::Redirect(target, cfg.outbound_port)
+}
+
+/// Authorize an allowed same-node connection (`event`, to `service`'s listener) in the kernel
+/// so that it goes direct; false when kernel flows are off, the client's namespace is not one
+/// the daemon serves (it could not close the connection on a reload), or the table is full:
+/// the connection then takes the tunnel like any other.
+#[inline(always)]
+fn direct(cfg: &Config, event: &Event, service: &Service, netns: u64) -> bool {
+    if cfg.flags & Config::FLAG_KERNEL_FLOWS == 0 || !is_served(netns) {
+        return false;
+    }
+    let flow = KernelFlow {
+        cookie: event.cookie,
+        cgroup_id: event.cgroup_id,
+        policy_version: event.policy_version,
+        // SAFETY: the helper has no preconditions.
+        since_ns: unsafe { bpf_ktime_get_ns() },
+        netns,
+        dst_cgroup: service.cgroup_id,
+        dst: event.dst,
+        tgid: event.tgid,
+        src_id: event.src_id,
+        dst_id: event.dst_id,
+        rule: event.rule,
+        #[expect(clippy::cast_possible_truncation, reason = "AF_INET and AF_INET6 fit")]
+        family: event.family as u16,
+        ..KernelFlow::default()
+    };
+    if KERNEL_FLOWS.insert(event.cookie, flow, 0).is_err() {
+        count(Counter::TableFull);
+        return false;
+    }
+    count(Counter::KernelFlow);
+    true
 }
 
 /// A `connect()` of a datagram socket (UDP, ping): permitted only by an egress entry of its
@@ -233,7 +292,7 @@ fn datagram(event: &mut Event, dst: &SockKey) -> Decision {
 /// and v4-mapped destinations, the IPv6 address otherwise. `None` when the daemon has not
 /// configured one.
 #[inline(always)]
-fn redirect_target(cfg: &enforcer_ebpf::Config, family: u32, dst: &[u32; 4]) -> Option<[u32; 4]> {
+fn redirect_target(cfg: &Config, family: u32, dst: &[u32; 4]) -> Option<[u32; 4]> {
     if cfg.outbound_port == 0 {
         return None;
     }

@@ -15,6 +15,11 @@
 //! workload's `SO_REUSEPORT` group) is dropped as well. For untagged listeners only the SYN is
 //! looked at.
 //!
+//! A same-node connection the connect hook authorized in the kernel passes to a protected
+//! listener too: its addresses are admitted (from the moment its SYN was built until its
+//! client socket closes), the listener is one of the cgroup the connect hook found as the
+//! destination's, and its owner still holds the identity policy allowed.
+//!
 //! Other protocols: a datagram to a socket of an enrolled process (or an untagged one in an
 //! enrolled cgroup) passes only when it comes from a destination an egress entry of its
 //! protocol permits (a reply); everything else is dropped.
@@ -25,12 +30,13 @@ use aya_ebpf::{
     helpers::{bpf_sk_release, bpf_skb_cgroup_id, generated::bpf_sk_lookup_tcp},
     programs::SkBuffContext,
 };
-use enforcer_ebpf::{Counter, DaemonTag, Event, EventKind, SockKey, SockTag, reasons};
+use enforcer_ebpf::{Counter, DaemonTag, Event, EventKind, FlowKey, SockKey, SockTag, reasons};
 
 use super::{
     PROCEED, REFUSE,
     emit::{count, emit},
     enroll::socket_enrolled_cgroup,
+    maps::{ADMITTED, KERNEL_FLOWS},
     state::{
         AF_INET, AF_INET6, IPPROTO_TCP, active_policy, daemon_tag, egress_rule, full_socket,
         identity_at_since, mapped, service_port_hinted, sock_tag,
@@ -83,11 +89,35 @@ pub(crate) fn try_ingress(ctx: &SkBuffContext) -> i32 {
 #[inline(always)]
 fn guarded(ctx: &SkBuffContext, tag: &SockTag, packet: &Packet) -> i32 {
     let owner = identity_at_since(tag.tgid, tag.generation);
+    if owner != 0 && admitted(tag, packet, owner) {
+        count(Counter::Admitted);
+        return PROCEED;
+    }
     match hop_identity(ctx, packet) {
         Some(meant) if meant != 0 && meant == owner => PROCEED,
         Some(_) => drop_packet(ctx, tag, packet, reasons::MISDELIVERED, owner),
         None => drop_packet(ctx, tag, packet, reasons::BYPASS, owner),
     }
+}
+
+/// Whether `packet` belongs to a kernel flow authorized to reach a listener of `tag`'s cgroup
+/// whose owner holds `owner`.
+#[inline(always)]
+fn admitted(tag: &SockTag, packet: &Packet, owner: u32) -> bool {
+    let key = FlowKey {
+        src: packet.src,
+        dst: packet.dst,
+    };
+    let Some(cookie) = ADMITTED.get_ptr(key) else {
+        return false;
+    };
+    // SAFETY: the pointer comes from a successful lookup and points to a u64 map value.
+    let Some(flow) = KERNEL_FLOWS.get_ptr(unsafe { *cookie }) else {
+        return false;
+    };
+    // SAFETY: as above, a KernelFlow value.
+    let (dst_cgroup, dst_id) = unsafe { ((*flow).dst_cgroup, (*flow).dst_id) };
+    dst_cgroup == tag.cgroup_id && dst_id == owner
 }
 
 /// A packet to a listener no enrolled process tagged. Only a connection's first packet, the

@@ -13,9 +13,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockMap},
 };
 use enforcer_ebpf::{
-    Config, DEFAULT_RING_BYTES, DEFAULT_TABLE_ENTRIES, DaemonTag, EgressKey, EgressRule,
-    IdentityEntry, LISTENER_SLOTS, Layout, NsSockKey, OrigDst, PathBuf, PolicyEntry, PolicyKey,
-    PolicyMeta, Service, SockTag,
+    Config, DEFAULT_RING_BYTES, DEFAULT_TABLE_ENTRIES, DaemonTag, EgressKey, EgressRule, FlowKey,
+    IdentityEntry, KernelFlow, LISTENER_SLOTS, Layout, NsSockKey, OrigDst, PathBuf, PolicyEntry,
+    PolicyKey, PolicyMeta, Service, SockTag,
 };
 
 #[map(name = "ENF_CONFIG")]
@@ -79,6 +79,16 @@ pub(crate) static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> =
 #[map(name = "ENF_ORIG_BY_TUPLE")]
 pub(crate) static ORIG_BY_TUPLE: LruHashMap<NsSockKey, OrigDst> =
     LruHashMap::pinned(DEFAULT_TABLE_ENTRIES, 0);
+
+// Not LRU: an entry evicted while its connection is open would escape revocation. When the
+// table is full, the connection takes the tunnel instead. `ENF_ADMITTED` has the same
+// capacity, so an authorized flow always finds room for its addresses.
+#[map(name = "ENF_KERNEL_FLOWS")]
+pub(crate) static KERNEL_FLOWS: HashMap<u64, KernelFlow> =
+    HashMap::pinned(DEFAULT_TABLE_ENTRIES, 0);
+
+#[map(name = "ENF_ADMITTED")]
+pub(crate) static ADMITTED: HashMap<FlowKey, u64> = HashMap::pinned(DEFAULT_TABLE_ENTRIES, 0);
 
 #[map(name = "ENF_PATH_SCRATCH")]
 pub(crate) static PATH_SCRATCH: PerCpuArray<PathBuf> = PerCpuArray::with_max_entries(1, 0);

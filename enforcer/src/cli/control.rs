@@ -75,6 +75,14 @@ fn render_status(status: &v1::Status) -> String {
             "NOT refused (the kernel does not run the BPF LSM program)"
         }
     ));
+    line(format!(
+        "same-node flows: {}",
+        if datapath.same_node_direct {
+            "direct, authorized in the kernel"
+        } else {
+            "through the daemon"
+        }
+    ));
     for attachment in &datapath.attachments {
         line(format!(
             "  {:<14} {}",
@@ -385,6 +393,7 @@ mod tests {
                 cgroup2_mount: "/sys/fs/cgroup/unified".to_owned(),
                 adopted: true,
                 refuses_packet_sockets: false,
+                same_node_direct: true,
                 attachments: vec![v1::Attachment {
                     program: "connect4".to_owned(),
                     attached_to: "cgroup /sys/fs/cgroup/unified/enforcer".to_owned(),
@@ -435,6 +444,7 @@ mod tests {
              policy v3 mode audit sha256 0123456789abcdef from /etc/enforcer/policy.toml\n\
              datapath /sys/fs/cgroup/unified/enforcer in /sys/fs/bpf/enforcer (adopted from a previous run)\n\
              packet sockets of enrolled processes: NOT refused (the kernel does not run the BPF LSM program)\n\
+             same-node flows: direct, authorized in the kernel\n\
              \x20 connect4       cgroup /sys/fs/cgroup/unified/enforcer\n\
              listeners outbound [\"127.0.0.1:15001\"] inbound 0.0.0.0:15008 metrics -; 0 workload namespaces served\n\
              workload api off\n\

@@ -100,6 +100,8 @@ pub(crate) struct Datapath {
     pub adopted: bool,
     /// Whether the BPF LSM program refuses packet sockets of enrolled processes.
     pub refuses_packet_sockets: bool,
+    /// Whether allowed same-node flows go direct, authorized in the kernel.
+    pub same_node_direct: bool,
     /// Every program and what it is attached to.
     pub attachments: Vec<Attachment>,
 }

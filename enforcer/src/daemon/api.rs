@@ -455,6 +455,7 @@ fn status(daemon: &Api) -> v1::Status {
             cgroup2_mount: daemon.node.mount.display().to_string(),
             adopted: daemon.node.adopted,
             refuses_packet_sockets: daemon.node.refuses_packet_sockets,
+            same_node_direct: daemon.node.same_node_direct,
             attachments,
         },
         listeners: v1::Listeners {
@@ -736,6 +737,7 @@ mod tests {
                 cgroup2_mount: String::new(),
                 adopted: false,
                 refuses_packet_sockets: true,
+                same_node_direct: true,
                 attachments: vec![v1::Attachment {
                     program: "connect4".to_owned(),
                     attached_to: String::new(),
@@ -815,6 +817,7 @@ mod tests {
                 "cgroup2_mount",
                 "adopted",
                 "refuses_packet_sockets",
+                "same_node_direct",
                 "attachments"
             ])
         );

@@ -1,6 +1,7 @@
 //! The kernel's side of the audit trail: a thread reads the event ring buffer, turns each
-//! decision (redirect, deny, audit, egress, drop, no listener) into an audit record joined with
-//! the identities and process facts the daemon knows, hands process events (listen, exec,
+//! decision (redirect, deny, audit, egress, drop, no listener) and each same-node flow the
+//! kernel authorized (open, close) into an audit record joined with the identities and
+//! process facts the daemon knows, hands process events (listen, exec,
 //! exit, move) to the registrar, and records every event the kernel lost as a loss record.
 #![forbid(unsafe_code)]
 
@@ -18,7 +19,7 @@ use rustix::event::{PollFd, PollFlags, Timespec, poll};
 
 use enforcer_ebpf::reasons;
 
-use super::{Recorder, workloads::Registrar};
+use super::{Recorder, kernel_flows::KernelFlows, workloads::Registrar};
 use crate::{
     audit::{self, Entry},
     kernel::{Counter, EventKind, EventReader, KernelEvent, Maps},
@@ -47,6 +48,8 @@ pub(crate) struct EventPump {
     /// Where an exec, exit or move is reported (Workload API streams of the process look
     /// again).
     pub(crate) changes: Changes,
+    /// Which kernel flows the daemon closed (their close records say `revoked`).
+    pub(crate) kernel_flows: Arc<KernelFlows>,
 }
 
 /// The running reader thread; [`stop`](Self::stop) ends it.
@@ -141,7 +144,19 @@ impl EventPump {
             | EventKind::Audit
             | EventKind::Egress
             | EventKind::Drop
-            | EventKind::NoListener => self.recorder.submit(self.entry(event)),
+            | EventKind::NoListener
+            | EventKind::FlowOpen => self.recorder.submit(self.entry(event)),
+            EventKind::FlowClose => {
+                let mut entry = self.entry(event);
+                if self.kernel_flows.take_revoked(event.cookie) {
+                    "revoked".clone_into(&mut entry.reason);
+                }
+                entry.bytes_up = Some(event.bytes_up);
+                entry.bytes_down = Some(event.bytes_down);
+                entry.duration_ms =
+                    Some(u64::try_from(event.duration.as_millis()).unwrap_or(u64::MAX));
+                self.recorder.submit(entry);
+            }
         }
     }
 
@@ -242,6 +257,8 @@ fn decision(event: &KernelEvent) -> (audit::Event, audit::Verdict, &'static str)
         ),
         (EventKind::Audit, _) => (audit::Event::Audit, audit::Verdict::Audit, "policy"),
         (EventKind::Egress, _) => (audit::Event::Egress, audit::Verdict::Allow, "egress"),
+        (EventKind::FlowOpen, _) => (audit::Event::Open, audit::Verdict::Allow, "policy"),
+        (EventKind::FlowClose, _) => (audit::Event::Close, audit::Verdict::Allow, "finished"),
         (EventKind::NoListener, reasons::NAMESPACE) => refused("namespace-not-served"),
         (EventKind::NoListener, _) => refused("no-listener"),
         (EventKind::Drop, reasons::MISDELIVERED) => {
@@ -299,6 +316,9 @@ mod tests {
             src: nowhere,
             dst: nowhere,
             protocol: 6,
+            bytes_up: 0,
+            bytes_down: 0,
+            duration: Duration::ZERO,
         }
     }
 

@@ -6,6 +6,7 @@
 mod api;
 mod events;
 mod flow_entry;
+mod kernel_flows;
 mod namespaces;
 mod node;
 mod own_cgroup;
@@ -22,6 +23,7 @@ mod workloads;
 pub(crate) use self::{
     api::{Api, ApiFigures},
     events::EventPump,
+    kernel_flows::KernelFlows,
     namespaces::NamespaceServer,
     node::NodeFacts,
     own_cgroup::refuse_enrolling_the_daemon,

@@ -113,13 +113,17 @@ impl Namespaces {
 
     /// A new TCP socket for `addr`'s family, made in namespace `netns`.
     pub(crate) fn socket_in(&self, netns: Namespace, addr: SocketAddr) -> io::Result<TcpSocket> {
-        let make = || match addr {
+        self.run_in(self.cookie(netns), || match addr {
             SocketAddr::V4(_) => TcpSocket::new_v4(),
             SocketAddr::V6(_) => TcpSocket::new_v6(),
-        };
-        let cookie = self.cookie(netns);
+        })?
+    }
+
+    /// Run `make` on the calling thread inside the served namespace `cookie` (the daemon's
+    /// own, or one of its workloads'); `make` must not block.
+    pub(crate) fn run_in<T>(&self, cookie: u64, make: impl FnOnce() -> T) -> io::Result<T> {
         if cookie == self.home.cookie() {
-            return make();
+            return Ok(make());
         }
         let target = self.table().served.get(&cookie).cloned().ok_or_else(|| {
             io::Error::new(
@@ -127,7 +131,7 @@ impl Namespaces {
                 format!("network namespace {cookie} is not served"),
             )
         })?;
-        target.run(&self.home, make)?
+        target.run(&self.home, make)
     }
 
     fn table(&self) -> std::sync::RwLockReadGuard<'_, Table> {

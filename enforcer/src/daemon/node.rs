@@ -28,6 +28,8 @@ pub(crate) struct NodeFacts {
     pub(crate) adopted: bool,
     /// Whether the LSM hook that refuses packet sockets is attached.
     pub(crate) refuses_packet_sockets: bool,
+    /// Whether allowed same-node flows go direct, authorized in the kernel.
+    pub(crate) same_node_direct: bool,
     /// The outbound (redirect) listener addresses.
     pub(crate) outbound: Vec<SocketAddr>,
     /// The inbound (peer) listener address.

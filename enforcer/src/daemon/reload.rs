@@ -1,18 +1,21 @@
 //! Policy reload: validate -> diff -> (dry run stops here) -> compile and atomic apply in the
 //! kernel -> publish the new snapshot (the tunnel, registrar, kernel sources and API see it at
-//! once) -> close the open flows it denies -> re-register every enrolled process. A policy
+//! once) -> close the open flows it denies (the tunnel's, and the same-node ones the kernel
+//! authorized) -> re-register every enrolled process. A policy
 //! that fails validation changes nothing: the old one keeps enforcing.
 #![forbid(unsafe_code)]
 
 use std::{
     path::PathBuf,
     sync::{Arc, Mutex, PoisonError},
+    time::Duration,
 };
 
 use serde::Serialize;
 
 use super::{
     Recorder,
+    kernel_flows::KernelFlows,
     own_cgroup::{OwnCgroupError, refuse_enrolling_the_daemon},
     workloads::Registrar,
 };
@@ -27,6 +30,11 @@ use crate::{
     tunnel::Tunnel,
     workload_api::Changes,
 };
+
+/// How long after the first pass over the kernel's flows a second one looks again: a
+/// `connect()` that read the old policy slot just before the swap records its flow within
+/// microseconds, after the first pass may have run.
+const SECOND_PASS_AFTER: Duration = Duration::from_millis(50);
 
 /// Compile `policy` (read from `name` as `text`) as `version`, its IDs keeping their
 /// `previous` numbers, and program the kernel with it. Returns the compiled policy, ready to be
@@ -112,6 +120,8 @@ pub(crate) struct Reloader {
     pub(crate) mount: PathBuf,
     /// The tunnel, whose open flows the new policy may deny.
     pub(crate) tunnel: Tunnel,
+    /// The same-node flows the kernel authorized, which the new policy may deny.
+    pub(crate) kernel_flows: Arc<KernelFlows>,
     /// The registrar, which re-registers every enrolled process under the new policy.
     pub(crate) registrar: Arc<Registrar>,
     /// Where the reload record goes.
@@ -194,7 +204,7 @@ impl Reloader {
             version,
         )?;
         self.publisher.publish(next);
-        outcome.closed = self.tunnel.revoke_denied();
+        outcome.closed = self.tunnel.revoke_denied() + self.revoke_kernel_flows();
         outcome.applied = true;
         outcome.missing_cgroups = missing_cgroups;
         drop(one);
@@ -202,6 +212,15 @@ impl Reloader {
         self.changes.everything();
         self.record(file, &outcome);
         Ok(outcome)
+    }
+
+    /// Close the kernel's same-node flows the policy now in force denies, in two passes (see
+    /// [`SECOND_PASS_AFTER`]); returns how many were closed.
+    fn revoke_kernel_flows(&self) -> usize {
+        let in_force = self.publisher.load();
+        let first = self.kernel_flows.revoke_denied(&in_force);
+        std::thread::sleep(SECOND_PASS_AFTER);
+        first + self.kernel_flows.revoke_denied(&in_force)
     }
 
     /// The log line and the audit record of a reload put in force.

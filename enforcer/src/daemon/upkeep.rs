@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use super::{Svids, namespaces::NamespaceServer, workloads::Registrar};
+use super::{Svids, kernel_flows::KernelFlows, namespaces::NamespaceServer, workloads::Registrar};
 use crate::{identity::SpiffeId, report::report};
 
 /// What the periodic work reads and writes.
@@ -16,6 +16,8 @@ pub(crate) struct Upkeep {
     pub(crate) registrar: Arc<Registrar>,
     /// The SVID cache.
     pub(crate) svids: Arc<Svids>,
+    /// The same-node flows the kernel authorized (stale ones are forgotten).
+    pub(crate) kernel_flows: Arc<KernelFlows>,
 }
 
 impl Upkeep {
@@ -26,6 +28,10 @@ impl Upkeep {
         let seen = self.registrar.rescan();
         self.namespaces.reconcile();
         self.issue_svids();
+        let stale = self.kernel_flows.sweep();
+        if stale > 0 {
+            tracing::debug!(stale, "forgot kernel flows whose connect() failed early");
+        }
         seen
     }
 

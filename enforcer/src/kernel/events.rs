@@ -64,6 +64,12 @@ pub struct KernelEvent {
     pub dst: SocketAddr,
     /// IP protocol number.
     pub protocol: u32,
+    /// For a flow close: bytes the client sent that the server acknowledged.
+    pub bytes_up: u64,
+    /// For a flow close: bytes the client received.
+    pub bytes_down: u64,
+    /// For a flow close: how long the connection was open.
+    pub duration: Duration,
 }
 
 impl KernelEvent {
@@ -101,6 +107,9 @@ impl KernelEvent {
             src: socket_addr(&key_at(56)),
             dst: socket_addr(&key_at(76)),
             protocol: u32_at(100),
+            bytes_up: u64_at(104),
+            bytes_down: u64_at(112),
+            duration: Duration::from_nanos(u64_at(120)),
         })
     }
 }
@@ -194,6 +203,9 @@ mod tests {
         }
         out.extend_from_slice(&event.family.to_ne_bytes());
         out.extend_from_slice(&event.protocol.to_ne_bytes());
+        for word in [event.bytes_up, event.bytes_down, event.duration_ns] {
+            out.extend_from_slice(&word.to_ne_bytes());
+        }
         out
     }
 
@@ -204,6 +216,9 @@ mod tests {
         assert_eq!(offset_of!(Event, src), 56);
         assert_eq!(offset_of!(Event, dst), 76);
         assert_eq!(offset_of!(Event, protocol), 100);
+        assert_eq!(offset_of!(Event, bytes_up), 104);
+        assert_eq!(offset_of!(Event, bytes_down), 112);
+        assert_eq!(offset_of!(Event, duration_ns), 120);
     }
 
     #[test]
@@ -223,6 +238,7 @@ mod tests {
             family: 2,
             protocol: 6,
             reason: 1,
+            ..Event::default()
         };
         let decoded = KernelEvent::decode(&bytes_of(&event)).unwrap();
         assert_eq!(decoded.kind, EventKind::Deny);
@@ -238,6 +254,21 @@ mod tests {
             ),
             (5, 3, 6, 1)
         );
+    }
+
+    #[test]
+    fn decodes_a_flow_close_with_its_counts() {
+        let event = Event {
+            kind: EventKind::FlowClose as u32,
+            bytes_up: 1_000,
+            bytes_down: 2_000_000,
+            duration_ns: 1_500_000_000,
+            ..Event::default()
+        };
+        let decoded = KernelEvent::decode(&bytes_of(&event)).unwrap();
+        assert_eq!(decoded.kind, EventKind::FlowClose);
+        assert_eq!((decoded.bytes_up, decoded.bytes_down), (1_000, 2_000_000));
+        assert_eq!(decoded.duration, std::time::Duration::from_millis(1_500));
     }
 
     #[test]

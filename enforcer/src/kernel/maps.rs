@@ -11,6 +11,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     os::fd::BorrowedFd,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use aya::maps::{
@@ -18,9 +19,9 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
 };
 use enforcer_ebpf::{
-    Config, Counter, EgressKey, EgressRule, IdentityEntry, Layout, MAX_PATH_BYTES, NsSockKey,
-    OrigDst, PolicyEntry, PolicyKey, PolicyMeta, Service, SockTag, UNKNOWN_IDENTITY, map_names,
-    path_hash,
+    Config, Counter, EgressKey, EgressRule, IdentityEntry, KernelFlow as RawKernelFlow, Layout,
+    MAX_PATH_BYTES, NsSockKey, OrigDst, PolicyEntry, PolicyKey, PolicyMeta, Service, SockTag,
+    UNKNOWN_IDENTITY, map_names, path_hash,
 };
 
 use super::{
@@ -111,6 +112,10 @@ pub struct DaemonConfig {
     /// The cookie of the daemon's own network namespace ([`super::netns::netns_cookie`]),
     /// where `sk_lookup` keeps the two ports the daemon's.
     pub netns_cookie: u64,
+    /// Same-node connections between known workloads that policy allows go direct,
+    /// authorized in the kernel; only for a daemon that can close them when a reload denies
+    /// them ([`super::SockDestroyer`]).
+    pub kernel_flows: bool,
 }
 
 impl DaemonConfig {
@@ -148,6 +153,12 @@ impl DaemonConfig {
             outbound_port: self.outbound_port,
             inbound_port: self.inbound_port,
             netns_cookie: self.netns_cookie,
+            flags: if self.kernel_flows {
+                Config::FLAG_KERNEL_FLOWS
+            } else {
+                0
+            },
+            pad: 0,
         })
     }
 }
@@ -306,6 +317,51 @@ impl PolicyTable {
     }
 }
 
+/// A same-node connection the kernel authorized (it went direct, not through the tunnel).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelFlow {
+    /// The client socket's cookie.
+    pub cookie: u64,
+    /// The client socket's network namespace.
+    pub netns: u64,
+    /// Whether the client socket is an IPv6 one (an IPv4 destination is then v4-mapped).
+    pub ipv6_socket: bool,
+    /// The client's address and port; `None` until its SYN is built.
+    pub local: Option<SocketAddr>,
+    /// The destination.
+    pub dst: SocketAddr,
+    /// The client's process id.
+    pub tgid: u32,
+    /// Source identity number.
+    pub src_id: u32,
+    /// Destination identity number.
+    pub dst_id: u32,
+    /// Version of the policy that allowed it.
+    pub policy_version: u64,
+    /// Whether its handshake completed.
+    pub established: bool,
+    /// `CLOCK_MONOTONIC` time of its `connect()`, or of its establishment.
+    pub since: Duration,
+}
+
+impl From<RawKernelFlow> for KernelFlow {
+    fn from(flow: RawKernelFlow) -> Self {
+        Self {
+            cookie: flow.cookie,
+            netns: flow.netns,
+            ipv6_socket: u32::from(flow.family) == libc::AF_INET6.cast_unsigned(),
+            local: (flow.local.port != 0).then(|| socket_addr(&flow.local)),
+            dst: socket_addr(&flow.dst),
+            tgid: flow.tgid,
+            src_id: flow.src_id,
+            dst_id: flow.dst_id,
+            policy_version: flow.policy_version,
+            established: flow.state == RawKernelFlow::ESTABLISHED,
+            since: Duration::from_nanos(flow.since_ns),
+        }
+    }
+}
+
 /// What the kernel recorded about a redirected connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Original {
@@ -363,6 +419,7 @@ pub struct Maps {
     policy_slot: Array<MapData, u32>,
     egress: LpmTrie<MapData, EgressKey, EgressRule>,
     orig_by_tuple: HashMap<MapData, NsSockKey, OrigDst>,
+    kernel_flows: HashMap<MapData, u64, RawKernelFlow>,
     counters: PerCpuArray<MapData, u64>,
 }
 
@@ -406,6 +463,7 @@ impl Maps {
             policy_slot: open_pinned(dir, map_names::POLICY_SLOT)?,
             egress: open_pinned(dir, map_names::EGRESS)?,
             orig_by_tuple: open_pinned(dir, map_names::ORIG_BY_TUPLE)?,
+            kernel_flows: open_pinned(dir, map_names::KERNEL_FLOWS)?,
             counters: open_pinned(dir, map_names::COUNTERS)?,
         })
     }
@@ -925,6 +983,26 @@ impl Maps {
         .map(|found| found.map(Original::from))
     }
 
+    /// The same-node connections authorized in the kernel that are open (or connecting) now.
+    pub fn kernel_flows(&self) -> Vec<KernelFlow> {
+        self.kernel_flows
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, flow)| KernelFlow::from(flow))
+            .collect()
+    }
+
+    /// Forget the kernel flow of client socket `cookie` (one whose socket never got as far as
+    /// its SYN, so no close callback will remove it).
+    pub fn forget_kernel_flow(&mut self, cookie: u64) -> Result<(), MapsError> {
+        remove_if_present(
+            &mut self.kernel_flows,
+            &cookie,
+            map_names::KERNEL_FLOWS,
+            || format!("remove kernel flow {cookie}"),
+        )
+    }
+
     /// A counter, summed over CPUs.
     pub fn counter(&self, counter: Counter) -> Result<u64, MapsError> {
         self.counters
@@ -1201,6 +1279,7 @@ mod tests {
             outbound_port: 15001,
             inbound_port: 15008,
             netns_cookie: 1,
+            kernel_flows: true,
         };
         assert!(good.validate().is_ok());
         let bad = DaemonConfig {

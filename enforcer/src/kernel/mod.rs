@@ -10,6 +10,7 @@ mod features;
 mod loader;
 mod maps;
 mod netns;
+mod sock_destroy;
 mod tags;
 
 pub(crate) use addr::from_words;
@@ -23,8 +24,9 @@ pub use features::{Feature, FeatureError, KernelVersion};
 pub use loader::{Datapath, DatapathOptions, LoadError, ProgramStats};
 pub(crate) use loader::{LSM, PROGRAMS, TRACEPOINTS};
 pub use maps::{
-    DaemonConfig, EgressEntry, IpProtocol, ListenerOwner, ListenerSlot, Maps, MapsError, Original,
-    PolicyAction, PolicyMode, PolicyRule, PolicyTable,
+    DaemonConfig, EgressEntry, IpProtocol, KernelFlow, ListenerOwner, ListenerSlot, Maps,
+    MapsError, Original, PolicyAction, PolicyMode, PolicyRule, PolicyTable,
 };
 pub use netns::{Netns, netns_cookie};
+pub use sock_destroy::{DestroyError, SockDestroyer};
 pub use tags::SocketTags;

@@ -30,6 +30,8 @@
 #   packet                                              -> "ok" | "err ERRNO" (an AF_PACKET socket)
 #   exec PROGRAM ARGS...                                -> replaces the process (same pid)
 #   mark M                                              -> "mark ok" | "mark err ERRNO"
+#   send DATA                                           -> "ok" | "err ERRNO" (on the last
+#                                                          connection made by connect)
 import ctypes, os, socket, sys, threading
 
 conns = []
@@ -152,6 +154,9 @@ def errno_of(action):
     except OSError as e:
         return "err %d" % e.errno
 
+def send(args):
+    return errno_of(lambda: conns[-1].sendall(args[0].encode()))
+
 def udp_send(args):
     host, port = args[0], int(args[1])
     s = socket.socket(family_of(host, False), socket.SOCK_DGRAM)
@@ -225,7 +230,7 @@ for line in sys.stdin:
         os.execvp(args[0], args)
     handler = {"connect": connect, "connect_many": connect_many, "listen": listen,
                "bind": bind, "listen_unbound": listen_unbound, "close_listeners": close_listeners,
-               "socket": new_socket, "connect_fd": connect_fd, "udp_send": udp_send,
+               "socket": new_socket, "connect_fd": connect_fd, "udp_send": udp_send, "send": send,
                "udp_connect": udp_connect, "udp_listen": udp_listen, "ping": ping, "raw": raw,
                "packet": packet, "mark": mark, "tcp": tcp, "mptcp": mptcp,
                "unshare_net": unshare_net}.get(cmd)

@@ -125,6 +125,7 @@ impl ScratchDatapath {
                     outbound_port: port,
                     inbound_port,
                     netns_cookie: cookie,
+                    kernel_flows: false,
                 })
             })
             .and_then(|()| maps.replace_served(&[cookie]));

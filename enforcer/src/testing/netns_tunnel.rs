@@ -196,6 +196,7 @@ impl TunnelNode {
                         inbound_port: INBOUND_PORT,
                         netns_cookie: netns_cookie(inbound.as_fd())
                             .expect("read the namespace cookie"),
+                        kernel_flows: false,
                     })
                 })
                 .unwrap_or_else(|error| {
