@@ -59,7 +59,7 @@ pub use mesh::{
 pub use netns::{Netns, Node, connect_nodes, ns_inode};
 pub use netns_tunnel::{INBOUND_PORT, OUTBOUND_PORT, TunnelNode, mesh_policy, wait_for_listener};
 pub use openssl::{openssl, output_text, x509_text};
-pub use process::{Spawn, Spawned, fd_count, rss_kib};
+pub use process::{Spawn, Spawned, cpu_time, fd_count, rss_kib, set_affinity};
 pub use workload_api::{
     HandedConnection, PYSPIFFE_VENV, PublicDir, SYSTEM_PYTHON, as_uid, pyspiffe_python,
 };

@@ -7,6 +7,7 @@
 //! `exec`, so the pid [`Spawned::pid`] returns is the workload's, and [`Spawn::spawn`] returns
 //! only once the process is in its cgroup and namespace.
 
+use std::collections::BTreeSet;
 use std::ffi::{OsStr, OsString};
 use std::fmt::Write as _;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -15,6 +16,11 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
+
+use rustix::{
+    process::Pid,
+    thread::{CpuSet, sched_getaffinity, sched_setaffinity},
+};
 
 use super::{Netns, ScratchCgroup};
 
@@ -368,6 +374,55 @@ pub fn rss_kib(pid: u32) -> u64 {
         .find_map(|line| line.strip_prefix("VmRSS:"))
         .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or_else(|| panic!("no VmRSS for pid {pid}"))
+}
+
+/// The CPU time process `pid` has used so far, user and system, all its threads together
+/// (those that exited included): `utime` + `stime` of `/proc/<pid>/stat`, whose unit is the
+/// clock tick of `sysconf(_SC_CLK_TCK)`.
+#[must_use]
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = procfs::process::Process::new(i32::try_from(pid).expect("pids fit in i32"))
+        .and_then(|process| process.stat())
+        .unwrap_or_else(|error| panic!("read the stat of pid {pid}: {error}"));
+    let ticks = u128::from(stat.utime + stat.stime);
+    let nanos = ticks * 1_000_000_000 / u128::from(procfs::ticks_per_second());
+    Duration::from_nanos(u64::try_from(nanos).expect("CPU time fits in u64 nanoseconds"))
+}
+
+/// Restricts every thread of process `pid` to CPU `cpu` (`sched_setaffinity` on each thread
+/// id under `/proc/<pid>/task`), or with `None` lets them run on every CPU this thread may
+/// use. Threads started later inherit the mask of the thread that starts them; a thread
+/// started while this runs is caught by the pass that repeats until no thread is new. A thread
+/// that exits meanwhile is skipped.
+pub fn set_affinity(pid: u32, cpu: Option<usize>) {
+    let cpus = cpu.map_or_else(
+        || sched_getaffinity(None).unwrap_or_else(|error| panic!("read my affinity: {error}")),
+        |cpu| {
+            let mut one = CpuSet::new();
+            one.set(cpu);
+            one
+        },
+    );
+    let mut done = BTreeSet::new();
+    loop {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap_or_else(|error| panic!("list the threads of pid {pid}: {error}"));
+        let new: Vec<i32> = tasks
+            .filter_map(|task| task.ok()?.file_name().to_str()?.parse().ok())
+            .filter(|tid| !done.contains(tid))
+            .collect();
+        if new.is_empty() {
+            return;
+        }
+        for tid in new {
+            let thread = Pid::from_raw(tid).expect("thread ids are positive");
+            match sched_setaffinity(Some(thread), &cpus) {
+                Ok(()) | Err(rustix::io::Errno::SRCH) => {}
+                Err(error) => panic!("set the affinity of thread {tid} of pid {pid}: {error}"),
+            }
+            done.insert(tid);
+        }
+    }
 }
 
 /// How many descriptors process `pid` holds open.
