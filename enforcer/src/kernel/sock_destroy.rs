@@ -180,3 +180,77 @@ fn parse_ack(bytes: &[u8], sequence: u32) -> Option<Result<(), DestroyError>> {
         Err(DestroyError::Refused(io::Error::from_raw_os_error(-code)))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ipv4_request_names_the_socket_by_addresses_and_cookie() {
+        let local: SocketAddr = "10.0.0.1:40000".parse().unwrap();
+        let remote: SocketAddr = "10.0.0.2:8080".parse().unwrap();
+        let message = destroy_request(7, false, local, remote, 0x1122_3344_5566_7788);
+        assert_eq!(u32::from_ne_bytes(message[0..4].try_into().unwrap()), 72);
+        assert_eq!(u16::from_ne_bytes(message[4..6].try_into().unwrap()), 21);
+        assert_eq!(u16::from_ne_bytes(message[6..8].try_into().unwrap()), 1 | 4);
+        assert_eq!(u32::from_ne_bytes(message[8..12].try_into().unwrap()), 7);
+        let request = &message[16..];
+        assert_eq!((request[0], request[1]), (2, 6), "AF_INET, TCP");
+        assert_eq!(&request[8..10], &40000_u16.to_be_bytes());
+        assert_eq!(&request[10..12], &8080_u16.to_be_bytes());
+        assert_eq!(&request[12..16], &[10, 0, 0, 1]);
+        assert_eq!(&request[16..28], &[0; 12]);
+        assert_eq!(&request[28..32], &[10, 0, 0, 2]);
+        assert_eq!(
+            u32::from_ne_bytes(request[48..52].try_into().unwrap()),
+            0x5566_7788
+        );
+        assert_eq!(
+            u32::from_ne_bytes(request[52..56].try_into().unwrap()),
+            0x1122_3344
+        );
+    }
+
+    #[test]
+    fn an_ipv6_socket_names_an_ipv4_peer_v4_mapped() {
+        let local: SocketAddr = "10.0.0.1:40000".parse().unwrap();
+        let remote: SocketAddr = "[fd00::2]:8080".parse().unwrap();
+        let message = destroy_request(1, true, local, remote, 1);
+        let request = &message[16..];
+        assert_eq!(request[0], 10, "AF_INET6");
+        assert_eq!(
+            &request[12..28],
+            &"::ffff:10.0.0.1"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets()
+        );
+        assert_eq!(
+            &request[28..44],
+            &"fd00::2".parse::<std::net::Ipv6Addr>().unwrap().octets()
+        );
+    }
+
+    fn ack(sequence: u32, code: i32) -> Vec<u8> {
+        let mut bytes = vec![0u8; 36];
+        bytes[0..4].copy_from_slice(&36_u32.to_ne_bytes());
+        bytes[4..6].copy_from_slice(&NLMSG_ERROR.to_ne_bytes());
+        bytes[8..12].copy_from_slice(&sequence.to_ne_bytes());
+        bytes[16..20].copy_from_slice(&code.to_ne_bytes());
+        bytes
+    }
+
+    #[test]
+    fn the_answer_to_our_request_says_whether_the_kernel_closed_it() {
+        assert!(matches!(parse_ack(&ack(3, 0), 3), Some(Ok(()))));
+        assert!(matches!(
+            parse_ack(&ack(3, -libc::ENOENT), 3),
+            Some(Err(DestroyError::Refused(error))) if error.raw_os_error() == Some(libc::ENOENT)
+        ));
+        assert!(
+            parse_ack(&ack(4, 0), 3).is_none(),
+            "another request's answer"
+        );
+        assert!(parse_ack(&[0; 10], 3).is_none(), "truncated");
+    }
+}
