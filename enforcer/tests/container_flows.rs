@@ -358,6 +358,46 @@ fn containers_on_one_node_reach_each_other_as_policy_says() {
     assert!(workloads.contains(&web.id()[..12]), "{workloads}");
 }
 
+/// A client that waits for the daemon's next rescans (every 2 s) to know it before it fetches
+/// `sys.argv[1]` and prints the answer.
+const KNOWN_FETCH: &str = "import sys, time, urllib.request
+time.sleep(5)
+print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode(), end='')
+";
+
+#[test]
+fn known_containers_on_one_node_talk_direct_authorized_in_the_kernel() {
+    let _serial = serial();
+    let cluster = Cluster::new(RULES);
+    let a = &cluster.a;
+    let api = a.server("api", "::");
+    let web = a.container("web", &[]);
+
+    let output = web.exec(&["python3", "-c", KNOWN_FETCH, &url(api.addr4())]);
+    assert_answered_by(a, &output, &api);
+    // Across the two containers' namespaces, over the pod bridge, with no daemon in the path.
+    let open = a
+        .daemon
+        .wait_for_record("the kernel's open record web -> api", |r| {
+            r.source.as_str() == "kernel"
+                && r.event.as_str() == "open"
+                && r.src.container_id.as_deref() == Some(web.id())
+        });
+    assert_eq!(open.src.spiffe_id.as_deref(), Some(id("web").as_str()));
+    assert_eq!(open.dst.spiffe_id.as_deref(), Some(id("api").as_str()));
+    assert_eq!(
+        open.dst.addr,
+        Some(SocketAddr::new(api.addr4().into(), PORT).to_string())
+    );
+    assert!(
+        a.daemon.flows(&[]).iter().all(|r| {
+            !(r.source.as_str() == "outbound" && r.src.container_id.as_deref() == Some(web.id()))
+        }),
+        "the tunnel never carried web's flow: {:#?}",
+        a.daemon.flows(&[])
+    );
+}
+
 #[test]
 fn a_container_and_a_host_process_reach_each_other() {
     let _serial = serial();
