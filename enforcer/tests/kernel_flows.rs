@@ -12,9 +12,12 @@
 
 use std::{fs, net::IpAddr, path::Path, time::Duration};
 
-use enforcer::testing::{
-    DaemonNode, Netns, Node, Persona, ScratchCgroup, TestPki, WorkloadClient, connect_nodes,
-    mesh_policy, require_root, serial,
+use enforcer::{
+    audit::AuditRecord,
+    testing::{
+        DaemonNode, Netns, Node, Persona, ScratchCgroup, TestPki, WorkloadClient, connect_nodes,
+        mesh_policy, require_root, serial,
+    },
 };
 
 const TD: &str = "direct.test";
@@ -118,12 +121,21 @@ impl Site {
             .ok_or(answer)
     }
 
-    /// The peer the server accepted next.
-    fn accepted(&mut self) -> String {
+    /// `client` connects, and the server accepts the client's own address and port (not a
+    /// hop of the daemon): the connection is direct. Its local port.
+    fn connect_direct(&mut self, client: &mut WorkloadClient) -> u16 {
+        let port = self.connect(client).expect("the client reaches api");
         let line = self.server.next_line();
-        line.strip_prefix("accepted ")
-            .unwrap_or_else(|| panic!("the server printed {line:?}"))
-            .to_owned()
+        assert_eq!(line, format!("accepted {} {port}", self.addr), "not direct");
+        port
+    }
+
+    /// The kernel's next record of `event` (`open`, `close`).
+    fn kernel_record(&self, event: &str) -> AuditRecord {
+        self.node
+            .wait_for_record(&format!("the kernel's {event} record"), |r| {
+                r.source.as_str() == "kernel" && r.event.as_str() == event
+            })
     }
 }
 
@@ -134,13 +146,9 @@ fn an_allowed_same_node_flow_goes_direct_is_recorded_and_nothing_else_gets_in() 
     let mut site = Site::new();
     let mut web = site.client(&site.web, "web");
 
-    // Direct: the server sees the client's own address and port, not a hop of the daemon.
-    let port = site.connect(&mut web).expect("web reaches api");
-    assert_eq!(site.accepted(), format!("{} {port}", site.addr));
+    let port = site.connect_direct(&mut web);
     assert_eq!(web.ask("send hello-direct"), "ok");
-    let open = site.node.wait_for_record("the kernel's open record", |r| {
-        r.source.as_str() == "kernel" && r.event.as_str() == "open"
-    });
+    let open = site.kernel_record("open");
     assert_eq!(open.verdict.as_str(), "allow", "{open:?}");
     assert_eq!(open.src.spiffe_id.as_deref(), Some(id("web").as_str()));
     assert_eq!(open.src.pid, Some(web.pid()));
@@ -160,9 +168,7 @@ fn an_allowed_same_node_flow_goes_direct_is_recorded_and_nothing_else_gets_in() 
     // Its close record counts the bytes.
     let pid = web.pid();
     drop(web);
-    let close = site.node.wait_for_record("the kernel's close record", |r| {
-        r.source.as_str() == "kernel" && r.event.as_str() == "close"
-    });
+    let close = site.kernel_record("close");
     assert_eq!(close.src.pid, Some(pid), "{close:?}");
     assert_eq!(close.reason, "finished", "{close:?}");
     assert_eq!(
@@ -199,8 +205,7 @@ fn an_allowed_same_node_flow_goes_direct_is_recorded_and_nothing_else_gets_in() 
     // An enrolled process cannot take over an authorized connection's addresses: the tuple
     // is the open connection's, which the kernel keeps unique.
     let mut web = site.client(&site.web, "web");
-    let port = site.connect(&mut web).expect("web reaches api again");
-    assert_eq!(site.accepted(), format!("{} {port}", site.addr));
+    let port = site.connect_direct(&mut web);
     let mut squatter = site.client(&site.web, "web");
     assert_eq!(
         squatter.ask(&format!("bind {} {port}", site.addr)),
@@ -215,11 +220,8 @@ fn a_reload_that_denies_the_pair_closes_the_open_direct_flow() {
     let _serial = serial();
     let mut site = Site::new();
     let mut web = site.client(&site.web, "web");
-    let port = site.connect(&mut web).expect("web reaches api");
-    assert_eq!(site.accepted(), format!("{} {port}", site.addr));
-    site.node.wait_for_record("the kernel's open record", |r| {
-        r.source.as_str() == "kernel" && r.event.as_str() == "open"
-    });
+    site.connect_direct(&mut web);
+    site.kernel_record("open");
 
     let file = site.node.dir().join("next.toml");
     fs::write(
@@ -241,9 +243,7 @@ fn a_reload_that_denies_the_pair_closes_the_open_direct_flow() {
     // The client's connection was aborted by the kernel (ECONNABORTED, then EPIPE).
     let sent = web.ask("send after-the-reload");
     assert!(sent == "err 103" || sent == "err 32", "{sent}");
-    let close = site.node.wait_for_record("the revoked close record", |r| {
-        r.source.as_str() == "kernel" && r.event.as_str() == "close"
-    });
+    let close = site.kernel_record("close");
     assert_eq!(close.reason, "revoked", "{close:?}");
     assert_eq!(close.src.pid, Some(web.pid()), "{close:?}");
     // And the pair is refused at connect() from now on.
