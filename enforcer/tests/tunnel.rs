@@ -52,6 +52,9 @@ struct MeshSpec<'a> {
     pki: Option<&'a TestPki>,
     pki_a: Option<&'a TestPki>,
     svids_a: Option<Arc<dyn SvidSource>>,
+    /// When set, A reaches B through a proxy that holds every byte from B back this long, so
+    /// CONNECT statuses arrive late.
+    slow_b: Option<Duration>,
 }
 
 impl Default for MeshSpec<'_> {
@@ -63,6 +66,7 @@ impl Default for MeshSpec<'_> {
             pki: None,
             pki_a: None,
             svids_a: None,
+            slow_b: None,
         }
     }
 }
@@ -73,14 +77,42 @@ from = "spiffe://example.org/web"
 to = "spiffe://example.org/api"
 "#;
 
-fn policy_text(trust_domain: &str, a: &MeshListeners, b: &MeshListeners, rules: &str) -> String {
+fn policy_text(trust_domain: &str, a_port: u16, b_port: u16, rules: &str) -> String {
     format!(
         "trust_domain = \"{trust_domain}\"\n\
-         [[peer]]\naddress = \"{A}\"\nport = {}\n\
-         [[peer]]\naddress = \"{B}\"\nport = {}\n{rules}",
-        a.inbound_addr().port(),
-        b.inbound_addr().port(),
+         [[peer]]\naddress = \"{A}\"\nport = {a_port}\n\
+         [[peer]]\naddress = \"{B}\"\nport = {b_port}\n{rules}",
     )
+}
+
+/// A proxy on B's address to B's inbound listener `to` that passes bytes towards B at once
+/// and holds each read from B back for `delay`; returns its address.
+async fn slow_proxy(to: SocketAddr, delay: Duration) -> SocketAddr {
+    let listener = TcpListener::bind(SocketAddr::new(B, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((from_a, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(to_b) = TcpStream::connect(to).await else {
+                    return;
+                };
+                let (mut a_read, mut a_write) = from_a.into_split();
+                let (mut b_read, mut b_write) = to_b.into_split();
+                let up = tokio::io::copy(&mut a_read, &mut b_write);
+                let down = async {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n @ 1..) = b_read.read(&mut buf).await {
+                        tokio::time::sleep(delay).await;
+                        if a_write.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                };
+                let _ = tokio::join!(up, down);
+            });
+        }
+    });
+    addr
 }
 
 async fn mesh(spec: MeshSpec<'_>) -> Mesh {
@@ -95,8 +127,13 @@ async fn mesh(spec: MeshSpec<'_>) -> Mesh {
     let lb = MeshListeners::bind(B).await;
     let pki_a = spec.pki_a.unwrap_or(pki);
     let td_a = pki_a.root.trust_domain().to_string();
-    let policy_a = policy_text(&td_a, &la, &lb, spec.rules_a);
-    let policy_b = policy_text(TD, &la, &lb, spec.rules_b);
+    let (a_port, b_port) = (la.inbound_addr().port(), lb.inbound_addr().port());
+    let b_port_for_a = match spec.slow_b {
+        Some(delay) => slow_proxy(lb.inbound_addr(), delay).await.port(),
+        None => b_port,
+    };
+    let policy_a = policy_text(&td_a, a_port, b_port_for_a, spec.rules_a);
+    let policy_b = policy_text(TD, a_port, b_port, spec.rules_b);
     let svids_a = spec.svids_a.unwrap_or_else(|| pki_a.node_svids("a"));
     let a = MeshNode::start(la, "a", pki_a, svids_a, &policy_a, spec.config.clone());
     let b = MeshNode::start(lb, "b", pki, pki.node_svids("b"), &policy_b, spec.config);
@@ -212,6 +249,102 @@ async fn flow_the_destination_denies_fails_fast_with_records_on_both_sides() {
     assert_eq!((b.side, b.reason, b.rule), (Side::Inbound, denied, None));
     assert_eq!(b.dst.id, Some(id("db")));
     assert_eq!(mesh.b.tunnel.metrics().get(Metric::InboundRefused), 1);
+}
+
+/// A workload on B that counts the connections it accepts and the bytes it reads.
+async fn counting_workload() -> (SocketAddr, Arc<AtomicU64>, Arc<AtomicU64>) {
+    let accepted = Arc::new(AtomicU64::new(0));
+    let received = Arc::new(AtomicU64::new(0));
+    let (accepts, bytes) = (Arc::clone(&accepted), Arc::clone(&received));
+    let addr = workload(B, move |mut stream: TcpStream| {
+        accepts.fetch_add(1, Ordering::SeqCst);
+        let bytes = Arc::clone(&bytes);
+        async move {
+            let mut buf = Vec::new();
+            let _ = stream.read_to_end(&mut buf).await;
+            bytes.fetch_add(buf.len() as u64, Ordering::SeqCst);
+        }
+    })
+    .await;
+    (addr, accepted, received)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_sent_before_a_slow_refusal_never_reach_the_workload() {
+    // A may reach `db` and sends the client's bytes with the CONNECT; B's policy denies the
+    // pair, and its `403` reaches A only after the bytes have gone.
+    let rules_a =
+        "[[allow]]\nfrom = \"spiffe://example.org/web\"\nto = \"spiffe://example.org/db\"\n";
+    let mesh = mesh(MeshSpec {
+        rules_a,
+        slow_b: Some(Duration::from_millis(300)),
+        ..MeshSpec::default()
+    })
+    .await;
+    let (db, accepted, received) = counting_workload().await;
+    mesh.b.workloads.insert(db, &id("db"));
+    for round in 0..2 {
+        let mut client = mesh.a.connect(&id("web"), db).await;
+        if let Ok(stream) = &mut client {
+            let _ = stream.write_all(b"secret").await;
+        }
+        assert_refused(client).await;
+        let denied = |node: &MeshNode| {
+            node.records()
+                .iter()
+                .filter(|r| {
+                    r.event == FlowEvent::Deny && r.reason == Reason::Refused(Refusal::Denied)
+                })
+                .count()
+        };
+        tokio::time::timeout(PROMPT, async {
+            while denied(&mesh.a) <= round || denied(&mesh.b) <= round {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("round {round}: no refusal recorded on both sides"));
+    }
+    assert!(
+        mesh.a.tunnel.metrics().get(Metric::BytesBeforeStatus) >= 2 * 6,
+        "the bytes were not sent before the status, so this proves nothing"
+    );
+    assert_eq!(mesh.a.tunnel.metrics().get(Metric::PoolReuses), 1);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        0,
+        "the workload was dialled"
+    );
+    assert_eq!(received.load(Ordering::SeqCst), 0, "the workload got bytes");
+    assert!(
+        mesh.a.records().iter().all(|r| r.event == FlowEvent::Deny),
+        "A opened a refused flow: {:#?}",
+        mesh.a.records()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_sent_before_a_slow_200_arrive_once_and_are_counted() {
+    let mesh = mesh(MeshSpec {
+        slow_b: Some(Duration::from_millis(200)),
+        ..MeshSpec::default()
+    })
+    .await;
+    let api = echo_workload(&mesh, "api").await;
+    let mut client = mesh.a.connect(&id("web"), api).await.unwrap();
+    let reply = round_trip(&mut client, b"early bytes").await.unwrap();
+    assert_eq!(reply, b"early bytes");
+    assert_eq!(
+        mesh.a.tunnel.metrics().get(Metric::BytesBeforeStatus),
+        11,
+        "the client's bytes went before the status"
+    );
+    for node in [&mesh.a, &mesh.b] {
+        let close = node.wait_for_record(|r| r.event == FlowEvent::Close).await;
+        assert_eq!(close.reason, Reason::Finished);
+        assert_eq!((close.bytes_up, close.bytes_down), (11, 11));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

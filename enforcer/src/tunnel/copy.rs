@@ -36,7 +36,8 @@ const MIN_SPARE: usize = 4 * 1024;
 
 /// The reading end of one direction.
 pub(super) trait Source {
-    /// The next chunk of data, `None` at end of stream.
+    /// The next chunk of data, `None` at end of stream. Dropping the future before it
+    /// completes consumes no data.
     fn next_chunk(&mut self) -> impl Future<Output = io::Result<Option<Bytes>>> + Send;
 }
 
@@ -104,6 +105,15 @@ impl Source for TcpSource {
 pub(super) fn tcp_ends(stream: tokio::net::TcpStream) -> (TcpSource, TcpSink) {
     let (read, write) = stream.into_split();
     (TcpSource::new(read), TcpSink(write))
+}
+
+/// The socket `tcp_ends` split, whole again (to be reset).
+#[must_use]
+pub(super) fn tcp_whole(source: TcpSource, sink: TcpSink) -> tokio::net::TcpStream {
+    source
+        .read
+        .reunite(sink.0)
+        .expect("both ends come from one socket")
 }
 
 /// Writes a TCP socket; finishing shuts down its sending side.
@@ -291,6 +301,38 @@ where
         up: up.load(Ordering::Relaxed),
         down: down.load(Ordering::Relaxed),
         duration: start.elapsed(),
+    }
+}
+
+/// Copy `source` to `sink` while waiting for `until`, stopping once `budget` bytes went; returns
+/// what `until` gave, and the bytes copied or the error that made a write fail (bytes may then
+/// be lost, so the flow must not go on). End of stream is not passed on: the source reports it
+/// again when read next. A read that fails only stops the copy; the next read reports it.
+pub(super) async fn forward_until<T>(
+    source: &mut impl Source,
+    sink: &mut impl Sink,
+    budget: u64,
+    until: impl Future<Output = T>,
+) -> (T, io::Result<u64>) {
+    let mut until = std::pin::pin!(until);
+    let mut copied = Ok(0);
+    let mut reading = true;
+    loop {
+        let room = matches!(copied, Ok(n) if n < budget);
+        tokio::select! {
+            biased;
+            out = &mut until => return (out, copied),
+            chunk = source.next_chunk(), if reading && room => match chunk {
+                Ok(Some(chunk)) => {
+                    let len = chunk.len() as u64;
+                    copied = match sink.write_chunk(chunk).await {
+                        Ok(()) => copied.map(|n| n + len),
+                        Err(error) => Err(error),
+                    };
+                }
+                Ok(None) | Err(_) => reading = false,
+            },
+        }
     }
 }
 

@@ -442,7 +442,7 @@ async fn handle_stream(
         &dst,
     );
     node.run_flow(
-        open,
+        (open, 0),
         (H2Source::new(body), H2Sink(send)),
         tcp_ends(upstream),
     )

@@ -39,11 +39,14 @@ pub enum Metric {
     BytesUp,
     /// Bytes copied from destinations towards clients.
     BytesDown,
+    /// Bytes of clients sent on CONNECT streams before their status arrived (optimistic send;
+    /// also counted in [`Metric::BytesUp`] once the stream is accepted).
+    BytesBeforeStatus,
 }
 
 impl Metric {
     /// Every counter.
-    pub const ALL: [Self; 15] = [
+    pub const ALL: [Self; 16] = [
         Self::OutboundAccepted,
         Self::OutboundDenied,
         Self::PoolDials,
@@ -59,6 +62,7 @@ impl Metric {
         Self::FlowsRevoked,
         Self::BytesUp,
         Self::BytesDown,
+        Self::BytesBeforeStatus,
     ];
 
     /// The exported name.
@@ -80,6 +84,7 @@ impl Metric {
             Self::FlowsRevoked => "tunnel_flows_revoked_total",
             Self::BytesUp => "tunnel_bytes_up_total",
             Self::BytesDown => "tunnel_bytes_down_total",
+            Self::BytesBeforeStatus => "tunnel_bytes_before_status_total",
         }
     }
 }

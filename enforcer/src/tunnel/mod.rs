@@ -49,7 +49,10 @@ pub use hbone::{ALPN_H2, Refusal, server_name};
 pub use inbound::InboundClient;
 pub use metrics::{Metric, Metrics};
 pub use net::ConnectError;
-pub use pool::{MonotonicClock, Pool, PoolError, SystemMonotonicClock, TunnelStream};
+pub use pool::{
+    Accepted, Leased, MonotonicClock, Pool, PoolError, Requested, SystemMonotonicClock,
+    TunnelStream,
+};
 pub use record::{
     FlowEvent, FlowRecord, FlowVerdict, LogSink, Party, Placement, Reason, RecentRecords,
     RecordSink, Side,
@@ -235,11 +238,13 @@ impl Node {
         self.records.record(record);
     }
 
-    /// Record `open`, copy both ways until the flow ends, then record the close. A flow whose
-    /// two identities are known is tracked, so that a reload that denies it closes it.
+    /// Record `open`, copy both ways until the flow ends, then record the close; `sent_early`
+    /// bytes of the client's went before the open (optimistic send) and count in the close. A
+    /// flow whose two identities are known is tracked, so that a reload that denies it closes
+    /// it.
     async fn run_flow<CS, CK, SS, SK>(
         &self,
-        open: FlowRecord,
+        (open, sent_early): (FlowRecord, u64),
         client: (CS, CK),
         server: (SS, SK),
     ) -> SpliceOutcome
@@ -269,7 +274,8 @@ impl Node {
                 None => std::future::pending().await,
             }
         };
-        let outcome = splice(client, server, self.limits(), revoked).await;
+        let mut outcome = splice(client, server, self.limits(), revoked).await;
+        outcome.up += sent_early;
         self.metrics.inc(Metric::FlowsClosed);
         self.metrics.add(Metric::BytesUp, outcome.up);
         self.metrics.add(Metric::BytesDown, outcome.down);

@@ -7,9 +7,11 @@
 //! 1. the destination is an enrolled workload of this node: authorize (source, destination,
 //!    port) and connect to it with a hop the kernel admits only to that workload's listener
 //!    (same-node flows get the same checks and records as tunnelled ones);
-//! 2. the destination's address is a mesh peer: open a CONNECT stream through the pool with
-//!    the source's SVID; the server's proven SPIFFE ID must be one policy lets the source
-//!    reach on that port before a byte of the client's is sent;
+//! 2. the destination's address is a mesh peer: take a pooled connection made with the
+//!    source's SVID and send a CONNECT; the server's proven SPIFFE ID must be one policy lets
+//!    the source reach on that port before a byte of the client's is sent, and when it is, the
+//!    client's first bytes follow the CONNECT without waiting for its status (the peer's node
+//!    delivers them only if it accepts);
 //! 3. an egress entry permits plaintext to the destination: connect to it directly;
 //! 4. otherwise, and on every refusal: reset the client's connection and write a deny record.
 #![forbid(unsafe_code)]
@@ -20,7 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::{
     FlowVerdict, Node, Party, Reason, Side,
-    copy::{H2Sink, H2Source, tcp_ends},
+    copy::{H2Sink, H2Source, forward_until, tcp_ends, tcp_whole},
     metrics::Metric,
     net::{self, Dial},
     new_record,
@@ -29,6 +31,10 @@ use super::{
     verdict,
 };
 use crate::{policy::PolicyView, report::report};
+
+/// The most of a client's bytes sent on a stream before its status arrives: enough for a first
+/// request, little for the peer to hold for a stream it may refuse.
+const EARLY_BUDGET: u64 = 64 * 1024;
 
 /// Accept redirected connections, on a listener of namespace `netns`, until the task is
 /// aborted.
@@ -166,10 +172,12 @@ async fn local(node: &Node, mut flow: Flow, tcp: TcpStream, owner: LocalOwner) {
         }
     };
     let open = flow.record((verdict(decision), Reason::Policy, decision.rule));
-    node.run_flow(open, tcp_ends(tcp), tcp_ends(upstream)).await;
+    node.run_flow((open, 0), tcp_ends(tcp), tcp_ends(upstream))
+        .await;
 }
 
-/// Mesh peer: CONNECT through the pool as the source, then check the server's identity.
+/// Mesh peer: CONNECT on a pooled connection as the source, with the client's first bytes sent
+/// at once when policy lets the source reach the identity the server proved.
 async fn tunnel(node: &Node, mut flow: Flow, tcp: TcpStream, peer: SocketAddr) {
     let dst = flow.origin.dst;
     let svid = match node.svids.svid(&flow.origin.id) {
@@ -179,36 +187,75 @@ async fn tunnel(node: &Node, mut flow: Flow, tcp: TcpStream, peer: SocketAddr) {
             return flow.refuse(node, tcp, (Reason::NoSvid, None));
         }
     };
-    let opening = node.pool.open(&svid, (peer, dst), &flow.origin.placement);
-    let stream = match Box::pin(opening).await {
-        Ok(stream) => stream,
-        Err(error) => {
-            tracing::info!(%peer, %dst, error = %report(&error), "tunnel refused");
-            let reason = match error {
-                PoolError::Refused { refusal, .. } => Reason::Refused(refusal),
-                _ => Reason::PeerUnreachable,
-            };
-            return flow.refuse(node, tcp, (reason, None));
-        }
+    let leased = match Box::pin(node.pool.lease(&svid, (peer, dst))).await {
+        Ok(leased) => leased,
+        Err(error) => return refuse_tunnel(node, &flow, tcp, peer, &error),
     };
-    flow.dst.id = Some(stream.server_id.clone());
-    flow.dst.placement = stream.placement.clone();
+    flow.dst.id = Some(leased.server_id().clone());
     let decision = flow
         .view
-        .decide(&flow.origin.id, &stream.server_id, dst.port());
+        .decide(&flow.origin.id, leased.server_id(), dst.port());
+    let (sender, requested) = match leased.connect(dst, &flow.origin.placement).await {
+        Ok(requested) => requested,
+        Err(error) => return refuse_tunnel(node, &flow, tcp, peer, &error),
+    };
+    // Optimistic send: when the server proved an identity the source may reach, the client's
+    // first bytes follow the CONNECT without waiting for its status; the peer delivers them
+    // only if it accepts the stream, and a refusal resets the client as before. Otherwise
+    // nothing of the client's is sent, and the peer's own answer is recorded when it refuses.
+    let budget = if decision.allowed { EARLY_BUDGET } else { 0 };
+    let (mut client_source, client_sink) = tcp_ends(tcp);
+    let mut server_sink = H2Sink(sender);
+    let (accepted, early) = forward_until(
+        &mut client_source,
+        &mut server_sink,
+        budget,
+        requested.accepted(),
+    )
+    .await;
+    if let Ok(bytes) = &early {
+        node.metrics.add(Metric::BytesBeforeStatus, *bytes);
+    }
+    let (accepted, early) = match (accepted, early) {
+        (Ok(accepted), Ok(bytes)) => (accepted, bytes),
+        (Err(error), _) => {
+            let tcp = tcp_whole(client_source, client_sink);
+            return refuse_tunnel(node, &flow, tcp, peer, &error);
+        }
+        (Ok(_), Err(error)) => {
+            tracing::info!(%peer, %dst, %error, "tunnel stream failed before its status");
+            let tcp = tcp_whole(client_source, client_sink);
+            return flow.refuse(node, tcp, (Reason::PeerUnreachable, None));
+        }
+    };
     if !decision.allowed {
         // Dropping the stream resets it: the server's workload never sees a byte.
-        drop(stream);
+        drop((accepted, server_sink));
         let why = (Reason::ServerNotAuthorized, decision.rule);
+        let tcp = tcp_whole(client_source, client_sink);
         return flow.refuse(node, tcp, why);
     }
+    let stream = accepted.stream(server_sink.0);
+    flow.dst.placement = stream.placement.clone();
     let open = flow.record((verdict(decision), Reason::Policy, decision.rule));
     node.run_flow(
-        open,
-        tcp_ends(tcp),
+        (open, early),
+        (client_source, client_sink),
         (H2Source::new(stream.recv), H2Sink(stream.send)),
     )
     .await;
+}
+
+/// Refuse a flow the pool could not carry: `Refused` with the peer's refusal when it gave
+/// one, `PeerUnreachable` otherwise.
+fn refuse_tunnel(node: &Node, flow: &Flow, tcp: TcpStream, peer: SocketAddr, error: &PoolError) {
+    let dst = flow.origin.dst;
+    tracing::info!(%peer, %dst, error = %report(error), "tunnel refused");
+    let reason = match error {
+        PoolError::Refused { refusal, .. } => Reason::Refused(*refusal),
+        _ => Reason::PeerUnreachable,
+    };
+    flow.refuse(node, tcp, (reason, None));
 }
 
 /// Permitted plaintext egress: connect directly, from the client's namespace `netns`.
@@ -231,7 +278,8 @@ async fn plaintext(node: &Node, flow: Flow, tcp: TcpStream, netns: Namespace) {
         }
     };
     let open = flow.record((FlowVerdict::Allow, Reason::Egress, None));
-    node.run_flow(open, tcp_ends(tcp), tcp_ends(upstream)).await;
+    node.run_flow((open, 0), tcp_ends(tcp), tcp_ends(upstream))
+        .await;
 }
 
 /// Refuse: reset the client at once and write a deny record.

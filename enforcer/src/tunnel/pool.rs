@@ -22,7 +22,10 @@ use std::{
 };
 
 use bytes::Bytes;
-use h2::{RecvStream, SendStream, client::SendRequest};
+use h2::{
+    RecvStream, SendStream,
+    client::{ResponseFuture, SendRequest},
+};
 use http::StatusCode;
 use tokio_rustls::TlsConnector;
 
@@ -134,6 +137,106 @@ pub struct TunnelStream {
     /// Where the destination workload runs, as the server's node reported it.
     pub placement: Placement,
     _lease: Lease,
+}
+
+/// A stream slot on a pooled connection whose server identity is proven, before any request.
+/// Dropping it returns the slot.
+pub struct Leased {
+    conn: Arc<Conn>,
+    lease: Lease,
+    peer: SocketAddr,
+    reused: bool,
+    status_timeout: Duration,
+}
+
+impl Leased {
+    /// The SPIFFE ID the server proved in the TLS handshake (the destination workload's).
+    #[must_use]
+    pub fn server_id(&self) -> &SpiffeId {
+        &self.conn.server_id
+    }
+
+    /// Send the CONNECT request for `dst`, from a client running at `placement`, without
+    /// waiting for its status: the returned stream can carry data at once, which the peer
+    /// delivers only if it accepts the request.
+    pub async fn connect(
+        self,
+        dst: SocketAddr,
+        placement: &Placement,
+    ) -> Result<(SendStream<Bytes>, Requested), PoolError> {
+        let peer = self.peer;
+        let http2 = |source| PoolError::Http2 { peer, source };
+        let mut send = self.conn.send.clone().ready().await.map_err(http2)?;
+        let (response, stream) = send
+            .send_request(hbone::connect_request(dst, placement), false)
+            .map_err(http2)?;
+        Ok((
+            stream,
+            Requested {
+                response,
+                dst,
+                leased: self,
+            },
+        ))
+    }
+}
+
+/// A CONNECT request sent, its status not yet read.
+pub struct Requested {
+    response: ResponseFuture,
+    dst: SocketAddr,
+    leased: Leased,
+}
+
+impl Requested {
+    /// Wait (up to the handshake timeout) for the status: the stream's receiving side on
+    /// `200`, the peer's refusal otherwise.
+    pub async fn accepted(self) -> Result<Accepted, PoolError> {
+        let Self {
+            response,
+            dst,
+            leased,
+        } = self;
+        let peer = leased.peer;
+        let response = tokio::time::timeout(leased.status_timeout, response)
+            .await
+            .map_err(|_| PoolError::HandshakeTimeout { peer })?
+            .map_err(|source| PoolError::Http2 { peer, source })?;
+        let status = response.status();
+        if status != StatusCode::OK {
+            return Err(match Refusal::from_status(status) {
+                Some(refusal) => PoolError::Refused { peer, dst, refusal },
+                None => PoolError::Status { peer, dst, status },
+            });
+        }
+        Ok(Accepted {
+            placement: hbone::parse_placement(response.headers()),
+            recv: response.into_body(),
+            leased,
+        })
+    }
+}
+
+/// A CONNECT request the peer accepted: the receiving side of its stream.
+pub struct Accepted {
+    recv: RecvStream,
+    placement: Placement,
+    leased: Leased,
+}
+
+impl Accepted {
+    /// The open stream, with `send`, the sending side [`Leased::connect`] returned.
+    #[must_use]
+    pub fn stream(self, send: SendStream<Bytes>) -> TunnelStream {
+        TunnelStream {
+            send,
+            recv: self.recv,
+            server_id: self.leased.conn.server_id.clone(),
+            reused: self.leased.reused,
+            placement: self.placement,
+            _lease: self.leased.lease,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -254,13 +357,27 @@ impl Pool {
 
     /// Open a CONNECT stream to `dst` through the peer node at `peer`, as the workload whose
     /// SVID is `svid` and which runs at `placement`, reusing a pooled connection when one has
-    /// room.
+    /// room: [`Pool::lease`], [`Leased::connect`] and [`Requested::accepted`] in turn.
     pub async fn open(
         &self,
         svid: &X509Svid,
         (peer, dst): (SocketAddr, SocketAddr),
         placement: &Placement,
     ) -> Result<TunnelStream, PoolError> {
+        let leased = self.lease(svid, (peer, dst)).await?;
+        let (send, requested) = leased.connect(dst, placement).await?;
+        Ok(requested.accepted().await?.stream(send))
+    }
+
+    /// A stream slot on a connection to the peer node at `peer` that proved the identity of
+    /// `dst`'s workload, as the workload whose SVID is `svid`: a pooled connection with room,
+    /// or a new one dialled now. No request is sent yet, so the caller can check the server's
+    /// identity first.
+    pub async fn lease(
+        &self,
+        svid: &X509Svid,
+        (peer, dst): (SocketAddr, SocketAddr),
+    ) -> Result<Leased, PoolError> {
         let key = Key {
             src: svid.spiffe_id().clone(),
             peer,
@@ -270,7 +387,7 @@ impl Pool {
             self.slots
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .entry(key.clone())
+                .entry(key)
                 .or_default(),
         );
         let (conn, lease, reused) =
@@ -295,32 +412,14 @@ impl Pool {
         if reused {
             self.metrics.inc(Metric::PoolReuses);
         }
-        let http2 = |source| PoolError::Http2 { peer, source };
-        let mut send = conn.send.clone().ready().await.map_err(http2)?;
-        let (response, stream) = send
-            .send_request(hbone::connect_request(dst, placement), false)
-            .map_err(http2)?;
-        let response = tokio::time::timeout(self.config.handshake_timeout, response)
-            .await
-            .map_err(|_| PoolError::HandshakeTimeout { peer })?
-            .map_err(http2)?;
-        let status = response.status();
-        if status != StatusCode::OK {
-            return Err(match Refusal::from_status(status) {
-                Some(refusal) => PoolError::Refused { peer, dst, refusal },
-                None => PoolError::Status { peer, dst, status },
-            });
-        }
-        Ok(TunnelStream {
-            send: stream,
-            placement: hbone::parse_placement(response.headers()),
-            recv: response.into_body(),
-            server_id: conn.server_id.clone(),
+        Ok(Leased {
+            lease,
+            conn,
+            peer,
             reused,
-            _lease: lease,
+            status_timeout: self.config.handshake_timeout,
         })
     }
-
     /// Close connections idle for longer than the idle timeout, and forget empty keys.
     pub fn prune(&self) {
         let now = self.clock.now();
