@@ -4,7 +4,9 @@
 //! The files are read newest first (the current one, then `.1` up to `.<keep>`), each from
 //! its end. Every line is opened and its hash checked as the verifier does, and must be the
 //! record right before the one read last: duplicates a rotation during the read leaves are
-//! skipped, and a missing seq is an error naming the file and line where the chain jumps.
+//! skipped, a gap right before a loss record of the daemon (records cut from the tail, which
+//! the restarted writer reported) is read past, and any other missing seq is an error naming
+//! the file and line where the chain jumps.
 //! Damaged lines at the end of a file (what recovery rotates out after a crash) are skipped,
 //! as the writer's loss record reports them; a damaged line anywhere else is an error. What
 //! the files cannot give is said, never left out silently: records rotated out of the log, or
@@ -17,6 +19,7 @@ use super::{
     chain::{self, ChainError},
     files,
     recent::{Filter, RecentRecord},
+    record::{Event, Source},
 };
 
 /// Why a read of older records stopped before it had all it was asked for.
@@ -103,6 +106,7 @@ pub(super) fn older(
     let mut reader = Reader {
         records: Vec::new(),
         expected: before.saturating_sub(1),
+        after_loss: false,
         limit,
         filter,
     };
@@ -116,6 +120,8 @@ pub(super) fn older(
 struct Reader<'a> {
     records: Vec<RecentRecord>,
     expected: u64,
+    /// Whether the record read last is a loss record of the daemon.
+    after_loss: bool,
     limit: usize,
     filter: &'a Filter,
 }
@@ -174,10 +180,17 @@ impl Reader<'_> {
                 }
             };
             at_end = false;
+            let is_loss = record.event == Event::Loss && record.source == Source::Daemon;
             if record.seq > self.expected {
+                // Newer than asked for (in the window, or read twice across a rotation).
+                self.after_loss = record.seq == self.expected + 1 && is_loss;
                 continue;
             }
-            if record.seq < self.expected {
+            if record.seq < self.expected && self.after_loss {
+                // The writer's loss record right after the gap reports it (a cut tail the
+                // chain continued after): read on.
+                self.expected = record.seq;
+            } else if record.seq < self.expected {
                 return Err(HistoryError::Gap {
                     path: file,
                     line: number,
@@ -185,6 +198,7 @@ impl Reader<'_> {
                     to: self.expected,
                 });
             }
+            self.after_loss = is_loss;
             if record.matches(self.filter.verdict, self.filter.id.as_deref()) {
                 let text = std::str::from_utf8(&bytes).expect("an opened record is UTF-8");
                 self.records.push(RecentRecord::new(&record, text));

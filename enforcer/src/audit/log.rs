@@ -1783,6 +1783,24 @@ mod tests {
     }
 
     #[test]
+    fn flows_read_past_a_cut_the_writer_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(config(dir.path(), u64::MAX, 2), "node-a").unwrap();
+        write(&log, 6);
+        log.close(WAIT);
+        let text = fs::read_to_string(&path).unwrap();
+        let kept: Vec<&str> = text.lines().take(4).collect();
+        fs::write(&path, kept.join("\n") + "\n").unwrap();
+        let log = AuditLog::open(config(dir.path(), u64::MAX, 2), "node-a").unwrap();
+        write(&log, 1);
+        let backlog = log.backlog(&Filter::default(), 100);
+        assert_eq!(seqs(&backlog), [1, 2, 3, 4, 7, 8]);
+        assert!(backlog.records[4].line().contains("audit-tail-cut"));
+        assert_eq!(backlog.unavailable, None);
+    }
+
+    #[test]
     fn flows_say_where_rotation_ended_the_log() {
         let dir = tempfile::tempdir().unwrap();
         let log = rotated_log(dir.path(), 40, 2);
