@@ -663,6 +663,7 @@ fn open_audit(config: &Config) -> Result<AuditLog, AppError> {
             config.audit_path(),
             config.audit.max_bytes,
             config.audit.keep,
+            config.audit.recent_bytes,
         ),
         &config.node_name,
     )?)

@@ -169,6 +169,9 @@ pub struct AuditSettings {
     pub max_bytes: u64,
     /// Rotated files kept. Default 10.
     pub keep: usize,
+    /// Bytes of the newest records kept in memory for `enforcer flows` (each costs its JSON
+    /// line and about 50 bytes more); older ones are read from the files. Default 4 MiB.
+    pub recent_bytes: usize,
 }
 
 impl Default for Config {
@@ -239,6 +242,7 @@ impl Default for AuditSettings {
             path: None,
             max_bytes: 64 << 20,
             keep: 10,
+            recent_bytes: 4 << 20,
         }
     }
 }

@@ -1,7 +1,7 @@
 //! `cargo xtask bench [NAME...]`: the enforcer crate's benchmarks, each a `harness = false`
 //! program that prints its own figures. `hooks` attaches eBPF programs, and `tunnel`,
-//! `containers` and `workload-api` also create network namespaces (and containers, or a daemon
-//! serving the Workload API), so they need root; `attest` (its own child processes) and
+//! `containers`, `workload-api` and `churn` also create network namespaces (and containers, or
+//! daemons), so they need root; `attest` (its own child processes) and
 //! `identity` (in-process certificates and TLS) do not.
 
 use anyhow::Result;
@@ -27,6 +27,9 @@ pub(crate) enum Bench {
     /// The SPIFFE Workload API served by a daemon: first-message latency for cached and
     /// first-time callers, 1,000 streams through a rotation, JWT-SVID validation (needs root).
     WorkloadApi,
+    /// 100,000 short connections to one workload on another node through the tunnel, against
+    /// direct TCP: connections/s, `TIME_WAIT` sockets and daemon RSS per 10,000 (needs root).
+    Churn,
 }
 
 impl Bench {
@@ -39,6 +42,7 @@ impl Bench {
             Self::Tunnel => "tunnel",
             Self::Containers => "containers",
             Self::WorkloadApi => "workload_api",
+            Self::Churn => "churn",
         }
     }
 
@@ -46,7 +50,7 @@ impl Bench {
     fn needs_root(self) -> bool {
         matches!(
             self,
-            Self::Hooks | Self::Tunnel | Self::Containers | Self::WorkloadApi
+            Self::Hooks | Self::Tunnel | Self::Containers | Self::WorkloadApi | Self::Churn
         )
     }
 }

@@ -132,6 +132,28 @@ impl Indexed {
     }
 }
 
+/// A line of a log file (without its newline) and its 1-based number.
+pub(super) type NumberedLine = (u64, Vec<u8>);
+
+/// The complete lines of the log file at `path`, newest first, each with its 1-based line
+/// number (a torn last line, which the writer may still be appending, is left out). `None`
+/// if the file does not exist.
+pub(super) fn lines_backwards(
+    path: &Path,
+) -> io::Result<Option<impl Iterator<Item = io::Result<NumberedLine>> + use<>>> {
+    let Some(indexed) = Indexed::open(path)? else {
+        return Ok(None);
+    };
+    let Indexed { file, complete, .. } = indexed;
+    Ok(Some(complete.into_iter().enumerate().rev().map(
+        move |(index, (start, len))| {
+            let mut line = vec![0; len];
+            file.read_exact_at(&mut line, start)?;
+            Ok((index as u64 + 1, line))
+        },
+    )))
+}
+
 /// Reads the end of the log file at `path`: its last good record and the damaged lines after
 /// it. `None` if the file does not exist. Only the lines after the last good one are checked:
 /// damage further back is the verifier's to find.

@@ -1,6 +1,7 @@
 //! The writer: producers submit entries without ever waiting; one thread appends them to the
 //! log in submission order, chains them, rotates files by size, and keeps the newest records
-//! in memory and on a broadcast channel for `enforcer flows`.
+//! in memory and on a broadcast channel for `enforcer flows`, which reads older records back
+//! from the files (see [`super::history`]).
 //!
 //! Nothing is lost silently: an entry that finds the queue full is counted, and as soon as the
 //! queue has room again the writer records a `daemon`/`loss` record (`audit-queue-full`) with
@@ -18,7 +19,6 @@
 #![forbid(unsafe_code)]
 
 use std::{
-    collections::VecDeque,
     fmt,
     fs::{DirBuilder, File},
     io::{self, BufWriter, Write as _},
@@ -39,6 +39,8 @@ use super::{
     chain::{self, Head},
     files::{self, Tail},
     head::{self, Ends, HEAD_MISMATCH, HEAD_MISSING, HeadError, Oldest, TAIL_CUT},
+    history::{self, End},
+    recent::{Filter, RecentRecord, Window},
     record::{AuditRecord, Entry},
 };
 
@@ -60,23 +62,25 @@ pub(crate) struct AuditConfig {
     pub max_bytes: u64,
     /// How many rotated files are kept.
     pub keep: usize,
-    /// How many of the newest records are kept in memory for `enforcer flows`.
-    pub recent: usize,
+    /// How many bytes the newest records kept in memory for `enforcer flows` may cost (each
+    /// its line and about 50 bytes more); `flows` reads older ones from the files.
+    pub recent_bytes: usize,
     /// How many submitted entries may wait for the writer before new ones are dropped (and
     /// counted in a loss record).
     pub queue: usize,
 }
 
 impl AuditConfig {
-    /// A log at `path` rotated at `max_bytes` and keeping `keep` rotated files, with room for
-    /// 10,000 records in memory and 65,536 waiting for the writer.
+    /// A log at `path` rotated at `max_bytes` and keeping `keep` rotated files, with
+    /// `recent_bytes` of the newest records in memory and room for 65,536 entries waiting for
+    /// the writer.
     #[must_use]
-    pub(crate) fn new(path: PathBuf, max_bytes: u64, keep: usize) -> Self {
+    pub(crate) fn new(path: PathBuf, max_bytes: u64, keep: usize, recent_bytes: usize) -> Self {
         Self {
             path,
             max_bytes,
             keep,
-            recent: 10_000,
+            recent_bytes,
             queue: 65_536,
         }
     }
@@ -241,6 +245,27 @@ struct Inner {
     previous_run: PreviousRun,
 }
 
+/// The newest records a `flows` request asks for, oldest first, and where they stop when
+/// there are fewer than it asked for.
+#[derive(Debug)]
+pub(crate) struct Backlog {
+    /// The records, oldest first.
+    pub(crate) records: Vec<Arc<RecentRecord>>,
+    /// The seq of the newest record written when the backlog was taken (0: none).
+    pub(crate) last_seq: u64,
+    /// Why records older than these are not there, when the log may hold some that match.
+    pub(crate) unavailable: Option<Unavailable>,
+}
+
+/// Records a `flows` request asked for that the log cannot give.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Unavailable {
+    /// No record older than this seq is given.
+    pub(crate) before: u64,
+    /// Why, for an operator.
+    pub(crate) reason: String,
+}
+
 /// What the queue carries.
 enum Message {
     /// An entry to write.
@@ -252,7 +277,8 @@ enum Message {
 /// State the handles and the writer thread both see.
 struct Shared {
     path: PathBuf,
-    recent_capacity: usize,
+    /// Rotated files kept (where `flows` looks for older records).
+    keep: usize,
     /// Calls of `submit` while open (each ends up written or counted as dropped).
     submitted: AtomicU64,
     /// Entries dropped since opening.
@@ -261,8 +287,8 @@ struct Shared {
     unreported_drops: AtomicU64,
     progress: Mutex<Progress>,
     changed: Condvar,
-    recent: Mutex<VecDeque<Arc<AuditRecord>>>,
-    follow: broadcast::Sender<Arc<AuditRecord>>,
+    recent: Mutex<Window>,
+    follow: broadcast::Sender<Arc<RecentRecord>>,
 }
 
 /// What the writer has done, published after each batch.
@@ -325,7 +351,7 @@ impl AuditLog {
         let (sender, receiver) = sync_channel(config.queue);
         let shared = Arc::new(Shared {
             path: path.clone(),
-            recent_capacity: config.recent,
+            keep: config.keep,
             submitted: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             unreported_drops: AtomicU64::new(0),
@@ -339,7 +365,7 @@ impl AuditLog {
                 stopped: false,
             }),
             changed: Condvar::new(),
-            recent: Mutex::new(VecDeque::new()),
+            recent: Mutex::new(Window::new(config.recent_bytes, head.seq + 1)),
             follow: broadcast::channel(FOLLOW_BUFFER).0,
         });
         let writer = Writer {
@@ -415,15 +441,61 @@ impl AuditLog {
         self.0.previous_run
     }
 
-    /// The newest written records (at most `recent` of them), oldest first.
+    /// The newest `limit` written records that `filter` selects, oldest first: from memory,
+    /// and from the files for what the memory window does not reach. Reads files: call it
+    /// off the async workers.
     #[must_use]
-    pub(crate) fn recent(&self) -> Vec<Arc<AuditRecord>> {
-        lock(&self.0.shared.recent).iter().cloned().collect()
+    pub(crate) fn backlog(&self, filter: &Filter, limit: usize) -> Backlog {
+        let shared = &self.0.shared;
+        let (window, oldest_seq, next_seq) = {
+            let window = lock(&shared.recent);
+            (window.records(), window.oldest_seq(), window.next_seq())
+        };
+        let mut records: Vec<Arc<RecentRecord>> =
+            window.into_iter().filter(|r| r.matches(filter)).collect();
+        let last_seq = next_seq - 1;
+        if records.len() >= limit {
+            records.drain(..records.len() - limit);
+            return Backlog {
+                records,
+                last_seq,
+                unavailable: None,
+            };
+        }
+        let older = history::older(
+            &shared.path,
+            shared.keep,
+            oldest_seq,
+            limit - records.len(),
+            filter,
+        );
+        let unavailable = match older.end {
+            End::Limit | End::Start => None,
+            End::RotatedOut { oldest } => Some(Unavailable {
+                before: oldest,
+                reason: format!(
+                    "records before seq {oldest} were rotated out of the audit log, which keeps \
+                     {} rotated files",
+                    shared.keep
+                ),
+            }),
+            End::Failed { before, error } => Some(Unavailable {
+                before,
+                reason: crate::report::report(&error),
+            }),
+        };
+        let mut all: Vec<Arc<RecentRecord>> = older.records.into_iter().map(Arc::new).collect();
+        all.append(&mut records);
+        Backlog {
+            records: all,
+            last_seq,
+            unavailable,
+        }
     }
 
     /// Every record from now on, as it is written (for `enforcer flows --follow`).
     #[must_use]
-    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Arc<AuditRecord>> {
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Arc<RecentRecord>> {
         self.0.shared.follow.subscribe()
     }
 
@@ -799,25 +871,28 @@ impl Writer {
 
     /// Appends the record for `entry`, rotating afterwards if the file is full; `None` if it
     /// could not be written.
-    fn append(&mut self, entry: Entry) -> Option<Arc<AuditRecord>> {
+    fn append(&mut self, entry: Entry) -> Option<Arc<RecentRecord>> {
         let seq = self.head.seq + 1;
         let record = AuditRecord::new(entry, seq, &self.node, self.head.hash.to_string());
-        let (mut line, hash) = chain::seal(&record);
-        line.push('\n');
-        if let Err(error) = self.file.write_all(line.as_bytes()) {
+        let (line, hash) = chain::seal(&record);
+        if let Err(error) = self
+            .file
+            .write_all(line.as_bytes())
+            .and_then(|()| self.file.write_all(b"\n"))
+        {
             self.failed(error);
             return None;
         }
         self.head = Head { seq, hash };
         self.head_stale = true;
-        self.size += line.len() as u64;
+        self.size += line.len() as u64 + 1;
         self.written += 1;
         if self.size >= self.max_bytes
             && let Err(error) = self.rotate()
         {
             self.failed(error);
         }
-        Some(Arc::new(record))
+        Some(Arc::new(RecentRecord::new(&record, &line)))
     }
 
     /// Once the batch flushed is on disk, writes the head if records were written since it was
@@ -865,17 +940,12 @@ impl Shared {
     /// Makes `records` visible to `recent` and subscribers, and wakes `flush` and `close`.
     fn publish(
         &self,
-        records: Vec<Arc<AuditRecord>>,
+        records: Vec<Arc<RecentRecord>>,
         accounted: u64,
         clean: bool,
         writer: &Writer,
     ) {
-        {
-            let mut recent = lock(&self.recent);
-            recent.extend(records.iter().cloned());
-            let excess = recent.len().saturating_sub(self.recent_capacity);
-            recent.drain(..excess);
-        }
+        lock(&self.recent).extend(records.iter().cloned());
         for record in records {
             // No subscriber is not an error.
             let _ = self.follow.send(record);
@@ -926,7 +996,7 @@ mod tests {
             path: dir.join("audit.jsonl"),
             max_bytes,
             keep,
-            recent: 10,
+            recent_bytes: 4096,
             queue: 1024,
         }
     }
@@ -986,10 +1056,12 @@ mod tests {
         );
         assert!(records.iter().all(|r| r.node == "node-a"));
 
-        let recent: Vec<u64> = log.recent().iter().map(|r| r.seq).collect();
+        let backlog = log.backlog(&Filter::default(), 10);
+        let recent: Vec<u64> = backlog.records.iter().map(|r| r.seq()).collect();
         assert_eq!(recent, (22..=31).collect::<Vec<_>>());
+        assert_eq!((backlog.last_seq, backlog.unavailable), (31, None));
         let followed: Vec<u64> = std::iter::from_fn(|| follow.try_recv().ok())
-            .map(|r| r.seq)
+            .map(|r| r.seq())
             .collect();
         assert_eq!(followed, seqs);
 
@@ -1621,5 +1693,185 @@ mod tests {
         assert!(report.first_seq > 1 && report.last_seq == 33);
         let log = AuditLog::open(config(dir.path(), 600, 2), "node-a").unwrap();
         assert_eq!(log.previous_run(), PreviousRun::Stopped { seq: 33 });
+    }
+
+    /// A log of `count` records in files of about four records each, with a window of one.
+    fn rotated_log(dir: &Path, count: u32, keep: usize) -> AuditLog {
+        let log = AuditLog::open(
+            AuditConfig {
+                recent_bytes: 1000,
+                ..config(dir, 2000, keep)
+            },
+            "node-a",
+        )
+        .unwrap();
+        write(&log, count);
+        log
+    }
+
+    fn seqs(backlog: &Backlog) -> Vec<u64> {
+        backlog.records.iter().map(|r| r.seq()).collect()
+    }
+
+    #[test]
+    fn the_window_costs_bytes_not_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = rotated_log(dir.path(), 40, 20);
+        let window = lock(&log.0.shared.recent).records();
+        assert_eq!(window.len(), 1, "one record of about 600 bytes fits 1000");
+        assert_eq!(window[0].seq(), 40);
+        let written: String = log_files(dir.path())
+            .iter()
+            .map(|file| fs::read_to_string(file).unwrap())
+            .collect();
+        assert!(
+            written.contains(&format!("{}\n", window[0].line())),
+            "the window holds the line as written"
+        );
+    }
+
+    #[test]
+    fn flows_read_older_records_from_the_rotated_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = rotated_log(dir.path(), 40, 20);
+        assert!(log.stats().rotations >= 3);
+        let backlog = log.backlog(&Filter::default(), 25);
+        assert_eq!(seqs(&backlog), (16..=40).collect::<Vec<_>>());
+        assert_eq!((backlog.last_seq, backlog.unavailable), (40, None));
+        let file_line = |n: usize| {
+            let mut lines = Vec::new();
+            for k in (1..=20).rev() {
+                if let Ok(text) =
+                    fs::read_to_string(files::rotated(&dir.path().join("audit.jsonl"), k))
+                {
+                    lines.extend(text.lines().map(str::to_owned));
+                }
+            }
+            lines.extend(
+                fs::read_to_string(dir.path().join("audit.jsonl"))
+                    .unwrap()
+                    .lines()
+                    .map(str::to_owned),
+            );
+            lines[n - 1].clone()
+        };
+        assert_eq!(
+            backlog.records[0].line(),
+            file_line(16),
+            "lines as the files hold them"
+        );
+
+        let everything = log.backlog(&Filter::default(), 1000);
+        assert_eq!(seqs(&everything), (1..=40).collect::<Vec<_>>());
+        assert_eq!(everything.unavailable, None, "the log starts at seq 1");
+
+        let odd_rules = Filter {
+            verdict: Some(Verdict::Deny),
+            id: Some("spiffe://td/web".to_owned()),
+        };
+        assert_eq!(log.backlog(&odd_rules, 1000).records.len(), 40);
+        let allowed = Filter {
+            verdict: Some(Verdict::Allow),
+            id: None,
+        };
+        let none = log.backlog(&allowed, 5);
+        assert!(none.records.is_empty());
+        assert_eq!(
+            none.unavailable, None,
+            "every file was read: nothing matches"
+        );
+    }
+
+    #[test]
+    fn flows_read_past_a_cut_the_writer_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(config(dir.path(), u64::MAX, 2), "node-a").unwrap();
+        write(&log, 6);
+        log.close(WAIT);
+        let text = fs::read_to_string(&path).unwrap();
+        let kept: Vec<&str> = text.lines().take(4).collect();
+        fs::write(&path, kept.join("\n") + "\n").unwrap();
+        let log = AuditLog::open(config(dir.path(), u64::MAX, 2), "node-a").unwrap();
+        write(&log, 1);
+        let backlog = log.backlog(&Filter::default(), 100);
+        assert_eq!(seqs(&backlog), [1, 2, 3, 4, 7, 8]);
+        assert!(backlog.records[4].line().contains("audit-tail-cut"));
+        assert_eq!(backlog.unavailable, None);
+    }
+
+    #[test]
+    fn flows_say_where_rotation_ended_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = rotated_log(dir.path(), 40, 2);
+        let backlog = log.backlog(&Filter::default(), 1000);
+        let first = backlog.records[0].seq();
+        assert!(first > 1);
+        assert_eq!(seqs(&backlog), (first..=40).collect::<Vec<_>>());
+        let unavailable = backlog.unavailable.expect("the start was rotated out");
+        assert_eq!(unavailable.before, first);
+        assert!(
+            unavailable.reason.contains("rotated out") && unavailable.reason.contains("keeps 2"),
+            "{}",
+            unavailable.reason
+        );
+    }
+
+    #[test]
+    fn flows_name_a_missing_file_a_bad_line_and_an_unreadable_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = rotated_log(dir.path(), 40, 20);
+        let first_of = |file: &Path| read_records(file)[0].seq;
+        let (one, two, three) = (
+            files::rotated(&path, 1),
+            files::rotated(&path, 2),
+            files::rotated(&path, 3),
+        );
+
+        let saved = fs::read_to_string(&two).unwrap();
+        fs::remove_file(&two).unwrap();
+        let backlog = log.backlog(&Filter::default(), 1000);
+        assert_eq!(seqs(&backlog), (first_of(&one)..=40).collect::<Vec<_>>());
+        let unavailable = backlog.unavailable.expect("a gap");
+        assert_eq!(unavailable.before, first_of(&one));
+        assert!(
+            unavailable.reason.contains("in none of the audit files")
+                && unavailable.reason.contains(&three.display().to_string()),
+            "{}",
+            unavailable.reason
+        );
+        fs::write(&two, saved).unwrap();
+
+        let text = fs::read_to_string(&one).unwrap();
+        let edited = text.replacen("\"node\":\"node-a\"", "\"node\":\"node-x\"", 1);
+        fs::write(&one, edited).unwrap();
+        let unavailable = log
+            .backlog(&Filter::default(), 1000)
+            .unavailable
+            .expect("an edited record");
+        assert!(
+            unavailable.reason.contains(&format!(
+                "{} line 1 is not a good audit record",
+                one.display()
+            )) && unavailable.reason.contains("edited"),
+            "{}",
+            unavailable.reason
+        );
+        fs::write(&one, text).unwrap();
+
+        fs::remove_file(&one).unwrap();
+        fs::create_dir(&one).unwrap();
+        let unavailable = log
+            .backlog(&Filter::default(), 1000)
+            .unavailable
+            .expect("an unreadable file");
+        assert!(
+            unavailable
+                .reason
+                .contains(&format!("failed to read audit file {}", one.display())),
+            "{}",
+            unavailable.reason
+        );
     }
 }

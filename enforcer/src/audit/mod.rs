@@ -7,7 +7,8 @@
 //!     --submit(Entry), never waits--> bounded queue --> writer thread
 //!     --> audit.jsonl (rotated by size to audit.jsonl.1 .. .<keep>)
 //!     --> audit.head (both ends of the chain, replaced after every batch and rotation)
-//!     --> recent records and a broadcast channel (enforcer flows [--follow])
+//!     --> recent records, bounded in bytes, and a broadcast channel (enforcer flows [--follow];
+//!         older records are read back from the files)
 //! ```
 //!
 //! # The hash chain
@@ -44,14 +45,18 @@
 mod chain;
 mod files;
 mod head;
+mod history;
 mod log;
+mod recent;
 mod record;
 mod verify;
 
 pub use chain::ChainError;
 pub use head::HeadError;
+pub use history::HistoryError;
 pub use log::AuditError;
 pub(crate) use log::{AuditConfig, AuditLog, AuditStats};
+pub(crate) use recent::{Filter, RecentRecord};
 pub(crate) use record::Entry;
 #[cfg(test)]
 pub(crate) use record::samples;

@@ -134,7 +134,11 @@ mod tests {
     /// A closed log of `count` daemon records in `dir`, with its head.
     fn log(dir: &Path, count: usize) -> PathBuf {
         let path = dir.join("audit.jsonl");
-        let log = AuditLog::open(AuditConfig::new(path.clone(), 1 << 20, 1), "node-a").unwrap();
+        let log = AuditLog::open(
+            AuditConfig::new(path.clone(), 1 << 20, 1, 1 << 20),
+            "node-a",
+        )
+        .unwrap();
         for _ in 0..count {
             log.submit(Entry::new(
                 Source::Daemon,

@@ -297,6 +297,8 @@ pub(super) fn flows(socket: &Path, query: &FlowsQuery) -> anyhow::Result<ExitCod
             writeln!(out, "{line}")?;
         } else if let Ok(record) = serde_json::from_str::<AuditRecord>(line) {
             writeln!(out, "{record}")?;
+        } else if let Ok(note) = serde_json::from_str::<v1::Unavailable>(line) {
+            writeln!(out, "{}", render_unavailable(&note))?;
         } else {
             writeln!(out, "{line}")?;
         }
@@ -318,6 +320,14 @@ pub(super) fn flows(socket: &Path, query: &FlowsQuery) -> anyhow::Result<ExitCod
         Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where the records `flows` printed stop, and why, as one line above them.
+fn render_unavailable(note: &v1::Unavailable) -> String {
+    format!(
+        "-- no records before seq {} shown: {}",
+        note.unavailable_before, note.reason
+    )
 }
 
 /// `enforcer svid show SPIFFE_ID`.
@@ -434,6 +444,24 @@ mod tests {
                 last_seq: 10,
             },
         }
+    }
+
+    #[test]
+    fn an_unavailable_note_says_where_the_records_stop() {
+        let note = v1::Unavailable {
+            unavailable_before: 120,
+            reason: "records before seq 120 were rotated out of the audit log".to_owned(),
+        };
+        assert_eq!(
+            render_unavailable(&note),
+            "-- no records before seq 120 shown: records before seq 120 were rotated out of the \
+             audit log"
+        );
+        let line = serde_json::to_string(&note).unwrap();
+        assert!(
+            serde_json::from_str::<AuditRecord>(&line).is_err(),
+            "never read as a record"
+        );
     }
 
     #[test]

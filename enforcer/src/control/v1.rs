@@ -302,6 +302,16 @@ pub(crate) struct FlowsQuery {
     pub follow: bool,
 }
 
+/// The first line of `GET /v1/flows` when the log cannot give every record asked for: where
+/// the records stop, and why (rotated out of the log, or a file that could not be read).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Unavailable {
+    /// No record older than this seq follows.
+    pub unavailable_before: u64,
+    /// Why.
+    pub reason: String,
+}
+
 /// A line of `GET /v1/flows?follow=true` in place of records the follower fell behind on.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Lagged {

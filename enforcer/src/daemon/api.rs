@@ -7,7 +7,7 @@
 //! | `GET /v1/policy` | the policy in force: version, hash, file, text |
 //! | `POST /v1/policy?file=NAME[&dry_run=true]` | reload from the body (diagnostics name `NAME`) |
 //! | `GET /v1/workloads` | registered processes: pid, exe, sha256, cgroup, SPIFFE ID, entry |
-//! | `GET /v1/flows[?verdict=V][&id=ID][&limit=N][&follow=true]` | audit records, JSON lines |
+//! | `GET /v1/flows[?verdict=V][&id=ID][&limit=N][&follow=true]` | audit records, JSON lines (older ones read from the files) |
 //! | `GET /v1/svid?id=ID` | the current SVID of a local workload identity |
 //! | `GET /metrics` | Prometheus metrics, `OpenMetrics` text |
 //!
@@ -41,7 +41,7 @@ use super::{
     workloads::Registrar,
 };
 use crate::{
-    audit::{AuditLog, AuditRecord, AuditStats},
+    audit::{AuditLog, AuditStats, Filter, RecentRecord},
     control::{Caller, Query, Reply, Routes, v1},
     identity::SpiffeId,
     kernel::{Counter, LSM, Maps, PROGRAMS, PolicyMeta, TRACEPOINTS},
@@ -260,22 +260,43 @@ async fn flows(State(daemon): ApiState, Query(query): Query<v1::FlowsQuery>) -> 
         follow,
     } = query;
     let limit = limit.unwrap_or(DEFAULT_FLOWS);
-    let keep = move |record: &AuditRecord| record.matches(verdict, id.as_deref());
-    let line = |record: &AuditRecord| {
-        let mut line = serde_json::to_vec(record).unwrap_or_default();
+    let filter = Filter { verdict, id };
+    let line = |record: &RecentRecord| {
+        let mut line = Vec::with_capacity(record.line().len() + 1);
+        line.extend_from_slice(record.line().as_bytes());
         line.push(b'\n');
         Bytes::from(line)
     };
     // A follower subscribes before taking the backlog, so no record falls between the two
     // (records in both are sent once: the stream skips what the backlog had).
     let subscription = follow.then(|| daemon.audit.subscribe());
-    let recent: Vec<Arc<AuditRecord>> = daemon.audit.recent();
-    let matching: Vec<&Arc<AuditRecord>> = recent.iter().filter(|r| keep(r)).collect();
-    let start = matching.len().saturating_sub(limit);
-    let backlog: Vec<Bytes> = matching[start..].iter().map(|r| line(r)).collect();
+    let audit = daemon.audit.clone();
+    let wanted = filter.clone();
+    let backlog = match tokio::task::spawn_blocking(move || audit.backlog(&wanted, limit)).await {
+        Ok(backlog) => backlog,
+        Err(error) => {
+            return Reply::error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("reading the audit records failed: {error}"),
+            );
+        }
+    };
+    let note = backlog.unavailable.map(|unavailable| {
+        let mut note = serde_json::to_vec(&v1::Unavailable {
+            unavailable_before: unavailable.before,
+            reason: unavailable.reason,
+        })
+        .unwrap_or_default();
+        note.push(b'\n');
+        Bytes::from(note)
+    });
+    let lines_of_backlog: Vec<Bytes> = note
+        .into_iter()
+        .chain(backlog.records.iter().map(|r| line(r)))
+        .collect();
     let Some(mut subscription) = subscription else {
         let mut body = Vec::new();
-        for chunk in backlog {
+        for chunk in lines_of_backlog {
             body.extend_from_slice(&chunk);
         }
         return Reply::Text {
@@ -284,17 +305,17 @@ async fn flows(State(daemon): ApiState, Query(query): Query<v1::FlowsQuery>) -> 
             body: String::from_utf8(body).unwrap_or_default(),
         };
     };
-    let last_seq = recent.last().map_or(0, |r| r.seq);
+    let last_seq = backlog.last_seq;
     let (sender, lines) = tokio::sync::mpsc::channel(1024);
     tokio::spawn(async move {
-        for chunk in backlog {
+        for chunk in lines_of_backlog {
             if sender.send(chunk).await.is_err() {
                 return;
             }
         }
         loop {
             match subscription.recv().await {
-                Ok(record) if record.seq > last_seq && keep(&record) => {
+                Ok(record) if record.seq() > last_seq && record.matches(&filter) => {
                     if sender.send(line(&record)).await.is_err() {
                         return;
                     }

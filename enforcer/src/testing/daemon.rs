@@ -364,7 +364,8 @@ impl DaemonNode {
         }
     }
 
-    /// Wait until the audit trail holds a record that `matches`, and return it.
+    /// Wait until the audit trail holds a record that `matches`, and return the newest such
+    /// (`flows` also reads back earlier runs' records from the audit files).
     pub fn wait_for_record(
         &self,
         what: &str,
@@ -372,7 +373,7 @@ impl DaemonNode {
     ) -> AuditRecord {
         let mut found = None;
         self.wait_until(what, |node| {
-            found = node.flows(&[]).into_iter().find(&matches);
+            found = node.flows(&[]).into_iter().rev().find(&matches);
             found.is_some()
         });
         found.expect("wait_until returned, so a record matched")

@@ -4,7 +4,8 @@
 //!
 //! A hop to a local workload is bound to the destination address before it connects: binding
 //! an address that is not this node's fails, so a hop can never leave the node (the tunnel is
-//! never a relay), whatever the services table says.
+//! never a relay), whatever the services table says; its port is picked only at `connect()`
+//! (see [`super::hop`]).
 #![forbid(unsafe_code)]
 
 use std::{io, net::SocketAddr, os::fd::AsFd, time::Duration};
@@ -14,6 +15,7 @@ use tokio::net::TcpStream;
 
 use super::{
     hbone::Refusal,
+    hop,
     state::{LocalOwner, Namespace, SocketTagger},
 };
 
@@ -96,12 +98,10 @@ pub(super) async fn connect(
     .map_err(socket_err)?;
     match dial {
         Dial::Hop(owner) => {
-            socket
-                .bind(SocketAddr::new(addr.ip(), 0))
-                .map_err(|error| match error.raw_os_error() {
-                    Some(libc::EADDRNOTAVAIL) => ConnectError::NotLocal { addr },
-                    _ => socket_err(error),
-                })?;
+            hop::bind_address(&socket, addr).map_err(|error| match error.raw_os_error() {
+                Some(libc::EADDRNOTAVAIL) => ConnectError::NotLocal { addr },
+                _ => socket_err(error),
+            })?;
             tags.hop(socket.as_fd(), &owner.id).map_err(socket_err)?;
         }
         Dial::Out(_) => tags.own(socket.as_fd()).map_err(socket_err)?,
