@@ -615,6 +615,8 @@ pub struct Event {
     pub bytes_down: u64,
     /// For a flow close: nanoseconds from the handshake's end to the close.
     pub duration_ns: u64,
+    /// For a flow open or close: the cgroup id of the destination listener's owner.
+    pub dst_cgroup_id: u64,
 }
 
 /// A cgroup path as the tracepoints copy it, NUL-terminated ([`map_names::PATH_SCRATCH`]).
@@ -816,7 +818,7 @@ mod tests {
         assert_eq!(size_of::<SockTag>(), 24);
         assert_eq!(size_of::<DaemonTag>(), 8);
         assert_eq!(size_of::<OrigDst>(), 3 * 8 + 20 + 4 * 4 + 4);
-        assert_eq!(size_of::<Event>(), 4 * 8 + 6 * 4 + 2 * 20 + 2 * 4 + 3 * 8);
+        assert_eq!(size_of::<Event>(), 4 * 8 + 6 * 4 + 2 * 20 + 2 * 4 + 4 * 8);
         assert_eq!(size_of::<KernelFlow>(), 6 * 8 + 2 * 20 + 4 * 4 + 2 * 2 + 4);
         assert_eq!(size_of::<FlowKey>(), 2 * 20);
     }

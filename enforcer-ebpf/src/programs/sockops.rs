@@ -222,6 +222,7 @@ fn flow_event(flow: &KernelFlow) -> Event {
         dst: flow.dst,
         family: u32::from(flow.family),
         protocol: IPPROTO_TCP,
+        dst_cgroup_id: flow.dst_cgroup,
         ..Event::default()
     }
 }

@@ -171,6 +171,12 @@ impl EventPump {
             addr: addr(event.dst),
             ..audit::Dst::default()
         };
+        if matches!(event.kind, EventKind::FlowOpen | EventKind::FlowClose)
+            && let Some(container) = self.registrar.container_of_cgroup(event.dst_cgroup_id)
+        {
+            dst.container_id = container.container_id;
+            dst.pod_uid = container.pod_uid;
+        }
         let src = if event.kind == EventKind::Drop {
             // The receiver of a dropped packet is the local socket of cgroup `cgroup_id`; its
             // sender is remote or unenrolled: only its address.
@@ -319,6 +325,7 @@ mod tests {
             bytes_up: 0,
             bytes_down: 0,
             duration: Duration::ZERO,
+            dst_cgroup_id: 0,
         }
     }
 

@@ -70,6 +70,8 @@ pub struct KernelEvent {
     pub bytes_down: u64,
     /// For a flow close: how long the connection was open.
     pub duration: Duration,
+    /// For a flow open or close: the cgroup id of the destination listener's owner.
+    pub dst_cgroup_id: u64,
 }
 
 impl KernelEvent {
@@ -110,6 +112,7 @@ impl KernelEvent {
             bytes_up: u64_at(104),
             bytes_down: u64_at(112),
             duration: Duration::from_nanos(u64_at(120)),
+            dst_cgroup_id: u64_at(128),
         })
     }
 }
@@ -203,7 +206,12 @@ mod tests {
         }
         out.extend_from_slice(&event.family.to_ne_bytes());
         out.extend_from_slice(&event.protocol.to_ne_bytes());
-        for word in [event.bytes_up, event.bytes_down, event.duration_ns] {
+        for word in [
+            event.bytes_up,
+            event.bytes_down,
+            event.duration_ns,
+            event.dst_cgroup_id,
+        ] {
             out.extend_from_slice(&word.to_ne_bytes());
         }
         out
@@ -219,6 +227,7 @@ mod tests {
         assert_eq!(offset_of!(Event, bytes_up), 104);
         assert_eq!(offset_of!(Event, bytes_down), 112);
         assert_eq!(offset_of!(Event, duration_ns), 120);
+        assert_eq!(offset_of!(Event, dst_cgroup_id), 128);
     }
 
     #[test]
@@ -263,12 +272,14 @@ mod tests {
             bytes_up: 1_000,
             bytes_down: 2_000_000,
             duration_ns: 1_500_000_000,
+            dst_cgroup_id: 77,
             ..Event::default()
         };
         let decoded = KernelEvent::decode(&bytes_of(&event)).unwrap();
         assert_eq!(decoded.kind, EventKind::FlowClose);
         assert_eq!((decoded.bytes_up, decoded.bytes_down), (1_000, 2_000_000));
         assert_eq!(decoded.duration, std::time::Duration::from_millis(1_500));
+        assert_eq!(decoded.dst_cgroup_id, 77);
     }
 
     #[test]
