@@ -896,11 +896,11 @@ fn traffic_rows<'a>(figures: &'a [PathFigures], cold: &Cold) -> Vec<String> {
     let cold_ratio = each_round(&cold.tunnel, &cold.direct, ratio);
     let mut rows = vec![
         format!(
-            "single-stream throughput, tunnel / direct | {} / {} Gbit/s: **ratio {}** (target >= 0.45) {}",
+            "single-stream throughput, tunnel / direct | {} / {} Gbit/s: **ratio {}** (target >= 0.65) {}",
             gbits(tunnel),
             gbits(direct),
             spread(&vs_direct, 2),
-            verdict(median(&vs_direct) >= 0.45)
+            verdict(median(&vs_direct) >= 0.65)
         ),
         format!(
             "single-stream throughput, tunnel / stunnel4 mTLS | {} / {} Gbit/s: **ratio {}** (target >= 1.5) {}",
